@@ -1,0 +1,130 @@
+"""Several named LoRA adapters on one frozen base model (peft), e.g. "policy" and "critic".
+
+peft's ``set_adapter`` silently switches ``requires_grad`` off on every other adapter, so a loss that
+spans two adapters (policy + critic in one backward) would drop the first adapter's gradients.
+``LoraAdapters`` re-applies the trainable flags after every switch: only the *active* adapter is used
+in a forward, but every trainable adapter keeps receiving the gradients of the graphs it took part in.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class LoraAdapters:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.names: list[str] = []
+        self.trainable: set[str] = set()
+        self._active: str | None = None
+        self._disabled = False
+
+    def _layers(self):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+
+    def add(self, name: str, rank: int, alpha: float | None = None, target_modules=None, dropout: float = 0.0,
+            trainable: bool = True, init_lora_weights=True) -> None:
+        """Inject a LoRA adapter named ``name`` (B = 0 at init, so it starts equal to the base model)."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        if name in self.names:
+            raise ValueError(f"adapter {name!r} already exists (adapters: {self.names})")
+        if not target_modules:
+            raise ValueError("target_modules must name the layers to adapt, e.g. ['to_q', 'to_k', 'to_v', 'conv1']")
+        cfg = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=list(target_modules),
+                         lora_dropout=dropout, init_lora_weights=init_lora_weights)
+        with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the point
+            warnings.simplefilter("ignore", UserWarning)
+            inject_adapter_in_model(cfg, self.model, adapter_name=name)
+        self.names.append(name)
+        if trainable:
+            self.trainable.add(name)
+        if not self._layers():
+            raise ValueError(f"no layer of the model matched target_modules={list(target_modules)}")
+        self.activate(self._active or name)
+
+    def _apply_requires_grad(self) -> None:
+        for name in self.names:
+            flag = name in self.trainable
+            for p in self.parameters(name):
+                p.requires_grad_(flag)
+
+    def activate(self, name: str) -> None:
+        if name not in self.names:
+            raise KeyError(f"unknown adapter {name!r}; adapters: {self.names}")
+        for layer in self._layers():
+            layer.set_adapter(name)
+            if self._disabled:
+                layer.enable_adapters(True)
+        self._disabled = False
+        self._active = name
+        self._apply_requires_grad()
+
+    @property
+    def active(self) -> str | None:
+        return self._active
+
+    @contextmanager
+    def using(self, name: str):
+        """Run a block with adapter ``name`` active, then restore the previous one."""
+        prev, was_disabled = self._active, self._disabled
+        self.activate(name)
+        try:
+            yield
+        finally:
+            if was_disabled:
+                self._set_disabled(True)
+            elif prev is not None:
+                self.activate(prev)
+
+    def _set_disabled(self, disabled: bool) -> None:
+        for layer in self._layers():
+            layer.enable_adapters(not disabled)
+        self._disabled = disabled
+        self._apply_requires_grad()
+
+    @contextmanager
+    def disabled(self):
+        """Run a block on the frozen base model (the reference policy)."""
+        was = self._disabled
+        self._set_disabled(True)
+        try:
+            yield
+        finally:
+            self._set_disabled(was)
+
+    def named_parameters(self, name: str):
+        key = f".{name}."
+        return [(n, p) for n, p in self.model.named_parameters() if "lora_" in n and key in n]
+
+    def parameters(self, name: str) -> list[torch.nn.Parameter]:
+        return [p for _, p in self.named_parameters(name)]
+
+    def state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors, with the adapter name stripped from the keys (peft convention)."""
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(self.model, adapter_name=name).items()}
+
+    def load_state_dict(self, name: str, state_dict: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        own = self.state_dict(name)
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"adapter {name!r} does not match: {len(missing)} missing keys (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); was it saved from another model or rank?"
+            )
+        for k, v in state_dict.items():
+            if own[k].shape != v.shape:
+                raise ValueError(f"adapter {name!r}: {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
+        set_peft_model_state_dict(self.model, state_dict, adapter_name=name)
+        self._apply_requires_grad()

@@ -1,0 +1,203 @@
+"""The trainer's one config dataclass: every field documented, checked in ``__post_init__``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from .advantages import ADVANTAGE_MODES
+from .critic import CRITIC_MODES
+
+AGGREGATIONS = ("normalize_then_sum", "sum_then_normalize")
+
+
+def _err(name, value, what):
+    raise ValueError(f"config field {name}={value!r}: {what}")
+
+
+@dataclass
+class PPOConfig:
+    """Latent actor-critic PPO (and its GRPO / DDPO baselines) over the denoising MDP.
+
+    Defaults follow DDPO (Black et al. 2023: LoRA, clip 1e-4 on per-dimension-averaged log-probs,
+    advantage clip 5, eta 1) and the core seed (CFG-free training, value pretraining, GAE with
+    reward only at the final step), sized so the digits job finishes in minutes on 2 CPU cores.
+    """
+
+    # --- run ---------------------------------------------------------------------------------------
+    seed: int = 0
+    """Seeds torch, numpy and python RNGs and the prompt order."""
+    num_epochs: int = 40
+    """Epochs of (rollout -> rewards -> advantages -> PPO update), after value pretraining."""
+    output_dir: str = "runs/digits"
+    """Run directory: metrics.jsonl, tensorboard/, checkpoints/, grids and plots."""
+
+    # --- sampling (the policy) ------------------------------------------------------------------------
+    num_inference_steps: int = 20
+    """T, the denoising steps per trajectory (the MDP's horizon)."""
+    eta: float = 1.0
+    """DDIM noise level; must be > 0 (the policy must be stochastic to have log-probs)."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance during rollouts; 1.0 = CFG-free (the core seed's choice)."""
+    batch_size: int = 64
+    """Trajectories sampled per epoch (= reward queries per epoch)."""
+    group_size: int = 8
+    """Trajectories per prompt in an epoch; batch_size / group_size distinct prompts per epoch."""
+    sample_chunk_size: int = 64
+    """Trajectories per sampling forward (bounds memory; does not change results)."""
+
+    # --- rewards and advantages -----------------------------------------------------------------------
+    advantage: str = "gae"
+    """'gae' (critic, per-step credit), 'grpo' (group-normalised per prompt), 'ddpo' (per-prompt tracker)."""
+    reward_weights: tuple[float, ...] | None = None
+    """One weight per trained reward (default: all 1)."""
+    advantage_aggregation: str = "normalize_then_sum"
+    """Multi-reward: 'normalize_then_sum' normalises each reward's advantages, then weights and sums;
+    'sum_then_normalize' weights and sums first, then normalises."""
+    gamma: float = 1.0
+    """Discount over denoising steps (1.0: the final reward counts fully at every step)."""
+    gae_lambda: float = 0.95
+    """GAE's λ: 1.0 = Monte-Carlo returns minus the value baseline, 0.0 = one-step TD."""
+    normalize_advantages: bool = True
+    """Whiten advantages over the batch (GAE mode; GRPO/DDPO are normalised by construction)."""
+    adv_clip_max: float = 5.0
+    """Clip advantages to [-adv_clip_max, adv_clip_max] (DDPO)."""
+    stat_buffer_size: int = 32
+    """DDPO mode: rewards kept per prompt."""
+    stat_min_count: int = 16
+    """DDPO mode: below this many stored rewards a prompt uses the batch's statistics."""
+
+    # --- PPO update ---------------------------------------------------------------------------------
+    ppo_epochs: int = 1
+    """Inner epochs over each rollout batch."""
+    minibatch_size: int = 320
+    """(trajectory, step) pairs per optimiser step."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per minibatch (minibatch_size must divide evenly); the gradient is identical."""
+    timestep_fraction: float = 1.0
+    """Fraction of each trajectory's steps trained on (DDPO's option), chosen at random per trajectory."""
+    clip_range: float = 1e-4
+    """PPO ratio clip ε (on per-dimension-averaged log-probs when log_prob_reduction='mean')."""
+    log_prob_reduction: str = "mean"
+    """'mean' (DDPO/Flow-GRPO: averaged over latent dims) or 'sum' (the exact Gaussian log-density)."""
+    learning_rate: float = 3e-4
+    """Policy LoRA learning rate (AdamW)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip, applied separately to the policy's and the critic's parameters."""
+    kl_coef: float = 0.0
+    """Coefficient of the per-step KL to the reference (base) policy, in closed form for Gaussians."""
+
+    # --- policy LoRA --------------------------------------------------------------------------------
+    lora_rank: int = 8
+    lora_alpha: float | None = None
+    """LoRA scale numerator (default: = rank)."""
+    lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
+
+    # --- critic -------------------------------------------------------------------------------------
+    critic_mode: str = "lora"
+    """'lora' (own adapter on the shared frozen base), 'full' (trainable copy) or 'shared' (policy trunk)."""
+    critic_lora_rank: int = 8
+    critic_learning_rate: float = 1e-3
+    """Learning rate of the value head and the critic's backbone weights."""
+    vf_coef: float = 1.0
+    """Weight of the value loss in the joint loss (matters for the 'shared' critic)."""
+    value_clip_range: float | None = None
+    """PPO-style value clipping around the rollout's values (None = off)."""
+    value_head_hidden: int = 256
+    value_head_heads: int = 4
+    value_pretrain_epochs: int = 6
+    """Rollout batches of the frozen initial policy used to fit the critic before joint training
+    (GAE mode only; their reward queries are counted)."""
+    value_pretrain_passes: int = 4
+    """Optimiser passes over each pretraining batch."""
+
+    # --- logging and checkpoints --------------------------------------------------------------------
+    log_tensorboard: bool = True
+    grid_every: int = 10
+    """Save a sample grid every this many epochs (0 = only before/after)."""
+    checkpoint_every: int = 10
+    """Save a checkpoint every this many epochs (0 = only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept on disk."""
+    progress: bool = True
+    """tqdm progress bars."""
+    mixed_precision: str = "no"
+    """accelerate mixed precision: 'no', 'fp16' or 'bf16' (GPU)."""
+
+    extra: dict = field(default_factory=dict)
+    """Free-form notes carried into the run's config.json (not used by the trainer)."""
+
+    def __post_init__(self):
+        for name in ("num_epochs", "num_inference_steps", "batch_size", "group_size", "sample_chunk_size",
+                     "ppo_epochs", "minibatch_size", "gradient_accumulation_steps", "lora_rank",
+                     "critic_lora_rank", "value_head_hidden", "value_head_heads", "stat_buffer_size",
+                     "stat_min_count", "keep_last"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                _err(name, v, "must be an integer >= 1")
+        for name in ("value_pretrain_epochs", "value_pretrain_passes", "grid_every", "checkpoint_every", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                _err(name, v, "must be an integer >= 0")
+        for name in ("eta", "guidance_scale", "clip_range", "learning_rate", "critic_learning_rate",
+                     "max_grad_norm", "adv_clip_max", "vf_coef", "adam_eps"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                _err(name, v, "must be a finite number > 0" + (
+                    " (eta=0 is a deterministic ODE sampler: PPO needs eta > 0, e.g. 1.0)" if name == "eta" else ""))
+        for name in ("kl_coef", "weight_decay"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                _err(name, v, "must be a finite number >= 0")
+        for name in ("gamma", "gae_lambda", "timestep_fraction"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                _err(name, v, "must be in [0, 1]")
+        if self.timestep_fraction == 0:
+            _err("timestep_fraction", 0, "must be > 0")
+        if self.advantage not in ADVANTAGE_MODES:
+            _err("advantage", self.advantage, f"use one of {ADVANTAGE_MODES}")
+        if self.critic_mode not in CRITIC_MODES:
+            _err("critic_mode", self.critic_mode, f"use one of {CRITIC_MODES}")
+        if self.advantage_aggregation not in AGGREGATIONS:
+            _err("advantage_aggregation", self.advantage_aggregation, f"use one of {AGGREGATIONS}")
+        if self.log_prob_reduction not in ("mean", "sum"):
+            _err("log_prob_reduction", self.log_prob_reduction, "use 'mean' or 'sum'")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            _err("mixed_precision", self.mixed_precision, "use 'no', 'fp16' or 'bf16'")
+        if self.batch_size % self.group_size:
+            _err("batch_size", self.batch_size, f"must be a multiple of group_size={self.group_size}")
+        if self.minibatch_size % self.gradient_accumulation_steps:
+            _err("minibatch_size", self.minibatch_size,
+                 f"must be divisible by gradient_accumulation_steps={self.gradient_accumulation_steps}")
+        if self.value_clip_range is not None and not self.value_clip_range > 0:
+            _err("value_clip_range", self.value_clip_range, "must be > 0 or None")
+        if self.reward_weights is not None:
+            self.reward_weights = tuple(float(w) for w in self.reward_weights)
+            if not all(math.isfinite(w) for w in self.reward_weights):
+                _err("reward_weights", self.reward_weights, "must be finite numbers")
+        self.lora_target_modules = tuple(self.lora_target_modules)
+        self.adam_betas = tuple(self.adam_betas)
+
+    @property
+    def prompts_per_epoch(self) -> int:
+        return self.batch_size // self.group_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PPOConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            import difflib
+
+            hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+            msg = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+            raise ValueError(f"unknown PPOConfig field(s): {msg}")
+        return cls(**data)

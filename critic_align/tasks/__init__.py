@@ -1,0 +1,1 @@
+"""Embedded tasks: data and model builders that run offline on a CPU."""

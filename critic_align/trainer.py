@@ -1,0 +1,444 @@
+"""The trainer: value pretraining, then joint PPO of a LoRA policy and a latent critic.
+
+One epoch:  prompts -> rollout (policy, stochastic step, log-probs) -> rewards (B, K)
+            -> critic values (B, T, K) -> advantages (GAE | GRPO | DDPO) -> PPO update of policy + critic.
+
+The three advantage modes share every other line of code, so a comparison between them measures the
+advantage estimator and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .advantages import PerPromptStatTracker, gae, grpo_advantages, normalize, terminal_rewards
+from .backbones.base import BackboneAdapter
+from .backbones.lora import LoraAdapters
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import PPOConfig
+from .critic import Critic, build_critic
+from .losses import explained_variance, ppo_policy_loss, value_loss
+from .rewards.base import MultiReward
+from .rollout import Rollout, cfg_denoiser, sample_trajectories
+from .steps import DDIMStep, NoiseSchedule, gaussian_kl
+
+TIMESTEP_BUCKETS = 4
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    metrics: dict
+
+
+class Trainer:
+    """Post-train ``model`` (a diffusers UNet or any module a :class:`BackboneAdapter` wraps) on ``rewards``.
+
+    task: supplies ``prompts``, ``latent_shape``, ``encode(prompts)``, ``null_cond(n)``, ``decode(latents)``.
+    rewards: the trained rewards (a :class:`MultiReward`; its (B, K) matrix feeds K critic heads).
+    eval_rewards: extra rewards reported each epoch but not trained on (e.g. ``digit_correct``).
+    """
+
+    def __init__(self, config: PPOConfig, task, adapter: BackboneAdapter, scheduler, rewards: MultiReward,
+                 eval_rewards: MultiReward | None = None, accelerator=None):
+        from accelerate import Accelerator
+
+        self.config = config
+        self.task = task
+        self.rewards = rewards
+        self.eval_rewards = eval_rewards
+        self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+        self.device = self.accelerator.device
+        seed_everything(config.seed)
+        if config.reward_weights is not None and len(config.reward_weights) != len(rewards.names):
+            raise ValueError(
+                f"config.reward_weights has {len(config.reward_weights)} weights for {len(rewards.names)} rewards "
+                f"{list(rewards.names)}"
+            )
+        if config.reward_weights is not None:
+            rewards = self.rewards = MultiReward(rewards.rewards, config.reward_weights)
+        self.reward_weights = rewards.weights.float()
+
+        self.schedule = NoiseSchedule.from_scheduler(scheduler)
+        self.step = DDIMStep(self.schedule, eta=config.eta, reduction=config.log_prob_reduction)
+        self.timesteps = self.schedule.timesteps(config.num_inference_steps)
+        self.prev_timesteps = self.schedule.prev_timesteps(self.timesteps)
+
+        self.adapter = adapter.to(self.device)
+        self.adapter.requires_grad_(False)
+        self.adapters = LoraAdapters(adapter.model)
+        self.adapters.add("policy", rank=config.lora_rank, alpha=config.lora_alpha,
+                          target_modules=config.lora_target_modules)
+        self.critic: Critic | None = None
+        if config.advantage == "gae":
+            self.critic = build_critic(
+                adapter, mode=config.critic_mode, num_rewards=len(rewards.names), adapters=self.adapters,
+                lora_rank=config.critic_lora_rank, lora_target_modules=config.lora_target_modules,
+                hidden_dim=config.value_head_hidden, num_heads=config.value_head_heads,
+            ).to(self.device)
+        self.adapters.activate("policy")
+        self.policy_params = self.adapters.parameters("policy")
+        self.critic_params = self.critic.trainable_parameters() if self.critic else []
+        groups = [{"params": self.policy_params, "lr": config.learning_rate}]
+        if self.critic_params:
+            groups.append({"params": self.critic_params, "lr": config.critic_learning_rate})
+        self.optimizer = torch.optim.AdamW(groups, betas=config.adam_betas, eps=config.adam_eps,
+                                           weight_decay=config.weight_decay)
+        self.stat_tracker = PerPromptStatTracker(config.stat_buffer_size, config.stat_min_count)
+        from .prompts import PromptIterator
+
+        self.prompt_iter = PromptIterator(task.prompts, seed=config.seed)
+        self.epoch = 0
+        self.reward_queries = 0
+        self.pretrained_value = False
+        self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        self.out = Path(config.output_dir)
+        self._writer = None
+
+    # ------------------------------------------------------------------------------------------------
+    # policy evaluation
+    def policy_output(self, x_t, t, cond):
+        """The policy's model output (CFG-combined when guidance_scale != 1)."""
+        with self.adapters.using("policy"):
+            den = cfg_denoiser(self.adapter.predict, self.config.guidance_scale, self._null_cond)
+            return den(x_t, t, cond)
+
+    def _null_cond(self, n):
+        return self.task.null_cond(n).to(self.device)
+
+    def reference_output(self, x_t, t, cond):
+        with self.adapters.disabled():
+            den = cfg_denoiser(self.adapter.predict, self.config.guidance_scale, self._null_cond)
+            return den(x_t, t, cond)
+
+    def _noise(self, n: int) -> torch.Tensor:
+        return torch.randn((n, *self.task.latent_shape), generator=self.generator).to(self.device)
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[str], x_T: torch.Tensor | None = None) -> Rollout:
+        """Sample trajectories for ``prompts`` with the current policy and score them with the rewards."""
+        cfg = self.config
+        if x_T is None:
+            x_T = self._noise(len(prompts))
+        cond = self.task.encode(prompts).to(self.device)
+        chunks = []
+        for i in range(0, len(prompts), cfg.sample_chunk_size):
+            sl = slice(i, i + cfg.sample_chunk_size)
+            chunks.append(sample_trajectories(
+                self.policy_output, self.step, x_T[sl], self.timesteps.to(self.device), cond[sl], prompts[sl],
+                generator=self.generator,
+            ))
+        ro = Rollout.cat(chunks)
+        ro.samples = self.task.decode(ro.final)
+        ro.rewards = self.rewards(ro.samples, ro.prompts).to(self.device)
+        self.reward_queries += len(prompts)
+        return ro
+
+    @torch.no_grad()
+    def compute_values(self, ro: Rollout, chunk: int = 512) -> torch.Tensor:
+        """(B, T, K) critic values at every state before a step, batched over (trajectory, step) pairs."""
+        b, t = ro.batch_size, ro.num_steps
+        x = ro.latents[:, :-1].reshape(b * t, *ro.latents.shape[2:])
+        ts = ro.timesteps.to(self.device).repeat(b)
+        cond = ro.cond.repeat_interleave(t, dim=0) if ro.cond is not None else None
+        out = [self.critic(x[i:i + chunk], ts[i:i + chunk], None if cond is None else cond[i:i + chunk])
+               for i in range(0, b * t, chunk)]
+        return torch.cat(out).view(b, t, -1).float()
+
+    # ------------------------------------------------------------------------------------------------
+    # advantages
+    def compute_advantages(self, ro: Rollout) -> Rollout:
+        cfg = self.config
+        rewards = ro.rewards.float()
+        w = self.reward_weights.to(rewards.device)
+        t = ro.num_steps
+        if cfg.advantage == "gae":
+            values = self.compute_values(ro)
+            ro.values = values
+            mask = ~torch.isnan(rewards)  # (B, K): NaN rewards are masked per head
+            step_r = terminal_rewards(torch.nan_to_num(rewards), t)
+            adv_k, ret_k = gae(step_r, values, cfg.gamma, cfg.gae_lambda)  # (B, T, K)
+            adv_k = adv_k * mask[:, None, :]
+            ro.returns = ret_k
+            if cfg.advantage_aggregation == "normalize_then_sum":
+                normed = torch.stack([_masked_normalize(adv_k[..., k], mask[:, k]) for k in range(adv_k.shape[-1])], -1)
+                adv = (normed * w).sum(-1)
+            else:
+                adv = (adv_k * w).sum(-1)
+                if cfg.normalize_advantages:
+                    adv = normalize(adv)
+        else:
+            combined = self.rewards.weighted_sum(rewards)
+            if cfg.advantage == "grpo":
+                from .advantages import group_ids
+
+                adv1 = grpo_advantages(combined, group_ids(ro.prompts).to(combined.device))
+            else:
+                adv1 = self.stat_tracker.update(ro.prompts, combined)
+            adv = adv1[:, None].expand(-1, t).clone()
+        ro.advantages = adv.clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
+        return ro
+
+    # ------------------------------------------------------------------------------------------------
+    # the update
+    def _pairs(self, ro: Rollout) -> torch.Tensor:
+        """(N, 2) (trajectory, step) index pairs to train on, shuffled."""
+        cfg = self.config
+        b, t = ro.batch_size, ro.num_steps
+        n_steps = max(1, int(round(cfg.timestep_fraction * t)))
+        if n_steps == t:
+            steps = torch.arange(t).repeat(b, 1)
+        else:
+            steps = torch.stack([torch.randperm(t, generator=self.generator)[:n_steps] for _ in range(b)])
+        traj = torch.arange(b)[:, None].expand(-1, n_steps)
+        pairs = torch.stack([traj.reshape(-1), steps.reshape(-1)], dim=1)
+        return pairs[torch.randperm(len(pairs), generator=self.generator)]
+
+    def loss_on_pairs(self, ro: Rollout, pairs: torch.Tensor, train_policy: bool = True):
+        """Losses on (trajectory, step) pairs; returns (total_loss, stats dict).  Averages over pairs."""
+        cfg = self.config
+        bi, ki = pairs[:, 0].to(self.device), pairs[:, 1].to(self.device)
+        x_t = ro.latents[bi, ki]
+        x_prev = ro.latents[bi, ki + 1]
+        t = ro.timesteps.to(self.device)[ki]
+        t_prev = ro.prev_timesteps.to(self.device)[ki]
+        cond = ro.cond[bi] if ro.cond is not None else None
+        stats: dict = {}
+        total = x_t.new_zeros(())
+        shared_feats = None
+        if train_policy:
+            if self.critic is not None and self.critic.mode == "shared" and cfg.guidance_scale == 1.0:
+                with self.adapters.using("policy"):
+                    out, shared_feats = self.adapter.predict_and_features(x_t, t, cond)
+            else:
+                out = self.policy_output(x_t, t, cond)
+            step_out = self.step(out, x_t, t, t_prev, prev_sample=x_prev)
+            pg_loss, pstats = ppo_policy_loss(step_out.log_prob, ro.log_probs[bi, ki], ro.advantages[bi, ki],
+                                              cfg.clip_range)
+            total = total + pg_loss
+            stats.update(policy_loss=pg_loss.item(), approx_kl=pstats.approx_kl, clip_fraction=pstats.clip_fraction,
+                         ratio_mean=pstats.ratio_mean, ratio_max=pstats.ratio_max, ratio_min=pstats.ratio_min)
+            if cfg.kl_coef > 0:
+                with torch.no_grad():
+                    ref = self.step(self.reference_output(x_t, t, cond), x_t, t, t_prev, prev_sample=x_prev)
+                kl = gaussian_kl(step_out.mean, ref.mean, step_out.std, cfg.log_prob_reduction).mean()
+                total = total + cfg.kl_coef * kl
+                stats["kl_to_ref"] = kl.item()
+        if self.critic is not None and ro.returns is not None:
+            if shared_feats is not None:
+                v = self.critic.head(shared_feats)
+            else:
+                v = self.critic(x_t, t, cond)
+            returns = ro.returns[bi, ki]
+            mask = ~torch.isnan(ro.rewards[bi])
+            v_loss = value_loss(v, ro.values[bi, ki] if ro.values is not None else v.detach(), returns,
+                                cfg.value_clip_range, mask)
+            total = total + cfg.vf_coef * v_loss
+            stats["value_loss"] = v_loss.item()
+        return total, stats
+
+    def _optimizer_step(self) -> dict:
+        cfg = self.config
+        norms = {}
+        norms["grad_norm_policy"] = float(torch.nn.utils.clip_grad_norm_(self.policy_params, cfg.max_grad_norm))
+        if self.critic_params:
+            norms["grad_norm_critic"] = float(torch.nn.utils.clip_grad_norm_(self.critic_params, cfg.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norms
+
+    def update(self, ro: Rollout, train_policy: bool = True, passes: int | None = None) -> dict:
+        """PPO inner epochs over minibatches of (trajectory, step) pairs; gradient accumulation inside."""
+        cfg = self.config
+        acc = cfg.gradient_accumulation_steps
+        collected: dict[str, list] = {}
+        self.optimizer.zero_grad(set_to_none=True)
+        for _ in range(passes if passes is not None else cfg.ppo_epochs):
+            pairs = self._pairs(ro)
+            for start in range(0, len(pairs), cfg.minibatch_size):
+                mb = pairs[start:start + cfg.minibatch_size]
+                micro = math.ceil(len(mb) / acc)
+                for j in range(0, len(mb), micro):
+                    part = mb[j:j + micro]
+                    loss, stats = self.loss_on_pairs(ro, part, train_policy=train_policy)
+                    # weight by the micro-batch's share so the summed gradient equals the minibatch mean
+                    self.accelerator.backward(loss * (len(part) / len(mb)))
+                    for k, v in stats.items():
+                        collected.setdefault(k, []).append(v)
+                for k, v in self._optimizer_step().items():
+                    collected.setdefault(k, []).append(v)
+        return {k: float(np.mean(v)) for k, v in collected.items()}
+
+    # ------------------------------------------------------------------------------------------------
+    # value pretraining
+    def pretrain_value(self) -> list[dict]:
+        """Fit the critic on rollouts of the frozen initial policy (Monte-Carlo returns as targets)."""
+        cfg = self.config
+        if self.critic is None or cfg.value_pretrain_epochs == 0:
+            return []
+        logs = []
+        it = range(cfg.value_pretrain_epochs)
+        if cfg.progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, desc="value pretraining")
+        for i in it:
+            t0 = time.time()
+            ro = self.rollout(self.prompt_iter.batch(cfg.prompts_per_epoch, cfg.group_size))
+            ro.values = self.compute_values(ro)
+            before = self.value_report(ro, ro.values)
+            ro.returns = self.mc_returns(ro)
+            stats = self.update(ro, train_policy=False, passes=cfg.value_pretrain_passes)
+            row = {"phase": "value_pretrain", "iteration": i, "reward_queries": self.reward_queries,
+                   "time_s": time.time() - t0, **{f"pre_{k}": v for k, v in before.items()}, **stats}
+            logs.append(row)
+            self.log(row)
+        self.pretrained_value = True
+        return logs
+
+    def mc_returns(self, ro: Rollout) -> torch.Tensor:
+        """(B, T, K) discounted Monte-Carlo returns γ^(T-1-k)·R (NaN rewards -> 0, masked in the loss)."""
+        t = ro.num_steps
+        disc = self.config.gamma ** torch.arange(t - 1, -1, -1, dtype=torch.float32, device=ro.rewards.device)
+        return torch.nan_to_num(ro.rewards.float())[:, None, :] * disc[None, :, None]
+
+    def value_report(self, ro: Rollout, values: torch.Tensor) -> dict:
+        """Explained variance of the critic against Monte-Carlo returns, per timestep bucket and overall."""
+        target = self.mc_returns(ro)
+        out = {"value_ev": explained_variance(values, target)}
+        t = ro.num_steps
+        edges = np.linspace(0, t, TIMESTEP_BUCKETS + 1).round().astype(int)
+        for j in range(TIMESTEP_BUCKETS):
+            a, b = edges[j], edges[j + 1]
+            out[f"value_ev_steps_{a}-{b - 1}"] = explained_variance(values[:, a:b], target[:, a:b])
+        return out
+
+    # ------------------------------------------------------------------------------------------------
+    # the loop
+    def train_epoch(self) -> EpochResult:
+        cfg = self.config
+        t0 = time.time()
+        prompts = self.prompt_iter.batch(cfg.prompts_per_epoch, cfg.group_size)
+        ro = self.rollout(prompts)
+        t_rollout = time.time() - t0
+        ro = self.compute_advantages(ro)
+        t1 = time.time()
+        stats = self.update(ro)
+        t_update = time.time() - t1
+        self.epoch += 1
+        metrics = {"phase": "train", "epoch": self.epoch, "reward_queries": self.reward_queries,
+                   "time_rollout_s": t_rollout, "time_update_s": t_update, "time_epoch_s": time.time() - t0}
+        metrics.update(self.reward_stats(ro))
+        if ro.values is not None:
+            metrics.update(self.value_report(ro, ro.values))
+        metrics.update(stats)
+        return EpochResult(self.epoch, metrics)
+
+    def reward_stats(self, ro: Rollout) -> dict:
+        out = {}
+        for k, name in enumerate(self.rewards.names):
+            col = ro.rewards[:, k].float()
+            col = col[~torch.isnan(col)]
+            out[f"reward/{name}/mean"] = col.mean().item() if col.numel() else float("nan")
+            out[f"reward/{name}/std"] = col.std(unbiased=False).item() if col.numel() else float("nan")
+        if self.eval_rewards is not None:
+            extra = self.eval_rewards(ro.samples, ro.prompts)
+            for k, name in enumerate(self.eval_rewards.names):
+                out[f"reward/{name}/mean"] = torch.nanmean(extra[:, k].float()).item()
+        return out
+
+    def train(self, num_epochs: int | None = None) -> list[dict]:
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
+        history = []
+        if self.critic is not None and not self.pretrained_value:
+            self.pretrain_value()
+        n = num_epochs if num_epochs is not None else cfg.num_epochs
+        it = range(self.epoch, n)
+        if cfg.progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, desc=f"PPO ({cfg.advantage})", initial=self.epoch, total=n)
+        for _ in it:
+            res = self.train_epoch()
+            history.append(res.metrics)
+            self.log(res.metrics)
+            if cfg.progress:
+                key = f"reward/{self.rewards.names[0]}/mean"
+                it.set_postfix(reward=f"{res.metrics[key]:.3f}")
+            if cfg.grid_every and self.epoch % cfg.grid_every == 0:
+                self.save_grid(self.out / "grids" / f"epoch_{self.epoch:04d}.png")
+            if (cfg.checkpoint_every and self.epoch % cfg.checkpoint_every == 0) or self.epoch == n:
+                self.save()
+        return history
+
+    # ------------------------------------------------------------------------------------------------
+    # outputs
+    def log(self, row: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.config.log_tensorboard:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.out / "tensorboard"))
+            step = row.get("reward_queries", 0)
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self._writer.add_scalar(f"{row.get('phase', 'train')}/{k}", v, step)
+            self._writer.flush()
+
+    @torch.no_grad()
+    def sample(self, prompts, seed: int = 1234, use_policy: bool = True) -> torch.Tensor:
+        """Decoded samples for ``prompts`` from a fixed noise seed (policy or base model)."""
+        g = torch.Generator().manual_seed(seed)
+        x_T = torch.randn((len(prompts), *self.task.latent_shape), generator=g).to(self.device)
+        cond = self.task.encode(prompts).to(self.device)
+        den = self.policy_output if use_policy else self.reference_output
+        ro = sample_trajectories(den, self.step, x_T, self.timesteps.to(self.device), cond, prompts, generator=g)
+        return self.task.decode(ro.final)
+
+    def save_grid(self, path, per_prompt: int = 8, use_policy: bool = True) -> Path:
+        from .viz import save_grid
+
+        prompts = [p for p in self.task.prompts for _ in range(per_prompt)]
+        return save_grid(self.sample(prompts, use_policy=use_policy), path, nrow=per_prompt,
+                         labels=list(self.task.prompts))
+
+    def save(self) -> Path | None:
+        if not self.accelerator.is_main_process:
+            return None
+        return save_checkpoint(self, self.out / "checkpoints", keep_last=self.config.keep_last)
+
+    def load(self, path) -> None:
+        load_checkpoint(self, path)
+
+    def export_policy_lora(self) -> dict[str, torch.Tensor]:
+        return self.adapters.state_dict("policy")
+
+
+def _masked_normalize(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Whiten (B, T) advantages over trajectories where ``mask`` (B,) is True; masked ones become 0."""
+    m = mask[:, None].expand_as(x)
+    if not m.any():
+        return torch.zeros_like(x)
+    vals = x[m]
+    return torch.where(m, (x - vals.mean()) / (vals.std(unbiased=False) + eps), torch.zeros_like(x))

@@ -1,0 +1,1 @@
+"""Test-time steering with the critic (guidance, best-of-N, SMC): see issue #5."""

@@ -1,0 +1,1 @@
+"""Entry points and configs: the `critic-align` command line and the scripts behind it."""

@@ -1,0 +1,152 @@
+"""The ``critic-align`` command line.
+
+    critic-align train [--config digits] [--out DIR] [--epochs N] [--set field=value ...] [--resume]
+    critic-align sample [--model DIR] [--run RUN_DIR] [--steps 50] [--out grid.png]
+    critic-align pretrain-digits [--out DIR] [--steps 2000]      reproduce the shipped base model
+    critic-align train-classifier [--out DIR]                    reproduce the shipped digit classifier
+    critic-align evaluate-digits [--model DIR]                   per-class accuracy + model card
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _parse_overrides(items) -> dict:
+    import yaml
+
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"--set expects field=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def cmd_train(args) -> int:
+    from critic_align.checkpoint import latest_checkpoint
+    from critic_align.viz import plot_metrics
+
+    from .registry import build_trainer, load_run_config
+
+    overrides = _parse_overrides(args.set)
+    if args.out:
+        overrides["output_dir"] = args.out
+    if args.epochs is not None:
+        overrides["num_epochs"] = args.epochs
+    run = load_run_config(args.config, overrides)
+    cfg = run["ppo"]
+    out = Path(cfg.output_dir)
+    if out.exists() and (out / "metrics.jsonl").exists() and not args.resume:
+        raise SystemExit(f"{out} already holds a run; pass --resume to continue it or --out to start a new one")
+    trainer = build_trainer(run)
+    if args.resume:
+        ckpt = latest_checkpoint(out / "checkpoints")
+        if ckpt is None:
+            raise SystemExit(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
+        trainer.load(ckpt)
+        print(f"resumed from {ckpt} (epoch {trainer.epoch})")
+    else:
+        trainer.save_grid(out / "grid_before.png", use_policy=False)
+    history = trainer.train()
+    trainer.save_grid(out / "grid_after.png")
+    names = list(trainer.rewards.names) + (list(trainer.eval_rewards.names) if trainer.eval_rewards else [])
+    plot_metrics(out / "metrics.jsonl", out / "reward_curve.png", [f"reward/{n}/mean" for n in names] + ["value_ev"],
+                 title=f"{cfg.advantage} on {run['task']}")
+    summary = {"run_dir": str(out), "epochs": trainer.epoch, "reward_queries": trainer.reward_queries}
+    if history:
+        first, last = history[0], history[-1]
+        for n in names:
+            key = f"reward/{n}/mean"
+            summary[f"{n}_first_epoch"] = first.get(key)
+            summary[f"{n}_last_epoch"] = last.get(key)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from critic_align.rollout import cfg_denoiser, sample
+    from critic_align.steps import DDIMStep, NoiseSchedule
+    from critic_align.tasks.digits import NULL_CLASS, load_base_model
+    from critic_align.viz import save_grid
+
+    unet, scheduler = load_base_model(args.model)
+    if args.run:
+        from critic_align.backbones import LoraAdapters
+        from critic_align.checkpoint import latest_checkpoint, read_checkpoint
+
+        run_dir = Path(args.run)
+        ckpt = latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").exists() else run_dir
+        if ckpt is None:
+            raise SystemExit(f"no checkpoint under {run_dir}")
+        tensors, state = read_checkpoint(ckpt)
+        cfg = state["config"]
+        adapters = LoraAdapters(unet)
+        adapters.add("policy", rank=cfg["lora_rank"], alpha=cfg["lora_alpha"], target_modules=cfg["lora_target_modules"])
+        adapters.load_state_dict("policy", {k[7:]: v for k, v in tensors.items() if k.startswith("policy.")})
+        print(f"loaded policy LoRA from {ckpt}")
+    step = DDIMStep(NoiseSchedule.from_scheduler(scheduler), eta=args.eta)
+
+    def den(x, t, c):
+        return unet(x, t, class_labels=c).sample
+
+    den = cfg_denoiser(den, args.guidance_scale, lambda n: torch.full((n,), NULL_CLASS, dtype=torch.long))
+    g = torch.Generator().manual_seed(args.seed)
+    labels = torch.arange(10).repeat_interleave(args.per_class)
+    x_T = torch.randn((len(labels), 1, 16, 16), generator=g)
+    x0 = sample(den, step, x_T, step.schedule.timesteps(args.steps), labels, generator=g, progress=True)
+    path = save_grid(x0.clamp(-1, 1), args.out, nrow=args.per_class, labels=list(range(10)))
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="critic-align", description="Align diffusion models with a latent critic.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="post-train a model with value pretraining + PPO (gae | grpo | ddpo)")
+    p.add_argument("--config", default="digits", help="a named config in train/configs or a YAML path")
+    p.add_argument("--out", help="run directory (overrides ppo.output_dir)")
+    p.add_argument("--epochs", type=int, help="overrides ppo.num_epochs")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override any PPOConfig field")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("sample", help="draw a PNG grid (one row per digit) from a model or a trained run")
+    p.add_argument("--model", default=None, help="base model directory (default: the shipped digits model)")
+    p.add_argument("--run", default=None, help="a run directory or checkpoint whose policy LoRA to apply")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--eta", type=float, default=0.0, help="0 = deterministic DDIM")
+    p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--per-class", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples.png")
+    p.set_defaults(fn=cmd_sample)
+
+    for name, module, help_ in [
+        ("pretrain-digits", "train.pretrain_digits", "train the embedded digits DDPM (reproduces the shipped one)"),
+        ("train-classifier", "train.train_classifier", "train the embedded digit classifier"),
+        ("evaluate-digits", "train.evaluate_digits", "per-class accuracy of a digits model + its model card"),
+    ]:
+        p = sub.add_parser(name, help=help_, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(fn=None, module=module)
+
+    args = parser.parse_args(argv)
+    if args.fn is None:
+        import importlib
+
+        importlib.import_module(args.module).main(args.rest)
+        return 0
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Name -> object lookups (the only place they live): tasks, rewards, configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from critic_align.config import PPOConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+RUN_KEYS = {"task", "base_model", "rewards", "eval_rewards", "ppo"}
+
+
+def reward_by_name(name: str):
+    from critic_align import rewards as R
+
+    table = {
+        "digit_prob": R.DigitProb,
+        "digit_correct": R.DigitCorrect,
+        "jpeg_compressibility": R.JpegCompressibility,
+        "jpeg_incompressibility": R.JpegIncompressibility,
+        "boldness": R.Boldness,
+    }
+    if name not in table:
+        raise ValueError(f"unknown reward {name!r}; available: {sorted(table)}")
+    return table[name]()
+
+
+def build_rewards(spec) -> "object":
+    """[{name: digit_prob, weight: 1.0}, "boldness", ...] -> MultiReward."""
+    from critic_align.rewards import MultiReward
+
+    if not spec:
+        raise ValueError("the config lists no rewards: give at least one, e.g. rewards: [{name: digit_prob}]")
+    rewards, weights = [], []
+    for item in spec:
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or "name" not in item:
+            raise ValueError(f"reward entry {item!r}: use a name or {{name: ..., weight: ...}}")
+        unknown = set(item) - {"name", "weight"}
+        if unknown:
+            raise ValueError(f"reward entry {item!r}: unknown keys {sorted(unknown)} (allowed: name, weight)")
+        rewards.append(reward_by_name(item["name"]))
+        weights.append(float(item.get("weight", 1.0)))
+    return MultiReward(rewards, weights)
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    named = CONFIG_DIR / f"{name_or_path}.yaml"
+    if named.exists():
+        return named
+    available = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"no config file {name_or_path!r} and no named config; named configs: {available}")
+
+
+def load_run_config(name_or_path: str, overrides: dict | None = None) -> dict:
+    """Read a run YAML: {task, base_model, rewards, eval_rewards, ppo: {PPOConfig fields}}; strict keys."""
+    path = resolve_config_path(name_or_path)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a run config must be a mapping, got {type(data).__name__}")
+    unknown = set(data) - RUN_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(RUN_KEYS)}")
+    ppo = dict(data.get("ppo") or {})
+    ppo.update(overrides or {})
+    try:
+        data["ppo"] = PPOConfig.from_dict(ppo)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    data.setdefault("task", "digits")
+    data["_path"] = str(path)
+    return data
+
+
+def build_trainer(run: dict):
+    """Instantiate the trainer described by a loaded run config."""
+    from critic_align.backbones import UNetAdapter
+    from critic_align.trainer import Trainer
+
+    task_name = run["task"]
+    if task_name != "digits":
+        raise ValueError(f"unknown task {task_name!r}; available: ['digits']")
+    from critic_align.tasks.digits import DigitsTask, load_base_model
+
+    unet, scheduler = load_base_model(run.get("base_model"))
+    rewards = build_rewards(run.get("rewards") or [{"name": "digit_prob"}])
+    eval_names = run.get("eval_rewards") or []
+    eval_rewards = build_rewards(eval_names) if eval_names else None
+    return Trainer(run["ppo"], DigitsTask(), UNetAdapter(unet), scheduler, rewards, eval_rewards)
