@@ -22,11 +22,15 @@ class LoraAdapters:
         self.trainable: set[str] = set()
         self._active: str | None = None
         self._disabled = False
+        self._layer_cache: list | None = None
+        self._param_cache: dict[str, list] = {}
 
     def _layers(self):
-        from peft.tuners.tuners_utils import BaseTunerLayer
+        if self._layer_cache is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
 
-        return [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+            self._layer_cache = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        return self._layer_cache
 
     def add(self, name: str, rank: int, alpha: float | None = None, target_modules=None, dropout: float = 0.0,
             trainable: bool = True, init_lora_weights=True) -> None:
@@ -42,6 +46,7 @@ class LoraAdapters:
         with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the point
             warnings.simplefilter("ignore", UserWarning)
             inject_adapter_in_model(cfg, self.model, adapter_name=name)
+        self._layer_cache, self._param_cache = None, {}
         self.names.append(name)
         if trainable:
             self.trainable.add(name)
@@ -100,8 +105,10 @@ class LoraAdapters:
             self._set_disabled(was)
 
     def named_parameters(self, name: str):
-        key = f".{name}."
-        return [(n, p) for n, p in self.model.named_parameters() if "lora_" in n and key in n]
+        if name not in self._param_cache:
+            key = f".{name}."
+            self._param_cache[name] = [(n, p) for n, p in self.model.named_parameters() if "lora_" in n and key in n]
+        return self._param_cache[name]
 
     def parameters(self, name: str) -> list[torch.nn.Parameter]:
         return [p for _, p in self.named_parameters(name)]
