@@ -124,13 +124,12 @@ class Critic(nn.Module):
 
 def build_critic(policy_backbone: BackboneAdapter, mode: str = "lora", num_rewards: int = 1,
                  adapters: LoraAdapters | None = None, lora_rank: int = 8, lora_alpha: float | None = None,
-                 lora_target_modules=None, hidden_dim: int = 256, num_heads: int = 4,
-                 base_state: dict | None = None) -> Critic:
+                 lora_target_modules=None, hidden_dim: int = 256, num_heads: int = 4) -> Critic:
     """Make a critic that starts from the pretrained backbone.
 
     mode="lora": adds a LoRA adapter "critic" to ``adapters`` (which wraps the policy's base model).
-    mode="full": deep-copies the backbone (pass ``base_state`` = the base weights without adapters if
-    the policy model already carries LoRA layers; the copy's LoRA layers are then merged away).
+    mode="full": deep-copies the backbone; LoRA layers the policy model already carries are stripped from
+    the copy (their base layers kept), so the critic starts from the pretrained base weights.
     mode="shared": reads the policy adapter's features.
     """
     if mode not in CRITIC_MODES:
@@ -151,7 +150,7 @@ def build_critic(policy_backbone: BackboneAdapter, mode: str = "lora", num_rewar
         # strip LoRA layers from the copy: the full critic is a plain trainable copy of the base
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        for name, module in list(backbone.model.named_modules()):
+        for module in list(backbone.model.modules()):
             for child_name, child in list(module.named_children()):
                 if isinstance(child, BaseTunerLayer):
                     setattr(module, child_name, child.get_base_layer())

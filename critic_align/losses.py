@@ -46,14 +46,18 @@ def value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torc
 
     ``mask`` (same shape, bool) drops entries (e.g. NaN rewards); the mean is over kept entries.
     """
-    err = (new_values - returns.detach()) ** 2
+    returns = returns.detach()
+    if mask is not None:
+        # zero masked targets *before* the square: a NaN there would give NaN gradients even if dropped later
+        returns = torch.where(mask, returns, torch.zeros_like(returns))
+    err = (new_values - returns) ** 2
     if clip_range is not None:
         clipped = old_values.detach() + torch.clamp(new_values - old_values.detach(), -clip_range, clip_range)
-        err = torch.maximum(err, (clipped - returns.detach()) ** 2)
+        err = torch.maximum(err, (clipped - returns) ** 2)
     if mask is None:
         return 0.5 * err.mean()
-    m = mask.to(err.dtype)
-    return 0.5 * (err * m).sum() / m.sum().clamp(min=1)
+    kept = torch.where(mask, err, torch.zeros_like(err))
+    return 0.5 * kept.sum() / mask.sum().clamp(min=1).to(err.dtype)
 
 
 def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:

@@ -109,6 +109,17 @@ class Rollout:
         return replace(first, **out)
 
 
+def check_stochastic_timesteps(timesteps: torch.Tensor) -> None:
+    """A stochastic rollout cannot end with a step from t = 0: ᾱ_0 is already the final noise level, so
+    that transition has zero variance and no log-probability."""
+    if int(timesteps[-1]) == 0:
+        raise ValueError(
+            "the last timestep is 0, so the final transition has no noise and no log-probability; use "
+            "timestep_spacing='trailing' or steps_offset=1 in the scheduler config (SD1.5's config has "
+            "steps_offset=1), or drop the last step"
+        )
+
+
 def cfg_denoiser(denoiser: Denoiser, guidance_scale: float, null_cond) -> Denoiser:
     """Classifier-free guidance as a denoiser wrapper: out = u + s·(c − u), one batched forward.
 
@@ -138,6 +149,7 @@ def sample_trajectories(denoiser: Denoiser, step: DDIMStep, x_T: torch.Tensor, t
     step.require_stochastic("recording a rollout's log-probabilities")
     if prev_timesteps is None:
         prev_timesteps = step.schedule.prev_timesteps(timesteps)
+    check_stochastic_timesteps(timesteps)
     b = x_T.shape[0]
     x = x_T
     states, log_probs = [x_T], []

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -105,6 +106,12 @@ class NoiseSchedule:
                 "this is a flow-matching scheduler config (it has sigmas/shift, not betas); "
                 "NoiseSchedule needs a DDPM/DDIM-style (VP) scheduler"
             )
+        for key, bad in (("rescale_betas_zero_snr", True), ("thresholding", True)):
+            if config.get(key) == bad:
+                raise ValueError(
+                    f"scheduler config has {key}={bad}, which NoiseSchedule does not reproduce; "
+                    f"set {key}=False (or add support for it) rather than train on a mismatched schedule"
+                )
         from diffusers import DDPMScheduler
 
         # DDPMScheduler computes betas -> alphas_cumprod for every beta_schedule diffusers knows.
@@ -124,16 +131,19 @@ class NoiseSchedule:
         n, t_max = int(num_inference_steps), self.num_train_timesteps
         if not 1 <= n <= t_max:
             raise ValueError(f"num_inference_steps must be in [1, {t_max}], got {num_inference_steps}")
+        # numpy float64, exactly as diffusers' DDIMScheduler.set_timesteps (rounding ties included)
         if self.timestep_spacing == "leading":
             ratio = t_max // n
-            ts = torch.arange(n) * ratio + self.steps_offset
+            ts = (np.arange(0, n) * ratio).round()[::-1].astype(np.int64) + self.steps_offset
         elif self.timestep_spacing == "trailing":
-            ratio = t_max / n
-            ts = torch.round(torch.arange(t_max, 0, -ratio)).long() - 1
-            ts = ts.flip(0)
+            ts = np.round(np.arange(t_max, 0, -t_max / n)).astype(np.int64) - 1
         else:
-            ts = torch.linspace(0, t_max - 1, n).round().long()
-        return ts.flip(0).to(torch.long)
+            ts = np.linspace(0, t_max - 1, n).round()[::-1].astype(np.int64)
+        ts = torch.from_numpy(ts.copy())
+        if ts.max() >= t_max:
+            raise ValueError(f"timesteps reach {int(ts.max())} >= num_train_timesteps={t_max} "
+                             f"(steps_offset={self.steps_offset} with {n} steps); use fewer steps or trailing spacing")
+        return ts.to(torch.long)
 
     def prev_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
         """(T,) the target timestep of each transition: the next entry, and -1 after the last."""
@@ -172,7 +182,7 @@ def predict_x0_eps(schedule: NoiseSchedule, model_output, x_t, alpha_bar_t):
     if schedule.clip_sample:
         r = schedule.clip_sample_range
         x0 = x0.clamp(-r, r)
-        # keep ε consistent with the clipped x0, as diffusers' DDIM does
+        # keep ε consistent with the clipped x0 (diffusers' DDIM with use_clipped_model_output=True)
         eps = (x_t - sa * x0) / s1a
     return x0, eps
 
@@ -239,7 +249,8 @@ class DDIMStep:
         if prev_sample is None:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=dtype) if generator is not None \
                 else torch.randn_like(x)
-            prev_sample = mean + std * noise
+            # round to the storage dtype *before* scoring, so re-scoring the stored sample is exact
+            prev_sample = (mean + std * noise).to(x_t.dtype).to(dtype)
         else:
             if prev_sample.shape != x_t.shape:
                 raise ValueError(f"prev_sample shape {tuple(prev_sample.shape)} != x_t shape {tuple(x_t.shape)}")

@@ -11,8 +11,8 @@ import torch
 from critic_align.advantages import (
     PerPromptStatTracker,
     gae,
-    grpo_advantages,
     group_ids,
+    grpo_advantages,
     normalize,
     terminal_rewards,
 )

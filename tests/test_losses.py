@@ -111,11 +111,6 @@ def test_value_loss_hand_computed_clipped_and_masked():
     assert value_loss(new, old, ret, mask=torch.zeros(3, dtype=torch.bool)).item() == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG losses.py value_loss: the mask is applied by multiplication (err * m), so a NaN return in a masked-out "
-    "entry (the docstring's own example: 'NaN rewards') makes the loss and its gradient NaN (NaN * 0 = NaN); "
-    "use torch.where(mask, err, 0) instead.  The trainer only avoids it because mc_returns/gae see nan_to_num'd "
-    "rewards"))
 def test_value_loss_mask_drops_nan_targets():
     new = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
     ret = torch.tensor([0.0, float("nan"), 4.0])

@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
         perm = torch.randperm(len(xtr), generator=gen)
         for i in range(0, len(xtr), args.batch_size):
             idx = perm[i : i + args.batch_size]
-            loss = F.cross_entropy(model(augment(xtr[idx], gen)), ytr[idx], label_smoothing=0.05)
+            loss = F.cross_entropy(model(augment(xtr[idx], gen)), ytr[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()

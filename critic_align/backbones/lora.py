@@ -83,10 +83,10 @@ class LoraAdapters:
         try:
             yield
         finally:
+            if prev is not None:
+                self.activate(prev)
             if was_disabled:
                 self._set_disabled(True)
-            elif prev is not None:
-                self.activate(prev)
 
     def _set_disabled(self, disabled: bool) -> None:
         for layer in self._layers():
