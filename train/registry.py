@@ -12,7 +12,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 RUN_KEYS = {"task", "base_model", "rewards", "eval_rewards", "ppo"}
 
 
-def reward_by_name(name: str):
+def reward_by_name(name: str, **kwargs):
     from critic_align import rewards as R
 
     table = {
@@ -24,11 +24,13 @@ def reward_by_name(name: str):
     }
     if name not in table:
         raise ValueError(f"unknown reward {name!r}; available: {sorted(table)}")
-    return table[name]()
+    return table[name](**kwargs)
 
 
 def build_rewards(spec) -> "object":
-    """[{name: digit_prob, weight: 1.0}, "boldness", ...] -> MultiReward."""
+    """[{name: digit_prob, weight: 1.0, temperature: 6}, "boldness", ...] -> MultiReward.
+
+    Keys other than name and weight are passed to the reward's constructor."""
     from critic_align.rewards import MultiReward
 
     if not spec:
@@ -39,10 +41,11 @@ def build_rewards(spec) -> "object":
             item = {"name": item}
         if not isinstance(item, dict) or "name" not in item:
             raise ValueError(f"reward entry {item!r}: use a name or {{name: ..., weight: ...}}")
-        unknown = set(item) - {"name", "weight"}
-        if unknown:
-            raise ValueError(f"reward entry {item!r}: unknown keys {sorted(unknown)} (allowed: name, weight)")
-        rewards.append(reward_by_name(item["name"]))
+        kwargs = {k: v for k, v in item.items() if k not in ("name", "weight")}
+        try:
+            rewards.append(reward_by_name(item["name"], **kwargs))
+        except TypeError as exc:
+            raise ValueError(f"reward entry {item!r}: bad options for {item['name']!r} ({exc})") from exc
         weights.append(float(item.get("weight", 1.0)))
     return MultiReward(rewards, weights)
 

@@ -74,19 +74,28 @@ class _DigitClassifierReward(Reward):
 
 
 class DigitProb(_DigitClassifierReward):
-    """Classifier probability of the prompted digit, ``softmax(classifier(x))[label]`` in ``[0, 1]``.
+    """Classifier probability of the prompted digit, ``softmax(logits / temperature)[label]`` in ``[0, 1]``.
 
     Differentiable: gradients flow back to the samples (the shipped classifier's parameters do not
-    require grad).
-    ``DigitProb(classifier=None, path=None)``.
+    require grad).  ``DigitProb(classifier=None, path=None, temperature=1.0)``.
+
+    ``temperature`` > 1 softens the classifier: at 1 the shipped classifier is saturated on the base
+    model's samples (mean 0.998, nothing left to learn), at 6 they score 0.68 ± 0.10 (real held-out
+    digits: 0.65), so the reward measures how clearly a sample is the prompted digit and has headroom.
     """
 
     name = "digit_prob"
     differentiable = True
 
+    def __init__(self, classifier=None, path=None, temperature: float = 1.0):
+        super().__init__(classifier, path)
+        if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature != temperature:
+            raise ValueError(f"digit_prob temperature must be a number > 0, got {temperature!r}")
+        self.temperature = float(temperature)
+
     def compute(self, samples, prompts):
         logits, labels = self._logits_and_labels(samples, prompts)
-        return logits.softmax(dim=-1).gather(1, labels[:, None]).squeeze(1)
+        return (logits / self.temperature).softmax(dim=-1).gather(1, labels[:, None]).squeeze(1)
 
 
 class DigitCorrect(_DigitClassifierReward):
