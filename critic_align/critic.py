@@ -45,6 +45,10 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.adaln[1].bias)
         self.queries = nn.Parameter(torch.randn(num_rewards, feature_dim) * feature_dim**-0.5)
         self.attn = nn.MultiheadAttention(feature_dim, num_heads, batch_first=True)
+        # value = out_mean + out_scale · head(x): the heads learn a standardised target.  Set once from the
+        # first rewards seen (``set_output_scale``) so targets of any scale start well-conditioned.
+        self.register_buffer("out_mean", torch.zeros(num_rewards))
+        self.register_buffer("out_scale", torch.ones(num_rewards))
         self.heads = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, hidden_dim), nn.SiLU(),
                           nn.Linear(hidden_dim, 1))
@@ -60,7 +64,18 @@ class ValueHead(nn.Module):
         q = self.queries.unsqueeze(0).expand(h.shape[0], -1, -1)
         pooled, _ = self.attn(q, h, h, need_weights=False)  # (B, K, C)
         pooled = pooled + q  # residual on the query keeps a path that ignores bad attention early on
-        return torch.cat([head(pooled[:, k]) for k, head in enumerate(self.heads)], dim=-1)  # (B, K)
+        raw = torch.cat([head(pooled[:, k]) for k, head in enumerate(self.heads)], dim=-1)  # (B, K)
+        return self.out_mean + self.out_scale * raw
+
+    @torch.no_grad()
+    def set_output_scale(self, rewards: torch.Tensor, min_scale: float = 1e-3) -> None:
+        """Standardise each head's output with the mean/std of a (B, K) reward batch (NaNs ignored)."""
+        for k in range(self.num_rewards):
+            col = rewards[:, k].float()
+            col = col[~torch.isnan(col)]
+            if col.numel() >= 2:
+                self.out_mean[k] = col.mean()
+                self.out_scale[k] = col.std(unbiased=False).clamp(min=min_scale)
 
 
 class Critic(nn.Module):

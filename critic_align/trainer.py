@@ -299,6 +299,8 @@ class Trainer:
         for i in it:
             t0 = time.time()
             ro = self.rollout(self.prompt_iter.batch(cfg.prompts_per_epoch, cfg.group_size))
+            if i == 0:
+                self.critic.head.set_output_scale(ro.rewards)
             ro.values = self.compute_values(ro)
             before = self.value_report(ro, ro.values)
             ro.returns = self.mc_returns(ro)
