@@ -34,9 +34,9 @@ def test_sample_writes_a_grid_of_recognisable_digits(tmp_path):
 
     unet, sched = load_base_model()
     step = DDIMStep(NoiseSchedule.from_scheduler(sched), eta=0.0)
-    labels = torch.arange(10).repeat_interleave(5)
-    x = sample(lambda x, t, c: unet(x, t, class_labels=c).sample, step, torch.randn(50, 1, 16, 16,
-               generator=torch.Generator().manual_seed(0)), step.schedule.timesteps(20), labels)
+    labels = torch.arange(10).repeat_interleave(10)
+    x = sample(lambda x, t, c: unet(x, t, class_labels=c).sample, step, torch.randn(100, 1, 16, 16,
+               generator=torch.Generator().manual_seed(1)), step.schedule.timesteps(20), labels)
     acc = (load_digit_classifier()(x.clamp(-1, 1)).argmax(1) == labels).float().mean().item()
     assert acc >= 0.9
 
