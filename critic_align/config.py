@@ -21,8 +21,9 @@ class PPOConfig:
     """Latent actor-critic PPO (and its GRPO / DDPO baselines) over the denoising MDP.
 
     Defaults follow DDPO (Black et al. 2023: LoRA, per-dimension-averaged log-probs, advantage clip 5,
-    eta 1; a larger clip range and learning rate, see ``clip_range``) and the core seed (CFG-free training, value pretraining, GAE with
-    reward only at the final step), sized so the digits job finishes in minutes on 2 CPU cores.
+    eta 1; a larger clip range and learning rate, see ``clip_range``) and the core seed (CFG-free
+    training, value pretraining, GAE with reward only at the final step), sized so the digits job
+    finishes in minutes on 2 CPU cores.
     """
 
     # --- run ---------------------------------------------------------------------------------------

@@ -233,3 +233,26 @@ def test_config_unknown_key_suggests_the_right_one():
 def test_reward_weights_must_match_rewards(tmp_path):
     with pytest.raises(ValueError, match="reward_weights"):
         make_trainer(tmp_path, reward_weights=(1.0, 2.0))
+
+
+def test_kl_to_reference_is_zero_at_init_and_grows(tmp_path):
+    tr = make_trainer(tmp_path, kl_coef=0.1)
+    ro = tr.compute_advantages(tr.rollout(tr.prompt_iter.batch(2, 4)))
+    pairs = tr._pairs(ro)
+    _, stats = tr.loss_on_pairs(ro, pairs)
+    assert stats["kl_to_ref"] == pytest.approx(0.0, abs=1e-10)  # fresh LoRA (B = 0) == the reference
+    perturb_lora(tr)
+    _, stats = tr.loss_on_pairs(ro, pairs)
+    assert stats["kl_to_ref"] > 0
+
+
+@pytest.mark.parametrize("mode", ["full", "shared"])
+def test_other_critic_modes_train(tmp_path, mode):
+    tr = make_trainer(tmp_path, critic_mode=mode)
+    if mode == "full":
+        assert tr.critic.backbone.model is not tr.adapter.model
+    head = [p.detach().clone() for p in tr.critic.head.parameters()]
+    tr.pretrain_value()
+    metrics = tr.train_epoch().metrics
+    assert "value_loss" in metrics and "policy_loss" in metrics
+    assert any(not torch.equal(a, b) for a, b in zip(head, tr.critic.head.parameters()))
