@@ -62,6 +62,7 @@ def run_one(mode: str, seed: int, budget: int, overrides: dict, workdir: Path) -
     history = []
     for _ in range(cfg.num_epochs):
         res = trainer.train_epoch()
+        trainer.log(res.metrics)
         history.append(res.metrics)
     final_eval = evaluate_policy(trainer)
     key = f"reward/{trainer.rewards.names[0]}/mean"

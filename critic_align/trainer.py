@@ -134,12 +134,14 @@ class Trainer:
         cfg = self.config
         if x_T is None:
             x_T = self._noise(len(prompts))
-        cond = self.task.encode(prompts).to(self.device)
+        cond = self.task.encode(prompts)
+        cond = cond.to(self.device) if cond is not None else None  # None: an unconditional task
         chunks = []
         for i in range(0, len(prompts), cfg.sample_chunk_size):
             sl = slice(i, i + cfg.sample_chunk_size)
             chunks.append(sample_trajectories(
-                self.policy_output, self.step, x_T[sl], self.timesteps.to(self.device), cond[sl], prompts[sl],
+                self.policy_output, self.step, x_T[sl], self.timesteps.to(self.device),
+                None if cond is None else cond[sl], prompts[sl],
                 generator=self.generator,
             ))
         ro = Rollout.cat(chunks)
@@ -413,7 +415,8 @@ class Trainer:
         """Decoded samples for ``prompts`` from a fixed noise seed (policy or base model)."""
         g = torch.Generator().manual_seed(seed)
         x_T = torch.randn((len(prompts), *self.task.latent_shape), generator=g).to(self.device)
-        cond = self.task.encode(prompts).to(self.device)
+        cond = self.task.encode(prompts)
+        cond = cond.to(self.device) if cond is not None else None
         den = self.policy_output if use_policy else self.reference_output
         ro = sample_trajectories(den, self.step, x_T, self.timesteps.to(self.device), cond, prompts, generator=g)
         return self.task.decode(ro.final)

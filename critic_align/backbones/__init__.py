@@ -6,6 +6,8 @@ An adapter exposes ``predict(x_t, t, cond)`` (the raw model output: ε, v or x0)
 
 from .base import BackboneAdapter, Features
 from .lora import LoraAdapters
+from .mlp import MLP_LORA_TARGETS, MLPAdapter, MLPDenoiser, ResidualMLP
 from .unet import UNetAdapter
 
-__all__ = ["BackboneAdapter", "Features", "LoraAdapters", "UNetAdapter"]
+__all__ = ["BackboneAdapter", "Features", "LoraAdapters", "MLP_LORA_TARGETS", "MLPAdapter", "MLPDenoiser",
+           "ResidualMLP", "UNetAdapter"]
