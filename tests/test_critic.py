@@ -12,13 +12,6 @@ from critic_align.critic import Critic, ValueHead, build_critic
 TARGETS = ["to_q", "to_k", "to_v", "conv1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions are ~100x slower with intra-op threads on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_unet(seed: int = 0) -> UNet2DModel:

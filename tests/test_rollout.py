@@ -15,15 +15,6 @@ from critic_align.rollout import Rollout, cfg_denoiser, sample, sample_trajector
 from critic_align.steps import DDIMStep, NoiseSchedule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions are ~100x slower with intra-op threads on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_step(eta=1.0, spacing="trailing", offset=0, prediction_type="epsilon") -> DDIMStep:
     sched = NoiseSchedule.from_scheduler(DDPMScheduler(num_train_timesteps=1000, clip_sample=False,
                                                        timestep_spacing=spacing, steps_offset=offset,

@@ -16,14 +16,6 @@ from critic_align.rewards import FunctionReward, MultiReward
 from critic_align.trainer import Trainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class TinyTask:
     name = "tiny"
     prompts = ("0", "1", "2", "3")
