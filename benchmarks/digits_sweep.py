@@ -32,7 +32,7 @@ for s in settings:
     if tr.critic is not None:
         tr.pretrain_value()
     rs = []
-    for i in range(n):
+    for _ in range(n):
         m = tr.train_epoch().metrics
         rs.append(round(m["reward/%s/mean" % tr.rewards.names[0]], 3))
     print(s, "time %.0f" % (time.time() - t), "rewards", rs, "kl", m.get("approx_kl"), "clip", m.get("clip_fraction"),

@@ -128,7 +128,7 @@ def main(argv=None):
                 tr.pretrain_value()
             curve = []
 
-            def evaluate(epoch):
+            def evaluate(epoch, tr=tr, seed=seed, curve=curve):
                 x = tr.sample([""] * args.n_eval, seed=1000 + seed)
                 row = {"epoch": epoch, "reward_queries": tr.reward_queries,
                        "mean_reward": float(lin(x).mean()), **distances(x, target_x)}
