@@ -129,7 +129,8 @@ class PPOConfig:
     progress: bool = True
     """tqdm progress bars."""
     mixed_precision: str = "no"
-    """accelerate mixed precision: 'no', 'fp16' or 'bf16' (GPU)."""
+    """'no' or 'bf16' (forwards under accelerate's autocast; weights, optimiser and log-probs stay fp32).
+    fp16 is refused: it needs loss scaling, and the PPO ratio is too sensitive to fp16 rounding."""
 
     extra: dict = field(default_factory=dict)
     """Free-form notes carried into the run's config.json (not used by the trainer)."""
@@ -170,8 +171,8 @@ class PPOConfig:
             _err("advantage_aggregation", self.advantage_aggregation, f"use one of {AGGREGATIONS}")
         if self.log_prob_reduction not in ("mean", "sum"):
             _err("log_prob_reduction", self.log_prob_reduction, "use 'mean' or 'sum'")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            _err("mixed_precision", self.mixed_precision, "use 'no', 'fp16' or 'bf16'")
+        if self.mixed_precision not in ("no", "bf16"):
+            _err("mixed_precision", self.mixed_precision, "use 'no' or 'bf16' (fp16 needs loss scaling; use bf16)")
         if self.batch_size % self.group_size:
             _err("batch_size", self.batch_size, f"must be a multiple of group_size={self.group_size}")
         if self.minibatch_size % self.gradient_accumulation_steps:

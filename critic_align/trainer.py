@@ -9,6 +9,7 @@ advantage estimator and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -61,7 +62,9 @@ class Trainer:
         self.task = task
         self.rewards = rewards
         self.eval_rewards = eval_rewards
-        self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+        # Mixed precision is our own autocast, not accelerate's: AcceleratorState is a process-wide singleton
+        # that refuses a second, different mixed_precision (e.g. two trainers in one process).
+        self.accelerator = accelerator or Accelerator()
         self.device = self.accelerator.device
         seed_everything(config.seed)
         if config.reward_weights is not None and len(config.reward_weights) != len(rewards.names):
@@ -109,11 +112,17 @@ class Trainer:
         self.out = Path(config.output_dir)
         self._writer = None
 
+    def autocast(self):
+        """bf16 autocast for forwards when ``mixed_precision='bf16'``; otherwise a no-op."""
+        if self.config.mixed_precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     # ------------------------------------------------------------------------------------------------
     # policy evaluation
     def policy_output(self, x_t, t, cond):
         """The policy's model output (CFG-combined when guidance_scale != 1)."""
-        with self.adapters.using("policy"):
+        with self.adapters.using("policy"), self.autocast():
             den = cfg_denoiser(self.adapter.predict, self.config.guidance_scale, self._null_cond)
             return den(x_t, t, cond)
 
@@ -121,7 +130,7 @@ class Trainer:
         return self.task.null_cond(n).to(self.device)
 
     def reference_output(self, x_t, t, cond):
-        with self.adapters.disabled():
+        with self.adapters.disabled(), self.autocast():
             den = cfg_denoiser(self.adapter.predict, self.config.guidance_scale, self._null_cond)
             return den(x_t, t, cond)
 
@@ -157,8 +166,9 @@ class Trainer:
         x = ro.latents[:, :-1].reshape(b * t, *ro.latents.shape[2:])
         ts = ro.timesteps.to(self.device).repeat(b)
         cond = ro.cond.repeat_interleave(t, dim=0) if ro.cond is not None else None
-        out = [self.critic(x[i:i + chunk], ts[i:i + chunk], None if cond is None else cond[i:i + chunk])
-               for i in range(0, b * t, chunk)]
+        with self.autocast():
+            out = [self.critic(x[i:i + chunk], ts[i:i + chunk], None if cond is None else cond[i:i + chunk]).float()
+                   for i in range(0, b * t, chunk)]
         return torch.cat(out).view(b, t, -1).float()
 
     # ------------------------------------------------------------------------------------------------
@@ -224,7 +234,7 @@ class Trainer:
         shared_feats = None
         if train_policy:
             if self.critic is not None and self.critic.mode == "shared" and cfg.guidance_scale == 1.0:
-                with self.adapters.using("policy"):
+                with self.adapters.using("policy"), self.autocast():
                     out, shared_feats = self.adapter.predict_and_features(x_t, t, cond)
             else:
                 out = self.policy_output(x_t, t, cond)
@@ -241,10 +251,9 @@ class Trainer:
                 total = total + cfg.kl_coef * kl
                 stats["kl_to_ref"] = kl.item()
         if self.critic is not None and ro.returns is not None:
-            if shared_feats is not None:
-                v = self.critic.head(shared_feats)
-            else:
-                v = self.critic(x_t, t, cond)
+            with self.autocast():
+                v = self.critic.head(shared_feats) if shared_feats is not None else self.critic(x_t, t, cond)
+            v = v.float()
             returns = ro.returns[bi, ki]
             mask = ~torch.isnan(ro.rewards[bi])
             v_loss = value_loss(v, ro.values[bi, ki] if ro.values is not None else v.detach(), returns,

@@ -248,3 +248,13 @@ def test_other_critic_modes_train(tmp_path, mode):
     metrics = tr.train_epoch().metrics
     assert "value_loss" in metrics and "policy_loss" in metrics
     assert any(not torch.equal(a, b) for a, b in zip(head, tr.critic.head.parameters()))
+
+
+def test_bf16_autocast_trains_and_keeps_fp32_state(tmp_path):
+    tr = make_trainer(tmp_path, mixed_precision="bf16")
+    tr.pretrain_value()
+    metrics = tr.train_epoch().metrics
+    assert all(v == v for k, v in metrics.items() if isinstance(v, float) and not k.startswith("value_ev"))
+    assert all(p.dtype == torch.float32 for p in tr.adapters.parameters("policy"))
+    with pytest.raises(ValueError, match="fp16"):
+        PPOConfig(mixed_precision="fp16")
