@@ -57,8 +57,9 @@ def section_advantages(path: Path) -> str:
         lines += [
             "",
             f"Reward queries GAE needs to reach GRPO's final training reward ({_fmt(reach['grpo_final_train_reward'])},"
-            f" 3-epoch moving average): per seed {per_seed}; median = "
-            f"{_fmt(reach['median_fraction_of_budget'], 2)} × the budget (goal: ≤ 0.5×).",
+            f" 3-epoch moving average): per seed {per_seed}; median: "
+            + ("not reached within the budget" if math.isinf(reach["median_fraction_of_budget"])
+               else f"{_fmt(reach['median_fraction_of_budget'], 2)} × the budget") + " (goal: ≤ 0.5×).",
         ]
     evs = [r["value_ev_after_pretraining"] for r in data["runs"] if r["mode"] == "gae"]
     if evs:
