@@ -152,7 +152,37 @@ def section_gmm_finetune(path: Path) -> str:
     return "\n".join(lines)
 
 
+def section_main_job(path: Path) -> str:
+    d = json.loads(path.read_text())
+    rows = [json.loads(x) for x in (path.parent / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    seconds = sum(r.get("time_s", 0) for r in rows if r["phase"] == "value_pretrain") + \
+        sum(r["time_epoch_s"] for r in rows if r["phase"] == "train")
+    last = [r for r in rows if r["phase"] == "train"][-5:]
+    ev = sum(r["value_ev"] for r in last) / len(last)
+    return "\n".join([
+        "## The main job (README's first command)",
+        "",
+        "`critic-align train --config digits` on this machine (2 CPU cores): value pretraining + PPO/GAE, 80 epochs "
+        f"of 64 trajectories, {d['reward_queries']} reward queries, {seconds / 60:.1f} minutes of pretraining and "
+        "epochs (plus start-up and grids). Files copied from `runs/digits/` to `benchmarks/results/main_job/`.",
+        "",
+        "| | first epoch | last epoch |",
+        "|---|---|---|",
+        f"| digit_prob (trained, temperature 6) | {_fmt(d['digit_prob_first_epoch'])} | {_fmt(d['digit_prob_last_epoch'])} |",
+        f"| digit_correct (reported) | {_fmt(d['digit_correct_first_epoch'])} | {_fmt(d['digit_correct_last_epoch'])} |",
+        "",
+        f"Critic explained variance on the training batch, mean of the last 5 epochs: {_fmt(ev, 2)}.",
+        "",
+        "![main job curves](benchmarks/results/main_job/reward_curve.png)",
+        "",
+        "Before / after (fixed noise, one row per digit): `benchmarks/results/main_job/grid_before.png`, "
+        "`benchmarks/results/main_job/grid_after.png`.",
+        "",
+    ])
+
+
 SECTIONS = [
+    ("main_job/summary.json", section_main_job),
     ("digits_advantages.json", section_advantages),
     ("gmm_critic.json", section_gmm_critic),
     ("gmm_finetune.json", section_gmm_finetune),

@@ -61,7 +61,8 @@ class PPOConfig:
     gae_lambda: float = 0.95
     """GAE's λ: 1.0 = Monte-Carlo returns minus the value baseline, 0.0 = one-step TD."""
     normalize_advantages: bool = True
-    """Whiten advantages over the batch (GAE mode; GRPO/DDPO are normalised by construction)."""
+    """Whiten the summed advantages over the batch (GAE mode with 'sum_then_normalize'; 'normalize_then_sum'
+    always whitens each reward's advantages, and GRPO/DDPO are normalised by construction)."""
     adv_clip_max: float = 5.0
     """Clip advantages to [-adv_clip_max, adv_clip_max] (DDPO)."""
     stat_buffer_size: int = 32

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .advantages import PerPromptStatTracker, gae, grpo_advantages, normalize, terminal_rewards
+from .advantages import PerPromptStatTracker, gae, group_ids, grpo_advantages, normalize, terminal_rewards
 from .backbones.base import BackboneAdapter
 from .backbones.lora import LoraAdapters
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -196,8 +196,6 @@ class Trainer:
         else:
             combined = self.rewards.weighted_sum(rewards)
             if cfg.advantage == "grpo":
-                from .advantages import group_ids
-
                 adv1 = grpo_advantages(combined, group_ids(ro.prompts).to(combined.device))
             else:
                 adv1 = self.stat_tracker.update(ro.prompts, combined)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 
@@ -52,12 +53,14 @@ def cmd_train(args) -> int:
         print(f"resumed from {ckpt} (epoch {trainer.epoch})")
     else:
         trainer.save_grid(out / "grid_before.png", use_policy=False)
+    start = time.time()
     history = trainer.train()
     trainer.save_grid(out / "grid_after.png")
     names = list(trainer.rewards.names) + (list(trainer.eval_rewards.names) if trainer.eval_rewards else [])
     plot_metrics(out / "metrics.jsonl", out / "reward_curve.png", [f"reward/{n}/mean" for n in names] + ["value_ev"],
                  title=f"{cfg.advantage} on {run['task']}")
-    summary = {"run_dir": str(out), "epochs": trainer.epoch, "reward_queries": trainer.reward_queries}
+    summary = {"run_dir": str(out), "epochs": trainer.epoch, "reward_queries": trainer.reward_queries,
+               "train_seconds": time.time() - start}
     if history:
         first, last = history[0], history[-1]
         for n in names:
