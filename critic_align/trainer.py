@@ -28,7 +28,7 @@ from .config import PPOConfig
 from .critic import Critic, build_critic
 from .losses import explained_variance, ppo_policy_loss, value_loss
 from .rewards.base import MultiReward
-from .rollout import Rollout, cfg_denoiser, sample_trajectories
+from .rollout import Rollout, cfg_denoiser, sample, sample_trajectories
 from .steps import DDIMStep, NoiseSchedule, gaussian_kl
 
 TIMESTEP_BUCKETS = 4
@@ -167,7 +167,7 @@ class Trainer:
         ts = ro.timesteps.to(self.device).repeat(b)
         cond = ro.cond.repeat_interleave(t, dim=0) if ro.cond is not None else None
         with self.autocast():
-            out = [self.critic(x[i:i + chunk], ts[i:i + chunk], None if cond is None else cond[i:i + chunk]).float()
+            out = [self.critic(x[i:i + chunk], ts[i:i + chunk], None if cond is None else cond[i:i + chunk])
                    for i in range(0, b * t, chunk)]
         return torch.cat(out).view(b, t, -1).float()
 
@@ -425,8 +425,8 @@ class Trainer:
         cond = self.task.encode(prompts)
         cond = cond.to(self.device) if cond is not None else None
         den = self.policy_output if use_policy else self.reference_output
-        ro = sample_trajectories(den, self.step, x_T, self.timesteps.to(self.device), cond, prompts, generator=g)
-        return self.task.decode(ro.final)
+        # plain sampling: the same noise draws as a rollout, without storing T+1 latents and log-probs
+        return self.task.decode(sample(den, self.step, x_T, self.timesteps.to(self.device), cond, generator=g))
 
     def save_grid(self, path, per_prompt: int = 8, use_policy: bool = True) -> Path:
         from .viz import save_grid
