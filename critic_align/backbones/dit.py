@@ -1,0 +1,203 @@
+"""Adapter for diffusers DiT-style transformers: ``DiTTransformer2DModel`` and ``SD3Transformer2DModel``.
+
+What the adapter exposes (the :class:`BackboneAdapter` protocol)
+-----------------------------------------------------------------
+``predict(x_t, t, cond)``
+    The model output at latents ``x_t`` (B, C, H, W) and timesteps ``t`` (scalar or (B,)).  For a
+    DiT with learned variance (``out_channels == 2 * in_channels``, the original DiT-XL/2) only the first
+    ``in_channels`` channels (the ε / v prediction) are returned, as diffusers' ``DiTPipeline`` does.
+``features(x_t, t, cond)`` -> :class:`Features`
+    tokens: (B, N, D) the hidden image tokens after the last transformer block, i.e. before the output
+    norm / projection (N = (H / patch_size) · (W / patch_size), D = heads · head_dim).  The forward stops
+    right after that block.
+    temb:   (B, D) the model's *timestep* embedding (the ``timestep_embedder`` output, without the class
+    label / pooled-text part), for the value head's AdaLN.
+
+Timesteps are passed to the model unchanged: integers in [0, num_train_timesteps) for a DDPM-trained DiT,
+``σ · num_train_timesteps`` (floats, what ``FlowMatchSchedule.timesteps`` returns and what diffusers'
+SD3 pipeline passes) for a flow-matching model.
+
+The ``cond`` contract
+---------------------
+* ``DiTTransformer2DModel`` (class-conditional): ``cond`` is a (B,) int64 tensor of class labels.
+  The null class for classifier-free guidance is ``num_embeds_ada_norm`` (the extra row of the label
+  table that diffusers adds when the class dropout is > 0).  diffusers' label embedding replaces labels
+  with the null class *at random* while the module is in training mode, so the adapter refuses a model
+  in training mode (call ``model.eval()``; LoRA training works in eval mode).
+* ``SD3Transformer2DModel`` (text-conditional, MMDiT): ``cond`` is an :class:`SD3Cond` holding
+  ``prompt_embeds`` (B, L, joint_attention_dim) — the concatenated CLIP + T5 token embeddings that
+  ``StableDiffusion3Pipeline.encode_prompt`` returns — and ``pooled_projections`` (B,
+  pooled_projection_dim) — its pooled CLIP embeddings.  A ``(prompt_embeds, pooled_projections)``
+  tuple is accepted too and converted.  ``SD3Cond`` supports the batch operations the engine applies to a
+  conditioning tensor (``shape[0]`` / ``len``, ``device``, ``.to``, indexing, ``repeat_interleave(n, dim=0)`` and
+  ``torch.cat`` along dim 0), so rollouts, CFG (``torch.cat([cond, null_cond])``) and minibatching work
+  unchanged.  For CFG the null conditioning is the encoding of the empty prompt with the *same* L.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import BackboneAdapter
+
+
+@dataclass
+class SD3Cond:
+    """SD3 conditioning: ``prompt_embeds`` (B, L, joint_attention_dim), ``pooled_projections`` (B, P)."""
+
+    prompt_embeds: torch.Tensor
+    pooled_projections: torch.Tensor
+
+    def __post_init__(self):
+        if not isinstance(self.prompt_embeds, torch.Tensor) or self.prompt_embeds.ndim != 3:
+            raise ValueError("SD3Cond.prompt_embeds must be a (B, L, joint_attention_dim) tensor, got "
+                             f"{_describe(self.prompt_embeds)}")
+        if not isinstance(self.pooled_projections, torch.Tensor) or self.pooled_projections.ndim != 2:
+            raise ValueError("SD3Cond.pooled_projections must be a (B, pooled_projection_dim) tensor, got "
+                             f"{_describe(self.pooled_projections)}")
+        if self.prompt_embeds.shape[0] != self.pooled_projections.shape[0]:
+            raise ValueError(f"SD3Cond batch sizes differ: prompt_embeds {self.prompt_embeds.shape[0]}, "
+                             f"pooled_projections {self.pooled_projections.shape[0]}")
+
+    # -- the tensor-like batch operations the engine uses -------------------------------------------
+    @property
+    def shape(self) -> torch.Size:
+        """``prompt_embeds``' shape; ``shape[0]`` is the batch size (what the engine reads)."""
+        return self.prompt_embeds.shape
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.prompt_embeds.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.prompt_embeds.dtype
+
+    def to(self, *args, **kwargs) -> "SD3Cond":
+        return SD3Cond(self.prompt_embeds.to(*args, **kwargs), self.pooled_projections.to(*args, **kwargs))
+
+    def __getitem__(self, index) -> "SD3Cond":
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        if isinstance(index, torch.Tensor):
+            index = index.to(self.prompt_embeds.device)
+        return SD3Cond(self.prompt_embeds[index], self.pooled_projections[index])
+
+    def repeat_interleave(self, repeats: int, dim: int = 0) -> "SD3Cond":
+        if dim != 0:
+            raise ValueError(f"SD3Cond repeats along the batch (dim=0) only, got dim={dim}")
+        return SD3Cond(self.prompt_embeds.repeat_interleave(repeats, dim=0),
+                       self.pooled_projections.repeat_interleave(repeats, dim=0))
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.cat:
+            items = args[0]
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            if dim != 0:
+                raise ValueError(f"SD3Cond concatenates along the batch (dim=0) only, got dim={dim}")
+            if not all(isinstance(c, SD3Cond) for c in items):
+                raise TypeError("torch.cat of SD3Cond with something else: "
+                                f"{[type(c).__name__ for c in items]}")
+            return SD3Cond(torch.cat([c.prompt_embeds for c in items]),
+                           torch.cat([c.pooled_projections for c in items]))
+        return NotImplemented
+
+
+def _describe(x) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def as_sd3_cond(cond) -> SD3Cond:
+    """An :class:`SD3Cond` from an ``SD3Cond`` or a ``(prompt_embeds, pooled_projections)`` tuple."""
+    if isinstance(cond, SD3Cond):
+        return cond
+    if isinstance(cond, (tuple, list)) and len(cond) == 2:
+        return SD3Cond(*cond)
+    raise TypeError(
+        "SD3Transformer2DModel needs cond = SD3Cond(prompt_embeds (B, L, D), pooled_projections (B, P)) or a "
+        f"(prompt_embeds, pooled_projections) tuple, got {type(cond).__name__}"
+    )
+
+
+class DiTAdapter(BackboneAdapter):
+    """Wraps a diffusers ``DiTTransformer2DModel`` or ``SD3Transformer2DModel`` (see the module doc)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        from diffusers import DiTTransformer2DModel, SD3Transformer2DModel
+
+        if isinstance(model, SD3Transformer2DModel):
+            self.kind = "sd3"
+        elif isinstance(model, DiTTransformer2DModel):
+            self.kind = "dit"
+        else:
+            raise TypeError(
+                f"DiTAdapter wraps diffusers DiTTransformer2DModel or SD3Transformer2DModel, got {type(model).__name__}"
+            )
+        cfg = model.config
+        self.in_channels = int(cfg.in_channels)
+        out = int(getattr(model, "out_channels", cfg.out_channels or cfg.in_channels))
+        if out not in (self.in_channels, 2 * self.in_channels):
+            raise ValueError(f"out_channels={out} is neither in_channels={self.in_channels} nor twice it "
+                             "(learned variance); the adapter cannot tell which channels are the prediction")
+        self.learned_sigma = out == 2 * self.in_channels
+
+    def _forward(self, x_t, t, cond):
+        if self.kind == "sd3":
+            c = as_sd3_cond(cond)
+            out = self.model(hidden_states=x_t, encoder_hidden_states=c.prompt_embeds,
+                             pooled_projections=c.pooled_projections, timestep=t, return_dict=False)[0]
+        else:
+            if cond is None:
+                raise ValueError("DiTTransformer2DModel is class-conditional: cond must be (B,) class labels")
+            if self.model.training and self._label_dropout() > 0:
+                raise RuntimeError(
+                    "the DiT is in training mode, where diffusers replaces class labels with the null class at "
+                    f"random (class dropout {self._label_dropout()}); call model.eval() before using the adapter"
+                )
+            out = self.model(x_t, timestep=t, class_labels=cond, return_dict=False)[0]
+        if self.learned_sigma:
+            out = out[:, : self.in_channels]
+        return out
+
+    def _label_dropout(self) -> float:
+        emb = self.model.transformer_blocks[0].norm1.emb
+        return float(getattr(getattr(emb, "class_embedder", None), "dropout_prob", 0.0))
+
+    def feature_module(self) -> nn.Module:
+        return self.model.transformer_blocks[-1]
+
+    def temb_module(self) -> nn.Module:
+        if self.kind == "sd3":
+            return self.model.time_text_embed.timestep_embedder
+        # every DiT block embeds (t, label) itself; block 0's timestep embedder runs first
+        return self.model.transformer_blocks[0].norm1.emb.timestep_embedder
+
+    @staticmethod
+    def tokens_from_output(output) -> torch.Tensor:
+        # an SD3 joint block returns (encoder_hidden_states, hidden_states) — the last one (None, hidden)
+        if isinstance(output, tuple):
+            output = output[1]
+        if output.ndim != 3:
+            raise ValueError(f"expected (B, N, D) transformer tokens, got shape {tuple(output.shape)}")
+        return output
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.model.config.num_attention_heads * self.model.config.attention_head_dim)
+
+    @property
+    def temb_dim(self) -> int:
+        return int(self.temb_module().linear_2.out_features)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
