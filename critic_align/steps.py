@@ -260,6 +260,24 @@ class DDIMStep:
             prev_sample=prev_sample.to(x_t.dtype), log_prob=log_prob, mean=mean, std=std, x0_pred=x0, eps_pred=eps
         )
 
+    def apply_score_guidance(self, model_output, x_t, t, grad) -> torch.Tensor:
+        """The model output whose implied score is the model's score plus ``grad`` (= ∇_x log of a potential).
+
+        With x_t = √ᾱ·x0 + √(1−ᾱ)·ε the score is −ε̂/√(1−ᾱ), so adding g to it gives, per parameterisation,
+            ε:  ε' = ε̂ − √(1−ᾱ)·g
+            v:  v' = v − √(1−ᾱ)/√ᾱ · g          (v = √ᾱ·ε − √(1−ᾱ)·x0)
+            x0: x0' = x0 + (1−ᾱ)/√ᾱ · g        (Tweedie: x̂0 = (x_t + (1−ᾱ)·score)/√ᾱ)
+        Guidance by a value V with scale w is ``grad = w·∇V(x_t)`` (classifier guidance, Dhariwal & Nichol).
+        """
+        t = torch.as_tensor(t, device=x_t.device)
+        a = _per_sample(self.schedule.alpha_bar(t), x_t)
+        grad = grad.to(model_output.dtype)
+        if self.schedule.prediction_type == "epsilon":
+            return model_output - (1 - a).sqrt() * grad
+        if self.schedule.prediction_type == "v_prediction":
+            return model_output - ((1 - a) / a).sqrt() * grad
+        return model_output + (1 - a) / a.sqrt() * grad
+
 
 def gaussian_kl(mean_p, mean_q, std, reduction: str = "sum") -> torch.Tensor:
     """KL(N(mean_p, σ²) || N(mean_q, σ²)) per sample for equal isotropic stds: ||μ_p − μ_q||² / (2σ²)."""
