@@ -38,7 +38,9 @@ class PPOConfig:
     num_inference_steps: int = 20
     """T, the denoising steps per trajectory (the MDP's horizon)."""
     eta: float = 1.0
-    """DDIM noise level; must be > 0 (the policy must be stochastic to have log-probs)."""
+    """Noise level of the stochastic step; must be > 0 (the policy must be stochastic to have log-probs).
+    DDPM/DDIM-style schedulers: DDIM's η (1.0 is DDPM-like).  Flow-matching schedulers
+    (``FlowMatchEulerDiscreteScheduler``): Flow-GRPO's noise level a in σ_t = a·sqrt(σ/(1−σ)) (they use 0.7)."""
     guidance_scale: float = 1.0
     """Classifier-free guidance during rollouts; 1.0 = CFG-free (the core seed's choice)."""
     batch_size: int = 64

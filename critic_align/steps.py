@@ -9,6 +9,10 @@ Everything is built from a diffusers scheduler's *config* (``alphas_cumprod`` fr
 so a step can be evaluated for any batch of (x_t, t, t_prev) triples in any order — e.g. a PPO
 minibatch that mixes timesteps.
 
+Two families: :class:`DDIMStep` over a VP :class:`NoiseSchedule` (ε / v / x0 prediction), and
+:class:`FlowMatchSDEStep` over a :class:`FlowMatchSchedule` (rectified flow, velocity prediction, the SDE
+of Flow-GRPO).  :func:`make_step` picks one from a scheduler's config.  Both have the same call contract.
+
 Log-probabilities
 -----------------
 ``log_prob`` is the exact log-density of the diagonal Gaussian, **summed** over all non-batch
@@ -283,3 +287,208 @@ def gaussian_kl(mean_p, mean_q, std, reduction: str = "sum") -> torch.Tensor:
     """KL(N(mean_p, σ²) || N(mean_q, σ²)) per sample for equal isotropic stds: ||μ_p − μ_q||² / (2σ²)."""
     kl = ((mean_p - mean_q) ** 2 / (2 * std**2)).flatten(1)
     return kl.sum(1) if reduction == "sum" else kl.mean(1)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Flow matching (rectified flow): x_σ = (1 − σ)·x0 + σ·ε, the model predicts the velocity v = ε − x0.
+
+FLOW_UNSUPPORTED = (("use_dynamic_shifting", True), ("invert_sigmas", True), ("use_karras_sigmas", True),
+                    ("use_exponential_sigmas", True), ("use_beta_sigmas", True), ("stochastic_sampling", True))
+
+
+@dataclass(frozen=True)
+class FlowMatchSchedule:
+    """The sigma schedule of a diffusers ``FlowMatchEulerDiscreteScheduler`` config, without its step counter.
+
+    Timesteps are ``σ · num_train_timesteps`` (floats, what diffusers' pipelines pass to the transformer),
+    and a step maps a timestep back to σ = t / num_train_timesteps, so any batch of (t, t_prev) pairs can
+    be evaluated in any order.  The final transition targets σ = 0 (``t_prev = 0``).
+
+    ``timesteps(n)`` reproduces ``FlowMatchEulerDiscreteScheduler.set_timesteps(n)``: n values evenly
+    spaced from σ_max = 1 to σ_min = shift(1/N) (diffusers' training-grid endpoint), then each one
+    shifted, σ ↦ shift·σ / (1 + (shift − 1)·σ).  (diffusers shifts the lower endpoint twice; so do we.)
+    Resolution-dependent (dynamic) shifting, inverted sigmas, Karras/exponential/beta sigmas and
+    ``stochastic_sampling`` are refused rather than silently mismatched; ``shift_terminal`` is supported.
+    """
+
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    shift_terminal: float | None = None
+
+    def __post_init__(self):
+        if not (isinstance(self.num_train_timesteps, int) and self.num_train_timesteps >= 1):
+            raise ValueError(f"num_train_timesteps must be an int >= 1, got {self.num_train_timesteps!r}")
+        if not (isinstance(self.shift, (int, float)) and math.isfinite(self.shift) and self.shift > 0):
+            raise ValueError(f"shift must be a finite number > 0, got {self.shift!r}")
+        if self.shift_terminal is not None and not 0 <= self.shift_terminal < 1:
+            raise ValueError(f"shift_terminal must be in [0, 1) or None, got {self.shift_terminal!r}")
+
+    @classmethod
+    def from_scheduler(cls, scheduler_or_config) -> "FlowMatchSchedule":
+        """Build from a diffusers ``FlowMatchEulerDiscreteScheduler`` or its config dict."""
+        config = dict(getattr(scheduler_or_config, "config", scheduler_or_config))
+        if "beta_schedule" in config or "trained_betas" in config:
+            raise ValueError("this is a DDPM/DDIM-style (VP) scheduler config (it has betas); use NoiseSchedule")
+        for key, bad in FLOW_UNSUPPORTED:
+            if config.get(key) == bad:
+                raise ValueError(
+                    f"scheduler config has {key}={bad}, which FlowMatchSchedule does not reproduce; set {key}=False "
+                    "(or add support for it) rather than train on a mismatched schedule"
+                )
+        return cls(num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+                   shift=float(config.get("shift", 1.0)), shift_terminal=config.get("shift_terminal") or None)
+
+    def _shifted(self, sigma: np.ndarray) -> np.ndarray:
+        return self.shift * sigma / (1 + (self.shift - 1) * sigma)
+
+    def sigmas(self, num_inference_steps: int) -> torch.Tensor:
+        """(n,) float32 descending σ of an n-step sampler (without the final 0), as diffusers computes them."""
+        n, big_n = int(num_inference_steps), self.num_train_timesteps
+        if n < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        # float32 like diffusers' training grid: σ_min = shift(1/N), σ_max = shift(1) = 1
+        grid = self._shifted(np.array([1.0, 1.0 / big_n], dtype=np.float32))
+        sigma_max, sigma_min = float(grid[0]), float(grid[1])
+        sig = np.linspace(sigma_max * big_n, sigma_min * big_n, n) / big_n
+        sig = self._shifted(sig)
+        if self.shift_terminal:
+            one_minus = 1 - sig
+            sig = 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
+        return torch.from_numpy(np.asarray(sig)).to(torch.float32)
+
+    def timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        """(n,) float32 descending timesteps σ·N, exactly diffusers' ``scheduler.timesteps``."""
+        return self.sigmas(num_inference_steps) * self.num_train_timesteps
+
+    def prev_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """(n,) the target timestep of each transition: the next entry, and 0 (σ = 0, clean data) after the last."""
+        return torch.cat([timesteps[1:], timesteps.new_zeros(1)])
+
+    def sigma(self, t) -> torch.Tensor:
+        """σ = t / num_train_timesteps (float64) for timesteps of any shape."""
+        return torch.as_tensor(t).to(torch.float64) / self.num_train_timesteps
+
+
+@dataclass(frozen=True)
+class FlowMatchSDEStep:
+    """The SDE form of the rectified-flow sampler with Gaussian transitions (Flow-GRPO, Liu et al. 2025, eq. 9).
+
+    With σ = t/N, σ' = t_prev/N, dt = σ' − σ < 0, velocity v = model output and noise level a:
+
+        σ_t     = a · sqrt(σ / (1 − σ))          (σ = 1 uses σ' in the denominator, as Flow-GRPO does by
+                                                  taking the schedule's second sigma there)
+        μ       = x · (1 + σ_t²/(2σ) · dt) + v · (1 + σ_t²(1 − σ)/(2σ)) · dt
+        std     = σ_t · sqrt(−dt)
+        x_prev  = μ + std · z,  z ~ N(0, I)
+
+    a = 0 is the deterministic Euler ODE step x + dt·v (diffusers' ``FlowMatchEulerDiscreteScheduler.step``),
+    which has no log-probability.  x0_pred = x − σ·v and eps_pred = x + (1 − σ)·v.  The call contract is
+    :class:`DDIMStep`'s: ``step(model_output, x_t, t, t_prev, prev_sample=None, generator=None)`` with
+    float timesteps σ·N (t_prev = 0 for the final transition), stateless, returns :class:`StepOutput`.
+    """
+
+    schedule: FlowMatchSchedule
+    noise_level: float = 0.7
+    reduction: str = "sum"
+
+    def __post_init__(self):
+        if not (isinstance(self.noise_level, (int, float)) and math.isfinite(self.noise_level)) or self.noise_level < 0:
+            raise ValueError(f"noise_level must be a finite number >= 0, got {self.noise_level!r}")
+        if self.reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {self.reduction!r}")
+
+    @property
+    def is_stochastic(self) -> bool:
+        return self.noise_level > 0
+
+    def require_stochastic(self, what: str = "this operation") -> None:
+        if not self.is_stochastic:
+            raise ValueError(
+                f"{what} needs a stochastic policy, but the step is deterministic (noise_level=0, the Euler ODE "
+                "sampler) and has no transition log-probability; use noise_level > 0 (Flow-GRPO uses 0.7)"
+            )
+
+    def _sigmas(self, t, t_prev, x):
+        sigma = self.schedule.sigma(torch.as_tensor(t, device=x.device))
+        sigma_prev = self.schedule.sigma(torch.as_tensor(t_prev, device=x.device))
+        if bool((sigma <= 0).any()) or bool((sigma > 1).any()):
+            raise ValueError(f"timesteps must be in (0, {self.schedule.num_train_timesteps}] (σ in (0, 1]), got "
+                             f"{torch.as_tensor(t).tolist()}")
+        if bool((sigma_prev >= sigma).any()) or bool((sigma_prev < 0).any()):
+            raise ValueError("each transition must go to a strictly smaller σ >= 0 (t_prev < t); got "
+                             f"t={torch.as_tensor(t).tolist()} t_prev={torch.as_tensor(t_prev).tolist()}")
+        return _per_sample(sigma, x), _per_sample(sigma_prev, x)
+
+    def __call__(self, model_output, x_t, t, t_prev, prev_sample=None, generator=None) -> StepOutput:
+        if model_output.shape != x_t.shape:
+            raise ValueError(f"model output shape {tuple(model_output.shape)} != sample shape {tuple(x_t.shape)}")
+        if not self.is_stochastic and prev_sample is not None:
+            self.require_stochastic("scoring a stored transition")
+        dtype = torch.promote_types(x_t.dtype, torch.float32)
+        x = x_t.to(dtype)
+        v = model_output.to(dtype)
+        sigma, sigma_prev = self._sigmas(t, t_prev, x)
+        dt = sigma_prev - sigma
+        x0 = x - sigma * v
+        eps = x + (1 - sigma) * v
+        if not self.is_stochastic:  # the Euler ODE step, as diffusers' FlowMatchEulerDiscreteScheduler.step
+            mean = x + dt * v
+            return StepOutput(prev_sample=mean.to(x_t.dtype), log_prob=None, mean=mean, std=torch.zeros_like(sigma),
+                              x0_pred=x0, eps_pred=eps)
+        denom = torch.where(sigma >= 1, sigma_prev, sigma)
+        std_t = self.noise_level * (sigma / (1 - denom)).sqrt()
+        mean = x * (1 + std_t**2 / (2 * sigma) * dt) + v * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
+        std = std_t * (-dt).sqrt()
+        if prev_sample is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=dtype) if generator is not None \
+                else torch.randn_like(x)
+            # round to the storage dtype *before* scoring, so re-scoring the stored sample is exact
+            prev_sample = (mean + std * noise).to(x_t.dtype).to(dtype)
+        else:
+            if prev_sample.shape != x_t.shape:
+                raise ValueError(f"prev_sample shape {tuple(prev_sample.shape)} != x_t shape {tuple(x_t.shape)}")
+            prev_sample = prev_sample.to(dtype)
+        log_prob = gaussian_log_prob(prev_sample, mean, std, self.reduction)
+        return StepOutput(prev_sample=prev_sample.to(x_t.dtype), log_prob=log_prob, mean=mean, std=std, x0_pred=x0,
+                          eps_pred=eps)
+
+    def apply_score_guidance(self, model_output, x_t, t, grad) -> torch.Tensor:
+        """The velocity whose implied score is the model's score plus ``grad`` (e.g. ∇ log of a value).
+
+        With x_σ = (1 − σ)·x0 + σ·ε the model's score is s = −ε̂/σ with ε̂ = x + (1 − σ)·v, and Tweedie gives
+        x̂0 = (x + σ²·s)/(1 − σ).  Adding ``grad`` to s gives ε' = ε̂ − σ·grad and x̂0' = x̂0 + σ²/(1 − σ)·grad, so
+
+            v' = ε' − x̂0' = v − σ/(1 − σ) · grad.
+
+        Undefined at σ = 1 (pure noise carries no information about x0): that raises; skip guidance on
+        such a step or weight it by a factor that vanishes at σ = 1.
+        """
+        if model_output.shape != x_t.shape or grad.shape != x_t.shape:
+            raise ValueError(f"shapes differ: model output {tuple(model_output.shape)}, x_t {tuple(x_t.shape)}, "
+                             f"grad {tuple(grad.shape)}")
+        dtype = torch.promote_types(model_output.dtype, torch.float32)
+        sigma = self.schedule.sigma(torch.as_tensor(t, device=x_t.device))
+        if bool((sigma >= 1).any()) or bool((sigma <= 0).any()):
+            raise ValueError(f"score guidance in velocity form needs 0 < σ < 1, got σ = {sigma.tolist()} "
+                             "(at σ = 1 the velocity correction σ/(1−σ)·grad is infinite; skip that step)")
+        s = _per_sample(sigma, model_output.to(dtype))
+        return (model_output.to(dtype) - s / (1 - s) * grad.to(dtype)).to(model_output.dtype)
+
+
+def make_step(scheduler_or_config, eta_or_noise_level: float = 1.0, reduction: str = "sum"):
+    """The stochastic step for a diffusers scheduler (or its config): ``DDIMStep(eta)`` for DDPM/DDIM-style
+    (VP) schedulers, ``FlowMatchSDEStep(noise_level)`` for ``FlowMatchEulerDiscreteScheduler``.
+
+    The scheduler's class is read from the object or from the config's ``_class_name``; a config without
+    one counts as flow matching when it has a ``shift`` and no betas.
+    """
+    config = dict(getattr(scheduler_or_config, "config", scheduler_or_config))
+    cls = type(scheduler_or_config).__name__ if hasattr(scheduler_or_config, "config") else config.get("_class_name")
+    is_flow = cls == "FlowMatchEulerDiscreteScheduler" or (
+        cls in (None, "dict", "FrozenDict") and "shift" in config and "beta_schedule" not in config)
+    if cls is not None and cls.startswith("FlowMatch") and cls != "FlowMatchEulerDiscreteScheduler":
+        raise ValueError(f"scheduler {cls} is not supported; FlowMatchEulerDiscreteScheduler's sigmas are")
+    if is_flow:
+        return FlowMatchSDEStep(FlowMatchSchedule.from_scheduler(config), noise_level=eta_or_noise_level,
+                                reduction=reduction)
+    return DDIMStep(NoiseSchedule.from_scheduler(config), eta=eta_or_noise_level, reduction=reduction)

@@ -29,7 +29,7 @@ from .critic import Critic, build_critic
 from .losses import explained_variance, ppo_policy_loss, value_loss
 from .rewards.base import MultiReward
 from .rollout import Rollout, cfg_denoiser, sample, sample_trajectories
-from .steps import DDIMStep, NoiseSchedule, gaussian_kl
+from .steps import gaussian_kl, make_step
 
 TIMESTEP_BUCKETS = 4
 
@@ -76,8 +76,9 @@ class Trainer:
             rewards = self.rewards = MultiReward(rewards.rewards, config.reward_weights)
         self.reward_weights = rewards.weights.float()
 
-        self.schedule = NoiseSchedule.from_scheduler(scheduler)
-        self.step = DDIMStep(self.schedule, eta=config.eta, reduction=config.log_prob_reduction)
+        # DDIMStep for DDPM/DDIM-style schedulers, FlowMatchSDEStep (eta = Flow-GRPO's noise level) for flow matching
+        self.step = make_step(scheduler, config.eta, config.log_prob_reduction)
+        self.schedule = self.step.schedule
         self.timesteps = self.schedule.timesteps(config.num_inference_steps)
         self.prev_timesteps = self.schedule.prev_timesteps(self.timesteps)
 
