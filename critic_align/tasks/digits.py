@@ -23,6 +23,7 @@ DIGIT_PROMPTS = tuple(str(d) for d in range(NUM_CLASSES))
 
 ASSETS = Path(str(resources.files("critic_align") / "assets"))
 BASE_MODEL_DIR = ASSETS / "digits_unet"
+DIT_MODEL_DIR = ASSETS / "digits_dit"
 CLASSIFIER_DIR = ASSETS / "digit_classifier"
 
 
@@ -89,6 +90,51 @@ def scheduler_config() -> dict:
     # "trailing" spacing starts sampling at t = 999 (pure noise), which matters at 20 steps
     return dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
                 clip_sample=True, timestep_spacing="trailing")
+
+
+def dit_config() -> dict:
+    """The digits DiT's DiTTransformer2DModel config (patch 2 -> 64 tokens of width 128, 3 blocks, ~1.1 M
+    parameters; ``num_embeds_ada_norm=10`` gives 11 label embeddings: the digits and the null class 10)."""
+    return dict(sample_size=IMAGE_SIZE, patch_size=2, in_channels=1, out_channels=1, num_layers=3,
+                num_attention_heads=4, attention_head_dim=32, num_embeds_ada_norm=NUM_CLASSES)
+
+
+def flow_scheduler_config() -> dict:
+    """The digits DiT's sampler: diffusers' FlowMatchEulerDiscreteScheduler, timesteps σ·1000, no shift."""
+    return dict(num_train_timesteps=1000, shift=1.0)
+
+
+def load_dit_model(path: str | Path | None = None, device="cpu"):
+    """Load the shipped digits DiT (or one saved by ``critic-align pretrain-digits-dit``) and its scheduler.
+
+    Returns ``(dit, scheduler)``: a ``DiTTransformer2DModel`` in eval mode (see ``backbones/dit.py`` for
+    why) and a ``FlowMatchEulerDiscreteScheduler``.  Weights are read with safetensors only.
+    """
+    from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    path = Path(path) if path is not None else DIT_MODEL_DIR
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"no digits DiT at {path} (config.json missing); run `critic-align pretrain-digits-dit --out {path}`"
+        )
+    dit = DiTTransformer2DModel.from_pretrained(path, use_safetensors=True).to(device)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path)
+    dit.eval().requires_grad_(False)
+    return dit, scheduler
+
+
+def load_digits_model(path: str | Path, device="cpu"):
+    """Load a digits model directory of either kind (UNet DDPM or flow-matching DiT) by its config's class."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"no digits model at {path} (config.json missing)")
+    cls = json.loads(cfg_file.read_text()).get("_class_name")
+    if cls == "DiTTransformer2DModel":
+        return load_dit_model(path, device)
+    if cls == "UNet2DModel":
+        return load_base_model(path, device)
+    raise ValueError(f"{cfg_file}: model class {cls!r} is not a digits model (UNet2DModel or DiTTransformer2DModel)")
 
 
 def load_base_model(path: str | Path | None = None, device="cpu"):
