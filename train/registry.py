@@ -21,6 +21,10 @@ def reward_by_name(name: str, **kwargs):
         "jpeg_compressibility": R.JpegCompressibility,
         "jpeg_incompressibility": R.JpegIncompressibility,
         "boldness": R.Boldness,
+        "clip_score": R.CLIPScore,  # model, processor, scale, clip_at_zero, device, dtype, batch_size, ...
+        "pickscore": R.PickScore,  # model, processor, device, dtype, batch_size, ...
+        "aesthetic": R.LaionAesthetic,  # head (safetensors), model, processor, device, dtype, batch_size, ...
+        "remote": R.RemoteReward,  # url, encoding, timeout, retries, backoff, batch_size, allows_nan, name
     }
     if name not in table:
         raise ValueError(f"unknown reward {name!r}; available: {sorted(table)}")

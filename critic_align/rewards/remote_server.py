@@ -1,0 +1,171 @@
+"""Reference server for :class:`~critic_align.rewards.remote.RemoteReward`: any reward over HTTP.
+
+Run it from the command line with a reward of the registry (``train/registry.py``)::
+
+    python -m critic_align.rewards.remote_server --port 8765 --reward jpeg_compressibility
+    python -m critic_align.rewards.remote_server --port 8765 --reward aesthetic \\
+        --reward-kwargs '{"head": "/models/aesthetic_head.safetensors", "model": "/models/clip-vit-large-patch14"}'
+
+and point a training config at it (``rewards: [{name: remote, url: "http://127.0.0.1:8765"}]``).
+From Python, :func:`make_server` serves any :class:`~critic_align.rewards.base.Reward` object (a
+detector pipeline wrapped in a ``FunctionReward``, say).
+
+The protocol is the one documented in :mod:`critic_align.rewards.remote`: ``POST`` (any path) a JSON
+batch, get ``{"scores": [...]}`` (NaN scores as ``null``); a malformed request gets status 400 and a
+failing reward 500, both with ``{"error": "..."}``.  ``GET`` (any path) answers
+``{"reward": name, "protocol": 1}`` as a health check.
+
+The server listens on 127.0.0.1 only: it has no authentication and no TLS, so it is meant for
+processes on the same machine (reach it from another machine through an SSH tunnel, or put your own
+server behind a proper front end).  It handles requests in threads; the reward object is called
+under a lock, one batch at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from critic_align.rewards.base import Reward, RewardError
+from critic_align.rewards.remote import PROTOCOL_VERSION, decode_images
+
+__all__ = ["HOST", "make_server", "main"]
+
+HOST = "127.0.0.1"
+DEFAULT_MAX_REQUEST_MB = 256
+log = logging.getLogger(__name__)
+
+
+class _BadRequest(ValueError):
+    pass
+
+
+def _parse_request(body: bytes):
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _BadRequest(f"the request body is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise _BadRequest(f"the request must be a JSON object, got {type(data).__name__}")
+    missing = [k for k in ("encoding", "shape", "prompts", "images") if k not in data]
+    if missing:
+        raise _BadRequest(f"the request lacks {missing}; see critic_align.rewards.remote for the protocol")
+    if data.get("protocol", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+        raise _BadRequest(f"unsupported protocol {data['protocol']!r}; this server speaks {PROTOCOL_VERSION}")
+    prompts = data["prompts"]
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise _BadRequest("'prompts' must be a list of strings")
+    try:
+        samples = decode_images(data["images"], data["encoding"], data["shape"])
+    except ValueError as exc:
+        raise _BadRequest(str(exc)) from exc
+    if len(prompts) != samples.shape[0]:
+        raise _BadRequest(f"got {len(prompts)} prompts for {samples.shape[0]} images")
+    return samples, prompts
+
+
+def make_server(reward: Reward, port: int = 0, max_request_mb: float = DEFAULT_MAX_REQUEST_MB) -> ThreadingHTTPServer:
+    """An HTTP server on ``127.0.0.1:port`` (``port=0``: a free port, see ``server.server_address``)
+    that scores batches with ``reward``.  Call ``serve_forever()`` (e.g. in a thread), then
+    ``shutdown()`` and ``server_close()``.  Requests above ``max_request_mb`` are refused (413)."""
+    if not isinstance(reward, Reward):
+        raise TypeError(
+            f"make_server needs a Reward, got {type(reward).__name__}; wrap a function in FunctionReward(fn, name=...)"
+        )
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be an int in 0..65535, got {port!r}")
+    max_bytes = int(float(max_request_mb) * 2**20)
+    lock = threading.Lock()
+    reward_name = reward._display_name
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "critic_align-reward/1"
+
+        def log_message(self, format, *args):  # noqa: A002 (the base class's signature)
+            log.info("%s %s", self.address_string(), format % args)
+
+        def _send(self, status: int, payload: dict) -> None:
+            body = json.dumps(payload, allow_nan=False).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            self._send(200, {"reward": reward_name, "protocol": PROTOCOL_VERSION})
+
+        def do_POST(self):  # noqa: N802
+            length = self.headers.get("Content-Length")
+            if length is None or not length.isdigit():
+                self._send(411, {"error": "a Content-Length header is required"})
+                return
+            if int(length) > max_bytes:
+                self._send(413, {"error": f"request of {int(length)} bytes exceeds the server's limit of {max_bytes}"})
+                return
+            body = self.rfile.read(int(length))
+            try:
+                samples, prompts = _parse_request(body)
+            except _BadRequest as exc:
+                self._send(400, {"error": f"bad request: {exc}"})
+                return
+            try:
+                with lock:
+                    values = reward(samples, prompts)
+                scores = [None if math.isnan(v) else float(v) for v in values.detach().float().cpu().tolist()]
+            except Exception as exc:  # the reward failed (a RewardError naming it): tell the client why
+                log.exception("reward %r failed", reward_name)
+                self._send(500, {"error": str(exc) if isinstance(exc, RewardError) else f"{type(exc).__name__}: {exc}"})
+                return
+            self._send(200, {"scores": scores})
+
+    server = ThreadingHTTPServer((HOST, port), Handler)
+    server.daemon_threads = True
+    return server
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m critic_align.rewards.remote_server",
+        description="Serve a critic_align reward over HTTP on 127.0.0.1 (protocol: critic_align.rewards.remote).",
+    )
+    parser.add_argument("--port", type=int, required=True, help="port to listen on (127.0.0.1 only)")
+    parser.add_argument("--reward", required=True, help="a reward name of train/registry.py, e.g. jpeg_compressibility")
+    parser.add_argument("--reward-kwargs", default="{}", help='JSON object of constructor options, e.g. \'{"quality": 90}\'')
+    parser.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_MB,
+                        help="refuse larger requests (default %(default)s)")
+    parser.add_argument("--verbose", action="store_true", help="log every request")
+    args = parser.parse_args(argv)
+    try:
+        kwargs = json.loads(args.reward_kwargs)
+    except json.JSONDecodeError as exc:
+        parser.error(f"--reward-kwargs is not valid JSON ({exc})")
+    if not isinstance(kwargs, dict):
+        parser.error("--reward-kwargs must be a JSON object")
+    if args.reward == "remote":
+        parser.error("serving the 'remote' reward would forward to another server; serve the reward itself")
+
+    from train.registry import reward_by_name  # name -> object lookups live in train/
+
+    try:
+        reward = reward_by_name(args.reward, **kwargs)
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
+    server = make_server(reward, args.port, args.max_request_mb)
+    host, port = server.server_address[:2]
+    print(f"serving reward {args.reward!r} at http://{host}:{port} (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()
