@@ -5,7 +5,8 @@ Shapes (B = trajectories, T = denoising steps, S = latent shape, K = rewards):
     timesteps       (T,)          t_k of the transition latents[:, k] -> latents[:, k+1]
     prev_timesteps  (T,)          t_{k+1}; -1 for the final transition
     log_probs       (B, T)        log p_old(latents[:, k+1] | latents[:, k]) recorded while sampling
-    cond            (B, ...)      the conditioning tensor given to the denoiser (or None)
+    cond            (B, ...)      the conditioning given to the denoiser: a tensor, a
+                                  :class:`~critic_align.cond.TextCond` (SD3: embeds + pooled), or None
     prompts         list of B     the prompts (group ids for GRPO/DDPO come from them)
     samples         (B, ...)      decoded outputs given to the rewards (images in [-1, 1])
     rewards         (B, K)        reward matrix (NaN = "not applicable" where a reward allows it)
@@ -21,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from .cond import TextCond, cat_cond
 from .steps import DDIMStep
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
@@ -32,7 +34,7 @@ class Rollout:
     timesteps: torch.Tensor
     prev_timesteps: torch.Tensor
     log_probs: torch.Tensor
-    cond: torch.Tensor | None
+    cond: torch.Tensor | TextCond | None
     prompts: list = field(default_factory=list)
     samples: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
@@ -64,8 +66,8 @@ class Rollout:
             raise ValueError(f"log_probs must be (B, T) = {(b, t)}, got {tuple(self.log_probs.shape)}")
         if len(self.prompts) != b:
             raise ValueError(f"{len(self.prompts)} prompts for {b} trajectories")
-        if self.cond is not None and self.cond.shape[0] != b:
-            raise ValueError(f"cond has batch {self.cond.shape[0]}, expected {b}")
+        if self.cond is not None and len(self.cond) != b:
+            raise ValueError(f"cond has batch {len(self.cond)}, expected {b}")
         if self.rewards is not None and (self.rewards.ndim != 2 or self.rewards.shape[0] != b):
             raise ValueError(f"rewards must be (B, K) with B = {b}, got {tuple(self.rewards.shape)}")
         if self.values is not None and self.values.shape[:2] != (b, t):
@@ -87,7 +89,7 @@ class Rollout:
 
     def to(self, device) -> "Rollout":
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
+                                if isinstance(getattr(self, f.name), (torch.Tensor, TextCond))})
 
     @staticmethod
     def cat(rollouts: list["Rollout"]) -> "Rollout":
@@ -104,7 +106,7 @@ class Rollout:
             elif any(v is None for v in vals):
                 raise ValueError(f"some rollouts have {name} and some do not")
             else:
-                out[name] = torch.cat(vals)
+                out[name] = cat_cond(vals) if name == "cond" else torch.cat(vals)
         out["prompts"] = [p for r in rollouts for p in r.prompts]
         return replace(first, **out)
 
@@ -130,7 +132,7 @@ def cfg_denoiser(denoiser: Denoiser, guidance_scale: float, null_cond) -> Denois
 
     def guided(x, t, cond):
         b = x.shape[0]
-        both = denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null_cond(b)]))
+        both = denoiser(torch.cat([x, x]), torch.cat([t, t]), cat_cond([cond, null_cond(b)]))
         c, u = both.chunk(2)
         return u + guidance_scale * (c - u)
 

@@ -82,6 +82,8 @@ class Trainer:
         self.timesteps = self.schedule.timesteps(config.num_inference_steps)
         self.prev_timesteps = self.schedule.prev_timesteps(self.timesteps)
 
+        if hasattr(task, "to"):  # e.g. a pipeline task's frozen text encoders and VAE
+            task.to(self.device)
         self.adapter = adapter.to(self.device)
         self.adapter.requires_grad_(False)
         self.adapters = LoraAdapters(adapter.model)
