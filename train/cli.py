@@ -133,6 +133,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="samples.png")
     p.set_defaults(fn=cmd_sample)
 
+    from .steer import add_parser as add_steer_parser
+
+    add_steer_parser(sub)
+
     for name, module, help_ in [
         ("pretrain-digits", "train.pretrain_digits", "train the embedded digits DDPM (reproduces the shipped one)"),
         ("train-classifier", "train.train_classifier", "train the embedded digit classifier"),

@@ -1,0 +1,158 @@
+"""``critic-align steer``: steer a trained run (or the base model + a freshly pretrained critic) at test time.
+
+    critic-align steer --config digits --out runs/steer                 # pretrain a critic on the base model, save it
+    critic-align steer --run runs/steer --method smc --particles 4      # reuse it (or any trained run's checkpoint)
+
+Writes ``<out>/steer_<method>_N<particles>.png`` (a grid: one row per prompt) and ``steer_results.json``
+(per method: the trained rewards' mean, the eval rewards' mean, the cost: NFE, critic calls, wall time).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .registry import build_trainer, load_run_config
+
+METHODS = ("base", "bon", "guidance", "guidance+bon", "smc", "smc_x0")
+
+
+def build_steering_trainer(config: str | None, run_dir: str | None, out: str, overrides: dict | None = None,
+                           critic_epochs: int | None = None):
+    """A GAE trainer whose critic is either loaded from a run's checkpoint or pretrained on the base policy.
+
+    A fresh critic is saved as a regular checkpoint under ``out``, so ``--run out`` reuses it.
+    """
+    from critic_align.checkpoint import latest_checkpoint
+
+    overrides = dict(overrides or {})
+    ckpt = None
+    if run_dir is not None:
+        run_path = Path(run_dir)
+        cfg_file = run_path / "config.yaml"
+        if not cfg_file.exists():
+            raise FileNotFoundError(f"{run_path} has no config.yaml: pass a run directory written by `critic-align train`"
+                                    " or `critic-align steer`")
+        ckpt = latest_checkpoint(run_path / "checkpoints")
+        if ckpt is None:
+            raise FileNotFoundError(f"no checkpoint under {run_path / 'checkpoints'}")
+        config = str(cfg_file)
+    if config is None:
+        raise ValueError("pass --config (pretrain a critic on the base model) or --run (a trained run)")
+    overrides.setdefault("output_dir", out)
+    if critic_epochs is not None:
+        overrides["value_pretrain_epochs"] = critic_epochs
+    run = load_run_config(config, overrides)
+    if run["ppo"].advantage != "gae":
+        raise ValueError(f"{config}: steering needs a critic, but the config trains with advantage="
+                         f"{run['ppo'].advantage!r}; use a gae config (e.g. digits)")
+    trainer = build_trainer(run)
+    out_path = Path(out)
+    out_path.mkdir(parents=True, exist_ok=True)
+    if ckpt is not None:
+        trainer.load(ckpt)
+        print(f"loaded policy + critic from {ckpt}")
+    else:
+        print(f"pretraining the critic on the base policy ({run['ppo'].value_pretrain_epochs} rollout batches)")
+        trainer.pretrain_value()
+        import shutil
+
+        shutil.copy(run["_path"], out_path / "config.yaml")
+        trainer.save()
+    return trainer, run
+
+
+def steer_with_trainer(trainer, method: str, prompts: list[str], particles: int = 4, scale: float = 0.0,
+                       lam: float = 10.0, seed: int = 0, **kw):
+    """Run one steering method with the trainer's policy, step, critic and rewards; returns (SteerResult, eval dict)."""
+    from steering import critic_value_fn, steer
+
+    if method not in METHODS:
+        raise ValueError(f"unknown steering method {method!r}; use one of {METHODS}")
+    task = trainer.task
+    gen = torch.Generator().manual_seed(seed)
+    n = 1 if method in ("base",) or (method == "guidance") else particles
+    x_T = torch.randn((len(prompts) * n, *task.latent_shape), generator=gen).to(trainer.device)
+    cond = task.encode(prompts)
+    weights = trainer.reward_weights
+
+    def reward_fn(samples, ps):
+        return trainer.rewards.weighted_sum(trainer.rewards(samples, ps))
+
+    value_fn = critic_value_fn(trainer.critic, weights=weights.tolist()) if trainer.critic is not None else None
+    opts = dict(num_particles=n, reward_fn=reward_fn, decode=task.decode, generator=gen, **kw)
+    if method in ("guidance", "guidance+bon"):
+        opts.update(value_fn=value_fn, guidance_scale=scale)
+    elif method == "smc":
+        opts.update(value_fn=value_fn, potential="value", lam=lam, guidance_scale=scale)
+    elif method == "smc_x0":
+        opts.update(potential="x0_reward", lam=lam)
+    cfg = trainer.config
+    rows_per_call = 2 if cfg.guidance_scale != 1.0 else 1  # the CFG denoiser runs two rows per sample
+    res = steer(trainer.policy_output, trainer.step, x_T, trainer.timesteps.to(trainer.device), cond, prompts,
+                backbone_rows_per_call=rows_per_call, **opts)
+    evals = {}
+    with torch.no_grad():
+        mat = trainer.rewards(res.decoded, prompts)
+        for k, name in enumerate(trainer.rewards.names):
+            evals[name] = float(mat[:, k].double().mean())
+        if trainer.eval_rewards is not None:
+            emat = trainer.eval_rewards(res.decoded, prompts)
+            for k, name in enumerate(trainer.eval_rewards.names):
+                evals[name] = float(emat[:, k].double().nanmean())
+    return res, evals
+
+
+def cmd_steer(args) -> int:
+    from critic_align.viz import save_grid
+
+    from .cli import _parse_overrides
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    trainer, run = build_steering_trainer(args.config, args.run, args.out, _parse_overrides(args.set),
+                                          args.critic_epochs)
+    out = Path(args.out)
+    task_prompts = list(trainer.task.prompts)
+    prompts = args.prompts or [p for p in task_prompts for _ in range(args.per_prompt)]
+    methods = args.method or ["base", "bon", "guidance", "smc"]
+    results_path = out / "steer_results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
+    for method in methods:
+        t0 = time.time()
+        res, evals = steer_with_trainer(trainer, method, prompts, particles=args.particles, scale=args.scale,
+                                        lam=args.lam, seed=args.seed, ess_threshold=args.ess_threshold,
+                                        resample_every=args.resample_every, scheme=args.scheme, progress=True)
+        grid = save_grid(res.decoded.clamp(-1, 1), out / f"steer_{method}_N{args.particles}.png",
+                         nrow=args.per_prompt if not args.prompts else len(prompts))
+        row = {"method": method, "particles": args.particles, "scale": args.scale, "lam": args.lam,
+               "seed": args.seed, "num_prompts": len(prompts), "rewards": evals, "cost": res.cost.to_dict(),
+               "grid": str(grid), "seconds": time.time() - t0}
+        results["runs"].append(row)
+        print(json.dumps({k: row[k] for k in ("method", "particles", "rewards")}), flush=True)
+    results_path.write_text(json.dumps(results, indent=2))
+    print(f"wrote {results_path}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("steer", help="steer sampling with the critic (best-of-N, guidance, SMC, guidance + best-of-N)")
+    p.add_argument("--config", help="a gae run config: pretrain a critic on its base policy (saved under --out)")
+    p.add_argument("--run", help="a run directory (from `train` or `steer`): its policy and critic checkpoint")
+    p.add_argument("--out", default="runs/steer", help="where grids, results JSON (and a fresh critic) go")
+    p.add_argument("--method", nargs="+", choices=METHODS, help="methods to run (default: base bon guidance smc)")
+    p.add_argument("--particles", type=int, default=4, help="N: particles (SMC) / candidates (best-of-N) per prompt")
+    p.add_argument("--scale", type=float, default=0.0, help="guidance scale w (score += w·∇V)")
+    p.add_argument("--lam", type=float, default=10.0, help="SMC potential scale λ (targets p·exp(λ r))")
+    p.add_argument("--ess-threshold", type=float, default=0.5, help="resample a group when ESS < κ·N")
+    p.add_argument("--resample-every", type=int, default=1)
+    p.add_argument("--scheme", default="systematic", choices=["systematic", "stratified", "residual", "multinomial"])
+    p.add_argument("--prompts", nargs="+", help="prompts (default: every task prompt × --per-prompt)")
+    p.add_argument("--per-prompt", type=int, default=4)
+    p.add_argument("--critic-epochs", type=int, help="value-pretraining rollout batches for a fresh critic")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override any PPOConfig field")
+    p.set_defaults(fn=cmd_steer)
