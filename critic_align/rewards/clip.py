@@ -120,6 +120,14 @@ def _from_pretrained(cls, source, what: str, owner: str, local_files_only: bool,
         ) from exc
 
 
+def _dtype_kwarg() -> str:
+    """``from_pretrained``'s dtype argument: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
 def _get(obj, key):
     """Read ``key`` from a processor size entry (a dict, or transformers 5's ``SizeDict``)."""
     if obj is None:
@@ -307,7 +315,7 @@ class _CLIPReward(Reward):
 
         owner = f"reward {self._display_name!r}"
         model = _from_pretrained(CLIPModel, self.model_source, "CLIP model", owner, self.local_files_only,
-                                 dtype=self.dtype)
+                                 **{_dtype_kwarg(): self.dtype})
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # silence "CLIPImageProcessor requires torchvision, falling back to PIL"
         try:
@@ -394,7 +402,8 @@ class _CLIPReward(Reward):
                                                         attention_mask=tok["attention_mask"].to(device))).float()
                 out.append(emb / emb.norm(dim=-1, keepdim=True))
         table = torch.cat(out)
-        index = torch.tensor([unique.index(p) for p in prompts], device=table.device)
+        position = {p: i for i, p in enumerate(unique)}
+        index = torch.tensor([position[p] for p in prompts], device=table.device)
         return table[index]
 
     def _cosine(self, samples, prompts) -> torch.Tensor:
