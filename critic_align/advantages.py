@@ -114,6 +114,59 @@ class PerPromptStatTracker:
         self.buffers = {k: deque(v, maxlen=self.buffer_size) for k, v in state["buffers"].items()}
 
 
+def masked_normalize(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Whiten (B, ...) advantages over the samples where ``mask`` (B,) is True; masked samples become 0.
+
+    Mean and (population) std are taken over every entry of the kept samples; no kept sample -> all 0.
+    """
+    m = mask.reshape(-1, *([1] * (x.ndim - 1))).expand_as(x)
+    if not m.any():
+        return torch.zeros_like(x)
+    vals = x[m]
+    return torch.where(m, (x - vals.mean()) / (vals.std(unbiased=False) + eps), torch.zeros_like(x))
+
+
+def combine_advantages(adv: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
+                       aggregation: str = "normalize_then_sum", normalize_sum: bool = True) -> torch.Tensor:
+    """Combine per-reward advantages (B, T, K) into (B, T) with weights (K,) and availability ``mask`` (B, K).
+
+    'normalize_then_sum': A = Σ_k w_k · masked_normalize(A_k, mask_k) — every reward's advantages are
+    whitened over the samples where it is available, so each reward's influence is set by its weight,
+    not by the scale of its values.
+    'sum_then_normalize': A = Σ_k w_k · A_k over available entries, then whitened when ``normalize_sum``;
+    a reward with a larger spread dominates the sum.
+    In both, an unavailable reward (mask False) contributes 0 — the neutral advantage — and the other
+    rewards' weights are not rescaled.
+    """
+    if adv.ndim != 3 or mask.shape != (adv.shape[0], adv.shape[2]) or weights.shape != (adv.shape[2],):
+        raise ValueError(f"expected adv (B, T, K), weights (K,), mask (B, K); got {tuple(adv.shape)}, "
+                         f"{tuple(weights.shape)}, {tuple(mask.shape)}")
+    adv = torch.where(mask[:, None, :], adv, torch.zeros_like(adv))
+    w = weights.to(adv)
+    if aggregation == "normalize_then_sum":
+        normed = torch.stack([masked_normalize(adv[..., k], mask[:, k]) for k in range(adv.shape[-1])], -1)
+        return (normed * w).sum(-1)
+    if aggregation == "sum_then_normalize":
+        total = (adv * w).sum(-1)
+        return normalize(total) if normalize_sum else total
+    raise ValueError(f"aggregation {aggregation!r}: use 'normalize_then_sum' or 'sum_then_normalize'")
+
+
+def masked_grpo_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Per-reward GRPO advantages of a (B, K) reward matrix with NaN = not available.
+
+    Column k is group-normalised (:func:`grpo_advantages`) over the samples where reward k is available;
+    unavailable entries get 0.  Returns (B, K).
+    """
+    out = torch.zeros_like(rewards)
+    for k in range(rewards.shape[1]):
+        avail = ~torch.isnan(rewards[:, k])
+        if avail.any():
+            _, g = torch.unique(groups[avail], return_inverse=True)
+            out[avail, k] = grpo_advantages(rewards[avail, k], g, eps)
+    return out
+
+
 def normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Batch whitening over all entries (PPO's advantage normalisation)."""
     return (x - x.mean()) / (x.std(unbiased=False) + eps)

@@ -44,8 +44,25 @@ def value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torc
                clip_range: float | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """0.5·(V − R)², optionally PPO-clipped around the rollout's values: 0.5·max((V−R)², (V_clip−R)²).
 
-    ``mask`` (same shape, bool) drops entries (e.g. NaN rewards); the mean is over kept entries.
+    Inputs are (N,) (one value head) or (N, K) (one column per reward head).  The loss is the mean over
+    heads of each head's mean over its kept entries (:func:`value_loss_per_head`), so head k's term, and
+    the gradient reaching head k's own parameters, depend only on reward k's targets and on which of
+    *its* entries are masked.  ``mask`` (same shape, bool) drops entries (e.g. NaN rewards).
     """
+    return value_loss_per_head(new_values, old_values, returns, clip_range, mask).mean()
+
+
+def value_loss_per_head(new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                        clip_range: float | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(K,) per-head value losses: head k's 0.5·(clipped) squared error averaged over its kept entries.
+
+    (N,) inputs are one head (K = 1).  A head with no kept entry gets 0, not NaN.
+    """
+    if not (new_values.shape == old_values.shape == returns.shape):
+        raise ValueError(f"shapes differ: new {tuple(new_values.shape)}, old {tuple(old_values.shape)}, "
+                         f"returns {tuple(returns.shape)}")
+    if mask is not None and mask.shape != returns.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} differs from returns {tuple(returns.shape)}")
     returns = returns.detach()
     if mask is not None:
         # zero masked targets *before* the square: a NaN there would give NaN gradients even if dropped later
@@ -54,10 +71,13 @@ def value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torc
     if clip_range is not None:
         clipped = old_values.detach() + torch.clamp(new_values - old_values.detach(), -clip_range, clip_range)
         err = torch.maximum(err, (clipped - returns) ** 2)
+    k = err.shape[-1] if err.ndim >= 2 else 1
+    err = err.reshape(-1, k)
     if mask is None:
-        return 0.5 * err.mean()
-    kept = torch.where(mask, err, torch.zeros_like(err))
-    return 0.5 * kept.sum() / mask.sum().clamp(min=1).to(err.dtype)
+        return 0.5 * err.mean(0)
+    m = mask.reshape(-1, k)
+    kept = torch.where(m, err, torch.zeros_like(err))
+    return 0.5 * kept.sum(0) / m.sum(0).clamp(min=1).to(err.dtype)
 
 
 def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:

@@ -20,13 +20,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .advantages import PerPromptStatTracker, gae, group_ids, grpo_advantages, normalize, terminal_rewards
+from .advantages import (
+    PerPromptStatTracker,
+    combine_advantages,
+    gae,
+    group_ids,
+    grpo_advantages,
+    masked_grpo_advantages,
+    terminal_rewards,
+)
 from .backbones.base import BackboneAdapter
 from .backbones.lora import LoraAdapters
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PPOConfig
 from .critic import Critic, build_critic
-from .losses import explained_variance, ppo_policy_loss, value_loss
+from .losses import explained_variance, ppo_policy_loss, value_loss_per_head
 from .rewards.base import MultiReward
 from .rollout import Rollout, cfg_denoiser, sample, sample_trajectories
 from .steps import gaussian_kl, make_step
@@ -75,6 +83,12 @@ class Trainer:
         if config.reward_weights is not None:
             rewards = self.rewards = MultiReward(rewards.rewards, config.reward_weights)
         self.reward_weights = rewards.weights.float()
+        if config.advantage == "ddpo" and len(rewards.names) > 1 and config.advantage_aggregation != "sum_then_normalize":
+            raise ValueError(
+                f"advantage 'ddpo' with {len(rewards.names)} rewards: DDPO's per-prompt tracker normalises one "
+                "combined reward, so set advantage_aggregation: sum_then_normalize (or use 'gae' / 'grpo', which "
+                "also support normalize_then_sum)"
+            )
 
         # DDIMStep for DDPM/DDIM-style schedulers, FlowMatchSDEStep (eta = Flow-GRPO's noise level) for flow matching
         self.step = make_step(scheduler, config.eta, config.log_prob_reduction)
@@ -177,25 +191,37 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     # advantages
     def compute_advantages(self, ro: Rollout) -> Rollout:
+        """Set ``ro.advantages`` (B, T) (and, in GAE mode, ``ro.values`` / ``ro.returns`` (B, T, K)).
+
+        Multi-reward rules (K rewards, weights w, NaN = reward not applicable to that sample):
+
+        * GAE runs per reward head: reward k's terminal reward and head k's values give A_k and R_k.
+          A NaN reward zeroes that sample's A_k and drops its R_k from head k's value loss.
+        * ``normalize_then_sum``: each A_k is whitened over the samples where reward k is available
+          (GRPO: group-normalised per prompt over them), then A = Σ_k w_k Â_k over available k.
+        * ``sum_then_normalize``: GAE: A = Σ_k w_k A_k over available k, then whitened if
+          ``normalize_advantages``.  GRPO / DDPO: the rewards are combined first with
+          :meth:`MultiReward.weighted_sum` (which rescales a sample's available weights to the total),
+          then normalised per prompt.
+        * Combining *advantages*, a missing reward contributes 0 (the neutral advantage) and the other
+          weights are **not** rescaled, so a sample missing a reward gets a smaller-magnitude advantage
+          rather than an amplified one.  Advantages are finally clipped to ±adv_clip_max.
+        """
         cfg = self.config
         rewards = ro.rewards.float()
         w = self.reward_weights.to(rewards.device)
         t = ro.num_steps
+        mask = ~torch.isnan(rewards)  # (B, K): NaN rewards are masked per head
         if cfg.advantage == "gae":
             values = self.compute_values(ro)
             ro.values = values
-            mask = ~torch.isnan(rewards)  # (B, K): NaN rewards are masked per head
             step_r = terminal_rewards(torch.nan_to_num(rewards), t)
             adv_k, ret_k = gae(step_r, values, cfg.gamma, cfg.gae_lambda)  # (B, T, K)
-            adv_k = adv_k * mask[:, None, :]
             ro.returns = ret_k
-            if cfg.advantage_aggregation == "normalize_then_sum":
-                normed = torch.stack([_masked_normalize(adv_k[..., k], mask[:, k]) for k in range(adv_k.shape[-1])], -1)
-                adv = (normed * w).sum(-1)
-            else:
-                adv = (adv_k * w).sum(-1)
-                if cfg.normalize_advantages:
-                    adv = normalize(adv)
+            adv = combine_advantages(adv_k, w, mask, cfg.advantage_aggregation, cfg.normalize_advantages)
+        elif cfg.advantage == "grpo" and cfg.advantage_aggregation == "normalize_then_sum":
+            per_k = masked_grpo_advantages(rewards, group_ids(ro.prompts).to(rewards.device))  # (B, K), 0 where NaN
+            adv = (per_k * w).sum(-1)[:, None].expand(-1, t).clone()
         else:
             combined = self.rewards.weighted_sum(rewards)
             if cfg.advantage == "grpo":
@@ -257,10 +283,13 @@ class Trainer:
             v = v.float()
             returns = ro.returns[bi, ki]
             mask = ~torch.isnan(ro.rewards[bi])
-            v_loss = value_loss(v, ro.values[bi, ki] if ro.values is not None else v.detach(), returns,
-                                cfg.value_clip_range, mask)
+            per_head = value_loss_per_head(v, ro.values[bi, ki] if ro.values is not None else v.detach(), returns,
+                                           cfg.value_clip_range, mask)
+            v_loss = per_head.mean()  # each head's loss sees only its own reward (and its own NaN mask)
             total = total + cfg.vf_coef * v_loss
             stats["value_loss"] = v_loss.item()
+            for name, lk in zip(self.rewards.names, per_head.tolist()):
+                stats[f"value_loss/{name}"] = lk
         return total, stats
 
     def _optimizer_step(self) -> dict:
@@ -331,14 +360,26 @@ class Trainer:
         return torch.nan_to_num(ro.rewards.float())[:, None, :] * disc[None, :, None]
 
     def value_report(self, ro: Rollout, values: torch.Tensor) -> dict:
-        """Explained variance of the critic against Monte-Carlo returns, per timestep bucket and overall."""
+        """Explained variance of the critic against Monte-Carlo returns, per head, overall and per timestep bucket.
+
+        ``value_ev/<reward>``: head k against reward k's returns over the samples where reward k is not NaN.
+        ``value_ev`` and ``value_ev_steps_a-b``: the mean over heads of the per-head values (= the head's for K = 1).
+        """
         target = self.mc_returns(ro)
-        out = {"value_ev": explained_variance(values, target)}
+        avail = ~torch.isnan(ro.rewards.float())  # (B, K)
         t = ro.num_steps
         edges = np.linspace(0, t, TIMESTEP_BUCKETS + 1).round().astype(int)
+
+        def ev(sl: slice) -> list[float]:
+            return [explained_variance(values[avail[:, k], sl, k], target[avail[:, k], sl, k])
+                    if avail[:, k].any() else float("nan") for k in range(values.shape[-1])]
+
+        per_head = ev(slice(None))
+        out = {"value_ev": float(np.mean(per_head))}
+        out.update({f"value_ev/{name}": e for name, e in zip(self.rewards.names, per_head)})
         for j in range(TIMESTEP_BUCKETS):
             a, b = edges[j], edges[j + 1]
-            out[f"value_ev_steps_{a}-{b - 1}"] = explained_variance(values[:, a:b], target[:, a:b])
+            out[f"value_ev_steps_{a}-{b - 1}"] = float(np.mean(ev(slice(a, b))))
         return out
 
     # ------------------------------------------------------------------------------------------------
@@ -449,11 +490,3 @@ class Trainer:
     def export_policy_lora(self) -> dict[str, torch.Tensor]:
         return self.adapters.state_dict("policy")
 
-
-def _masked_normalize(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Whiten (B, T) advantages over trajectories where ``mask`` (B,) is True; masked ones become 0."""
-    m = mask[:, None].expand_as(x)
-    if not m.any():
-        return torch.zeros_like(x)
-    vals = x[m]
-    return torch.where(m, (x - vals.mean()) / (vals.std(unbiased=False) + eps), torch.zeros_like(x))
