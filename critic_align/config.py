@@ -54,10 +54,17 @@ class PPOConfig:
     advantage: str = "gae"
     """'gae' (critic, per-step credit), 'grpo' (group-normalised per prompt), 'ddpo' (per-prompt tracker)."""
     reward_weights: tuple[float, ...] | None = None
-    """One weight per trained reward (default: all 1)."""
+    """One weight per trained reward, in the order of the run's ``rewards`` list; replaces the weights given
+    there (default None: keep them, i.e. the YAML ``weight:`` entries, 1 when absent)."""
     advantage_aggregation: str = "normalize_then_sum"
-    """Multi-reward: 'normalize_then_sum' normalises each reward's advantages, then weights and sums;
-    'sum_then_normalize' weights and sums first, then normalises."""
+    """How K rewards' advantages combine (K = 1: the modes differ only by the weight's scale).
+    'normalize_then_sum': GAE per reward head; each reward's advantages are whitened over the samples where
+    it is available (GRPO: group-normalised per prompt), then A = Σ_k w_k Â_k — the weights alone set each
+    reward's pull, whatever the scale of its values.  'sum_then_normalize': GAE: A = Σ_k w_k A_k, then
+    whitened (if ``normalize_advantages``); GRPO/DDPO: rewards combined by ``MultiReward.weighted_sum``, then
+    normalised per prompt — a reward with a larger spread dominates.  A NaN reward (not applicable) adds 0
+    to a sample's combined advantage and the other weights are not rescaled; its head's value loss skips
+    it.  DDPO with K > 1 needs 'sum_then_normalize'."""
     gamma: float = 1.0
     """Discount over denoising steps (1.0: the final reward counts fully at every step)."""
     gae_lambda: float = 0.95

@@ -379,7 +379,8 @@ class Trainer:
         out.update({f"value_ev/{name}": e for name, e in zip(self.rewards.names, per_head)})
         for j in range(TIMESTEP_BUCKETS):
             a, b = edges[j], edges[j + 1]
-            out[f"value_ev_steps_{a}-{b - 1}"] = float(np.mean(ev(slice(a, b))))
+            if b > a:  # T < TIMESTEP_BUCKETS leaves some buckets empty
+                out[f"value_ev_steps_{a}-{b - 1}"] = float(np.mean(ev(slice(a, b))))
         return out
 
     # ------------------------------------------------------------------------------------------------
@@ -413,7 +414,10 @@ class Trainer:
         if self.eval_rewards is not None:
             extra = self.eval_rewards(ro.samples, ro.prompts)
             for k, name in enumerate(self.eval_rewards.names):
-                out[f"reward/{name}/mean"] = torch.nanmean(extra[:, k].float()).item()
+                col = extra[:, k].float()
+                col = col[~torch.isnan(col)]
+                out[f"reward/{name}/mean"] = col.mean().item() if col.numel() else float("nan")
+                out[f"reward/{name}/std"] = col.std(unbiased=False).item() if col.numel() else float("nan")
         return out
 
     def train(self, num_epochs: int | None = None) -> list[dict]:

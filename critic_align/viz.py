@@ -48,22 +48,39 @@ def save_grid(images: torch.Tensor, path, nrow: int, scale: int = 4, labels=None
 
 
 def plot_metrics(jsonl_path, out_path, keys, x_key: str = "reward_queries", title: str = "") -> Path:
-    """Plot metric curves from a JSONL log (one subplot per key)."""
+    """Plot metric curves from a JSONL log, one subplot per key (keys absent from the log are skipped).
+
+    A ``.../mean`` key whose ``.../std`` twin is logged gets a ±std band (e.g. ``reward/<name>/mean``); a key
+    whose ``pre_<key>`` twin is logged (value-pretraining rows, e.g. ``value_ev/<name>``) gets that curve too.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in Path(jsonl_path).read_text().splitlines() if line.strip()]
-    keys = [k for k in keys if any(k in r for r in rows)]
+    keys = [k for k in keys if any(k in r or f"pre_{k}" in r for r in rows)]
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4 * max(1, len(keys)), 3.2), squeeze=False)
+
+    def series(key):
+        pts = [(r[x_key], r[key]) for r in rows if key in r and x_key in r and r[key] is not None]
+        return tuple(np.array(v, dtype=float) for v in zip(*pts)) if pts else (None, None)
+
     for ax, key in zip(axes[0], keys):
-        pts = [(r[x_key], r[key]) for r in rows if key in r and x_key in r]
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker=".")
+        xp, yp = series(f"pre_{key}")
+        if xp is not None:
+            ax.plot(xp, yp, marker=".", color="C1", label="value pretraining")
+        xs, ys = series(key)
+        if xs is not None:
+            ax.plot(xs, ys, marker=".", color="C0", label="training" if xp is not None else None)
+            if key.endswith("/mean"):
+                xd, sd = series(key[: -len("/mean")] + "/std")
+                if xd is not None and len(xd) == len(xs):
+                    ax.fill_between(xs, ys - sd, ys + sd, color="C0", alpha=0.2, label="± std over the batch")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         ax.set_xlabel(x_key)
-        ax.set_title(key)
+        ax.set_title(key, fontsize=9)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()

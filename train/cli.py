@@ -57,7 +57,8 @@ def cmd_train(args) -> int:
     history = trainer.train()
     trainer.save_grid(out / "grid_after.png")
     names = list(trainer.rewards.names) + (list(trainer.eval_rewards.names) if trainer.eval_rewards else [])
-    plot_metrics(out / "metrics.jsonl", out / "reward_curve.png", [f"reward/{n}/mean" for n in names] + ["value_ev"],
+    head_ev = [f"value_ev/{n}" for n in trainer.rewards.names] if trainer.critic is not None else []
+    plot_metrics(out / "metrics.jsonl", out / "reward_curve.png", [f"reward/{n}/mean" for n in names] + head_ev,
                  title=f"{cfg.advantage} on {run['task']}")
     summary = {"run_dir": str(out), "epochs": trainer.epoch, "reward_queries": trainer.reward_queries,
                "train_seconds": time.time() - start}
