@@ -181,11 +181,61 @@ def section_main_job(path: Path) -> str:
     ])
 
 
+def section_reward_hacking(path: Path) -> str:
+    d = json.loads(path.read_text())
+    s, m = d["summary"], d["machine"]
+    base = s["base"]
+    keys = ("boldness", "digit_prob", "digit_correct")
+    seeds = s.get("single", s.get("joint"))["seeds"]
+    lines = [
+        "## Reward hacking: a hackable reward alone vs jointly with digit_prob",
+        "",
+        f"Command: `python benchmarks/reward_hacking.py --seeds {' '.join(str(x) for x in seeds)}"
+        + "".join(f" --set {k}={v}" for k, v in d["overrides"].items())
+        + "` (writes `benchmarks/results/reward_hacking.json`, `.png` and sample grids in "
+        f"`benchmarks/results/reward_hacking/`). Machine: {m['cpu_count']} CPU cores, torch {m['torch']}. "
+        "Configs: `train/configs/digits_hack_single.yaml` (trains `boldness`, the mean ink, alone) and "
+        "`train/configs/digits_hack_joint.yaml` (`boldness` and `digit_prob` at temperature 6 with two critic "
+        "heads, GAE per head, `normalize_then_sum`); both GAE, the same epochs, batch and value pretraining, so "
+        "the same reward queries. Every reward is measured before and after on the same fixed evaluation set "
+        f"— {d['eval_set']}; mean ± std over seeds, per-seed values in the JSON.",
+        "",
+        "| model | trained on (weights) | seeds | reward queries | " + " | ".join(f"final {k}" for k in keys) + " |",
+        "|---|---|---|---|" + "---|" * len(keys),
+        "| base model | — | — | — | " + " | ".join(_fmt(base[k]) for k in keys) + " |",
+    ]
+    for variant in ("single", "joint"):
+        if variant not in s:
+            continue
+        r = s[variant]
+        trained = ", ".join(f"{n} ({w:g})" for n, w in zip(r["trained_rewards"], r["weights"]))
+        lines.append(f"| {variant} | {trained} | {len(r['seeds'])} | {r['reward_queries']} | "
+                     + " | ".join(f"{_fmt(r[f'final_{k}_mean'])} ± {_fmt(r[f'final_{k}_std'])}" for k in keys) + " |")
+    lines.append("")
+    for variant in ("single", "joint"):
+        if f"{variant}_digit_correct_drop_points" in s:
+            lines.append(f"- {variant}: digit_correct {_fmt(s[f'{variant}_digit_correct_drop_points'], 1)} points below "
+                         f"the base model's; boldness {s[variant]['final_boldness_mean'] - base['boldness']:+.3f} "
+                         "relative to it.")
+    lines += [
+        "",
+        "![reward hacking curves](benchmarks/results/reward_hacking.png)",
+        "",
+        f"Samples (evaluation noise, 8 per digit, seed {seeds[0]}): base "
+        f"`benchmarks/results/reward_hacking/grid_base_seed{seeds[0]}.png`, single "
+        f"`benchmarks/results/reward_hacking/grid_single_seed{seeds[0]}.png`, joint "
+        f"`benchmarks/results/reward_hacking/grid_joint_seed{seeds[0]}.png`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 SECTIONS = [
     ("main_job/summary.json", section_main_job),
     ("digits_advantages.json", section_advantages),
     ("gmm_critic.json", section_gmm_critic),
     ("gmm_finetune.json", section_gmm_finetune),
+    ("reward_hacking.json", section_reward_hacking),
 ]
 
 
