@@ -1,0 +1,163 @@
+"""Steering diffusers pipelines: scheduler checks, SMC callback (constant value == plain, re-indexing), guidance wrapper."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_sd_pipelines import tiny_sd15_pipeline
+
+from critic_align.steps import DDIMStep, NoiseSchedule
+from steering.diffusers import ScoreGuidedScheduler, SMCCallback, check_stochastic_scheduler, steer_pipeline
+
+
+def _sched(name, **kw):
+    import diffusers
+
+    base = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    return getattr(diffusers, name)(**base, **kw)
+
+
+def test_scheduler_checks_name_the_problem():
+    with pytest.raises(ValueError, match="eta=0 is deterministic"):
+        check_stochastic_scheduler(_sched("DDIMScheduler"), eta=0.0)
+    check_stochastic_scheduler(_sched("DDIMScheduler"), eta=1.0)
+    check_stochastic_scheduler(_sched("DDPMScheduler"))
+    check_stochastic_scheduler(_sched("EulerAncestralDiscreteScheduler"))
+    check_stochastic_scheduler(_sched("DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++"))
+    for name in ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "PNDMScheduler"):
+        with pytest.raises(ValueError, match="deterministic or unsupported.*EulerAncestral"):
+            check_stochastic_scheduler(_sched(name))
+    with pytest.raises(ValueError, match="second order"):
+        check_stochastic_scheduler(_sched("KDPM2AncestralDiscreteScheduler"))
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return tiny_sd15_pipeline(tmp_path_factory.mktemp("sd15"))
+
+
+def _call(pipe, prompts, n, seed, **kw):
+    return pipe(prompts, num_images_per_prompt=n, num_inference_steps=4, guidance_scale=1.0, output_type="pt",
+                generator=torch.Generator().manual_seed(seed), **kw).images
+
+
+@pytest.mark.parametrize("scheduler", ["DDPMScheduler", "EulerAncestralDiscreteScheduler"])
+def test_constant_value_smc_callback_equals_plain_pipeline(pipe, scheduler):
+    original = pipe.scheduler
+    pipe.scheduler = _sched(scheduler)
+    try:
+        plain = _call(pipe, ["a cat", "a dog"], 3, seed=0)
+        cb = SMCCallback(lambda x, t, c: torch.full((x.shape[0],), 0.3), num_particles=3, lam=5.0, ess_threshold=0.99)
+        steered = _call(pipe, ["a cat", "a dog"], 3, seed=0, callback_on_step_end=cb,
+                        callback_on_step_end_tensor_inputs=cb.tensor_inputs)
+    finally:
+        pipe.scheduler = original
+    torch.testing.assert_close(steered, plain)
+    assert not torch.stack(cb.resampled_history).any() and cb.value_rows == 4 * 6
+
+
+def test_smc_callback_resamples_within_groups_and_reindexes_embeddings(pipe):
+    original = pipe.scheduler
+    pipe.scheduler = _sched("DDPMScheduler")
+    n = 4
+    seen = {}
+
+    def value_fn(latents, t, cond):
+        seen.setdefault("cond", []).append(cond.clone())
+        return 20 * latents.flatten(1).mean(1)  # uneven: forces resampling
+
+    cb = SMCCallback(value_fn, num_particles=n, lam=1.0, ess_threshold=0.99, scheme="multinomial",
+                     generator=torch.Generator().manual_seed(0))
+    outputs = []
+
+    def spy(p, i, t, kw):
+        before = kw["prompt_embeds"].clone()
+        out = cb(p, i, t, kw)
+        outputs.append((before, out))
+        return out
+
+    try:
+        _call(pipe, ["a cat", "a dog"], n, seed=1, callback_on_step_end=spy,
+              callback_on_step_end_tensor_inputs=cb.tensor_inputs)
+    finally:
+        pipe.scheduler = original
+    assert torch.stack(cb.resampled_history).any()
+    for before, out in outputs:
+        if "prompt_embeds" in out:
+            # rows stay with their prompt group: every row of group g equals the group's original embedding
+            after = out["prompt_embeds"]
+            for g in range(2):
+                for r in range(g * n, (g + 1) * n):
+                    torch.testing.assert_close(after[r], before[g * n])
+    # the critic always got the conditioning of its own particles (one embedding per group)
+    for cond in seen["cond"]:
+        assert not torch.equal(cond[0], cond[n]) and torch.equal(cond[0], cond[n - 1])
+
+
+def test_steer_pipeline_best_of_n_and_smc(pipe):
+    original = pipe.scheduler
+    pipe.scheduler = _sched("DDIMScheduler")
+    reward = lambda images, prompts: images.mean(dim=(1, 2, 3))  # noqa: E731
+    try:
+        imgs, info = steer_pipeline(pipe, ["a cat", "a dog"], num_particles=3, reward_fn=reward, num_inference_steps=4,
+                                    guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+        assert imgs.shape[0] == 2
+        torch.testing.assert_close(info["rewards"], info["particle_rewards"].view(2, 3).max(1).values)
+        with pytest.raises(ValueError, match="eta=0"):
+            steer_pipeline(pipe, "a cat", num_particles=2, reward_fn=reward, value_fn=lambda x, t, c: x.mean((1, 2, 3)),
+                           num_inference_steps=3, guidance_scale=1.0, eta=0.0)
+        imgs, info = steer_pipeline(pipe, "a cat", num_particles=3, reward_fn=reward, eta=1.0, lam=50.0,
+                                    value_fn=lambda x, t, c: x.flatten(1).mean(1), ess_threshold=0.99,
+                                    num_inference_steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+        assert imgs.shape[0] == 1 and info["log_weights"].shape == (1, 3)
+    finally:
+        pipe.scheduler = original
+    assert pipe.scheduler is original
+
+
+def test_score_guided_scheduler_vp_matches_the_step_formula():
+    sched = _sched("DDIMScheduler", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    sched.set_timesteps(10)
+    a_vec = torch.randn(1, 4, 1, 1)
+    value_fn = lambda x, t, c: (x * a_vec).flatten(1).sum(1)  # noqa: E731  ∇V = a
+    wrapped = ScoreGuidedScheduler(sched, value_fn, scale=2.0)
+    x = torch.randn(2, 4, 8, 8)
+    eps = torch.randn(2, 4, 8, 8)
+    t = sched.timesteps[3]
+    got = wrapped.step(eps, t, x, eta=0.0).prev_sample
+    step = DDIMStep(NoiseSchedule.from_scheduler(sched), eta=0.0)
+    expected_out = step.apply_score_guidance(eps, x, t, 2.0 * a_vec.expand_as(x))
+    want = sched.step(expected_out, t, x, eta=0.0).prev_sample
+    torch.testing.assert_close(got, want)
+    assert wrapped.rows == 2
+    assert ScoreGuidedScheduler(sched, value_fn, 0.0).step(eps, t, x, eta=0.0).prev_sample.equal(
+        sched.step(eps, t, x, eta=0.0).prev_sample)
+
+
+def test_score_guided_scheduler_euler_shifts_the_score_of_the_ve_latents():
+    """Euler latents x = x0 + σ·ε: the guided ε must satisfy −ε'/σ = −ε/σ + ∇_x V(x/√(1+σ²))."""
+    sched = _sched("EulerAncestralDiscreteScheduler")
+    sched.set_timesteps(10)
+    captured = {}
+
+    class Spy:
+        def __getattr__(self, k):
+            return getattr(sched, k)
+
+        def step(self, out, t, x, **kw):
+            captured["out"] = out
+            return sched.step(out, t, x, **kw)
+
+    a_vec = torch.randn(1, 4, 1, 1)
+    value_fn = lambda x, t, c: ((x * a_vec) ** 2).flatten(1).sum(1)  # noqa: E731  non-linear
+    wrapped = ScoreGuidedScheduler(Spy(), value_fn, scale=1.5)
+    object.__setattr__(wrapped, "kind", "sigma")
+    t = sched.timesteps[2]
+    sigma = sched.sigmas[sched.index_for_timestep(t)]
+    x = torch.randn(2, 4, 8, 8) * (sigma**2 + 1).sqrt()
+    eps = torch.randn(2, 4, 8, 8)
+    sched._step_index = None
+    wrapped.step(eps, t, x, generator=torch.Generator().manual_seed(0))
+    c = 1 / (sigma**2 + 1).sqrt()
+    grad_x = 1.5 * 2 * (x * c) * a_vec**2 * c  # ∇_x of V(c·x), times the scale
+    torch.testing.assert_close(-captured["out"] / sigma, -eps / sigma + grad_x, rtol=1e-4, atol=1e-4)
