@@ -7,9 +7,15 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.report_steering import section_digits_steering, section_gmm_steering  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -236,6 +242,8 @@ SECTIONS = [
     ("gmm_critic.json", section_gmm_critic),
     ("gmm_finetune.json", section_gmm_finetune),
     ("reward_hacking.json", section_reward_hacking),
+    ("gmm_steering.json", section_gmm_steering),
+    ("digits_steering.json", section_digits_steering),
 ]
 
 

@@ -137,6 +137,9 @@ def main(argv=None) -> int:
     from .steer import add_parser as add_steer_parser
 
     add_steer_parser(sub)
+    from .bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
 
     for name, module, help_ in [
         ("pretrain-digits", "train.pretrain_digits", "train the embedded digits DDPM (reproduces the shipped one)"),

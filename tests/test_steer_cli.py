@@ -1,0 +1,42 @@
+"""`critic-align steer` and `critic-align bench` wiring (tiny settings)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from train.bench import SUITES, benchmarks_dir
+from train.cli import main
+
+
+def test_steer_cli_pretrains_a_critic_then_reuses_it(tmp_path):
+    out = tmp_path / "steer"
+    small = ["--set", "batch_size=8", "--set", "group_size=8", "--set", "num_inference_steps=4",
+             "--set", "sample_chunk_size=8", "--set", "minibatch_size=16", "--set", "value_pretrain_passes=1"]
+    rc = main(["steer", "--config", "digits", "--out", str(out), "--critic-epochs", "1", "--per-prompt", "1",
+               "--particles", "2", "--method", "base", "smc", "--threads", "1", *small])
+    assert rc == 0
+    res = json.loads((out / "steer_results.json").read_text())
+    assert [r["method"] for r in res["runs"]] == ["base", "smc"]
+    smc = res["runs"][1]
+    assert smc["cost"]["nfe"] == 2 * 4 and smc["cost"]["critic_forward_rows"] > 0
+    assert 0.0 <= smc["rewards"]["digit_prob"] <= 1.0 and (out / "steer_smc_N2.png").exists()
+    assert (out / "checkpoints").exists() and (out / "config.yaml").exists()
+    # reuse the saved critic: --run loads it instead of pretraining again
+    rc = main(["steer", "--run", str(out), "--out", str(out), "--per-prompt", "1", "--particles", "2",
+               "--method", "bon", "--threads", "1"])
+    assert rc == 0
+    assert [r["method"] for r in json.loads((out / "steer_results.json").read_text())["runs"]] == ["base", "smc", "bon"]
+
+
+def test_steer_cli_refuses_a_config_without_critic(tmp_path):
+    with pytest.raises(ValueError, match="needs a critic"):
+        main(["steer", "--config", "digits_grpo", "--out", str(tmp_path)])
+
+
+def test_bench_suites_name_existing_scripts():
+    bench = benchmarks_dir()
+    for scripts in SUITES.values():
+        for s in scripts:
+            assert (bench / s).exists(), s
