@@ -236,8 +236,53 @@ def section_reward_hacking(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _job_row(name: str, path: Path) -> str:
+    d = json.loads(path.read_text())
+    rows = [json.loads(x) for x in (path.parent / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    seconds = sum(r.get("time_s", 0) for r in rows if r["phase"] == "value_pretrain") + \
+        sum(r["time_epoch_s"] for r in rows if r["phase"] == "train")
+    last = [r for r in rows if r["phase"] == "train"][-5:]
+    ev = sum(r["value_ev"] for r in last) / len(last)
+    return (f"| {name} | {d['epochs']} | {d['reward_queries']} | {seconds / 60:.1f} | "
+            f"{_fmt(d['digit_prob_first_epoch'])} → {_fmt(d['digit_prob_last_epoch'])} | "
+            f"{_fmt(d['digit_correct_first_epoch'])} → {_fmt(d['digit_correct_last_epoch'])} | {_fmt(ev, 2)} |")
+
+
+def section_dit_job(path: Path) -> str:
+    cfg = json.loads((path.parent / "config.json").read_text())
+    lines = [
+        "## The DiT / flow-matching job next to the UNet main job",
+        "",
+        "`critic-align train --config digits_dit` on this machine (2 CPU cores, shared): the same value pretraining "
+        "+ PPO/GAE on the shipped flow-matching digits DiT (`critic_align/assets/digits_dit`, "
+        "`DiTTransformer2DModel`), with the SDE form of the rectified-flow sampler (Flow-GRPO, noise level "
+        f"{cfg['eta']}), {cfg['num_inference_steps']} steps, LoRA rank {cfg['lora_rank']} on "
+        f"{', '.join(cfg['lora_target_modules'])}. Files copied from `runs/digits_dit/` to "
+        "`benchmarks/results/dit_job/`. Minutes count value pretraining and epochs (not start-up and grids); "
+        "rewards are the training batch's mean in the first and last epoch; EV is the critic's explained variance, "
+        "mean of the last 5 epochs.",
+        "",
+        "| model | epochs | reward queries | minutes | digit_prob (trained, T = 6) | digit_correct (reported) | EV |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    main_job = path.parent.parent / "main_job" / "summary.json"
+    if main_job.exists():
+        lines.append(_job_row("UNet DDPM (`digits`)", main_job))
+    lines.append(_job_row("DiT flow matching (`digits_dit`)", path))
+    lines += [
+        "",
+        "![DiT job curves](benchmarks/results/dit_job/reward_curve.png)",
+        "",
+        "Before / after (fixed noise, one row per digit): `benchmarks/results/dit_job/grid_before.png`, "
+        "`benchmarks/results/dit_job/grid_after.png`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 SECTIONS = [
     ("main_job/summary.json", section_main_job),
+    ("dit_job/summary.json", section_dit_job),
     ("digits_advantages.json", section_advantages),
     ("gmm_critic.json", section_gmm_critic),
     ("gmm_finetune.json", section_gmm_finetune),

@@ -3,6 +3,7 @@
     critic-align train [--config digits] [--out DIR] [--epochs N] [--set field=value ...] [--resume]
     critic-align sample [--model DIR] [--run RUN_DIR] [--steps 50] [--out grid.png]
     critic-align pretrain-digits [--out DIR] [--steps 2000]      reproduce the shipped base model
+    critic-align pretrain-digits-dit [--out DIR] [--steps 1200]  reproduce the shipped flow-matching DiT
     critic-align train-classifier [--out DIR]                    reproduce the shipped digit classifier
     critic-align evaluate-digits [--model DIR]                   per-class accuracy + model card
 """
@@ -77,11 +78,11 @@ def cmd_sample(args) -> int:
     import torch
 
     from critic_align.rollout import cfg_denoiser, sample
-    from critic_align.steps import DDIMStep, NoiseSchedule
-    from critic_align.tasks.digits import NULL_CLASS, load_base_model
+    from critic_align.steps import make_step
+    from critic_align.tasks.digits import BASE_MODEL_DIR, NULL_CLASS, load_digits_model
     from critic_align.viz import save_grid
 
-    unet, scheduler = load_base_model(args.model)
+    unet, scheduler = load_digits_model(args.model or BASE_MODEL_DIR)  # the UNet DDPM or the flow-matching DiT
     if args.run:
         from critic_align.backbones import LoraAdapters
         from critic_align.checkpoint import latest_checkpoint, read_checkpoint
@@ -96,10 +97,10 @@ def cmd_sample(args) -> int:
         adapters.add("policy", rank=cfg["lora_rank"], alpha=cfg["lora_alpha"], target_modules=cfg["lora_target_modules"])
         adapters.load_state_dict("policy", {k[7:]: v for k, v in tensors.items() if k.startswith("policy.")})
         print(f"loaded policy LoRA from {ckpt}")
-    step = DDIMStep(NoiseSchedule.from_scheduler(scheduler), eta=args.eta)
+    step = make_step(scheduler, args.eta)  # DDIM (eta) or the flow-matching SDE (eta = its noise level)
 
     def den(x, t, c):
-        return unet(x, t, class_labels=c).sample
+        return unet(x, t, class_labels=c, return_dict=False)[0]
 
     den = cfg_denoiser(den, args.guidance_scale, lambda n: torch.full((n,), NULL_CLASS, dtype=torch.long))
     g = torch.Generator().manual_seed(args.seed)
@@ -124,10 +125,11 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("sample", help="draw a PNG grid (one row per digit) from a model or a trained run")
-    p.add_argument("--model", default=None, help="base model directory (default: the shipped digits model)")
+    p.add_argument("--model", default=None, help="base model directory: the digits UNet (default) or a DiT such as "
+                   "critic_align/assets/digits_dit")
     p.add_argument("--run", default=None, help="a run directory or checkpoint whose policy LoRA to apply")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--eta", type=float, default=0.0, help="0 = deterministic DDIM")
+    p.add_argument("--eta", type=float, default=0.0, help="0 = deterministic DDIM / Euler ODE")
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--per-class", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -143,6 +145,8 @@ def main(argv=None) -> int:
 
     for name, module, help_ in [
         ("pretrain-digits", "train.pretrain_digits", "train the embedded digits DDPM (reproduces the shipped one)"),
+        ("pretrain-digits-dit", "train.pretrain_digits_dit",
+         "train the embedded flow-matching digits DiT (reproduces the shipped one)"),
         ("train-classifier", "train.train_classifier", "train the embedded digit classifier"),
         ("evaluate-digits", "train.evaluate_digits", "per-class accuracy of a digits model + its model card"),
     ]:

@@ -87,16 +87,18 @@ def load_run_config(name_or_path: str, overrides: dict | None = None) -> dict:
 
 def build_trainer(run: dict):
     """Instantiate the trainer described by a loaded run config."""
-    from critic_align.backbones import UNetAdapter
+    from critic_align.backbones import DiTAdapter, UNetAdapter
+    from critic_align.tasks.digits import DigitsTask, load_base_model, load_dit_model
     from critic_align.trainer import Trainer
 
+    # task -> (task object, base-model loader, adapter): the UNet DDPM or the flow-matching DiT on the digits
+    tasks = {"digits": (DigitsTask, load_base_model, UNetAdapter), "digits_dit": (DigitsTask, load_dit_model, DiTAdapter)}
     task_name = run["task"]
-    if task_name != "digits":
-        raise ValueError(f"unknown task {task_name!r}; available: ['digits']")
-    from critic_align.tasks.digits import DigitsTask, load_base_model
-
-    unet, scheduler = load_base_model(run.get("base_model"))
+    if task_name not in tasks:
+        raise ValueError(f"unknown task {task_name!r}; available: {sorted(tasks)}")
+    task_cls, loader, adapter_cls = tasks[task_name]
+    model, scheduler = loader(run.get("base_model"))
     rewards = build_rewards(run.get("rewards") or [{"name": "digit_prob"}])
     eval_names = run.get("eval_rewards") or []
     eval_rewards = build_rewards(eval_names) if eval_names else None
-    return Trainer(run["ppo"], DigitsTask(), UNetAdapter(unet), scheduler, rewards, eval_rewards)
+    return Trainer(run["ppo"], task_cls(), adapter_cls(model), scheduler, rewards, eval_rewards)
