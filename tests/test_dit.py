@@ -1,4 +1,4 @@
-"""DiTAdapter on tiny DiTTransformer2DModel / SD3Transformer2DModel built from configs, and SD3Cond."""
+"""DiTAdapter on tiny DiTTransformer2DModel / SD3Transformer2DModel built from configs (SD3 cond: TextCond)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel, SD3Transformer2DModel
 
-from critic_align.backbones import DiTAdapter, LoraAdapters, SD3Cond
+from critic_align.backbones import DiTAdapter, LoraAdapters
+from critic_align.cond import TextCond
 from critic_align.critic import build_critic
 from critic_align.rollout import Rollout, cfg_denoiser
 
@@ -37,9 +38,9 @@ def tiny_sd3(seed=0) -> SD3Transformer2DModel:
     return m.eval()
 
 
-def sd3_cond(b, seed=1, length=5) -> SD3Cond:
+def sd3_cond(b, seed=1, length=5) -> TextCond:
     g = torch.Generator().manual_seed(seed)
-    return SD3Cond(torch.randn(b, length, 12, generator=g), torch.randn(b, 6, generator=g))
+    return TextCond(torch.randn(b, length, 12, generator=g), torch.randn(b, 6, generator=g))
 
 
 def test_dit_predict_features_and_output_head_reproduce_model():
@@ -117,12 +118,11 @@ def test_sd3_predict_features_and_output_head_reproduce_model():
     t = torch.tensor([1000.0, 412.5, 7.25])  # flow-matching timesteps σ·1000 are floats
     c = sd3_cond(3)
     with torch.no_grad():
-        ref = model(hidden_states=x, encoder_hidden_states=c.prompt_embeds, pooled_projections=c.pooled_projections,
-                    timestep=t).sample
+        ref = model(hidden_states=x, encoder_hidden_states=c.embeds, pooled_projections=c.pooled, timestep=t).sample
         out = ad.predict(x, t, c)
-        out_tuple = ad.predict(x, t, (c.prompt_embeds, c.pooled_projections))
+        out_tuple = ad.predict(x, t, (c.embeds, c.pooled))
         feats = ad.features(x, t, c)
-        temb_full = model.time_text_embed(t, c.pooled_projections)
+        temb_full = model.time_text_embed(t, c.pooled)
         h = model.proj_out(model.norm_out(feats.tokens, temb_full))
         temb = model.time_text_embed.timestep_embedder(model.time_text_embed.time_proj(t))
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
@@ -132,34 +132,17 @@ def test_sd3_predict_features_and_output_head_reproduce_model():
     torch.testing.assert_close(feats.temb, temb)
     img = torch.einsum("nhwpqc->nchpwq", h.reshape(3, 4, 4, 2, 2, 4)).reshape(3, 4, 8, 8)
     torch.testing.assert_close(img, ref, rtol=1e-5, atol=1e-6)
-    with pytest.raises(TypeError, match="SD3Cond"):
-        ad.predict(x, t, c.prompt_embeds)
+    with pytest.raises(TypeError, match="TextCond"):
+        ad.predict(x, t, c.embeds)
 
 
-def test_sd3cond_batch_ops_through_rollout_and_cfg():
+def test_sd3_text_cond_through_rollout_and_cfg():
     c = sd3_cond(4)
-    assert len(c) == 4 and c.shape[0] == 4
-    sub = c[torch.tensor([2, 0])]
-    torch.testing.assert_close(sub.prompt_embeds, c.prompt_embeds[[2, 0]])
-    torch.testing.assert_close(sub.pooled_projections, c.pooled_projections[[2, 0]])
-    both = torch.cat([c, sub])
-    assert isinstance(both, SD3Cond) and len(both) == 6
-    torch.testing.assert_close(both.pooled_projections[4:], sub.pooled_projections)
-    rep = c.repeat_interleave(3, dim=0)
-    torch.testing.assert_close(rep.prompt_embeds[3:6], c.prompt_embeds[1:2].expand(3, -1, -1))
-    assert c.to(torch.float64).prompt_embeds.dtype == torch.float64
-    with pytest.raises(ValueError, match="batch sizes differ"):
-        SD3Cond(torch.zeros(2, 3, 4), torch.zeros(3, 5))
-    with pytest.raises(ValueError, match="pooled_projections must be"):
-        SD3Cond(torch.zeros(2, 3, 4), torch.zeros(2, 5, 1))
-    with pytest.raises(ValueError, match="dim=0"):
-        torch.cat([c, c], dim=1)
-    # the engine's uses: Rollout.cat / select and CFG's torch.cat([cond, null])
     ro = Rollout(latents=torch.zeros(4, 3, 1), timesteps=torch.tensor([2, 1]), prev_timesteps=torch.tensor([1, 0]),
                  log_probs=torch.zeros(4, 2), cond=c, prompts=list("abcd")).validate()
     cat = Rollout.cat([ro, ro.select([3, 1])])
-    assert isinstance(cat.cond, SD3Cond) and len(cat.cond) == 6
-    torch.testing.assert_close(cat.cond.prompt_embeds[5], c.prompt_embeds[1])
+    assert isinstance(cat.cond, TextCond) and len(cat.cond) == 6
+    torch.testing.assert_close(cat.cond.embeds[5], c.embeds[1])
     model = tiny_sd3()
     ad = DiTAdapter(model)
     null = sd3_cond(1, seed=9)
@@ -200,7 +183,7 @@ def test_sd35_medium_full_size_shapes_on_meta_device():
     n_params = sum(p.numel() for p in model.parameters())
     assert 2.0e9 < n_params < 2.8e9  # SD3.5-medium's MMDiT-X: ~2.5 B parameters
     x = torch.empty(1, 16, 128, 128, device="meta")  # 1024x1024 images
-    c = SD3Cond(torch.empty(1, 333, 4096, device="meta"), torch.empty(1, 2048, device="meta"))
+    c = TextCond(torch.empty(1, 333, 4096, device="meta"), torch.empty(1, 2048, device="meta"))
     t = torch.full((1,), 1000.0, device="meta")
     with torch.no_grad():
         out = ad.predict(x, t, c)

@@ -24,106 +24,33 @@ The ``cond`` contract
   table that diffusers adds when the class dropout is > 0).  diffusers' label embedding replaces labels
   with the null class *at random* while the module is in training mode, so the adapter refuses a model
   in training mode (call ``model.eval()``; LoRA training works in eval mode).
-* ``SD3Transformer2DModel`` (text-conditional, MMDiT): ``cond`` is an :class:`SD3Cond` holding
-  ``prompt_embeds`` (B, L, joint_attention_dim) — the concatenated CLIP + T5 token embeddings that
-  ``StableDiffusion3Pipeline.encode_prompt`` returns — and ``pooled_projections`` (B,
-  pooled_projection_dim) — its pooled CLIP embeddings.  A ``(prompt_embeds, pooled_projections)``
-  tuple is accepted too and converted.  ``SD3Cond`` supports the batch operations the engine applies to a
-  conditioning tensor (``shape[0]`` / ``len``, ``device``, ``.to``, indexing, ``repeat_interleave(n, dim=0)`` and
-  ``torch.cat`` along dim 0), so rollouts, CFG (``torch.cat([cond, null_cond])``) and minibatching work
+* ``SD3Transformer2DModel`` (text-conditional, MMDiT): ``cond`` is a :class:`critic_align.cond.TextCond`
+  holding ``embeds`` (B, L, joint_attention_dim) — the concatenated CLIP + T5 token embeddings that
+  ``StableDiffusion3Pipeline.encode_prompt`` returns, passed as ``encoder_hidden_states`` — and ``pooled``
+  (B, pooled_projection_dim) — its pooled CLIP embeddings, passed as ``pooled_projections``.  An
+  ``(embeds, pooled)`` tuple is accepted too and converted.  ``TextCond`` supports the batch operations the
+  engine applies to conditioning (see ``critic_align/cond.py``), so rollouts, CFG and minibatching work
   unchanged.  For CFG the null conditioning is the encoding of the empty prompt with the *same* L.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from ..cond import TextCond
 from .base import BackboneAdapter
 
 
-@dataclass
-class SD3Cond:
-    """SD3 conditioning: ``prompt_embeds`` (B, L, joint_attention_dim), ``pooled_projections`` (B, P)."""
-
-    prompt_embeds: torch.Tensor
-    pooled_projections: torch.Tensor
-
-    def __post_init__(self):
-        if not isinstance(self.prompt_embeds, torch.Tensor) or self.prompt_embeds.ndim != 3:
-            raise ValueError("SD3Cond.prompt_embeds must be a (B, L, joint_attention_dim) tensor, got "
-                             f"{_describe(self.prompt_embeds)}")
-        if not isinstance(self.pooled_projections, torch.Tensor) or self.pooled_projections.ndim != 2:
-            raise ValueError("SD3Cond.pooled_projections must be a (B, pooled_projection_dim) tensor, got "
-                             f"{_describe(self.pooled_projections)}")
-        if self.prompt_embeds.shape[0] != self.pooled_projections.shape[0]:
-            raise ValueError(f"SD3Cond batch sizes differ: prompt_embeds {self.prompt_embeds.shape[0]}, "
-                             f"pooled_projections {self.pooled_projections.shape[0]}")
-
-    # -- the tensor-like batch operations the engine uses -------------------------------------------
-    @property
-    def shape(self) -> torch.Size:
-        """``prompt_embeds``' shape; ``shape[0]`` is the batch size (what the engine reads)."""
-        return self.prompt_embeds.shape
-
-    def __len__(self) -> int:
-        return self.prompt_embeds.shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.prompt_embeds.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.prompt_embeds.dtype
-
-    def to(self, *args, **kwargs) -> "SD3Cond":
-        return SD3Cond(self.prompt_embeds.to(*args, **kwargs), self.pooled_projections.to(*args, **kwargs))
-
-    def __getitem__(self, index) -> "SD3Cond":
-        if isinstance(index, int):
-            index = slice(index, index + 1)
-        if isinstance(index, torch.Tensor):
-            index = index.to(self.prompt_embeds.device)
-        return SD3Cond(self.prompt_embeds[index], self.pooled_projections[index])
-
-    def repeat_interleave(self, repeats: int, dim: int = 0) -> "SD3Cond":
-        if dim != 0:
-            raise ValueError(f"SD3Cond repeats along the batch (dim=0) only, got dim={dim}")
-        return SD3Cond(self.prompt_embeds.repeat_interleave(repeats, dim=0),
-                       self.pooled_projections.repeat_interleave(repeats, dim=0))
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.cat:
-            items = args[0]
-            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-            if dim != 0:
-                raise ValueError(f"SD3Cond concatenates along the batch (dim=0) only, got dim={dim}")
-            if not all(isinstance(c, SD3Cond) for c in items):
-                raise TypeError("torch.cat of SD3Cond with something else: "
-                                f"{[type(c).__name__ for c in items]}")
-            return SD3Cond(torch.cat([c.prompt_embeds for c in items]),
-                           torch.cat([c.pooled_projections for c in items]))
-        return NotImplemented
-
-
-def _describe(x) -> str:
-    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-
-
-def as_sd3_cond(cond) -> SD3Cond:
-    """An :class:`SD3Cond` from an ``SD3Cond`` or a ``(prompt_embeds, pooled_projections)`` tuple."""
-    if isinstance(cond, SD3Cond):
+def as_text_cond(cond) -> TextCond:
+    """A :class:`TextCond` from a ``TextCond`` or an ``(embeds, pooled)`` tuple."""
+    if isinstance(cond, TextCond):
         return cond
     if isinstance(cond, (tuple, list)) and len(cond) == 2:
-        return SD3Cond(*cond)
+        return TextCond(*cond)
     raise TypeError(
-        "SD3Transformer2DModel needs cond = SD3Cond(prompt_embeds (B, L, D), pooled_projections (B, P)) or a "
-        f"(prompt_embeds, pooled_projections) tuple, got {type(cond).__name__}"
+        "SD3Transformer2DModel needs cond = critic_align.cond.TextCond(embeds (B, L, D), pooled (B, P)) or an "
+        f"(embeds, pooled) tuple, got {type(cond).__name__}"
     )
 
 
@@ -152,9 +79,9 @@ class DiTAdapter(BackboneAdapter):
 
     def _forward(self, x_t, t, cond):
         if self.kind == "sd3":
-            c = as_sd3_cond(cond)
-            out = self.model(hidden_states=x_t, encoder_hidden_states=c.prompt_embeds,
-                             pooled_projections=c.pooled_projections, timestep=t, return_dict=False)[0]
+            c = as_text_cond(cond)
+            out = self.model(hidden_states=x_t, encoder_hidden_states=c.embeds, pooled_projections=c.pooled,
+                             timestep=t, return_dict=False)[0]
         else:
             if cond is None:
                 raise ValueError("DiTTransformer2DModel is class-conditional: cond must be (B,) class labels")
