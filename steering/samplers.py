@@ -156,6 +156,13 @@ def value_and_grad(value_fn: ValueFn, x_t, t, cond, cost: SteerCost | None = Non
     return v.detach(), grad.detach()
 
 
+def guidance_defined(step, t) -> bool:
+    """False where the step's guidance formula is undefined: flow matching at σ = 1 (pure noise carries no
+    information about x0, so the velocity correction σ/(1−σ)·∇V is infinite); guidance is skipped there."""
+    sigma = getattr(step.schedule, "sigma", None)
+    return sigma is None or bool((sigma(torch.as_tensor(t)) < 1).all())
+
+
 def guided_denoiser(denoiser, step, value_fn: ValueFn, scale: float, cost: SteerCost | None = None):
     """Wrap ``denoiser`` so its output follows the score of p_t(x)·exp(scale·V(x)): classifier guidance with
     a value (guided-diffusion's ``cond_fn``), mapped to the model's parameterisation by the step's
@@ -163,7 +170,7 @@ def guided_denoiser(denoiser, step, value_fn: ValueFn, scale: float, cost: Steer
 
     def guided(x_t, t, cond):
         out = denoiser(x_t, t, cond)
-        if scale == 0:
+        if scale == 0 or not guidance_defined(step, t):
             return out
         _, grad = value_and_grad(value_fn, x_t, t, cond, cost)
         return step.apply_score_guidance(out, x_t, t, scale * grad)
@@ -281,7 +288,7 @@ def steer(
             out = denoiser(x, t, cond_p)
         cost.backbone_rows += total * backbone_rows_per_call
         grad = None
-        if guidance_scale != 0:
+        if guidance_scale != 0 and guidance_defined(step, t):
             v, grad = value_and_grad(value_fn, x, t, cond_p, cost)
         if potential is not None and allowed[k]:
             if potential == "value":

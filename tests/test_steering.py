@@ -272,3 +272,26 @@ def test_smc_with_the_exact_value_reproduces_the_tilted_target():
     plain = sample(den, step, x_T[:g], ts, generator=torch.Generator().manual_seed(3))
     base = sliced_wasserstein(plain.double(), target.sample(g, torch.Generator().manual_seed(2)).double())
     assert base > 3 * d
+
+
+def test_guidance_and_smc_on_a_flow_matching_step_skip_sigma_one():
+    """Rectified flow: the first step (σ = 1) has no guidance; later steps are guided and SMC runs."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from critic_align.steps import FlowMatchSchedule, FlowMatchSDEStep
+
+    sched = FlowMatchSchedule.from_scheduler(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0))
+    step = FlowMatchSDEStep(sched, noise_level=0.7)
+    ts = sched.timesteps(6)
+    assert float(sched.sigma(ts[0])) == 1.0
+    den = lambda x, t, c: -x  # noqa: E731  velocity of data at the origin: v = ε − x0 with x0 = 0
+    value_fn = lambda x, t, c: x[:, 0]  # noqa: E731
+    x_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    kw = dict(num_particles=2, reward_fn=lambda s, p: s[:, 0])
+    plain = steer(den, step, x_T, ts, generator=torch.Generator().manual_seed(1), **kw)
+    guided = steer(den, step, x_T, ts, value_fn=value_fn, guidance_scale=0.5, generator=torch.Generator().manual_seed(1),
+                   **kw)
+    assert guided.cost.critic_backward_rows == 8 * (len(ts) - 1)  # every step but σ = 1
+    assert float(guided.particles[:, 0].mean()) > float(plain.particles[:, 0].mean())
+    res = smc(den, step, x_T, ts, value_fn=value_fn, lam=2.0, guidance_scale=0.5, generator=torch.Generator(), **kw)
+    assert torch.isfinite(res.log_weights).all()
