@@ -161,3 +161,33 @@ def test_score_guided_scheduler_euler_shifts_the_score_of_the_ve_latents():
     c = 1 / (sigma**2 + 1).sqrt()
     grad_x = 1.5 * 2 * (x * c) * a_vec**2 * c  # ∇_x of V(c·x), times the scale
     torch.testing.assert_close(-captured["out"] / sigma, -eps / sigma + grad_x, rtol=1e-4, atol=1e-4)
+
+
+def test_dpm_solver_sde_history_follows_the_particles(pipe):
+    """DPM-Solver++ (SDE, multistep) keeps the last model outputs per sample: they are re-indexed with the latents."""
+    original = pipe.scheduler
+    pipe.scheduler = _sched("DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++", solver_order=2)
+    n = 3
+    cb = SMCCallback(lambda x, t, c: 30 * x.flatten(1).mean(1), num_particles=n, lam=1.0, ess_threshold=0.99,
+                     scheme="multinomial", generator=torch.Generator().manual_seed(0))
+    checked = []
+
+    def spy(p, i, t, kw):
+        hist_before = [h.clone() if isinstance(h, torch.Tensor) else None for h in p.scheduler.model_outputs]
+        out = cb(p, i, t, kw)
+        if "latents" in out:
+            # recover the ancestors from the latents and check the history moved with them
+            lat, new = kw["latents"], out["latents"]
+            anc = torch.tensor([next(j for j in range(lat.shape[0]) if torch.equal(new[r], lat[j]))
+                                for r in range(new.shape[0])])
+            for h_old, h_new in zip(hist_before, p.scheduler.model_outputs):
+                if h_old is not None:
+                    torch.testing.assert_close(h_new, h_old[anc])
+                    checked.append(i)
+        return out
+
+    try:
+        _call(pipe, ["a cat"], n, seed=2, callback_on_step_end=spy, callback_on_step_end_tensor_inputs=cb.tensor_inputs)
+    finally:
+        pipe.scheduler = original
+    assert checked, "no resampling happened with history present"
