@@ -295,3 +295,21 @@ def test_guidance_and_smc_on_a_flow_matching_step_skip_sigma_one():
     assert float(guided.particles[:, 0].mean()) > float(plain.particles[:, 0].mean())
     res = smc(den, step, x_T, ts, value_fn=value_fn, lam=2.0, guidance_scale=0.5, generator=torch.Generator(), **kw)
     assert torch.isfinite(res.log_weights).all()
+
+
+def test_resampling_schedule_every_k_and_window():
+    task, den, step = _gmm()
+    ts = task.schedule.timesteps(10)
+    kw = dict(num_particles=4, reward_fn=lambda s, p: s[:, 0], value_fn=lambda x, t, c: 5 * x[:, 0], lam=1.0,
+              ess_threshold=1.0)
+    x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+    every3 = smc(den, step, x_T, ts, generator=torch.Generator().manual_seed(1), resample_every=3, **kw)
+    steps = every3.resampled.any(1).nonzero().flatten().tolist()
+    assert steps and all(k % 3 == 0 for k in steps)
+    # potentials are only evaluated where resampling may happen: 4 of 10 steps
+    assert every3.cost.critic_forward_rows == 16 * 4
+    window = smc(den, step, x_T, ts, generator=torch.Generator().manual_seed(1), resample_window=(0.5, 1.0), **kw)
+    steps = window.resampled.any(1).nonzero().flatten().tolist()
+    assert steps and min(steps) >= 5
+    with pytest.raises(ValueError, match="resample_window"):
+        smc(den, step, x_T, ts, resample_window=(0.8, 0.2), **kw)
