@@ -243,7 +243,9 @@ def _job_row(name: str, path: Path) -> str:
         sum(r["time_epoch_s"] for r in rows if r["phase"] == "train")
     last = [r for r in rows if r["phase"] == "train"][-5:]
     ev = sum(r["value_ev"] for r in last) / len(last)
+    wall = d.get("train_seconds")
     return (f"| {name} | {d['epochs']} | {d['reward_queries']} | {seconds / 60:.1f} | "
+            f"{_fmt(wall / 60 if wall is not None else None, 1)} | "
             f"{_fmt(d['digit_prob_first_epoch'])} → {_fmt(d['digit_prob_last_epoch'])} | "
             f"{_fmt(d['digit_correct_first_epoch'])} → {_fmt(d['digit_correct_last_epoch'])} | {_fmt(ev, 2)} |")
 
@@ -258,12 +260,14 @@ def section_dit_job(path: Path) -> str:
         "`DiTTransformer2DModel`), with the SDE form of the rectified-flow sampler (Flow-GRPO, noise level "
         f"{cfg['eta']}), {cfg['num_inference_steps']} steps, LoRA rank {cfg['lora_rank']} on "
         f"{', '.join(cfg['lora_target_modules'])}. Files copied from `runs/digits_dit/` to "
-        "`benchmarks/results/dit_job/`. Minutes count value pretraining and epochs (not start-up and grids); "
+        "`benchmarks/results/dit_job/`. Minutes count value pretraining and epochs; wall minutes are `train()`'s "
+        "wall time from `summary.json` (n/a where the run predates that field); "
         "rewards are the training batch's mean in the first and last epoch; EV is the critic's explained variance, "
         "mean of the last 5 epochs.",
         "",
-        "| model | epochs | reward queries | minutes | digit_prob (trained, T = 6) | digit_correct (reported) | EV |",
-        "|---|---|---|---|---|---|---|",
+        "| model | epochs | reward queries | minutes | wall minutes | digit_prob (trained, T = 6) "
+        "| digit_correct (reported) | EV |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     main_job = path.parent.parent / "main_job" / "summary.json"
     if main_job.exists():

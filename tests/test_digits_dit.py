@@ -109,7 +109,8 @@ def test_report_renders_the_dit_job_next_to_the_unet_job(tmp_path):
         d.mkdir()
         (d / "summary.json").write_text(json.dumps({
             "epochs": 2, "reward_queries": 192, "digit_prob_first_epoch": first, "digit_prob_last_epoch": last,
-            "digit_correct_first_epoch": 0.9, "digit_correct_last_epoch": 1.0}))
+            "digit_correct_first_epoch": 0.9, "digit_correct_last_epoch": 1.0,
+            **({"train_seconds": 240.0} if name == "dit_job" else {})}))
         rows = [{"phase": "value_pretrain", "time_s": 60.0 * minutes / 2},
                 {"phase": "train", "time_epoch_s": 30.0 * minutes / 2, "value_ev": 0.5},
                 {"phase": "train", "time_epoch_s": 30.0 * minutes / 2, "value_ev": 0.7}]
@@ -117,6 +118,6 @@ def test_report_renders_the_dit_job_next_to_the_unet_job(tmp_path):
     (tmp_path / "dit_job" / "config.json").write_text(json.dumps(
         {"eta": 0.7, "num_inference_steps": 20, "lora_rank": 8, "lora_target_modules": ["to_q", "to_k"]}))
     text = section_dit_job(tmp_path / "dit_job" / "summary.json")
-    assert "| UNet DDPM (`digits`) | 2 | 192 | 2.0 | 0.600 → 0.700 | 0.900 → 1.000 | 0.60 |" in text
-    assert "| DiT flow matching (`digits_dit`) | 2 | 192 | 3.0 | 0.500 → 0.800 | 0.900 → 1.000 | 0.60 |" in text
+    assert "| UNet DDPM (`digits`) | 2 | 192 | 2.0 | n/a | 0.600 → 0.700 | 0.900 → 1.000 | 0.60 |" in text
+    assert "| DiT flow matching (`digits_dit`) | 2 | 192 | 3.0 | 4.0 | 0.500 → 0.800 | 0.900 → 1.000 | 0.60 |" in text
     assert "noise level 0.7" in text
