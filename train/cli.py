@@ -3,7 +3,7 @@
     critic-align train [--config digits] [--out DIR] [--epochs N] [--set field=value ...] [--resume]
     critic-align sample [--model DIR] [--run RUN_DIR] [--steps 50] [--out grid.png]
     critic-align pretrain-digits [--out DIR] [--steps 2000]      reproduce the shipped base model
-    critic-align pretrain-digits-dit [--out DIR] [--steps 1200]  reproduce the shipped flow-matching DiT
+    critic-align pretrain-digits-dit [--out DIR] [--steps 1500]  reproduce the shipped flow-matching DiT
     critic-align train-classifier [--out DIR]                    reproduce the shipped digit classifier
     critic-align evaluate-digits [--model DIR]                   per-class accuracy + model card
 """

@@ -85,7 +85,7 @@ def main(argv=None) -> Path:
     p = argparse.ArgumentParser(prog="critic-align pretrain-digits-dit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="critic_align/assets/digits_dit", help="output directory")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
