@@ -284,6 +284,40 @@ def section_dit_job(path: Path) -> str:
     return "\n".join(lines)
 
 
+def section_kill_resume(path: Path) -> str:
+    d = json.loads(path.read_text())
+    m = d["machine"]
+    def bucket(phase: str) -> str:
+        for start, name in (("during epoch", "during an epoch (rollout, rewards, update)"),
+                            ("after epoch", "after an epoch was logged, before its checkpoint"),
+                            ("inside a checkpoint write", "inside a checkpoint write")):
+            if phase.startswith(start):
+                return name
+        return phase
+
+    phases: dict = {}
+    for k in d["kill_log"]:
+        phases[bucket(k["phase"])] = phases.get(bucket(k["phase"]), 0) + 1
+    lines = [
+        "## Kill and resume: SIGKILL at random moments, then resume",
+        "",
+        f"Command: `python benchmarks/kill_resume.py --kills {d['kills_requested']} --seed {d['seed']} --epochs "
+        f"{d['epochs']}` (writes `benchmarks/results/kill_resume.json`). A small digits run (`{d['command']}`, "
+        f"a checkpoint every epoch) runs once uninterrupted ({_fmt(d['uninterrupted_wall_s'], 1)} s), then again "
+        f"as a subprocess that is SIGKILLed after a random delay and resumed with `--resume` until "
+        f"{d['kills']} kills were made, then finishes. Compared: {d['compared']}. Machine: {m['cpu_count']} CPU "
+        f"cores, torch {m['torch']}, {m['threads']} thread.",
+        "",
+        f"**Result: {d['verdict']}**" + ("" if d["identical"] else ": " + "; ".join(d["differences"][:5])),
+        "",
+        "| where the kills landed | kills |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in sorted(phases.items(), key=lambda kv: -kv[1])]
+    lines += ["", f"Total wall time {_fmt(d['total_wall_s'], 0)} s.", ""]
+    return "\n".join(lines)
+
+
 SECTIONS = [
     ("main_job/summary.json", section_main_job),
     ("dit_job/summary.json", section_dit_job),
@@ -293,6 +327,7 @@ SECTIONS = [
     ("reward_hacking.json", section_reward_hacking),
     ("gmm_steering.json", section_gmm_steering),
     ("digits_steering.json", section_digits_steering),
+    ("kill_resume.json", section_kill_resume),
 ]
 
 

@@ -12,8 +12,16 @@ from .critic import CRITIC_MODES
 AGGREGATIONS = ("normalize_then_sum", "sum_then_normalize")
 
 
-def _err(name, value, what):
-    raise ValueError(f"config field {name}={value!r}: {what}")
+def _err(name, value, what, number=True):
+    got = ""
+    if isinstance(value, str) and number:
+        got = f" (got the string {value!r}: write a number, not a quoted string"
+        if "e" in value.lower() and any(c.isdigit() for c in value):
+            got += "; in YAML write 1.0e-3, with a dot: PyYAML reads 1e-3 as a string"
+        got += ")"
+    elif value is not None and not isinstance(value, (int, float)):
+        got = f" (got a {type(value).__name__})"
+    raise ValueError(f"config field {name}={value!r}: {what}{got}")
 
 
 @dataclass
@@ -48,7 +56,10 @@ class PPOConfig:
     group_size: int = 8
     """Trajectories per prompt in an epoch; batch_size / group_size distinct prompts per epoch."""
     sample_chunk_size: int = 64
-    """Trajectories per sampling forward (bounds memory; does not change results)."""
+    """Trajectories per sampling forward (bounds memory).  Each chunk draws its noise from its own generator
+    (seeded from the run's), so a trajectory's noise does not depend on the number of processes; changing
+    the chunk size changes the noise draws (not their distribution).  With N processes it must divide
+    batch_size / N."""
 
     # --- rewards and advantages -----------------------------------------------------------------------
     advantage: str = "gae"
@@ -166,14 +177,18 @@ class PPOConfig:
                     " (eta=0 is a deterministic ODE sampler: PPO needs eta > 0, e.g. 1.0)" if name == "eta" else ""))
         for name in ("kl_coef", "weight_decay"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 _err(name, v, "must be a finite number >= 0")
         for name in ("gamma", "gae_lambda", "timestep_fraction"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
                 _err(name, v, "must be in [0, 1]")
         if self.timestep_fraction == 0:
             _err("timestep_fraction", 0, "must be > 0")
+        for name in ("normalize_advantages", "log_tensorboard", "progress"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                _err(name, v, "must be true or false (unquoted in YAML)", number=False)
         if self.advantage not in ADVANTAGE_MODES:
             _err("advantage", self.advantage, f"use one of {ADVANTAGE_MODES}")
         if self.critic_mode not in CRITIC_MODES:

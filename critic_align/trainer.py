@@ -5,6 +5,17 @@ One epoch:  prompts -> rollout (policy, stochastic step, log-probs) -> rewards (
 
 The three advantage modes share every other line of code, so a comparison between them measures the
 advantage estimator and nothing else.
+
+Multi-process (``torchrun --nproc_per_node N`` or accelerate): every process holds the same prompt
+iterator and the same RNG generator, so all draw the same prompts, initial noise and per-chunk noise
+seeds; each samples and scores its own contiguous 1/N of the batch (in whole ``sample_chunk_size``
+chunks, each with its own noise generator, so a trajectory's noise does not depend on N), then the
+rollout is all-gathered and every process computes the same advantages (GRPO groups and the DDPO stat
+tracker see the whole batch).  The update walks the same shuffled minibatches everywhere; each process
+takes its 1/N of every minibatch, gradients of all trainable parameters are summed across processes
+before clipping and the optimiser step, so the update equals the 1-process one up to float summation
+order and the weights stay identical on every process.  Only the main process writes logs, grids and
+checkpoints (each process's RNG states are gathered into the checkpoint).
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -31,7 +43,7 @@ from .advantages import (
 )
 from .backbones.base import BackboneAdapter
 from .backbones.lora import LoraAdapters
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, base_digest, load_checkpoint, local_rng_state, save_checkpoint
 from .config import PPOConfig
 from .critic import Critic, build_critic
 from .losses import explained_variance, ppo_policy_loss, value_loss_per_head
@@ -72,7 +84,16 @@ class Trainer:
         self.eval_rewards = eval_rewards
         # Mixed precision is our own autocast, not accelerate's: AcceleratorState is a process-wide singleton
         # that refuses a second, different mixed_precision (e.g. two trainers in one process).
-        self.accelerator = accelerator or Accelerator()
+        # cpu=True on a machine without CUDA: accelerate only recognises a multi-process CPU launch (torchrun) then
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != self.accelerator.num_processes:
+            raise RuntimeError(
+                f"launched as {world} processes (WORLD_SIZE={world}) but accelerate sees "
+                f"{self.accelerator.num_processes}: every process would train alone and write the same run directory. "
+                "Create the accelerate state for the launch (on CPU: ACCELERATE_USE_CPU=1 or Accelerator(cpu=True)) "
+                "before building the Trainer, or pass it as accelerator="
+            )
         self.device = self.accelerator.device
         seed_everything(config.seed)
         if config.reward_weights is not None and len(config.reward_weights) != len(rewards.names):
@@ -128,6 +149,86 @@ class Trainer:
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.out = Path(config.output_dir)
         self._writer = None
+        self._purge_step = None  # set by load(): tensorboard hides events logged after the checkpoint
+        self.base_digest = base_digest(self.adapter.model)
+        self._setup_processes()
+
+    # ------------------------------------------------------------------------------------------------
+    # processes
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _setup_processes(self) -> None:
+        """Check that the batch splits evenly over processes and start every process from rank 0's weights."""
+        cfg, n = self.config, self.num_processes
+        params = {id(p): p for p in self.policy_params + self.critic_params}
+        self._trainable = list(params.values())
+        if n == 1:
+            return
+        if cfg.batch_size % n:
+            raise ValueError(f"batch_size={cfg.batch_size} does not split over {n} processes: use a multiple of {n}")
+        local = cfg.batch_size // n
+        if local % cfg.sample_chunk_size:
+            raise ValueError(
+                f"with {n} processes each samples batch_size/{n} = {local} trajectories, and sample_chunk_size="
+                f"{cfg.sample_chunk_size} must divide that (each chunk has its own noise generator, so a chunk "
+                f"cannot be split between processes); set sample_chunk_size to a divisor of {local}, e.g. {local}"
+            )
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for t in self._trainable + list(self.critic.head.buffers() if self.critic else []):
+                dist.broadcast(t.data, src=0)
+
+    def _shard(self, n: int) -> slice:
+        """This process's contiguous share of ``n`` rows (``n`` divisible by the number of processes)."""
+        per = n // self.num_processes
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate every process's ``t`` along dim 0, in rank order (identical shapes)."""
+        if self.num_processes == 1:
+            return t
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(t) for _ in range(self.num_processes)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def _gather_objects(self, obj) -> list:
+        if self.num_processes == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.num_processes
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _sync_grads(self) -> None:
+        """Sum the gradients of every trainable parameter over processes (one flat all-reduce)."""
+        if self.num_processes == 1:
+            return
+        import torch.distributed as dist
+
+        # a parameter no process computed a gradient for keeps grad None, as with one process: the optimiser
+        # then skips it (a zero gradient would still decay its weights and advance its Adam moments)
+        has = torch.tensor([float(p.grad is not None) for p in self._trainable])
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._trainable]
+        flat = torch.cat([has] + [g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = len(self._trainable)
+        for i, p in enumerate(self._trainable):
+            p.grad = flat[offset:offset + p.numel()].view_as(p).clone() if flat[i] > 0 else None
+            offset += p.numel()
 
     def autocast(self):
         """bf16 autocast for forwards when ``mixed_precision='bf16'``; otherwise a no-op."""
@@ -158,35 +259,47 @@ class Trainer:
     def rollout(self, prompts: list[str], x_T: torch.Tensor | None = None) -> Rollout:
         """Sample trajectories for ``prompts`` with the current policy and score them with the rewards."""
         cfg = self.config
+        prompts = list(prompts)
         if x_T is None:
             x_T = self._noise(len(prompts))
         cond = self.task.encode(prompts)
         cond = cond.to(self.device) if cond is not None else None  # None: an unconditional task
+        c = cfg.sample_chunk_size
+        # one noise seed per chunk, drawn by every process: a trajectory's noise does not depend on the
+        # number of processes, and the processes' generators stay identical
+        seeds = torch.randint(0, 2**62, (math.ceil(len(prompts) / c),), generator=self.generator).tolist()
+        mine = self._shard(len(prompts))
         chunks = []
-        for i in range(0, len(prompts), cfg.sample_chunk_size):
-            sl = slice(i, i + cfg.sample_chunk_size)
+        for j, i in enumerate(range(mine.start, mine.stop, c), start=mine.start // c):
+            sl = slice(i, min(i + c, mine.stop))
             chunks.append(sample_trajectories(
                 self.policy_output, self.step, x_T[sl], self.timesteps.to(self.device),
                 None if cond is None else cond[sl], prompts[sl],
-                generator=self.generator,
+                generator=torch.Generator(device=self.device).manual_seed(seeds[j]),
             ))
         ro = Rollout.cat(chunks)
         ro.samples = self.task.decode(ro.final)
         ro.rewards = self.rewards(ro.samples, ro.prompts).to(self.device)
+        if self.num_processes > 1:  # every process gets the whole batch
+            ro.latents, ro.log_probs = self._gather(ro.latents), self._gather(ro.log_probs)
+            ro.samples, ro.rewards = self._gather(ro.samples), self._gather(ro.rewards)
+            ro.cond, ro.prompts = cond, prompts
+            ro.validate()
         self.reward_queries += len(prompts)
         return ro
 
     @torch.no_grad()
     def compute_values(self, ro: Rollout, chunk: int = 512) -> torch.Tensor:
         """(B, T, K) critic values at every state before a step, batched over (trajectory, step) pairs."""
-        b, t = ro.batch_size, ro.num_steps
-        x = ro.latents[:, :-1].reshape(b * t, *ro.latents.shape[2:])
+        mine = self._shard(ro.batch_size)  # each process scores its share of the trajectories
+        b, t = mine.stop - mine.start, ro.num_steps
+        x = ro.latents[mine, :-1].reshape(b * t, *ro.latents.shape[2:])
         ts = ro.timesteps.to(self.device).repeat(b)
-        cond = ro.cond.repeat_interleave(t, dim=0) if ro.cond is not None else None
+        cond = ro.cond[mine].repeat_interleave(t, dim=0) if ro.cond is not None else None
         with self.autocast():
             out = [self.critic(x[i:i + chunk], ts[i:i + chunk], None if cond is None else cond[i:i + chunk])
                    for i in range(0, b * t, chunk)]
-        return torch.cat(out).view(b, t, -1).float()
+        return self._gather(torch.cat(out).view(b, t, -1).float())
 
     # ------------------------------------------------------------------------------------------------
     # advantages
@@ -303,25 +416,41 @@ class Trainer:
         return norms
 
     def update(self, ro: Rollout, train_policy: bool = True, passes: int | None = None) -> dict:
-        """PPO inner epochs over minibatches of (trajectory, step) pairs; gradient accumulation inside."""
+        """PPO inner epochs over minibatches of (trajectory, step) pairs; gradient accumulation inside.
+
+        With N processes each takes its 1/N of every minibatch and the gradients are summed across
+        processes before the step.  Statistics are per minibatch (pair-weighted means over its parts; the
+        extremes for ratio_max / ratio_min), then averaged over minibatches.
+        """
         cfg = self.config
         acc = cfg.gradient_accumulation_steps
-        collected: dict[str, list] = {}
+        parts_per_mb: list[list] = []
+        norms: dict[str, list] = {}
         self.optimizer.zero_grad(set_to_none=True)
         for _ in range(passes if passes is not None else cfg.ppo_epochs):
             pairs = self._pairs(ro)
             for start in range(0, len(pairs), cfg.minibatch_size):
                 mb = pairs[start:start + cfg.minibatch_size]
-                micro = math.ceil(len(mb) / acc)
-                for j in range(0, len(mb), micro):
-                    part = mb[j:j + micro]
+                share = torch.tensor_split(mb, self.num_processes)[self.rank]
+                micro = max(1, math.ceil(len(share) / acc))
+                parts = []
+                for j in range(0, len(share), micro):
+                    part = share[j:j + micro]
                     loss, stats = self.loss_on_pairs(ro, part, train_policy=train_policy)
                     # weight by the micro-batch's share so the summed gradient equals the minibatch mean
                     self.accelerator.backward(loss * (len(part) / len(mb)))
-                    for k, v in stats.items():
-                        collected.setdefault(k, []).append(v)
+                    parts.append((len(part), stats))
+                parts_per_mb.append(parts)
+                self._sync_grads()
                 for k, v in self._optimizer_step().items():
-                    collected.setdefault(k, []).append(v)
+                    norms.setdefault(k, []).append(v)
+        per_mb = [[p for rank_parts in all_parts for p in rank_parts]
+                  for all_parts in zip(*self._gather_objects(parts_per_mb))]
+        collected: dict[str, list] = {}
+        for parts in per_mb:
+            for k, v in _combine_stats(parts).items():
+                collected.setdefault(k, []).append(v)
+        collected.update(norms)
         return {k: float(np.mean(v)) for k, v in collected.items()}
 
     # ------------------------------------------------------------------------------------------------
@@ -336,7 +465,7 @@ class Trainer:
         if cfg.progress:
             from tqdm import tqdm
 
-            it = tqdm(it, desc="value pretraining")
+            it = tqdm(it, desc="value pretraining", disable=not self.is_main_process)
         for i in it:
             t0 = time.time()
             ro = self.rollout(self.prompt_iter.batch(cfg.prompts_per_epoch, cfg.group_size))
@@ -412,7 +541,8 @@ class Trainer:
             out[f"reward/{name}/mean"] = col.mean().item() if col.numel() else float("nan")
             out[f"reward/{name}/std"] = col.std(unbiased=False).item() if col.numel() else float("nan")
         if self.eval_rewards is not None:
-            extra = self.eval_rewards(ro.samples, ro.prompts)
+            mine = self._shard(ro.batch_size)
+            extra = self._gather(self.eval_rewards(ro.samples[mine], ro.prompts[mine]).to(self.device))
             for k, name in enumerate(self.eval_rewards.names):
                 col = extra[:, k].float()
                 col = col[~torch.isnan(col)]
@@ -422,22 +552,26 @@ class Trainer:
 
     def train(self, num_epochs: int | None = None) -> list[dict]:
         cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
+        if self.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
         history = []
         if self.critic is not None and not self.pretrained_value:
             self.pretrain_value()
+            if cfg.checkpoint_every:
+                self.save()  # epoch 0: a kill during epoch 1 does not repeat value pretraining
         n = num_epochs if num_epochs is not None else cfg.num_epochs
         it = range(self.epoch, n)
         if cfg.progress:
             from tqdm import tqdm
 
-            it = tqdm(it, desc=f"PPO ({cfg.advantage})", initial=self.epoch, total=n)
+            it = tqdm(it, desc=f"PPO ({cfg.advantage})", initial=self.epoch, total=n,
+                      disable=not self.is_main_process)
         for _ in it:
             res = self.train_epoch()
             history.append(res.metrics)
             self.log(res.metrics)
-            if cfg.progress:
+            if cfg.progress and self.is_main_process:
                 key = f"reward/{self.rewards.names[0]}/mean"
                 it.set_postfix(reward=f"{res.metrics[key]:.3f}")
             if cfg.grid_every and self.epoch % cfg.grid_every == 0:
@@ -458,7 +592,7 @@ class Trainer:
             if self._writer is None:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(str(self.out / "tensorboard"))
+                self._writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self._purge_step)
             step = row.get("reward_queries", 0)
             for k, v in row.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
@@ -476,21 +610,73 @@ class Trainer:
         # plain sampling: the same noise draws as a rollout, without storing T+1 latents and log-probs
         return self.task.decode(sample(den, self.step, x_T, self.timesteps.to(self.device), cond, generator=g))
 
-    def save_grid(self, path, per_prompt: int = 8, use_policy: bool = True) -> Path:
+    def save_grid(self, path, per_prompt: int = 8, use_policy: bool = True) -> Path | None:
+        """A PNG grid of samples per prompt (main process only; the others return None)."""
         from .viz import save_grid
 
+        if not self.is_main_process:
+            return None
         prompts = [p for p in self.task.prompts for _ in range(per_prompt)]
         return save_grid(self.sample(prompts, use_policy=use_policy), path, nrow=per_prompt,
                          labels=list(self.task.prompts))
 
     def save(self) -> Path | None:
-        if not self.accelerator.is_main_process:
-            return None
-        return save_checkpoint(self, self.out / "checkpoints", keep_last=self.config.keep_last)
+        """Checkpoint into ``output_dir/checkpoints`` (call it on every process: RNG states are gathered; the
+        main process writes and returns the path, the others return None).  A failed write raises a
+        :class:`CheckpointError` on every process, so none waits forever for the others."""
+        states = self._gather_objects(local_rng_state(self))
+        path, error = None, None
+        if self.is_main_process:
+            metrics = self.out / "metrics.jsonl"
+            try:
+                path = save_checkpoint(self, self.out / "checkpoints", keep_last=self.config.keep_last,
+                                       rng_states=states, metrics_bytes=metrics.stat().st_size if metrics.exists() else 0)
+            except CheckpointError as exc:
+                error = exc
+        if self.num_processes > 1:
+            import torch.distributed as dist
 
-    def load(self, path) -> None:
-        load_checkpoint(self, path)
+            flag = [str(error) if error else None]
+            dist.broadcast_object_list(flag, src=0)
+            if flag[0] and error is None:
+                raise CheckpointError(f"the main process could not write the checkpoint: {flag[0]}")
+        if error is not None:
+            raise error
+        return path
+
+    def load(self, path, resume: bool = True) -> None:
+        """Restore a checkpoint (call it on every process).
+
+        resume=True (continue the run, exactly): the config must equal the checkpoint's except num_epochs,
+        output_dir and the logging / checkpoint cadence; rows of metrics.jsonl logged after the checkpoint was
+        written (by a run killed later) are cut off and tensorboard hides their events, so the resumed run's logs
+        equal an uninterrupted run's.  resume=False (reuse the trained policy and critic elsewhere, e.g. for
+        steering under another sampling config): only the model must match; the logs are left alone.
+        """
+        state = load_checkpoint(self, path, rank=self.rank, check_config=resume)
+        if not resume:
+            return
+        self._purge_step = self.reward_queries + 1
+        metrics, size = self.out / "metrics.jsonl", state.get("metrics_bytes")
+        if self.is_main_process and size is not None and metrics.exists() and metrics.stat().st_size > size:
+            with open(metrics, "r+b") as f:
+                f.truncate(size)
 
     def export_policy_lora(self) -> dict[str, torch.Tensor]:
         return self.adapters.state_dict("policy")
+
+
+def _combine_stats(parts: list[tuple[int, dict]]) -> dict:
+    """One minibatch's statistics from its parts' (pairs, stats): pair-weighted means; extremes of max / min."""
+    out: dict = {}
+    total = sum(n for n, _ in parts)
+    for k in dict.fromkeys(k for _, st in parts for k in st):
+        vals = [(n, st[k]) for n, st in parts if k in st]
+        if k.endswith("_max"):
+            out[k] = max(v for _, v in vals)
+        elif k.endswith("_min"):
+            out[k] = min(v for _, v in vals)
+        else:
+            out[k] = sum(n * v for n, v in vals) / sum(n for n, _ in vals) if total else float("nan")
+    return out
 

@@ -44,7 +44,7 @@ def tiny_unet(seed=0):
                        norm_num_groups=8, num_class_embeds=11, attention_head_dim=8)
 
 
-def make_trainer(tmp_path, **overrides):
+def make_trainer(tmp_path, accelerator=None, **overrides):
     cfg = dict(num_epochs=2, batch_size=8, group_size=4, num_inference_steps=4, minibatch_size=16,
                value_pretrain_epochs=1, value_pretrain_passes=1, output_dir=str(tmp_path / "run"), progress=False,
                log_tensorboard=False, grid_every=0, checkpoint_every=1, lora_rank=2, critic_lora_rank=2,
@@ -52,7 +52,7 @@ def make_trainer(tmp_path, **overrides):
     cfg.update(overrides)
     sched = DDPMScheduler(num_train_timesteps=100, timestep_spacing="trailing", clip_sample=True)
     rewards = MultiReward([FunctionReward(brightness_matches_label, name="bright", differentiable=True)])
-    return Trainer(PPOConfig(**cfg), TinyTask(), UNetAdapter(tiny_unet()), sched, rewards)
+    return Trainer(PPOConfig(**cfg), TinyTask(), UNetAdapter(tiny_unet()), sched, rewards, accelerator=accelerator)
 
 
 def perturb_lora(trainer, name="policy", scale=0.05, seed=1):
@@ -258,3 +258,14 @@ def test_bf16_autocast_trains_and_keeps_fp32_state(tmp_path):
     assert all(p.dtype == torch.float32 for p in tr.adapters.parameters("policy"))
     with pytest.raises(ValueError, match="fp16"):
         PPOConfig(mixed_precision="fp16")
+
+
+def test_minibatch_statistics_combine_parts_by_pairs():
+    """With accumulation (or several processes) a minibatch's statistics come from its parts: pair-weighted
+    means, and the extremes for ratio_max / ratio_min."""
+    from critic_align.trainer import _combine_stats
+
+    parts = [(3, {"policy_loss": 1.0, "ratio_max": 1.2, "ratio_min": 0.9}),
+             (1, {"policy_loss": 5.0, "ratio_max": 1.5, "ratio_min": 0.95})]
+    out = _combine_stats(parts)
+    assert out == {"policy_loss": (3 * 1.0 + 5.0) / 4, "ratio_max": 1.5, "ratio_min": 0.9}

@@ -49,14 +49,18 @@ def cmd_train(args) -> int:
     if args.resume:
         ckpt = latest_checkpoint(out / "checkpoints")
         if ckpt is None:
-            raise SystemExit(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
+            raise SystemExit(f"--resume: no complete checkpoint in {out / 'checkpoints'} (the run stopped before its "
+                             f"first one was written); start it again without --resume after removing {out}")
         trainer.load(ckpt)
-        print(f"resumed from {ckpt} (epoch {trainer.epoch})")
+        if trainer.is_main_process:
+            print(f"resumed from {ckpt} (epoch {trainer.epoch})")
     else:
         trainer.save_grid(out / "grid_before.png", use_policy=False)
     start = time.time()
     history = trainer.train()
     trainer.save_grid(out / "grid_after.png")
+    if not trainer.is_main_process:  # multi-process (torchrun): only the main process writes outputs
+        return 0
     names = list(trainer.rewards.names) + (list(trainer.eval_rewards.names) if trainer.eval_rewards else [])
     head_ev = [f"value_ev/{n}" for n in trainer.rewards.names] if trainer.critic is not None else []
     plot_metrics(out / "metrics.jsonl", out / "reward_curve.png", [f"reward/{n}/mean" for n in names] + head_ev,

@@ -53,7 +53,7 @@ def build_steering_trainer(config: str | None, run_dir: str | None, out: str, ov
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
     if ckpt is not None:
-        trainer.load(ckpt)
+        trainer.load(ckpt, resume=False)  # reuse the weights under this command's sampling config
         print(f"loaded policy + critic from {ckpt}")
     else:
         print(f"pretraining the critic on the base policy ({run['ppo'].value_pretrain_epochs} rollout batches)")

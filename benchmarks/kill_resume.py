@@ -1,0 +1,231 @@
+"""Kill a digits training run with SIGKILL at random moments, resume it each time, compare with an uninterrupted run.
+
+    python benchmarks/kill_resume.py [--kills 10] [--seed 0] [--epochs 12]
+
+1. Runs `critic-align train` (a small digits config, a checkpoint every epoch) once without interruption.
+2. Runs the same command in another directory as a subprocess and SIGKILLs it after a random delay (seeded);
+   resumes it with `--resume` from its latest complete checkpoint (or starts it again when the kill came before
+   the first checkpoint), and repeats until ``--kills`` kills were made; then lets it finish.
+3. Compares the final metrics (every JSONL row, wall-clock fields excluded) and the final checkpoint (every
+   safetensors tensor bit for bit: policy LoRA, critic, optimiser state, RNG states; and state.json) with the
+   uninterrupted run.
+
+Prints and writes benchmarks/results/kill_resume.json: "10/10 identical" or exactly what differed.  Each kill is
+recorded with where it landed (process start-up, value pretraining, an epoch, between logging and checkpointing,
+inside a checkpoint write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+TIME_KEYS = {"time_s", "time_rollout_s", "time_update_s", "time_epoch_s"}
+
+
+def overrides(epochs: int) -> list[str]:
+    return [f"num_epochs={epochs}", "batch_size=16", "group_size=4", "num_inference_steps=10", "minibatch_size=80",
+            "value_pretrain_epochs=1", "value_pretrain_passes=1", "checkpoint_every=1", "keep_last=2",
+            "grid_every=0", "log_tensorboard=false", "progress=false"]
+
+
+def command(out: Path, epochs: int, resume: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "train.cli", "train", "--config", "digits", "--out", str(out)]
+    for s in overrides(epochs):
+        cmd += ["--set", s]
+    return cmd + (["--resume"] if resume else [])
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return e
+
+
+def rows(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def checkpoints(run: Path) -> list[Path]:
+    from critic_align.checkpoint import latest_checkpoint
+
+    d = run / "checkpoints"
+    done = latest_checkpoint(d) if d.exists() else None
+    return [done] if done else []
+
+
+def where_killed(run: Path) -> dict:
+    """Where a kill landed, read from what the killed process left on disk."""
+    from critic_align.checkpoint import latest_checkpoint
+
+    d = run / "checkpoints"
+    latest = latest_checkpoint(d) if d.exists() else None
+    logged = rows(run)
+    partial_line = (run / "metrics.jsonl").exists() and not (run / "metrics.jsonl").read_text().endswith("\n") \
+        and (run / "metrics.jsonl").stat().st_size > 0
+    tmp = sorted(p.name for p in d.glob(".tmp-*")) if d.exists() else []
+    ckpt_epoch = int(latest.name.split("_")[1]) if latest else None
+    last_logged = max((r.get("epoch", 0) for r in logged if r.get("phase") == "train"), default=None)
+    if not logged and latest is None:
+        phase = "start-up or value pretraining (nothing logged yet)"
+    elif latest is None:
+        phase = "after value pretraining was logged, before its checkpoint"
+    elif tmp:
+        phase = f"inside a checkpoint write ({tmp[0]} present)"
+    elif last_logged is not None and last_logged > ckpt_epoch:
+        phase = f"after epoch {last_logged} was logged, before its checkpoint"
+    else:
+        phase = f"during epoch {ckpt_epoch + 1}"
+    return {"latest_checkpoint_epoch": ckpt_epoch, "rows_logged": len(logged), "partial_last_line": partial_line,
+            "tmp_dirs": tmp, "phase": phase}
+
+
+def final_checkpoint(run: Path):
+    from critic_align.checkpoint import latest_checkpoint, read_checkpoint
+
+    return read_checkpoint(latest_checkpoint(run / "checkpoints"))
+
+
+def compare(ref: Path, run: Path) -> list[str]:
+    import torch
+
+    diffs = []
+    a = [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows(ref)]
+    b = [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows(run)]
+    if len(a) != len(b):
+        diffs.append(f"metrics.jsonl has {len(b)} rows, the uninterrupted run {len(a)}")
+    for i, (ra, rb) in enumerate(zip(a, b)):
+        keys = sorted(k for k in set(ra) | set(rb) if ra.get(k) != rb.get(k) and not (ra.get(k) != ra.get(k)
+                                                                                    and rb.get(k) != rb.get(k)))
+        if keys:
+            diffs.append(f"metrics row {i} ({ra.get('phase')} epoch {ra.get('epoch', ra.get('iteration'))}) differs in "
+                         + ", ".join(f"{k}: {ra.get(k)!r} vs {rb.get(k)!r}" for k in keys[:5]))
+    ta, sa = final_checkpoint(ref)
+    tb, sb = final_checkpoint(run)
+    if set(ta) != set(tb):
+        diffs.append(f"checkpoint tensors differ in names: {sorted(set(ta) ^ set(tb))[:5]}")
+    for k in sorted(set(ta) & set(tb)):
+        if ta[k].dtype != tb[k].dtype or ta[k].shape != tb[k].shape or not torch.equal(ta[k], tb[k]):
+            d = (ta[k].double() - tb[k].double()).abs().max().item() if ta[k].shape == tb[k].shape else "shape"
+            diffs.append(f"checkpoint tensor {k} differs (max abs diff {d})")
+    skip = {"metrics_bytes", "config"}
+    for k in sorted((set(sa) | set(sb)) - skip):
+        if sa.get(k) != sb.get(k):
+            diffs.append(f"checkpoint state.json field {k} differs")
+    ca = {k: v for k, v in sa["config"].items() if k != "output_dir"}
+    cb = {k: v for k, v in sb["config"].items() if k != "output_dir"}
+    if ca != cb:
+        diffs.append("checkpoint configs differ")
+    return diffs
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kills", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--workdir", default="/tmp/critic_align_kill_resume")
+    ap.add_argument("--out", default=str(RESULTS / "kill_resume.json"))
+    args = ap.parse_args(argv)
+    work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    ref, run = work / "uninterrupted", work / "killed"
+
+    t0 = time.time()
+    proc = subprocess.Popen(command(ref, args.epochs, False), env=env(), cwd=ROOT, stdout=subprocess.DEVNULL)
+    first_row_s = None
+    while proc.poll() is None:  # time to the first logged row (start-up + value pretraining)
+        if first_row_s is None and rows(ref):
+            first_row_s = time.time() - t0
+        time.sleep(0.05)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the uninterrupted run failed (exit {proc.returncode})")
+    wall = time.time() - t0
+    ref_rows = rows(ref)
+    train_s = sum(r.get("time_epoch_s", 0) for r in ref_rows)
+    epoch_s = (wall - first_row_s) / args.epochs  # includes checkpointing; slightly over (final grid, plot)
+    print(f"uninterrupted run: {wall:.1f} s (first row after {first_row_s:.1f} s, ~{epoch_s:.2f} s per epoch "
+          f"with its checkpoint, {train_s / args.epochs:.2f} s in the epoch itself)")
+
+    rng = random.Random(args.seed)
+    kills, attempts = [], 0
+    from tqdm import tqdm
+
+    bar = tqdm(total=args.kills, desc="kills")
+    while len(kills) < args.kills:
+        resume = bool(checkpoints(run))
+        if not resume:
+            shutil.rmtree(run, ignore_errors=True)
+        # a random moment: from late start-up to ~2 epochs after the first row (kills land in every phase)
+        delay = rng.uniform(0.7 * first_row_s, first_row_s + 2.0 * epoch_s)
+        proc = subprocess.Popen(command(run, args.epochs, resume), env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        attempts += 1
+        try:
+            proc.wait(timeout=delay)
+            err = proc.stderr.read().decode(errors="replace")
+            if proc.returncode != 0:
+                raise RuntimeError(f"attempt {attempts} failed (exit {proc.returncode}):\n{err[-3000:]}")
+            print(f"attempt {attempts}: the run finished before its kill at {delay:.1f} s")
+            break
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            proc.stderr.close()
+            kills.append({"kill": len(kills) + 1, "resumed": resume, "delay_s": round(delay, 2), **where_killed(run)})
+            bar.update(1)
+            bar.set_postfix(phase=kills[-1]["phase"][:40])
+    bar.close()
+    resume = bool(checkpoints(run))
+    if not resume:
+        shutil.rmtree(run, ignore_errors=True)
+    subprocess.run(command(run, args.epochs, resume), env=env(), cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    diffs = compare(ref, run)
+    identical = not diffs
+    verdict = f"{len(kills)}/{len(kills)} identical" if identical else f"{len(kills)} kills: {len(diffs)} differences"
+    import torch
+
+    result = {
+        "verdict": verdict,
+        "identical": identical,
+        "kills": len(kills),
+        "kills_requested": args.kills,
+        "differences": diffs,
+        "kill_log": kills,
+        "compared": "every metrics.jsonl row (wall-clock fields excluded) and every tensor of the final checkpoint "
+                    "(policy LoRA, critic, optimiser state, RNG states) bit for bit, and its state.json",
+        "command": " ".join(command(Path("RUN"), args.epochs, False)[1:]),
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "uninterrupted_wall_s": round(wall, 1),
+        "first_row_s": round(first_row_s, 1),
+        "epoch_with_checkpoint_s": round(epoch_s, 2),
+        "total_wall_s": round(time.time() - t0, 1),
+        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": 1,
+                    "python": platform.python_version()},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(verdict)
+    for d in diffs:
+        print("  " + d)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Two processes (spawned like torchrun: gloo on CPU, accelerate's MULTI_CPU) against one process at the same
+global batch.  (Spawned, not forked as accelerate.debug_launcher does: a forked child of a process that already
+ran torch ops runs its OpenMP kernels ~20x slower here.)
+
+What is equal, and how exactly:
+* the sampled trajectories: every process draws the same initial noise and per-chunk noise seeds and samples
+  its own whole chunks, so the gathered rollout equals the 1-process rollout (bit for bit on CPU here; compared
+  within 1e-6 since batch composition may change float kernels elsewhere);
+* rewards, advantages, the metrics and the weights after training: within float tolerance (the 1-process
+  minibatch gradient is one sum; with 2 processes it is two half-sums added by an all-reduce);
+* the weights of the two processes after every update: bit for bit (the gradients are all-reduced, then both
+  take the same optimiser step); with the all-reduce switched off they differ, so the check has teeth.
+Only the main process writes logs and checkpoints; the checkpoint holds both processes' RNG states.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_trainer import make_trainer
+
+# two fresh interpreters import torch + diffusers: ~10 s on 2 idle cores, more on a busy machine
+pytestmark = pytest.mark.slow
+
+CFG = dict(num_epochs=2, sample_chunk_size=4, batch_size=8, group_size=4, minibatch_size=16)
+
+
+def _weights(tr) -> dict:
+    out = {f"policy.{k}": v.detach().clone() for k, v in tr.adapters.state_dict("policy").items()}
+    out.update({f"critic.{k}": v.detach().clone() for k, v in tr.critic.state_tensors().items()})
+    return out
+
+
+def _run(tr, tmp: Path, tag: str) -> None:
+    """First rollout (kept), then train; write what the test compares (by the test, not by the trainer)."""
+    ro = tr.rollout(tr.prompt_iter.batch(2, 4))
+    hist = tr.train()
+    save_file({"latents": ro.latents.contiguous(), "rewards": ro.rewards.contiguous(), **_weights(tr)},
+              str(tmp / f"{tag}.safetensors"))
+    (tmp / f"{tag}.json").write_text(json.dumps({"history": hist, "reward_queries": tr.reward_queries}))
+
+
+def _two_process_worker(rank: int, tmp: str, port: int) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), ACCELERATE_USE_CPU="1")
+    torch.set_num_threads(1)
+    tmp = Path(tmp)
+    # rank 1 gets its own output_dir (it does not change what is computed): it must stay empty
+    tr = make_trainer(tmp / f"dir{rank}", **CFG)
+    assert tr.num_processes == 2
+    _run(tr, tmp, f"rank{rank}")
+
+    # negative control: one update without the gradient all-reduce leaves the ranks' weights different
+    import torch.distributed as dist
+
+    tr._sync_grads = lambda: None
+    ro = tr.compute_advantages(tr.rollout(tr.prompt_iter.batch(2, 4)))
+    tr.update(ro)
+    flat = torch.cat([p.detach().reshape(-1) for p in tr._trainable])
+    both = [torch.empty_like(flat) for _ in range(2)]
+    dist.all_gather(both, flat)
+    (tmp / f"nosync_rank{rank}.json").write_text(json.dumps({"equal": bool(torch.equal(both[0], both[1]))}))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    import os
+    import socket
+
+    import torch.multiprocessing as tmp_mp
+
+    tmp = tmp_path_factory.mktemp("mp")
+    one = make_trainer(tmp / "one", **CFG)
+    assert one.num_processes == 1
+    _run(one, tmp, "one")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # the spawned interpreters read it at start-up
+    try:
+        tmp_mp.start_processes(_two_process_worker, args=(str(tmp), port), nprocs=2, start_method="spawn")
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+    return tmp
+
+
+def test_two_process_weights_identical_across_ranks(runs):
+    r0, r1 = load_file(str(runs / "rank0.safetensors")), load_file(str(runs / "rank1.safetensors"))
+    assert r0.keys() == r1.keys()
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), f"{k} differs between the two processes"
+    # without the all-reduce the processes drift apart: the check above can fail
+    assert json.loads((runs / "nosync_rank0.json").read_text())["equal"] is False
+
+
+def test_two_processes_equal_one_process(runs):
+    one, two = load_file(str(runs / "one.safetensors")), load_file(str(runs / "rank0.safetensors"))
+    torch.testing.assert_close(two["latents"], one["latents"], rtol=0, atol=1e-6)  # same trajectories
+    torch.testing.assert_close(two["rewards"], one["rewards"], rtol=0, atol=1e-6)  # gathered in order
+    moved = [k for k in one if k.startswith("policy.") and "lora_B" in k and one[k].abs().max() > 0]
+    assert moved, "training did not move the policy: the comparison would be vacuous"
+    for k in one:
+        if k in ("latents", "rewards"):
+            continue
+        a, b = one[k], two[k]
+        if k == "critic.head.attn.in_proj_bias":
+            # the attention's key bias has an exactly zero gradient (softmax ignores a shift shared by all
+            # keys): its values are float rounding noise that Adam scales up to lr-sized steps in either run;
+            # both stay at noise level, and the query and value biases are compared
+            c = a.numel() // 3
+            assert a[c:2 * c].abs().max() < 1e-4 and b[c:2 * c].abs().max() < 1e-4
+            a, b = torch.cat([a[:c], a[2 * c:]]), torch.cat([b[:c], b[2 * c:]])
+        # float summation order differs (one sum vs two half-sums); Adam's normalised steps turn ~1e-7 gradient
+        # differences into ~1e-6 weight differences after a few steps; the weights moved by ~1e-2
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=2e-5, msg=k)
+    h1, h2 = (json.loads((runs / f"{t}.json").read_text()) for t in ("one", "rank0"))
+    assert h1["reward_queries"] == h2["reward_queries"] == 8 + 8 + 2 * 8  # first rollout + pretraining + 2 epochs
+    for a, b in zip(h1["history"], h2["history"], strict=True):
+        for k, v in a.items():
+            if k.startswith("time_") or not isinstance(v, float) or v != v:
+                continue
+            assert b[k] == pytest.approx(v, rel=1e-3, abs=1e-5), k
+
+
+def test_only_the_main_process_writes(runs):
+    assert not (runs / "dir1").exists(), "rank 1 wrote into its output_dir"
+    main = runs / "dir0" / "run"
+    assert (main / "metrics.jsonl").exists()
+    ckpts = sorted((main / "checkpoints").glob("epoch_*"))
+    assert ckpts
+    state = json.loads((ckpts[-1] / "state.json").read_text())
+    assert state["num_processes"] == 2 and len(state["rng_ranks"]) == 1  # both processes' RNG states
+    tensors = load_file(str(ckpts[-1] / "tensors.safetensors"))
+    assert "rng.rank1.generator" in tensors and "rng.generator" in tensors
