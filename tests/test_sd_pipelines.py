@@ -15,7 +15,7 @@ from critic_align.cond import TextCond, cat_cond
 from critic_align.config import PPOConfig
 from critic_align.rewards import FunctionReward, JpegCompressibility, MultiReward
 from critic_align.rollout import Rollout, cfg_denoiser, sample
-from critic_align.steps import DDIMStep
+from critic_align.steps import DDIMStep, FlowMatchSDEStep
 from critic_align.tasks.sd import StableDiffusionTask, load_pipeline, save_policy_lora
 from critic_align.trainer import Trainer
 
@@ -83,6 +83,34 @@ def tiny_sd15_pipeline(tmp_dir: Path, seed: int = 0):
                               timestep_spacing="leading")
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def tiny_sd3_pipeline(tmp_dir: Path, seed: int = 0):
+    """SD3-class pipeline without T5: SD3Transformer2DModel (patch 2 on 8x8 latents), an SD3-style
+    AutoencoderKL (no quant convs, shift and scaling factors), two CLIPTextModelWithProjection,
+    FlowMatchEulerDiscreteScheduler with SD3.5's shift 3."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    tok = tiny_clip_tokenizer(tmp_dir / "tokenizer")
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                        caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=8, layers_per_block=1, sample_size=16, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    text_encoder = CLIPTextModelWithProjection(_clip_text_config(tok, hidden=16, projection_dim=16))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tok, hidden=16, projection_dim=16))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                                    tokenizer=tok, text_encoder_2=text_encoder_2, tokenizer_2=tok, text_encoder_3=None,
+                                    tokenizer_3=None)
+
+
+SD3_LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
+                    "attn.to_out.0", "attn.to_q", "attn.to_v")
 
 
 def brightness(samples, prompts):
@@ -261,6 +289,108 @@ def test_sd15_one_epoch_only_lora_changes_and_lora_roundtrip(tmp_path):
     for eta in (0.0, 1.0):
         step = DDIMStep(trainer.schedule, eta=eta)
         ours = sample(trainer.policy_output, step, x_T, ts, cond, generator=torch.Generator().manual_seed(7))
-        theirs = fresh(prompt_embeds=cond, latents=x_T.clone(), num_inference_steps=len(ts), guidance_scale=1.0,
+        theirs = fresh(["a cat", "owl"], latents=x_T.clone(), num_inference_steps=len(ts), guidance_scale=1.0,
                        eta=eta, generator=torch.Generator().manual_seed(7), output_type="latent").images
         torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# SD3 (flow matching, MMDiT, no T5)
+def test_sd3_task_contract(tmp_path):
+    pipe = tiny_sd3_pipeline(tmp_path)
+    task = StableDiffusionTask(pipe, PROMPTS, max_sequence_length=8)
+    assert task.kind == "sd3" and task.latent_shape == (4, 8, 8) and task.resolution == 16
+    cond = task.encode(["a cat", "owl"])
+    assert isinstance(cond, TextCond)
+    ref, _, pooled, _ = pipe.encode_prompt(["a cat", "owl"], None, None, device="cpu", do_classifier_free_guidance=False,
+                                           max_sequence_length=8)
+    assert torch.equal(cond.embeds, ref) and torch.equal(cond.pooled, pooled)
+    assert cond.embeds.shape == (2, 16 + 8, 32) and cond.pooled.shape == (2, 32)
+    null = task.null_cond(3)
+    assert len(null) == 3 and torch.equal(null.pooled[2], task.encode([""]).pooled[0])
+    z = torch.randn(2, *task.latent_shape)
+    ref_img = pipe.vae.decode(z / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor).sample.clamp(-1, 1)
+    assert torch.allclose(task.decode(z), ref_img)
+    with pytest.raises(ValueError, match="patch size"):
+        StableDiffusionTask(pipe, PROMPTS, resolution=18)
+
+
+def test_sd3_one_epoch_only_lora_changes_and_lora_roundtrip(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = tiny_sd3_pipeline(tmp_path)
+    pipe.save_pretrained(tmp_path / "base")
+    task = StableDiffusionTask(pipe, PROMPTS, max_sequence_length=8)
+    rewards = MultiReward([JpegCompressibility(), FunctionReward(brightness, name="brightness")])
+    cfg = small_config(tmp_path, eta=0.7, lora_target_modules=SD3_LORA_TARGETS, lora_alpha=4.0)
+    trainer = Trainer(cfg, task, task.backbone(), task.scheduler, rewards)
+    assert isinstance(trainer.step, FlowMatchSDEStep)
+    before_frozen = frozen_snapshot(pipe, "transformer")
+    before_lora = {n: {k: v.clone() for k, v in trainer.adapters.state_dict(n).items()} for n in ("policy", "critic")}
+    history = trainer.train()
+    assert len(history) == 1 and history[0]["reward_queries"] == 8
+    assert_only_lora_changed(trainer, pipe, "transformer", before_frozen, before_lora)
+
+    out = save_policy_lora(trainer, tmp_path / "lora")
+    with pytest.raises(ValueError, match="drop_t5=True"):
+        load_pipeline(tmp_path / "base", kind="sd3")
+    fresh = load_pipeline(tmp_path / "base", kind="sd3", drop_t5=True)
+    assert isinstance(fresh, StableDiffusion3Pipeline) and fresh.text_encoder_3 is None
+    fresh.set_progress_bar_config(disable=True)
+    fresh.load_lora_weights(out)
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, *task.latent_shape, generator=g)
+    cond = task.encode(["a cat", "owl"])
+    t = trainer.timesteps[[0, 2]]
+    ours = trainer.policy_output(x, t, cond)
+    theirs = fresh.transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond.embeds,
+                               pooled_projections=cond.pooled).sample
+    assert not torch.allclose(ours, trainer.reference_output(x, t, cond), atol=1e-4)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+    # the same samples with the deterministic (Euler, noise_level 0) sampler and the same x_T
+    x_T = torch.randn(2, *task.latent_shape, generator=g)
+    step = FlowMatchSDEStep(trainer.schedule, noise_level=0.0)
+    ours = sample(trainer.policy_output, step, x_T, trainer.timesteps, cond)
+    theirs = fresh(["a cat", "owl"], latents=x_T.clone(), num_inference_steps=len(trainer.timesteps),
+                   guidance_scale=1.0, max_sequence_length=8, output_type="latent").images
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# full-size SD1.5 UNet, shapes only (meta device: no memory, no compute)
+SD15_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+
+
+def test_sd15_full_size_unet_shapes_on_meta():
+    from diffusers import UNet2DConditionModel
+
+    from critic_align.backbones import LoraAdapters, UNetAdapter
+    from critic_align.critic import build_critic
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    assert 855e6 < sum(p.numel() for p in unet.parameters()) < 865e6  # SD1.5's UNet: 859.5 M parameters
+    adapter = UNetAdapter(unet)
+    adapters = LoraAdapters(unet)
+    cfg = PPOConfig()
+    adapters.add("policy", rank=4, target_modules=cfg.lora_target_modules)
+    critic = build_critic(adapter, mode="lora", num_rewards=2, adapters=adapters, lora_rank=4,
+                          lora_target_modules=cfg.lora_target_modules, hidden_dim=64, num_heads=8)
+    critic.head.to("meta")
+    x = torch.empty(2, 4, 64, 64, device="meta")
+    t = torch.full((2,), 500, device="meta")
+    cond = torch.empty(2, 77, 768, device="meta")
+    with adapters.using("policy"):
+        assert adapter.predict(x, t, cond).shape == (2, 4, 64, 64)
+    feats = adapter.features(x, t, cond)
+    assert feats.tokens.shape == (2, 8 * 8, 1280) and feats.temb.shape == (2, 1280)
+    assert adapter.feature_dim == 1280 and adapter.temb_dim == 1280
+    assert critic(x, t, cond).shape == (2, 2)
+    n_policy = sum(p.numel() for p in adapters.parameters("policy"))
+    assert 1e6 < n_policy < 20e6  # rank-4 LoRA on attention + resnet convs: a few million parameters

@@ -13,9 +13,10 @@ are frozen and in eval mode.
     save_policy_lora(trainer, "runs/sd15/lora")          # pipe.load_lora_weights("runs/sd15/lora")
 
 Conditioning: SD1.5 gives the text encoder's hidden states (B, 77, 768), a plain tensor; SD3 gives a
-:class:`~critic_align.cond.TextCond` (token embeddings (B, 77 + T5 length, 4096) and pooled projections
-(B, 2048)).  ``null_cond`` is the empty prompt's conditioning (what the pipelines use as the negative
-prompt), for classifier-free guidance; training is CFG-free by default (``guidance_scale: 1.0``).
+:class:`~critic_align.cond.TextCond` (prompt embeddings (B, 77 + T5 length, 4096) and pooled projections
+(B, 2048)), which supports the batch operations the engine applies to a conditioning tensor.
+``null_cond`` is the empty prompt's conditioning (what the pipelines use as the negative prompt), for
+classifier-free guidance; training is CFG-free by default (``guidance_scale: 1.0``).
 
 Samples given to the rewards are the VAE-decoded images as float32 (B, 3, H, W) in [-1, 1], the
 package's reward convention (``critic_align.rewards.base``).
@@ -84,6 +85,15 @@ def load_pipeline(model_path: str | os.PathLike, kind: str, torch_dtype: str = "
                 f"{path} is not a diffusers pipeline directory (no model_index.json); pass the directory that "
                 f"`{cls.__name__}.save_pretrained` or `huggingface-cli download <name> --local-dir DIR` wrote"
             )
+        if kind == "sd3" and not drop_t5:
+            import json
+
+            index = json.loads((path / "model_index.json").read_text())
+            if [None, None] in (index.get("text_encoder_3"), index.get("tokenizer_3")):
+                raise ValueError(
+                    f"{path} was saved without the T5 text encoder (text_encoder_3 is null in model_index.json); "
+                    "load it with drop_t5=True (its T5 embeddings are then zeros) or use a directory that has T5"
+                )
         return cls.from_pretrained(str(path), local_files_only=True, **kwargs)
     looks_local = str(model_path).startswith((".", "/", "~")) or str(model_path).count("/") > 1
     if looks_local:
