@@ -616,9 +616,11 @@ class Trainer:
 
         if not self.is_main_process:
             return None
-        prompts = [p for p in self.task.prompts for _ in range(per_prompt)]
-        return save_grid(self.sample(prompts, use_policy=use_policy), path, nrow=per_prompt,
-                         labels=list(self.task.prompts))
+        # a task may show only some prompts, unscaled (e.g. 512-pixel Stable Diffusion images)
+        rows = list(getattr(self.task, "grid_prompts", self.task.prompts))
+        prompts = [p for p in rows for _ in range(per_prompt)]
+        return save_grid(self.sample(prompts, use_policy=use_policy), path, nrow=per_prompt, labels=rows,
+                         scale=getattr(self.task, "grid_scale", 4))
 
     def save(self) -> Path | None:
         """Checkpoint into ``output_dir/checkpoints`` (call it on every process: RNG states are gathered; the

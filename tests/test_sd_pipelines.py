@@ -394,3 +394,71 @@ def test_sd15_full_size_unet_shapes_on_meta():
     assert critic(x, t, cond).shape == (2, 2)
     n_policy = sum(p.numel() for p in adapters.parameters("policy"))
     assert 1e6 < n_policy < 20e6  # rank-4 LoRA on attention + resnet convs: a few million parameters
+
+
+# ----------------------------------------------------------------------------------------------------
+# configs and the command line
+SD_CONFIGS = ("sd15_jpeg", "sd15_pickscore", "sd35m_jpeg", "sd35m_pickscore")
+
+
+@pytest.mark.parametrize("name", SD_CONFIGS)
+def test_shipped_sd_configs_load_and_name_their_missing_weights(name):
+    from train.registry import build_rewards, build_trainer, load_run_config
+
+    run = load_run_config(name)
+    assert run["task"] in ("sd15", "sd3") and run["ppo"].guidance_scale == 1.0  # CFG-free
+    assert build_rewards(run["rewards"]).names  # reward objects build lazily, without their weights
+    with pytest.raises(FileNotFoundError, match="model_path .* does not exist"):
+        build_trainer(run)  # the shipped prompt file is found; model_path is a placeholder to set
+
+
+def test_cli_train_and_export_lora_sd15(tmp_path):
+    import yaml
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from critic_align.backbones import LoraAdapters
+    from critic_align.checkpoint import latest_checkpoint
+    from train.cli import main
+    from train.registry import build_trainer, load_run_config
+
+    tiny_sd15_pipeline(tmp_path).save_pretrained(tmp_path / "base")
+    (tmp_path / "prompts.txt").write_text("# animals\na cat\n\nowl\n")
+    ppo = dict(num_epochs=1, batch_size=4, group_size=2, num_inference_steps=4, minibatch_size=16,
+               value_pretrain_epochs=1, value_pretrain_passes=1, progress=False, log_tensorboard=False, grid_every=0,
+               lora_rank=2, critic_lora_rank=2, value_head_hidden=16, value_head_heads=2, clip_range=0.2,
+               learning_rate=1e-2)
+    config = {"task": "sd15", "model_path": str(tmp_path / "base"), "prompts": "prompts.txt",
+              "sd": {"decode_chunk_size": 3}, "rewards": ["jpeg_compressibility"], "ppo": ppo}
+    cfg_file = tmp_path / "sd15_tiny.yaml"
+    cfg_file.write_text(yaml.safe_dump(config))
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", str(cfg_file), "--out", str(run_dir)]) == 0
+    assert json.loads((run_dir / "run.json").read_text())["task"] == "sd15"
+    assert (run_dir / "grid_after.png").exists()
+    assert main(["export-lora", "--run", str(run_dir), "--out", str(tmp_path / "lora")]) == 0
+
+    # the exported file holds the checkpoint's policy LoRA: a fresh pipeline with it equals the base UNet
+    # carrying the checkpoint's policy adapter
+    fresh = StableDiffusionPipeline.from_pretrained(tmp_path / "base", local_files_only=True)
+    fresh.load_lora_weights(tmp_path / "lora")
+    ref = StableDiffusionPipeline.from_pretrained(tmp_path / "base", local_files_only=True)
+    adapters = LoraAdapters(ref.unet)
+    adapters.add("policy", rank=2, target_modules=PPOConfig().lora_target_modules)
+    tensors = load_file(str(latest_checkpoint(run_dir / "checkpoints") / "tensors.safetensors"))
+    adapters.load_state_dict("policy", {k[7:]: v for k, v in tensors.items() if k.startswith("policy.")})
+    x, cond = torch.randn(2, 4, 8, 8), torch.randn(2, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.unet(x, 500, cond).sample, ref.unet(x, 500, cond).sample, rtol=1e-5, atol=1e-5)
+
+    # config errors name the problem
+    for bad, match in [({"sd": {"resolutoin": 16}}, "unknown sd: option"), ({"model_path": None}, "needs model_path"),
+                       ({"prompts": []}, "needs prompts"), ({"sd": {"torch_dtype": "bfloat16"}}, "mixed_precision: bf16")]:
+        cfg_file.write_text(yaml.safe_dump({**config, **bad}))
+        with pytest.raises(ValueError, match=match):
+            build_trainer(load_run_config(str(cfg_file)))
+    with pytest.raises(SystemExit, match="no complete checkpoint"):
+        main(["export-lora", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
+    (run_dir / "run.json").write_text(json.dumps({"task": "digits"}))
+    with pytest.raises(SystemExit, match="Stable Diffusion tasks"):
+        main(["export-lora", "--run", str(run_dir), "--out", str(tmp_path / "x")])

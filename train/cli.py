@@ -6,6 +6,8 @@
     critic-align pretrain-digits-dit [--out DIR] [--steps 1500]  reproduce the shipped flow-matching DiT
     critic-align train-classifier [--out DIR]                    reproduce the shipped digit classifier
     critic-align evaluate-digits [--model DIR]                   per-class accuracy + model card
+    critic-align export-lora --run RUN_DIR --out DIR             a Stable Diffusion run's policy LoRA for
+                                                                 pipe.load_lora_weights(DIR)
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ def cmd_train(args) -> int:
     if out.exists() and (out / "metrics.jsonl").exists() and not args.resume:
         raise SystemExit(f"{out} already holds a run; pass --resume to continue it or --out to start a new one")
     trainer = build_trainer(run)
+    if trainer.is_main_process:  # what export-lora needs to know about the run besides its checkpoints
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text(json.dumps({k: run.get(k) for k in ("task", "model_path", "base_model")}
+                                                 | {"config_file": run["_path"]}, indent=2))
     if args.resume:
         ckpt = latest_checkpoint(out / "checkpoints")
         if ckpt is None:
@@ -116,6 +122,38 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_export_lora(args) -> int:
+    """Write a Stable Diffusion run's policy LoRA with the pipeline class's own save_lora_weights."""
+    from critic_align.checkpoint import latest_checkpoint, read_checkpoint
+    from critic_align.tasks.sd import save_lora
+
+    from .registry import SD_TASKS
+
+    run_dir = Path(args.run)
+    if (run_dir / "state.json").exists():  # a checkpoint directory itself
+        ckpt, run_dir = run_dir, run_dir.parent.parent
+    else:
+        ckpt = latest_checkpoint(run_dir / "checkpoints")
+        if ckpt is None:
+            raise SystemExit(f"no complete checkpoint under {run_dir / 'checkpoints'}; pass a run directory written by "
+                             "`critic-align train` or one of its checkpoints/epoch_* directories")
+    task = args.task
+    if task is None:
+        info = run_dir / "run.json"
+        if not info.exists():
+            raise SystemExit(f"{info} is missing, so the run's task is unknown; pass --task {'|'.join(SD_TASKS)}")
+        task = json.loads(info.read_text())["task"]
+    if task not in SD_TASKS:
+        raise SystemExit(f"export-lora writes diffusers pipeline LoRA for the Stable Diffusion tasks {sorted(SD_TASKS)}; "
+                         f"this run's task is {task!r} (use `critic-align sample --run` for digits runs)")
+    tensors, state = read_checkpoint(ckpt)
+    cfg = state["config"]
+    policy = {k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")}
+    out = save_lora(policy, SD_TASKS[task], args.out, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_target_modules"])
+    print(f"wrote the policy LoRA of {ckpt} to {out}; load it with {task} pipelines' pipe.load_lora_weights({str(out)!r})")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="critic-align", description="Align diffusion models with a latent critic.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +177,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png")
     p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("export-lora", help="write a Stable Diffusion run's policy LoRA for pipe.load_lora_weights(DIR)")
+    p.add_argument("--run", required=True, help="a run directory (its latest checkpoint) or a checkpoint directory")
+    p.add_argument("--out", required=True, help="output directory (gets pytorch_lora_weights.safetensors)")
+    p.add_argument("--task", default=None, choices=("sd15", "sd3"), help="the run's task (default: from its run.json)")
+    p.set_defaults(fn=cmd_export_lora)
 
     from .steer import add_parser as add_steer_parser
 

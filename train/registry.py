@@ -9,7 +9,10 @@ import yaml
 from critic_align.config import PPOConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-RUN_KEYS = {"task", "base_model", "rewards", "eval_rewards", "ppo"}
+RUN_KEYS = {"task", "base_model", "rewards", "eval_rewards", "ppo", "model_path", "prompts", "sd"}
+# Stable Diffusion tasks: task name -> pipeline kind (critic_align.tasks.sd)
+SD_TASKS = {"sd15": "sd15", "sd3": "sd3"}
+SD_OPTIONS = {"resolution", "max_sequence_length", "decode_chunk_size", "torch_dtype", "drop_t5"}
 
 
 def reward_by_name(name: str, **kwargs):
@@ -85,6 +88,41 @@ def load_run_config(name_or_path: str, overrides: dict | None = None) -> dict:
     return data
 
 
+def build_sd_task(run: dict):
+    """The Stable Diffusion task of a run config: ``task: sd15 | sd3``, ``model_path`` (local directory or hub
+    name), ``prompts`` (a list, or the path of a text file with one prompt per line) and ``sd:`` options
+    (resolution, max_sequence_length, decode_chunk_size -> StableDiffusionTask; torch_dtype, drop_t5 ->
+    load_pipeline)."""
+    from critic_align.tasks.sd import StableDiffusionTask, load_pipeline, read_prompts
+
+    task_name = run["task"]
+    if not run.get("model_path"):
+        raise ValueError(f"task {task_name!r} needs model_path: a local diffusers pipeline directory (or a hub name "
+                         "such as stable-diffusion-v1-5/stable-diffusion-v1-5 on a machine with hub access)")
+    if run.get("base_model") is not None:
+        raise ValueError(f"task {task_name!r} takes model_path, not base_model (that is the digits tasks' key)")
+    opts = dict(run.get("sd") or {})
+    unknown = sorted(set(opts) - SD_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown sd: option(s) {unknown}; allowed: {sorted(SD_OPTIONS)}")
+    prompts = run.get("prompts")
+    if isinstance(prompts, str):
+        path = Path(prompts)
+        if not path.is_absolute() and not path.exists() and run.get("_path"):
+            path = Path(run["_path"]).parent / prompts  # relative to the config file
+        prompts = read_prompts(path)
+    if not prompts:
+        raise ValueError(f"task {task_name!r} needs prompts: a list of strings or a text file with one per line")
+    torch_dtype = opts.pop("torch_dtype", "float32")
+    if torch_dtype != "float32" and run["ppo"].mixed_precision != "bf16":
+        raise ValueError(f"sd.torch_dtype={torch_dtype!r} needs ppo.mixed_precision: bf16 (a half-precision base is run "
+                         "under autocast; LoRA weights, optimiser and log-probs stay float32)")
+    pipe = load_pipeline(run["model_path"], SD_TASKS[task_name], torch_dtype=torch_dtype,
+                         drop_t5=opts.pop("drop_t5", False))
+    pipe.set_progress_bar_config(disable=True)
+    return StableDiffusionTask(pipe, prompts, **opts)
+
+
 def build_trainer(run: dict):
     """Instantiate the trainer described by a loaded run config."""
     from critic_align.backbones import DiTAdapter, UNetAdapter
@@ -94,8 +132,17 @@ def build_trainer(run: dict):
     # task -> (task object, base-model loader, adapter): the UNet DDPM or the flow-matching DiT on the digits
     tasks = {"digits": (DigitsTask, load_base_model, UNetAdapter), "digits_dit": (DigitsTask, load_dit_model, DiTAdapter)}
     task_name = run["task"]
+    if task_name in SD_TASKS:
+        task = build_sd_task(run)
+        rewards = build_rewards(run.get("rewards"))
+        eval_names = run.get("eval_rewards") or []
+        return Trainer(run["ppo"], task, task.backbone(), task.scheduler, rewards,
+                       build_rewards(eval_names) if eval_names else None)
+    for key in ("model_path", "prompts", "sd"):
+        if run.get(key) is not None:
+            raise ValueError(f"{key} applies to the Stable Diffusion tasks {sorted(SD_TASKS)}, not task {task_name!r}")
     if task_name not in tasks:
-        raise ValueError(f"unknown task {task_name!r}; available: {sorted(tasks)}")
+        raise ValueError(f"unknown task {task_name!r}; available: {sorted(tasks) + sorted(SD_TASKS)}")
     task_cls, loader, adapter_cls = tasks[task_name]
     model, scheduler = loader(run.get("base_model"))
     rewards = build_rewards(run.get("rewards") or [{"name": "digit_prob"}])

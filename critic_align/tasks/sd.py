@@ -151,6 +151,12 @@ class StableDiffusionTask:
         self._null = None
 
     name = "stable_diffusion"
+    grid_scale = 1  # sample grids (Trainer.save_grid) at the images' own size ...
+
+    @property
+    def grid_prompts(self) -> tuple[str, ...]:
+        """... for the first four prompts only."""
+        return self.prompts[:4]
 
     # -- components ----------------------------------------------------------------------------------
     @property
