@@ -286,10 +286,12 @@ def test_sd15_one_epoch_only_lora_changes_and_lora_roundtrip(tmp_path):
     # the same samples: deterministic DDIM (eta=0) and stochastic DDIM (eta=1, same generator)
     x_T = torch.randn(2, *task.latent_shape, generator=g)
     ts = trainer.timesteps
-    for eta in (0.0, 1.0):
+    # and with classifier-free guidance (our null_cond = the pipeline's empty negative prompt)
+    for eta, scale in ((0.0, 1.0), (1.0, 1.0), (0.0, 3.0)):
         step = DDIMStep(trainer.schedule, eta=eta)
-        ours = sample(trainer.policy_output, step, x_T, ts, cond, generator=torch.Generator().manual_seed(7))
-        theirs = fresh(["a cat", "owl"], latents=x_T.clone(), num_inference_steps=len(ts), guidance_scale=1.0,
+        den = cfg_denoiser(trainer.policy_output, scale, task.null_cond)
+        ours = sample(den, step, x_T, ts, cond, generator=torch.Generator().manual_seed(7))
+        theirs = fresh(["a cat", "owl"], latents=x_T.clone(), num_inference_steps=len(ts), guidance_scale=scale,
                        eta=eta, generator=torch.Generator().manual_seed(7), output_type="latent").images
         torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
 
@@ -351,11 +353,13 @@ def test_sd3_one_epoch_only_lora_changes_and_lora_roundtrip(tmp_path):
 
     # the same samples with the deterministic (Euler, noise_level 0) sampler and the same x_T
     x_T = torch.randn(2, *task.latent_shape, generator=g)
+    # (and with classifier-free guidance: our null_cond is the pipeline's empty negative prompt)
     step = FlowMatchSDEStep(trainer.schedule, noise_level=0.0)
-    ours = sample(trainer.policy_output, step, x_T, trainer.timesteps, cond)
-    theirs = fresh(["a cat", "owl"], latents=x_T.clone(), num_inference_steps=len(trainer.timesteps),
-                   guidance_scale=1.0, max_sequence_length=8, output_type="latent").images
-    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    for scale in (1.0, 3.0):
+        ours = sample(cfg_denoiser(trainer.policy_output, scale, task.null_cond), step, x_T, trainer.timesteps, cond)
+        theirs = fresh(["a cat", "owl"], latents=x_T.clone(), num_inference_steps=len(trainer.timesteps),
+                       guidance_scale=scale, max_sequence_length=8, output_type="latent").images
+        torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------
