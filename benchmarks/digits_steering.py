@@ -37,7 +37,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--per-digit", type=int, default=10, help="prompts per digit (groups)")
     p.add_argument("--particles", type=int, nargs="+", default=[2, 4, 8])
-    p.add_argument("--scales", type=float, nargs="+", default=[2.0, 5.0, 10.0, 20.0], help="guidance scales w at N = 1")
+    p.add_argument("--scales", type=float, nargs="+", default=[5.0, 20.0, 50.0, 100.0], help="guidance scales w at N = 1")
+    p.add_argument("--bon-only", type=int, nargs="*", default=[16],
+                   help="extra N for best-of-N alone (a reference at the other methods' equivalent NFE)")
     p.add_argument("--lam", type=float, nargs="+", default=[10.0, 30.0], help="SMC λ values")
     p.add_argument("--ess-threshold", type=float, default=0.9)
     p.add_argument("--critic-epochs", type=int, default=20)
@@ -90,6 +92,8 @@ def main(argv=None):
             grids.setdefault("smc", res) if n == 4 else None
         res, _ = record("smc_x0", n, lam=args.lam[0], ess_threshold=args.ess_threshold)
         grids.setdefault("smc_x0", res) if n == 4 else None
+    for n in args.bon_only:
+        record("bon", n)
     result = {"benchmark": "digits_steering", "args": vars(args), "critic_source": run_dir or "fresh",
               "critic_pretrain_s": critic_time, "best_guidance_scale": best_scale, "rows": rows,
               "time_s": time.time() - t_start}

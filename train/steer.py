@@ -99,6 +99,8 @@ def steer_with_trainer(trainer, method: str, prompts: list[str], particles: int 
         mat = trainer.rewards(res.decoded, prompts)
         for k, name in enumerate(trainer.rewards.names):
             evals[name] = float(mat[:, k].double().mean())
+            # standard error of that mean over prompts: differences below ~2 SE are noise
+            evals[f"{name}_se"] = float(mat[:, k].double().std() / max(len(prompts), 1) ** 0.5)
         if trainer.eval_rewards is not None:
             emat = trainer.eval_rewards(res.decoded, prompts)
             for k, name in enumerate(trainer.eval_rewards.names):
