@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=24)
     ap.add_argument("--workdir", default="/tmp/critic_align_kill_resume")
     ap.add_argument("--out", default=str(RESULTS / "kill_resume.json"))
     args = ap.parse_args(argv)
@@ -171,8 +171,9 @@ def main(argv=None) -> dict:
         resume = bool(checkpoints(run))
         if not resume:
             shutil.rmtree(run, ignore_errors=True)
-        # a random moment: from late start-up to ~2 epochs after the first row (kills land in every phase)
-        delay = rng.uniform(0.7 * first_row_s, first_row_s + 2.0 * epoch_s)
+        # a random moment between mid start-up and ~1.5 epochs after the first row would appear (about one epoch
+        # of progress per attempt on average; kills land in every phase of an epoch)
+        delay = rng.uniform(0.5 * first_row_s, first_row_s + 1.5 * epoch_s)
         proc = subprocess.Popen(command(run, args.epochs, resume), env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
         attempts += 1

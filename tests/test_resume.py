@@ -87,3 +87,14 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_loading_the_digit_classifier_leaves_the_global_rng_alone():
+    """Rewards load their models lazily, on the first call: after a resume that call comes later in the RNG
+    stream than in the uninterrupted run, so a loader that drew from the global RNG would shift it."""
+    from critic_align.tasks.digits import load_digit_classifier
+
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    load_digit_classifier()
+    assert torch.equal(torch.get_rng_state(), before)

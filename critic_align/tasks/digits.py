@@ -198,7 +198,10 @@ def load_digit_classifier(path: str | Path | None = None, device="cpu") -> Digit
             f"no digit classifier at {path}; run `python -m train.train_classifier --out {path}`"
         )
     cfg = json.loads(cfg_file.read_text())
-    model = DigitClassifier(channels=tuple(cfg["channels"]), hidden=cfg["hidden"], dropout=cfg["dropout"])
+    # the random init is overwritten below: do not consume the caller's RNG (a reward loads this lazily, on its
+    # first call, so drawing from the global RNG here would shift it after a resume)
+    with torch.random.fork_rng(devices=[]):
+        model = DigitClassifier(channels=tuple(cfg["channels"]), hidden=cfg["hidden"], dropout=cfg["dropout"])
     model.load_state_dict(load_file(str(w_file)))
     return model.to(device).eval().requires_grad_(False)
 
