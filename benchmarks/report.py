@@ -14,6 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.report_perf import (  # noqa: E402
+    section_critic_modes,
+    section_perf,
+    section_scaling,
+    section_trl_compare,
+)
 from benchmarks.report_steering import section_digits_steering, section_gmm_steering  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -328,6 +334,10 @@ SECTIONS = [
     ("gmm_steering.json", section_gmm_steering),
     ("digits_steering.json", section_digits_steering),
     ("kill_resume.json", section_kill_resume),
+    ("trl_compare.json", section_trl_compare),
+    ("critic_modes.json", section_critic_modes),
+    ("perf.json", section_perf),
+    ("scaling.json", section_scaling),
 ]
 
 

@@ -121,6 +121,11 @@ class PPOConfig:
     lora_alpha: float | None = None
     """LoRA scale numerator (default: = rank)."""
     lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
+    fused_lora: bool = True
+    """Compute each LoRA layer (policy and critic) as one conv / matmul with the weight W + s·B·A: the same
+    function as peft's base(x) + s·B(A(x)), to float32 rounding, and faster on a CPU (``benchmarks/results/perf.json``;
+    ``critic_align/backbones/lora.py``; falls back to peft's forward under autocast and for layers it does not
+    cover).  False: peft's own forward."""
 
     # --- critic -------------------------------------------------------------------------------------
     critic_mode: str = "lora"
@@ -183,6 +188,8 @@ class PPOConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
                 _err(name, v, "must be in [0, 1]")
+        if not isinstance(self.fused_lora, bool):
+            _err("fused_lora", self.fused_lora, "must be true or false")
         if self.timestep_fraction == 0:
             _err("timestep_fraction", 0, "must be > 0")
         for name in ("normalize_advantages", "log_tensorboard", "progress"):

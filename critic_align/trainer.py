@@ -121,7 +121,7 @@ class Trainer:
             task.to(self.device)
         self.adapter = adapter.to(self.device)
         self.adapter.requires_grad_(False)
-        self.adapters = LoraAdapters(adapter.model)
+        self.adapters = LoraAdapters(adapter.model, fused=config.fused_lora)
         self.adapters.add("policy", rank=config.lora_rank, alpha=config.lora_alpha,
                           target_modules=config.lora_target_modules)
         self.critic: Critic | None = None

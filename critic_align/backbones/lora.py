@@ -4,20 +4,62 @@ peft's ``set_adapter`` silently switches ``requires_grad`` off on every other ad
 spans two adapters (policy + critic in one backward) would drop the first adapter's gradients.
 ``LoraAdapters`` re-applies the trainable flags after every switch: only the *active* adapter is used
 in a forward, but every trainable adapter keeps receiving the gradients of the graphs it took part in.
+
+Fused forward (``fused=True``, the default): peft computes a LoRA layer as ``base(x) + s·B(A(x))``, two
+extra small convolutions / matmuls per layer.  On a CPU a rank-8 3×3 convolution costs about twice the
+base convolution it adapts (oneDNN is slow with few output channels), so the fused forward computes the
+same function as one convolution / matmul with the weight ``W + s·B·A``, built anew in every forward (so
+it is never stale and gradients reach A and B through it): several times faster per layer without
+gradients and still faster with them (measured in ``benchmarks/results/perf.json``); results agree with
+peft's to float32 rounding.  Layers it does not cover fall back to peft's own forward: adapters disabled or merged,
+``adapter_names`` batches, DoRA and other variants, LoRA dropout or bias, ``fan_in_fan_out``, grouped,
+dilated or non-zero-padded convolutions, non-float32 weights and autocast (where adding a small ΔW to a
+bf16 W would round it away).
 """
 
 from __future__ import annotations
 
+import types
 import warnings
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
+def _fused_lora_forward(self, x, *args, **kwargs):
+    """Forward of a peft LoRA ``Linear`` / ``Conv2d`` as one op with ``W + Σ_a s_a·B_a·A_a`` (see module docs)."""
+    base = self.get_base_layer()
+    peft_forward = type(self).forward
+    if args or kwargs or self.disable_adapters or self.merged or torch.is_autocast_enabled(x.device.type):
+        return peft_forward(self, x, *args, **kwargs)
+    weight = base.weight
+    delta = None
+    for name in self.active_adapters:
+        if name not in self.lora_A:
+            continue
+        if (name in self.lora_variant or self.lora_bias.get(name, False)
+                or not isinstance(self.lora_dropout[name], nn.Identity) or getattr(self, "fan_in_fan_out", False)):
+            return peft_forward(self, x)
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if weight.dtype != torch.float32 or a.dtype != torch.float32 or x.dtype != torch.float32:
+            return peft_forward(self, x)
+        d = (b.flatten(1) @ a.flatten(1)).view(weight.shape) * self.scaling[name]
+        delta = d if delta is None else delta + d
+    if delta is None:
+        return base(x)
+    if type(base) is nn.Linear:
+        return F.linear(x, weight + delta, base.bias)
+    if type(base) is nn.Conv2d and base.groups == 1 and base.dilation == (1, 1) and base.padding_mode == "zeros":
+        return base._conv_forward(x, weight + delta, base.bias)
+    return peft_forward(self, x)
+
+
 class LoraAdapters:
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, fused: bool = True):
         self.model = model
+        self.fused = fused
         self.names: list[str] = []
         self.trainable: set[str] = set()
         self._active: str | None = None
@@ -47,12 +89,16 @@ class LoraAdapters:
             warnings.simplefilter("ignore", UserWarning)
             inject_adapter_in_model(cfg, self.model, adapter_name=name)
         self._layer_cache, self._param_cache = None, {}
+        if self.fused:  # instance-level forward: the model's own modules and peft's classes stay untouched
+            for layer in self._layers():
+                if type(layer.get_base_layer()) in (nn.Linear, nn.Conv2d) and "forward" not in vars(layer):
+                    layer.forward = types.MethodType(_fused_lora_forward, layer)
         self.names.append(name)
         if trainable:
             self.trainable.add(name)
         if not self._layers():
             raise ValueError(f"no layer of the model matched target_modules={list(target_modules)}")
-        self.activate(self._active or name)
+        self.activate(self._active or name, force=True)  # peft's injection may have switched the layers
 
     def _apply_requires_grad(self) -> None:
         for name in self.names:
@@ -60,9 +106,13 @@ class LoraAdapters:
             for p in self.parameters(name):
                 p.requires_grad_(flag)
 
-    def activate(self, name: str) -> None:
+    def activate(self, name: str, force: bool = False) -> None:
+        """Make ``name`` the adapter every LoRA layer uses.  A no-op when it already is (and adapters are
+        enabled), unless ``force``: switching walks every layer and parameter, ~1 ms per switch."""
         if name not in self.names:
             raise KeyError(f"unknown adapter {name!r}; adapters: {self.names}")
+        if name == self._active and not self._disabled and not force:
+            return
         for layer in self._layers():
             layer.set_adapter(name)
             if self._disabled:
