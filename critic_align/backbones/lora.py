@@ -28,11 +28,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device autocast does not know (e.g. 'meta'): take peft's path
+        return True
+
+
 def _fused_lora_forward(self, x, *args, **kwargs):
     """Forward of a peft LoRA ``Linear`` / ``Conv2d`` as one op with ``W + Σ_a s_a·B_a·A_a`` (see module docs)."""
     base = self.get_base_layer()
     peft_forward = type(self).forward
-    if args or kwargs or self.disable_adapters or self.merged or torch.is_autocast_enabled(x.device.type):
+    if args or kwargs or self.disable_adapters or self.merged or _autocast_on(x.device.type):
         return peft_forward(self, x, *args, **kwargs)
     weight = base.weight
     delta = None
