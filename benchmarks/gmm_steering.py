@@ -48,6 +48,8 @@ def main(argv=None):
     p.add_argument("--particles", type=int, nargs="+", default=[2, 4, 8, 16])
     p.add_argument("--alpha", type=float, default=0.5, help="tilt temperature α (λ = 1/α)")
     p.add_argument("--critic-epochs", type=int, default=30, help="value-pretraining rollout batches for the critic")
+    p.add_argument("--convergence", nargs="*", default=["100:16", "200:32", "500:64"],
+                   help="STEPS:PARTICLES pairs for SMC with the exact value (convergence to the target)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--threads", type=int, default=2)
@@ -117,11 +119,22 @@ def main(argv=None):
                      generator=gen).samples.double()
         reference = task.sample_reference(g, torch.Generator().manual_seed(8)).double()
         sampler_bias = sliced_wasserstein(base, reference)
-        # more steps shrink that error: SMC with the exact value at 5× the steps, N = 16
-        rows.append(run("smc/exact", 16, steps=5 * args.steps))
-        print(f"{name:6s} smc/exact N=16 T={5 * args.steps}  W2={rows[-1]['sliced_w2']:.3f}", flush=True)
+        # more steps shrink that error: SMC with the exact value as steps and particles grow together must
+        # converge to the exact target (down to the noise floor) — the correctness check of the SMC weights
+        convergence = []
+        for spec in args.convergence:
+            steps_c, n_c = (int(v) for v in spec.split(":"))
+            row = run("smc/exact", n_c, steps=steps_c)
+            rows.append(row)
+            plain = steer(den, step, torch.randn(g, *task.latent_shape, generator=gen),
+                          trainer.step.schedule.timesteps(steps_c), reward_fn=reward_fn, generator=gen).samples.double()
+            convergence.append({"steps": steps_c, "particles": n_c, "sliced_w2": row["sliced_w2"],
+                                "sampler_vs_untilted_reference_w2": sliced_wasserstein(plain, reference)})
+            print(f"{name:6s} smc/exact N={n_c} T={steps_c}  W2={row['sliced_w2']:.3f}  "
+                  f"(sampler's own error {convergence[-1]['sampler_vs_untilted_reference_w2']:.3f})", flush=True)
         result["rewards"][name] = {
             "sampler_vs_untilted_reference_w2": sampler_bias,
+            "convergence": convergence,
             "target_mean_reward": float(reward(target.float()).double().mean()),
             "base_mean_reward": rows[0]["mean_reward"],
             "noise_floor": floor, "rows": rows,
