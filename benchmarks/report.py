@@ -231,6 +231,14 @@ def section_reward_hacking(path: Path) -> str:
                          "relative to it.")
     lines += [
         "",
+        "Why `boldness`: it is the hackable reward the policy exploits within this budget (a one-seed probe before the "
+        "benchmark: the policy paints the background white and digits stop being recognisable); "
+        "`jpeg_compressibility` was not probed, for lack of shared CPU time. Why weights 1 : 2 in the joint run: "
+        "`normalize_then_sum` whitens each reward's advantages, so the weights alone set the trade-off; `digit_prob` "
+        "gets the larger weight so that it wins where the two rewards conflict, while `boldness` still gets a push "
+        "where they do not. The curves are training-batch means per epoch; the dashed line is the base model on the "
+        "evaluation set.",
+        "",
         "![reward hacking curves](benchmarks/results/reward_hacking.png)",
         "",
         f"Samples (evaluation noise, 8 per digit, seed {seeds[0]}): base "
