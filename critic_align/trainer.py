@@ -355,7 +355,8 @@ class Trainer:
         if n_steps == t:
             steps = torch.arange(t).repeat(b, 1)
         else:
-            steps = torch.stack([torch.randperm(t, generator=self.generator)[:n_steps] for _ in range(b)])
+            # a random permutation per trajectory, all at once: argsort of i.i.d. uniforms
+            steps = torch.rand(b, t, generator=self.generator).argsort(dim=1)[:, :n_steps]
         traj = torch.arange(b)[:, None].expand(-1, n_steps)
         pairs = torch.stack([traj.reshape(-1), steps.reshape(-1)], dim=1)
         return pairs[torch.randperm(len(pairs), generator=self.generator)]
