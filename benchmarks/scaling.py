@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BASE = {"batch": 8, "steps": 8, "latent": 16}
-AXES = {"batch": (4, 8, 16, 32), "steps": (4, 8, 16), "latent": (8, 16, 32)}
+AXES = {"batch": (4, 8, 16), "steps": (4, 8, 16), "latent": (8, 16, 32)}
 
 
 def worker(a) -> dict:
