@@ -121,3 +121,18 @@ def test_report_renders_the_dit_job_next_to_the_unet_job(tmp_path):
     assert "| UNet DDPM (`digits`) | 2 | 192 | 2.0 | n/a | 0.600 → 0.700 | 0.900 → 1.000 | 0.60 |" in text
     assert "| DiT flow matching (`digits_dit`) | 2 | 192 | 3.0 | 4.0 | 0.500 → 0.800 | 0.900 → 1.000 | 0.60 |" in text
     assert "noise level 0.7" in text
+
+
+def test_shipped_dit_samples_are_recognisable_digits():
+    from critic_align.rollout import sample
+    from critic_align.steps import FlowMatchSDEStep, make_step
+    from critic_align.tasks.digits import load_digit_classifier, load_dit_model
+
+    model, sched = load_dit_model()
+    step = make_step(sched, 0.0)
+    assert isinstance(step, FlowMatchSDEStep) and sum(p.numel() for p in model.parameters()) < 1.5e6
+    labels = torch.arange(10).repeat_interleave(10)
+    x = sample(lambda x, t, c: model(x, t, class_labels=c).sample, step,
+               torch.randn(100, 1, 16, 16, generator=torch.Generator().manual_seed(1)), step.schedule.timesteps(20), labels)
+    acc = (load_digit_classifier()(x.clamp(-1, 1)).argmax(1) == labels).float().mean().item()
+    assert acc >= 0.9
