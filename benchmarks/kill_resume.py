@@ -1,6 +1,6 @@
 """Kill a digits training run with SIGKILL at random moments, resume it each time, compare with an uninterrupted run.
 
-    python benchmarks/kill_resume.py [--kills 10] [--seed 0] [--epochs 12]
+    python benchmarks/kill_resume.py [--kills 10] [--seed 0] [--epochs 16]
 
 1. Runs `critic-align train` (a small digits config, a checkpoint every epoch) once without interruption.
 2. Runs the same command in another directory as a subprocess and SIGKILLs it after a random delay (seeded);
@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=24)
+    ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--workdir", default="/tmp/critic_align_kill_resume")
     ap.add_argument("--out", default=str(RESULTS / "kill_resume.json"))
     args = ap.parse_args(argv)
