@@ -71,12 +71,16 @@ def section_trl_compare(path: Path) -> str:
         f"gae epoch ≤ 1.25× grpo's — {_f(g['median'])}× [{_f(g['min'])}–{_f(g['max'])}] "
         f"({'met' if g['median'] <= 1.25 else 'not met'}).",
         "",
-        "Where the difference comes from: TRL runs the update one timestep at a time on `train_batch_size` "
-        "trajectories; this library trains on shuffled (trajectory, step) pairs, one forward per optimiser step "
-        "(split by `gradient_accumulation_steps` if memory is short), so its forwards are larger and fewer. The "
-        "price is memory: activations of the whole minibatch are alive at once (see the RSS column). CFG 5 on both "
-        "sides because TRL 0.23.1 cannot sample CFG-free with diffusers 0.42 (its `pipeline_step` goes through the "
-        "deprecated `_encode_prompt`, which always concatenates negative and positive embeddings: a batch mismatch); "
+        "How the two batch the update: TRL runs it one timestep at a time on `train_batch_size` trajectories; "
+        "this library trains on shuffled (trajectory, step) pairs, one forward per optimiser step (split by "
+        "`gradient_accumulation_steps` if memory is short): the same rows in fewer, larger forwards, which keeps the "
+        "activations of a whole minibatch alive at once (the RSS column) and, in this run, is "
+        + ("faster" if s["ratios_vs_trl"]["ddpo"]["update"]["median"] >= 1.0 else "not faster")
+        + " (ddpo's update ratio above). "
+        "The min–max brackets show rounds disturbed by other work on the "
+        "machine; the medians are what the goals are judged on. CFG 5 on both sides because TRL 0.23.1 cannot "
+        "sample CFG-free with diffusers 0.42 (its `pipeline_step` goes through the deprecated `_encode_prompt`, "
+        "which always concatenates negative and positive embeddings: a batch mismatch); "
         "see the script's docstring.",
         "",
         "![throughput and memory vs TRL](benchmarks/results/trl_compare.png)",
