@@ -162,8 +162,9 @@ def section_perf(path: Path) -> str:
         f"Command: `{d['command']}` (writes `benchmarks/results/perf.json`; {d['time_s'] / 60:.1f} min). "
         f"Machine: {_machine(d['machine'])}.",
         "",
-        "The change: peft computes a LoRA layer as `base(x) + s·B(A(x))`; on a CPU the rank-8 3×3 convolution "
-        "`A` costs about as much as the base convolution (oneDNN is slow with 8 output channels). "
+        "The change: peft computes a LoRA layer as `base(x) + s·B(A(x))`; on a CPU the two small extra ops (a "
+        "rank-8 3×3 convolution has only 8 output channels, where oneDNN is slow) cost a large share of the "
+        "layer's time (first table). "
         "`fused_lora: true` (the new default, `critic_align/backbones/lora.py`) computes the same function as one "
         "convolution / matmul with the weight `W + s·B·A`, rebuilt in every forward so gradients reach A and B; it "
         "falls back to peft under autocast and for layers it does not cover. Also: switching to the adapter that is "
@@ -202,9 +203,10 @@ def section_perf(path: Path) -> str:
         "state and its value loss in the update).",
         "",
         f"Rollout of 64 × 20 digits trajectories under `torch.no_grad` {_f(gm['no_grad'])} s vs "
-        f"`torch.inference_mode` {_f(gm['inference_mode'])} s: no gain worth the cost (inference tensors cannot be "
-        "saved for backward, and the update differentiates fresh forwards on the rollout's latents), so rollouts "
-        "stay under `no_grad`.",
+        f"`torch.inference_mode` {_f(gm['inference_mode'])} s "
+        f"({100 * (1 - gm['inference_mode'] / gm['no_grad']):+.0f} % time saved): rollouts stay under `no_grad`, "
+        "since inference tensors cannot be saved for backward and the update differentiates fresh forwards on the "
+        "rollout's latents. `torch.compile` was not measured in this round (CPU budget); it stays off.",
         "",
     ]
     return "\n".join(lines)
