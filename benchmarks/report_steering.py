@@ -66,7 +66,9 @@ def section_digits_steering(path: Path) -> str:
         f"20 stochastic DDIM steps, {10 * a['per_digit']} prompts; critic: "
         + ("the digits config's LoRA critic value-pretrained on the base policy "
            f"({a['critic_epochs']} batches of 64 rollouts)" if d["critic_source"] == "fresh" else
-           f"from `{d['critic_source']}`")
+           "the digits config's LoRA critic value-pretrained on the base policy by an earlier run of this script "
+           f"({a['critic_epochs']} batches of 64 rollouts; cached in benchmarks/results/tmp/, reused)"
+           if d["critic_source"].endswith("tmp/digits_steering") else f"from `{d['critic_source']}`")
         + f". Reward: digit_prob (the classifier's confidence at temperature 6). Guidance scale w = "
         f"{d['best_guidance_scale']:g} (best of {a['scales']} at N = 1); SMC resamples when ESS < "
         f"{a['ess_threshold']}·N. Equivalent NFE counts a critic forward as 1 backbone call and a backward as 2.",
