@@ -83,6 +83,21 @@ def section_trl_compare(path: Path) -> str:
         "which always concatenates negative and positive embeddings: a batch mismatch); "
         "see the script's docstring.",
         "",
+    ]
+    var = path.with_name("trl_compare_accum4.json")
+    if var.exists():
+        v = json.loads(var.read_text())["summary"]
+        lines += [
+            "Same run with this library's update split into 4 micro-batches (`gradient_accumulation_steps: 4`, "
+            "forwards of 8 pairs; same pairs per optimiser step), `python benchmarks/trl_ddpo_compare.py "
+            "--ours-grad-accum 4` (`benchmarks/results/trl_compare_accum4.json`): overall vs TRL "
+            + ", ".join(f"{side} {_f(v['ratios_vs_trl'][side]['epoch']['median'])}× (peak RSS "
+                        f"{_f(v['ratios_vs_trl'][side]['peak_rss']['median'])}×)" for side in ("ddpo", "grpo", "gae"))
+            + f"; gae epoch / grpo epoch {_f(v['gae_vs_grpo_epoch_time']['median'])}×. Smaller forwards are faster "
+            "and lighter on this CPU here.",
+            "",
+        ]
+    lines += [
         "![throughput and memory vs TRL](benchmarks/results/trl_compare.png)",
         "",
     ]
