@@ -47,7 +47,27 @@ def main(argv=None) -> Path:
     unet = UNet2DModel(**unet_config())
     scheduler = DDPMScheduler(**scheduler_config())
     ema = EMAModel(unet.parameters(), decay=args.ema_decay)
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    acp = scheduler.alphas_cumprod
+
+    def ddpm_loss(model, x0, y, gen):
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        return F.mse_loss(model(xt, t, class_labels=y).sample, noise)
+
+    out = fit_digits_model(unet, scheduler, ema, ddpm_loss, images, labels, gen, args, "pretrain-digits")
+    print(f"saved base model to {out}")
+    return out
+
+
+def fit_digits_model(model, scheduler, ema, loss_fn, images, labels, gen, args, desc: str) -> Path:
+    """The training loop both digits models share: label dropout for CFG (the null class), AdamW with linear
+    warm-up then cosine decay to 5 %, gradient clipping at 1, an EMA of the weights (saved), a JSON log.
+
+    ``loss_fn(model, x0, y, gen)`` draws the noise level and the noise and returns the loss.
+    """
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
 
     def lr_lambda(step):
         if step < args.warmup:
@@ -56,39 +76,33 @@ def main(argv=None) -> Path:
         return 0.5 * (1 + math.cos(math.pi * progress)) * 0.95 + 0.05
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    acp = scheduler.alphas_cumprod
     log = []
     t0 = time.time()
-    bar = tqdm(range(args.steps), desc="pretrain-digits")
+    bar = tqdm(range(args.steps), desc=desc)
     for step in bar:
         idx = torch.randint(0, len(images), (args.batch_size,), generator=gen)
         x0, y = images[idx], labels[idx].clone()
         y[torch.rand(args.batch_size, generator=gen) < args.cond_dropout] = NULL_CLASS
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        a = acp[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(xt, t, class_labels=y).sample, noise)
+        loss = loss_fn(model, x0, y, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        ema.step(unet.parameters())
+        ema.step(model.parameters())
         if step % 50 == 0 or step == args.steps - 1:
             bar.set_postfix(loss=f"{loss.item():.4f}")
             log.append({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0], "time_s": time.time() - t0})
 
-    ema.copy_to(unet.parameters())
+    ema.copy_to(model.parameters())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    unet.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True)
     scheduler.save_pretrained(out)
     (out / "training_log.json").write_text(json.dumps({"args": vars(args), "log": log,
                                                         "train_time_s": time.time() - t0}, indent=1))
-    print(f"saved base model to {out} ({time.time() - t0:.0f} s)")
+    print(f"{desc}: {time.time() - t0:.0f} s")
     return out
-
 
 if __name__ == "__main__":
     main()

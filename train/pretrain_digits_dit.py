@@ -16,16 +16,14 @@ by ``train.evaluate_digits`` (per-class accuracy of Euler-ODE samples judged by 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from critic_align.tasks.digits import NULL_CLASS, dit_config, flow_scheduler_config, load_digits_dataset
+from critic_align.tasks.digits import dit_config, flow_scheduler_config, load_digits_dataset
+
+from .pretrain_digits import fit_digits_model
 
 
 def build_dit(seed: int = 0):
@@ -107,45 +105,15 @@ def main(argv=None) -> Path:
     scheduler = FlowMatchEulerDiscreteScheduler(**flow_scheduler_config())
     n_train = int(scheduler.config.num_train_timesteps)
     ema = EMA(model.parameters(), decay=args.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
 
-    def lr_lambda(step):
-        if step < args.warmup:
-            return (step + 1) / args.warmup
-        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return 0.5 * (1 + math.cos(math.pi * progress)) * 0.95 + 0.05
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    log = []
-    t0 = time.time()
-    bar = tqdm(range(args.steps), desc="pretrain-digits-dit")
-    for step in bar:
-        idx = torch.randint(0, len(images), (args.batch_size,), generator=gen)
-        x0, y = images[idx], labels[idx].clone()
-        y[torch.rand(args.batch_size, generator=gen) < args.cond_dropout] = NULL_CLASS
-        sigma = sample_sigmas(args.batch_size, args.t_sampling, gen)
+    def loss_fn(model, x0, y, gen):
+        sigma = sample_sigmas(x0.shape[0], args.t_sampling, gen)
         noise = torch.randn(x0.shape, generator=gen)
-        loss = flow_matching_loss(model, x0, y, sigma, noise, n_train)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.step(model.parameters())
-        if step % 50 == 0 or step == args.steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log.append({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0], "time_s": time.time() - t0})
+        return flow_matching_loss(model, x0, y, sigma, noise, n_train)
 
-    ema.copy_to(model.parameters())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    scheduler.save_pretrained(out)
-    (out / "training_log.json").write_text(json.dumps({"args": vars(args), "log": log,
-                                                        "train_time_s": time.time() - t0}, indent=1))
-    print(f"saved the digits DiT to {out} ({time.time() - t0:.0f} s)")
+    out = fit_digits_model(model, scheduler, ema, loss_fn, images, labels, gen, args, "pretrain-digits-dit")
+    print(f"saved the digits DiT to {out}")
     return out
-
 
 if __name__ == "__main__":
     main()
