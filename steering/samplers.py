@@ -105,13 +105,11 @@ class SteerResult:
     cost: SteerCost = field(default_factory=SteerCost)
 
 
-def critic_value_fn(critic, weights: Sequence[float] | torch.Tensor | None = None, cost: SteerCost | None = None) -> ValueFn:
+def critic_value_fn(critic, weights: Sequence[float] | torch.Tensor | None = None) -> ValueFn:
     """V(x_t) = Σ_k w_k · V_k(x_t) from a multi-head :class:`~critic_align.critic.Critic` (K heads).
 
     ``weights`` default to all ones for K = 1 and must be given for K > 1 (explicit: which heads, how much).
     """
-    head = critic.head
-    k = head.num_rewards if hasattr(head, "num_rewards") else None
 
     def value(x_t, t, cond):
         v = critic(x_t, t, cond)  # (B, K)
@@ -126,7 +124,6 @@ def critic_value_fn(critic, weights: Sequence[float] | torch.Tensor | None = Non
             raise ValueError(f"got {w.numel()} head weights for a critic with {v.shape[1]} heads")
         return v @ w
 
-    value.num_heads = k
     return value
 
 
@@ -181,17 +178,9 @@ def guided_denoiser(denoiser, step, value_fn: ValueFn, scale: float, cost: Steer
 def _repeat(cond, n: int):
     if cond is None or n == 1:
         return cond
-    if isinstance(cond, torch.Tensor):
-        return cond.repeat_interleave(n, dim=0)
-    if hasattr(cond, "repeat_interleave"):
+    if hasattr(cond, "repeat_interleave"):  # a tensor or critic_align.cond.TextCond
         return cond.repeat_interleave(n, dim=0)
     raise TypeError(f"conditioning of type {type(cond).__name__} cannot be repeated per particle")
-
-
-def _index(cond, idx: torch.Tensor):
-    if cond is None:
-        return None
-    return cond[idx]
 
 
 def steer(
@@ -319,7 +308,7 @@ def steer(
                 anc = torch.where(do.unsqueeze(1), anc, keep)  # only the groups below the threshold
                 idx = flat_ancestors(anc)
                 x, out, last_g = x[idx], out[idx], last_g[idx]
-                cond_p = _index(cond_p, idx)
+                cond_p = None if cond_p is None else cond_p[idx]
                 prompts_p = [prompts_p[i] for i in idx.tolist()]
                 if grad is not None:
                     grad = grad[idx]
