@@ -54,7 +54,7 @@ def test_flow_matching_loss_is_the_velocity_regression():
 def test_evaluate_writes_the_dit_model_card(tiny_run):
     from train.evaluate_digits import main as evaluate
 
-    res = evaluate(["--model", str(tiny_run), "--per-class", "2", "--steps", "2", "3"])
+    res = evaluate(["--model", str(tiny_run), "--per-class", "2", "--steps", "2", "3", "--out", str(tiny_run)])
     assert set(res) == {"euler2", "euler3"} and 0 <= res["euler3"]["accuracy"] <= 1
     card = (tiny_run / "MODEL_CARD.md").read_text()
     assert "DiTTransformer2DModel" in card and "Euler 3 steps" in card and "3 steps, batch\n8" in card

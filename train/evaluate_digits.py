@@ -1,11 +1,13 @@
 """Measure a digits model's quality with the shipped classifier and write its model card.
 
-    python -m train.evaluate_digits --model critic_align/assets/digits_unet --per-class 100
+    critic-align evaluate-digits [--model critic_align/assets/digits_unet] [--per-class 100] [--out DIR]
 
 Samples ``per-class`` images of every digit with the deterministic sampler of the model's scheduler
 (DDIM with eta = 0 for the UNet DDPM, the Euler ODE for the flow-matching DiT), without CFG, at 20 and at
 50 steps; reports the classifier's accuracy per class; writes eval.json, a sample grid and MODEL_CARD.md
-into the model directory.  The model kind is read from the directory's config.json.
+into ``--out`` (default ``runs/evaluate_digits/<model directory name>``: never into the package; to refresh a
+shipped model's card, pass its directory as ``--out`` explicitly).  The model kind is read from the model
+directory's config.json.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from critic_align.rollout import cfg_denoiser, sample
 from critic_align.steps import FlowMatchSDEStep, make_step
-from critic_align.tasks.digits import NULL_CLASS, NUM_CLASSES, load_digit_classifier, load_digits_model
+from critic_align.tasks.digits import BASE_MODEL_DIR, NULL_CLASS, NUM_CLASSES, load_digit_classifier, load_digits_model
 
 
 def evaluate(model_dir, per_class: int = 100, steps=(20, 50), guidance_scale: float = 1.0, eta: float = 0.0,
@@ -131,7 +133,9 @@ probability of the prompted digit. Not a model of handwriting in general.
 """
 
 
-def write_model_card(model_dir, results: dict, per_class: int) -> Path:
+def write_model_card(model_dir, results: dict, per_class: int, out=None) -> Path:
+    """MODEL_CARD.md of the model in ``model_dir`` (its training_log.json and weights), written into ``out``
+    (default: ``model_dir``)."""
     model_dir = Path(model_dir)
     log = json.loads((model_dir / "training_log.json").read_text()) if (model_dir / "training_log.json").exists() \
         else {"args": {}, "train_time_s": float("nan")}
@@ -157,31 +161,44 @@ def write_model_card(model_dir, results: dict, per_class: int) -> Path:
         step_header=" | ".join(labels[k] for k in keys), step_sep="|".join("---" for _ in keys),
         rows=rows, overall=" | ".join(f"**{results[k]['accuracy']:.1%}**" for k in keys),
     )
-    path = model_dir / "MODEL_CARD.md"
+    path = Path(out if out is not None else model_dir) / "MODEL_CARD.md"
     path.write_text(text)
     return path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=str(BASE_MODEL_DIR),
+                   help="a digits model directory: UNet DDPM or flow-matching DiT (default: the shipped UNet)")
+    p.add_argument("--per-class", type=int, default=100, help="samples per digit (default %(default)s)")
+    p.add_argument("--steps", type=int, nargs="+", default=[20, 50], help="sampler steps to evaluate (default 20 50)")
+    p.add_argument("--out", default=None, help="where eval.json, the grid and MODEL_CARD.md go "
+                   "(default runs/evaluate_digits/<model directory name>)")
+    p.add_argument("--no-card", action="store_true", help="only print/write eval.json")
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="critic-align evaluate-digits", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="critic_align/assets/digits_unet")
-    p.add_argument("--per-class", type=int, default=100)
-    p.add_argument("--steps", type=int, nargs="+", default=[20, 50])
-    p.add_argument("--no-card", action="store_true", help="only print/write eval.json")
-    args = p.parse_args(argv)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def run(args) -> dict:
     from critic_align.viz import save_grid
 
     res = evaluate(args.model, args.per_class, tuple(args.steps))
     model_dir = Path(args.model)
+    out = Path(args.out) if args.out else Path("runs") / "evaluate_digits" / model_dir.resolve().name
+    out.mkdir(parents=True, exist_ok=True)
     last = next(k for k in (f"_images_{name}{args.steps[-1]}" for name in SAMPLER_LABEL) if k in res)
     imgs = res[last].view(NUM_CLASSES, args.per_class, 1, 16, 16)[:, :10].reshape(-1, 1, 16, 16)
-    save_grid(imgs, model_dir / f"samples_{last[len('_images_'):]}.png", nrow=10, labels=list(range(10)))
+    save_grid(imgs, out / f"samples_{last[len('_images_'):]}.png", nrow=10, labels=list(range(10)))
     clean = {k: v for k, v in res.items() if not k.startswith("_")}
-    (model_dir / "eval.json").write_text(json.dumps({"per_class_samples": args.per_class, **clean}, indent=2))
+    (out / "eval.json").write_text(json.dumps({"per_class_samples": args.per_class, **clean}, indent=2))
     if not args.no_card:
-        write_model_card(model_dir, res, args.per_class)
+        write_model_card(model_dir, res, args.per_class, out)
     print(json.dumps({k: v["accuracy"] for k, v in clean.items()}, indent=2))
+    print(f"wrote {out}")
     return clean
 
 

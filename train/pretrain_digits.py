@@ -22,19 +22,27 @@ from tqdm import tqdm
 from critic_align.tasks.digits import NULL_CLASS, load_digits_dataset, scheduler_config, unet_config
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/digits_unet",
+                   help="output directory (default %(default)s; the shipped model is critic_align/assets/digits_unet)")
+    p.add_argument("--steps", type=int, default=2000, help="optimiser steps (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step (default %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default %(default)s)")
+    p.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay of the saved weights (default %(default)s)")
+    p.add_argument("--cond-dropout", type=float, default=0.1, help="label dropout for CFG (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and batches (default %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+
+
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(prog="critic-align pretrain-digits", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="critic_align/assets/digits_unet", help="output directory")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--ema-decay", type=float, default=0.995)
-    p.add_argument("--cond-dropout", type=float, default=0.1, help="label dropout for CFG")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    args = p.parse_args(argv)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def run(args) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -99,10 +107,15 @@ def fit_digits_model(model, scheduler, ema, loss_fn, images, labels, gen, args, 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     scheduler.save_pretrained(out)
-    (out / "training_log.json").write_text(json.dumps({"args": vars(args), "log": log,
+    (out / "training_log.json").write_text(json.dumps({"args": _options(args), "log": log,
                                                         "train_time_s": time.time() - t0}, indent=1))
     print(f"{desc}: {time.time() - t0:.0f} s")
     return out
+
+def _options(args) -> dict:
+    """The command's options (without what the ``critic-align`` parser adds: the subcommand and its function)."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "fn")}
+
 
 if __name__ == "__main__":
     main()

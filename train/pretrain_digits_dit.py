@@ -79,20 +79,29 @@ def flow_matching_loss(model, x0, y, sigma, noise, num_train_timesteps: int = 10
     return F.mse_loss(pred, noise - x0)
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/digits_dit",
+                   help="output directory (default %(default)s; the shipped model is critic_align/assets/digits_dit)")
+    p.add_argument("--steps", type=int, default=1500, help="optimiser steps (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step (default %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default %(default)s)")
+    p.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay of the saved weights (default %(default)s)")
+    p.add_argument("--cond-dropout", type=float, default=0.1, help="label dropout for CFG (default %(default)s)")
+    p.add_argument("--t-sampling", default="uniform", choices=["uniform", "logit_normal"],
+                   help="distribution of the training σ (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and batches (default %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+
+
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(prog="critic-align pretrain-digits-dit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="critic_align/assets/digits_dit", help="output directory")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--ema-decay", type=float, default=0.995)
-    p.add_argument("--cond-dropout", type=float, default=0.1, help="label dropout for CFG")
-    p.add_argument("--t-sampling", default="uniform", choices=["uniform", "logit_normal"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    args = p.parse_args(argv)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def run(args) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
 

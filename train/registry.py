@@ -1,60 +1,34 @@
-"""Name -> object lookups (the only place they live): tasks, rewards, configs."""
+"""Run configs and run directories: YAML -> run dict -> Trainer, and back from a run directory.
+
+The name -> object tables themselves live in the library (:mod:`critic_align.registry`).
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
 
 from critic_align.config import PPOConfig
+from critic_align.registry import SD_TASKS, build_rewards, digits_task, reward_by_name  # noqa: F401 (re-exported)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 RUN_KEYS = {"task", "base_model", "rewards", "eval_rewards", "ppo", "model_path", "prompts", "sd"}
-# Stable Diffusion tasks: task name -> pipeline kind (critic_align.tasks.sd)
-SD_TASKS = {"sd15": "sd15", "sd3": "sd3"}
+# what a run directory's run.json holds: the run config without its ppo: section (that is config.json)
+RUN_SPEC_KEYS = sorted(RUN_KEYS - {"ppo"})
 SD_OPTIONS = {"resolution", "max_sequence_length", "decode_chunk_size", "torch_dtype", "drop_t5"}
 
 
-def reward_by_name(name: str, **kwargs):
-    from critic_align import rewards as R
-
-    table = {
-        "digit_prob": R.DigitProb,
-        "digit_correct": R.DigitCorrect,
-        "jpeg_compressibility": R.JpegCompressibility,
-        "jpeg_incompressibility": R.JpegIncompressibility,
-        "boldness": R.Boldness,
-        "clip_score": R.CLIPScore,  # model, processor, scale, clip_at_zero, device, dtype, batch_size, ...
-        "pickscore": R.PickScore,  # model, processor, device, dtype, batch_size, ...
-        "aesthetic": R.LaionAesthetic,  # head (safetensors), model, processor, device, dtype, batch_size, ...
-        "remote": R.RemoteReward,  # url, encoding, timeout, retries, backoff, batch_size, allows_nan, name
-    }
-    if name not in table:
-        raise ValueError(f"unknown reward {name!r}; available: {sorted(table)}")
-    return table[name](**kwargs)
-
-
-def build_rewards(spec) -> "object":
-    """[{name: digit_prob, weight: 1.0, temperature: 6}, "boldness", ...] -> MultiReward.
-
-    Keys other than name and weight are passed to the reward's constructor."""
-    from critic_align.rewards import MultiReward
-
-    if not spec:
-        raise ValueError("the config lists no rewards: give at least one, e.g. rewards: [{name: digit_prob}]")
-    rewards, weights = [], []
-    for item in spec:
-        if isinstance(item, str):
-            item = {"name": item}
-        if not isinstance(item, dict) or "name" not in item:
-            raise ValueError(f"reward entry {item!r}: use a name or {{name: ..., weight: ...}}")
-        kwargs = {k: v for k, v in item.items() if k not in ("name", "weight")}
-        try:
-            rewards.append(reward_by_name(item["name"], **kwargs))
-        except TypeError as exc:
-            raise ValueError(f"reward entry {item!r}: bad options for {item['name']!r} ({exc})") from exc
-        weights.append(float(item.get("weight", 1.0)))
-    return MultiReward(rewards, weights)
+def parse_overrides(items) -> dict:
+    """``--set field=value`` items -> {field: value}, values parsed as YAML (numbers, booleans, lists)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"--set expects field=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
 
 
 def resolve_config_path(name_or_path: str) -> Path:
@@ -86,6 +60,38 @@ def load_run_config(name_or_path: str, overrides: dict | None = None) -> dict:
     data.setdefault("task", "digits")
     data["_path"] = str(path)
     return data
+
+
+def write_run_dir(out, run: dict) -> None:
+    """Record a run in its directory: ``run.json`` (task, model, rewards, ...: the run config without ``ppo:``,
+    plus the YAML it came from) and ``config.json`` (the PPOConfig, ``--set`` overrides included), so that
+    :func:`load_run_dir` rebuilds the same trainer without the YAML."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {k: run.get(k) for k in RUN_SPEC_KEYS} | {"config_file": run.get("_path")}
+    (out / "run.json").write_text(json.dumps(spec, indent=2))
+    (out / "config.json").write_text(json.dumps(run["ppo"].to_dict(), indent=2, default=list))
+
+
+def load_run_dir(run_dir, overrides: dict | None = None) -> dict:
+    """The run config of a directory written by ``critic-align train`` or ``steer`` (its ``run.json`` and
+    ``config.json``), with ``overrides`` applied to the PPOConfig."""
+    run_dir = Path(run_dir)
+    info_file, cfg_file = run_dir / "run.json", run_dir / "config.json"
+    for f in (info_file, cfg_file):
+        if not f.exists():
+            raise FileNotFoundError(f"{run_dir} has no {f.name}: pass a run directory written by `critic-align train` "
+                                    "or `critic-align steer`")
+    info = json.loads(info_file.read_text())
+    if "rewards" not in info:  # run.json of an older version: only task / model; the rest is in the YAML
+        yaml_run = load_run_config(info["config_file"])
+        info = {k: yaml_run.get(k) for k in RUN_SPEC_KEYS} | info
+    ppo = json.loads(cfg_file.read_text()) | dict(overrides or {})
+    try:
+        config = PPOConfig.from_dict(ppo)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{cfg_file}: {exc}") from exc
+    return {k: info.get(k) for k in RUN_SPEC_KEYS} | {"ppo": config, "_path": info.get("config_file")}
 
 
 def build_sd_task(run: dict):
@@ -125,12 +131,8 @@ def build_sd_task(run: dict):
 
 def build_trainer(run: dict):
     """Instantiate the trainer described by a loaded run config."""
-    from critic_align.backbones import DiTAdapter, UNetAdapter
-    from critic_align.tasks.digits import DigitsTask, load_base_model, load_dit_model
     from critic_align.trainer import Trainer
 
-    # task -> (task object, base-model loader, adapter): the UNet DDPM or the flow-matching DiT on the digits
-    tasks = {"digits": (DigitsTask, load_base_model, UNetAdapter), "digits_dit": (DigitsTask, load_dit_model, DiTAdapter)}
     task_name = run["task"]
     if task_name in SD_TASKS:
         task = build_sd_task(run)
@@ -141,9 +143,11 @@ def build_trainer(run: dict):
     for key in ("model_path", "prompts", "sd"):
         if run.get(key) is not None:
             raise ValueError(f"{key} applies to the Stable Diffusion tasks {sorted(SD_TASKS)}, not task {task_name!r}")
-    if task_name not in tasks:
-        raise ValueError(f"unknown task {task_name!r}; available: {sorted(tasks) + sorted(SD_TASKS)}")
-    task_cls, loader, adapter_cls = tasks[task_name]
+    from critic_align.registry import DIGITS_TASKS
+
+    if task_name not in DIGITS_TASKS:
+        raise ValueError(f"unknown task {task_name!r}; available: {sorted(DIGITS_TASKS) + sorted(SD_TASKS)}")
+    task_cls, loader, adapter_cls = digits_task(task_name)
     model, scheduler = loader(run.get("base_model"))
     rewards = build_rewards(run.get("rewards") or [{"name": "digit_prob"}])
     eval_names = run.get("eval_rewards") or []

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .registry import build_trainer, load_run_config
+from .registry import build_trainer, load_run_config, load_run_dir, parse_overrides, write_run_dir
 
 METHODS = ("base", "bon", "guidance", "guidance+bon", "smc", "smc_x0")
 
@@ -24,43 +24,38 @@ def build_steering_trainer(config: str | None, run_dir: str | None, out: str, ov
                            critic_epochs: int | None = None):
     """A GAE trainer whose critic is either loaded from a run's checkpoint or pretrained on the base policy.
 
-    A fresh critic is saved as a regular checkpoint under ``out``, so ``--run out`` reuses it.
+    ``run_dir``: a directory written by ``critic-align train`` or ``steer`` (its run.json + config.json, so the
+    run's ``--set`` overrides are kept).  A fresh critic is saved as a regular run directory under ``out``
+    (run.json, config.json, checkpoints/), so ``--run out`` reuses it.
     """
     from critic_align.checkpoint import latest_checkpoint
 
     overrides = dict(overrides or {})
-    ckpt = None
-    if run_dir is not None:
-        run_path = Path(run_dir)
-        cfg_file = run_path / "config.yaml"
-        if not cfg_file.exists():
-            raise FileNotFoundError(f"{run_path} has no config.yaml: pass a run directory written by `critic-align train`"
-                                    " or `critic-align steer`")
-        ckpt = latest_checkpoint(run_path / "checkpoints")
-        if ckpt is None:
-            raise FileNotFoundError(f"no checkpoint under {run_path / 'checkpoints'}")
-        config = str(cfg_file)
-    if config is None:
-        raise ValueError("pass --config (pretrain a critic on the base model) or --run (a trained run)")
     overrides.setdefault("output_dir", out)
     if critic_epochs is not None:
         overrides["value_pretrain_epochs"] = critic_epochs
-    run = load_run_config(config, overrides)
+    ckpt = None
+    if run_dir is not None:
+        ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
+        if ckpt is None:
+            raise FileNotFoundError(f"no checkpoint under {Path(run_dir) / 'checkpoints'}")
+        run = load_run_dir(run_dir, overrides)
+    elif config is not None:
+        run = load_run_config(config, overrides)
+    else:
+        raise ValueError("pass --config (pretrain a critic on the base model) or --run (a trained run)")
     if run["ppo"].advantage != "gae":
-        raise ValueError(f"{config}: steering needs a critic, but the config trains with advantage="
+        raise ValueError(f"{run_dir or config}: steering needs a critic, but the config trains with advantage="
                          f"{run['ppo'].advantage!r}; use a gae config (e.g. digits)")
     trainer = build_trainer(run)
-    out_path = Path(out)
-    out_path.mkdir(parents=True, exist_ok=True)
+    Path(out).mkdir(parents=True, exist_ok=True)
     if ckpt is not None:
         trainer.load(ckpt, resume=False)  # reuse the weights under this command's sampling config
         print(f"loaded policy + critic from {ckpt}")
     else:
         print(f"pretraining the critic on the base policy ({run['ppo'].value_pretrain_epochs} rollout batches)")
         trainer.pretrain_value()
-        import shutil
-
-        shutil.copy(run["_path"], out_path / "config.yaml")
+        write_run_dir(out, run)
         trainer.save()
     return trainer, run
 
@@ -111,10 +106,8 @@ def steer_with_trainer(trainer, method: str, prompts: list[str], particles: int 
 def cmd_steer(args) -> int:
     from critic_align.viz import save_grid
 
-    from .cli import _parse_overrides
-
     torch.set_num_threads(args.threads) if args.threads else None
-    trainer, run = build_steering_trainer(args.config, args.run, args.out, _parse_overrides(args.set),
+    trainer, run = build_steering_trainer(args.config, args.run, args.out, parse_overrides(args.set),
                                           args.critic_epochs)
     out = Path(args.out)
     task_prompts = list(trainer.task.prompts)

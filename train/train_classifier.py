@@ -1,6 +1,6 @@
 """Train the embedded digit classifier used by the `digit_prob` / `digit_correct` rewards.
 
-    python -m train.train_classifier --out critic_align/assets/digit_classifier
+    critic-align train-classifier [--out runs/digit_classifier]   (the shipped one: critic_align/assets/digit_classifier)
 
 Trains a small CNN on an 80 % split of scikit-learn's digits (16x16, [-1, 1]) with augmentations
 (shifts, contrast, blur, noise) so that it also scores generated samples robustly, and reports
@@ -51,15 +51,23 @@ def evaluate(model, images, labels, batch=512) -> float:
     return (pred == labels).float().mean().item()
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="critic_align/assets/digit_classifier")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/digit_classifier",
+                   help="output directory (default %(default)s; the shipped one is critic_align/assets/digit_classifier)")
+    p.add_argument("--epochs", type=int, default=40, help="passes over the training split (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step (default %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-3, help="one-cycle peak learning rate (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and batches (default %(default)s)")
 
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="critic-align train-classifier", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def run(args) -> dict:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     images, labels = load_digits_dataset()

