@@ -7,6 +7,12 @@ A checkpoint directory ``epoch_XXXXXX/`` holds
     state.json           epoch, reward queries, prompt iterator, stat tracker, optimiser param groups (with
                          the step counts), python / numpy RNG states of every process, the config, the size
                          of metrics.jsonl when it was written, and a fingerprint of the model
+    manifest.json        the SHA-256 and size of the two files above, verified on every load (a truncated or
+                         bit-flipped file is refused by name; :func:`find_resumable` walks back to the newest
+                         checkpoint that verifies)
+Only weights that passed the finiteness guard (:mod:`critic_align.guard`) are written, and ``state.json`` records
+the run's identity (task, prompts, rewards with their parameters and weights) next to its config, so a resume
+under anything else is refused with each difference named.
 It is written to a temporary directory, fsync'ed and renamed, so a half-written checkpoint is never
 picked up (``latest_checkpoint`` only matches complete ``epoch_*`` directories; temporary ``.tmp-*`` and
 ``.trash-*`` directories left by a killed run are removed at the next save); the last ``keep_last``
@@ -22,12 +28,17 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# Reward attributes that say how a reward is reached, not what it computes: they may change on resume.
+TRANSPORT_OPTIONS = ("url", "timeout", "retries", "backoff", "max_backoff", "headers", "batch_size", "device",
+                     "local_files_only")
 
 
 class CheckpointError(RuntimeError):
@@ -97,6 +108,67 @@ def model_fingerprint(trainer) -> dict:
     return out
 
 
+def _plain(v):
+    """A JSON-comparable form of a reward attribute (None when it is not a plain value, e.g. a loaded model)."""
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (tuple, list)) and all(isinstance(x, (str, int, float, bool)) or x is None for x in v):
+        return list(v)
+    if isinstance(v, (torch.device, torch.dtype, Path)):
+        return str(v)
+    if callable(v) and hasattr(v, "__qualname__"):
+        return f"{getattr(v, '__module__', '?')}.{v.__qualname__}"
+    return None
+
+
+def reward_identity(multi) -> list[dict] | None:
+    """Each reward of a MultiReward: name, class, plain parameters (transport options excluded) and weight."""
+    if multi is None:
+        return None
+    out = []
+    for r, w in zip(multi.rewards, multi.weights.tolist()):
+        params = {k: _plain(v) for k, v in sorted(vars(r).items())
+                  if not k.startswith("_") and k not in TRANSPORT_OPTIONS and k != "name" and _plain(v) is not None}
+        out.append({"name": r._display_name, "class": f"{type(r).__module__}.{type(r).__qualname__}",
+                    "params": params, "weight": float(w)})
+    return out
+
+
+def run_identity(trainer) -> dict:
+    """What defines a run besides its config and model: the task (class, prompts) and the rewards."""
+    task = trainer.task
+    prompts = hashlib.sha256(json.dumps([str(p) for p in task.prompts]).encode()).hexdigest()[:16]
+    return {"task": f"{type(task).__module__}.{type(task).__qualname__}", "prompts_digest": prompts,
+            "num_prompts": len(task.prompts), "latent_shape": list(task.latent_shape),
+            "rewards": reward_identity(trainer.rewards), "eval_rewards": reward_identity(trainer.eval_rewards)}
+
+
+def _identity_diffs(mine: dict, theirs: dict) -> list[str]:
+    """Each difference between two :func:`run_identity` dicts, in words."""
+    diffs = []
+    for key, what in (("task", "task"), ("num_prompts", "number of prompts"), ("latent_shape", "latent shape")):
+        if mine.get(key) != theirs.get(key):
+            diffs.append(f"{what} {theirs.get(key)!r} in the checkpoint vs {mine.get(key)!r} now")
+    if mine.get("num_prompts") == theirs.get("num_prompts") and mine.get("prompts_digest") != theirs.get("prompts_digest"):
+        diffs.append("the prompts differ (same number, other text or order)")
+    for key, label in (("rewards", "reward"), ("eval_rewards", "eval reward")):
+        a, b = mine.get(key) or [], theirs.get(key) or []
+        if [r["name"] for r in a] != [r["name"] for r in b]:
+            diffs.append(f"{label}s {[r['name'] for r in b]} in the checkpoint vs {[r['name'] for r in a]} now")
+            continue
+        for ra, rb in zip(a, b):
+            n = ra["name"]
+            if ra["class"] != rb["class"]:
+                diffs.append(f"{label} {n!r} is a {rb['class']} in the checkpoint vs a {ra['class']} now")
+            for k in sorted(set(ra["params"]) | set(rb["params"])):
+                if ra["params"].get(k) != rb["params"].get(k):
+                    diffs.append(f"{label} {n!r}: {k}={rb['params'].get(k)!r} in the checkpoint vs "
+                                 f"{ra['params'].get(k)!r} now")
+            if key == "rewards" and ra["weight"] != rb["weight"]:
+                diffs.append(f"{label} {n!r}: weight {rb['weight']:g} in the checkpoint vs {ra['weight']:g} now")
+    return diffs
+
+
 # Config fields that may change between a run and its resumption: they do not change what is computed.
 RESUMABLE_CONFIG_CHANGES = ("num_epochs", "output_dir", "progress", "log_tensorboard", "grid_every",
                             "checkpoint_every", "keep_last", "extra")
@@ -142,7 +214,13 @@ def save_checkpoint(trainer, directory, keep_last: int = 2, rng_states: list[dic
     """
     from safetensors.torch import save_file
 
+    from .guard import DivergenceError, nonfinite_weights
+
     directory = Path(directory)
+    bad = nonfinite_weights(trainer)
+    if bad:  # the trainer's guard stops a diverging run before this; a direct caller is refused here
+        raise DivergenceError(f"refusing to write a checkpoint of epoch {trainer.epoch} into {directory}: trainable "
+                              f"tensors hold NaN/inf ({bad}); the checkpoints already there are untouched")
     directory.mkdir(parents=True, exist_ok=True)
     _cleanup_stale(directory)
     name = f"epoch_{trainer.epoch:06d}"
@@ -174,9 +252,12 @@ def save_checkpoint(trainer, directory, keep_last: int = 2, rng_states: list[dic
             "metrics_bytes": metrics_bytes,
             "config": trainer.config.to_dict(),
             "fingerprint": model_fingerprint(trainer),
+            "run_identity": run_identity(trainer),
+            "guard": "passed",  # every trainable tensor was finite (checked above)
         }
         save_file(tensors, str(tmp / "tensors.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, default=list))
+        (tmp / MANIFEST).write_text(json.dumps({"files": {f: _file_digest(tmp / f) for f in CHECKSUMMED}}))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -194,10 +275,39 @@ def save_checkpoint(trainer, directory, keep_last: int = 2, rng_states: list[dic
             f"{trainer.epoch} and the earlier checkpoints in {directory} are untouched — {what} (or choose "
             "another output_dir), then resume from the latest one"
         ) from exc
-    existing = sorted(p for p in directory.glob("epoch_*") if p.is_dir())
-    for old in existing[:-keep_last]:
-        _remove_dir(old)
+    _rotate(directory, keep_last)
     return final
+
+
+CHECKSUMMED = ("tensors.safetensors", "state.json")
+
+
+def _file_digest(path: Path) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"sha256": h.hexdigest(), "bytes": path.stat().st_size}
+
+
+def _passed_guard(path: Path) -> bool:
+    try:
+        return json.loads((path / "state.json").read_text()).get("guard") == "passed"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _rotate(directory: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints, and never drop the newest one that passed the finiteness guard
+    (only guarded weights are written, so that is the newest; the rule also holds for older checkpoints)."""
+    existing = sorted(p for p in directory.glob("epoch_*") if p.is_dir())
+    old, kept = existing[:-keep_last], existing[-keep_last:]
+    if not any(_passed_guard(p) for p in kept):
+        good = [p for p in old if _passed_guard(p)]
+        if good:
+            old.remove(good[-1])
+    for p in old:
+        _remove_dir(p)
 
 
 def latest_checkpoint(directory) -> Path | None:
@@ -214,7 +324,7 @@ REQUIRED_STATE_KEYS = ("format_version", "epoch", "reward_queries", "pretrained_
 
 def read_checkpoint(path) -> tuple[dict, dict]:
     """(tensors, state) with clear errors for a missing, corrupt or foreign checkpoint."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     path = Path(path)
     if not path.is_dir():
@@ -238,12 +348,69 @@ def read_checkpoint(path) -> tuple[dict, dict]:
     if missing:
         raise CheckpointError(f"checkpoint file {sfile} is corrupt: it lacks {missing}; resume from an earlier "
                               "checkpoint")
+    _verify_manifest(path)
     try:
-        tensors = load_file(str(tfile))
+        tensors = load(tfile.read_bytes())
     except Exception as exc:  # safetensors raises its own error types for truncated/garbled files
         raise CheckpointError(f"checkpoint file {tfile} is corrupt or truncated ({exc}); resume from an earlier "
                               "checkpoint") from exc
+    bad = sorted(k for k, v in tensors.items() if k.startswith(("policy.", "critic.")) and v.is_floating_point()
+                 and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds non-finite weights ({len(bad)} tensors, e.g. {bad[:3]}): it was "
+                              "written after training diverged (by a version without the finiteness guard); use an "
+                              "earlier checkpoint")
     return tensors, state
+
+
+def _verify_manifest(path: Path) -> None:
+    """Check every file's SHA-256 against manifest.json (checkpoints written before manifests existed have none)."""
+    mfile = path / MANIFEST
+    if not mfile.exists():
+        return
+    try:
+        files = json.loads(mfile.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint file {mfile} is corrupt ({exc}); resume from an earlier checkpoint") from exc
+    for name, want in files.items():
+        got = _file_digest(path / name)
+        if got != want:
+            why = (f"{got['bytes']} bytes instead of {want['bytes']}: truncated or extended" if got["bytes"] != want["bytes"]
+                   else f"same size but SHA-256 {got['sha256'][:12]}… instead of {want['sha256'][:12]}…: its bytes were "
+                        "altered (disk or copy corruption)")
+            raise CheckpointError(f"checkpoint file {path / name} is corrupt ({why}); resume from an earlier checkpoint "
+                                  "(critic-align train --resume picks the newest one that verifies)")
+
+
+def verify_checkpoint(path) -> str | None:
+    """None if the checkpoint at ``path`` reads and verifies (hashes, JSON, tensors, finite weights), else why not."""
+    try:
+        read_checkpoint(path)
+    except (CheckpointError, OSError) as exc:  # OSError: e.g. the directory was renamed while it was read
+        return str(exc)
+    return None
+
+
+def find_resumable(directory) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint in ``directory`` that verifies, and the newer ones skipped with the reason."""
+    directory = Path(directory)
+    done = sorted(p for p in directory.glob("epoch_*") if (p / "state.json").exists()
+                  and (p / "tensors.safetensors").exists())
+    skipped = []
+    for p in reversed(done):
+        why = verify_checkpoint(p)
+        if why is None:
+            return p, skipped
+        skipped.append((p, why))
+    return None, skipped
+
+
+def set_aside(path: Path, why: str) -> Path:
+    """Rename checkpoint ``path`` to ``<why>-<name>-<time>`` next to it: kept for inspection, never picked up
+    (only ``epoch_*`` directories are checkpoints) and never rotated away."""
+    dest = path.parent / f"{why}-{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(path, dest)
+    return dest
 
 
 def _fingerprint_diffs(mine: dict, theirs: dict) -> list[str]:
@@ -281,11 +448,13 @@ def load_checkpoint(trainer, path, rank: int = 0, check_config: bool = True) -> 
     mine, theirs = trainer.config.to_dict(), state["config"]
     changed = sorted(k for k in set(mine) | set(theirs) if check_config
                      and k not in RESUMABLE_CONFIG_CHANGES and _jsonish(mine.get(k)) != _jsonish(theirs.get(k)))
-    if changed:
+    diffs = [f"{k}={theirs.get(k)!r} in the checkpoint vs {mine.get(k)!r} now" for k in changed]
+    if check_config and "run_identity" in state:  # checkpoints written before identities were recorded have none
+        diffs += _identity_diffs(_jsonish(run_identity(trainer)), state["run_identity"])
+    if diffs:
         raise CheckpointError(
-            f"checkpoint {path / 'state.json'} was written with another config: "
-            + ", ".join(f"{k}={theirs.get(k)!r} in the checkpoint vs {mine.get(k)!r} now" for k in changed)
-            + ". Resume with the checkpoint's config (only " + ", ".join(RESUMABLE_CONFIG_CHANGES)
+            f"checkpoint {path / 'state.json'} was written with another config: " + ", ".join(diffs)
+            + ". Resume with the checkpoint's config, task and rewards (only " + ", ".join(RESUMABLE_CONFIG_CHANGES)
             + " may change) or start a new run"
         )
     trainer.adapters.load_state_dict("policy", {k[7:]: v for k, v in tensors.items() if k.startswith("policy.")})

@@ -46,9 +46,11 @@ from .backbones.lora import LoraAdapters
 from .checkpoint import CheckpointError, base_digest, load_checkpoint, local_rng_state, save_checkpoint
 from .config import PPOConfig
 from .critic import Critic, build_critic
+from .guard import check_reward_magnitude, check_update, check_weights
 from .losses import explained_variance, ppo_policy_loss, value_loss_per_head
 from .rewards.base import MultiReward
 from .rollout import Rollout, cfg_denoiser, sample, sample_trajectories
+from .runlock import lock_for
 from .steps import gaussian_kl, make_step
 
 TIMESTEP_BUCKETS = 4
@@ -280,6 +282,7 @@ class Trainer:
         ro = Rollout.cat(chunks)
         ro.samples = self.task.decode(ro.final)
         ro.rewards = self.rewards(ro.samples, ro.prompts).to(self.device)
+        check_reward_magnitude(ro.rewards, self.rewards.names)
         if self.num_processes > 1:  # every process gets the whole batch
             ro.latents, ro.log_probs = self._gather(ro.latents), self._gather(ro.log_probs)
             ro.samples, ro.rewards = self._gather(ro.samples), self._gather(ro.rewards)
@@ -406,14 +409,16 @@ class Trainer:
                 stats[f"value_loss/{name}"] = lk
         return total, stats
 
-    def _optimizer_step(self) -> dict:
+    def _optimizer_step(self, losses: list[dict] = ()) -> dict:
         cfg = self.config
         norms = {}
         norms["grad_norm_policy"] = float(torch.nn.utils.clip_grad_norm_(self.policy_params, cfg.max_grad_norm))
         if self.critic_params:
             norms["grad_norm_critic"] = float(torch.nn.utils.clip_grad_norm_(self.critic_params, cfg.max_grad_norm))
+        check_update(self, losses, norms)  # a non-finite loss or gradient stops the run before the step
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        check_weights(self)
         return norms
 
     def update(self, ro: Rollout, train_policy: bool = True, passes: int | None = None) -> dict:
@@ -443,7 +448,7 @@ class Trainer:
                     parts.append((len(part), stats))
                 parts_per_mb.append(parts)
                 self._sync_grads()
-                for k, v in self._optimizer_step().items():
+                for k, v in self._optimizer_step([st for _, st in parts]).items():
                     norms.setdefault(k, []).append(v)
         per_mb = [[p for rank_parts in all_parts for p in rank_parts]
                   for all_parts in zip(*self._gather_objects(parts_per_mb))]
@@ -553,6 +558,7 @@ class Trainer:
 
     def train(self, num_epochs: int | None = None) -> list[dict]:
         cfg = self.config
+        lock_for(self)  # one writer per run directory (critic_align/runlock.py)
         if self.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
@@ -627,6 +633,7 @@ class Trainer:
         """Checkpoint into ``output_dir/checkpoints`` (call it on every process: RNG states are gathered; the
         main process writes and returns the path, the others return None).  A failed write raises a
         :class:`CheckpointError` on every process, so none waits forever for the others."""
+        check_weights(self, "before writing a checkpoint")  # never checkpoint non-finite weights
         states = self._gather_objects(local_rng_state(self))
         path, error = None, None
         if self.is_main_process:
@@ -656,6 +663,8 @@ class Trainer:
         equal an uninterrupted run's.  resume=False (reuse the trained policy and critic elsewhere, e.g. for
         steering under another sampling config): only the model must match; the logs are left alone.
         """
+        if resume:  # a resume truncates the logs: refused while another live process writes this run
+            lock_for(self, "resume")
         state = load_checkpoint(self, path, rank=self.rank, check_config=resume)
         if not resume:
             return

@@ -461,7 +461,7 @@ def test_cli_train_and_export_lora_sd15(tmp_path):
         cfg_file.write_text(yaml.safe_dump({**config, **bad}))
         with pytest.raises(ValueError, match=match):
             build_trainer(load_run_config(str(cfg_file)))
-    with pytest.raises(SystemExit, match="no complete checkpoint"):
+    with pytest.raises(SystemExit, match="no complete checkpoint that verifies"):
         main(["export-lora", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
     (run_dir / "run.json").write_text(json.dumps({"task": "digits"}))
     with pytest.raises(SystemExit, match="Stable Diffusion tasks"):

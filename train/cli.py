@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 
 def cmd_train(args) -> int:
-    from critic_align.checkpoint import latest_checkpoint
+    from critic_align.runlock import check_free, lock_for, unlock_for
     from critic_align.viz import plot_metrics
 
     from .registry import build_trainer, load_run_config, parse_overrides, write_run_dir
@@ -33,23 +34,25 @@ def cmd_train(args) -> int:
     run = load_run_config(args.config, overrides)
     cfg = run["ppo"]
     out = Path(cfg.output_dir)
-    if out.exists() and (out / "metrics.jsonl").exists() and not args.resume:
+    resume = args.resume or args.resume_from is not None
+    check_free(out, "resume" if resume else "write to")  # before anything is built or written
+    if out.exists() and (out / "metrics.jsonl").exists() and not resume:
         raise SystemExit(f"{out} already holds a run; pass --resume to continue it or --out to start a new one")
+    ckpt = _checkpoint_to_resume(out, args.resume_from) if resume else None
     trainer = build_trainer(run)
+    lock_for(trainer, "resume" if resume else "write to")  # held until this process exits
     if trainer.is_main_process:  # what steer / sample / export-lora need to rebuild the run
         write_run_dir(out, run)
-    if args.resume:
-        ckpt = latest_checkpoint(out / "checkpoints")
-        if ckpt is None:
-            raise SystemExit(f"--resume: no complete checkpoint in {out / 'checkpoints'} (the run stopped before its "
-                             f"first one was written); start it again without --resume after removing {out}")
+    if resume:
+        if trainer.is_main_process:
+            _set_aside_newer(out, ckpt)
         trainer.load(ckpt)
         if trainer.is_main_process:
             print(f"resumed from {ckpt} (epoch {trainer.epoch})")
     else:
         trainer.save_grid(out / "grid_before.png", use_policy=False)
     start = time.time()
-    history = trainer.train()
+    trainer.train()
     trainer.save_grid(out / "grid_after.png")
     if not trainer.is_main_process:  # multi-process (torchrun): only the main process writes outputs
         return 0
@@ -57,17 +60,82 @@ def cmd_train(args) -> int:
     head_ev = [f"value_ev/{n}" for n in trainer.rewards.names] if trainer.critic is not None else []
     plot_metrics(out / "metrics.jsonl", out / "reward_curve.png", [f"reward/{n}/mean" for n in names] + head_ev,
                  title=f"{cfg.advantage} on {run['task']}")
-    summary = {"run_dir": str(out), "epochs": trainer.epoch, "reward_queries": trainer.reward_queries,
-               "train_seconds": time.time() - start}
-    if history:
-        first, last = history[0], history[-1]
+    summary = run_summary(out, names, trainer.epoch, trainer.reward_queries)
+    summary["this_process_seconds"] = time.time() - start
+    if resume:
+        summary["resumed_from"] = str(ckpt)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    unlock_for(trainer)
+    return 0
+
+
+def run_summary(out: Path, names: list[str], epochs: int, reward_queries: int) -> dict:
+    """summary.json from the whole metrics.jsonl (not this process's history): after a resume, the first epoch is
+    still the run's first epoch.  train_seconds sums the logged pretraining iterations and epochs (the time of a
+    killed process's unfinished epoch is not in the log)."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    train = [r for r in rows if r.get("phase") == "train"]
+    seconds = sum(r.get("time_s", 0) for r in rows if r.get("phase") == "value_pretrain") + \
+        sum(r.get("time_epoch_s", 0) for r in train)
+    summary = {"run_dir": str(out), "epochs": epochs, "reward_queries": reward_queries, "train_seconds": seconds,
+               "logged_epochs": len(train)}
+    if train:
+        first, last = train[0], train[-1]
         for n in names:
             key = f"reward/{n}/mean"
             summary[f"{n}_first_epoch"] = first.get(key)
             summary[f"{n}_last_epoch"] = last.get(key)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
-    return 0
+    return summary
+
+
+def _checkpoint_to_resume(out: Path, resume_from: str | None) -> Path:
+    """--resume-from PATH (it must verify), or the newest checkpoint of the run that verifies; corrupt newer ones
+    are set aside (renamed ``corrupt-epoch_*``, kept for inspection) with a message naming each."""
+    from critic_align.checkpoint import CheckpointError, find_resumable, set_aside, verify_checkpoint
+
+    if resume_from is not None:
+        why = verify_checkpoint(resume_from)
+        if why is not None:
+            raise CheckpointError(f"--resume-from {resume_from}: {why}")
+        return Path(resume_from)
+    ckpt, skipped = find_resumable(out / "checkpoints")
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 renames
+    for path, why in skipped:
+        if ckpt is not None and main:
+            dest = set_aside(path, "corrupt")
+            print(f"skipping {path.name}: {why}; moved it to {dest.name}", file=sys.stderr)
+    if ckpt is None:
+        if skipped:
+            raise CheckpointError(f"--resume: no checkpoint in {out / 'checkpoints'} verifies: "
+                                  + "; ".join(why for _, why in skipped))
+        raise SystemExit(f"--resume: no complete checkpoint in {out / 'checkpoints'} (the run stopped before its "
+                         f"first one was written); start it again without --resume after removing {out}")
+    if skipped:
+        print(f"resuming from {ckpt.name}, the newest checkpoint that verifies", file=sys.stderr)
+    return ckpt
+
+
+def _set_aside_newer(out: Path, ckpt: Path) -> None:
+    """Resuming from a checkpoint older than the run's newest: the newer checkpoints are renamed
+    ``superseded-epoch_*`` and metrics.jsonl is copied, so the resumed run overwrites nothing saved."""
+    import shutil
+
+    ckpts = out / "checkpoints"
+    if ckpt.resolve().parent != ckpts.resolve():
+        return
+    from critic_align.checkpoint import set_aside
+
+    newer = sorted(p for p in ckpts.glob("epoch_*") if p.is_dir() and p.name > ckpt.name)
+    for p in newer:
+        dest = set_aside(p, "superseded")
+        print(f"{p.name} is newer than {ckpt.name}: moved it to {dest.name}", file=sys.stderr)
+    metrics = out / "metrics.jsonl"
+    if newer and metrics.exists():
+        copy = out / f"metrics.before-resume-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        shutil.copy(metrics, copy)
+        print(f"the rows logged after {ckpt.name} are cut from metrics.jsonl; the full log is kept as {copy.name}",
+              file=sys.stderr)
 
 
 def cmd_sample(args) -> int:
@@ -83,7 +151,7 @@ def cmd_sample(args) -> int:
     model_dir, steps, noise, guidance, out = args.model or BASE_MODEL_DIR, 50, 0.0, 1.0, Path("runs") / "samples.png"
     if args.run:
         from critic_align.backbones import LoraAdapters
-        from critic_align.checkpoint import latest_checkpoint, read_checkpoint
+        from critic_align.checkpoint import find_resumable, read_checkpoint
         from critic_align.registry import DIGITS_TASKS, resolve
 
         from .registry import load_run_dir
@@ -91,10 +159,12 @@ def cmd_sample(args) -> int:
         run_dir = Path(args.run)
         if (run_dir / "state.json").exists():  # a checkpoint directory itself
             ckpt, run_dir = run_dir, run_dir.parent.parent
-        else:
-            ckpt = latest_checkpoint(run_dir / "checkpoints")
+        else:  # a run: its newest checkpoint that verifies
+            ckpt, skipped = find_resumable(run_dir / "checkpoints")
+            for path, why in skipped:
+                print(f"skipping {path.name}: {why}", file=sys.stderr)
         if ckpt is None:
-            raise SystemExit(f"no checkpoint under {run_dir / 'checkpoints'}")
+            raise SystemExit(f"no checkpoint under {run_dir / 'checkpoints'} verifies")
         run = load_run_dir(run_dir)
         if run["task"] not in DIGITS_TASKS:
             raise SystemExit(f"`sample` draws digits grids; this run's task is {run['task']!r}")
@@ -131,7 +201,7 @@ def cmd_sample(args) -> int:
 
 def cmd_export_lora(args) -> int:
     """Write a Stable Diffusion run's policy LoRA with the pipeline class's own save_lora_weights."""
-    from critic_align.checkpoint import latest_checkpoint, read_checkpoint
+    from critic_align.checkpoint import find_resumable, read_checkpoint
     from critic_align.registry import SD_TASKS
     from critic_align.tasks.sd import save_lora
 
@@ -139,9 +209,12 @@ def cmd_export_lora(args) -> int:
     if (run_dir / "state.json").exists():  # a checkpoint directory itself
         ckpt, run_dir = run_dir, run_dir.parent.parent
     else:
-        ckpt = latest_checkpoint(run_dir / "checkpoints")
+        ckpt, skipped = find_resumable(run_dir / "checkpoints")  # the newest checkpoint that verifies
+        for path, why in skipped:
+            print(f"skipping {path.name}: {why}", file=sys.stderr)
         if ckpt is None:
-            raise SystemExit(f"no complete checkpoint under {run_dir / 'checkpoints'}; pass a run directory written by "
+            raise SystemExit(f"no complete checkpoint that verifies under {run_dir / 'checkpoints'}; pass a run "
+                             "directory written by "
                              "`critic-align train` or one of its checkpoints/epoch_* directories")
     task = args.task
     if task is None:
@@ -169,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (overrides ppo.output_dir)")
     p.add_argument("--epochs", type=int, help="overrides ppo.num_epochs")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override any PPOConfig field")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest checkpoint that verifies")
+    p.add_argument("--resume-from", metavar="PATH", help="continue the run in --out from this checkpoint directory")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("sample", help="draw a PNG grid (one row per digit) from a model or a trained run")
@@ -216,9 +291,54 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--debug"]  # cli() handles --debug
     args = build_parser().parse_args(argv)
     return args.fn(args)
 
 
+def cli(argv=None) -> int:
+    """The ``critic-align`` entry point: :func:`main` with every error as one clean line on stderr and exit code 2
+    (1 for an unexpected exception); ``--debug`` anywhere on the line shows the traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        return main(argv)
+    except Exception as exc:
+        if debug:
+            raise
+        return _report(exc)
+    except SystemExit as exc:
+        if debug or not isinstance(exc.code, str):  # argparse's own exits (usage errors: 2, --help: 0) pass
+            raise
+        return _report(exc)
+
+
+# Errors that are the user's input or environment, reported as one line (exit 2); any other exception is a bug
+# (or an unforeseen case): one line too, with its type, exit 1; --debug shows the traceback of either.
+def _user_error_types() -> tuple:
+    from critic_align.checkpoint import CheckpointError
+    from critic_align.guard import DivergenceError
+    from critic_align.rewards import RewardError
+    from critic_align.runlock import RunLockedError
+
+    return (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError,
+            RewardError, RunLockedError, DivergenceError, SystemExit)
+
+
+def _report(exc: BaseException) -> int:
+    import errno
+
+    msg = str(exc.code) if isinstance(exc, SystemExit) else str(exc)
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        print(f"critic-align: error: the disk is full ({exc}); free disk space, then continue the run with --resume "
+              "(a half-written checkpoint or log row is never picked up)", file=sys.stderr)
+        return 2
+    if isinstance(exc, _user_error_types()):
+        print(f"critic-align: error: {msg}", file=sys.stderr)
+        return 2
+    print(f"critic-align: error: {type(exc).__name__}: {msg} (run with --debug for the traceback)", file=sys.stderr)
+    return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

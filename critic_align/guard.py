@@ -1,0 +1,119 @@
+"""The finiteness guard: a diverging run stops with an error instead of checkpointing non-finite weights.
+
+The trainer calls :func:`check_update` after clipping and before every optimiser step (losses and gradient
+norms), :func:`check_weights` after the step and before every checkpoint write (every trainable tensor), and
+:func:`check_reward_magnitude` on each batch of trained rewards.  A non-finite value raises
+:class:`DivergenceError` naming what diverged (which loss, whose gradient, which weights), the epoch (or the
+value-pretraining phase) and the newest checkpoint on disk, which is the last good one: a checkpoint is only
+written after :func:`check_weights` passed, so no checkpoint with non-finite weights exists and ``keep_last``
+rotation only ever drops good checkpoints for newer good ones.
+
+Checking before the step keeps the in-memory weights finite too (a NaN gradient never reaches them).  The
+checks read values the trainer computes anyway (loss floats, clip_grad_norm_'s total norm) plus one
+``isfinite`` pass over the trainable tensors per optimiser step (LoRA + critic: small next to a backward).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+# Rewards above this magnitude are refused.  The value loss squares (value - return) in float32 and sums the
+# squares over a minibatch; returns are up to |r| and a critic fitting them outputs values of the same scale,
+# so one square is up to (2·|r|)².  At |r| = 1e15 that is 4e30, leaving float32's maximum (3.4e38) a factor of
+# 8.5e7 for the sum over pairs; at |r| ≈ 1.8e19 a single square overflows (a 1e20 reward made the value loss
+# inf and the critic silently stopped learning).  GRPO/DDPO's whitening squares (r - mean) the same way.
+# No meaningful reward is this large; rescale such a reward (a weight does not help: each head sees its raw
+# reward).
+MAX_ABS_REWARD = 1e15
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss, gradient or weight; nothing non-finite was saved."""
+
+
+def _phase(trainer) -> str:
+    if trainer.critic is not None and not trainer.pretrained_value:
+        return "during value pretraining (before epoch 1)"
+    return f"in epoch {trainer.epoch + 1}"
+
+
+def _last_good(trainer) -> str:
+    from .checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(Path(trainer.out) / "checkpoints")
+    if ckpt is None:
+        return "no checkpoint was written before it (nothing saved was lost); start again once the cause is fixed"
+    return (f"the last good checkpoint is {ckpt} (every checkpoint on disk passed this check: nothing non-finite "
+            f"was saved); it loads with critic-align train --resume-from {ckpt} once the cause is fixed (a smaller "
+            "learning rate is another config: start a new run with it)")
+
+
+def _raise(trainer, what: str) -> None:
+    cfg, good = trainer.config, _last_good(trainer)
+    raise DivergenceError(
+        f"training diverged {_phase(trainer)}: {what}. {good[0].upper()}{good[1:]}. "
+        f"Likely causes: a learning rate too large (learning_rate={cfg.learning_rate:g}, critic_learning_rate="
+        f"{cfg.critic_learning_rate:g}; try 10x smaller) or rewards of a huge scale"
+    )
+
+
+def check_update(trainer, losses: list[dict], grad_norms: dict) -> None:
+    """Before an optimiser step: every loss of the minibatch's parts and the clipped groups' gradient norms.
+
+    losses: the stats dicts of the minibatch's micro-batches (keys ending in ``loss`` are checked);
+    grad_norms: ``{"grad_norm_policy": float, "grad_norm_critic": float}`` (clip_grad_norm_'s total norm,
+    non-finite iff a gradient entry is).  Losses are checked with one process only: with several, each
+    process's losses are its own, and a non-finite loss shows up in the summed gradients on every process
+    anyway, so every process raises together instead of one waiting for the others forever.
+    """
+    bad_norms = {k: v for k, v in grad_norms.items() if not math.isfinite(v)}
+    bad_losses = {}
+    for st in losses:
+        for k, v in st.items():
+            if "loss" in k and isinstance(v, float) and not math.isfinite(v):
+                bad_losses.setdefault(k, v)
+    if bad_norms or (bad_losses and trainer.num_processes == 1):
+        parts = [f"the {k} is {v}" for k, v in bad_losses.items()]
+        parts += [f"the gradient norm of the {k.removeprefix('grad_norm_')} is {v}" for k, v in bad_norms.items()]
+        _raise(trainer, ", ".join(parts) + " (the step was not taken)")
+
+
+def nonfinite_weights(trainer) -> dict[str, list[str]]:
+    """{"policy": [names], "critic": [names]} of trainable tensors holding a NaN or inf (empty lists: all finite)."""
+    with torch.no_grad():
+        if all(bool(torch.isfinite(p).all()) for p in trainer.policy_params + trainer.critic_params):
+            return {}
+        out = {}
+        policy = trainer.adapters.state_dict("policy")
+        out["policy"] = [k for k, v in policy.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if trainer.critic is not None:
+            out["critic"] = [k for k, v in trainer.critic.state_tensors().items()
+                             if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        return {k: v for k, v in out.items() if v} or {"trainable": ["(a parameter outside the saved tensors)"]}
+
+
+def check_weights(trainer, when: str = "after the optimiser step") -> None:
+    """Every trainable tensor (policy LoRA, critic) is finite; otherwise :class:`DivergenceError`."""
+    bad = nonfinite_weights(trainer)
+    if bad:
+        what = "; ".join(f"{len(names)} {part} tensors hold NaN/inf (e.g. {names[:3]})" for part, names in bad.items())
+        _raise(trainer, f"{what} {when}")
+
+
+def check_reward_magnitude(rewards: torch.Tensor, names) -> None:
+    """Refuse a (B, K) reward matrix with an entry above :data:`MAX_ABS_REWARD` in magnitude, naming the reward."""
+    from .rewards.base import RewardError
+
+    mags = torch.nan_to_num(rewards.detach().float(), nan=0.0).abs()
+    if mags.numel() == 0 or float(mags.max()) <= MAX_ABS_REWARD:
+        return
+    k = int(mags.max(0).values.argmax())
+    idx = torch.nonzero(mags[:, k] > MAX_ABS_REWARD).reshape(-1).tolist()
+    raise RewardError(
+        f"reward {list(names)[k]!r} returned {float(rewards[idx[0], k]):g} for samples {idx[:10]}: magnitudes above "
+        f"{MAX_ABS_REWARD:g} overflow the value loss (float32 squares of returns), so the critic would stop "
+        "learning; rescale the reward (e.g. divide it by a constant or take its log)"
+    )

@@ -1,0 +1,284 @@
+"""Nothing lost, ever: divergence, a second writer, corrupt checkpoints, a resume under another run definition.
+
+Each test makes the fault happen for real (a diverging optimiser, a second process, bytes changed on disk) and
+then checks both the error and that everything saved before it is still there and loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_trainer import make_trainer
+
+from critic_align.checkpoint import (
+    CheckpointError,
+    _rotate,
+    find_resumable,
+    latest_checkpoint,
+    read_checkpoint,
+)
+from critic_align.guard import MAX_ABS_REWARD, DivergenceError
+from critic_align.rewards import FunctionReward, MultiReward, RewardError
+from critic_align.runlock import LOCK_NAME, RunLockedError, acquire, release
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _finite(ckpt) -> bool:
+    tensors, _ = read_checkpoint(ckpt)
+    return all(bool(torch.isfinite(v).all()) for v in tensors.values() if v.is_floating_point())
+
+
+# --------------------------------------------------------------------------------------------- divergence
+def test_divergence_stops_naming_the_epoch_and_keeps_the_last_good_checkpoint(tmp_path):
+    tr = make_trainer(tmp_path, num_epochs=6, keep_last=1)
+    tr.train(num_epochs=2)
+    ckpts = tmp_path / "run" / "checkpoints"
+    good = latest_checkpoint(ckpts)
+    assert good.name == "epoch_000002"
+    for group in tr.optimizer.param_groups:  # the learning rate of a run about to diverge
+        group["lr"] = 1e4
+    with pytest.raises(DivergenceError) as info:
+        tr.train(num_epochs=6)
+    msg = str(info.value)
+    assert "training diverged in epoch 3" in msg
+    assert ("gradient norm" in msg or "loss is" in msg or "hold NaN/inf" in msg), msg
+    assert f"last good checkpoint is {good}" in msg
+    # the last good checkpoint survives (keep_last=1 did not rotate it away for a broken one) and loads
+    assert sorted(p.name for p in ckpts.glob("epoch_*")) == ["epoch_000002"]
+    assert _finite(good)
+    fresh = make_trainer(tmp_path, num_epochs=6, keep_last=1)
+    fresh.load(good)
+    assert fresh.epoch == 2
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if r["phase"] == "train"] == [1, 2]  # no row of the diverged epoch
+
+
+def test_weights_made_non_finite_are_never_checkpointed(tmp_path):
+    tr = make_trainer(tmp_path)
+    good = tr.save()
+    with torch.no_grad():
+        tr.policy_params[0].view(-1)[0] = math.nan
+    tr.epoch = 1
+    with pytest.raises(DivergenceError, match=r"policy tensors hold NaN/inf .* before writing a checkpoint.*"
+                                              r"last good checkpoint is .*epoch_000000"):
+        tr.save()
+    assert latest_checkpoint(good.parent) == good and not (good.parent / "epoch_000001").exists()
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_on_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tr = make_trainer(tmp_path)
+    path = tr.save()
+    (path / "manifest.json").unlink()  # as written by a version without the guard or manifests
+    tensors = load_file(str(path / "tensors.safetensors"))
+    name = next(k for k in tensors if k.startswith("policy."))
+    tensors[name] = torch.full_like(tensors[name], math.nan)
+    save_file(tensors, str(path / "tensors.safetensors"))
+    with pytest.raises(CheckpointError, match=r"holds non-finite weights .*written after training diverged"):
+        tr.load(path)
+
+
+def test_rotation_never_drops_the_newest_checkpoint_that_passed_the_guard(tmp_path):
+    for e in range(4):
+        d = tmp_path / f"epoch_{e:06d}"
+        d.mkdir()
+        (d / "state.json").write_text(json.dumps({"guard": "passed"} if e < 2 else {}))
+    _rotate(tmp_path, keep_last=2)  # the two newest lack the guard mark (e.g. written by an older version)
+    assert sorted(p.name for p in tmp_path.glob("epoch_*")) == ["epoch_000001", "epoch_000002", "epoch_000003"]
+    (tmp_path / "epoch_000003" / "state.json").write_text(json.dumps({"guard": "passed"}))
+    _rotate(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("epoch_*")) == ["epoch_000002", "epoch_000003"]
+
+
+@pytest.mark.parametrize("value", [1e38, -1e20, 2 * MAX_ABS_REWARD])
+def test_a_reward_that_would_overflow_the_value_loss_is_refused_by_name(tmp_path, value):
+    tr = make_trainer(tmp_path)
+    tr.train(num_epochs=1)
+    saved = latest_checkpoint(tmp_path / "run" / "checkpoints")
+
+    def huge(s, p):
+        out = torch.zeros(len(p))
+        out[3] = value
+        return out
+
+    tr.rewards = MultiReward([FunctionReward(huge, name="huge")])
+    with pytest.raises(RewardError, match=r"reward 'huge' returned .* for samples \[3\]: magnitudes above 1e\+15 "
+                                          r"overflow the value loss"):
+        tr.train_epoch()
+    assert read_checkpoint(saved)  # still intact
+
+
+def test_the_reward_limit_keeps_the_value_loss_finite():
+    """MAX_ABS_REWARD's justification, checked: at the limit, float32 squared errors summed over a large
+    minibatch stay finite; at 1e20 a single one overflows."""
+    r = torch.full((100_000,), MAX_ABS_REWARD)
+    v = -r  # a critic as wrong as it can be at this scale
+    assert math.isfinite(((v - r) ** 2).sum().item())
+    big = torch.tensor([1e20])
+    assert math.isinf(((big - 0) ** 2).item())
+
+
+# ------------------------------------------------------------------------------------------------ the lock
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from critic_align.runlock import acquire
+    acquire({run!r})
+    print("locked", flush=True)
+    time.sleep(60)
+""")
+
+
+def _hold_in_other_process(run: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER.format(root=str(ROOT), run=str(run))],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_writer_and_a_resume_of_a_live_run_are_refused(tmp_path):
+    run = tmp_path / "run"
+    tr = make_trainer(tmp_path)
+    tr.train(num_epochs=1)
+    saved = latest_checkpoint(run / "checkpoints")
+    before = (run / "metrics.jsonl").read_bytes()
+    release(run)  # this process lets go; another process takes the run
+    tr._run_locked = False
+    proc = _hold_in_other_process(run)
+    try:
+        other = make_trainer(tmp_path)
+        with pytest.raises(RunLockedError, match=rf"cannot resume {run}: it is in use by another training process "
+                                                 rf"\(pid {proc.pid} on host .*\).*kill {proc.pid}"):
+            other.load(saved)
+        with pytest.raises(RunLockedError, match=rf"cannot write to {run}: it is in use .*pid {proc.pid}"):
+            make_trainer(tmp_path).train()
+        assert (run / "metrics.jsonl").read_bytes() == before  # neither wrote a row nor cut the log
+        assert latest_checkpoint(run / "checkpoints") == saved
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_message(tmp_path, capsys):
+    run = tmp_path / "run"
+    proc = _hold_in_other_process(run)
+    proc.kill()
+    proc.wait()
+    info = json.loads((run / LOCK_NAME).read_text())
+    assert info["pid"] == proc.pid
+    acquire(run)
+    assert f"taking over the lock of pid {proc.pid}" in capsys.readouterr().err
+    assert json.loads((run / LOCK_NAME).read_text())["pid"] == os.getpid()
+    release(run)
+    assert not (run / LOCK_NAME).exists()
+
+
+def test_a_lock_from_another_host_is_refused_with_how_to_remove_it(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": time.time()}))
+    with pytest.raises(RunLockedError, match=r"host 'elsewhere'.*If that process is gone, remove .*run.lock by hand"):
+        acquire(run)
+
+
+# ---------------------------------------------------------------------------------------- integrity
+def _three_checkpoints(tmp_path):
+    tr = make_trainer(tmp_path, num_epochs=3, keep_last=3)
+    tr.train()
+    return sorted((tmp_path / "run" / "checkpoints").glob("epoch_*"))
+
+
+def test_a_bit_flipped_checkpoint_of_the_same_size_is_detected(tmp_path):
+    ckpts = _three_checkpoints(tmp_path)
+    f = ckpts[-1] / "tensors.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one bit inside the tensor data: safetensors itself would load it
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"tensors.safetensors is corrupt \(same size but SHA-256 .* its bytes "
+                                              r"were altered"):
+        read_checkpoint(ckpts[-1])
+    best, skipped = find_resumable(ckpts[-1].parent)
+    assert best == ckpts[-2] and [p for p, _ in skipped] == [ckpts[-1]]
+
+
+def test_resume_walks_back_to_the_newest_checkpoint_that_verifies_and_says_so(tmp_path, capsys):
+    from train.cli import _checkpoint_to_resume
+
+    ckpts = _three_checkpoints(tmp_path)
+    f = ckpts[-1] / "tensors.safetensors"
+    f.write_bytes(f.read_bytes()[:100])  # truncated
+    chosen = _checkpoint_to_resume(tmp_path / "run", None)
+    err = capsys.readouterr().err
+    assert chosen == ckpts[-2]
+    assert "skipping epoch_000003" in err and "truncated" in err and "resuming from epoch_000002" in err
+    moved = list((tmp_path / "run" / "checkpoints").glob("corrupt-epoch_000003-*"))
+    assert len(moved) == 1 and (moved[0] / "tensors.safetensors").stat().st_size == 100  # kept, not deleted
+    with pytest.raises(CheckpointError, match=r"--resume-from .*epoch_000003.*does not exist"):
+        _checkpoint_to_resume(tmp_path / "run", str(ckpts[-1]))
+
+
+def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, capsys):
+    from train.cli import _set_aside_newer
+
+    ckpts = _three_checkpoints(tmp_path)
+    run = tmp_path / "run"
+    log = (run / "metrics.jsonl").read_text()
+    _set_aside_newer(run, ckpts[0])
+    assert sorted(p.name for p in (run / "checkpoints").glob("epoch_*")) == ["epoch_000001"]
+    assert len(list((run / "checkpoints").glob("superseded-epoch_00000[23]-*"))) == 2
+    copies = list(run.glob("metrics.before-resume-*.jsonl"))
+    assert len(copies) == 1 and copies[0].read_text() == log
+    assert "moved it to superseded-epoch_000002" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ run identity
+def _rewards(temperature=1.0, weight=1.0, name="bright"):
+    from test_trainer import brightness_matches_label
+
+    r = FunctionReward(brightness_matches_label, name=name, differentiable=True)
+    r.temperature = temperature  # a reward parameter
+    return MultiReward([r], [weight])
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(temperature=6.0), r"reward 'bright': temperature=1.0 in the checkpoint vs 6.0 now"),
+    (dict(weight=2.0), r"reward 'bright': weight 1 in the checkpoint vs 2 now"),
+    (dict(name="other"), r"rewards \['bright'\] in the checkpoint vs \['other'\] now"),
+])
+def test_resume_with_another_reward_is_refused_naming_the_difference(tmp_path, kw, match):
+    tr = make_trainer(tmp_path / "a")
+    tr.rewards = _rewards()
+    path = tr.save()
+    other = make_trainer(tmp_path / "b")
+    other.rewards = _rewards(**kw)
+    with pytest.raises(CheckpointError, match=match):
+        other.load(path)
+    same = make_trainer(tmp_path / "c")
+    same.rewards = _rewards()
+    same.load(path)  # the same definition resumes
+
+
+def test_resume_with_another_task_is_refused(tmp_path):
+    from test_trainer import TinyTask
+
+    path = make_trainer(tmp_path / "a").save()
+    other = make_trainer(tmp_path / "b")
+
+    class OtherPrompts(TinyTask):
+        prompts = ("3", "2", "1", "0")
+
+    other.task = OtherPrompts()
+    with pytest.raises(CheckpointError, match=r"task '.*TinyTask' in the checkpoint vs '.*OtherPrompts' now, "
+                                              r"the prompts differ"):
+        other.load(path)
