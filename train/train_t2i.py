@@ -1,0 +1,317 @@
+"""Train the tiny text-to-image model (`critic-align pretrain-t2i`): a diffusers ``StableDiffusionPipeline``
+on compositions of scikit-learn's digits (``critic_align/tasks/composition.py``), shipped in
+``critic_align/assets/tiny_t2i``.
+
+Three stages, all on the composition data (32x32 RGB canvases, 2x2 grid of 16x16 cells):
+
+1. ``AutoencoderKL`` 32x32x3 -> 4x8x8 latents (factor 4): L1 + MSE reconstruction and a small KL term;
+   its ``scaling_factor`` is then set to 1 / std of the latents of a data batch (as SD's 0.18215 was).
+2. A ``CLIPTokenizer`` whose vocabulary and merges are written here from the grammar's words (byte-level
+   characters stay in the vocabulary, so any text tokenizes), and a small ``CLIPTextModel`` trained
+   jointly with
+3. a ``UNet2DConditionModel`` with cross-attention at 8x8 and 4x4 latents (ε-prediction, DDPM loss on the
+   VAE latents of freshly rendered compositions, 10 % empty prompts so that CFG works too), EMA weights.
+
+Held-out prompts (``critic_align.tasks.composition.is_held_out``) are never rendered for training; both
+prompt lists are written next to the model (``train_prompts.txt``, ``heldout_prompts.txt``).  The scheduler
+is DDIM (cosine betas, trailing spacing: sampling starts from pure noise).  No safety checker.
+The model card is written by ``train.evaluate_t2i``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from critic_align.tasks.composition import (
+    CANVAS,
+    Renderer,
+    all_compositions,
+    is_held_out,
+    prompt_split,
+    vocabulary_words,
+)
+
+MAX_TOKENS = 16  # "a red 3 left of a blue 7" is 9 words + start + end
+
+
+# ------------------------------------------------------------------------------------------------------
+# configs
+def vae_config() -> dict:
+    return dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32), latent_channels=4,
+                layers_per_block=1, norm_num_groups=8, sample_size=CANVAS)
+
+
+def unet_config(cross_dim: int = 64) -> dict:
+    return dict(sample_size=CANVAS // 4, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_dim,
+                attention_head_dim=16, norm_num_groups=16)
+
+
+def text_config(tokenizer, hidden: int = 64) -> dict:
+    return dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=MAX_TOKENS, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def scheduler_config() -> dict:
+    # trailing spacing starts sampling at t = 999 (pure noise): the layout is decided in the first steps
+    return dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
+                clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
+
+
+# ------------------------------------------------------------------------------------------------------
+# tokenizer
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2 / CLIP byte-level alphabet (one printable character per byte), in CLIP's order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tokenizer(directory: Path, words=None):
+    """Write a CLIPTokenizer (vocab.json, merges.txt, its config) whose vocabulary has every byte character
+    (alone and word-final) and every word of ``words`` (default: the grammar's) as one token, built by
+    left-to-right merges.  Checks that each word becomes exactly one token."""
+    from transformers import CLIPTokenizer
+
+    words = list(words or vocabulary_words())
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    merges: list[str] = []
+
+    def join(pieces):  # left-to-right merges that turn ``pieces`` into one token
+        left = pieces[0]
+        for right in pieces[1:]:
+            merges.append(f"{left} {right}")
+            left = left + right
+            vocab.setdefault(left, len(vocab))  # the merges' intermediate results are tokens too
+
+    for w in words:
+        if len(w) > 1:
+            join(list(w[:-1]) + [w[-1] + "</w>"])
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+
+    def build():
+        (directory / "vocab.json").write_text(json.dumps(vocab))
+        (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+        return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=MAX_TOKENS)
+
+    # an earlier word's merge can fire inside a later word ('r e' of 'red' inside 'three'): join the pieces
+    # such a word ends up in with merges of lower priority, and check again
+    for _ in range(10):
+        tok = build()
+        split = {w: tok.convert_ids_to_tokens(tok(w, add_special_tokens=False).input_ids) for w in words}
+        bad = {w: pieces for w, pieces in split.items() if len(pieces) != 1}
+        if not bad:
+            break
+        for pieces in bad.values():
+            join(pieces)
+    else:
+        raise RuntimeError(f"tokenizer: words that do not become one token: {bad}")
+    tok.save_pretrained(directory)
+    return tok
+
+
+# ------------------------------------------------------------------------------------------------------
+# data
+class CompositionSampler:
+    """Draws (image, prompt) pairs from the training compositions: half count prompts (one, two, three digits
+    equally often), half relation prompts; held-out compositions never appear."""
+
+    def __init__(self, seed: int, renderer: Renderer | None = None):
+        self.rng = np.random.default_rng(seed)
+        self.renderer = renderer or Renderer()
+        comps = [c for c in all_compositions() if not is_held_out(c)]
+        self.count_comps = [c for c in comps if c.relation is None]
+        self.relation_comps = [c for c in comps if c.relation is not None]
+
+    def batch(self, n: int) -> tuple[torch.Tensor, list[str]]:
+        images, prompts = [], []
+        for _ in range(n):
+            pool = self.count_comps if self.rng.random() < 0.5 else self.relation_comps
+            comp = pool[int(self.rng.integers(len(pool)))]
+            images.append(self.renderer.render(comp, self.rng))
+            prompts.append(comp.prompt())
+        return torch.stack(images), prompts
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress)) * 0.95 + 0.05
+
+
+# ------------------------------------------------------------------------------------------------------
+# stages
+def train_vae(args, sampler: CompositionSampler, log: list) -> "object":
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL(**vae_config())
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.vae_steps, 50))
+    gen = torch.Generator().manual_seed(args.seed)
+    t0 = time.time()
+    for step in range(args.vae_steps):
+        x, _ = sampler.batch(args.vae_batch)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        kl = post.kl().mean() / z[0].numel()
+        loss = rec_loss + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == args.vae_steps - 1:
+            row = {"stage": "vae", "step": step, "rec": rec_loss.item(), "kl": kl.item(), "time_s": time.time() - t0}
+            log.append(row)
+            print(json.dumps(row), flush=True)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        x, _ = sampler.batch(256)
+        z = vae.encode(x).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    return vae
+
+
+class EMA:
+    def __init__(self, params, decay: float):
+        self.params = list(params)
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1 - d)
+        self.updates += 1
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s)
+
+
+def train_denoiser(args, vae, tokenizer, sampler: CompositionSampler, log: list):
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(args.seed + 1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer, args.text_hidden)))
+    unet = UNet2DConditionModel(**unet_config(args.text_hidden))
+    scheduler = DDIMScheduler(**scheduler_config())
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.steps, 100))
+    ema = EMA(params, args.ema_decay)
+    acp = scheduler.alphas_cumprod
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    scale = vae.config.scaling_factor
+    t0 = time.time()
+    for step in range(args.steps):
+        x, prompts = sampler.batch(args.batch_size)
+        drop = torch.rand(len(prompts), generator=gen) < args.cond_dropout
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        ids = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                        return_tensors="pt").input_ids
+        with torch.no_grad():
+            post = vae.encode(x).latent_dist
+            z0 = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen)) * scale
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(prompts),), generator=gen)
+        noise = torch.randn(z0.shape, generator=gen)
+        a = acp[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        cond = text_encoder(ids)[0]  # last_hidden_state, what StableDiffusionPipeline.encode_prompt gives
+        loss = F.mse_loss(unet(zt, t, encoder_hidden_states=cond).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema.step()
+        if step % 50 == 0 or step == args.steps - 1:
+            row = {"stage": "denoiser", "step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
+                   "time_s": time.time() - t0}
+            log.append(row)
+            print(json.dumps(row), flush=True)
+    ema.copy_to()
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+    return unet, text_encoder, scheduler
+
+
+def build_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(prog="critic-align pretrain-t2i", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="critic_align/assets/tiny_t2i", help="output directory (must not hold a model)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-kl", type=float, default=1e-4, help="weight of the per-dimension KL term")
+    p.add_argument("--steps", type=int, default=3000, help="denoiser (UNet + text encoder) steps")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema-decay", type=float, default=0.995)
+    p.add_argument("--cond-dropout", type=float, default=0.1, help="fraction of empty prompts (for CFG)")
+    p.add_argument("--text-hidden", type=int, default=64, help="text encoder width = UNet cross-attention dim")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    out = Path(args.out)
+    if (out / "model_index.json").exists() and not args.overwrite:
+        raise SystemExit(f"{out} already holds a pipeline; pass --overwrite to replace it or --out for a new directory")
+    t_start = time.time()
+    log: list = []
+    sampler = CompositionSampler(args.seed)
+    tok_dir = out / "tokenizer"
+    tokenizer = write_tokenizer(tok_dir)
+    vae = train_vae(args, sampler, log)
+    unet, text_encoder, scheduler = train_denoiser(args, vae, tokenizer, sampler, log)
+    pipe = build_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
+    pipe.save_pretrained(out, safe_serialization=True)
+    train, held = prompt_split()
+    (out / "train_prompts.txt").write_text("\n".join(train) + "\n")
+    (out / "heldout_prompts.txt").write_text("\n".join(held) + "\n")
+    n_params = {name: sum(q.numel() for q in m.parameters())
+                for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))}
+    (out / "training_log.json").write_text(json.dumps(
+        {"args": vars(args), "params": n_params, "log": log, "train_time_s": time.time() - t_start}, indent=1))
+    print(f"pretrain-t2i: {time.time() - t_start:.0f} s, saved the pipeline to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
