@@ -39,7 +39,7 @@ from critic_align.tasks.composition import (
     vocabulary_words,
 )
 
-MAX_TOKENS = 16  # "a red 3 left of a blue 7" is 9 words + start + end
+MAX_TOKENS = 16  # a relation prompt is 8 words + start + end
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from critic_align.rewards.base import (
     check_reward_output,
 )
 from critic_align.rewards.clip import CLIPScore, LaionAesthetic, PickScore
+from critic_align.rewards.composition import CompositionCorrect, CompositionScore
 from critic_align.rewards.digits import DigitCorrect, DigitProb
 from critic_align.rewards.image import (
     Boldness,
@@ -29,6 +30,8 @@ from critic_align.rewards.remote import RemoteReward
 __all__ = [
     "Boldness",
     "CLIPScore",
+    "CompositionCorrect",
+    "CompositionScore",
     "DigitCorrect",
     "DigitProb",
     "FunctionReward",

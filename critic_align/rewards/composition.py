@@ -18,8 +18,9 @@ Clauses of a prompt and how each is judged:
   its probability is the Poisson-binomial probability of exactly that many occupied cells.
 * ``digit`` / ``colour``: count prompts judge the ``count`` cells with the most ink, relation prompts the
   ordered pair of distinct cells (i, j) that best explains the two named digits (largest
-  occ_i P_i(d0) occ_j P_j(d1)).  Right when every judged cell is occupied and its argmax is the named
-  digit / colour; the probability is the mean over judged cells of occupancy x P(named digit / colour).
+  occ_i P_i(d0) + occ_j P_j(d1), among pairs of occupied cells first).  Right when every judged cell is
+  occupied and its argmax is the named digit / colour; the probability is the mean over judged cells of
+  occupancy x P(named digit / colour).
 * ``position`` (relation prompts): with (dx, dy) the displacement from the first object's centroid to the
   second's (x to the right, y down), 'left of' means the second object is to the right: along = dx,
   across = |dy| (similarly for the others); right when along > across, probability
@@ -143,7 +144,7 @@ def judge_compositions(images: torch.Tensor, prompts: Sequence[str], classifier:
     for i, comp in enumerate(comps):
         prob["count"].append(exactly_k_prob(f.occ[i:i + 1], comp.count)[0])
         correct["count"].append(float(int(occupied[i].sum()) == comp.count))
-        cells, wanted = _assign(comp, f, i)
+        cells, wanted = _assign(comp, f, i, ink_threshold)
         d_prob = torch.stack([f.occ[i, k] * f.digit_prob[i, k, d] for k, (d, _) in zip(cells, wanted)]).mean()
         c_prob = torch.stack([f.occ[i, k] * f.colour_prob[i, k, colour_index[c]] for k, (_, c) in zip(cells, wanted)]).mean()
         prob["digit"].append(d_prob)
@@ -168,13 +169,17 @@ def judge_compositions(images: torch.Tensor, prompts: Sequence[str], classifier:
     return Judgement(prob_t, correct_t, all_correct, score)
 
 
-def _assign(comp: Composition, f: CellFeatures, i: int) -> tuple[list[int], list[tuple[int, str]]]:
+def _assign(comp: Composition, f: CellFeatures, i: int, ink_threshold: float) -> tuple[list[int], list[tuple[int, str]]]:
     """The cells judged for each named object of image i, and the (digit, colour) wanted in each."""
     if comp.relation is None:
         top = torch.argsort(f.ink[i], descending=True)[:comp.count].tolist()
         return top, [comp.objects[0]] * comp.count
     (d0, _), (d1, _) = comp.objects
-    score = (f.occ[i] * f.digit_prob[i, :, d0])[:, None] * (f.occ[i] * f.digit_prob[i, :, d1])[None, :]
+    # a sum, not a product: with one digit wrong, the pair that matches the other one is chosen
+    score = (f.occ[i] * f.digit_prob[i, :, d0])[:, None] + (f.occ[i] * f.digit_prob[i, :, d1])[None, :]
+    # pairs of occupied cells come first (a shown digit of the wrong class is judged, not an empty cell)
+    occupied = (f.ink[i] > ink_threshold).float()
+    score = score + 4.0 * (occupied[:, None] + occupied[None, :])
     score = score.masked_fill(torch.eye(4, dtype=torch.bool, device=score.device), -1.0)
     flat = int(score.argmax())
     return [flat // 4, flat % 4], list(comp.objects)
