@@ -22,7 +22,7 @@ def test_written_tokenizer_keeps_every_grammar_word_whole(tmp_path):
         assert t.convert_ids_to_tokens(t("two red 3s").input_ids)[3:5] == ["3</w>", "s</w>"]
         assert t.model_max_length == MAX_TOKENS
     # any other text still tokenizes (byte characters), without an unknown token
-    assert tok.unk_token_id not in tok("a purple cat!").input_ids
+    assert tok.unk_token_id not in tok("a purple cat!").input_ids[1:-1]  # (CLIP's unk is its end token)
 
 
 def test_composition_sampler_never_draws_held_out_prompts():
