@@ -265,22 +265,56 @@ class DDIMStep:
         )
 
     def apply_score_guidance(self, model_output, x_t, t, grad) -> torch.Tensor:
-        """The model output whose implied score is the model's score plus ``grad`` (= ∇_x log of a potential).
-
-        With x_t = √ᾱ·x0 + √(1−ᾱ)·ε the score is −ε̂/√(1−ᾱ), so adding g to it gives, per parameterisation,
-            ε:  ε' = ε̂ − √(1−ᾱ)·g
-            v:  v' = v − √(1−ᾱ)/√ᾱ · g          (v = √ᾱ·ε − √(1−ᾱ)·x0)
-            x0: x0' = x0 + (1−ᾱ)/√ᾱ · g        (Tweedie: x̂0 = (x_t + (1−ᾱ)·score)/√ᾱ)
-        Guidance by a value V with scale w is ``grad = w·∇V(x_t)`` (classifier guidance, Dhariwal & Nichol).
-        """
+        """The model output whose implied score is the model's score plus ``grad`` (see :func:`score_guided_output`).
+        Guidance by a value V with scale w is ``grad = w·∇V(x_t)`` (classifier guidance, Dhariwal & Nichol)."""
         t = torch.as_tensor(t, device=x_t.device)
         a = _per_sample(self.schedule.alpha_bar(t), x_t)
-        grad = grad.to(model_output.dtype)
-        if self.schedule.prediction_type == "epsilon":
-            return model_output - (1 - a).sqrt() * grad
-        if self.schedule.prediction_type == "v_prediction":
-            return model_output - ((1 - a) / a).sqrt() * grad
-        return model_output + (1 - a) / a.sqrt() * grad
+        return score_guided_output(model_output, grad, self.schedule.prediction_type, alpha_bar=a)
+
+
+def score_guided_output(model_output, grad, prediction_type: str, *, alpha_bar=None, sigma=None) -> torch.Tensor:
+    """The model output whose implied score is the model's score plus ``grad`` (= ∇_x log of a potential at the
+    model's input x).  The one implementation of score guidance: the steps and the diffusers scheduler wrapper
+    (:class:`steering.diffusers.ScoreGuidedScheduler`) all call it.
+
+    VP inputs x = √ᾱ·x0 + √(1−ᾱ)·ε (``alpha_bar`` broadcastable to the output): the score is −ε̂/√(1−ᾱ), so
+        "epsilon":       ε' = ε̂ − √(1−ᾱ)·g
+        "v_prediction":  v' = v − √(1−ᾱ)/√ᾱ · g          (v = √ᾱ·ε − √(1−ᾱ)·x0)
+        "sample":        x0' = x0 + (1−ᾱ)/√ᾱ · g        (Tweedie: x̂0 = (x + (1−ᾱ)·score)/√ᾱ)
+    (σ-parameterised Euler-family latents x = x0 + σ·ε enter as their VP-scaled model input x/√(1+σ²), with
+    ᾱ = 1/(1+σ²) and ``grad`` taken with respect to that input.)
+    Flow matching x = (1−σ)·x0 + σ·ε, velocity v = ε − x0 (``sigma`` broadcastable):
+        "flow":          v' = v − σ/(1−σ) · g
+    since the score is −ε̂/σ with ε̂ = x + (1−σ)·v and Tweedie gives x̂0 = (x + σ²·score)/(1−σ), so adding g gives
+    ε' = ε̂ − σ·g and x̂0' = x̂0 + σ²/(1−σ)·g.  Undefined at σ = 1 (pure noise carries no information about
+    x0): that raises; skip guidance on such a step.
+    """
+    dtype = torch.promote_types(model_output.dtype, torch.float32)
+    out, g = model_output.to(dtype), grad.to(dtype)
+    if g.shape != out.shape:
+        raise ValueError(f"shapes differ: model output {tuple(out.shape)}, grad {tuple(g.shape)}")
+    if prediction_type == "flow":
+        if sigma is None:
+            raise ValueError("flow-matching guidance needs sigma")
+        s = torch.as_tensor(sigma, device=out.device).to(dtype)
+        if bool((s >= 1).any()) or bool((s <= 0).any()):
+            raise ValueError(f"score guidance in velocity form needs 0 < σ < 1, got σ = {s.flatten().tolist()} "
+                             "(at σ = 1 the velocity correction σ/(1−σ)·grad is infinite; skip that step)")
+        guided = out - s / (1 - s) * g
+    elif prediction_type in PREDICTION_TYPES:
+        if alpha_bar is None:
+            raise ValueError(f"VP guidance ({prediction_type}) needs alpha_bar")
+        a = torch.as_tensor(alpha_bar, device=out.device).to(dtype)
+        if prediction_type == "epsilon":
+            guided = out - (1 - a).sqrt() * g
+        elif prediction_type == "v_prediction":
+            guided = out - ((1 - a) / a).sqrt() * g
+        else:
+            guided = out + (1 - a) / a.sqrt() * g
+    else:
+        raise ValueError(f"no score-guidance formula for prediction type {prediction_type!r}; use one of "
+                         f"{PREDICTION_TYPES + ('flow',)}")
+    return guided.to(model_output.dtype)
 
 
 def gaussian_kl(mean_p, mean_q, std, reduction: str = "sum") -> torch.Tensor:
@@ -453,26 +487,13 @@ class FlowMatchSDEStep:
                           eps_pred=eps)
 
     def apply_score_guidance(self, model_output, x_t, t, grad) -> torch.Tensor:
-        """The velocity whose implied score is the model's score plus ``grad`` (e.g. ∇ log of a value).
-
-        With x_σ = (1 − σ)·x0 + σ·ε the model's score is s = −ε̂/σ with ε̂ = x + (1 − σ)·v, and Tweedie gives
-        x̂0 = (x + σ²·s)/(1 − σ).  Adding ``grad`` to s gives ε' = ε̂ − σ·grad and x̂0' = x̂0 + σ²/(1 − σ)·grad, so
-
-            v' = ε' − x̂0' = v − σ/(1 − σ) · grad.
-
-        Undefined at σ = 1 (pure noise carries no information about x0): that raises; skip guidance on
-        such a step or weight it by a factor that vanishes at σ = 1.
-        """
-        if model_output.shape != x_t.shape or grad.shape != x_t.shape:
-            raise ValueError(f"shapes differ: model output {tuple(model_output.shape)}, x_t {tuple(x_t.shape)}, "
-                             f"grad {tuple(grad.shape)}")
-        dtype = torch.promote_types(model_output.dtype, torch.float32)
+        """The velocity whose implied score is the model's score plus ``grad`` (see :func:`score_guided_output`);
+        raises at σ = 1, where it is undefined."""
+        if model_output.shape != x_t.shape:
+            raise ValueError(f"shapes differ: model output {tuple(model_output.shape)}, x_t {tuple(x_t.shape)}")
         sigma = self.schedule.sigma(torch.as_tensor(t, device=x_t.device))
-        if bool((sigma >= 1).any()) or bool((sigma <= 0).any()):
-            raise ValueError(f"score guidance in velocity form needs 0 < σ < 1, got σ = {sigma.tolist()} "
-                             "(at σ = 1 the velocity correction σ/(1−σ)·grad is infinite; skip that step)")
-        s = _per_sample(sigma, model_output.to(dtype))
-        return (model_output.to(dtype) - s / (1 - s) * grad.to(dtype)).to(model_output.dtype)
+        s = _per_sample(sigma, model_output.to(torch.promote_types(model_output.dtype, torch.float32)))
+        return score_guided_output(model_output, grad, "flow", sigma=s)
 
 
 def make_step(scheduler_or_config, eta_or_noise_level: float = 1.0, reduction: str = "sum"):

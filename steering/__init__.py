@@ -1,7 +1,15 @@
-"""Test-time steering with a learned critic (or any value / reward callable): see :mod:`steering.samplers`."""
+"""Test-time steering with a learned critic (or any value / reward callable): see :mod:`steering.samplers`.
 
-from .resampling import (
+Modules: :mod:`steering.particles` (the one particle engine: weights, ESS, resampling, final choice),
+:mod:`steering.guidance` (the value-function convention, ∇V, guided proposals), :mod:`steering.potentials`
+(soft-value potentials from a critic), :mod:`steering.samplers` (plain samplers), :mod:`steering.diffusers`
+(any diffusers pipeline).
+"""
+
+from .guidance import NoiseLevel, critic_value_fn, guidance_defined, guided_denoiser, noise_level, value_and_grad
+from .particles import (
     RESAMPLING_SCHEMES,
+    ParticleSystem,
     effective_sample_size,
     flat_ancestors,
     multinomial,
@@ -11,20 +19,12 @@ from .resampling import (
     stratified,
     systematic,
 )
-from .samplers import (
-    SteerCost,
-    SteerResult,
-    best_of_n,
-    critic_value_fn,
-    guidance,
-    guided_denoiser,
-    smc,
-    steer,
-    value_and_grad,
-)
+from .potentials import binary_soft_value, exp_reward_target, exp_soft_value
+from .samplers import POTENTIALS, SteerCost, SteerResult, best_of_n, guidance, smc, steer
 
 __all__ = [
-    "RESAMPLING_SCHEMES", "effective_sample_size", "flat_ancestors", "multinomial", "normalize_log_weights",
-    "resample", "residual", "stratified", "systematic", "SteerCost", "SteerResult", "best_of_n",
-    "critic_value_fn", "guidance", "guided_denoiser", "smc", "steer", "value_and_grad",
+    "RESAMPLING_SCHEMES", "ParticleSystem", "effective_sample_size", "flat_ancestors", "multinomial",
+    "normalize_log_weights", "resample", "residual", "stratified", "systematic", "NoiseLevel", "critic_value_fn",
+    "guidance_defined", "guided_denoiser", "noise_level", "value_and_grad", "binary_soft_value", "exp_reward_target",
+    "exp_soft_value", "POTENTIALS", "SteerCost", "SteerResult", "best_of_n", "guidance", "smc", "steer",
 ]

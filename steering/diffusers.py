@@ -2,18 +2,24 @@
 
 Two hooks, no forked pipelines:
 
-* :class:`SMCCallback` — pass it as ``callback_on_step_end`` (latents only).  After every scheduler step it
-  evaluates the value of the new latents, updates the particles' log-weights by λ·(V_new − V_old), and when a
-  group's ESS drops below κ·N it resamples the group: the latents, the prompt embeddings (if the pipeline
+* :class:`SMCCallback` — pass it as ``callback_on_step_end``.  After every scheduler step but the last it
+  evaluates the log-potential of the new latents (λ·V, or a soft value), twists the particles' weights, and when
+  a group's ESS drops below κ·N it resamples the group: the latents, the prompt embeddings (if the pipeline
   hands them to the callback) and any per-sample history the scheduler keeps are re-indexed with the same
-  ancestors.  :func:`steer_pipeline` then multiplies in the true reward of the decoded images and picks one
-  image per prompt.  Latents-only means no transition densities: guidance is not allowed together with SMC
-  here (the proposal correction needs the step's mean) — use :func:`steering.samplers.steer` with an
-  adapter for that.
+  ancestors.  :func:`steer_pipeline` then multiplies in exp(λ·r) of the decoded images and draws one image per
+  prompt (or takes the best).  The weights, resampling and final choice are :mod:`steering.particles`' engine.
+  Latents-only means no transition densities: guidance is not allowed together with SMC here (the proposal
+  correction needs the step's mean) — use :func:`steering.samplers.steer` with an adapter for that.
 * :class:`ScoreGuidedScheduler` — wraps ``pipe.scheduler``; its ``step`` shifts the (CFG-combined) model output
-  so that its implied score is the model's score plus w·∇V(x_t) before delegating to the real scheduler: VP
-  schedulers (DDPM, DDIM, ...: ε / v / x0 forms via ᾱ_t), σ-parameterised Euler-family schedulers (ε form,
-  latents x = x0 + σ·ε, V evaluated on the VP-scaled x/√(1+σ²)), and flow matching (v form).
+  so that its implied score is the model's score plus w·∇V before delegating to the real scheduler, with
+  :func:`critic_align.steps.score_guided_output` (the one guidance formula): VP schedulers (DDPM, DDIM, ...),
+  σ-parameterised Euler-family schedulers (VP-scaled model input, ε form) and flow matching (v form).
+
+Value functions get :mod:`steering.guidance`'s convention in both hooks: the denoiser's input (Euler family:
+latents/√(1+σ²), diffusers' ``scale_model_input``; others: the latents), the denoiser's timestep, and the
+positive conditioning in the backbone adapter's format (SD1.5: the positive prompt embeddings; SD3: a
+:class:`critic_align.cond.TextCond` of prompt embeddings + pooled projections; None without embeddings).
+:func:`scheduler_noise_level` maps a scheduler timestep to ᾱ / σ.
 
 Particles: ``num_images_per_prompt = N``; diffusers lays the batch out prompt-major, so groups are contiguous
 (rows g·N … g·N+N−1 belong to prompt g), the layout :mod:`steering.resampling` expects.
@@ -31,7 +37,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .resampling import RESAMPLING_SCHEMES, effective_sample_size, flat_ancestors, resample
+from critic_align.steps import score_guided_output
+
+from .guidance import NoiseLevel, value_and_grad
+from .particles import ParticleSystem, check_log_potential, choose
 
 STOCHASTIC_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler (eta > 0)", "EulerAncestralDiscreteScheduler", "LCMScheduler",
                          "DPMSolverMultistepScheduler (algorithm_type='sde-dpmsolver++' or 'sde-dpmsolver')",
@@ -71,47 +80,121 @@ def check_stochastic_scheduler(scheduler, eta: float | None = None) -> None:
                          "pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)")
 
 
+def _scheduler_kind(scheduler) -> str:
+    """"vp" (alphas_cumprod, the model input is the latent), "sigma" (Euler family: VE latents, the model input
+    is latents/√(1+σ²)) or "flow" (flow matching)."""
+    name = type(scheduler).__name__
+    if name.startswith("FlowMatch"):
+        return "flow"
+    if hasattr(scheduler, "sigmas") and name.startswith(("Euler", "Heun", "LMS", "KDPM2", "DPMSolverSDE")):
+        return "sigma"
+    if hasattr(scheduler, "alphas_cumprod"):
+        return "vp"
+    raise ValueError(f"{name}: no noise-level mapping for this scheduler (needs alphas_cumprod, sigmas, or flow "
+                     "matching)")
+
+
+def _sigma_at(scheduler, timestep, step_index: int | None = None) -> torch.Tensor:
+    idx = step_index if step_index is not None else (
+        scheduler.index_for_timestep(timestep) if scheduler.step_index is None else scheduler.step_index)
+    return scheduler.sigmas[idx].to(torch.float64)
+
+
+def scheduler_noise_level(scheduler, timestep, step_index: int | None = None, kind: str | None = None) -> NoiseLevel:
+    """ᾱ / σ of the model input at a diffusers scheduler's ``timestep`` (scalars; see
+    :class:`steering.guidance.NoiseLevel`).  σ-schedulers look σ up by ``step_index`` (default: the scheduler's
+    current step index, else the timestep's index).  ``kind``: "vp" | "sigma" | "flow" (default: from the class)."""
+    kind = kind or _scheduler_kind(scheduler)
+    if kind == "vp":
+        t = int(torch.as_tensor(timestep))
+        a = scheduler.alphas_cumprod[t].to(torch.float64) if t >= 0 else scheduler.final_alpha_cumprod.to(torch.float64)
+        return NoiseLevel(alpha_bar=a, sigma=((1 - a) / a).sqrt())
+    s = _sigma_at(scheduler, timestep, step_index)
+    if kind == "sigma":
+        return NoiseLevel(alpha_bar=1 / (1 + s**2), sigma=s)
+    return NoiseLevel(alpha_bar=(1 - s) ** 2 / ((1 - s) ** 2 + s**2), sigma=s)
+
+
+def _model_input_scale(scheduler, timestep, step_index: int | None = None, kind: str | None = None) -> torch.Tensor:
+    """c with model input = c·latents: 1/√(1+σ²) for Euler-family schedulers, 1 otherwise."""
+    if (kind or _scheduler_kind(scheduler)) == "sigma":
+        return 1 / (1 + _sigma_at(scheduler, timestep, step_index) ** 2).sqrt()
+    return torch.ones((), dtype=torch.float64)
+
+
+def positive_cond(embeds: torch.Tensor | None, pooled: torch.Tensor | None, m: int):
+    """The value function's ``cond`` for m latents from a pipeline's prompt embeddings (and SD3's pooled
+    projections): under CFG diffusers stacks [negative; positive] (2m rows), so the positive half is rows m…2m."""
+    if embeds is None:
+        return None
+    embeds = embeds[m:] if embeds.shape[0] == 2 * m else embeds
+    if embeds.shape[0] != m:
+        raise ValueError(f"prompt embeddings have {embeds.shape[0]} rows for {m} latents")
+    if pooled is None:
+        return embeds
+    from critic_align.cond import TextCond
+
+    pooled = pooled[m:] if pooled.shape[0] == 2 * m else pooled
+    return TextCond(embeds, pooled)
+
+
 class SMCCallback:
     """Feynman–Kac SMC for ``pipe(..., callback_on_step_end=cb, callback_on_step_end_tensor_inputs=cb.tensor_inputs)``.
 
-    value_fn(latents, t, cond) -> (M,): a value of the *pipeline's* latents at timestep ``t`` (the scheduler's
-        timestep value the denoiser will see next); ``cond`` is the positive half of the prompt embeddings the
-        pipeline hands to the callback (None if the pipeline has none).
+    value_fn(x, t, cond) -> (M,): a value in :mod:`steering.guidance`'s convention (the module doc): the model
+        input at the next step's timestep ``t``, the positive conditioning.
+    potential: "value" (log-potential λ·value_fn) or "soft_value" (value_fn is log E[exp(λ r) | x_t] itself,
+        see :mod:`steering.potentials`).
+    embed_keys: the callback tensors holding conditioning; re-indexed on resampling.  SD3 pipelines also hand
+        "pooled_prompt_embeds" (default: both, where the pipeline offers them).
     """
 
     def __init__(self, value_fn, num_particles: int, lam: float = 1.0, ess_threshold: float = 0.5,
                  resample_every: int = 1, scheme: str = "systematic", generator: torch.Generator | None = None,
-                 embed_keys: Sequence[str] = ("prompt_embeds",), cfg_doubled_embeds: bool | None = None,
-                 eta: float | None = None):
-        if scheme not in RESAMPLING_SCHEMES:
-            raise ValueError(f"unknown resampling scheme {scheme!r}; use one of {RESAMPLING_SCHEMES}")
-        if not isinstance(num_particles, int) or num_particles < 1:
-            raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
-        if not 0 <= ess_threshold <= 1:
-            raise ValueError(f"ess_threshold κ must be in [0, 1], got {ess_threshold}")
+                 embed_keys: Sequence[str] | None = None, eta: float | None = None, potential: str = "value"):
+        if potential not in ("value", "soft_value"):
+            raise ValueError(f"SMCCallback potential must be 'value' or 'soft_value', got {potential!r} "
+                             "(x0_reward needs the step's x0 prediction: use steering.steer)")
+        if potential == "soft_value" and getattr(value_fn, "lam", lam) != lam:
+            raise ValueError(f"the soft value was built for λ={value_fn.lam}, but SMC runs with lam={lam}")
+        if not isinstance(resample_every, int) or resample_every < 1:
+            raise ValueError(f"resample_every must be a positive int, got {resample_every!r}")
+        # validates num_particles, κ and the scheme now, not at the first step
+        ParticleSystem(1, num_particles, ess_threshold, scheme)
         self.value_fn = value_fn
         self.n = num_particles
         self.lam = lam
+        self.potential = potential
         self.ess_threshold = ess_threshold
         self.resample_every = resample_every
         self.scheme = scheme
         self.generator = generator
-        self.embed_keys = tuple(embed_keys)
-        self.cfg_doubled_embeds = cfg_doubled_embeds
+        self.embed_keys = None if embed_keys is None else tuple(embed_keys)
         self.eta = eta  # DDIM's eta as passed to the pipeline call (checked: SMC needs eta > 0)
-        self.tensor_inputs = ["latents", *self.embed_keys]
-        self.reset()
-
-    def reset(self) -> None:
-        self.log_w: torch.Tensor | None = None
-        self.last_potential: torch.Tensor | None = None
-        self.ess_history: list[torch.Tensor] = []
-        self.resampled_history: list[torch.Tensor] = []
+        self.particles: ParticleSystem | None = None
         self.value_rows = 0
 
-    def _next_timestep(self, pipe, i: int, latents):
-        ts = pipe.scheduler.timesteps
-        return ts[i + 1] if i + 1 < len(ts) else torch.zeros((), dtype=ts.dtype)
+    def tensor_inputs_for(self, pipe) -> list[str]:
+        """``callback_on_step_end_tensor_inputs`` for ``pipe``: the latents and the conditioning it offers."""
+        keys = self.embed_keys if self.embed_keys is not None else ("prompt_embeds", "pooled_prompt_embeds")
+        return ["latents", *[k for k in keys if k in getattr(pipe, "_callback_tensor_inputs", ())]]
+
+    @property
+    def tensor_inputs(self) -> list[str]:
+        """For pipelines with prompt embeddings only (SD1.5-style); prefer :meth:`tensor_inputs_for`."""
+        return ["latents", *(self.embed_keys or ("prompt_embeds",))]
+
+    @property
+    def log_w(self):
+        return None if self.particles is None else self.particles.log_w
+
+    @property
+    def ess_history(self) -> list:
+        return [] if self.particles is None else self.particles.ess_history
+
+    @property
+    def resampled_history(self) -> list:
+        return [] if self.particles is None else self.particles.resampled_history
 
     def __call__(self, pipe, i: int, t, callback_kwargs: dict) -> dict:
         latents = callback_kwargs["latents"]
@@ -121,40 +204,23 @@ class SMCCallback:
                              "call the pipeline with num_images_per_prompt=num_particles")
         if i == 0:
             check_stochastic_scheduler(pipe.scheduler, self.eta)
-            self.reset()
-        g = m // self.n
-        embeds = {k: callback_kwargs[k] for k in self.embed_keys if callback_kwargs.get(k) is not None}
-        cond = None
-        if "prompt_embeds" in embeds:
-            pe = embeds["prompt_embeds"]
-            doubled = self.cfg_doubled_embeds if self.cfg_doubled_embeds is not None else pe.shape[0] == 2 * m
-            cond = pe[m:] if doubled else pe  # diffusers: torch.cat([negative, positive]) under CFG
-        t_next = self._next_timestep(pipe, i, latents)
+            self.particles = ParticleSystem(m // self.n, self.n, self.ess_threshold, self.scheme, self.generator,
+                                            latents.device)
+            self.value_rows = 0
+        ts = pipe.scheduler.timesteps
+        if i + 1 >= len(ts):
+            return {}  # the last step: its potential would be replaced by λ·r at once (final_choice)
+        embeds = {k: callback_kwargs[k] for k in callback_kwargs if k != "latents" and callback_kwargs[k] is not None}
+        cond = positive_cond(embeds.get("prompt_embeds"), embeds.get("pooled_prompt_embeds"), m)
+        t_next = ts[i + 1]
+        x = latents * _model_input_scale(pipe.scheduler, t_next, i + 1).to(latents.device, latents.dtype)
         with torch.no_grad():
-            v = self.value_fn(latents, t_next.expand(m).to(latents.device), cond)
-        if not isinstance(v, torch.Tensor) or v.shape != (m,) or not torch.isfinite(v).all():
-            raise ValueError(f"value_fn must return a finite (batch,) tensor, got "
-                             f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
+            v = check_log_potential(self.value_fn(x, t_next.expand(m).to(latents.device), cond), m, "value_fn")
         self.value_rows += m
-        pot = self.lam * v.double()
-        if self.log_w is None:
-            self.log_w = torch.zeros(g, self.n, dtype=torch.float64, device=latents.device)
-            self.last_potential = torch.zeros(m, dtype=torch.float64, device=latents.device)
-        self.log_w += (pot - self.last_potential).view(g, self.n)
-        self.last_potential = pot
-        ess = effective_sample_size(self.log_w)
-        self.ess_history.append(ess.cpu())
-        do = ess < self.ess_threshold * self.n
-        if i % self.resample_every:
-            do = torch.zeros_like(do)
-        self.resampled_history.append(do.cpu())
-        if not bool(do.any()):
+        self.particles.twist(v.double() if self.potential == "soft_value" else self.lam * v.double())
+        idx = self.particles.maybe_resample(allowed=i % self.resample_every == 0)
+        if idx is None:
             return {}
-        anc = resample(self.log_w, self.scheme, self.generator)
-        anc = torch.where(do.unsqueeze(1), anc, torch.arange(self.n, device=anc.device).expand(g, self.n))
-        idx = flat_ancestors(anc).to(latents.device)
-        self.log_w[do] = 0.0
-        self.last_potential = self.last_potential[idx]
         out = {"latents": latents[idx]}
         for k, e in embeds.items():
             if e.shape[0] == 2 * m:  # CFG: [negative; positive], re-index both halves alike
@@ -169,53 +235,60 @@ class SMCCallback:
                                            for h in hist])
         return out
 
-    def final_choice(self, rewards: torch.Tensor, output: str = "argmax", generator=None) -> torch.Tensor:
-        """Multiply in exp(λ·r) (replacing the last value potential) and pick one particle per group: (G,) flat rows."""
+    def final_choice(self, rewards: torch.Tensor, output: str = "sample") -> torch.Tensor:
+        """Twist by λ·r (replacing the last value potential) and pick one particle per group: (G,) flat rows
+        ("sample": drawn ∝ the final weights, the tilted target; "argmax": the best reward)."""
         m = rewards.shape[0]
-        g = m // self.n
-        if self.log_w is None:
-            self.log_w = torch.zeros(g, self.n, dtype=torch.float64)
-            self.last_potential = torch.zeros(m, dtype=torch.float64)
-        self.log_w += (self.lam * rewards.double().to(self.log_w.device) - self.last_potential).view(g, self.n)
-        if output == "argmax":
-            choice = rewards.view(g, self.n).argmax(-1).cpu()
-        elif output == "sample":
-            choice = torch.multinomial(torch.softmax(self.log_w, -1).cpu(), 1, generator=generator).squeeze(1)
-        else:
-            raise ValueError(f"output must be 'argmax' or 'sample', got {output!r}")
-        return choice + self.n * torch.arange(g)
+        if self.particles is None:  # a one-step pipeline: no callback step evaluated a potential
+            self.particles = ParticleSystem(m // self.n, self.n, self.ess_threshold, self.scheme, self.generator)
+        self.particles.finish(self.lam * rewards.double().to(self.particles.log_w.device))
+        return self.particles.choose(rewards.to(self.particles.log_w.device), output).cpu()
+
+
+class _ConditioningCapture:
+    """A forward pre-hook on the pipeline's denoiser that keeps its latest text conditioning (the embeddings the
+    scheduler wrapper cannot see), so value guidance gets the same ``cond`` as the denoiser."""
+
+    def __init__(self, denoiser):
+        self.embeds = self.pooled = None
+        self.handle = denoiser.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        self.embeds = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        self.pooled = kwargs.get("pooled_projections")
+
+    def remove(self) -> None:
+        self.handle.remove()
 
 
 class ScoreGuidedScheduler:
     """A wrapper around a diffusers scheduler whose ``step`` applies value guidance to the model output.
 
-    ``pipe.scheduler = ScoreGuidedScheduler(pipe.scheduler, value_fn, scale)``; everything else is delegated.
-    value_fn(x_vp, t, None) -> (B,) is evaluated on VP-scaled latents (for Euler-family schedulers x/√(1+σ²)),
-    on a detached input with gradients enabled.  ``rows`` counts critic rows (forward + backward each).
+    ``pipe.scheduler = ScoreGuidedScheduler(pipe.scheduler, value_fn, scale, pipe=pipe)``; everything else is
+    delegated.  value_fn follows :mod:`steering.guidance`'s convention: it gets the model input (Euler family:
+    latents/√(1+σ²)), the timestep, and the positive conditioning of the denoiser's latest call (captured by a
+    hook on ``pipe``'s UNet / transformer when ``pipe`` is given — call :meth:`close` to remove it; None without
+    ``pipe``); it is evaluated on a detached input with gradients enabled.  ``rows`` counts critic rows (forward +
+    backward each).
     """
 
-    def __init__(self, scheduler, value_fn: Callable, scale: float):
+    def __init__(self, scheduler, value_fn: Callable, scale: float, pipe=None):
         object.__setattr__(self, "_scheduler", scheduler)
         object.__setattr__(self, "value_fn", value_fn)
         object.__setattr__(self, "scale", scale)
         object.__setattr__(self, "rows", 0)
-        kind = self._kind()
+        kind = _scheduler_kind(scheduler)
+        if kind == "sigma" and scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+            raise ValueError(f"{type(scheduler).__name__}: value guidance for σ-parameterised schedulers supports "
+                             f"prediction_type 'epsilon', got {scheduler.config.prediction_type!r}")
         object.__setattr__(self, "kind", kind)
+        denoiser = None if pipe is None else getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        object.__setattr__(self, "_capture", None if denoiser is None else _ConditioningCapture(denoiser))
 
-    def _kind(self) -> str:
-        s = self._scheduler
-        name = type(s).__name__
-        if name.startswith("FlowMatch"):
-            return "flow"
-        if hasattr(s, "sigmas") and name.startswith(("Euler", "Heun", "LMS", "KDPM2", "DPMSolverSDE")):
-            if s.config.get("prediction_type", "epsilon") != "epsilon":
-                raise ValueError(f"{name}: value guidance for σ-parameterised schedulers supports prediction_type "
-                                 f"'epsilon', got {s.config.prediction_type!r}")
-            return "sigma"
-        if hasattr(s, "alphas_cumprod"):
-            return "vp"
-        raise ValueError(f"{name}: no value-guidance formula for this scheduler (needs alphas_cumprod, sigmas, or "
-                         "flow matching)")
+    def close(self) -> None:
+        if self._capture is not None:
+            self._capture.remove()
+            object.__setattr__(self, "_capture", None)
 
     def __getattr__(self, item):
         return getattr(self._scheduler, item)
@@ -223,92 +296,82 @@ class ScoreGuidedScheduler:
     def __setattr__(self, key, value):
         setattr(self._scheduler, key, value)
 
-    def _sigma(self, timestep) -> torch.Tensor:
-        s = self._scheduler
-        idx = s.index_for_timestep(timestep) if s.step_index is None else s.step_index
-        return s.sigmas[idx]
-
     def step(self, model_output, timestep, sample, *args, **kwargs):
         if self.scale == 0:
             return self._scheduler.step(model_output, timestep, sample, *args, **kwargs)
         b = sample.shape[0]
+        level = scheduler_noise_level(self._scheduler, timestep, kind=self.kind)
+        if self.kind == "flow" and float(level.sigma) >= 1.0:
+            # σ = 1: pure noise carries no information about x0 (the velocity correction is infinite): no guidance
+            return self._scheduler.step(model_output, timestep, sample, *args, **kwargs)
         t = torch.as_tensor(timestep, device=sample.device).expand(b)
-        if self.kind == "sigma":
-            sigma = self._sigma(timestep).to(sample.device, torch.float32)
-            scale_in = 1.0 / (sigma**2 + 1).sqrt()
-        else:
-            scale_in = torch.ones((), device=sample.device)
-        x = (sample.detach().float() * scale_in).requires_grad_(True)
-        with torch.enable_grad():
-            v = self.value_fn(x, t, None)
-            if not isinstance(v, torch.Tensor) or v.shape != (b,):
-                raise ValueError(f"value_fn must return a (batch,) tensor, got {getattr(v, 'shape', type(v))}")
-            (grad_vp,) = torch.autograd.grad(v.sum(), x)
+        c_in = _model_input_scale(self._scheduler, timestep, kind=self.kind).to(sample.device, torch.float32)
+        cap = self._capture
+        cond = None if cap is None else positive_cond(cap.embeds, cap.pooled, b)
+        # ∇ with respect to the model input x_in = c·latents (the convention); the formula takes that gradient
+        _, grad_in = value_and_grad(self.value_fn, sample.detach().float() * c_in, t, cond)
         object.__setattr__(self, "rows", self.rows + b)
-        g = self.scale * grad_vp
-        out = model_output.float()
-        if self.kind == "vp":
-            a = self._scheduler.alphas_cumprod.to(sample.device)[torch.as_tensor(timestep).long()].float()
-            pt = self._scheduler.config.prediction_type
-            if pt == "epsilon":
-                out = out - (1 - a).sqrt() * g
-            elif pt == "v_prediction":
-                out = out - ((1 - a) / a).sqrt() * g
-            else:
-                out = out + (1 - a) / a.sqrt() * g
-        elif self.kind == "sigma":
-            # latents x = x0 + σ·ε: score_x = −ε/σ and ∇_x V(x/√(1+σ²)) = ∇V/√(1+σ²), so ε' = ε − σ·∇_x V
-            out = out - sigma * scale_in * g
-        else:  # flow matching, x = (1−σ)·x0 + σ·ε: v' = v − σ/(1−σ)·∇V (undefined at σ = 1: no guidance there)
-            sigma = self._sigma(timestep).to(sample.device, torch.float32)
-            if float(sigma) < 1.0:
-                out = out - sigma / (1 - sigma) * g
-        return self._scheduler.step(out.to(model_output.dtype), timestep, sample, *args, **kwargs)
+        dev = sample.device
+        if self.kind == "flow":
+            out = score_guided_output(model_output, self.scale * grad_in, "flow", sigma=level.sigma.to(dev))
+        else:
+            pt = "epsilon" if self.kind == "sigma" else self._scheduler.config.prediction_type
+            out = score_guided_output(model_output, self.scale * grad_in, pt, alpha_bar=level.alpha_bar.to(dev))
+        return self._scheduler.step(out, timestep, sample, *args, **kwargs)
 
 
 def steer_pipeline(pipe, prompt: str | list[str], *, num_particles: int, reward_fn, value_fn=None, lam: float = 1.0,
-                   ess_threshold: float = 0.5, resample_every: int = 1, scheme: str = "systematic",
-                   output: str = "argmax", guidance_value_fn=None, guidance_scale_value: float = 0.0,
-                   generator: torch.Generator | None = None, eta: float | None = None, **pipe_kwargs):
-    """Best-of-N (``value_fn=None``) or SMC (``value_fn`` given) on any diffusers pipeline; value guidance through
-    :class:`ScoreGuidedScheduler` when ``guidance_value_fn`` is given (best-of-N only: see the module doc).
+                   potential: str = "value", ess_threshold: float = 0.5, resample_every: int = 1,
+                   scheme: str = "systematic", output: str | None = None, guidance_value_fn=None,
+                   guidance_scale_value: float = 0.0, generator: torch.Generator | None = None, eta: float | None = None,
+                   **pipe_kwargs):
+    """Best-of-N (``value_fn=None``) or SMC (``value_fn`` given, ``potential`` "value" or "soft_value") on any
+    diffusers pipeline; value guidance through :class:`ScoreGuidedScheduler` when ``guidance_value_fn`` is given
+    (best-of-N only: see the module doc).
 
     reward_fn(samples in [-1, 1] (M, C, H, W), prompts) -> (M,), the library's reward convention (any
-    :class:`~critic_align.rewards.Reward` works).  Returns (images in [0, 1] (G, C, H, W), info dict).
+    :class:`~critic_align.rewards.Reward` works; −inf marks a violated hard constraint).
+    output: "sample" (SMC's default: one image per prompt drawn ∝ its final weight, a sample of p·exp(λ r)) or
+        "argmax" (the best reward; best-of-N's only choice).
+    Returns (images in [0, 1] (G, C, H, W), info dict: rewards, particle_rewards, pick, log_weights, resampled,
+    final_ess, value_rows, guidance_rows).
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if guidance_value_fn is not None and value_fn is not None:
         raise ValueError("value guidance inside a pipeline cannot be combined with SMC weights (the callback sees "
                          "latents only, not the guided proposal's density); use steering.steer with an adapter")
+    if output is None:
+        output = "argmax" if value_fn is None else "sample"
     kwargs = dict(pipe_kwargs)
     if eta is not None:
         kwargs["eta"] = eta
     original = pipe.scheduler
-    cb = None
+    cb = guided = None
     try:
         if guidance_value_fn is not None and guidance_scale_value != 0:
-            pipe.scheduler = ScoreGuidedScheduler(original, guidance_value_fn, guidance_scale_value)
+            guided = ScoreGuidedScheduler(original, guidance_value_fn, guidance_scale_value, pipe=pipe)
+            pipe.scheduler = guided
         if value_fn is not None:
             check_stochastic_scheduler(original, eta)
-            cb = SMCCallback(value_fn, num_particles, lam, ess_threshold, resample_every, scheme, generator, eta=eta)
-            kwargs.update(callback_on_step_end=cb, callback_on_step_end_tensor_inputs=cb.tensor_inputs)
+            cb = SMCCallback(value_fn, num_particles, lam, ess_threshold, resample_every, scheme, generator, eta=eta,
+                             potential=potential)
+            kwargs.update(callback_on_step_end=cb, callback_on_step_end_tensor_inputs=cb.tensor_inputs_for(pipe))
         result = pipe(prompts, num_images_per_prompt=num_particles, generator=generator, output_type="pt", **kwargs)
     finally:
         pipe.scheduler = original
+        if guided is not None:
+            guided.close()
     images = result.images
     flat_prompts = [p for p in prompts for _ in range(num_particles)]
-    rewards = reward_fn(images * 2 - 1, flat_prompts)
-    if not isinstance(rewards, torch.Tensor) or rewards.shape != (images.shape[0],) or not torch.isfinite(rewards).all():
-        raise ValueError("reward_fn must return a finite (batch,) tensor")
+    rewards = check_log_potential(reward_fn(images * 2 - 1, flat_prompts), images.shape[0], "reward_fn")
     if cb is not None:
-        pick = cb.final_choice(rewards, output, generator)
+        pick = cb.final_choice(rewards, output)
     else:
-        if output != "argmax":
-            raise ValueError("output='sample' needs SMC weights: pass value_fn")
-        g = len(prompts)
-        pick = rewards.view(g, num_particles).argmax(-1).cpu() + num_particles * torch.arange(g)
+        pick = choose(rewards, num_particles, output).cpu()
     info = {"rewards": rewards[pick], "particle_rewards": rewards, "pick": pick,
             "log_weights": cb.log_w if cb is not None else None,
             "resampled": torch.stack(cb.resampled_history) if cb is not None and cb.resampled_history else None,
-            "value_rows": cb.value_rows if cb is not None else 0}
+            "final_ess": cb.particles.final_ess if cb is not None else None,
+            "value_rows": cb.value_rows if cb is not None else 0,
+            "guidance_rows": guided.rows if guided is not None else 0}
     return images[pick], info

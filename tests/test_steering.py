@@ -240,7 +240,13 @@ def test_steer_rejects_bad_inputs():
         steer(den, step, torch.randn(4, 2), ts, num_particles=2, reward_fn=lambda s, p: s[:, 0] * float("nan"))
     with pytest.raises(ValueError, match=r"\(batch,\)"):
         smc(den, step, torch.randn(4, 2), ts, num_particles=2, reward_fn=lambda s, p: s[:, 0],
-            value_fn=lambda x, t, c: x)
+            value_fn=lambda x, t, c: x, ess_threshold=0.9)
+    # κ·N <= 1: ESS >= 1 so SMC could never resample (it would silently be best-of-N / importance sampling)
+    with pytest.raises(ValueError, match="never resample"):
+        smc(den, step, torch.randn(4, 2), ts, num_particles=2, reward_fn=lambda s, p: s[:, 0],
+            value_fn=lambda x, t, c: x[:, 0], ess_threshold=0.5)
+    with pytest.raises(ValueError, match=r"\+inf|non-finite"):
+        steer(den, step, torch.randn(4, 2), ts, num_particles=2, reward_fn=lambda s, p: s[:, 0] + float("inf"))
 
 
 def test_best_of_n_picks_the_highest_reward_per_group():
@@ -293,7 +299,8 @@ def test_guidance_and_smc_on_a_flow_matching_step_skip_sigma_one():
                    **kw)
     assert guided.cost.critic_backward_rows == 8 * (len(ts) - 1)  # every step but σ = 1
     assert float(guided.particles[:, 0].mean()) > float(plain.particles[:, 0].mean())
-    res = smc(den, step, x_T, ts, value_fn=value_fn, lam=2.0, guidance_scale=0.5, generator=torch.Generator(), **kw)
+    res = smc(den, step, x_T, ts, value_fn=value_fn, lam=2.0, guidance_scale=0.5, ess_threshold=0.9,
+              generator=torch.Generator(), **kw)
     assert torch.isfinite(res.log_weights).all()
 
 
