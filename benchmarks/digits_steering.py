@@ -10,11 +10,15 @@ temperature 6); digit_correct is reported too.  For N ∈ {2, 4, 8} particles pe
 
     bon             best-of-N by the reward                      NFE = N·T, no critic
     guidance+bon    critic gradient guidance (scale w), then BoN NFE = N·T, + N·T critic forward + backward
-    smc             SMC, potentials λ·V_critic, argmax output    NFE = N·T, + N·T critic forwards
-    smc_x0          SMC, FK steering's potential λ·r(x̂0)         NFE = N·T, + N·T decodes + reward calls
+    smc             SMC, potentials λ·V_critic                   NFE = N·T, + N·T critic forwards
+    smc_x0          SMC, FK steering's potential λ·r(x̂0)         NFE = N·T, + N·(T+1) decodes + reward calls
 and at N = 1: base and guidance at several scales (the best scale is used for guidance+bon).
-"Equivalent NFE" counts a critic forward as one backbone call and a backward as two (the LoRA critic runs the
-same UNet).  Writes benchmarks/results/digits_steering.{json,png} and a grid per method at N = 4.
+SMC's output per prompt is ``--smc-output``: argmax (default here: this is a reward-vs-NFE comparison with
+best-of-N, so SMC also keeps its best particle) or sample (a draw from its weighted particles, the library's
+default, which samples p·exp(λ r) rather than maximising r).
+"Equivalent NFE" counts a critic forward as one backbone call, a backward as two (the LoRA critic runs the
+same UNet) and a decode + reward call as ``--reward-price`` backbone calls.  Writes
+benchmarks/results/digits_steering.{json,png} and a grid per method at N = 4.
 """
 
 from __future__ import annotations
@@ -41,7 +45,11 @@ def main(argv=None):
     p.add_argument("--bon-only", type=int, nargs="*", default=[16],
                    help="extra N for best-of-N alone (a reference at the other methods' equivalent NFE)")
     p.add_argument("--lam", type=float, nargs="+", default=[10.0, 30.0], help="SMC λ values")
-    p.add_argument("--ess-threshold", type=float, default=0.9)
+    p.add_argument("--ess-threshold", type=float, default=0.9, help="SMC resamples when ESS < κ·N")
+    p.add_argument("--smc-output", choices=["argmax", "sample"], default="argmax",
+                   help="SMC's choice per prompt (see the module doc)")
+    p.add_argument("--reward-price", type=float, default=1.0,
+                   help="backbone-call price of one decode + reward call in the equivalent NFE")
     p.add_argument("--critic-epochs", type=int, default=20)
     p.add_argument("--run", help="a trained run directory (policy + critic) instead of a fresh critic")
     p.add_argument("--fresh-critic", action="store_true")
@@ -66,10 +74,12 @@ def main(argv=None):
     rows = []
 
     def record(method, n, **kw):
-        res, evals = steer_with_trainer(trainer, method, prompts, particles=n, seed=args.seed, **kw)
+        res, evals = steer_with_trainer(trainer, method, prompts, particles=n, seed=args.seed,
+                                        output=args.smc_output, reward_price=args.reward_price, **kw)
         row = {"method": method, "particles": n, **{k: v for k, v in kw.items() if k in ("scale", "lam")},
                "rewards": evals, **res.cost.to_dict(),
-               "resample_rate": float(res.resampled.float().mean()) if res.resampled.numel() else 0.0}
+               "resample_rate": float(res.resampled.float().mean()) if res.resampled.numel() else 0.0,
+               "final_ess_per_particle": float(res.final_ess.nanmean()) / n}
         rows.append(row)
         print(f"{method:13s} N={n} {kw}  digit_prob={evals['digit_prob']:.4f}  correct={evals.get('digit_correct')}"
               f"  eqNFE={row['equivalent_nfe']:.0f}  {row['wall_time_s']:.1f}s", flush=True)

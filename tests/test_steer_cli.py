@@ -15,7 +15,7 @@ def test_steer_cli_pretrains_a_critic_then_reuses_it(tmp_path):
     small = ["--set", "batch_size=8", "--set", "group_size=8", "--set", "num_inference_steps=4",
              "--set", "sample_chunk_size=8", "--set", "minibatch_size=16", "--set", "value_pretrain_passes=1"]
     rc = main(["steer", "--config", "digits", "--out", str(out), "--critic-epochs", "1", "--per-prompt", "1",
-               "--particles", "2", "--method", "base", "smc", "--threads", "1", *small])
+               "--particles", "2", "--ess-threshold", "0.9", "--method", "base", "smc", "--threads", "1", *small])
     assert rc == 0
     res = json.loads((out / "steer_results.json").read_text())
     assert [r["method"] for r in res["runs"]] == ["base", "smc"]
@@ -28,6 +28,30 @@ def test_steer_cli_pretrains_a_critic_then_reuses_it(tmp_path):
                "--method", "bon", "--threads", "1"])
     assert rc == 0
     assert [r["method"] for r in json.loads((out / "steer_results.json").read_text())["runs"]] == ["base", "smc", "bon"]
+
+
+def test_steer_cli_default_methods_are_not_no_ops():
+    from train.steer import default_methods
+
+    # guidance at scale 0 is the base sampler; SMC with κ·N <= 1 never resamples (it is best-of-N)
+    assert default_methods(0.0, 4, 0.5) == ["base", "bon", "smc"]
+    assert default_methods(20.0, 4, 0.5) == ["base", "bon", "guidance", "guidance+bon", "smc"]
+    assert default_methods(0.0, 2, 0.5) == ["base", "bon"]
+    assert "smc" in default_methods(0.0, 2, 0.9)
+    with pytest.raises(ValueError, match="scale 0 is the base sampler"):
+        main(["steer", "--config", "digits", "--method", "guidance", "--out", "unused"])
+
+
+def test_steer_cli_options_all_have_help():
+    import argparse
+
+    from train.steer import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["steer"]
+    missing = [a.dest for a in sub._actions if a.dest != "help" and not a.help]
+    assert not missing, missing
 
 
 def test_steer_cli_refuses_a_config_without_critic(tmp_path):

@@ -82,9 +82,14 @@ def steer_with_trainer(trainer, method: str, prompts: list[str], particles: int 
     if method in ("guidance", "guidance+bon"):
         opts.update(value_fn=value_fn, guidance_scale=scale)
     elif method == "smc":
+        opts.setdefault("guidance_max_kl", 1.0)  # smc()'s default: the guided proposal cannot collapse the weights
         opts.update(value_fn=value_fn, potential="value", lam=lam, guidance_scale=scale)
     elif method == "smc_x0":
         opts.update(potential="x0_reward", lam=lam)
+    if method not in ("smc", "smc_x0"):
+        # best-of-N and guidance have no weights (their choice is the best reward) and no proposal correction
+        opts.pop("output", None)
+        opts.pop("guidance_max_kl", None)
     cfg = trainer.config
     rows_per_call = 2 if cfg.guidance_scale != 1.0 else 1  # the CFG denoiser runs two rows per sample
     res = steer(trainer.policy_output, trainer.step, x_T, trainer.timesteps.to(trainer.device), cond, prompts,
@@ -106,23 +111,29 @@ def steer_with_trainer(trainer, method: str, prompts: list[str], particles: int 
 def cmd_steer(args) -> int:
     from critic_align.viz import save_grid
 
+    methods = args.method or default_methods(args.scale, args.particles, args.ess_threshold)
+    if "guidance" in methods and args.scale == 0:
+        raise ValueError("--method guidance with --scale 0 is the base sampler; pass --scale w > 0 (e.g. 20)")
     torch.set_num_threads(args.threads) if args.threads else None
     trainer, run = build_steering_trainer(args.config, args.run, args.out, parse_overrides(args.set),
                                           args.critic_epochs)
     out = Path(args.out)
     task_prompts = list(trainer.task.prompts)
-    prompts = args.prompts or [p for p in task_prompts for _ in range(args.per_prompt)]
-    methods = args.method or ["base", "bon", "guidance", "smc"]
+    unique_prompts = args.prompts or task_prompts
+    prompts = [p for p in unique_prompts for _ in range(args.per_prompt)]  # grid: one row per prompt
     results_path = out / "steer_results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
     for method in methods:
         t0 = time.time()
         res, evals = steer_with_trainer(trainer, method, prompts, particles=args.particles, scale=args.scale,
                                         lam=args.lam, seed=args.seed, ess_threshold=args.ess_threshold,
-                                        resample_every=args.resample_every, scheme=args.scheme, progress=True)
+                                        resample_every=args.resample_every, scheme=args.scheme, output=args.output,
+                                        guidance_max_kl=args.guidance_max_kl, progress=True)
         grid = save_grid(res.decoded.clamp(-1, 1), out / f"steer_{method}_N{args.particles}.png",
-                         nrow=args.per_prompt if not args.prompts else len(prompts))
+                         nrow=args.per_prompt, labels=unique_prompts)
         row = {"method": method, "particles": args.particles, "scale": args.scale, "lam": args.lam,
+               "output": args.output if method.startswith("smc") else "argmax",
+               "final_ess_per_particle": float(res.final_ess.nanmean()) / res.log_weights.shape[1],
                "seed": args.seed, "num_prompts": len(prompts), "rewards": evals, "cost": res.cost.to_dict(),
                "grid": str(grid), "seconds": time.time() - t0}
         results["runs"].append(row)
@@ -132,22 +143,47 @@ def cmd_steer(args) -> int:
     return 0
 
 
+def default_methods(scale: float, particles: int, ess_threshold: float) -> list[str]:
+    """The methods run without --method: none of them a no-op.  Guidance only with a scale (w = 0 is the base
+    sampler); SMC only if it can resample (ESS >= 1, so κ·N must exceed 1: else it equals best-of-N)."""
+    methods = ["base", "bon"]
+    if scale != 0:
+        methods += ["guidance", "guidance+bon"]
+    if ess_threshold * particles > 1:
+        methods.append("smc")
+    return methods
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("steer", help="steer sampling with the critic (best-of-N, guidance, SMC, guidance + best-of-N)")
     p.add_argument("--config", help="a gae run config: pretrain a critic on its base policy (saved under --out)")
     p.add_argument("--run", help="a run directory (from `train` or `steer`): its policy and critic checkpoint")
     p.add_argument("--out", default="runs/steer", help="where grids, results JSON (and a fresh critic) go")
-    p.add_argument("--method", nargs="+", choices=METHODS, help="methods to run (default: base bon guidance smc)")
+    p.add_argument("--method", nargs="+", choices=METHODS,
+                   help="methods to run: base (plain sampling), bon (best-of-N by the reward), guidance (critic "
+                        "gradient guidance, N = 1, needs --scale), guidance+bon, smc (SMC with the critic's value as "
+                        "potential, guided by --scale if > 0), smc_x0 (SMC with potential λ·r(x̂0): a decode + reward "
+                        "call per step).  Default: base bon, plus guidance guidance+bon if --scale > 0, plus smc if "
+                        "it can resample (--ess-threshold × --particles > 1)")
     p.add_argument("--particles", type=int, default=4, help="N: particles (SMC) / candidates (best-of-N) per prompt")
-    p.add_argument("--scale", type=float, default=0.0, help="guidance scale w (score += w·∇V)")
-    p.add_argument("--lam", type=float, default=10.0, help="SMC potential scale λ (targets p·exp(λ r))")
-    p.add_argument("--ess-threshold", type=float, default=0.5, help="resample a group when ESS < κ·N")
-    p.add_argument("--resample-every", type=int, default=1)
-    p.add_argument("--scheme", default="systematic", choices=["systematic", "stratified", "residual", "multinomial"])
-    p.add_argument("--prompts", nargs="+", help="prompts (default: every task prompt × --per-prompt)")
-    p.add_argument("--per-prompt", type=int, default=4)
+    p.add_argument("--scale", type=float, default=0.0,
+                   help="guidance scale w (score += w·∇V); 0 = no guidance (then guidance is not a default method)")
+    p.add_argument("--lam", type=float, default=10.0, help="SMC's λ: the target is p·exp(λ r), temperature 1/λ")
+    p.add_argument("--ess-threshold", type=float, default=0.5,
+                   help="κ: SMC resamples a prompt's particles when their ESS < κ·N (needs κ·N > 1)")
+    p.add_argument("--resample-every", type=int, default=1, help="SMC may resample only every k-th step")
+    p.add_argument("--scheme", default="systematic", choices=["systematic", "stratified", "residual", "multinomial"],
+                   help="SMC resampling scheme (systematic has the lowest variance)")
+    p.add_argument("--output", default="sample", choices=["sample", "argmax"],
+                   help="SMC's choice per prompt: sample (drawn ∝ the final weights: a sample of p·exp(λ r)) or "
+                        "argmax (the highest-reward particle, best-of-N style: maximises the reward)")
+    p.add_argument("--guidance-max-kl", type=float, default=1.0,
+                   help="for smc with --scale > 0: cap, in nats per step, on KL(guided step ‖ model step), so the "
+                        "proposal correction cannot collapse the weights at the last, low-noise steps")
+    p.add_argument("--prompts", nargs="+", help="prompts (default: every task prompt); each gets --per-prompt samples")
+    p.add_argument("--per-prompt", type=int, default=4, help="samples (grid columns) per prompt")
     p.add_argument("--critic-epochs", type=int, help="value-pretraining rollout batches for a fresh critic")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and the resampling draws")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override any PPOConfig field")
     p.set_defaults(fn=cmd_steer)
