@@ -282,3 +282,76 @@ def test_resume_with_another_task_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"task '.*TinyTask' in the checkpoint vs '.*OtherPrompts' now, "
                                               r"the prompts differ"):
         other.load(path)
+
+
+# ------------------------------------------------------------------------------------------- remote reward
+def test_the_remote_timeout_is_a_deadline_for_the_whole_request():
+    """A server trickling its answer one byte every 0.1 s: each read is quick, the request is not."""
+    import socket
+    import threading
+
+    from critic_align.rewards.remote import RemoteReward
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(1 << 20)
+                body = b'{"scores": [1.0]}'
+                answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+                try:
+                    for byte in answer:
+                        conn.sendall(bytes([byte]))
+                        time.sleep(0.1)
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}/score"
+    t0 = time.perf_counter()
+    with pytest.raises(RewardError, match=r"no answer within the timeout of 0.5 s \(gave up after 1 attempt\)"):
+        RemoteReward(url, timeout=0.5, retries=0)(torch.zeros(1, 3, 4, 4), ["a"])
+    assert time.perf_counter() - t0 < 1.5  # the whole answer would take ~6 s
+    stop.set()
+    srv.close()
+
+
+def test_the_reference_server_frees_stalled_connections_and_bounds_its_threads():
+    import socket
+    import threading
+
+    from critic_align.rewards import Boldness
+    from critic_align.rewards.remote import RemoteReward
+    from critic_align.rewards.remote_server import make_server
+
+    server = make_server(Boldness(), 0, workers=2, backlog=1, connection_timeout=0.5)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    host, port = server.server_address[:2]
+    url = f"http://{host}:{port}/score"
+    threads_before = threading.active_count()
+    stalled = []
+    try:
+        for _ in range(10):  # uploads that announce a body and never send it
+            s = socket.create_connection((host, port))
+            s.sendall(b"POST /score HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{")
+            stalled.append(s)
+        time.sleep(0.2)
+        assert threading.active_count() - threads_before <= 2 + 2  # the pool's 2 workers (+ 2 cut-off timers)
+        busy = [s.recv(1 << 16) for s in stalled[3:]]  # beyond 2 workers + 1 queued: answered 503 at once
+        assert all(b.startswith(b"HTTP/1.1 503") for b in busy)
+        time.sleep(1.2)  # the stalled uploads hit the connection timeout and free their workers
+        got = RemoteReward(url, timeout=5, retries=0, encoding="list")(torch.zeros(2, 1, 4, 4), ["a", "b"])
+        assert got.tolist() == Boldness()(torch.zeros(2, 1, 4, 4), ["a", "b"]).tolist()
+    finally:
+        for s in stalled:
+            s.close()
+        server.shutdown()
+        server.server_close()

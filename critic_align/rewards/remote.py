@@ -2,7 +2,7 @@
 
 For rewards that cannot live in the training process: a detector pipeline (GenEval-style object
 detection), a VLM judge, a model in another environment or on another machine.  Only the standard
-library is used on both sides (:mod:`urllib` here, :mod:`http.server` in the reference server
+library is used on both sides (:mod:`http.client` here, :mod:`http.server` in the reference server
 :mod:`critic_align.rewards.remote_server`).
 
 Protocol (version 1)
@@ -28,7 +28,8 @@ which is accepted only by a client created with ``allows_nan=True``.  Other keys
 error is any other status, preferably with the body ``{"error": "what went wrong"}``; the client puts
 that message in its error.
 
-Client behaviour: each request has a ``timeout`` (seconds, for connecting and for each read).
+Client behaviour: each request has a ``timeout`` (seconds): a deadline for the whole request -- connecting,
+sending and receiving every byte of the answer (a server that trickles its answer is cut off at the deadline).
 Connection failures, timeouts, HTTP 5xx and 429 are retried up to ``retries`` times, sleeping
 ``backoff · 2^k`` seconds (at most ``max_backoff``) before retry ``k + 1``; other HTTP errors (4xx),
 answers that are not JSON, and answers with a missing or wrong-length ``scores`` list fail at once
@@ -39,14 +40,14 @@ answers that are not JSON, and answers with a missing or wrong-length ``scores``
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import math
 import socket
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Sequence
 
 import numpy as np
@@ -149,7 +150,7 @@ class RemoteReward(Reward):
 
     * ``url`` -- ``http://`` or ``https://`` address the batches are POSTed to;
     * ``encoding`` -- ``"png"`` (8-bit PNG per image, base64) or ``"list"`` (raw floats);
-    * ``timeout`` -- seconds for connecting and for each read of one request;
+    * ``timeout`` -- seconds one request may take in all (connect, send, the whole answer);
     * ``retries`` -- extra attempts after a connection failure, timeout, HTTP 5xx or 429, with sleeps of
       ``backoff · 2^k`` seconds capped at ``max_backoff``;
     * ``batch_size`` -- samples per request (``None``: the whole batch in one request);
@@ -252,28 +253,63 @@ class RemoteReward(Reward):
         return self._parse(raw, samples.shape[0])
 
     def _post(self, body: bytes) -> bytes:
+        """One request under a total deadline of ``timeout`` seconds (connect, send, every byte of the answer).
+
+        A per-read timeout is not a deadline: a server trickling a byte every half second would hold a
+        ``timeout: 1`` request forever.  A timer shuts the socket down when the deadline passes, which ends any
+        blocking read at once.
+        """
+        parsed = urllib.parse.urlsplit(self.url)
+        conn_cls = http.client.HTTPSConnection if parsed.scheme == "https" else http.client.HTTPConnection
+        conn = conn_cls(parsed.hostname, parsed.port, timeout=self.timeout)
+        path = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
         headers = {"Content-Type": "application/json", "Accept": "application/json", **self.headers}
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        expired = threading.Event()
+
+        def abort():
+            expired.set()
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        timer = threading.Timer(self.timeout, abort)
+        timer.daemon = True
+        timer.start()
+        timeout_msg = f"no answer within the timeout of {self.timeout:g} s"
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.read()
-        except urllib.error.HTTPError as exc:
-            detail = _error_detail(exc)
-            message = f"the server answered HTTP {exc.code} {exc.reason}{detail}"
-            if exc.code in _RETRY_STATUS:
-                raise _Retryable(message) from exc
-            raise RewardError(f"remote reward {self.name!r} at {self.url}: {message}") from exc
-        except (TimeoutError, socket.timeout) as exc:
-            raise _Retryable(f"no answer within the timeout of {self.timeout:g} s") from exc
-        except urllib.error.URLError as exc:
-            if isinstance(exc.reason, (TimeoutError, socket.timeout)):
-                raise _Retryable(f"no answer within the timeout of {self.timeout:g} s") from exc
-            raise _Retryable(
-                f"could not connect ({exc.reason}); is the reward server running at this address? "
-                f"(the reference server: python -m critic_align.rewards.remote_server --port PORT --reward NAME)"
-            ) from exc
-        except (ConnectionError, OSError) as exc:  # reset / broken connection mid-request
-            raise _Retryable(f"the connection failed ({type(exc).__name__}: {exc})") from exc
+            try:
+                conn.connect()
+            except (TimeoutError, socket.timeout) as exc:
+                raise _Retryable(timeout_msg) from exc
+            except OSError as exc:
+                if expired.is_set():
+                    raise _Retryable(timeout_msg) from exc
+                raise _Retryable(
+                    f"could not connect ({exc}); is the reward server running at this address? "
+                    f"(the reference server: python -m critic_align.rewards.remote_server --port PORT --reward NAME)"
+                ) from exc
+            try:
+                conn.request("POST", path, body=body, headers=headers)
+                response = conn.getresponse()
+                raw = response.read()
+            except (OSError, http.client.HTTPException) as exc:
+                if expired.is_set() or isinstance(exc, (TimeoutError, socket.timeout)):
+                    raise _Retryable(timeout_msg) from exc
+                raise _Retryable(f"the connection failed ({type(exc).__name__}: {exc})") from exc
+            if expired.is_set():  # the answer may have been cut by the shutdown
+                raise _Retryable(timeout_msg)
+        finally:
+            timer.cancel()
+            conn.close()
+        if response.status != 200:
+            message = f"the server answered HTTP {response.status} {response.reason}{_error_detail(raw)}"
+            if response.status in _RETRY_STATUS:
+                raise _Retryable(message)
+            raise RewardError(f"remote reward {self.name!r} at {self.url}: {message}")
+        return raw
 
     def _parse(self, raw: bytes, batch_size: int) -> list[float]:
         where = f"remote reward {self.name!r} at {self.url}"
@@ -299,12 +335,8 @@ class RemoteReward(Reward):
         return out
 
 
-def _error_detail(exc: urllib.error.HTTPError) -> str:
+def _error_detail(body: bytes) -> str:
     """The server's ``{"error": ...}`` message (or the start of its body) for an error status."""
-    try:
-        body = exc.read()
-    except Exception:
-        return ""
     if not body:
         return ""
     try:

@@ -17,8 +17,11 @@ failing reward 500, both with ``{"error": "..."}``.  ``GET`` (any path) answers
 
 The server listens on 127.0.0.1 only: it has no authentication and no TLS, so it is meant for
 processes on the same machine (reach it from another machine through an SSH tunnel, or put your own
-server behind a proper front end).  It handles requests in threads; the reward object is called
-under a lock, one batch at a time.
+server behind a proper front end).  It handles connections in a bounded pool of ``workers`` threads;
+a connection arriving while all of them are busy and ``backlog`` more are queued is answered 503 at
+once (the client retries 503 with backoff).  Every connection has ``connection_timeout`` seconds per
+socket operation and for reading the whole request, so a stalled or trickling upload frees its worker
+instead of holding it forever.  The reward object is called under a lock, one batch at a time.
 """
 
 from __future__ import annotations
@@ -27,8 +30,11 @@ import argparse
 import json
 import logging
 import math
+import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from critic_align.rewards.base import Reward, RewardError
 from critic_align.rewards.remote import PROTOCOL_VERSION, decode_images
@@ -37,6 +43,9 @@ __all__ = ["HOST", "make_server", "main"]
 
 HOST = "127.0.0.1"
 DEFAULT_MAX_REQUEST_MB = 256
+DEFAULT_WORKERS = 4
+DEFAULT_BACKLOG = 16
+DEFAULT_CONNECTION_TIMEOUT = 60.0
 log = logging.getLogger(__name__)
 
 
@@ -68,22 +77,78 @@ def _parse_request(body: bytes):
     return samples, prompts
 
 
-def make_server(reward: Reward, port: int = 0, max_request_mb: float = DEFAULT_MAX_REQUEST_MB) -> ThreadingHTTPServer:
+class PooledHTTPServer(HTTPServer):
+    """An HTTPServer that handles connections in a fixed pool of threads, with at most ``backlog`` waiting:
+    a connection beyond that is answered ``503`` and closed at once, so stalled clients cannot make the
+    server start a thread per connection."""
+
+    request_queue_size = 128  # the kernel's accept queue: connections beyond the pool must be seen to be refused
+
+    def __init__(self, address, handler, workers: int = DEFAULT_WORKERS, backlog: int = DEFAULT_BACKLOG):
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(workers + backlog)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reward-server")
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            body = json.dumps({"error": "the reward server is busy (all workers and the queue are taken); retry "
+                                        "later"}).encode()
+            try:
+                request.setblocking(False)
+                try:  # read what the client already sent: closing with unread data would reset the connection
+                    while request.recv(1 << 16):  # and could discard the 503 before the client reads it
+                        pass
+                except OSError:
+                    pass
+                request.settimeout(1.0)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        self._pool.submit(self._work, request, client_address)
+
+    def _work(self, request, client_address):
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
+
+    def server_close(self):
+        super().server_close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def make_server(reward: Reward, port: int = 0, max_request_mb: float = DEFAULT_MAX_REQUEST_MB,
+                workers: int = DEFAULT_WORKERS, backlog: int = DEFAULT_BACKLOG,
+                connection_timeout: float = DEFAULT_CONNECTION_TIMEOUT) -> PooledHTTPServer:
     """An HTTP server on ``127.0.0.1:port`` (``port=0``: a free port, see ``server.server_address``)
     that scores batches with ``reward``.  Call ``serve_forever()`` (e.g. in a thread), then
-    ``shutdown()`` and ``server_close()``.  Requests above ``max_request_mb`` are refused (413)."""
+    ``shutdown()`` and ``server_close()``.  Requests above ``max_request_mb`` are refused (413);
+    ``workers`` threads serve connections, ``backlog`` more may wait (beyond: 503); a connection gets
+    ``connection_timeout`` seconds per socket operation and for reading its whole request (beyond: 408)."""
     if not isinstance(reward, Reward):
         raise TypeError(
             f"make_server needs a Reward, got {type(reward).__name__}; wrap a function in FunctionReward(fn, name=...)"
         )
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an int in 0..65535, got {port!r}")
+    for name, v in (("workers", workers), ("backlog", backlog)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "workers" else 0):
+            raise ValueError(f"{name} must be an int >= {1 if name == 'workers' else 0}, got {v!r}")
+    if not isinstance(connection_timeout, (int, float)) or not 0 < connection_timeout < math.inf:
+        raise ValueError(f"connection_timeout must be a positive number of seconds, got {connection_timeout!r}")
     max_bytes = int(float(max_request_mb) * 2**20)
     lock = threading.Lock()
     reward_name = reward._display_name
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "critic_align-reward/1"
+        timeout = connection_timeout  # per socket operation (StreamRequestHandler sets it on the connection)
 
         def log_message(self, format, *args):  # noqa: A002 (the base class's signature)
             log.info("%s %s", self.address_string(), format % args)
@@ -96,7 +161,49 @@ def make_server(reward: Reward, port: int = 0, max_request_mb: float = DEFAULT_M
             self.end_headers()
             self.wfile.write(body)
 
+        def setup(self):
+            super().setup()
+            # a deadline for receiving the whole request (headers and body): per-operation timeouts alone let a
+            # client trickling a byte per second hold a worker indefinitely.  Cancelled once the request is in.
+            self._cutoff = threading.Timer(connection_timeout, self._cut)
+            self._cutoff.daemon = True
+            self._cutoff.start()
+
+        def _cut(self):
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+        def finish(self):
+            self._cutoff.cancel()
+            try:
+                super().finish()
+            except OSError:
+                pass
+
+        def _read_body(self, n: int) -> bytes | None:
+            """The body, read within the connection's deadline (None if it passed): per-read timeouts alone
+            would let a client trickling a byte per second hold this worker indefinitely."""
+            deadline = time.monotonic() + connection_timeout
+            parts, left = [], n
+            while left:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self.connection.settimeout(remaining)
+                try:
+                    chunk = self.rfile.read1(min(left, 1 << 16))
+                except (TimeoutError, OSError):
+                    return None
+                if not chunk:
+                    return None
+                parts.append(chunk)
+                left -= len(chunk)
+            return b"".join(parts)
+
         def do_GET(self):  # noqa: N802 (http.server's naming)
+            self._cutoff.cancel()
             self._send(200, {"reward": reward_name, "protocol": PROTOCOL_VERSION})
 
         def do_POST(self):  # noqa: N802
@@ -107,7 +214,14 @@ def make_server(reward: Reward, port: int = 0, max_request_mb: float = DEFAULT_M
             if int(length) > max_bytes:
                 self._send(413, {"error": f"request of {int(length)} bytes exceeds the server's limit of {max_bytes}"})
                 return
-            body = self.rfile.read(int(length))
+            body = self._read_body(int(length))
+            self._cutoff.cancel()  # the request is in: scoring may take as long as the reward needs
+            if body is None:
+                try:
+                    self._send(408, {"error": f"the request body did not arrive within {connection_timeout:g} s"})
+                except OSError:  # the connection was already cut at the deadline
+                    pass
+                return
             try:
                 samples, prompts = _parse_request(body)
             except _BadRequest as exc:
@@ -123,9 +237,7 @@ def make_server(reward: Reward, port: int = 0, max_request_mb: float = DEFAULT_M
                 return
             self._send(200, {"scores": scores})
 
-    server = ThreadingHTTPServer((HOST, port), Handler)
-    server.daemon_threads = True
-    return server
+    return PooledHTTPServer((HOST, port), Handler, workers=workers, backlog=backlog)
 
 
 def main(argv=None) -> None:
@@ -138,6 +250,11 @@ def main(argv=None) -> None:
     parser.add_argument("--reward-kwargs", default="{}", help='JSON object of constructor options, e.g. \'{"quality": 90}\'')
     parser.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_MB,
                         help="refuse larger requests (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="threads serving connections")
+    parser.add_argument("--backlog", type=int, default=DEFAULT_BACKLOG,
+                        help="connections that may wait for a worker; more are answered 503 (default %(default)s)")
+    parser.add_argument("--connection-timeout", type=float, default=DEFAULT_CONNECTION_TIMEOUT,
+                        help="seconds per socket operation and for a whole request body (default %(default)s)")
     parser.add_argument("--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
     try:
@@ -156,7 +273,11 @@ def main(argv=None) -> None:
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
-    server = make_server(reward, args.port, args.max_request_mb)
+    try:
+        server = make_server(reward, args.port, args.max_request_mb, args.workers, args.backlog,
+                             args.connection_timeout)
+    except ValueError as exc:
+        parser.error(str(exc))
     host, port = server.server_address[:2]
     print(f"serving reward {args.reward!r} at http://{host}:{port} (Ctrl-C to stop)", flush=True)
     try:
