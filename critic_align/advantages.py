@@ -114,20 +114,24 @@ class PerPromptStatTracker:
         self.buffers = {k: deque(v, maxlen=self.buffer_size) for k, v in state["buffers"].items()}
 
 
-def masked_normalize(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def masked_normalize(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, scale: torch.Tensor | None = None
+                     ) -> torch.Tensor:
     """Whiten (B, ...) advantages over the samples where ``mask`` (B,) is True; masked samples become 0.
 
     Mean and (population) std are taken over every entry of the kept samples; no kept sample -> all 0.
+    ``scale``: divide the centred values by this instead of their own std (e.g. the rewards' std).
     """
     m = mask.reshape(-1, *([1] * (x.ndim - 1))).expand_as(x)
     if not m.any():
         return torch.zeros_like(x)
     vals = x[m]
-    return torch.where(m, (x - vals.mean()) / (vals.std(unbiased=False) + eps), torch.zeros_like(x))
+    div = vals.std(unbiased=False) if scale is None else scale
+    return torch.where(m, (x - vals.mean()) / (div + eps), torch.zeros_like(x))
 
 
 def combine_advantages(adv: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
-                       aggregation: str = "normalize_then_sum", normalize_sum: bool = True) -> torch.Tensor:
+                       aggregation: str = "normalize_then_sum", normalize_sum: bool = True,
+                       reward_std: torch.Tensor | None = None) -> torch.Tensor:
     """Combine per-reward advantages (B, T, K) into (B, T) with weights (K,) and availability ``mask`` (B, K).
 
     'normalize_then_sum': A = Σ_k w_k · masked_normalize(A_k, mask_k) — every reward's advantages are
@@ -135,6 +139,9 @@ def combine_advantages(adv: torch.Tensor, weights: torch.Tensor, mask: torch.Ten
     not by the scale of its values.
     'sum_then_normalize': A = Σ_k w_k · A_k over available entries, then whitened when ``normalize_sum``;
     a reward with a larger spread dominates the sum.
+    ``reward_std`` (K,) (GRPO's unit): the centred advantages are divided by the rewards' std instead of their
+    own — per reward for 'normalize_then_sum', Σ_k w_k σ_k for 'sum_then_normalize' — so one σ_R of reward
+    deviation gives an advantage of about 1 however much of the reward's variance the critic explains.
     In both, an unavailable reward (mask False) contributes 0 — the neutral advantage — and the other
     rewards' weights are not rescaled.
     """
@@ -144,11 +151,17 @@ def combine_advantages(adv: torch.Tensor, weights: torch.Tensor, mask: torch.Ten
     adv = torch.where(mask[:, None, :], adv, torch.zeros_like(adv))
     w = weights.to(adv)
     if aggregation == "normalize_then_sum":
-        normed = torch.stack([masked_normalize(adv[..., k], mask[:, k]) for k in range(adv.shape[-1])], -1)
+        normed = torch.stack([masked_normalize(adv[..., k], mask[:, k],
+                                               scale=None if reward_std is None else reward_std[k])
+                              for k in range(adv.shape[-1])], -1)
         return (normed * w).sum(-1)
     if aggregation == "sum_then_normalize":
         total = (adv * w).sum(-1)
-        return normalize(total) if normalize_sum else total
+        if not normalize_sum:
+            return total
+        if reward_std is None:
+            return normalize(total)
+        return (total - total.mean()) / ((w.abs() * reward_std.to(w)).sum() + 1e-8)
     raise ValueError(f"aggregation {aggregation!r}: use 'normalize_then_sum' or 'sum_then_normalize'")
 
 

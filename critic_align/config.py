@@ -83,6 +83,12 @@ class PPOConfig:
     normalize_advantages: bool = True
     """Whiten the summed advantages over the batch (GAE mode with 'sum_then_normalize'; 'normalize_then_sum'
     always whitens each reward's advantages, and GRPO/DDPO are normalised by construction)."""
+    advantage_scale: str = "advantages"
+    """GAE mode: what the centred advantages are divided by.  'advantages': their own std over the batch's
+    (trajectory, step) pairs (PPO's whitening).  'rewards': the std of the batch's rewards (GRPO's unit), so a
+    reward deviation of one σ_R gives an advantage of about 1 in both modes.  Whitening divides by the std of
+    R − V, which shrinks as the critic improves (≈ 0.6 σ_R on the mixture), so at an equal learning rate it
+    pushes the policy harder than GRPO does; 'rewards' compares the estimators at the same step size."""
     adv_clip_max: float = 5.0
     """Clip advantages to [-adv_clip_max, adv_clip_max] (DDPO)."""
     stat_buffer_size: int = 32
@@ -139,6 +145,29 @@ class PPOConfig:
     """PPO-style value clipping around the rollout's values (None = off)."""
     value_head_hidden: int = 256
     value_head_heads: int = 4
+    critic_features: str | tuple[str, ...] = "multi"
+    """What the value head reads: 'mid' (the deepest level only: a UNet's mid block, a DiT's last block),
+    'multi' (a UNet's down blocks + mid block, a DiT's hidden states at three depths; each patchified to at most
+    8x8 tokens and projected to one width) or a list of module names of the backbone.  On digits 'multi' raises
+    the explained variance of the pretrained critic (``benchmarks/results/critic_quality.json``)."""
+    critic_cond: bool = True
+    """Feed the backbone's conditioning embedding (class label, or pooled text) to the head's AdaLN, next to the
+    timestep embedding (False: the timestep only; the features still see the conditioning through the trunk)."""
+    critic_width: int | None = None
+    """Token width of the value head (default: the channels of the backbone's deepest feature level)."""
+    value_loss_standardized: bool = True
+    """Take the value loss on standardised values and targets, (V − m)/s against (R − m)/s, with the head's
+    output mean m and scale s (set from the first rewards seen): the loss is the raw one divided by s², so heads of
+    rewards of different scales weigh the same and ``vf_coef`` and ``value_clip_range`` are unit-free (in reward
+    standard deviations).  False: the raw squared error in reward units."""
+    value_perturbed_per_sample: int = 0
+    """Forward-perturbed value states per finished sample (DiffAC): each x_0 is noised to a random timestep of the
+    sampler with the scheduler's forward process and V(x_t) is regressed on R(x_0) (no extra reward query; see
+    ``critic_align/value_data.py`` for what these states teach).  Used in value pretraining, and during PPO when
+    ``value_perturbed_coef`` > 0.  0 = off."""
+    value_perturbed_coef: float = 0.0
+    """Weight of the perturbed-state value loss during PPO (an extra value-only pass over the epoch's perturbed
+    states after the PPO update).  0 = pretraining only."""
     value_pretrain_epochs: int = 6
     """Rollout batches of the frozen initial policy used to fit the critic before joint training
     (GAE mode only; their reward queries are counted)."""
@@ -155,6 +184,15 @@ class PPOConfig:
     """Checkpoints kept on disk."""
     progress: bool = True
     """tqdm progress bars."""
+    eval_every: int = 10
+    """Every this many epochs (and before the first), evaluate on a fixed held-out batch (its own noise seed, not
+    trained on, not counted in ``reward_queries``): the rewards, within-prompt diversity, and — with a critic —
+    its explained variance and calibration per timestep bucket (``eval/*`` metrics, ``critic_eval.png``).
+    0 = off."""
+    eval_prompts: int = 10
+    """Distinct prompts in the held-out batch (the task's first ones)."""
+    eval_per_prompt: int = 8
+    """Samples per held-out prompt (within-prompt diversity is measured among them)."""
     mixed_precision: str = "no"
     """'no' or 'bf16' (forwards under accelerate's autocast; weights, optimiser and log-probs stay fp32).
     fp16 is refused: it needs loss scaling, and the PPO ratio is too sensitive to fp16 rounding."""
@@ -170,7 +208,8 @@ class PPOConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 _err(name, v, "must be an integer >= 1")
-        for name in ("value_pretrain_epochs", "value_pretrain_passes", "grid_every", "checkpoint_every", "seed"):
+        for name in ("value_pretrain_epochs", "value_pretrain_passes", "grid_every", "checkpoint_every", "seed",
+                     "value_perturbed_per_sample", "eval_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 _err(name, v, "must be an integer >= 0")
@@ -180,10 +219,31 @@ class PPOConfig:
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
                 _err(name, v, "must be a finite number > 0" + (
                     " (eta=0 is a deterministic ODE sampler: PPO needs eta > 0, e.g. 1.0)" if name == "eta" else ""))
-        for name in ("kl_coef", "weight_decay"):
+        for name in ("eval_prompts", "eval_per_prompt"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                _err(name, v, "must be an integer >= 1")
+        if self.eval_per_prompt < 2 and self.eval_every:
+            _err("eval_per_prompt", self.eval_per_prompt, "must be >= 2 to measure within-prompt diversity")
+        if isinstance(self.critic_features, str):
+            if self.critic_features not in ("mid", "multi"):
+                _err("critic_features", self.critic_features, "use 'mid', 'multi' or a list of module names", number=False)
+        else:
+            self.critic_features = tuple(self.critic_features)
+            if not self.critic_features or not all(isinstance(n, str) for n in self.critic_features):
+                _err("critic_features", self.critic_features, "a list of module names must be non-empty strings",
+                     number=False)
+        if self.critic_width is not None and (not isinstance(self.critic_width, int) or self.critic_width < 1
+                                              or self.critic_width % self.value_head_heads):
+            _err("critic_width", self.critic_width, f"must be None or an integer >= 1 divisible by value_head_heads="
+                                                    f"{self.value_head_heads}")
+        for name in ("kl_coef", "weight_decay", "value_perturbed_coef"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 _err(name, v, "must be a finite number >= 0")
+        if self.value_perturbed_coef > 0 and self.value_perturbed_per_sample == 0:
+            _err("value_perturbed_coef", self.value_perturbed_coef,
+                 "needs value_perturbed_per_sample >= 1 (the perturbed states it weighs)")
         for name in ("gamma", "gae_lambda", "timestep_fraction"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
@@ -192,7 +252,7 @@ class PPOConfig:
             _err("fused_lora", self.fused_lora, "must be true or false")
         if self.timestep_fraction == 0:
             _err("timestep_fraction", 0, "must be > 0")
-        for name in ("normalize_advantages", "log_tensorboard", "progress"):
+        for name in ("normalize_advantages", "log_tensorboard", "progress", "critic_cond", "value_loss_standardized"):
             v = getattr(self, name)
             if not isinstance(v, bool):
                 _err(name, v, "must be true or false (unquoted in YAML)", number=False)
@@ -200,6 +260,8 @@ class PPOConfig:
             _err("advantage", self.advantage, f"use one of {ADVANTAGE_MODES}")
         if self.critic_mode not in CRITIC_MODES:
             _err("critic_mode", self.critic_mode, f"use one of {CRITIC_MODES}")
+        if self.advantage_scale not in ("advantages", "rewards"):
+            _err("advantage_scale", self.advantage_scale, "use 'advantages' or 'rewards'", number=False)
         if self.advantage_aggregation not in AGGREGATIONS:
             _err("advantage_aggregation", self.advantage_aggregation, f"use one of {AGGREGATIONS}")
         if self.log_prob_reduction not in ("mean", "sum"):

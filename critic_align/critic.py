@@ -3,12 +3,16 @@
 V(x_t, t, c) ∈ R^K (one value per reward).  The backbone (initialised from the pretrained diffusion
 model) reads the noisy latent; the head is
 
-    tokens (B, N, C) --LayerNorm--> AdaLN: h = LN(tokens)·(1 + scale(e_t)) + shift(e_t)
-                     --attention pooling: K learned queries attend over h--> (B, K, C)
-                     --per-reward MLP--> (B, K)
+    levels (one or several depths) --patchify + project to width C, + level embedding--> tokens (B, N, C)
+           --LayerNorm--> AdaLN: h = LN(tokens)·(1 + scale(e)) + shift(e),  e = e_t + W_c·e_c
+           --attention pooling: K learned queries attend over h--> (B, K, C)
+           --per-reward MLP--> (B, K)
 
 where e_t is the backbone's own timestep embedding, so the head knows the noise level (the core
-seed's "simple conditioning").  The AdaLN projection starts at zero (identity modulation).
+seed's "simple conditioning"), and e_c its conditioning embedding (class label or pooled text; optional).
+The AdaLN projection starts at zero (identity modulation).  ``critic_features: multi`` reads a UNet's down
+blocks and mid block (a DiT's hidden states at three depths): the mid block of a small UNet is a 4x4 map,
+too coarse to tell how clearly a nearly finished sample shows its digit.
 
 Critic backbone modes (``mode``):
   "lora"   a separate LoRA adapter ("critic") on the policy's frozen base: cheap in memory (default);
@@ -20,8 +24,10 @@ Critic backbone modes (``mode``):
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from .backbones.base import BackboneAdapter, Features
@@ -30,15 +36,41 @@ from .backbones.lora import LoraAdapters
 CRITIC_MODES = ("lora", "full", "shared")
 
 
+@dataclass(frozen=True)
+class LevelSpec:
+    """One feature level the head reads: ``channels`` C_l, and the patch size p_l that turns a (B, C, H, W) map
+    into (H/p)·(W/p) tokens of C·p² values (the core seed's patchified features); p = 1 for token levels."""
+
+    channels: int
+    patch: int = 1
+
+
 class ValueHead(nn.Module):
+    """Feature levels -> one value per reward (see the module doc).
+
+    feature_dim: the head's token width D.  ``levels`` (default: one level of D channels, read as is) are each
+    patchified and projected to D (an identity when a level already has D channels and patch 1), tagged with a
+    learned level embedding when there are several, and concatenated into one token sequence.  ``cond_dim``:
+    width of the backbone's conditioning embedding (class label / pooled text); its projection is added to the
+    timestep embedding that drives the AdaLN, so the head knows the prompt as well as the noise level.
+    """
+
     def __init__(self, feature_dim: int, temb_dim: int, num_rewards: int = 1, hidden_dim: int = 256,
-                 num_heads: int = 4):
+                 num_heads: int = 4, levels: list[LevelSpec] | None = None, cond_dim: int | None = None):
         super().__init__()
         if feature_dim % num_heads:
             raise ValueError(f"feature_dim {feature_dim} must be divisible by num_heads {num_heads}")
         if num_rewards < 1:
             raise ValueError(f"num_rewards must be >= 1, got {num_rewards}")
         self.num_rewards = num_rewards
+        self.levels = list(levels) if levels is not None else [LevelSpec(feature_dim, 1)]
+        self.proj = nn.ModuleList(
+            nn.Identity() if (lv.channels, lv.patch) == (feature_dim, 1) else nn.Linear(lv.channels * lv.patch**2, feature_dim)
+            for lv in self.levels
+        )
+        if len(self.levels) > 1:
+            self.level_emb = nn.Parameter(torch.randn(len(self.levels), feature_dim) * 0.02)
+        self.cond_proj = nn.Linear(cond_dim, temb_dim) if cond_dim else None
         self.norm = nn.LayerNorm(feature_dim, elementwise_affine=False)
         self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(temb_dim, 2 * feature_dim))
         nn.init.zeros_(self.adaln[1].weight)
@@ -55,17 +87,49 @@ class ValueHead(nn.Module):
             for _ in range(num_rewards)
         )
 
-    def forward(self, features: Features) -> torch.Tensor:
-        tokens, temb = features.tokens, features.temb
+    def tokens(self, features: Features) -> torch.Tensor:
+        """(B, N, D): every level patchified, projected to D and tagged with its level embedding, concatenated."""
+        if len(features.levels) != len(self.levels):
+            raise ValueError(f"the head reads {len(self.levels)} feature levels, got {len(features.levels)}")
         dtype = self.queries.dtype
-        tokens, temb = tokens.to(dtype), temb.to(dtype)
-        scale, shift = self.adaln(temb).unsqueeze(1).chunk(2, dim=-1)
+        out = []
+        for i, (lv, proj, x) in enumerate(zip(self.levels, self.proj, features.levels)):
+            x = x.to(dtype)
+            if x.ndim == 4:
+                if x.shape[-1] % lv.patch or x.shape[-2] % lv.patch:
+                    raise ValueError(f"feature level {i} of spatial size {tuple(x.shape[-2:])} does not split into "
+                                     f"{lv.patch}x{lv.patch} patches: build the critic for this latent size")
+                x = rearrange(x, "b c (h p) (w q) -> b (h w) (c p q)", p=lv.patch, q=lv.patch)
+            elif lv.patch != 1:
+                raise ValueError(f"feature level {i} is a token sequence; it cannot be patchified (patch {lv.patch})")
+            x = proj(x)
+            if len(self.levels) > 1:
+                x = x + self.level_emb[i]
+            out.append(x)
+        return torch.cat(out, dim=1)
+
+    def modulation(self, features: Features) -> torch.Tensor:
+        """(B, temb_dim): what drives the AdaLN — the timestep embedding plus the projected conditioning."""
+        temb = features.temb.to(self.queries.dtype)
+        if self.cond_proj is not None:
+            if features.cemb is None:
+                raise ValueError("this value head reads the conditioning embedding, but the features carry none")
+            temb = temb + self.cond_proj(features.cemb.to(temb.dtype))
+        return temb
+
+    def forward(self, features: Features) -> torch.Tensor:
+        tokens = self.tokens(features)
+        scale, shift = self.adaln(self.modulation(features)).unsqueeze(1).chunk(2, dim=-1)
         h = self.norm(tokens) * (1 + scale) + shift
         q = self.queries.unsqueeze(0).expand(h.shape[0], -1, -1)
         pooled, _ = self.attn(q, h, h, need_weights=False)  # (B, K, C)
         pooled = pooled + q  # residual on the query keeps a path that ignores bad attention early on
         raw = torch.cat([head(pooled[:, k]) for k, head in enumerate(self.heads)], dim=-1)  # (B, K)
         return self.out_mean + self.out_scale * raw
+
+    def standardize(self, values: torch.Tensor) -> torch.Tensor:
+        """(V − m) / s per head: values in the head's own standardised units (what its MLP outputs)."""
+        return (values - self.out_mean) / self.out_scale
 
     @torch.no_grad()
     def set_output_scale(self, rewards: torch.Tensor, min_scale: float = 1e-3) -> None:
@@ -82,8 +146,9 @@ class Critic(nn.Module):
     """V(x_t, t, cond) -> (B, K).  Build it with :func:`build_critic`."""
 
     def __init__(self, head: ValueHead, mode: str, backbone: BackboneAdapter, adapters: LoraAdapters | None = None,
-                 adapter_name: str = "critic", policy_adapter: str = "policy"):
+                 adapter_name: str = "critic", policy_adapter: str = "policy", features="mid"):
         super().__init__()
+        self.feature_layers = backbone.feature_layers(features) if isinstance(features, str) else list(features)
         if mode not in CRITIC_MODES:
             raise ValueError(f"critic mode {mode!r}: use one of {CRITIC_MODES}")
         self.head = head
@@ -102,10 +167,10 @@ class Critic(nn.Module):
 
     def features(self, x_t, t, cond=None) -> Features:
         if self.mode == "full":
-            return self.backbone.features(x_t, t, cond)
+            return self.backbone.features(x_t, t, cond, which=self.feature_layers)
         name = self.adapter_name if self.mode == "lora" else self.policy_adapter
         with self.adapters.using(name):
-            return self._shared_backbone.features(x_t, t, cond)
+            return self._shared_backbone.features(x_t, t, cond, which=self.feature_layers)
 
     def forward(self, x_t, t, cond=None) -> torch.Tensor:
         return self.head(self.features(x_t, t, cond))
@@ -137,10 +202,60 @@ class Critic(nn.Module):
             self.adapters.load_state_dict(self.adapter_name, {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
 
 
+def level_specs(features: Features, width: int, grid: int = 8) -> list[LevelSpec]:
+    """Patch sizes that bring every convolutional level down to at most ``grid`` x ``grid`` tokens."""
+    specs = []
+    for x in features.levels:
+        if x.ndim == 4:
+            h, w = x.shape[-2:]
+            p = max(1, min(h, w) // grid)
+            while h % p or w % p:
+                p -= 1
+            specs.append(LevelSpec(int(x.shape[1]), p))
+        else:
+            specs.append(LevelSpec(int(x.shape[-1]), 1))
+    return specs
+
+
+@torch.no_grad()
+def reached_modules(backbone: BackboneAdapter, example, which) -> tuple[set[str], Features]:
+    """Names of the modules of ``backbone.model`` that a feature forward on ``example`` = (x_t, t, cond) calls,
+    and the features it returned."""
+    called: set[str] = set()
+    handles = [m.register_forward_hook(lambda _m, _i, _o, n=n: called.add(n))
+               for n, m in backbone.model.named_modules() if n]
+    try:
+        feats = backbone.features(*example, which=which)
+    finally:
+        for h in handles:
+            h.remove()
+    return called, feats
+
+
+def critic_lora_targets(reached: set[str], target_modules) -> list[str]:
+    """The full names of the reached modules whose name ends with one of ``target_modules`` (peft's matching),
+    so the critic's LoRA goes only where its forward runs (e.g. not on a UNet's decoder)."""
+    out = []
+    for n in sorted(reached):
+        parts = n.split(".")
+        if "lora_A" in parts or "lora_B" in parts or "base_layer" in parts:
+            continue
+        if any(n == t or n.endswith("." + t) for t in target_modules):
+            out.append(n)
+    return out
+
+
 def build_critic(policy_backbone: BackboneAdapter, mode: str = "lora", num_rewards: int = 1,
                  adapters: LoraAdapters | None = None, lora_rank: int = 8, lora_alpha: float | None = None,
-                 lora_target_modules=None, hidden_dim: int = 256, num_heads: int = 4) -> Critic:
+                 lora_target_modules=None, hidden_dim: int = 256, num_heads: int = 4, features="mid",
+                 use_cond: bool = False, width: int | None = None, example=None, grid: int = 8) -> Critic:
     """Make a critic that starts from the pretrained backbone.
+
+    features: 'mid' (the deepest level only), 'multi' (several depths, see the adapter's ``feature_layers``)
+    or a list of module names.  use_cond: feed the backbone's conditioning embedding to the AdaLN.
+    width: the head's token width (default: the 'mid' level's channels).  example: one (x_t, t, cond) input of
+    the task's shape; with it the levels' patch sizes are measured and the critic's LoRA is put only on the
+    modules a feature forward reaches (without it: 'mid' features only, LoRA on every matching module).
 
     mode="lora": adds a LoRA adapter "critic" to ``adapters`` (which wraps the policy's base model).
     mode="full": deep-copies the backbone; LoRA layers the policy model already carries are stripped from
@@ -149,17 +264,38 @@ def build_critic(policy_backbone: BackboneAdapter, mode: str = "lora", num_rewar
     """
     if mode not in CRITIC_MODES:
         raise ValueError(f"critic mode {mode!r}: use one of {CRITIC_MODES}")
-    head = ValueHead(policy_backbone.feature_dim, policy_backbone.temb_dim, num_rewards, hidden_dim, num_heads)
+    which = policy_backbone._check_layers(features)
+    width = width or policy_backbone.feature_dim
+    cond_dim = policy_backbone.cond_dim if use_cond else None
+    if example is None:
+        if which != policy_backbone.feature_layers("mid"):
+            raise ValueError("build_critic needs example=(x_t, t, cond) for features other than 'mid' "
+                             "(the levels' shapes are measured on it)")
+        reached, levels = None, None
+    else:
+        reached, feats = reached_modules(policy_backbone, example, which)
+        levels = level_specs(feats, width, grid)
+        if use_cond and feats.cemb is None:
+            raise ValueError(f"use_cond: {type(policy_backbone.model).__name__} gave no conditioning embedding for "
+                             "this input (an unconditional model or cond=None): set critic_cond: false")
+    head = ValueHead(width, policy_backbone.temb_dim, num_rewards, hidden_dim, num_heads, levels=levels,
+                     cond_dim=cond_dim)
     head.to(next(policy_backbone.parameters()).device)
     if mode == "lora":
         if adapters is None:
             raise ValueError("critic mode 'lora' needs the LoraAdapters of the policy's base model")
-        adapters.add("critic", rank=lora_rank, alpha=lora_alpha, target_modules=lora_target_modules)
-        return Critic(head, mode, policy_backbone, adapters)
+        targets = lora_target_modules
+        if reached is not None and targets:
+            targets = critic_lora_targets(reached, lora_target_modules)
+            if not targets:
+                raise ValueError(f"none of lora_target_modules={list(lora_target_modules)} is reached by the critic's "
+                                 f"feature forward (features {which}): name modules of the encoder")
+        adapters.add("critic", rank=lora_rank, alpha=lora_alpha, target_modules=targets)
+        return Critic(head, mode, policy_backbone, adapters, features=which)
     if mode == "shared":
         if adapters is None:
             raise ValueError("critic mode 'shared' needs the policy's LoraAdapters")
-        return Critic(head, mode, policy_backbone, adapters)
+        return Critic(head, mode, policy_backbone, adapters, features=which)
     backbone = copy.deepcopy(policy_backbone)
     if adapters is not None and adapters.names:
         # strip LoRA layers from the copy: the full critic is a plain trainable copy of the base
@@ -170,4 +306,4 @@ def build_critic(policy_backbone: BackboneAdapter, mode: str = "lora", num_rewar
                 if isinstance(child, BaseTunerLayer):
                     setattr(module, child_name, child.get_base_layer())
     backbone.requires_grad_(True)
-    return Critic(head, mode, backbone, adapters)
+    return Critic(head, mode, backbone, adapters, features=which)

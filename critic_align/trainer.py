@@ -46,14 +46,14 @@ from .backbones.lora import LoraAdapters
 from .checkpoint import CheckpointError, base_digest, load_checkpoint, local_rng_state, save_checkpoint
 from .config import PPOConfig
 from .critic import Critic, build_critic
+from .diagnostics import value_report, within_prompt_diversity
 from .guard import check_reward_magnitude, check_update, check_weights
-from .losses import explained_variance, ppo_policy_loss, value_loss_per_head
+from .losses import ppo_policy_loss, value_loss_per_head
 from .rewards.base import MultiReward
 from .rollout import Rollout, cfg_denoiser, sample, sample_trajectories
 from .runlock import lock_for
 from .steps import gaussian_kl, make_step
-
-TIMESTEP_BUCKETS = 4
+from .value_data import ForwardProcess, ValueBatch, perturbed_states
 
 
 def seed_everything(seed: int) -> None:
@@ -127,12 +127,24 @@ class Trainer:
         self.adapters.add("policy", rank=config.lora_rank, alpha=config.lora_alpha,
                           target_modules=config.lora_target_modules)
         self.critic: Critic | None = None
+        from .prompts import PromptIterator
+
+        self.prompt_iter = PromptIterator(task.prompts, seed=config.seed)  # checks the prompts before they are used
         if config.advantage == "gae":
+            # one input of the task's shape: the critic measures its feature levels on it and puts its LoRA only
+            # on the modules its feature forward reaches
+            cond0 = task.encode(list(task.prompts[:1]))
+            example = (torch.zeros((1, *task.latent_shape), device=self.device), self.timesteps[:1].to(self.device),
+                       None if cond0 is None else cond0.to(self.device))
             self.critic = build_critic(
                 adapter, mode=config.critic_mode, num_rewards=len(rewards.names), adapters=self.adapters,
                 lora_rank=config.critic_lora_rank, lora_target_modules=config.lora_target_modules,
                 hidden_dim=config.value_head_hidden, num_heads=config.value_head_heads,
+                features=config.critic_features if isinstance(config.critic_features, str) else list(config.critic_features),
+                use_cond=config.critic_cond and cond0 is not None, width=config.critic_width, example=example,
             ).to(self.device)
+        self.forward_process = (ForwardProcess(scheduler, config.num_inference_steps)
+                                if self.critic is not None and config.value_perturbed_per_sample else None)
         self.adapters.activate("policy")
         self.policy_params = self.adapters.parameters("policy")
         self.critic_params = self.critic.trainable_parameters() if self.critic else []
@@ -142,9 +154,6 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, betas=config.adam_betas, eps=config.adam_eps,
                                            weight_decay=config.weight_decay)
         self.stat_tracker = PerPromptStatTracker(config.stat_buffer_size, config.stat_min_count)
-        from .prompts import PromptIterator
-
-        self.prompt_iter = PromptIterator(task.prompts, seed=config.seed)
         self.epoch = 0
         self.reward_queries = 0
         self.pretrained_value = False
@@ -254,22 +263,24 @@ class Trainer:
             den = cfg_denoiser(self.adapter.predict, self.config.guidance_scale, self._null_cond)
             return den(x_t, t, cond)
 
-    def _noise(self, n: int) -> torch.Tensor:
-        return torch.randn((n, *self.task.latent_shape), generator=self.generator).to(self.device)
-
     @torch.no_grad()
-    def rollout(self, prompts: list[str], x_T: torch.Tensor | None = None) -> Rollout:
-        """Sample trajectories for ``prompts`` with the current policy and score them with the rewards."""
+    def rollout(self, prompts: list[str], x_T: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                count: bool = True) -> Rollout:
+        """Sample trajectories for ``prompts`` with the current policy and score them with the rewards.
+
+        generator: the source of the initial noise and the per-chunk noise seeds (default: the run's own);
+        count: add the batch to ``reward_queries`` (False for held-out evaluation batches)."""
         cfg = self.config
         prompts = list(prompts)
+        gen = self.generator if generator is None else generator
         if x_T is None:
-            x_T = self._noise(len(prompts))
+            x_T = torch.randn((len(prompts), *self.task.latent_shape), generator=gen).to(self.device)
         cond = self.task.encode(prompts)
         cond = cond.to(self.device) if cond is not None else None  # None: an unconditional task
         c = cfg.sample_chunk_size
         # one noise seed per chunk, drawn by every process: a trajectory's noise does not depend on the
         # number of processes, and the processes' generators stay identical
-        seeds = torch.randint(0, 2**62, (math.ceil(len(prompts) / c),), generator=self.generator).tolist()
+        seeds = torch.randint(0, 2**62, (math.ceil(len(prompts) / c),), generator=gen).tolist()
         mine = self._shard(len(prompts))
         chunks = []
         for j, i in enumerate(range(mine.start, mine.stop, c), start=mine.start // c):
@@ -288,7 +299,8 @@ class Trainer:
             ro.samples, ro.rewards = self._gather(ro.samples), self._gather(ro.rewards)
             ro.cond, ro.prompts = cond, prompts
             ro.validate()
-        self.reward_queries += len(prompts)
+        if count:
+            self.reward_queries += len(prompts)
         return ro
 
     @torch.no_grad()
@@ -334,7 +346,11 @@ class Trainer:
             step_r = terminal_rewards(torch.nan_to_num(rewards), t)
             adv_k, ret_k = gae(step_r, values, cfg.gamma, cfg.gae_lambda)  # (B, T, K)
             ro.returns = ret_k
-            adv = combine_advantages(adv_k, w, mask, cfg.advantage_aggregation, cfg.normalize_advantages)
+            reward_std = None
+            if cfg.advantage_scale == "rewards":
+                reward_std = torch.stack([rewards[mask[:, k], k].std(unbiased=False) if mask[:, k].any()
+                                          else rewards.new_ones(()) for k in range(rewards.shape[1])])
+            adv = combine_advantages(adv_k, w, mask, cfg.advantage_aggregation, cfg.normalize_advantages, reward_std)
         elif cfg.advantage == "grpo" and cfg.advantage_aggregation == "normalize_then_sum":
             per_k = masked_grpo_advantages(rewards, group_ids(ro.prompts).to(rewards.device))  # (B, K), 0 where NaN
             adv = (per_k * w).sum(-1)[:, None].expand(-1, t).clone()
@@ -379,7 +395,7 @@ class Trainer:
         if train_policy:
             if self.critic is not None and self.critic.mode == "shared" and cfg.guidance_scale == 1.0:
                 with self.adapters.using("policy"), self.autocast():
-                    out, shared_feats = self.adapter.predict_and_features(x_t, t, cond)
+                    out, shared_feats = self.adapter.predict_and_features(x_t, t, cond, which=self.critic.feature_layers)
             else:
                 out = self.policy_output(x_t, t, cond)
             step_out = self.step(out, x_t, t, t_prev, prev_sample=x_prev)
@@ -397,17 +413,32 @@ class Trainer:
         if self.critic is not None and ro.returns is not None:
             with self.autocast():
                 v = self.critic.head(shared_feats) if shared_feats is not None else self.critic(x_t, t, cond)
-            v = v.float()
-            returns = ro.returns[bi, ki]
-            mask = ~torch.isnan(ro.rewards[bi])
-            per_head = value_loss_per_head(v, ro.values[bi, ki] if ro.values is not None else v.detach(), returns,
-                                           cfg.value_clip_range, mask)
-            v_loss = per_head.mean()  # each head's loss sees only its own reward (and its own NaN mask)
+            v_loss, vstats = self._value_loss(v.float(), ro.values[bi, ki] if ro.values is not None else None,
+                                              ro.returns[bi, ki], ~torch.isnan(ro.rewards[bi]))
             total = total + cfg.vf_coef * v_loss
-            stats["value_loss"] = v_loss.item()
-            for name, lk in zip(self.rewards.names, per_head.tolist()):
-                stats[f"value_loss/{name}"] = lk
+            stats.update(vstats)
         return total, stats
+
+    def _value_loss(self, v: torch.Tensor, old: torch.Tensor | None, returns: torch.Tensor, mask: torch.Tensor,
+                    prefix: str = "value_loss"):
+        """The mean over heads of each head's (clipped) squared error, on standardised values when configured
+        (``value_loss_standardized``: (V − m)/s against (R − m)/s, i.e. the raw loss / s² per head)."""
+        old = v.detach() if old is None else old
+        if self.config.value_loss_standardized:
+            std = self.critic.head.standardize
+            v, old, returns = std(v), std(old), std(returns)
+        per_head = value_loss_per_head(v, old, returns, self.config.value_clip_range, mask)
+        loss = per_head.mean()  # each head's loss sees only its own reward (and its own NaN mask)
+        stats = {prefix: loss.item()}
+        stats.update({f"{prefix}/{name}": lk for name, lk in zip(self.rewards.names, per_head.tolist())})
+        return loss, stats
+
+    def value_batch_loss(self, vb: ValueBatch, coef: float = 1.0):
+        """Value loss on rows of a :class:`ValueBatch` (e.g. forward-perturbed states); no clipping reference."""
+        with self.autocast():
+            v = self.critic(vb.x, vb.t, vb.cond).float()
+        loss, stats = self._value_loss(v, None, vb.returns, vb.mask, prefix="perturbed_value_loss")
+        return coef * loss, stats
 
     def _optimizer_step(self, losses: list[dict] = ()) -> dict:
         cfg = self.config
@@ -429,27 +460,43 @@ class Trainer:
         extremes for ratio_max / ratio_min), then averaged over minibatches.
         """
         cfg = self.config
-        acc = cfg.gradient_accumulation_steps
+        minibatches = []
+        for _ in range(passes if passes is not None else cfg.ppo_epochs):
+            pairs = self._pairs(ro)
+            minibatches += [pairs[s:s + cfg.minibatch_size] for s in range(0, len(pairs), cfg.minibatch_size)]
+        return self._minibatch_steps(minibatches, lambda part: self.loss_on_pairs(ro, part, train_policy=train_policy))
+
+    def fit_values(self, vb: ValueBatch, passes: int, coef: float = 1.0) -> dict:
+        """Value-only optimiser steps over shuffled minibatches of ``vb`` (``passes`` times)."""
+        mbs = self.config.minibatch_size
+        minibatches = []
+        for _ in range(passes):
+            perm = torch.randperm(len(vb), generator=self.generator)
+            minibatches += [perm[s:s + mbs] for s in range(0, len(perm), mbs)]
+        return self._minibatch_steps(minibatches, lambda rows: self.value_batch_loss(vb.select(rows.to(vb.x.device)), coef))
+
+    def _minibatch_steps(self, minibatches: list[torch.Tensor], loss_fn) -> dict:
+        """One optimiser step per minibatch of row indices; ``loss_fn(rows) -> (loss, stats)`` is the mean loss over
+        ``rows``.  Each process takes its share of every minibatch, in ``gradient_accumulation_steps`` micro-batches;
+        gradients are summed over processes before the step."""
+        acc = self.config.gradient_accumulation_steps
         parts_per_mb: list[list] = []
         norms: dict[str, list] = {}
         self.optimizer.zero_grad(set_to_none=True)
-        for _ in range(passes if passes is not None else cfg.ppo_epochs):
-            pairs = self._pairs(ro)
-            for start in range(0, len(pairs), cfg.minibatch_size):
-                mb = pairs[start:start + cfg.minibatch_size]
-                share = torch.tensor_split(mb, self.num_processes)[self.rank]
-                micro = max(1, math.ceil(len(share) / acc))
-                parts = []
-                for j in range(0, len(share), micro):
-                    part = share[j:j + micro]
-                    loss, stats = self.loss_on_pairs(ro, part, train_policy=train_policy)
-                    # weight by the micro-batch's share so the summed gradient equals the minibatch mean
-                    self.accelerator.backward(loss * (len(part) / len(mb)))
-                    parts.append((len(part), stats))
-                parts_per_mb.append(parts)
-                self._sync_grads()
-                for k, v in self._optimizer_step([st for _, st in parts]).items():
-                    norms.setdefault(k, []).append(v)
+        for mb in minibatches:
+            share = torch.tensor_split(mb, self.num_processes)[self.rank]
+            micro = max(1, math.ceil(len(share) / acc))
+            parts = []
+            for j in range(0, len(share), micro):
+                part = share[j:j + micro]
+                loss, stats = loss_fn(part)
+                # weight by the micro-batch's share so the summed gradient equals the minibatch mean
+                self.accelerator.backward(loss * (len(part) / len(mb)))
+                parts.append((len(part), stats))
+            parts_per_mb.append(parts)
+            self._sync_grads()
+            for k, v in self._optimizer_step([st for _, st in parts]).items():
+                norms.setdefault(k, []).append(v)
         per_mb = [[p for rank_parts in all_parts for p in rank_parts]
                   for all_parts in zip(*self._gather_objects(parts_per_mb))]
         collected: dict[str, list] = {}
@@ -481,6 +528,8 @@ class Trainer:
             before = self.value_report(ro, ro.values)
             ro.returns = self.mc_returns(ro)
             stats = self.update(ro, train_policy=False, passes=cfg.value_pretrain_passes)
+            if self.forward_process is not None:
+                stats.update(self.fit_values(self.perturbed_batch(ro), cfg.value_pretrain_passes))
             row = {"phase": "value_pretrain", "iteration": i, "reward_queries": self.reward_queries,
                    "time_s": time.time() - t0, **{f"pre_{k}": v for k, v in before.items()}, **stats}
             logs.append(row)
@@ -494,28 +543,42 @@ class Trainer:
         disc = self.config.gamma ** torch.arange(t - 1, -1, -1, dtype=torch.float32, device=ro.rewards.device)
         return torch.nan_to_num(ro.rewards.float())[:, None, :] * disc[None, :, None]
 
-    def value_report(self, ro: Rollout, values: torch.Tensor) -> dict:
-        """Explained variance of the critic against Monte-Carlo returns, per head, overall and per timestep bucket.
+    def perturbed_batch(self, ro: Rollout) -> ValueBatch:
+        """``value_perturbed_per_sample`` forward-perturbed states of each of the rollout's final samples."""
+        return perturbed_states(self.forward_process, ro.final, ro.rewards, ro.cond, ro.timesteps,
+                                self.config.value_perturbed_per_sample, self.generator, self.config.gamma)
 
-        ``value_ev/<reward>``: head k against reward k's returns over the samples where reward k is not NaN.
-        ``value_ev`` and ``value_ev_steps_a-b``: the mean over heads of the per-head values (= the head's for K = 1).
-        """
-        target = self.mc_returns(ro)
-        avail = ~torch.isnan(ro.rewards.float())  # (B, K)
-        t = ro.num_steps
-        edges = np.linspace(0, t, TIMESTEP_BUCKETS + 1).round().astype(int)
+    def value_report(self, ro: Rollout, values: torch.Tensor, prefix: str = "") -> dict:
+        """Explained variance and calibration of the critic against Monte-Carlo returns, per head, overall and
+        per timestep bucket (:func:`critic_align.diagnostics.value_report`)."""
+        return value_report(values, self.mc_returns(ro), ~torch.isnan(ro.rewards.float()), self.rewards.names, prefix)
 
-        def ev(sl: slice) -> list[float]:
-            return [explained_variance(values[avail[:, k], sl, k], target[avail[:, k], sl, k])
-                    if avail[:, k].any() else float("nan") for k in range(values.shape[-1])]
-
-        per_head = ev(slice(None))
-        out = {"value_ev": float(np.mean(per_head))}
-        out.update({f"value_ev/{name}": e for name, e in zip(self.rewards.names, per_head)})
-        for j in range(TIMESTEP_BUCKETS):
-            a, b = edges[j], edges[j + 1]
-            if b > a:  # T < TIMESTEP_BUCKETS leaves some buckets empty
-                out[f"value_ev_steps_{a}-{b - 1}"] = float(np.mean(ev(slice(a, b))))
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Metrics on a fixed held-out batch: ``eval_prompts`` prompts x ``eval_per_prompt`` samples from noise
+        seeded by the run's seed alone (the same batch at every call, never trained on, not counted in
+        ``reward_queries``): rewards, within-prompt diversity and, with a critic, its explained variance and
+        calibration per timestep bucket."""
+        cfg = self.config
+        prompts = [p for p in list(self.task.prompts)[:cfg.eval_prompts] for _ in range(cfg.eval_per_prompt)]
+        n = len(prompts)
+        pad = (-n) % (self.num_processes * cfg.sample_chunk_size) if self.num_processes > 1 else 0
+        if pad:
+            raise ValueError(f"eval batch of {n} samples does not split into {self.num_processes} processes' chunks of "
+                             f"sample_chunk_size={cfg.sample_chunk_size}: choose eval_prompts x eval_per_prompt to fit")
+        gen = torch.Generator().manual_seed(cfg.seed + 7_919_000)
+        ro = self.rollout(prompts, generator=gen, count=False)
+        out = {}
+        for k, name in enumerate(self.rewards.names):
+            out[f"eval/reward/{name}"] = float(torch.nanmean(ro.rewards[:, k].float()))
+        if self.eval_rewards is not None:
+            mine = self._shard(ro.batch_size)
+            extra = self._gather(self.eval_rewards(ro.samples[mine], ro.prompts[mine]).to(self.device))
+            for k, name in enumerate(self.eval_rewards.names):
+                out[f"eval/reward/{name}"] = float(torch.nanmean(extra[:, k].float()))
+        out.update({f"eval/diversity/{k}": v for k, v in within_prompt_diversity(ro.samples, ro.prompts).items()})
+        if self.critic is not None:
+            out.update(self.value_report(ro, self.compute_values(ro), prefix="eval/"))
         return out
 
     # ------------------------------------------------------------------------------------------------
@@ -526,9 +589,13 @@ class Trainer:
         prompts = self.prompt_iter.batch(cfg.prompts_per_epoch, cfg.group_size)
         ro = self.rollout(prompts)
         t_rollout = time.time() - t0
+        if self.critic is not None and self.epoch == 0 and not self.pretrained_value:
+            self.critic.head.set_output_scale(ro.rewards)  # no value pretraining: standardise on the first batch
         ro = self.compute_advantages(ro)
         t1 = time.time()
         stats = self.update(ro)
+        if self.forward_process is not None and cfg.value_perturbed_coef > 0:
+            stats.update(self.fit_values(self.perturbed_batch(ro), 1, cfg.value_perturbed_coef))
         t_update = time.time() - t1
         self.epoch += 1
         metrics = {"phase": "train", "epoch": self.epoch, "reward_queries": self.reward_queries,
@@ -574,18 +641,31 @@ class Trainer:
 
             it = tqdm(it, desc=f"PPO ({cfg.advantage})", initial=self.epoch, total=n,
                       disable=not self.is_main_process)
+        eval_row = None
+        if cfg.eval_every and self.epoch == 0:
+            eval_row = self.log_eval()
         for _ in it:
             res = self.train_epoch()
             history.append(res.metrics)
             self.log(res.metrics)
+            if cfg.eval_every and (self.epoch % cfg.eval_every == 0 or self.epoch == n):
+                eval_row = self.log_eval()
             if cfg.progress and self.is_main_process:
                 key = f"reward/{self.rewards.names[0]}/mean"
-                it.set_postfix(reward=f"{res.metrics[key]:.3f}")
+                post = {"reward": f"{res.metrics[key]:.3f}"}
+                if eval_row is not None and "eval/value_ev" in eval_row:
+                    post["heldout_ev"] = f"{eval_row['eval/value_ev']:.2f}"
+                it.set_postfix(post)
             if cfg.grid_every and self.epoch % cfg.grid_every == 0:
                 self.save_grid(self.out / "grids" / f"epoch_{self.epoch:04d}.png")
             if (cfg.checkpoint_every and self.epoch % cfg.checkpoint_every == 0) or self.epoch == n:
                 self.save()
         return history
+
+    def log_eval(self) -> dict:
+        row = {"phase": "eval", "epoch": self.epoch, "reward_queries": self.reward_queries, **self.evaluate()}
+        self.log(row)
+        return row
 
     # ------------------------------------------------------------------------------------------------
     # outputs

@@ -102,12 +102,12 @@ def test_value_head_shape_and_time_dependence():
     tokens = torch.randn(2, 10, 16, generator=g)
     temb_a, temb_b = torch.randn(2, 64, generator=g), torch.randn(2, 64, generator=g)
     with torch.no_grad():
-        va = head(Features(tokens, temb_a))
+        va = head(Features((tokens,), temb_a))
         assert va.shape == (2, 3)
         # zero-initialised AdaLN: identity modulation, the time embedding has no effect yet
-        assert torch.equal(va, head(Features(tokens, temb_b)))
+        assert torch.equal(va, head(Features((tokens,), temb_b)))
         head.adaln[1].weight.normal_(0, 0.5)
-        va2, vb2 = head(Features(tokens, temb_a)), head(Features(tokens, temb_b))
+        va2, vb2 = head(Features((tokens,), temb_a)), head(Features((tokens,), temb_b))
     assert not torch.allclose(va2, vb2, atol=1e-4)
     # reference: LN(tokens)·(1 + scale) + shift, attention pooling with a residual, per-reward MLP
     with torch.no_grad():

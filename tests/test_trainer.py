@@ -143,7 +143,8 @@ def test_metrics_and_checkpoints_written(tmp_path):
     tr = make_trainer(tmp_path, num_epochs=2, keep_last=1)
     tr.train()
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["phase"] for r in rows] == ["value_pretrain", "train", "train"]
+    assert [r["phase"] for r in rows] == ["value_pretrain", "eval", "train", "train", "eval"]  # eval before + at the end
+    assert all("eval/value_ev" in r and "eval/diversity/pairwise_l2" in r for r in rows if r["phase"] == "eval")
     assert all("reward/bright/mean" in r for r in rows if r["phase"] == "train")
     ckpts = sorted((tmp_path / "run" / "checkpoints").glob("epoch_*"))
     assert [c.name for c in ckpts] == ["epoch_000002"]  # keep_last=1

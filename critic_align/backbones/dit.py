@@ -99,8 +99,25 @@ class DiTAdapter(BackboneAdapter):
         emb = self.model.transformer_blocks[0].norm1.emb
         return float(getattr(getattr(emb, "class_embedder", None), "dropout_prob", 0.0))
 
-    def feature_module(self) -> nn.Module:
-        return self.model.transformer_blocks[-1]
+    def feature_layers(self, which="mid") -> list[str]:
+        n = len(self.model.transformer_blocks)
+        if which == "mid":
+            return [f"transformer_blocks.{n - 1}"]
+        if which == "multi":  # three depths, e.g. blocks 7 / 15 / 23 of 24 (the core seed's DiT critic)
+            return [f"transformer_blocks.{i}" for i in sorted({max(0, round(n * j / 3) - 1) for j in (1, 2, 3)})]
+        return self._check_layers(which)
+
+    def level_from_output(self, name: str, output) -> torch.Tensor:
+        return self.tokens_from_output(output)
+
+    def cond_module(self) -> nn.Module | None:
+        if self.kind == "sd3":
+            return self.model.time_text_embed.text_embedder  # the pooled-text projection
+        return self.model.transformer_blocks[0].norm1.emb.class_embedder
+
+    @property
+    def cond_dim(self) -> int | None:
+        return self.temb_dim
 
     def temb_module(self) -> nn.Module:
         if self.kind == "sd3":

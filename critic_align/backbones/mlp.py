@@ -99,8 +99,15 @@ class MLPAdapter(BackboneAdapter):
             raise ValueError("MLPAdapter's model is unconditional; the task's encode() must return None")
         return self.model(x_t, t)
 
-    def feature_module(self) -> nn.Module:
-        return self.model.residual.tokens
+    def feature_layers(self, which="mid") -> list[str]:
+        # the hidden states h_0..h_L are already one token each: 'multi' and 'mid' read the same stack
+        if which in ("mid", "multi"):
+            return ["residual.tokens"]
+        return self._check_layers(which)
+
+    @property
+    def cond_dim(self) -> int | None:
+        return None
 
     def temb_module(self) -> nn.Module:
         return self.model.residual.time_embedding

@@ -1,0 +1,100 @@
+"""Value data beyond the rollout's own states: forward-perturbed states (DiffAC, arXiv 2403.04154).
+
+Every finished sample x_0 with reward R(x_0) gives free value data: noise it to a timestep t of the sampler
+with the scheduler's own forward process, x_t ~ q(x_t | x_0), and regress V(x_t, t, c) on R(x_0).  It costs
+no reward query.
+
+What it teaches: regression on pairs (x_t, R(x_0)) with x_0 ~ p_θ (the policy's samples) and x_t ~ q(x_t | x_0)
+converges to E[R(x_0) | x_t] under the joint p_θ(x_0)·q(x_t | x_0), i.e. under the *forward-process
+posterior* of the policy's sample distribution.  The policy's own value is E[R | x_t] under its *reverse*
+process from x_t.  The two agree when the sampler is the exact reverse of q for p_θ (a perfect model, no
+discretisation error); they differ for a coarse sampler (20 steps), for a fine-tuned policy (which is no
+longer the reverse of anything q defines), and in which states are seen: q(x_t | x_0)'s marginal, not the
+sampler's, so off-trajectory states are covered too (useful for guidance, which moves x_t off the sampler's
+path).  ``benchmarks/critic_quality.py`` measures whether it helps on the sampler's own states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .cond import TextCond
+
+
+@dataclass(frozen=True)
+class ValueBatch:
+    """Rows of value-regression data.
+
+    x:       (N, *S) noisy latents
+    t:       (N,) their timesteps (the sampler's values: int for VP schedulers, σ·N floats for flow matching)
+    cond:    (N, ...) conditioning (tensor or TextCond) or None
+    returns: (N, K) value targets, NaN-free (a missing reward's target is 0 and masked)
+    mask:    (N, K) bool, False where reward k does not apply to the row
+    """
+
+    x: torch.Tensor
+    t: torch.Tensor
+    cond: torch.Tensor | TextCond | None
+    returns: torch.Tensor
+    mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def select(self, index: torch.Tensor) -> "ValueBatch":
+        return ValueBatch(self.x[index], self.t[index], None if self.cond is None else self.cond[index],
+                          self.returns[index], self.mask[index])
+
+
+class ForwardProcess:
+    """The diffusers scheduler's own forward process q(x_t | x_0) at the sampler's timesteps.
+
+    VP (DDPM / DDIM configs): ``DDPMScheduler.add_noise`` = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·ε.
+    Flow matching (``FlowMatchEulerDiscreteScheduler``): ``scale_noise`` = (1 − σ)·x_0 + σ·ε, after
+    ``set_timesteps(num_inference_steps)`` so the sampler's timesteps are the ones it knows.
+    """
+
+    def __init__(self, scheduler_or_config, num_inference_steps: int):
+        from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+        config = dict(getattr(scheduler_or_config, "config", scheduler_or_config))
+        if "beta_schedule" in config or "trained_betas" in config:
+            self.kind = "vp"
+            self.scheduler = DDPMScheduler.from_config(config)
+        else:
+            self.kind = "flow"
+            self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+            self.scheduler.set_timesteps(num_inference_steps)
+
+    def __call__(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t for clean ``x0`` (N, *S), ``noise`` (N, *S) and timesteps ``t`` (N,)."""
+        if self.kind == "vp":
+            return self.scheduler.add_noise(x0, noise, t.long().cpu()).to(x0.dtype)
+        # scale_noise looks each timestep up in its own schedule (float equality): pass them as the sampler has them
+        return self.scheduler.scale_noise(x0, t.to(self.scheduler.timesteps.dtype).cpu(), noise).to(x0.dtype)
+
+
+def perturbed_states(forward: ForwardProcess, final: torch.Tensor, rewards: torch.Tensor, cond, timesteps: torch.Tensor,
+                     per_sample: int, generator: torch.Generator, gamma: float = 1.0) -> ValueBatch:
+    """``per_sample`` forward-perturbed states of every finished sample, at timesteps drawn uniformly from the
+    sampler's ``timesteps`` (T,), each with target γ^(T−1−k)·R(x_0) for the k-th timestep (the Monte-Carlo
+    return's discount at that step; R itself for γ = 1).
+
+    final: (B, *S) x_0 of the rollout; rewards: (B, K) with NaN = not applicable.  Returns B·per_sample rows,
+    sample-major (row i·per_sample + j is sample i's j-th state).
+    """
+    b = final.shape[0]
+    n = b * per_sample
+    idx = torch.randint(0, timesteps.shape[0], (n,), generator=generator)
+    t = timesteps.cpu()[idx]
+    noise = torch.randn((n, *final.shape[1:]), generator=generator).to(final.device)
+    x0 = final.repeat_interleave(per_sample, dim=0)
+    x_t = forward(x0, noise, t)
+    rows = torch.arange(b, device=rewards.device).repeat_interleave(per_sample)
+    disc = (gamma ** (timesteps.shape[0] - 1 - idx).double()).float().to(rewards.device)
+    r = rewards[rows].float() * disc[:, None]
+    mask = ~torch.isnan(r)
+    cond_rows = None if cond is None else cond[rows.to(cond.device)]
+    return ValueBatch(x_t, t.to(final.device), cond_rows, torch.nan_to_num(r), mask)
