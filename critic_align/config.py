@@ -24,6 +24,14 @@ def _err(name, value, what, number=True):
     raise ValueError(f"config field {name}={value!r}: {what}{got}")
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive_number(v) -> bool:
+    return _number(v) and v > 0
+
+
 @dataclass
 class PPOConfig:
     """Latent actor-critic PPO (and its GRPO / DDPO baselines) over the denoising MDP.
@@ -273,14 +281,33 @@ class PPOConfig:
         if self.minibatch_size % self.gradient_accumulation_steps:
             _err("minibatch_size", self.minibatch_size,
                  f"must be divisible by gradient_accumulation_steps={self.gradient_accumulation_steps}")
-        if self.value_clip_range is not None and not self.value_clip_range > 0:
-            _err("value_clip_range", self.value_clip_range, "must be > 0 or None")
+        for name in ("value_clip_range", "lora_alpha"):  # optional positive numbers
+            v = getattr(self, name)
+            if v is not None and not _positive_number(v):
+                _err(name, v, "must be a finite number > 0, or null (None) for the default" + (
+                    " (LoRA's scale is lora_alpha / lora_rank: 0 or a negative alpha would switch the adapter off "
+                    "or flip its sign)" if name == "lora_alpha" else ""))
         if self.reward_weights is not None:
-            self.reward_weights = tuple(float(w) for w in self.reward_weights)
-            if not all(math.isfinite(w) for w in self.reward_weights):
-                _err("reward_weights", self.reward_weights, "must be finite numbers")
-        self.lora_target_modules = tuple(self.lora_target_modules)
-        self.adam_betas = tuple(self.adam_betas)
+            w = self.reward_weights
+            if isinstance(w, (str, bytes)) or not isinstance(w, (list, tuple)) or not w or not all(_number(x) for x in w):
+                _err("reward_weights", w, "must be a non-empty list of finite numbers, one per reward (e.g. [1.0, "
+                     "0.5]), or null to keep the rewards' own weights", number=False)
+            self.reward_weights = tuple(float(x) for x in w)
+        b = self.adam_betas
+        if isinstance(b, (str, bytes)) or not isinstance(b, (list, tuple)) or len(b) != 2 or \
+                not all(_number(x) and 0 <= x < 1 for x in b):
+            _err("adam_betas", b, "must be two numbers in [0, 1), e.g. [0.9, 0.999]", number=False)
+        self.adam_betas = (float(b[0]), float(b[1]))
+        m = self.lora_target_modules
+        if isinstance(m, str) or not isinstance(m, (list, tuple)) or not m or \
+                not all(isinstance(x, str) and x for x in m):
+            _err("lora_target_modules", m, "must be a non-empty list of module names, e.g. [to_q, to_k, to_v] (a "
+                 "single name still goes in a list)", number=False)
+        self.lora_target_modules = tuple(m)
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            _err("output_dir", self.output_dir, "must be a non-empty path string", number=False)
+        if not isinstance(self.extra, dict):
+            _err("extra", self.extra, "must be a mapping (free-form notes)", number=False)
 
     @property
     def prompts_per_epoch(self) -> int:

@@ -6,6 +6,8 @@ load transformers or a model.  ``train/`` reads YAML and calls these; nothing he
 
 from __future__ import annotations
 
+import math
+
 import importlib
 
 # reward name -> "module:Class"; keys other than name / weight in a run config go to the constructor
@@ -70,7 +72,11 @@ def build_rewards(spec):
             rewards.append(reward_by_name(item["name"], **kwargs))
         except TypeError as exc:
             raise ValueError(f"reward entry {item!r}: bad options for {item['name']!r} ({exc})") from exc
-        weights.append(float(item.get("weight", 1.0)))
+        w = item.get("weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"reward entry {item!r}: weight must be a finite number, got {w!r}"
+                             + (" (a quoted string: write the number without quotes)" if isinstance(w, str) else ""))
+        weights.append(float(w))
     return MultiReward(rewards, weights)
 
 

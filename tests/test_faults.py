@@ -355,3 +355,105 @@ def test_the_reference_server_frees_stalled_connections_and_bounds_its_threads()
             s.close()
         server.shutdown()
         server.server_close()
+
+
+# ------------------------------------------------------------------------------------- config and CLI
+def test_every_config_field_is_validated():
+    """Each PPOConfig field given a value of no sensible type is refused with an error naming the field."""
+    import dataclasses
+
+    from critic_align.config import PPOConfig
+
+    for f in dataclasses.fields(PPOConfig):
+        with pytest.raises(ValueError, match=rf"config field {f.name}="):
+            PPOConfig(**{f.name: object()})
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(lora_alpha=-1.0), r"lora_alpha=-1.0: must be a finite number > 0.*flip its sign"),
+    (dict(lora_alpha=0), r"lora_alpha=0: must be a finite number > 0"),
+    (dict(adam_betas=[0.9]), r"adam_betas=\[0.9\]: must be two numbers in \[0, 1\)"),
+    (dict(adam_betas=[0.9, 1.5]), r"adam_betas=\[0.9, 1.5\]"),
+    (dict(lora_target_modules="to_q"), r"lora_target_modules='to_q': must be a non-empty list .*goes in a list"),
+    (dict(reward_weights="abc"), r"reward_weights='abc': must be a non-empty list of finite numbers"),
+    (dict(value_clip_range="x"), r"value_clip_range='x'"),
+])
+def test_config_values_that_used_to_slip_through(kw, match):
+    from critic_align.config import PPOConfig
+
+    with pytest.raises(ValueError, match=match):
+        PPOConfig(**kw)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("", r"bad.yaml is empty: a run config needs at least its rewards"),
+    ("ppo:\n  num_epochs: 2\n", r"bad.yaml lists no rewards"),
+    ("rewards: []\n", r"bad.yaml lists no rewards"),
+    ("rewards: [{name: digit_prob\n", r"bad.yaml is not valid YAML: "),
+])
+def test_empty_rewardless_and_broken_yaml_are_refused_naming_the_file(tmp_path, text, match):
+    from train.registry import load_run_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_run_config(str(bad))
+
+
+def test_a_reward_weight_that_is_not_a_number_is_refused():
+    from critic_align.registry import build_rewards
+
+    with pytest.raises(ValueError, match=r"weight must be a finite number, got 'abc' \(a quoted string"):
+        build_rewards([{"name": "boldness", "weight": "abc"}])
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    from train.cli import cli
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rewards: [{name: digit_prob\n")
+    assert cli(["train", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("critic-align: error: ") and "bad.yaml is not valid YAML" in err
+    assert "Traceback" not in err
+    assert cli(["train", "--out", str(tmp_path / "r"), "--set", "learning_rate=-1"]) == 2
+    assert "config field learning_rate=-1: must be a finite number > 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="not valid YAML"):  # --debug: the exception itself, with its traceback
+        cli(["train", "--config", str(bad), "--debug"])
+
+
+def test_cli_exit_code_and_traceback_only_with_debug_in_a_real_process(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rewards: []\n")
+    cmd = [sys.executable, "-m", "train.cli", "train", "--config", str(bad)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    plain = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert plain.returncode == 2 and plain.stderr.count("\n") == 1 and "lists no rewards" in plain.stderr
+    debug = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--particles", "-2"], r"argument --particles: must be an integer >= 1, got -2"),
+    (["--particles", "0"], r"argument --particles: must be an integer >= 1, got 0"),
+    (["--scale", "inf"], r"argument --scale: must be a finite number, got inf"),
+    (["--lam", "nan"], r"argument --lam: must be a finite number, got nan"),
+    (["--ess-threshold", "2"], r"argument --ess-threshold: must be a number in \[0, 1\], got 2"),
+])
+def test_steering_arguments_are_checked_before_anything_runs(args, match, capsys):
+    from train.cli import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli(["steer", "--config", "digits", *args])
+    assert info.value.code == 2
+    assert __import__("re").search(match, capsys.readouterr().err)
+
+
+def test_steering_entry_point_checks_its_arguments():
+    from train.steer import check_steering_args
+
+    for kw, match in [(dict(particles=0, scale=0.0, lam=1.0), "particles must be an integer >= 1, got 0"),
+                      (dict(particles=2, scale=math.inf, lam=1.0), "scale must be a finite number, got inf"),
+                      (dict(particles=2, scale=0.0, lam=math.nan), "lam must be a finite number, got nan")]:
+        with pytest.raises(ValueError, match=match):
+            check_steering_args(**kw)

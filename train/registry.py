@@ -45,7 +45,13 @@ def resolve_config_path(name_or_path: str) -> Path:
 def load_run_config(name_or_path: str, overrides: dict | None = None) -> dict:
     """Read a run YAML: {task, base_model, rewards, eval_rewards, ppo: {PPOConfig fields}}; strict keys."""
     path = resolve_config_path(name_or_path)
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {exc}") from exc
+    if data is None:
+        raise ValueError(f"{path} is empty: a run config needs at least its rewards, e.g. rewards: [{{name: digit_prob, "
+                         "temperature: 6.0}] (see train/configs/digits.yaml)")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a run config must be a mapping, got {type(data).__name__}")
     unknown = set(data) - RUN_KEYS
@@ -57,6 +63,9 @@ def load_run_config(name_or_path: str, overrides: dict | None = None) -> dict:
         data["ppo"] = PPOConfig.from_dict(ppo)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: {exc}") from exc
+    if not data.get("rewards"):
+        raise ValueError(f"{path} lists no rewards: give at least one, e.g. rewards: [{{name: digit_prob, temperature: "
+                         "6.0}] (nothing is trained on a default reward)")
     data.setdefault("task", "digits")
     data["_path"] = str(path)
     return data
@@ -149,7 +158,7 @@ def build_trainer(run: dict):
         raise ValueError(f"unknown task {task_name!r}; available: {sorted(DIGITS_TASKS) + sorted(SD_TASKS)}")
     task_cls, loader, adapter_cls = digits_task(task_name)
     model, scheduler = loader(run.get("base_model"))
-    rewards = build_rewards(run.get("rewards") or [{"name": "digit_prob"}])
+    rewards = build_rewards(run.get("rewards"))  # refuses an empty list: no silent default reward
     eval_names = run.get("eval_rewards") or []
     eval_rewards = build_rewards(eval_names) if eval_names else None
     return Trainer(run["ppo"], task_cls(), adapter_cls(model), scheduler, rewards, eval_rewards)

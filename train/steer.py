@@ -9,7 +9,9 @@ Writes ``<out>/steer_<method>_N<particles>.png`` (a grid: one row per prompt) an
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -67,6 +69,7 @@ def steer_with_trainer(trainer, method: str, prompts: list[str], particles: int 
 
     if method not in METHODS:
         raise ValueError(f"unknown steering method {method!r}; use one of {METHODS}")
+    check_steering_args(particles, scale, lam)
     task = trainer.task
     gen = torch.Generator().manual_seed(seed)
     n = 1 if method in ("base",) or (method == "guidance") else particles
@@ -154,6 +157,40 @@ def default_methods(scale: float, particles: int, ess_threshold: float) -> list[
     return methods
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {v}")
+        return v
+    return parse
+
+
+def _finite(low: float | None = None, high: float | None = None, what: str = "a finite number"):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return v
+    return parse
+
+
+def check_steering_args(particles: int, scale: float, lam: float) -> None:
+    """The public entry's checks (the command line checks the same in its argument types): N >= 1, finite w, λ."""
+    if isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:
+        raise ValueError(f"particles must be an integer >= 1, got {particles!r}")
+    for name, v in (("scale", scale), ("lam", lam)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r} (an infinite guidance scale or λ turns every "
+                             "step or weight into inf/NaN)")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("steer", help="steer sampling with the critic (best-of-N, guidance, SMC, guidance + best-of-N)")
     p.add_argument("--config", help="a gae run config: pretrain a critic on its base policy (saved under --out)")
@@ -165,25 +202,25 @@ def add_parser(sub) -> None:
                         "potential, guided by --scale if > 0), smc_x0 (SMC with potential λ·r(x̂0): a decode + reward "
                         "call per step).  Default: base bon, plus guidance guidance+bon if --scale > 0, plus smc if "
                         "it can resample (--ess-threshold × --particles > 1)")
-    p.add_argument("--particles", type=int, default=4, help="N: particles (SMC) / candidates (best-of-N) per prompt")
-    p.add_argument("--scale", type=float, default=0.0,
+    p.add_argument("--particles", type=_int_at_least(1), default=4, help="N: particles (SMC) / candidates (best-of-N) per prompt")
+    p.add_argument("--scale", type=_finite(), default=0.0,
                    help="guidance scale w (score += w·∇V); 0 = no guidance (then guidance is not a default method)")
-    p.add_argument("--lam", type=float, default=10.0, help="SMC's λ: the target is p·exp(λ r), temperature 1/λ")
-    p.add_argument("--ess-threshold", type=float, default=0.5,
+    p.add_argument("--lam", type=_finite(), default=10.0, help="SMC's λ: the target is p·exp(λ r), temperature 1/λ")
+    p.add_argument("--ess-threshold", type=_finite(0, 1, "a number in [0, 1]"), default=0.5,
                    help="κ: SMC resamples a prompt's particles when their ESS < κ·N (needs κ·N > 1)")
-    p.add_argument("--resample-every", type=int, default=1, help="SMC may resample only every k-th step")
+    p.add_argument("--resample-every", type=_int_at_least(1), default=1, help="SMC may resample only every k-th step")
     p.add_argument("--scheme", default="systematic", choices=["systematic", "stratified", "residual", "multinomial"],
                    help="SMC resampling scheme (systematic has the lowest variance)")
     p.add_argument("--output", default="sample", choices=["sample", "argmax"],
                    help="SMC's choice per prompt: sample (drawn ∝ the final weights: a sample of p·exp(λ r)) or "
                         "argmax (the highest-reward particle, best-of-N style: maximises the reward)")
-    p.add_argument("--guidance-max-kl", type=float, default=1.0,
+    p.add_argument("--guidance-max-kl", type=_finite(0, None, "a finite number >= 0"), default=1.0,
                    help="for smc with --scale > 0: cap, in nats per step, on KL(guided step ‖ model step), so the "
                         "proposal correction cannot collapse the weights at the last, low-noise steps")
     p.add_argument("--prompts", nargs="+", help="prompts (default: every task prompt); each gets --per-prompt samples")
-    p.add_argument("--per-prompt", type=int, default=4, help="samples (grid columns) per prompt")
-    p.add_argument("--critic-epochs", type=int, help="value-pretraining rollout batches for a fresh critic")
+    p.add_argument("--per-prompt", type=_int_at_least(1), default=4, help="samples (grid columns) per prompt")
+    p.add_argument("--critic-epochs", type=_int_at_least(0), help="value-pretraining rollout batches for a fresh critic")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and the resampling draws")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=_int_at_least(0), default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override any PPOConfig field")
     p.set_defaults(fn=cmd_steer)
