@@ -1,12 +1,12 @@
 """Test-time steering with a learned critic (or any value / reward callable): see :mod:`steering.samplers`.
 
 Modules: :mod:`steering.particles` (the one particle engine: weights, ESS, resampling, final choice),
-:mod:`steering.guidance` (the value-function convention, ∇V, guided proposals), :mod:`steering.potentials`
+:mod:`steering.values` (the value-function convention, ∇V, guided proposals), :mod:`steering.potentials`
 (soft-value potentials from a critic), :mod:`steering.samplers` (plain samplers), :mod:`steering.diffusers`
 (any diffusers pipeline).
 """
 
-from .guidance import NoiseLevel, critic_value_fn, guidance_defined, guided_denoiser, noise_level, value_and_grad
+from .values import NoiseLevel, critic_value_fn, guidance_defined, guided_denoiser, noise_level, value_and_grad
 from .particles import (
     RESAMPLING_SCHEMES,
     ParticleSystem,

@@ -15,7 +15,7 @@ Two hooks, no forked pipelines:
   :func:`critic_align.steps.score_guided_output` (the one guidance formula): VP schedulers (DDPM, DDIM, ...),
   σ-parameterised Euler-family schedulers (VP-scaled model input, ε form) and flow matching (v form).
 
-Value functions get :mod:`steering.guidance`'s convention in both hooks: the denoiser's input (Euler family:
+Value functions get :mod:`steering.values`'s convention in both hooks: the denoiser's input (Euler family:
 latents/√(1+σ²), diffusers' ``scale_model_input``; others: the latents), the denoiser's timestep, and the
 positive conditioning in the backbone adapter's format (SD1.5: the positive prompt embeddings; SD3: a
 :class:`critic_align.cond.TextCond` of prompt embeddings + pooled projections; None without embeddings).
@@ -39,7 +39,7 @@ import torch
 
 from critic_align.steps import score_guided_output
 
-from .guidance import NoiseLevel, value_and_grad
+from .values import NoiseLevel, value_and_grad
 from .particles import ParticleSystem, check_log_potential, choose
 
 STOCHASTIC_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler (eta > 0)", "EulerAncestralDiscreteScheduler", "LCMScheduler",
@@ -102,7 +102,7 @@ def _sigma_at(scheduler, timestep, step_index: int | None = None) -> torch.Tenso
 
 def scheduler_noise_level(scheduler, timestep, step_index: int | None = None, kind: str | None = None) -> NoiseLevel:
     """ᾱ / σ of the model input at a diffusers scheduler's ``timestep`` (scalars; see
-    :class:`steering.guidance.NoiseLevel`).  σ-schedulers look σ up by ``step_index`` (default: the scheduler's
+    :class:`steering.values.NoiseLevel`).  σ-schedulers look σ up by ``step_index`` (default: the scheduler's
     current step index, else the timestep's index).  ``kind``: "vp" | "sigma" | "flow" (default: from the class)."""
     kind = kind or _scheduler_kind(scheduler)
     if kind == "vp":
@@ -141,7 +141,7 @@ def positive_cond(embeds: torch.Tensor | None, pooled: torch.Tensor | None, m: i
 class SMCCallback:
     """Feynman–Kac SMC for ``pipe(..., callback_on_step_end=cb, callback_on_step_end_tensor_inputs=cb.tensor_inputs)``.
 
-    value_fn(x, t, cond) -> (M,): a value in :mod:`steering.guidance`'s convention (the module doc): the model
+    value_fn(x, t, cond) -> (M,): a value in :mod:`steering.values`'s convention (the module doc): the model
         input at the next step's timestep ``t``, the positive conditioning.
     potential: "value" (log-potential λ·value_fn) or "soft_value" (value_fn is log E[exp(λ r) | x_t] itself,
         see :mod:`steering.potentials`).
@@ -265,7 +265,7 @@ class ScoreGuidedScheduler:
     """A wrapper around a diffusers scheduler whose ``step`` applies value guidance to the model output.
 
     ``pipe.scheduler = ScoreGuidedScheduler(pipe.scheduler, value_fn, scale, pipe=pipe)``; everything else is
-    delegated.  value_fn follows :mod:`steering.guidance`'s convention: it gets the model input (Euler family:
+    delegated.  value_fn follows :mod:`steering.values`'s convention: it gets the model input (Euler family:
     latents/√(1+σ²)), the timestep, and the positive conditioning of the denoiser's latest call (captured by a
     hook on ``pipe``'s UNet / transformer when ``pipe`` is given — call :meth:`close` to remove it; None without
     ``pipe``); it is evaluated on a detached input with gradients enabled.  ``rows`` counts critic rows (forward +

@@ -13,7 +13,7 @@ head regresses a Monte-Carlo target on noisy latents; only the target changes):
   reference of the reward (its maximum, or a high quantile of the base model's rewards): it keeps the target in
   (0, ~1] so exp(λ·r) cannot overflow, and it must stay fixed during training (a moving c changes the target).
 
-Each helper returns a value function in :mod:`steering.guidance`'s convention that returns the log-potential
+Each helper returns a value function in :mod:`steering.values`'s convention that returns the log-potential
 directly; pass it with ``potential="soft_value"`` and the same ``lam`` (checked through its ``lam`` attribute).
 """
 
@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .guidance import ValueFn
+from .values import ValueFn
 
 __all__ = ["binary_soft_value", "exp_soft_value", "exp_reward_target", "SoftValueFn"]
 

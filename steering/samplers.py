@@ -5,7 +5,7 @@ called under ``torch.no_grad``), a stochastic step from :mod:`critic_align.steps
 ``FlowMatchSDEStep``, or any object with the same call contract and ``apply_score_guidance``), x_T, timesteps
 and conditioning — no scheduler state (k-diffusion's style).
 
-Steering signals (the input convention is :mod:`steering.guidance`'s: value functions see what the denoiser
+Steering signals (the input convention is :mod:`steering.values`'s: value functions see what the denoiser
 sees, ``noise_level(step, t)`` gives ᾱ / σ):
     value_fn(x_t, t (B,), cond) -> (B,)   a value: V(x_t) ≈ E[r(x0) | x_t] (``potential="value"``: the trained
                                           critic, :func:`critic_value_fn`) or the soft value
@@ -51,7 +51,7 @@ import torch
 
 from critic_align.steps import gaussian_log_prob
 
-from .guidance import ValueFn, capped_guided_output, critic_value_fn, guidance_defined, value_and_grad
+from .values import ValueFn, capped_guided_output, critic_value_fn, guidance_defined, value_and_grad
 from .particles import OUTPUTS, RESAMPLING_SCHEMES, ParticleSystem, check_log_potential, choose
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
@@ -185,7 +185,7 @@ def steer(
     guidance_scale: w in score += w·∇value_fn (0: no guidance).  With SMC, the guided step is the proposal and
         its density ratio to the model's step is in the weights.
     guidance_max_kl: cap, in nats per particle and step, on KL(guided step ‖ model step) (see
-        :func:`steering.guidance.capped_guided_output`); None: uncapped.  :func:`smc` defaults it to 1.0.
+        :func:`steering.values.capped_guided_output`); None: uncapped.  :func:`smc` defaults it to 1.0.
     output: "sample" (one particle per group drawn ∝ its final weight: a draw from the SMC approximation of
         p·exp(λ r), the target) or "argmax" (the particle with the highest final reward: best-of-N's choice,
         which maximises the reward rather than sampling the target).  None: "sample" for SMC, "argmax" otherwise.
