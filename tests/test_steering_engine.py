@@ -24,7 +24,7 @@ from steering import (
     smc,
     steer,
 )
-from steering.guidance import capped_guided_output
+from steering.values import capped_guided_output
 
 ROOT = Path(__file__).resolve().parents[1]
 
