@@ -61,18 +61,26 @@ def binary_soft_value(prob_fn: ValueFn, lam: float) -> SoftValueFn:
     return SoftValueFn(fn, lam, "binary: log(1 + (e^λ − 1)·P(r=1|x_t))")
 
 
-def exp_soft_value(exp_value_fn: ValueFn, lam: float, c: float) -> SoftValueFn:
+def exp_soft_value(exp_value_fn: ValueFn, lam: float, c: float, v_min: float | None = None) -> SoftValueFn:
     """log(V(x_t)) + λ·c for a head V trained on exp(λ·(r − c)) (:func:`exp_reward_target`, same λ and c).
 
-    V ≤ 0 (a regression head undershooting where the true value is tiny) has no log: it gives −inf, a particle
-    the critic says cannot reach the reward region (weight 0), rather than a silently clipped number."""
+    A regression head can undershoot to V <= 0 where the true value is tiny.  ``v_min=None``: such a particle gets
+    −inf (weight 0: the critic says it cannot reach the reward region).  ``v_min`` > 0: V is floored there, i.e.
+    the potential never says less than λ·(r_min − c) + λ·c = λ·r_min for r_min = c + log(v_min)/λ — choose r_min as
+    the lowest reward worth distinguishing (a floor keeps a prompt's particles alive when the critic undershoots
+    on all of them)."""
     lam = _check_lam(lam)
+    if v_min is not None and not v_min > 0:
+        raise ValueError(f"v_min must be > 0 (or None for -inf at V <= 0), got {v_min!r}")
 
     def fn(x, t, cond):
         v = exp_value_fn(x, t, cond).double()
+        if v_min is not None:
+            return v.clamp(min=v_min).log() + lam * c
         return torch.where(v > 0, v.clamp(min=1e-300).log(), torch.full_like(v, -math.inf)) + lam * c
 
-    return SoftValueFn(fn, lam, f"exp-target: log E[exp(λ(r − {c}))|x_t] + λ·{c}")
+    floor = "" if v_min is None else f", V >= {v_min:g}"
+    return SoftValueFn(fn, lam, f"exp-target: log E[exp(λ(r − {c}))|x_t] + λ·{c}{floor}")
 
 
 def exp_reward_target(reward_fn, lam: float, c: float):

@@ -126,6 +126,8 @@ def test_soft_value_helpers_match_the_exact_mixture_soft_values():
     exp_head = lambda x, t, cc: torch.exp(2.0 * task.soft_value(lin, x, t, 0.5) - 2.0 * c)  # noqa: E731
     torch.testing.assert_close(exp_soft_value(exp_head, 2.0, c)(x, t, None), 2.0 * task.soft_value(lin, x, t, 0.5))
     assert torch.isneginf(exp_soft_value(const(0.0), 2.0, c)(x, t, None)).all()  # V <= 0: weight 0, not clipped
+    floored = exp_soft_value(const(-0.5), 2.0, c, v_min=math.exp(-10.0))(x, t, None)  # unless a floor is stated
+    torch.testing.assert_close(floored, torch.full_like(floored, -10.0 + 2.0 * c))
     target = exp_reward_target(lambda s, p: s[:, 0], 2.0, c)(torch.tensor([[3.0, 0.0], [1.0, 0.0]]))
     torch.testing.assert_close(target, torch.tensor([1.0, math.exp(-4.0)]))
 
