@@ -457,3 +457,16 @@ def test_steering_entry_point_checks_its_arguments():
                       (dict(particles=2, scale=0.0, lam=math.nan), "lam must be a finite number, got nan")]:
         with pytest.raises(ValueError, match=match):
             check_steering_args(**kw)
+
+
+def test_summary_after_a_resume_is_computed_from_the_whole_log(tmp_path):
+    from train.cli import run_summary
+
+    rows = [{"phase": "value_pretrain", "iteration": 0, "time_s": 2.0},
+            {"phase": "train", "epoch": 1, "time_epoch_s": 1.0, "reward/r/mean": 0.1},
+            {"phase": "train", "epoch": 2, "time_epoch_s": 1.5, "reward/r/mean": 0.2},  # logged by the first process
+            {"phase": "train", "epoch": 3, "time_epoch_s": 1.0, "reward/r/mean": 0.3}]  # by the resumed one
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = run_summary(tmp_path, ["r"], epochs=3, reward_queries=64)
+    assert s["r_first_epoch"] == 0.1 and s["r_last_epoch"] == 0.3  # not 0.3 / 0.3 as a resumed process saw it
+    assert s["train_seconds"] == 5.5 and s["logged_epochs"] == 3
