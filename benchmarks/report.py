@@ -332,6 +332,35 @@ def section_kill_resume(path: Path) -> str:
     return "\n".join(lines)
 
 
+def section_fault_injection(path: Path) -> str:
+    d = json.loads(path.read_text())
+    m = d["machine"]
+    yes = {True: "yes", False: "no"}
+    lines = [
+        "## Fault injection: nothing saved is lost",
+        "",
+        f"Command: `python benchmarks/fault_injection.py` (writes `benchmarks/results/fault_injection.json`). Each fault "
+        f"is injected into real `critic-align train` runs of the kill/resume command (`{d['command']}`). How loss is "
+        f"detected: {d['how_loss_is_detected']} Machine: {m['cpu_count']} CPU cores, torch {m['torch']}, "
+        f"{m['threads']} thread.",
+        "",
+        f"**Data lost in {d['data_lost_count']} of {d['faults_count']} faults; a clear error (or, for SIGKILL, an exact "
+        f"silent resume) in {d['clear_error_count']} of {d['faults_count']}.**",
+        "",
+        "| fault | data lost | clear error | what the run said |",
+        "|---|---|---|---|",
+    ]
+    for f in d["faults"]:
+        said = f.get("stderr") or f.get("second_stderr") or f.get("first_stderr") or f.get("resume_stderr") \
+            or f.get("verdict") or ""
+        said = said.replace("|", "\\|").replace("\n", " ")
+        if len(said) > 220:
+            said = said[:220] + " …"
+        lines.append(f"| {f['fault']} | {yes[f['data_lost']]} | {yes[f['clear_error']]} | {said} |")
+    lines += ["", f"Total wall time {_fmt(d['total_wall_s'], 0)} s.", ""]
+    return "\n".join(lines)
+
+
 SECTIONS = [
     ("main_job/summary.json", section_main_job),
     ("dit_job/summary.json", section_dit_job),
@@ -342,6 +371,7 @@ SECTIONS = [
     ("gmm_steering.json", section_gmm_steering),
     ("digits_steering.json", section_digits_steering),
     ("kill_resume.json", section_kill_resume),
+    ("fault_injection.json", section_fault_injection),
     ("trl_compare.json", section_trl_compare),
     ("critic_modes.json", section_critic_modes),
     ("perf.json", section_perf),
