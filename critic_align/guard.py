@@ -84,7 +84,8 @@ def check_update(trainer, losses: list[dict], grad_norms: dict) -> None:
 def nonfinite_weights(trainer) -> dict[str, list[str]]:
     """{"policy": [names], "critic": [names]} of trainable tensors holding a NaN or inf (empty lists: all finite)."""
     with torch.no_grad():
-        if all(bool(torch.isfinite(p).all()) for p in trainer.policy_params + trainer.critic_params):
+        params = trainer.policy_params + trainer.critic_params
+        if not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # one device sync
             return {}
         out = {}
         policy = trainer.adapters.state_dict("policy")
