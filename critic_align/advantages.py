@@ -180,6 +180,23 @@ def masked_grpo_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: flo
     return out
 
 
+def fill_missing_with_group_mean(rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """(B, K) rewards with NaN = not available -> the same with each NaN replaced by the mean of its reward over
+    the available samples of its group (0 where a group has none).
+
+    Centred within the group, a filled entry contributes exactly 0: the rule :func:`combine_advantages` applies
+    to advantages (a missing reward adds nothing, the other weights are not rescaled), carried to the modes that
+    combine rewards before normalising them per prompt.  Entries that are not NaN are returned unchanged.
+    """
+    out = rewards.clone()
+    for k in range(rewards.shape[1]):
+        missing = torch.isnan(rewards[:, k])
+        for g in torch.unique(groups[missing]).tolist():
+            avail = (groups == g) & ~missing
+            out[(groups == g) & missing, k] = rewards[avail, k].mean() if avail.any() else 0.0
+    return out
+
+
 def normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Batch whitening over all entries (PPO's advantage normalisation)."""
     return (x - x.mean()) / (x.std(unbiased=False) + eps)

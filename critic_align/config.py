@@ -62,7 +62,7 @@ class PPOConfig:
     batch_size: int = 64
     """Trajectories sampled per epoch (= reward queries per epoch)."""
     group_size: int = 8
-    """Trajectories per prompt in an epoch; batch_size / group_size distinct prompts per epoch."""
+    """Trajectories per prompt in an epoch; batch_size / group_size distinct prompts per epoch (>= 2 for 'grpo')."""
     sample_chunk_size: int = 64
     """Trajectories per sampling forward (bounds memory).  Each chunk draws its noise from its own generator
     (seeded from the run's), so a trajectory's noise does not depend on the number of processes; changing
@@ -80,10 +80,11 @@ class PPOConfig:
     'normalize_then_sum': GAE per reward head; each reward's advantages are whitened over the samples where
     it is available (GRPO: group-normalised per prompt), then A = Σ_k w_k Â_k — the weights alone set each
     reward's pull, whatever the scale of its values.  'sum_then_normalize': GAE: A = Σ_k w_k A_k, then
-    whitened (if ``normalize_advantages``); GRPO/DDPO: rewards combined by ``MultiReward.weighted_sum``, then
-    normalised per prompt — a reward with a larger spread dominates.  A NaN reward (not applicable) adds 0
-    to a sample's combined advantage and the other weights are not rescaled; its head's value loss skips
-    it.  DDPO with K > 1 needs 'sum_then_normalize'."""
+    whitened (if ``normalize_advantages``); GRPO/DDPO: rewards combined as Σ_k w_k r_k, then normalised per
+    prompt — a reward with a larger spread dominates.  One rule for a NaN reward (not applicable) in every
+    mode: it adds 0 to a sample's (centred) advantage and the other weights are not rescaled (GRPO/DDPO fill
+    it with the mean of that reward over the prompt's available samples in the batch, which centring turns
+    into 0); its head's value loss skips it.  DDPO with K > 1 needs 'sum_then_normalize'."""
     gamma: float = 1.0
     """Discount over denoising steps (1.0: the final reward counts fully at every step)."""
     gae_lambda: float = 0.95
@@ -276,6 +277,12 @@ class PPOConfig:
             _err("log_prob_reduction", self.log_prob_reduction, "use 'mean' or 'sum'")
         if self.mixed_precision not in ("no", "bf16"):
             _err("mixed_precision", self.mixed_precision, "use 'no' or 'bf16' (fp16 needs loss scaling; use bf16)")
+        if self.advantage == "grpo" and self.group_size < 2:
+            _err("group_size", self.group_size, "must be >= 2 with advantage: grpo (its advantage is the reward "
+                 "minus the mean of the prompt's group: a group of one has advantage 0 and trains nothing); "
+                 "set group_size: 2 or more, or use advantage: ddpo / gae")
+        if self.seed >= 2**32:
+            _err("seed", self.seed, "must be < 2**32 (numpy's seed range)")
         if self.batch_size % self.group_size:
             _err("batch_size", self.batch_size, f"must be a multiple of group_size={self.group_size}")
         if self.minibatch_size % self.gradient_accumulation_steps:

@@ -35,6 +35,7 @@ import torch
 from .advantages import (
     PerPromptStatTracker,
     combine_advantages,
+    fill_missing_with_group_mean,
     gae,
     group_ids,
     grpo_advantages,
@@ -328,11 +329,11 @@ class Trainer:
         * ``normalize_then_sum``: each A_k is whitened over the samples where reward k is available
           (GRPO: group-normalised per prompt over them), then A = Σ_k w_k Â_k over available k.
         * ``sum_then_normalize``: GAE: A = Σ_k w_k A_k over available k, then whitened if
-          ``normalize_advantages``.  GRPO / DDPO: the rewards are combined first with
-          :meth:`MultiReward.weighted_sum` (which rescales a sample's available weights to the total),
-          then normalised per prompt.
-        * Combining *advantages*, a missing reward contributes 0 (the neutral advantage) and the other
-          weights are **not** rescaled, so a sample missing a reward gets a smaller-magnitude advantage
+          ``normalize_advantages``.  GRPO / DDPO: the rewards are combined first, Σ_k w_k r_k, with a
+          missing r_k replaced by the mean of reward k over its prompt's available samples in the batch
+          (:func:`fill_missing_with_group_mean`), then normalised per prompt.
+        * One rule for a missing reward in every mode: it contributes 0 to the (centred) advantage and the
+          other weights are **not** rescaled, so a sample missing a reward gets a smaller-magnitude advantage
           rather than an amplified one.  Advantages are finally clipped to ±adv_clip_max.
         """
         cfg = self.config
@@ -355,7 +356,8 @@ class Trainer:
             per_k = masked_grpo_advantages(rewards, group_ids(ro.prompts).to(rewards.device))  # (B, K), 0 where NaN
             adv = (per_k * w).sum(-1)[:, None].expand(-1, t).clone()
         else:
-            combined = self.rewards.weighted_sum(rewards)
+            groups = group_ids(ro.prompts).to(rewards.device)
+            combined = (fill_missing_with_group_mean(rewards, groups) * w).sum(-1)
             if cfg.advantage == "grpo":
                 adv1 = grpo_advantages(combined, group_ids(ro.prompts).to(combined.device))
             else:
@@ -412,7 +414,16 @@ class Trainer:
                 stats["kl_to_ref"] = kl.item()
         if self.critic is not None and ro.returns is not None:
             with self.autocast():
-                v = self.critic.head(shared_feats) if shared_feats is not None else self.critic(x_t, t, cond)
+                if shared_feats is not None:
+                    v = self.critic.head(shared_feats)
+                elif self.critic.mode == "shared" and not train_policy:
+                    # value-only update (pretraining): the shared trunk is the policy, so only the head learns;
+                    # a gradient through the trunk would be an unclipped policy step before PPO starts
+                    with torch.no_grad():
+                        feats = self.critic.features(x_t, t, cond)
+                    v = self.critic.head(feats)
+                else:
+                    v = self.critic(x_t, t, cond)
             v_loss, vstats = self._value_loss(v.float(), ro.values[bi, ki] if ro.values is not None else None,
                                               ro.returns[bi, ki], ~torch.isnan(ro.rewards[bi]))
             total = total + cfg.vf_coef * v_loss

@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
+from test_multi_reward import make_trainer as make_multi_trainer
+from test_trainer import make_trainer
 
+from critic_align.advantages import grpo_advantages
 from train.cli import main
 
 TINY = ["--set", "batch_size=8", "--set", "group_size=8", "--set", "num_inference_steps=3", "--set",
@@ -44,6 +49,49 @@ def test_steer_reuses_a_train_run_with_its_overrides(trained_run, tmp_path):
     rc = main(["steer", "--run", str(trained_run), "--out", str(tmp_path / "steer"), "--per-prompt", "1",
                "--method", "base", "--threads", "1"])
     assert rc == 0 and (tmp_path / "steer" / "steer_results.json").exists()
+
+
+# 2 ---------------------------------------------------------------------------------------------------------
+def test_shared_critic_value_pretraining_leaves_the_policy_alone(tmp_path):
+    tr = make_trainer(tmp_path, critic_mode="shared", value_pretrain_epochs=1, value_pretrain_passes=2)
+    policy = {k: v.detach().clone() for k, v in tr.adapters.state_dict("policy").items()}
+    head = [p.detach().clone() for p in tr.critic.head.parameters()]
+    tr.pretrain_value()
+    changed = [k for k, v in tr.adapters.state_dict("policy").items() if not torch.equal(v, policy[k])]
+    assert changed == [], f"value pretraining moved {len(changed)} of {len(policy)} policy tensors"
+    assert any(not torch.equal(a, b) for a, b in zip(head, tr.critic.head.parameters()))
+
+
+# 4 ---------------------------------------------------------------------------------------------------------
+def test_grpo_with_groups_of_one_is_refused():
+    from critic_align.config import PPOConfig
+
+    with pytest.raises(ValueError, match="group_size"):
+        PPOConfig(advantage="grpo", group_size=1, batch_size=8)
+
+
+def test_gae_without_value_pretraining_sets_the_output_scale(tmp_path):
+    tr = make_trainer(tmp_path, value_pretrain_epochs=0)
+    tr.train(1)
+    head = tr.critic.head
+    assert not torch.equal(head.out_scale, torch.ones_like(head.out_scale))
+    assert not torch.equal(head.out_mean, torch.zeros_like(head.out_mean))
+
+
+# 5 ---------------------------------------------------------------------------------------------------------
+def test_grpo_sum_then_normalize_missing_reward_contributes_nothing(tmp_path):
+    """The rule of combine_advantages in every mode: a missing reward adds 0 to the (centred) advantage and the
+    other weights are not rescaled.  Group 0: reward 2 is missing for sample 1; it is filled with the mean of
+    the group's available reward-2 values (2, 4, 0 -> 2), so it contributes nothing after centring."""
+    tr = make_multi_trainer(tmp_path, advantage="grpo", advantage_aggregation="sum_then_normalize", group_size=4,
+                            batch_size=8)
+    rewards = torch.tensor([[1.0, 2.0], [3.0, math.nan], [2.0, 4.0], [0.0, 0.0]] + [[1.0, 1.0]] * 4)
+    ro = tr.rollout(["1"] * 4 + ["3"] * 4)
+    ro.rewards = rewards
+    ro = tr.compute_advantages(ro)
+    combined = torch.tensor([1 + 2 * 2, 3 + 2 * 2, 2 + 2 * 4, 0 + 0, 3, 3, 3, 3], dtype=torch.float32)
+    expected = grpo_advantages(combined, torch.tensor([0] * 4 + [1] * 4))
+    torch.testing.assert_close(ro.advantages[:, 0], expected)
 
 
 # 6 ---------------------------------------------------------------------------------------------------------
