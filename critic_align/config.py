@@ -238,6 +238,9 @@ class PPOConfig:
             if self.critic_features not in ("mid", "multi"):
                 _err("critic_features", self.critic_features, "use 'mid', 'multi' or a list of module names", number=False)
         else:
+            if not isinstance(self.critic_features, (list, tuple)):
+                _err("critic_features", self.critic_features, "use 'mid', 'multi' or a list of module names",
+                     number=False)
             self.critic_features = tuple(self.critic_features)
             if not self.critic_features or not all(isinstance(n, str) for n in self.critic_features):
                 _err("critic_features", self.critic_features, "a list of module names must be non-empty strings",
