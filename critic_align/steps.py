@@ -5,7 +5,8 @@ N(μ_θ(x_t, t), σ_t² I).  One function call either *samples* x_{t-1} (``prev_
 a stored one, and always returns the Gaussian's mean, std, the x0 prediction and the log-probability.
 
 Everything is built from a diffusers scheduler's *config* (``alphas_cumprod`` from the betas,
-``prediction_type``, clipping, timestep spacing) and never touches the scheduler's hidden step counter,
+``prediction_type``, clipping, timestep spacing; the timestep grid read from diffusers' own ``set_timesteps``
+on a fresh scheduler, once per step count) and never touches the scheduler's hidden step counter,
 so a step can be evaluated for any batch of (x_t, t, t_prev) triples in any order — e.g. a PPO
 minibatch that mixes timesteps.
 
@@ -24,10 +25,10 @@ clip range does not depend on the image size.  The trainer's ``log_prob_reductio
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -65,6 +66,31 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, re
     if reduction == "mean":
         return lp.mean(1)
     raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def _ddim_timesteps(num_train_timesteps: int, spacing: str, steps_offset: int, n: int) -> tuple[int, ...]:
+    """diffusers' ``DDIMScheduler.set_timesteps(n)`` for this spacing (the grid of our DDIM step, whatever the
+    config's scheduler class: DDPM's ``set_timesteps`` spaces identically).  Cached: schedules are frozen."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=num_train_timesteps, timestep_spacing=spacing,
+                              steps_offset=steps_offset)
+    scheduler.set_timesteps(n)
+    return tuple(int(t) for t in scheduler.timesteps)
+
+
+@functools.lru_cache(maxsize=64)
+def _flow_grid(num_train_timesteps: int, shift: float, shift_terminal: float | None, n: int):
+    """diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(n)``: (timesteps σ·N, sigmas without the final 0),
+    float32 values."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift,
+                                                shift_terminal=shift_terminal)
+    scheduler.set_timesteps(n)
+    return (tuple(float(t) for t in scheduler.timesteps.to(torch.float32)),
+            tuple(float(x) for x in scheduler.sigmas[:-1].to(torch.float32)))
 
 
 @dataclass(frozen=True)
@@ -131,23 +157,16 @@ class NoiseSchedule:
         )
 
     def timesteps(self, num_inference_steps: int) -> torch.Tensor:
-        """(T,) descending int64 timesteps, spaced as diffusers' DDIM scheduler would."""
+        """(T,) descending int64 timesteps: diffusers' own ``DDIMScheduler.set_timesteps`` for this spacing (read
+        once per step count; the step itself never touches a scheduler)."""
         n, t_max = int(num_inference_steps), self.num_train_timesteps
         if not 1 <= n <= t_max:
             raise ValueError(f"num_inference_steps must be in [1, {t_max}], got {num_inference_steps}")
-        # numpy float64, exactly as diffusers' DDIMScheduler.set_timesteps (rounding ties included)
-        if self.timestep_spacing == "leading":
-            ratio = t_max // n
-            ts = (np.arange(0, n) * ratio).round()[::-1].astype(np.int64) + self.steps_offset
-        elif self.timestep_spacing == "trailing":
-            ts = np.round(np.arange(t_max, 0, -t_max / n)).astype(np.int64) - 1
-        else:
-            ts = np.linspace(0, t_max - 1, n).round()[::-1].astype(np.int64)
-        ts = torch.from_numpy(ts.copy())
+        ts = torch.tensor(_ddim_timesteps(t_max, self.timestep_spacing, self.steps_offset, n), dtype=torch.long)
         if ts.max() >= t_max:
             raise ValueError(f"timesteps reach {int(ts.max())} >= num_train_timesteps={t_max} "
                              f"(steps_offset={self.steps_offset} with {n} steps); use fewer steps or trailing spacing")
-        return ts.to(torch.long)
+        return ts
 
     def prev_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
         """(T,) the target timestep of each transition: the next entry, and -1 after the last."""
@@ -338,9 +357,8 @@ class FlowMatchSchedule:
     and a step maps a timestep back to σ = t / num_train_timesteps, so any batch of (t, t_prev) pairs can
     be evaluated in any order.  The final transition targets σ = 0 (``t_prev = 0``).
 
-    ``timesteps(n)`` reproduces ``FlowMatchEulerDiscreteScheduler.set_timesteps(n)``: n values evenly
-    spaced from σ_max = 1 to σ_min = shift(1/N) (diffusers' training-grid endpoint), then each one
-    shifted, σ ↦ shift·σ / (1 + (shift − 1)·σ).  (diffusers shifts the lower endpoint twice; so do we.)
+    ``timesteps(n)`` / ``sigmas(n)`` are read from a fresh ``FlowMatchEulerDiscreteScheduler``'s own
+    ``set_timesteps(n)`` (cached per n), so they follow diffusers exactly, quirks included.
     Resolution-dependent (dynamic) shifting, inverted sigmas, Karras/exponential/beta sigmas and
     ``stochastic_sampling`` are refused rather than silently mismatched; ``shift_terminal`` is supported.
     """
@@ -372,27 +390,20 @@ class FlowMatchSchedule:
         return cls(num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
                    shift=float(config.get("shift", 1.0)), shift_terminal=config.get("shift_terminal") or None)
 
-    def _shifted(self, sigma: np.ndarray) -> np.ndarray:
-        return self.shift * sigma / (1 + (self.shift - 1) * sigma)
-
     def sigmas(self, num_inference_steps: int) -> torch.Tensor:
-        """(n,) float32 descending σ of an n-step sampler (without the final 0), as diffusers computes them."""
-        n, big_n = int(num_inference_steps), self.num_train_timesteps
-        if n < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        # float32 like diffusers' training grid: σ_min = shift(1/N), σ_max = shift(1) = 1
-        grid = self._shifted(np.array([1.0, 1.0 / big_n], dtype=np.float32))
-        sigma_max, sigma_min = float(grid[0]), float(grid[1])
-        sig = np.linspace(sigma_max * big_n, sigma_min * big_n, n) / big_n
-        sig = self._shifted(sig)
-        if self.shift_terminal:
-            one_minus = 1 - sig
-            sig = 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
-        return torch.from_numpy(np.asarray(sig)).to(torch.float32)
+        """(n,) float32 descending σ of an n-step sampler (without the final 0): diffusers' own
+        ``FlowMatchEulerDiscreteScheduler.set_timesteps`` (shift and shift_terminal included)."""
+        return torch.tensor(self._grid(num_inference_steps)[1], dtype=torch.float32)
 
     def timesteps(self, num_inference_steps: int) -> torch.Tensor:
         """(n,) float32 descending timesteps σ·N, exactly diffusers' ``scheduler.timesteps``."""
-        return self.sigmas(num_inference_steps) * self.num_train_timesteps
+        return torch.tensor(self._grid(num_inference_steps)[0], dtype=torch.float32)
+
+    def _grid(self, num_inference_steps: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        n = int(num_inference_steps)
+        if n < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        return _flow_grid(self.num_train_timesteps, self.shift, self.shift_terminal, n)
 
     def prev_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
         """(n,) the target timestep of each transition: the next entry, and 0 (σ = 0, clean data) after the last."""
