@@ -54,7 +54,7 @@ from .rewards.base import MultiReward
 from .rollout import Rollout, cfg_denoiser, sample, sample_trajectories
 from .runlock import lock_for
 from .steps import gaussian_kl, make_step
-from .value_data import ForwardProcess, ValueBatch, perturbed_states
+from .value_data import ForwardProcess, ValueBatch, perturbed_states, trajectory_states
 
 
 def seed_everything(seed: int) -> None:
@@ -444,11 +444,13 @@ class Trainer:
         stats.update({f"{prefix}/{name}": lk for name, lk in zip(self.rewards.names, per_head.tolist())})
         return loss, stats
 
-    def value_batch_loss(self, vb: ValueBatch, coef: float = 1.0):
-        """Value loss on rows of a :class:`ValueBatch` (e.g. forward-perturbed states); no clipping reference."""
+    def value_batch_loss(self, vb: ValueBatch, rows: torch.Tensor, coef: float = 1.0, prefix: str = "value_loss"):
+        """Value loss on ``rows`` of a :class:`ValueBatch`; no clipping reference (value pretraining fits a critic from
+        scratch, and perturbed states have no rollout value to clip around)."""
+        x, t, cond, returns, mask = vb.rows(rows)
         with self.autocast():
-            v = self.critic(vb.x, vb.t, vb.cond).float()
-        loss, stats = self._value_loss(v, None, vb.returns, vb.mask, prefix="perturbed_value_loss")
+            v = self.critic(x, t, cond).float()
+        loss, stats = self._value_loss(v, None, returns, mask, prefix=prefix)
         return coef * loss, stats
 
     def _optimizer_step(self, losses: list[dict] = ()) -> dict:
@@ -477,14 +479,14 @@ class Trainer:
             minibatches += [pairs[s:s + cfg.minibatch_size] for s in range(0, len(pairs), cfg.minibatch_size)]
         return self._minibatch_steps(minibatches, lambda part: self.loss_on_pairs(ro, part, train_policy=train_policy))
 
-    def fit_values(self, vb: ValueBatch, passes: int, coef: float = 1.0) -> dict:
+    def fit_values(self, vb: ValueBatch, passes: int, coef: float = 1.0, prefix: str = "value_loss") -> dict:
         """Value-only optimiser steps over shuffled minibatches of ``vb`` (``passes`` times)."""
         mbs = self.config.minibatch_size
         minibatches = []
         for _ in range(passes):
             perm = torch.randperm(len(vb), generator=self.generator)
             minibatches += [perm[s:s + mbs] for s in range(0, len(perm), mbs)]
-        return self._minibatch_steps(minibatches, lambda rows: self.value_batch_loss(vb.select(rows.to(vb.x.device)), coef))
+        return self._minibatch_steps(minibatches, lambda rows: self.value_batch_loss(vb, rows.to(vb.x.device), coef, prefix))
 
     def _minibatch_steps(self, minibatches: list[torch.Tensor], loss_fn) -> dict:
         """One optimiser step per minibatch of row indices; ``loss_fn(rows) -> (loss, stats)`` is the mean loss over
@@ -538,9 +540,12 @@ class Trainer:
             ro.values = self.compute_values(ro)
             before = self.value_report(ro, ro.values)
             ro.returns = self.mc_returns(ro)
-            stats = self.update(ro, train_policy=False, passes=cfg.value_pretrain_passes)
+            # the visited states with their Monte-Carlo returns, and forward-perturbed states of the same samples,
+            # shuffled together into the same minibatches
+            data = [trajectory_states(ro.latents, ro.timesteps, ro.cond, ro.returns, ro.rewards)]
             if self.forward_process is not None:
-                stats.update(self.fit_values(self.perturbed_batch(ro), cfg.value_pretrain_passes))
+                data.append(self.perturbed_batch(ro))
+            stats = self.fit_values(ValueBatch.cat(data), cfg.value_pretrain_passes)
             row = {"phase": "value_pretrain", "iteration": i, "reward_queries": self.reward_queries,
                    "time_s": time.time() - t0, **{f"pre_{k}": v for k, v in before.items()}, **stats}
             logs.append(row)
@@ -606,7 +611,7 @@ class Trainer:
         t1 = time.time()
         stats = self.update(ro)
         if self.forward_process is not None and cfg.value_perturbed_coef > 0:
-            stats.update(self.fit_values(self.perturbed_batch(ro), 1, cfg.value_perturbed_coef))
+            stats.update(self.fit_values(self.perturbed_batch(ro), 1, cfg.value_perturbed_coef, "perturbed_value_loss"))
         t_update = time.time() - t1
         self.epoch += 1
         metrics = {"phase": "train", "epoch": self.epoch, "reward_queries": self.reward_queries,

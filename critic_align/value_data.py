@@ -27,25 +27,49 @@ from .cond import TextCond
 class ValueBatch:
     """Rows of value-regression data.
 
-    x:       (N, *S) noisy latents
-    t:       (N,) their timesteps (the sampler's values: int for VP schedulers, σ·N floats for flow matching)
-    cond:    (N, ...) conditioning (tensor or TextCond) or None
-    returns: (N, K) value targets, NaN-free (a missing reward's target is 0 and masked)
-    mask:    (N, K) bool, False where reward k does not apply to the row
+    x:          (N, *S) noisy latents
+    t:          (N,) their timesteps (the sampler's values: int for VP schedulers, σ·N floats for flow matching)
+    cond:       (M, ...) the conditioning of the M source samples (tensor or TextCond), or None
+    cond_index: (N,) long, row i's conditioning is cond[cond_index[i]] (no copy of large text embeddings)
+    returns:    (N, K) value targets, NaN-free (a missing reward's target is 0 and masked)
+    mask:       (N, K) bool, False where reward k does not apply to the row
     """
 
     x: torch.Tensor
     t: torch.Tensor
     cond: torch.Tensor | TextCond | None
+    cond_index: torch.Tensor
     returns: torch.Tensor
     mask: torch.Tensor
 
     def __len__(self) -> int:
         return self.x.shape[0]
 
-    def select(self, index: torch.Tensor) -> "ValueBatch":
-        return ValueBatch(self.x[index], self.t[index], None if self.cond is None else self.cond[index],
-                          self.returns[index], self.mask[index])
+    def rows(self, index: torch.Tensor):
+        """(x, t, cond, returns, mask) of the rows ``index``."""
+        cond = None if self.cond is None else self.cond[self.cond_index[index].to(self.cond.device)]
+        return self.x[index], self.t[index], cond, self.returns[index], self.mask[index]
+
+    @staticmethod
+    def cat(batches: list["ValueBatch"]) -> "ValueBatch":
+        """Rows of several batches that share one ``cond`` (e.g. a rollout's states and its perturbed states)."""
+        first = batches[0]
+        if any(b.cond is not first.cond for b in batches):
+            raise ValueError("ValueBatch.cat needs batches built on the same cond object")
+        return ValueBatch(torch.cat([b.x for b in batches]), torch.cat([b.t for b in batches]), first.cond,
+                          torch.cat([b.cond_index for b in batches]), torch.cat([b.returns for b in batches]),
+                          torch.cat([b.mask for b in batches]))
+
+
+def trajectory_states(latents: torch.Tensor, timesteps: torch.Tensor, cond, returns: torch.Tensor,
+                      rewards: torch.Tensor) -> ValueBatch:
+    """Every state a rollout visited before a step, with its return: latents (B, T+1, *S), timesteps (T,),
+    returns (B, T, K), rewards (B, K) (NaN = not applicable).  Row b·T + k is trajectory b's state k."""
+    b, t = returns.shape[:2]
+    x = latents[:, :-1].reshape(b * t, *latents.shape[2:])
+    mask = (~torch.isnan(rewards.float()))[:, None, :].expand(b, t, -1).reshape(b * t, -1)
+    return ValueBatch(x, timesteps.to(x.device).repeat(b), cond, torch.arange(b).repeat_interleave(t),
+                      returns.reshape(b * t, -1).float(), mask)
 
 
 class ForwardProcess:
@@ -92,9 +116,8 @@ def perturbed_states(forward: ForwardProcess, final: torch.Tensor, rewards: torc
     noise = torch.randn((n, *final.shape[1:]), generator=generator).to(final.device)
     x0 = final.repeat_interleave(per_sample, dim=0)
     x_t = forward(x0, noise, t)
-    rows = torch.arange(b, device=rewards.device).repeat_interleave(per_sample)
+    rows = torch.arange(b).repeat_interleave(per_sample)
     disc = (gamma ** (timesteps.shape[0] - 1 - idx).double()).float().to(rewards.device)
-    r = rewards[rows].float() * disc[:, None]
+    r = rewards[rows.to(rewards.device)].float() * disc[:, None]
     mask = ~torch.isnan(r)
-    cond_rows = None if cond is None else cond[rows.to(cond.device)]
-    return ValueBatch(x_t, t.to(final.device), cond_rows, torch.nan_to_num(r), mask)
+    return ValueBatch(x_t, t.to(final.device), cond, rows, torch.nan_to_num(r), mask)

@@ -184,7 +184,7 @@ def test_perturbed_states_targets_and_rows():
     g = torch.Generator().manual_seed(0)
     vb = perturbed_states(fp, final, rewards, cond, timesteps, 2, g, gamma=0.5)
     assert len(vb) == 6 and vb.x.shape == (6, 1, 2, 2)
-    assert vb.cond.tolist() == [7, 7, 8, 8, 9, 9]
+    assert vb.rows(torch.arange(6))[2].tolist() == [7, 7, 8, 8, 9, 9]
     # the same draws by hand: timestep indices, then the noise
     g2 = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 4, (6,), generator=g2)
@@ -277,3 +277,19 @@ def test_advantage_scale_rewards_divides_by_the_reward_std():
         # default: whitened by the advantages' own std
         own = combine_advantages(adv, w, mask, agg, True)
         torch.testing.assert_close(own, (adv[..., 0] - adv.mean()) / adv.std(unbiased=False), atol=1e-6, rtol=1e-6)
+
+
+def test_trajectory_states_rows_and_cat():
+    from critic_align.value_data import ValueBatch, trajectory_states
+
+    latents = torch.arange(2 * 4 * 1).float().view(2, 4, 1)  # B=2, T=3 (+1 final)
+    returns = torch.tensor([[[1.0], [2.0], [3.0]], [[4.0], [5.0], [6.0]]])
+    rewards = torch.tensor([[3.0], [float("nan")]])
+    cond = torch.tensor([10, 11])
+    vb = trajectory_states(latents, torch.tensor([30, 20, 10]), cond, returns, rewards)
+    x, t, c, r, m = vb.rows(torch.arange(6))
+    assert x[:, 0].tolist() == [0, 1, 2, 4, 5, 6] and t.tolist() == [30, 20, 10] * 2
+    assert c.tolist() == [10, 10, 10, 11, 11, 11] and r[:, 0].tolist() == [1, 2, 3, 4, 5, 6]
+    assert m[:, 0].tolist() == [True] * 3 + [False] * 3
+    both = ValueBatch.cat([vb, vb])
+    assert len(both) == 12 and both.rows(torch.tensor([7]))[2].tolist() == [10]
