@@ -1,12 +1,14 @@
 """How good is the latent critic after value pretraining?  An ablation on digits (issue #13).
 
-    python benchmarks/critic_quality.py --seeds 0 1 2            # ≈ 25-40 min on one core
+    python benchmarks/critic_quality.py --seeds 0 1 2            # ≈ 45 min on one core
+    # or in two parts: --targets mc --out A.json, then --targets td_lambda --merge A.json --no-ceiling
 
 Grid: critic body (``mid``: the UNet mid block, 4x4 tokens | ``multi``: down blocks + mid block, patchified,
 with the class embedding in the AdaLN) x value data (``rollouts``: Monte-Carlo returns of the frozen policy's
 rollouts | ``+perturbed``: plus forward-perturbed states of the same samples, no extra reward query) x recipe
 (``today``: digits.yaml — 6 pretraining batches of 64, 4 passes, groups of 8 | ``seed``: digits_ecg.yaml — the
-core seed's short warm-up, 2 batches, one sample per prompt, clipped value loss).  Every cell pretrains the critic
+core seed's short warm-up, 2 batches, one sample per prompt, clipped value loss) x pretraining targets (``mc``:
+the Monte-Carlo return R at every step | ``td_lambda``: the current critic's λ-return, λ = gae_lambda).  Every cell pretrains the critic
 of a fresh trainer on the frozen base policy and is then scored on a *fresh held-out batch* (its own noise seed,
 the same for every cell of a seed): explained variance of V(x_t) against the realised return R, overall and per
 timestep bucket (steps 0-4 are the noisiest).
@@ -54,10 +56,11 @@ def heldout_batch(trainer, n: int, seed: int):
     return trainer.rollout(prompts, generator=torch.Generator().manual_seed(50_000 + seed), count=False)
 
 
-def run_cell(body: str, data: str, recipe: str, seed: int, args, workdir: Path) -> dict:
-    over = dict(BODIES[body], seed=seed, output_dir=str(workdir / f"{body}_{data}_{recipe}_{seed}"), progress=False,
-                grid_every=0, checkpoint_every=0, log_tensorboard=False, eval_every=0,
-                value_perturbed_per_sample=args.perturbed if data == "+perturbed" else 0)
+def run_cell(body: str, data: str, recipe: str, targets: str, seed: int, args, workdir: Path) -> dict:
+    over = dict(BODIES[body], seed=seed, output_dir=str(workdir / f"{body}_{data}_{recipe}_{targets}_{seed}"),
+                progress=False, grid_every=0, checkpoint_every=0, log_tensorboard=False, eval_every=0,
+                value_perturbed_per_sample=args.perturbed if data == "+perturbed" else 0, value_pretrain_target=targets)
+    over.update(args.overrides)
     run = load_run_config(RECIPES[recipe], over)
     shutil.rmtree(run["ppo"].output_dir, ignore_errors=True)
     t0 = time.time()
@@ -68,7 +71,7 @@ def run_cell(body: str, data: str, recipe: str, seed: int, args, workdir: Path) 
     rep = trainer.value_report(ro, trainer.compute_values(ro))
     buckets = [k for k in rep if k.startswith("value_ev_steps_")]
     calib = [k for k in rep if k.startswith("value_calib_steps_")]
-    return {"body": body, "data": data, "recipe": recipe, "seed": seed, "ev_all": rep["value_ev"],
+    return {"body": body, "data": data, "recipe": recipe, "targets": targets, "seed": seed, "ev_all": rep["value_ev"],
             "ev_buckets": [rep[k] for k in buckets], "bucket_names": [k[len("value_ev_steps_"):] for k in buckets],
             "calib_buckets": [rep[k] for k in calib], "pretrain_reward_queries": trainer.reward_queries,
             "fit_seconds": t_fit, "reward_std": float(ro.rewards.float().std())}
@@ -103,11 +106,12 @@ def ev_ceiling(seed: int, args, workdir: Path) -> dict:
 def summarize(cells: list[dict]) -> dict:
     groups: dict = {}
     for c in cells:
-        groups.setdefault((c["body"], c["data"], c["recipe"]), []).append(c)
+        groups.setdefault((c["body"], c["data"], c["recipe"], c.get("targets", "mc")), []).append(c)
     table = []
-    for (body, data, recipe), cs in groups.items():
+    for (body, data, recipe, targets), cs in groups.items():
         evb = np.array([c["ev_buckets"] for c in cs])
-        table.append({"config": {"critic_features": body, "value_data": data, "recipe": recipe},
+        table.append({"config": {"critic_features": body, "value_data": data, "recipe": recipe,
+                                 "value_pretrain_target": targets},
                       "ev_all": float(np.mean([c["ev_all"] for c in cs])),
                       "ev_all_std": float(np.std([c["ev_all"] for c in cs])),
                       "ev_buckets": evb.mean(0).tolist(), "ev_buckets_std": evb.std(0).tolist(),
@@ -127,7 +131,7 @@ def plot(result: dict, path: Path) -> None:
     table = result["table"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     ax = axes[0]
-    labels = [f"{r['config']['critic_features']}/{r['config']['value_data']}/{r['config']['recipe']}" for r in table]
+    labels = ["/".join(str(v) for v in r["config"].values()) for r in table]
     ax.barh(range(len(table)), [r["ev_all"] for r in table], xerr=[r["ev_all_std"] for r in table], color="C0")
     ax.set_yticks(range(len(table)), labels, fontsize=8)
     ax.invert_yaxis()
@@ -157,26 +161,41 @@ def main(argv=None):
     p.add_argument("--bodies", nargs="+", default=["mid", "multi"], choices=list(BODIES))
     p.add_argument("--data", nargs="+", default=["rollouts", "+perturbed"])
     p.add_argument("--recipes", nargs="+", default=list(RECIPES))
+    p.add_argument("--targets", nargs="+", default=["mc", "td_lambda"], choices=["mc", "td_lambda"],
+                   help="value pretraining targets (PPOConfig.value_pretrain_target)")
+    p.add_argument("--merge", default=None,
+                   help="a previous critic_quality.json whose cells (and ceiling) are kept: run the grid in parts")
     p.add_argument("--perturbed", type=int, default=16, help="forward-perturbed states per finished sample")
     p.add_argument("--heldout", type=int, default=128, help="held-out trajectories per seed")
     p.add_argument("--ceiling-states", type=int, default=64)
     p.add_argument("--continuations", type=int, default=8)
     p.add_argument("--no-ceiling", action="store_true")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="PPOConfig overrides applied to every cell (e.g. critic_learning_rate=3e-3)")
     p.add_argument("--out", default=str(RESULTS / "critic_quality.json"))
     args = p.parse_args(argv)
+    import yaml
+
+    args.overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     if args.threads:
         torch.set_num_threads(args.threads)
     workdir = RESULTS / "tmp" / "critic_quality"
     t0 = time.time()
-    cells = []
-    for seed, body, data, recipe in itertools.product(args.seeds, args.bodies, args.data, args.recipes):
-        c = run_cell(body, data, recipe, seed, args, workdir)
+    cells, previous = [], None
+    if args.merge:
+        previous = json.loads(Path(args.merge).read_text())
+        cells = [dict(c, targets=c.get("targets", "mc")) for c in previous["cells"]]
+    for seed, body, data, recipe, targets in itertools.product(args.seeds, args.bodies, args.data, args.recipes,
+                                                                args.targets):
+        c = run_cell(body, data, recipe, targets, seed, args, workdir)
         cells.append(c)
-        print(f"seed {seed} {body:5s} {data:10s} {recipe:5s}: ev_all {c['ev_all']:.3f} buckets "
+        print(f"seed {seed} {body:5s} {data:10s} {recipe:5s} {targets:9s}: ev_all {c['ev_all']:.3f} buckets "
               f"{[round(e, 3) for e in c['ev_buckets']]} ({c['fit_seconds']:.0f} s)", flush=True)
     result = {"benchmark": "critic_quality", "args": vars(args), **summarize(cells), "cells": cells}
-    if not args.no_ceiling:
+    if previous is not None and "ev_ceiling" in previous and args.no_ceiling:
+        result["ev_ceiling"], result["ev_ceiling_buckets"] = previous["ev_ceiling"], previous["ev_ceiling_buckets"]
+    elif not args.no_ceiling:
         ceilings = [ev_ceiling(s, args, workdir) for s in args.seeds]
         result["ev_ceiling"] = ceilings
         result["ev_ceiling_buckets"] = np.mean([[b["ev_ceiling"] for b in c["buckets"]] for c in ceilings], 0).tolist()

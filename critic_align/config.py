@@ -182,6 +182,11 @@ class PPOConfig:
     (GAE mode only; their reward queries are counted)."""
     value_pretrain_passes: int = 4
     """Optimiser passes over each pretraining batch."""
+    value_pretrain_target: str = "mc"
+    """Value pretraining's regression targets: 'mc' (the Monte-Carlo return γ^(T−1−k)·R at every step) or
+    'td_lambda' (the λ-return of the current critic, GAE's returns with ``gae_lambda``: an early state's target
+    leans on the critic's value of later states, which varies far less than R does, at the price of the critic's
+    own bias).  Joint PPO training always uses the λ-returns."""
 
     # --- logging and checkpoints --------------------------------------------------------------------
     log_tensorboard: bool = True
@@ -272,6 +277,8 @@ class PPOConfig:
             _err("advantage", self.advantage, f"use one of {ADVANTAGE_MODES}")
         if self.critic_mode not in CRITIC_MODES:
             _err("critic_mode", self.critic_mode, f"use one of {CRITIC_MODES}")
+        if self.value_pretrain_target not in ("mc", "td_lambda"):
+            _err("value_pretrain_target", self.value_pretrain_target, "use 'mc' or 'td_lambda'", number=False)
         if self.advantage_scale not in ("advantages", "rewards"):
             _err("advantage_scale", self.advantage_scale, "use 'advantages' or 'rewards'", number=False)
         if self.advantage_aggregation not in AGGREGATIONS:

@@ -539,7 +539,11 @@ class Trainer:
                 self.critic.head.set_output_scale(ro.rewards)
             ro.values = self.compute_values(ro)
             before = self.value_report(ro, ro.values)
-            ro.returns = self.mc_returns(ro)
+            if cfg.value_pretrain_target == "td_lambda":
+                step_r = terminal_rewards(torch.nan_to_num(ro.rewards.float()), ro.num_steps)
+                ro.returns = gae(step_r, ro.values, cfg.gamma, cfg.gae_lambda)[1]
+            else:
+                ro.returns = self.mc_returns(ro)
             # the visited states with their Monte-Carlo returns, and forward-perturbed states of the same samples,
             # shuffled together into the same minibatches
             data = [trajectory_states(ro.latents, ro.timesteps, ro.cond, ro.returns, ro.rewards)]

@@ -293,3 +293,28 @@ def test_trajectory_states_rows_and_cat():
     assert m[:, 0].tolist() == [True] * 3 + [False] * 3
     both = ValueBatch.cat([vb, vb])
     assert len(both) == 12 and both.rows(torch.tensor([7]))[2].tolist() == [10]
+
+
+def test_td_lambda_pretraining_targets_are_gae_returns(tmp_path):
+    from tests.test_trainer import make_trainer
+
+    tr = make_trainer(tmp_path, value_pretrain_target="td_lambda", gae_lambda=0.5, value_pretrain_epochs=1)
+    seen = {}
+    orig = tr.fit_values
+
+    def spy(vb, passes, *a, **k):
+        seen["returns"] = vb.returns.clone()
+        return orig(vb, passes, *a, **k)
+
+    tr.fit_values = spy
+    # the rollout the pretraining will draw, and its values before fitting
+    state = tr.generator.get_state()
+    ro = tr.rollout(tr.prompt_iter.batch(tr.config.prompts_per_epoch, tr.config.group_size))
+    tr.critic.head.set_output_scale(ro.rewards)
+    values = tr.compute_values(ro)
+    tr.generator.set_state(state)
+    tr.prompt_iter.load_state_dict({"seed": tr.config.seed, "pass_index": 0, "position": 0})
+    tr.reward_queries = 0
+    tr.pretrain_value()
+    _, ret = gae(terminal_rewards(ro.rewards.float(), ro.num_steps), values, 1.0, 0.5)
+    torch.testing.assert_close(seen["returns"], ret.reshape(-1, 1))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 
 def cmd_train(args) -> int:
+    from critic_align.diagnostics import bucket_edges
     from critic_align.runlock import check_free, lock_for, unlock_for
     from critic_align.viz import plot_metrics
 
@@ -58,8 +59,14 @@ def cmd_train(args) -> int:
         return 0
     names = list(trainer.rewards.names) + (list(trainer.eval_rewards.names) if trainer.eval_rewards else [])
     head_ev = [f"value_ev/{n}" for n in trainer.rewards.names] if trainer.critic is not None else []
-    plot_metrics(out / "metrics.jsonl", out / "reward_curve.png", [f"reward/{n}/mean" for n in names] + head_ev,
-                 title=f"{cfg.advantage} on {run['task']}")
+    held_out = [f"eval/reward/{n}" for n in names] + ["eval/diversity/pairwise_l2", "eval/diversity/pixel_std"]
+    plot_metrics(out / "metrics.jsonl", out / "reward_curve.png",
+                 [f"reward/{n}/mean" for n in names] + head_ev + held_out, title=f"{cfg.advantage} on {run['task']}")
+    if trainer.critic is not None and cfg.eval_every:  # the critic on the held-out batch, per timestep bucket
+        buckets = [f"{a}-{b - 1}" for a, b in bucket_edges(cfg.num_inference_steps)]
+        plot_metrics(out / "metrics.jsonl", out / "critic_eval.png",
+                     ["eval/value_ev"] + [f"eval/value_ev_steps_{b}" for b in buckets]
+                     + [f"eval/value_calib_steps_{b}" for b in buckets], title="critic on the held-out batch")
     summary = run_summary(out, names, trainer.epoch, trainer.reward_queries)
     summary["this_process_seconds"] = time.time() - start
     if resume:
@@ -86,6 +93,12 @@ def run_summary(out: Path, names: list[str], epochs: int, reward_queries: int) -
             key = f"reward/{n}/mean"
             summary[f"{n}_first_epoch"] = first.get(key)
             summary[f"{n}_last_epoch"] = last.get(key)
+    evals = [r for r in rows if r.get("phase") == "eval"]
+    if evals:  # the fixed held-out batch: before PPO (the base policy) and at the last evaluation
+        summary["eval_epochs"] = [evals[0]["epoch"], evals[-1]["epoch"]]
+        for k in evals[0]:
+            if k.startswith("eval/"):
+                summary[f"{k}_base"], summary[f"{k}_final"] = evals[0][k], evals[-1].get(k)
     return summary
 
 
