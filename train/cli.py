@@ -6,6 +6,8 @@
     critic-align pretrain-digits-dit [--out runs/digits_dit] [--steps 1500]  reproduce the shipped flow-matching DiT
     critic-align train-classifier [--out runs/digit_classifier]              reproduce the shipped digit classifier
     critic-align evaluate-digits [--model DIR] [--out DIR]                   per-class accuracy + model card
+    critic-align pretrain-t2i [--out runs/tiny_t2i]                          reproduce the tiny text-to-image pipeline
+    critic-align evaluate-t2i [--model DIR]                                  its composition accuracy + model card
     critic-align export-lora --run RUN_DIR --out DIR             a Stable Diffusion run's policy LoRA for
                                                                  pipe.load_lora_weights(DIR)
 """
@@ -287,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
 
-    from . import evaluate_digits, pretrain_digits, pretrain_digits_dit, train_classifier
+    from . import evaluate_digits, evaluate_t2i, pretrain_digits, pretrain_digits_dit, train_classifier, train_t2i
 
     for name, module, help_ in [
         ("pretrain-digits", pretrain_digits, "train the embedded digits DDPM (reproduces the shipped one)"),
@@ -295,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
          "train the embedded flow-matching digits DiT (reproduces the shipped one)"),
         ("train-classifier", train_classifier, "train the embedded digit classifier"),
         ("evaluate-digits", evaluate_digits, "per-class accuracy of a digits model + its model card"),
+        ("pretrain-t2i", train_t2i, "train the tiny text-to-image pipeline (reproduces critic_align/assets/tiny_t2i)"),
+        ("evaluate-t2i", evaluate_t2i, "composition accuracy of a tiny text-to-image pipeline + its model card"),
     ]:
         p = sub.add_parser(name, help=help_, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)

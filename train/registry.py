@@ -104,8 +104,8 @@ def load_run_dir(run_dir, overrides: dict | None = None) -> dict:
 
 
 def build_sd_task(run: dict):
-    """The Stable Diffusion task of a run config: ``task: sd15 | sd3``, ``model_path`` (local directory or hub
-    name), ``prompts`` (a list, or the path of a text file with one prompt per line) and ``sd:`` options
+    """The Stable Diffusion task of a run config: ``task: sd15 | sd3``, ``model_path`` (local directory, also
+    relative to the config file, or hub name), ``prompts`` (a list, or the path of a text file with one prompt per line) and ``sd:`` options
     (resolution, max_sequence_length, decode_chunk_size -> StableDiffusionTask; torch_dtype, drop_t5 ->
     load_pipeline)."""
     from critic_align.tasks.sd import StableDiffusionTask, load_pipeline, read_prompts
@@ -132,7 +132,11 @@ def build_sd_task(run: dict):
     if torch_dtype != "float32" and run["ppo"].mixed_precision != "bf16":
         raise ValueError(f"sd.torch_dtype={torch_dtype!r} needs ppo.mixed_precision: bf16 (a half-precision base is run "
                          "under autocast; LoRA weights, optimiser and log-probs stay float32)")
-    pipe = load_pipeline(run["model_path"], SD_TASKS[task_name], torch_dtype=torch_dtype,
+    model_path = run["model_path"]
+    beside = Path(run["_path"]).parent / model_path if run.get("_path") else None
+    if not Path(model_path).is_absolute() and not Path(model_path).exists() and beside is not None and beside.exists():
+        model_path = beside  # relative to the config file, like prompts (the shipped tiny_t2i configs)
+    pipe = load_pipeline(model_path, SD_TASKS[task_name], torch_dtype=torch_dtype,
                          drop_t5=opts.pop("drop_t5", False))
     pipe.set_progress_bar_config(disable=True)
     return StableDiffusionTask(pipe, prompts, **opts)

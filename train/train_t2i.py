@@ -39,6 +39,8 @@ from critic_align.tasks.composition import (
     vocabulary_words,
 )
 
+from .pretrain_digits import _options
+
 MAX_TOKENS = 16  # a relation prompt is 8 words + start + end
 
 
@@ -272,27 +274,35 @@ def build_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
                                    requires_safety_checker=False)
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/tiny_t2i",
+                   help="output directory, must not hold a pipeline (default %(default)s; the shipped model is "
+                        "critic_align/assets/tiny_t2i)")
+    p.add_argument("--vae-steps", type=int, default=1500, help="VAE optimiser steps (default %(default)s)")
+    p.add_argument("--vae-batch", type=int, default=32, help="images per VAE step (default %(default)s)")
+    p.add_argument("--vae-lr", type=float, default=1e-3, help="peak AdamW learning rate of the VAE (default %(default)s)")
+    p.add_argument("--vae-kl", type=float, default=1e-4, help="weight of the per-dimension KL term (default %(default)s)")
+    p.add_argument("--steps", type=int, default=3000, help="UNet + text encoder steps (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per UNet step (default %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default %(default)s)")
+    p.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay of the saved weights (default %(default)s)")
+    p.add_argument("--cond-dropout", type=float, default=0.1, help="fraction of empty prompts, for CFG (default %(default)s)")
+    p.add_argument("--text-hidden", type=int, default=64,
+                   help="text encoder width = UNet cross-attention dim (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data (default %(default)s)")
+
+
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(prog="critic-align pretrain-t2i", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="critic_align/assets/tiny_t2i", help="output directory (must not hold a model)")
-    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
-    p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--vae-lr", type=float, default=1e-3)
-    p.add_argument("--vae-kl", type=float, default=1e-4, help="weight of the per-dimension KL term")
-    p.add_argument("--steps", type=int, default=3000, help="denoiser (UNet + text encoder) steps")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--ema-decay", type=float, default=0.995)
-    p.add_argument("--cond-dropout", type=float, default=0.1, help="fraction of empty prompts (for CFG)")
-    p.add_argument("--text-hidden", type=int, default=64, help="text encoder width = UNet cross-attention dim")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
+
+def run(args) -> Path:
     out = Path(args.out)
-    if (out / "model_index.json").exists() and not args.overwrite:
-        raise SystemExit(f"{out} already holds a pipeline; pass --overwrite to replace it or --out for a new directory")
+    if (out / "model_index.json").exists():
+        raise SystemExit(f"{out} already holds a pipeline; pass another --out (nothing saved is overwritten)")
     t_start = time.time()
     log: list = []
     sampler = CompositionSampler(args.seed)
@@ -308,7 +318,7 @@ def main(argv=None) -> Path:
     n_params = {name: sum(q.numel() for q in m.parameters())
                 for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))}
     (out / "training_log.json").write_text(json.dumps(
-        {"args": vars(args), "params": n_params, "log": log, "train_time_s": time.time() - t_start}, indent=1))
+        {"args": _options(args), "params": n_params, "log": log, "train_time_s": time.time() - t_start}, indent=1))
     print(f"pretrain-t2i: {time.time() - t_start:.0f} s, saved the pipeline to {out}")
     return out
 
