@@ -82,7 +82,7 @@ counts 1–3, positions left of / right of / above / below).
 | text encoder | `CLIPTextModel`, width {text_width}, 2 layers, {max_tokens} tokens; `CLIPTokenizer` \
 whose vocabulary the training script writes from the grammar's words | {text:,} |
 | denoiser | `UNet2DConditionModel`, cross-attention at 8×8 and 4×4, ε-prediction | {unet:,} |
-| scheduler | `DDIMScheduler`, cosine (`squaredcos_cap_v2`) betas, trailing spacing | |
+| scheduler | `DDIMScheduler`, cosine (`squaredcos_cap_v2`) betas, SD1.5's leading spacing (20 steps: t = 951 … 1) | |
 
 Load it offline: `StableDiffusionPipeline.from_pretrained("critic_align/assets/tiny_t2i")`, then
 `pipe("a red 3 left of a blue 7", num_inference_steps=20, guidance_scale=1.0)`.

@@ -14,7 +14,7 @@ Three stages, all on the composition data (32x32 RGB canvases, 2x2 grid of 16x16
 
 Held-out prompts (``critic_align.tasks.composition.is_held_out``) are never rendered for training; both
 prompt lists are written next to the model (``train_prompts.txt``, ``heldout_prompts.txt``).  The scheduler
-is DDIM (cosine betas, trailing spacing: sampling starts from pure noise).  No safety checker.
+is DDIM (cosine betas, SD1.5's leading spacing; see ``scheduler_config``).  No safety checker.
 The model card is written by ``train.evaluate_t2i``.
 """
 
@@ -66,9 +66,14 @@ def text_config(tokenizer, hidden: int = 64) -> dict:
 
 
 def scheduler_config() -> dict:
-    # trailing spacing starts sampling at t = 999 (pure noise): the layout is decided in the first steps
+    """DDIM with cosine betas and SD1.5's spacing ('leading', steps_offset 1: 20 steps start at t = 951).
+
+    Why not 'trailing' (start at t = 999, pure noise): the cosine schedule's last ᾱ is 2.4e-9, so DDIM's
+    x0 = (x_t - sqrt(1 - ᾱ) ε̂) / sqrt(ᾱ) multiplies ε̂'s error by 20 000 at t = 999 and the samples explode;
+    the digits model clips x0 to [-1, 1] for this, but StableDiffusionPipeline switches clip_sample off.  At
+    t = 951, ᾱ = 0.006 (the signal is 8 % of the noise): sampling starts from pure noise as SD1.5 does."""
     return dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
-                clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
+                clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
 
 
 # ------------------------------------------------------------------------------------------------------
