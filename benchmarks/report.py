@@ -21,6 +21,7 @@ from benchmarks.report_perf import (  # noqa: E402
     section_trl_compare,
 )
 from benchmarks.report_steering import section_digits_steering, section_gmm_steering  # noqa: E402
+from benchmarks.t2i_advantages import section as section_t2i_advantages  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -365,6 +366,7 @@ SECTIONS = [
     ("main_job/summary.json", section_main_job),
     ("dit_job/summary.json", section_dit_job),
     ("digits_advantages.json", section_advantages),
+    ("t2i_advantages.json", section_t2i_advantages),
     ("gmm_critic.json", section_gmm_critic),
     ("gmm_finetune.json", section_gmm_finetune),
     ("reward_hacking.json", section_reward_hacking),

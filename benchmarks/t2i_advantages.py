@@ -1,0 +1,225 @@
+"""GAE (latent critic) vs GRPO vs DDPO on the tiny text-to-image task (`composition` reward), at an equal
+budget of reward queries, with the held-out prompts' accuracy before and after.
+
+    python benchmarks/t2i_advantages.py --seeds 0 1 2 --budget 1280
+
+The shipped pipeline ``critic_align/assets/tiny_t2i`` trained through the Stable Diffusion path with
+``train/configs/t2i.yaml`` (only the advantage estimator differs between modes; GAE's value-pretraining
+rollouts count against its budget).  Before and after training, the policy samples a fixed set of training
+prompts and a fixed set of held-out prompts (never trained on) with fixed noise; both are judged with
+``composition`` (dense) and ``composition_correct`` (all clauses right, GenEval's metric).
+Writes ``benchmarks/results/t2i_advantages.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.digits_advantages import _machine, queries_to_reach  # noqa: E402
+from critic_align.rewards import CompositionCorrect, CompositionScore, MultiReward  # noqa: E402
+from critic_align.tasks.digits import ASSETS  # noqa: E402
+from critic_align.tasks.sd import read_prompts  # noqa: E402
+from train.registry import build_trainer, load_run_config  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def eval_prompts(n: int, seed: int = 0) -> dict[str, list[str]]:
+    """A fixed draw of ``n`` training and ``n`` held-out prompts of the shipped model."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, fname in (("train", "train_prompts.txt"), ("heldout", "heldout_prompts.txt")):
+        prompts = read_prompts(ASSETS / "tiny_t2i" / fname)
+        out[split] = [prompts[i] for i in rng.choice(len(prompts), size=n, replace=False)]
+    return out
+
+
+@torch.no_grad()
+def evaluate_policy(trainer, prompts: dict[str, list[str]], seed: int = 999) -> dict:
+    """composition / composition_correct means of the policy's samples (the trained stochastic sampler, fixed
+    noise) on each prompt set."""
+    judge = MultiReward([CompositionScore(), CompositionCorrect()])
+    out = {}
+    for split, ps in prompts.items():
+        r = judge(trainer.sample(ps, seed=seed), ps)
+        out[split] = {"composition": r[:, 0].mean().item(), "composition_correct": r[:, 1].mean().item()}
+    return out
+
+
+def run_one(mode: str, seed: int, budget: int, overrides: dict, prompts: dict, workdir: Path) -> dict:
+    over = dict(overrides)
+    over.update(advantage=mode, seed=seed, output_dir=str(workdir / f"{mode}_seed{seed}"), progress=False,
+                grid_every=0, checkpoint_every=0, log_tensorboard=False)
+    run = load_run_config("t2i", over)
+    cfg = run["ppo"]
+    pre = cfg.value_pretrain_epochs * cfg.batch_size if mode == "gae" else 0
+    cfg.num_epochs = max(1, (budget - pre) // cfg.batch_size)
+    if Path(cfg.output_dir).exists():
+        shutil.rmtree(cfg.output_dir)  # a scratch directory of this script (benchmarks/results/tmp)
+    t0 = time.time()
+    trainer = build_trainer(run)
+    base_eval = evaluate_policy(trainer, prompts)
+    if mode == "gae":
+        trainer.pretrain_value()
+    history = []
+    for _ in range(cfg.num_epochs):
+        res = trainer.train_epoch()
+        trainer.log(res.metrics)
+        history.append(res.metrics)
+    final_eval = evaluate_policy(trainer, prompts)
+    curve = [{"reward_queries": r["reward_queries"], "reward": r["reward/composition/mean"],
+              "composition_correct": r.get("reward/composition_correct/mean")} for r in history]
+    return {"mode": mode, "seed": seed, "reward_queries": trainer.reward_queries, "epochs": cfg.num_epochs,
+            "pretrain_queries": pre, "seconds": time.time() - t0, "base_eval": base_eval, "final_eval": final_eval,
+            "curve": curve, "mean_epoch_seconds": float(np.mean([r["time_epoch_s"] for r in history]))}
+
+
+def summarize(runs: list[dict]) -> dict:
+    summary = {}
+    for m in sorted({r["mode"] for r in runs}):
+        rs = [r for r in runs if r["mode"] == m]
+        s = {"seeds": [r["seed"] for r in rs], "mean_epoch_seconds": float(np.mean([r["mean_epoch_seconds"] for r in rs])),
+             "last3_train_reward_mean": float(np.mean([np.mean([c["reward"] for c in r["curve"][-3:]]) for r in rs]))}
+        for when in ("base", "final"):
+            for split in ("train", "heldout"):
+                for key in ("composition", "composition_correct"):
+                    vals = [r[f"{when}_eval"][split][key] for r in rs]
+                    s[f"{when}_{split}_{key}_mean"] = float(np.mean(vals))
+                    s[f"{when}_{split}_{key}_std"] = float(np.std(vals))
+        summary[m] = s
+    if "gae" in summary and "grpo" in summary:
+        target = summary["grpo"]["last3_train_reward_mean"]
+        budget = max(r["reward_queries"] for r in runs)
+        reach = [queries_to_reach(r["curve"], target) for r in runs if r["mode"] == "gae"]
+        summary["gae_queries_to_reach_grpo_final"] = {"grpo_final_train_reward": target, "per_seed": reach,
+                                                      "median_fraction_of_budget": float(np.median(reach) / budget)}
+    return summary
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for m, color in zip(["gae", "grpo", "ddpo"], ["C0", "C1", "C2"]):
+        rs = [r for r in runs if r["mode"] == m]
+        if not rs:
+            continue
+        n = min(len(r["curve"]) for r in rs)
+        xs = np.array([c["reward_queries"] for c in rs[0]["curve"][:n]])
+        ys = np.array([[c["reward"] for c in r["curve"][:n]] for r in rs])
+        axes[0].plot(xs, ys.mean(0), color=color, label=f"{m} ({len(rs)} seeds)")
+        axes[0].fill_between(xs, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=color, alpha=0.2)
+        for k, split in enumerate(("train", "heldout")):
+            before = np.mean([r["base_eval"][split]["composition_correct"] for r in rs])
+            after = [r["final_eval"][split]["composition_correct"] for r in rs]
+            x = ["gae", "grpo", "ddpo"].index(m) * 3 + k
+            axes[1].bar(x, np.mean(after), yerr=np.std(after), color=color, alpha=1.0 if k == 0 else 0.5,
+                        label=f"{m} {split}")
+            axes[1].plot([x - 0.4, x + 0.4], [before, before], color="k", lw=1)
+    axes[0].set_xlabel("reward queries")
+    axes[0].set_title("composition (trained reward, training batches)")
+    axes[1].set_title("all clauses right after training (black: before)")
+    axes[1].set_xticks([])
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def section(path: Path) -> str:
+    """The BENCHMARKS.md section of this benchmark's JSON (rendered by benchmarks/report.py)."""
+    import math
+
+    data = json.loads(path.read_text())
+    s, m = data["summary"], data["machine"]
+    seeds = " ".join(str(x) for x in s[next(iter(k for k in s if k != "gae_queries_to_reach_grpo_final"))]["seeds"])
+    sets = " ".join(f"--set {k}={v}" for k, v in data["overrides"].items())
+    n_eval = len(data["eval_prompts"]["train"])
+
+    def f(x, d=3):
+        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
+
+    lines = [
+        "## GAE vs GRPO vs DDPO on the tiny text-to-image task (`composition`), equal reward-query budget",
+        "",
+        f"Command: `python benchmarks/t2i_advantages.py --seeds {seeds} --budget {data['budget_reward_queries']}"
+        f"{' ' + sets if sets else ''}` (writes `benchmarks/results/t2i_advantages.json` and `.png`). Machine: "
+        f"{m['cpu_count']} CPU cores, torch {m['torch']}, {m['torch_threads']} threads. The shipped "
+        "`critic_align/assets/tiny_t2i` pipeline through the Stable Diffusion path (`train/configs/t2i.yaml`); "
+        f"before and after training the policy samples {n_eval} training and {n_eval} held-out prompts (fixed "
+        "noise); *all clauses* = `composition_correct` (GenEval's metric), mean ± std over seeds.",
+        "",
+        "| advantage | seeds | train: all clauses before → after | held-out: all clauses before → after "
+        "| train: composition before → after | held-out: composition before → after | s / epoch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mode in ("gae", "grpo", "ddpo"):
+        if mode not in s:
+            continue
+        r = s[mode]
+        cells = []
+        for key in ("composition_correct", "composition"):
+            for split in ("train", "heldout"):
+                cells.append(f"{f(r[f'base_{split}_{key}_mean'])} → {f(r[f'final_{split}_{key}_mean'])} ± "
+                             f"{f(r[f'final_{split}_{key}_std'])}")
+        lines.append(f"| {mode} | {len(r['seeds'])} | " + " | ".join(cells) + f" | {f(r['mean_epoch_seconds'], 1)} |")
+    reach = s.get("gae_queries_to_reach_grpo_final")
+    if reach:
+        per_seed = ", ".join("not reached" if math.isinf(x) else str(int(x)) for x in reach["per_seed"])
+        frac = reach["median_fraction_of_budget"]
+        lines += ["", f"Reward queries GAE needs to reach GRPO's final training reward "
+                      f"({f(reach['grpo_final_train_reward'])}, 3-epoch moving average): per seed {per_seed}; median: "
+                      + ("not reached within the budget" if math.isinf(frac) else f"{f(frac, 2)} × the budget")
+                      + " (goal: ≤ 0.5×)."]
+    lines += ["", "![t2i advantages](benchmarks/results/t2i_advantages.png)", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--modes", nargs="+", default=["gae", "grpo", "ddpo"])
+    p.add_argument("--budget", type=int, default=1280, help="reward queries per run")
+    p.add_argument("--eval-prompts", type=int, default=64, help="training and held-out prompts evaluated")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="PPOConfig overrides")
+    p.add_argument("--out", default=str(RESULTS / "t2i_advantages"))
+    args = p.parse_args(argv)
+    import yaml
+
+    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    prompts = eval_prompts(args.eval_prompts)
+    workdir = RESULTS / "tmp" / "t2i_advantages"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs, result = [], {}
+    for seed in args.seeds:
+        for mode in args.modes:  # interleaved: every seed runs all modes back to back
+            r = run_one(mode, seed, args.budget, overrides, prompts, workdir)
+            print(f"{mode} seed {seed}: base {r['base_eval']} final {r['final_eval']} ({r['seconds']:.0f} s)", flush=True)
+            runs.append(r)
+            result = {"budget_reward_queries": args.budget, "overrides": overrides, "eval_prompts": prompts,
+                      "summary": summarize(runs), "runs": runs, "machine": _machine()}
+            out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
+    plot(runs, out.with_suffix(".png"))
+    print(json.dumps(result["summary"], indent=2, default=float))
+    return result
+
+
+if __name__ == "__main__":
+    main()
