@@ -6,7 +6,7 @@ Samples ``per-split`` prompts (a fixed random subset) of the training and of the
 (``train_prompts.txt`` / ``heldout_prompts.txt`` next to the model), one image each, with the pipeline's own
 ``__call__`` (DDIM, eta 0, 20 steps) CFG-free (guidance 1, how the RL configs sample) and with guidance 3;
 judges every clause with :func:`critic_align.rewards.composition.judge_compositions`; writes ``eval.json``,
-``samples.png`` and ``MODEL_CARD.md`` into the model directory.
+``samples.png`` and ``MODEL_CARD.md`` into ``--out`` (the shipped ones: ``--out critic_align/assets/tiny_t2i``).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ compositions; {train_minutes:.1f} minutes in total on one CPU core of this machi
 {n_train} prompts), in other combinations; the converse phrasing of a held-out relation can occur in training.
 
 ## How often its samples are right
-`python -m train.evaluate_t2i` ({per_split} prompts drawn from each list, one image each, the pipeline's own
+`critic-align evaluate-t2i --out critic_align/assets/tiny_t2i` ({per_split} prompts drawn from each list, one image each, the pipeline's own
 DDIM sampler with eta 0 and {eval_steps} steps), judged by the `composition` reward's clause checks
 (`critic_align/rewards/composition.py`: shipped digit classifier per cell, ink colour, occupied cells,
 centroids). Accuracy per attribute over the prompts that have it; *all clauses* is GenEval's metric.
@@ -112,7 +112,8 @@ centroids). Accuracy per attribute over the prompts that have it; *all clauses* 
 """
 
 
-def write_card(model_dir, results: dict) -> Path:
+def write_card(model_dir, results: dict, out_dir) -> Path:
+    """MODEL_CARD.md of the pipeline in ``model_dir`` (its configs and training log) with ``results``, in ``out_dir``."""
     model_dir = Path(model_dir)
     log = json.loads((model_dir / "training_log.json").read_text())
     a = log["args"]
@@ -135,7 +136,7 @@ def write_card(model_dir, results: dict) -> Path:
         n_held=len(read_prompts(model_dir / "heldout_prompts.txt")),
         n_train=len(read_prompts(model_dir / "train_prompts.txt")), per_split=results["per_split"],
         eval_steps=results["steps"], table="\n".join(rows), showcase=", ".join(f"`{p}`" for p in SHOWCASE))
-    path = model_dir / "MODEL_CARD.md"
+    path = Path(out_dir) / "MODEL_CARD.md"
     path.write_text(card)
     return path
 
@@ -145,6 +146,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-split", type=int, default=400, help="prompts drawn from each list (default %(default)s)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt draw and the noise (default %(default)s)")
+    p.add_argument("--out", default=None, help="where eval.json, samples.png and MODEL_CARD.md go (default "
+                   "runs/evaluate_t2i/<model directory name>; the shipped card: --out critic_align/assets/tiny_t2i)")
 
 
 def main(argv=None) -> dict:
@@ -155,15 +158,17 @@ def main(argv=None) -> dict:
 
 
 def run(args) -> dict:
+    out = Path(args.out) if args.out else Path("runs/evaluate_t2i") / Path(args.model).resolve().name
+    out.mkdir(parents=True, exist_ok=True)
     results = evaluate(args.model, args.per_split, args.steps, seed=args.seed)
-    (Path(args.model) / "eval.json").write_text(json.dumps(results, indent=2))
+    (out / "eval.json").write_text(json.dumps(results, indent=2))
     from critic_align.viz import save_grid
 
     pipe = load_pipeline(args.model, kind="sd15")
     pipe.set_progress_bar_config(disable=True)
     images = generate(pipe, [p for p in SHOWCASE for _ in range(8)], args.steps, 1.0, args.seed)
-    save_grid(images, Path(args.model) / "samples.png", nrow=8)
-    print(f"wrote {write_card(args.model, results)}")
+    save_grid(images, out / "samples.png", nrow=8)
+    print(f"wrote {write_card(args.model, results, out)}")
     print(json.dumps(results, indent=2))
     return results
 
