@@ -101,9 +101,9 @@ compositions; {train_minutes:.1f} minutes in total on one CPU core of this machi
 {n_train} prompts), in other combinations; the converse phrasing of a held-out relation can occur in training.
 
 ## How often its samples are right
-`critic-align evaluate-t2i --out critic_align/assets/tiny_t2i` ({per_split} prompts drawn from each list, one image each, the pipeline's own
-DDIM sampler with eta 0 and {eval_steps} steps), judged by the `composition` reward's clause checks
-(`critic_align/rewards/composition.py`: shipped digit classifier per cell, ink colour, occupied cells,
+`critic-align evaluate-t2i --out critic_align/assets/tiny_t2i` ({per_split} prompts drawn from each list, one
+image each, the pipeline's own DDIM sampler with eta 0 and {eval_steps} steps), judged by the `composition`
+reward's clause checks (`critic_align/rewards/composition.py`: shipped digit classifier per cell, ink colour, occupied cells,
 centroids). Accuracy per attribute over the prompts that have it; *all clauses* is GenEval's metric.
 
 {table}

@@ -105,7 +105,8 @@ def load_run_dir(run_dir, overrides: dict | None = None) -> dict:
 
 def build_sd_task(run: dict):
     """The Stable Diffusion task of a run config: ``task: sd15 | sd3``, ``model_path`` (local directory, also
-    relative to the config file, or hub name), ``prompts`` (a list, or the path of a text file with one prompt per line) and ``sd:`` options
+    relative to the config file, or hub name), ``prompts`` (a list, or the path of a text file with one prompt
+    per line) and ``sd:`` options
     (resolution, max_sequence_length, decode_chunk_size -> StableDiffusionTask; torch_dtype, drop_t5 ->
     load_pipeline)."""
     from critic_align.tasks.sd import StableDiffusionTask, load_pipeline, read_prompts
