@@ -133,3 +133,14 @@ def test_workflow_train_export_lora_reload_reproduces_and_steers(tmp_path):
                                 generator=torch.Generator().manual_seed(0))
     assert imgs.shape == (2, 3, 32, 32) and info["log_weights"].shape == (2, 3)
     assert torch.isfinite(info["particle_rewards"]).all()
+
+
+def test_pretrain_t2i_never_overwrites_a_pipeline(tmp_path):
+    import pytest
+
+    from train.train_t2i import main
+
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(SystemExit, match="already holds a pipeline; pass another --out"):
+        main(["--out", str(tmp_path), "--steps", "1", "--vae-steps", "1"])
+    assert (tmp_path / "model_index.json").read_text() == "{}"
