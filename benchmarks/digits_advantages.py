@@ -44,11 +44,11 @@ def evaluate_policy(trainer, per_class: int = 20, seed: int = 999) -> dict:
     return out
 
 
-def run_one(mode: str, seed: int, budget: int, overrides: dict, workdir: Path) -> dict:
+def run_one(mode: str, seed: int, budget: int, overrides: dict, workdir: Path, config: str = "digits") -> dict:
     over = dict(overrides)
     over.update(advantage=mode, seed=seed, output_dir=str(workdir / f"{mode}_seed{seed}"), progress=False,
                 grid_every=0, checkpoint_every=0, log_tensorboard=False, eval_every=0)
-    run = load_run_config("digits", over)
+    run = load_run_config(config if mode == "gae" else "digits", over)
     cfg = run["ppo"]
     pre = cfg.value_pretrain_epochs * cfg.batch_size if mode == "gae" else 0
     cfg.num_epochs = max(1, (budget - pre) // cfg.batch_size)
@@ -159,7 +159,9 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--modes", nargs="+", default=["gae", "grpo", "ddpo"])
     p.add_argument("--budget", type=int, default=1920, help="reward queries per run")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="PPOConfig overrides")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="PPOConfig overrides for every mode (critic fields only matter for gae)")
+    p.add_argument("--gae-config", default="digits", help="the run config GAE starts from (e.g. digits_ecg)")
     p.add_argument("--out", default=str(RESULTS / "digits_advantages"))
     args = p.parse_args(argv)
     import yaml
@@ -171,12 +173,12 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         for mode in args.modes:  # interleaved: every seed runs all modes back to back
-            r = run_one(mode, seed, args.budget, overrides, workdir)
+            r = run_one(mode, seed, args.budget, overrides, workdir, args.gae_config)
             print(f"{mode} seed {seed}: final {r['final_eval']} base {r['base_eval']} ({r['seconds']:.0f} s)",
                   flush=True)
             runs.append(r)
             summary = summarize(runs)
-            result = {"budget_reward_queries": args.budget, "overrides": overrides,
+            result = {"budget_reward_queries": args.budget, "overrides": overrides, "gae_config": args.gae_config,
                       "queries_ratio_median": summary.get("queries_ratio_median"), "summary": summary,
                       "runs": runs, "machine": _machine()}
             out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))

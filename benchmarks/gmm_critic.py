@@ -49,7 +49,8 @@ def build(args, out_dir):
         value_pretrain_epochs=args.epochs, value_pretrain_passes=args.passes, critic_mode=args.critic_mode,
         critic_learning_rate=args.lr, lora_rank=8, critic_lora_rank=16, lora_target_modules=MLP_LORA_TARGETS,
         value_head_hidden=128, value_head_heads=4, output_dir=str(out_dir), log_tensorboard=False,
-        progress=False, grid_every=0, checkpoint_every=0, seed=args.seed,
+        progress=False, grid_every=0, checkpoint_every=0, seed=args.seed, eval_every=0,
+        value_pretrain_target=args.target, gae_lambda=args.gae_lambda, value_pretrain_lr_decay=args.lr_decay,
     )
     trainer = Trainer(cfg, task, MLPAdapter(model), task.scheduler,
                       rewards=MultiReward([FunctionReward(r, name) for name, r in rewards.items()]))
@@ -82,6 +83,9 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--critic-mode", default="full", choices=["lora", "full"])
+    p.add_argument("--target", default="mc", choices=["mc", "td_lambda"], help="value pretraining targets")
+    p.add_argument("--gae-lambda", type=float, default=0.95)
+    p.add_argument("--lr-decay", action="store_true", help="decay the critic's lr linearly over pretraining")
     p.add_argument("--eval-states", type=int, default=512)
     p.add_argument("--continuations", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)

@@ -20,6 +20,7 @@ from benchmarks.report_perf import (  # noqa: E402
     section_scaling,
     section_trl_compare,
 )
+from benchmarks.report_critic import section_critic_quality  # noqa: E402
 from benchmarks.report_steering import section_digits_steering, section_gmm_steering  # noqa: E402
 from benchmarks.t2i_advantages import section as section_t2i_advantages  # noqa: E402
 
@@ -52,8 +53,8 @@ def section_advantages(path: Path) -> str:
         "stochastic sampler); mean ± std over seeds.",
         "",
         "| advantage | seeds | base digit_prob | final digit_prob | final digit_correct | last-3-epoch train reward "
-        "| s / epoch |",
-        "|---|---|---|---|---|---|---|",
+        "| within-prompt L2 base → final | pixel std base → final | s / epoch |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for mode in ("gae", "grpo", "ddpo"):
         if mode not in s:
@@ -62,7 +63,9 @@ def section_advantages(path: Path) -> str:
         lines.append(
             f"| {mode} | {len(r['seeds'])} | {_fmt(r['base_digit_prob_mean'])} | {_fmt(r['final_digit_prob_mean'])} ± "
             f"{_fmt(r['final_digit_prob_std'])} | {_fmt(r['final_digit_correct_mean'])} | "
-            f"{_fmt(r['last3_train_reward_mean'])} | {_fmt(r['mean_epoch_seconds'], 1)} |"
+            f"{_fmt(r['last3_train_reward_mean'])} | {_fmt(r.get('base_diversity_pairwise_l2'), 2)} → "
+            f"{_fmt(r.get('final_diversity_pairwise_l2'), 2)} | {_fmt(r.get('base_diversity_pixel_std'))} → "
+            f"{_fmt(r.get('final_diversity_pixel_std'))} | {_fmt(r['mean_epoch_seconds'], 1)} |"
         )
     reach = s.get("gae_queries_to_reach_grpo_final")
     if reach:
@@ -72,7 +75,10 @@ def section_advantages(path: Path) -> str:
             f"Reward queries GAE needs to reach GRPO's final training reward ({_fmt(reach['grpo_final_train_reward'])},"
             f" 3-epoch moving average): per seed {per_seed}; median: "
             + ("not reached within the budget" if math.isinf(reach["median_fraction_of_budget"])
-               else f"{_fmt(reach['median_fraction_of_budget'], 2)} × the budget") + " (goal: ≤ 0.5×).",
+               else f"{_fmt(reach['median_fraction_of_budget'], 2)} × the budget") + " (goal: ≤ 0.5×). "
+            "`queries_ratio_median` (GAE's queries, value pretraining included, over GRPO's): "
+            + ("null (not reached)" if s.get("queries_ratio_median") is None else _fmt(s["queries_ratio_median"], 2))
+            + ".",
         ]
     evs = [r["value_ev_after_pretraining"] for r in data["runs"] if r["mode"] == "gae"]
     if evs:
@@ -103,12 +109,16 @@ def section_gmm_critic(path: Path) -> str:
         "reward's std (goal: ≤ 5 % at every t). 'Sampler bias' is how far the T-step sampler's own value "
         "(Monte Carlo continuations) is from the exact one: a critic fitted to sampler returns cannot beat it.",
         "",
-        "| reward | max RMSE / std | mean RMSE / std | max sampler bias / std | goal met |",
-        "|---|---|---|---|---|",
+        "| reward | max RMSE / std (vs exact) | mean RMSE / std | max sampler bias / std | max RMSE / std vs the "
+        "sampler's own value | goal (≤ 5 % vs the sampler's value at every t) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in d["summary"].items():
+        vs = r.get("max_critic_vs_sampler_debiased_rel")
+        goal = r.get("goal_met_5pct_vs_sampler")
         lines.append(f"| {name} | {_fmt(r['max_rmse_rel'])} | {_fmt(r['mean_rmse_rel'])} | "
-                     f"{_fmt(r['max_sampler_bias_debiased_rel'])} | {'yes' if r['goal_met_5pct'] else 'no'} |")
+                     f"{_fmt(r['max_sampler_bias_debiased_rel'])} | {_fmt(vs)} | "
+                     f"{'n/a' if goal is None else ('met' if goal else 'not met')} |")
     lines += ["", "![critic accuracy per timestep](benchmarks/results/gmm_critic.png)", ""]
     return "\n".join(lines)
 
@@ -365,6 +375,7 @@ def section_fault_injection(path: Path) -> str:
 SECTIONS = [
     ("main_job/summary.json", section_main_job),
     ("dit_job/summary.json", section_dit_job),
+    ("critic_quality.json", section_critic_quality),
     ("digits_advantages.json", section_advantages),
     ("t2i_advantages.json", section_t2i_advantages),
     ("gmm_critic.json", section_gmm_critic),

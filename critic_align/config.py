@@ -182,6 +182,11 @@ class PPOConfig:
     (GAE mode only; their reward queries are counted)."""
     value_pretrain_passes: int = 4
     """Optimiser passes over each pretraining batch."""
+    value_pretrain_lr_decay: bool = False
+    """Decay the critic's learning rate linearly over the value-pretraining iterations (to 1/value_pretrain_epochs of
+    it in the last one), then restore it for joint training.  At a constant rate the critic chases each fresh
+    batch: where the state says little about the return (the noisiest steps) its prediction follows the last
+    batch's mean reward; the decay averages over all batches."""
     value_pretrain_target: str = "mc"
     """Value pretraining's regression targets: 'mc' (the Monte-Carlo return γ^(T−1−k)·R at every step) or
     'td_lambda' (the λ-return of the current critic, GAE's returns with ``gae_lambda``: an early state's target
@@ -269,7 +274,8 @@ class PPOConfig:
             _err("fused_lora", self.fused_lora, "must be true or false")
         if self.timestep_fraction == 0:
             _err("timestep_fraction", 0, "must be > 0")
-        for name in ("normalize_advantages", "log_tensorboard", "progress", "critic_cond", "value_loss_standardized"):
+        for name in ("normalize_advantages", "log_tensorboard", "progress", "critic_cond", "value_loss_standardized",
+                     "value_pretrain_lr_decay"):
             v = getattr(self, name)
             if not isinstance(v, bool):
                 _err(name, v, "must be true or false (unquoted in YAML)", number=False)

@@ -532,8 +532,11 @@ class Trainer:
             from tqdm import tqdm
 
             it = tqdm(it, desc="value pretraining", disable=not self.is_main_process)
+        critic_group = self.optimizer.param_groups[-1]
         for i in it:
             t0 = time.time()
+            if cfg.value_pretrain_lr_decay:
+                critic_group["lr"] = cfg.critic_learning_rate * (1 - i / cfg.value_pretrain_epochs)
             ro = self.rollout(self.prompt_iter.batch(cfg.prompts_per_epoch, cfg.group_size))
             if i == 0:
                 self.critic.head.set_output_scale(ro.rewards)
@@ -554,6 +557,7 @@ class Trainer:
                    "time_s": time.time() - t0, **{f"pre_{k}": v for k, v in before.items()}, **stats}
             logs.append(row)
             self.log(row)
+        critic_group["lr"] = cfg.critic_learning_rate
         self.pretrained_value = True
         return logs
 

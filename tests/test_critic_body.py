@@ -318,3 +318,20 @@ def test_td_lambda_pretraining_targets_are_gae_returns(tmp_path):
     tr.pretrain_value()
     _, ret = gae(terminal_rewards(ro.rewards.float(), ro.num_steps), values, 1.0, 0.5)
     torch.testing.assert_close(seen["returns"], ret.reshape(-1, 1))
+
+
+def test_value_pretrain_lr_decay_schedule_and_restore(tmp_path):
+    from tests.test_trainer import make_trainer
+
+    tr = make_trainer(tmp_path, value_pretrain_lr_decay=True, value_pretrain_epochs=4, critic_learning_rate=2e-3)
+    seen = []
+    orig = tr.fit_values
+
+    def spy(*a, **k):
+        seen.append(tr.optimizer.param_groups[-1]["lr"])
+        return orig(*a, **k)
+
+    tr.fit_values = spy
+    tr.pretrain_value()
+    assert seen == pytest.approx([2e-3, 1.5e-3, 1e-3, 0.5e-3])
+    assert tr.optimizer.param_groups[-1]["lr"] == 2e-3 and tr.optimizer.param_groups[0]["lr"] == tr.config.learning_rate
