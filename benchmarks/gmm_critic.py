@@ -38,7 +38,9 @@ from critic_align.tasks.gmm import BoxReward, GMMTask, LinearReward  # noqa: E40
 from critic_align.trainer import Trainer  # noqa: E402
 
 
-def build(args, out_dir):
+def build(args, out_dir, extra_targets: dict | None = None):
+    """The task, a trainer whose critic has one head per reward (linear, box) and then one per ``extra_targets``
+    entry (name -> function (samples, prompts) -> (B,), e.g. a soft-value target), and the reward dict."""
     task = GMMTask()
     torch.manual_seed(args.seed)
     model = MLPDenoiser(ResidualMLP(hidden=args.hidden, num_layers=2), task.analytic_eps())
@@ -53,7 +55,8 @@ def build(args, out_dir):
         value_pretrain_target=args.target, gae_lambda=args.gae_lambda, value_pretrain_lr_decay=args.lr_decay,
     )
     trainer = Trainer(cfg, task, MLPAdapter(model), task.scheduler,
-                      rewards=MultiReward([FunctionReward(r, name) for name, r in rewards.items()]))
+                      rewards=MultiReward([FunctionReward(r, name) for name, r in
+                                           {**rewards, **(extra_targets or {})}.items()]))
     return task, trainer, rewards
 
 

@@ -13,47 +13,67 @@ def _f(x, d=3):
 def section_gmm_steering(path: Path) -> str:
     d = json.loads(path.read_text())
     a = d["args"]
+    ns = a["particles"]
     lines = [
-        "## Steering on the exact Gaussian mixture: every method vs the exact tilted target",
+        "## Steering on the exact Gaussian mixture: SMC potentials vs the exact tilted target",
         "",
         f"Command: `python benchmarks/gmm_steering.py` (writes `benchmarks/results/gmm_steering.json` and `.png`; "
-        f"{d['time_s']:.0f} s). Exact model (analytic ε), {a['steps']} stochastic DDIM steps, target p·exp(r/α) with "
-        f"α = {a['alpha']} (λ = 1/α), {a['groups']} output samples per method. The learned critic is the value head "
-        f"of `gmm_critic.py`'s setup pretrained on {d['critic_reward_queries']} Monte-Carlo returns "
-        f"({d['critic_pretrain_s']:.0f} s). Distances: sliced W2 to {a['groups']} exact target samples; the noise "
-        "floor is exact vs exact at the same n (mean ± std of 5). NFE = backbone calls per output sample; "
-        "equivalent NFE also counts a critic forward as 1 and a backward as 2.",
+        f"{d['time_s']:.0f} s on {a['threads']} thread(s)). Exact model (analytic ε), {a['steps']} stochastic DDIM "
+        f"steps, target p·exp(λ·r), {a['groups']} output samples per method, each drawn from its group's weighted "
+        "particles (SMC's default output). Potentials: `value` = λ·E[r | x_t], `soft_value` = log E[exp(λ·r) | x_t] "
+        "(the optimal twist), `x0_reward` = λ·r(x̂0); `exact` from the closed forms of `critic_align/tasks/gmm.py`, "
+        "`critic` from a value-pretrained critic (one head per target, "
+        f"{d['critic_reward_queries']} Monte-Carlo returns, {d['critic_pretrain_s']:.0f} s): for the 0/1 box the soft "
+        "value is log(1 + (e^λ − 1)·P) from the box head's P(r = 1 | x_t); for the linear reward a head trained on "
+        f"exp(λ(r − {a['exp_c']:g})). Distances: sliced W2 to exact target samples; the noise floor is exact vs exact "
+        "at the same n (mean ± std of 5). **Converges** (the script's definition): the distance does not grow with "
+        "N (each doubling adds at most 2 floor stds, and it ends below where it started) and at the largest N lies "
+        "within floor + 3 std + the sampler's discretisation excess (the plain T-step sampler's distance to the "
+        "*untilted* exact law minus that distance's floor: an error SMC's weights cannot remove).",
+        "",
+        f"**`soft_value_converges`: {str(d['soft_value_converges']).lower()}** (exact soft value, every reward); "
+        f"with the learned critic's soft value: {str(d.get('soft_value_converges_critic')).lower()}.",
         "",
     ]
     for name, res in d["rewards"].items():
         fl = res["noise_floor"]
+        conv = res["converges"]
         lines += [
-            f"**{name} reward** — target mean reward {_f(res['target_mean_reward'])}, base model "
-            f"{_f(res['base_mean_reward'])}; noise floor {_f(fl['mean'])} ± {_f(fl['std'])}; the {a['steps']}-step "
-            f"sampler's own distance to the *untilted* exact reference (its discretisation error, which SMC's "
-            f"weights do not correct) {_f(res.get('sampler_vs_untilted_reference_w2'))}"
-            + (f" (that distance's own noise floor: {_f(res['untilted_reference_noise_floor']['mean'])} ± "
-               f"{_f(res['untilted_reference_noise_floor']['std'])})" if "untilted_reference_noise_floor" in res else "")
-            + ".",
+            f"**{name} reward, λ = {res['lam']:g}** — target mean reward {_f(res['target_mean_reward'])}; noise floor "
+            f"{_f(fl['mean'])} ± {_f(fl['std'])}; discretisation excess {_f(res['discretisation_excess'])} (plain "
+            f"sampler vs untilted law {_f(res['sampler_vs_untilted_reference_w2'])}, its floor "
+            f"{_f(res['untilted_reference_noise_floor']['mean'])}); reachable band "
+            f"{_f(conv['smc/soft_value/exact']['band'])}.",
             "",
-            "| method | N | steps | sliced W2 (floor " + _f(fl["mean"]) + ") | mean reward | NFE | equivalent NFE |",
-            "|---|---|---|---|---|---|---|",
+            "| method | " + " | ".join(f"W2, N={n}" for n in ns) + " | converges | mean reward at N=" + str(ns[-1])
+            + " | final ESS/N at N=" + str(ns[-1]) + " |",
+            "|---|" + "---|" * (len(ns) + 3),
         ]
+        for m, v in conv.items():
+            last = next(r for r in res["rows"] if r["method"] == m and r["particles"] == ns[-1])
+            ess = last["final_ess_per_particle"]
+            lines.append(f"| {m} | " + " | ".join(_f(w) for w in v["sliced_w2"]) + f" | {'yes' if v['converges'] else 'no'}"
+                         + f" | {_f(last['mean_reward'])} | {'—' if ess != ess else _f(ess, 2)} |")
+        n1 = {r["method"]: r for r in res["rows"] if r["particles"] == 1}
+        lines += ["", "At N = 1: " + ", ".join(f"{m} W2 {_f(r['sliced_w2'])} (mean reward {_f(r['mean_reward'])})"
+                                               for m, r in n1.items()) + "."]
+        mid = ns[len(ns) // 2]
+        lines += ["", f"Cost per output sample at N = {mid} (critic rows are forward / backward; equivalent NFE prices a "
+                  "critic forward at 1, a backward at 2 and a reward call at 1):", "",
+                  "| method | backbone NFE | critic fwd | critic bwd | reward calls | equivalent NFE |", "|---|---|---|---|---|---|"]
         for r in res["rows"]:
-            lines.append(f"| {r['method']} | {r['particles']} | {r.get('steps', a['steps'])} | {_f(r['sliced_w2'])} | "
-                         f"{_f(r['mean_reward'])} | "
-                         f"{r['nfe']:.0f} | {r['equivalent_nfe']:.0f} |")
-        conv = res.get("convergence") or []
-        if conv:
-            lines += ["", "SMC with the exact value as the sampler is refined (steps and particles together): its distance "
-                      "to the exact target against the noise floor, next to the plain sampler's own distance to the "
-                      "untilted reference at the same number of steps (the discretisation error SMC cannot remove):", "",
-                      "| steps | N | SMC/exact sliced W2 to the target | noise floor (target) | plain sampler vs untilted "
-                      "reference | noise floor (untilted) |", "|---|---|---|---|---|---|"]
-            rfl = res.get("untilted_reference_noise_floor")
-            rfl_s = f"{_f(rfl['mean'])} ± {_f(rfl['std'])}" if rfl else "n/a"
-            lines += [f"| {c['steps']} | {c['particles']} | {_f(c['sliced_w2'])} | {_f(fl['mean'])} ± {_f(fl['std'])} | "
-                      f"{_f(c['sampler_vs_untilted_reference_w2'])} | {rfl_s} |" for c in conv]
+            if r["particles"] == mid:
+                lines.append(f"| {r['method']} | {r['nfe']:.0f} | {r['critic_forward_rows_per_output']:.0f} | "
+                             f"{r['critic_backward_rows_per_output']:.0f} | {r['reward_rows_per_output']:.0f} | "
+                             f"{r['equivalent_nfe']:.0f} |")
+        lines += ["", "Guided-proposal SMC (guidance λ·∇E[r | x_t], value potential): the final ESS / N with and without the "
+                  "per-step KL cap:", "", "| variant | N | sliced W2 | final ESS / N | mean reward |", "|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['particles']} | {_f(r['sliced_w2'])} | {_f(r['final_ess_per_particle'], 2)} | "
+                  f"{_f(r['mean_reward'])} |" for r in res["guided"]]
+        if res.get("convergence"):
+            lines += ["", "SMC with the exact soft value as the sampler is refined: " + "; ".join(
+                f"T = {r['steps']}, N = {r['particles']}: W2 {_f(r['sliced_w2'])}" for r in res["convergence"])
+                + f" (noise floor {_f(fl['mean'])} ± {_f(fl['std'])})."]
         lines.append("")
     lines += ["![steering vs the exact target](benchmarks/results/gmm_steering.png)", ""]
     return "\n".join(lines)
@@ -77,7 +97,9 @@ def section_digits_steering(path: Path) -> str:
            if d["critic_source"].endswith("tmp/digits_steering") else f"from `{d['critic_source']}`")
         + f". Reward: digit_prob (the classifier's confidence at temperature 6). Guidance scale w = "
         f"{d['best_guidance_scale']:g} (best of {a['scales']} at N = 1); SMC resamples when ESS < "
-        f"{a['ess_threshold']}·N. Equivalent NFE counts a critic forward as 1 backbone call and a backward as 2.",
+        f"{a['ess_threshold']}·N" + (f", SMC's output: {a['smc_output']}" if "smc_output" in a else "")
+        + ". Equivalent NFE counts a critic forward as 1 backbone call and a backward as 2"
+        + (f", a decode + reward call as {a['reward_price']:g}." if "reward_price" in a else "."),
         "",
         "| method | N | w / λ | digit_prob (± s.e. over prompts) | digit_correct | NFE | equivalent NFE "
         "| resampled (fraction of steps×groups) |",
