@@ -192,3 +192,27 @@ def test_dpm_solver_sde_history_follows_the_particles(pipe):
     finally:
         pipe.scheduler = original
     assert checked, "no resampling happened with history present"
+
+
+def test_scheduler_noise_level_is_the_vp_equivalent_for_every_family():
+    """Value functions see VP-scaled inputs: an Euler scheduler's σ maps to ᾱ = 1/(1+σ²), which must be the VP
+    schedule's ᾱ_t at the same timestep; flow matching maps σ to (1−σ)²/((1−σ)²+σ²)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from steering.diffusers import scheduler_noise_level
+
+    ddim = _sched("DDIMScheduler")
+    euler = _sched("EulerAncestralDiscreteScheduler")
+    euler.set_timesteps(10)
+    for k in (0, 4, 9):
+        t = euler.timesteps[k]
+        lv = scheduler_noise_level(euler, t, step_index=k)
+        torch.testing.assert_close(lv.alpha_bar, ddim.alphas_cumprod[int(t)].double(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(lv.sigma, euler.sigmas[k].double())
+        vp = scheduler_noise_level(ddim, t)
+        torch.testing.assert_close(vp.alpha_bar, ddim.alphas_cumprod[int(t)].double())
+    flow = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    flow.set_timesteps(5)
+    lv = scheduler_noise_level(flow, flow.timesteps[2], step_index=2)
+    s = flow.sigmas[2].double()
+    torch.testing.assert_close(lv.alpha_bar, (1 - s) ** 2 / ((1 - s) ** 2 + s**2))
