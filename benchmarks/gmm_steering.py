@@ -1,6 +1,6 @@
 """Steering on the exact Gaussian-mixture task (issues #4, #5, #16): every SMC potential against the exact tilted target.
 
-    python benchmarks/gmm_steering.py          # ≈ 6-8 min on one CPU core
+    python benchmarks/gmm_steering.py          # ≈ 13 min on one shared CPU core (time_s in the JSON)
 
 The sampler is the exact model (analytic ε of the mixture), T-step stochastic DDIM (eta = 1).  Two rewards, each
 with its own λ; the target is p*(x) ∝ p(x)·exp(λ·r(x)):
