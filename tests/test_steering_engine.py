@@ -232,3 +232,22 @@ def test_readme_steering_example_samples_the_tilted_target():
     assert abs(float(res.rewards.mean()) - target_mean) < 0.12, (float(res.rewards.mean()), target_mean)
     # output="argmax" maximises the reward instead: it overshoots the target's mean reward
     assert float(best.rewards.mean()) > target_mean + 0.2
+
+
+def test_resampling_and_guidance_formulas_live_in_one_file_each():
+    """The engine exists once: the samplers and the diffusers hooks call steering/particles.py for weights,
+    resampling and the final choice, and critic_align.steps.score_guided_output for guidance."""
+    import ast
+
+    def calls(path):
+        tree = ast.parse((ROOT / path).read_text())
+        return {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+
+    resampling_ops = {"multinomial", "searchsorted", "softmax", "logsumexp"}
+    for path in ("steering/samplers.py", "steering/diffusers.py", "steering/values.py", "steering/potentials.py"):
+        assert not calls(path) & resampling_ops, (path, calls(path) & resampling_ops)
+    # the guidance formula: the steps' apply_score_guidance and the scheduler wrapper both call score_guided_output
+    diffusers_src = (ROOT / "steering/diffusers.py").read_text()
+    assert "score_guided_output(" in diffusers_src and "alphas_cumprod.to" not in diffusers_src
+    steps_src = (ROOT / "critic_align/steps.py").read_text()
+    assert steps_src.count("def score_guided_output(") == 1 and steps_src.count("return score_guided_output(model_output") == 2
