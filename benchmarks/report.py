@@ -347,12 +347,13 @@ def section_fault_injection(path: Path) -> str:
     d = json.loads(path.read_text())
     m = d["machine"]
     yes = {True: "yes", False: "no"}
+    how = " ".join(d["how_loss_is_detected"].split()).replace("* ", "")
     lines = [
         "## Fault injection: nothing saved is lost",
         "",
         f"Command: `python benchmarks/fault_injection.py` (writes `benchmarks/results/fault_injection.json`). Each fault "
         f"is injected into real `critic-align train` runs of the kill/resume command (`{d['command']}`). How loss is "
-        f"detected: {d['how_loss_is_detected']} Machine: {m['cpu_count']} CPU cores, torch {m['torch']}, "
+        f"detected: {how} Machine: {m['cpu_count']} CPU cores, torch {m['torch']}, "
         f"{m['threads']} thread.",
         "",
         f"**Data lost in {d['data_lost_count']} of {d['faults_count']} faults; a clear error (or, for SIGKILL, an exact "
