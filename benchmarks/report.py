@@ -283,7 +283,7 @@ def section_dit_job(path: Path) -> str:
         "`critic-align train --config digits_dit` on this machine (2 CPU cores, shared): the same value pretraining "
         "+ PPO/GAE on the shipped flow-matching digits DiT (`critic_align/assets/digits_dit`, "
         "`DiTTransformer2DModel`), with the SDE form of the rectified-flow sampler (Flow-GRPO, noise level "
-        f"{cfg['eta']}), {cfg['num_inference_steps']} steps, LoRA rank {cfg['lora_rank']} on "
+        f"{cfg.get('sde_noise_level', cfg['eta'])}), {cfg['num_inference_steps']} steps, LoRA rank {cfg['lora_rank']} on "
         f"{', '.join(cfg['lora_target_modules'])}. Files copied from `runs/digits_dit/` to "
         "`benchmarks/results/dit_job/`. Minutes count value pretraining and epochs; wall minutes are `train()`'s "
         "wall time from `summary.json` (n/a where the run predates that field); "

@@ -54,9 +54,11 @@ class PPOConfig:
     num_inference_steps: int = 20
     """T, the denoising steps per trajectory (the MDP's horizon)."""
     eta: float = 1.0
-    """Noise level of the stochastic step; must be > 0 (the policy must be stochastic to have log-probs).
-    DDPM/DDIM-style schedulers: DDIM's η (1.0 is DDPM-like).  Flow-matching schedulers
-    (``FlowMatchEulerDiscreteScheduler``): Flow-GRPO's noise level a in σ_t = a·sqrt(σ/(1−σ)) (they use 0.7)."""
+    """DDIM's η, the noise level of the stochastic step on DDPM/DDIM-style (VP) schedulers; must be > 0 (the policy
+    must be stochastic to have log-probs); 1.0 is DDPM-like.  Unused with flow matching (``sde_noise_level``)."""
+    sde_noise_level: float = 0.7
+    """Flow-matching schedulers (``FlowMatchEulerDiscreteScheduler``) only: the noise level a of the rectified-flow
+    SDE, σ_t = a·sqrt(σ/(1−σ)) (Flow-GRPO uses 0.7); must be > 0.  Unused with VP schedulers (``eta``)."""
     guidance_scale: float = 1.0
     """Classifier-free guidance during rollouts; 1.0 = CFG-free (the core seed's choice)."""
     batch_size: int = 64
@@ -129,7 +131,11 @@ class PPOConfig:
     max_grad_norm: float = 1.0
     """Gradient-norm clip, applied separately to the policy's and the critic's parameters."""
     kl_coef: float = 0.0
-    """Coefficient of the per-step KL to the reference (base) policy, in closed form for Gaussians."""
+    """Coefficient of the per-step KL to the reference (base) policy, in closed form for Gaussians.  Its scale
+    follows ``log_prob_reduction``: with 'mean' the KL is averaged over the D = C·H·W latent dimensions (a
+    per-dimension KL, like the PPO ratio), with 'sum' it is the exact KL, summed, D times larger for the same
+    policies.  So a kl_coef tuned under 'mean' pulls as hard as kl_coef / D under 'sum' (D = 256 on the 16×16
+    digits, 16384 for SD1.5's 4×64×64 latents; Flow-GRPO's KL 0.01 is per dimension, i.e. 'mean')."""
 
     # --- policy LoRA --------------------------------------------------------------------------------
     lora_rank: int = 8
@@ -232,12 +238,14 @@ class PPOConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 _err(name, v, "must be an integer >= 0")
-        for name in ("eta", "guidance_scale", "clip_range", "learning_rate", "critic_learning_rate",
+        for name in ("eta", "sde_noise_level", "guidance_scale", "clip_range", "learning_rate", "critic_learning_rate",
                      "max_grad_norm", "adv_clip_max", "vf_coef", "adam_eps"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
                 _err(name, v, "must be a finite number > 0" + (
-                    " (eta=0 is a deterministic ODE sampler: PPO needs eta > 0, e.g. 1.0)" if name == "eta" else ""))
+                    {"eta": " (eta=0 is a deterministic ODE sampler: PPO needs eta > 0, e.g. 1.0)",
+                     "sde_noise_level": " (0 is the deterministic Euler ODE: PPO needs a stochastic policy, e.g. 0.7)"}
+                    .get(name, "")))
         for name in ("eval_prompts", "eval_per_prompt"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -331,6 +339,31 @@ class PPOConfig:
             _err("output_dir", self.output_dir, "must be a non-empty path string", number=False)
         if not isinstance(self.extra, dict):
             _err("extra", self.extra, "must be a mapping (free-form notes)", number=False)
+
+    def check_run(self, reward_names, num_processes: int = 1, base_dtype: str = "float32") -> None:
+        """The checks that need the run besides the config: its rewards, its number of processes and the base
+        model's dtype.  With ``__post_init__`` (the config alone) the only place a config is checked."""
+        k = len(reward_names)
+        if self.reward_weights is not None and len(self.reward_weights) != k:
+            raise ValueError(f"config.reward_weights has {len(self.reward_weights)} weights for {k} rewards "
+                             f"{list(reward_names)}")
+        if self.advantage == "ddpo" and k > 1 and self.advantage_aggregation != "sum_then_normalize":
+            raise ValueError(
+                f"advantage 'ddpo' with {k} rewards: DDPO's per-prompt tracker normalises one combined reward, so "
+                "set advantage_aggregation: sum_then_normalize (or use 'gae' / 'grpo', which also support "
+                "normalize_then_sum)")
+        if base_dtype != "float32" and self.mixed_precision != "bf16":
+            raise ValueError(f"sd.torch_dtype={base_dtype!r} needs ppo.mixed_precision: bf16 (a half-precision base "
+                             "is run under autocast; LoRA weights, optimiser and log-probs stay float32)")
+        n = num_processes
+        if n > 1 and self.batch_size % n:
+            raise ValueError(f"batch_size={self.batch_size} does not split over {n} processes: use a multiple of {n}")
+        if n > 1 and (self.batch_size // n) % self.sample_chunk_size:
+            local = self.batch_size // n
+            raise ValueError(
+                f"with {n} processes each samples batch_size/{n} = {local} trajectories, and sample_chunk_size="
+                f"{self.sample_chunk_size} must divide that (each chunk has its own noise generator, so a chunk "
+                f"cannot be split between processes); set sample_chunk_size to a divisor of {local}, e.g. {local}")
 
     @property
     def prompts_per_epoch(self) -> int:

@@ -6,9 +6,8 @@ load transformers or a model.  ``train/`` reads YAML and calls these; nothing he
 
 from __future__ import annotations
 
-import math
-
 import importlib
+import math
 
 # reward name -> "module:Class"; keys other than name / weight in a run config go to the constructor
 REWARDS = {

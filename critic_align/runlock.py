@@ -194,13 +194,9 @@ def lock_for(trainer, action: str = "write to") -> None:
             acquire(trainer.out, action)
         except RunLockedError as exc:
             error = exc
-    if trainer.num_processes > 1:
-        import torch.distributed as dist
-
-        flag = [str(error) if error else None]
-        dist.broadcast_object_list(flag, src=0)
-        if flag[0] and error is None:
-            error = RunLockedError(flag[0])
+    message = trainer.processes.share_from_main(str(error) if error else None)
+    if message and error is None:
+        error = RunLockedError(message)
     if error is not None:
         raise error
     trainer._run_locked = True

@@ -507,20 +507,25 @@ class FlowMatchSDEStep:
         return score_guided_output(model_output, grad, "flow", sigma=s)
 
 
-def make_step(scheduler_or_config, eta_or_noise_level: float = 1.0, reduction: str = "sum"):
-    """The stochastic step for a diffusers scheduler (or its config): ``DDIMStep(eta)`` for DDPM/DDIM-style
-    (VP) schedulers, ``FlowMatchSDEStep(noise_level)`` for ``FlowMatchEulerDiscreteScheduler``.
+def is_flow_matching(scheduler_or_config) -> bool:
+    """Whether a diffusers scheduler (or its config) is a flow-matching one (``FlowMatchEulerDiscreteScheduler``).
 
-    The scheduler's class is read from the object or from the config's ``_class_name``; a config without
-    one counts as flow matching when it has a ``shift`` and no betas.
-    """
+    The class is read from the object or from the config's ``_class_name``; a config without one counts as flow
+    matching when it has a ``shift`` and no betas.  Other ``FlowMatch*`` schedulers are refused."""
     config = dict(getattr(scheduler_or_config, "config", scheduler_or_config))
     cls = type(scheduler_or_config).__name__ if hasattr(scheduler_or_config, "config") else config.get("_class_name")
-    is_flow = cls == "FlowMatchEulerDiscreteScheduler" or (
-        cls in (None, "dict", "FrozenDict") and "shift" in config and "beta_schedule" not in config)
     if cls is not None and cls.startswith("FlowMatch") and cls != "FlowMatchEulerDiscreteScheduler":
         raise ValueError(f"scheduler {cls} is not supported; FlowMatchEulerDiscreteScheduler's sigmas are")
-    if is_flow:
+    return cls == "FlowMatchEulerDiscreteScheduler" or (
+        cls in (None, "dict", "FrozenDict") and "shift" in config and "beta_schedule" not in config)
+
+
+def make_step(scheduler_or_config, eta_or_noise_level: float = 1.0, reduction: str = "sum"):
+    """The stochastic step for a diffusers scheduler (or its config): ``DDIMStep(eta)`` for DDPM/DDIM-style
+    (VP) schedulers, ``FlowMatchSDEStep(noise_level)`` for ``FlowMatchEulerDiscreteScheduler``
+    (:func:`is_flow_matching`; a trainer passes its config's ``eta`` or ``sde_noise_level`` accordingly)."""
+    config = dict(getattr(scheduler_or_config, "config", scheduler_or_config))
+    if is_flow_matching(scheduler_or_config):
         return FlowMatchSDEStep(FlowMatchSchedule.from_scheduler(config), noise_level=eta_or_noise_level,
                                 reduction=reduction)
     return DDIMStep(NoiseSchedule.from_scheduler(config), eta=eta_or_noise_level, reduction=reduction)

@@ -24,7 +24,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,19 +47,15 @@ from .checkpoint import CheckpointError, base_digest, load_checkpoint, local_rng
 from .config import PPOConfig
 from .critic import Critic, build_critic
 from .diagnostics import value_report, within_prompt_diversity
+from .distributed import Processes, seed_everything
 from .guard import check_reward_magnitude, check_update, check_weights
 from .losses import ppo_policy_loss, value_loss_per_head
 from .rewards.base import MultiReward
 from .rollout import Rollout, cfg_denoiser, sample, sample_trajectories
 from .runlock import lock_for
-from .steps import gaussian_kl, make_step
+from .steps import gaussian_kl, is_flow_matching, make_step
+from .tasks.base import check_task
 from .value_data import ForwardProcess, ValueBatch, perturbed_states, trajectory_states
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 @dataclass
@@ -97,31 +92,23 @@ class Trainer:
                 "Create the accelerate state for the launch (on CPU: ACCELERATE_USE_CPU=1 or Accelerator(cpu=True)) "
                 "before building the Trainer, or pass it as accelerator="
             )
+        self.processes = Processes(self.accelerator)  # gather / broadcast / gradient sum: critic_align/distributed.py
         self.device = self.accelerator.device
         seed_everything(config.seed)
-        if config.reward_weights is not None and len(config.reward_weights) != len(rewards.names):
-            raise ValueError(
-                f"config.reward_weights has {len(config.reward_weights)} weights for {len(rewards.names)} rewards "
-                f"{list(rewards.names)}"
-            )
+        config.check_run(rewards.names, self.processes.num_processes)
         if config.reward_weights is not None:
             rewards = self.rewards = MultiReward(rewards.rewards, config.reward_weights)
         self.reward_weights = rewards.weights.float()
-        if config.advantage == "ddpo" and len(rewards.names) > 1 and config.advantage_aggregation != "sum_then_normalize":
-            raise ValueError(
-                f"advantage 'ddpo' with {len(rewards.names)} rewards: DDPO's per-prompt tracker normalises one "
-                "combined reward, so set advantage_aggregation: sum_then_normalize (or use 'gae' / 'grpo', which "
-                "also support normalize_then_sum)"
-            )
 
-        # DDIMStep for DDPM/DDIM-style schedulers, FlowMatchSDEStep (eta = Flow-GRPO's noise level) for flow matching
-        self.step = make_step(scheduler, config.eta, config.log_prob_reduction)
+        # DDIMStep(eta) for DDPM/DDIM-style schedulers, FlowMatchSDEStep(sde_noise_level) for flow matching
+        noise = config.sde_noise_level if is_flow_matching(scheduler) else config.eta
+        self.step = make_step(scheduler, noise, config.log_prob_reduction)
         self.schedule = self.step.schedule
         self.timesteps = self.schedule.timesteps(config.num_inference_steps)
         self.prev_timesteps = self.schedule.prev_timesteps(self.timesteps)
 
-        if hasattr(task, "to"):  # e.g. a pipeline task's frozen text encoders and VAE
-            task.to(self.device)
+        check_task(task)
+        task.to(self.device)  # e.g. a pipeline task's frozen text encoders and VAE
         self.adapter = adapter.to(self.device)
         self.adapter.requires_grad_(False)
         self.adapters = LoraAdapters(adapter.model, fused=config.fused_lora)
@@ -169,78 +156,21 @@ class Trainer:
     # processes
     @property
     def num_processes(self) -> int:
-        return self.accelerator.num_processes
+        return self.processes.num_processes
 
     @property
     def rank(self) -> int:
-        return self.accelerator.process_index
+        return self.processes.rank
 
     @property
     def is_main_process(self) -> bool:
-        return self.accelerator.is_main_process
+        return self.processes.is_main_process
 
     def _setup_processes(self) -> None:
-        """Check that the batch splits evenly over processes and start every process from rank 0's weights."""
-        cfg, n = self.config, self.num_processes
+        """Start every process from rank 0's weights (the batch split was checked by ``config.check_run``)."""
         params = {id(p): p for p in self.policy_params + self.critic_params}
         self._trainable = list(params.values())
-        if n == 1:
-            return
-        if cfg.batch_size % n:
-            raise ValueError(f"batch_size={cfg.batch_size} does not split over {n} processes: use a multiple of {n}")
-        local = cfg.batch_size // n
-        if local % cfg.sample_chunk_size:
-            raise ValueError(
-                f"with {n} processes each samples batch_size/{n} = {local} trajectories, and sample_chunk_size="
-                f"{cfg.sample_chunk_size} must divide that (each chunk has its own noise generator, so a chunk "
-                f"cannot be split between processes); set sample_chunk_size to a divisor of {local}, e.g. {local}"
-            )
-        import torch.distributed as dist
-
-        with torch.no_grad():
-            for t in self._trainable + list(self.critic.head.buffers() if self.critic else []):
-                dist.broadcast(t.data, src=0)
-
-    def _shard(self, n: int) -> slice:
-        """This process's contiguous share of ``n`` rows (``n`` divisible by the number of processes)."""
-        per = n // self.num_processes
-        return slice(self.rank * per, (self.rank + 1) * per)
-
-    def _gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate every process's ``t`` along dim 0, in rank order (identical shapes)."""
-        if self.num_processes == 1:
-            return t
-        import torch.distributed as dist
-
-        parts = [torch.empty_like(t) for _ in range(self.num_processes)]
-        dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts)
-
-    def _gather_objects(self, obj) -> list:
-        if self.num_processes == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        out = [None] * self.num_processes
-        dist.all_gather_object(out, obj)
-        return out
-
-    def _sync_grads(self) -> None:
-        """Sum the gradients of every trainable parameter over processes (one flat all-reduce)."""
-        if self.num_processes == 1:
-            return
-        import torch.distributed as dist
-
-        # a parameter no process computed a gradient for keeps grad None, as with one process: the optimiser
-        # then skips it (a zero gradient would still decay its weights and advance its Adam moments)
-        has = torch.tensor([float(p.grad is not None) for p in self._trainable])
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._trainable]
-        flat = torch.cat([has] + [g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        offset = len(self._trainable)
-        for i, p in enumerate(self._trainable):
-            p.grad = flat[offset:offset + p.numel()].view_as(p).clone() if flat[i] > 0 else None
-            offset += p.numel()
+        self.processes.broadcast_(self._trainable + list(self.critic.head.buffers() if self.critic else []))
 
     def autocast(self):
         """bf16 autocast for forwards when ``mixed_precision='bf16'``; otherwise a no-op."""
@@ -282,7 +212,7 @@ class Trainer:
         # one noise seed per chunk, drawn by every process: a trajectory's noise does not depend on the
         # number of processes, and the processes' generators stay identical
         seeds = torch.randint(0, 2**62, (math.ceil(len(prompts) / c),), generator=gen).tolist()
-        mine = self._shard(len(prompts))
+        mine = self.processes.shard(len(prompts))
         chunks = []
         for j, i in enumerate(range(mine.start, mine.stop, c), start=mine.start // c):
             sl = slice(i, min(i + c, mine.stop))
@@ -296,8 +226,8 @@ class Trainer:
         ro.rewards = self.rewards(ro.samples, ro.prompts).to(self.device)
         check_reward_magnitude(ro.rewards, self.rewards.names)
         if self.num_processes > 1:  # every process gets the whole batch
-            ro.latents, ro.log_probs = self._gather(ro.latents), self._gather(ro.log_probs)
-            ro.samples, ro.rewards = self._gather(ro.samples), self._gather(ro.rewards)
+            ro.latents, ro.log_probs = self.processes.gather(ro.latents), self.processes.gather(ro.log_probs)
+            ro.samples, ro.rewards = self.processes.gather(ro.samples), self.processes.gather(ro.rewards)
             ro.cond, ro.prompts = cond, prompts
             ro.validate()
         if count:
@@ -307,7 +237,7 @@ class Trainer:
     @torch.no_grad()
     def compute_values(self, ro: Rollout, chunk: int = 512) -> torch.Tensor:
         """(B, T, K) critic values at every state before a step, batched over (trajectory, step) pairs."""
-        mine = self._shard(ro.batch_size)  # each process scores its share of the trajectories
+        mine = self.processes.shard(ro.batch_size)  # each process scores its share of the trajectories
         b, t = mine.stop - mine.start, ro.num_steps
         x = ro.latents[mine, :-1].reshape(b * t, *ro.latents.shape[2:])
         ts = ro.timesteps.to(self.device).repeat(b)
@@ -315,7 +245,7 @@ class Trainer:
         with self.autocast():
             out = [self.critic(x[i:i + chunk], ts[i:i + chunk], None if cond is None else cond[i:i + chunk])
                    for i in range(0, b * t, chunk)]
-        return self._gather(torch.cat(out).view(b, t, -1).float())
+        return self.processes.gather(torch.cat(out).view(b, t, -1).float())
 
     # ------------------------------------------------------------------------------------------------
     # advantages
@@ -507,11 +437,11 @@ class Trainer:
                 self.accelerator.backward(loss * (len(part) / len(mb)))
                 parts.append((len(part), stats))
             parts_per_mb.append(parts)
-            self._sync_grads()
+            self.processes.sum_gradients(self._trainable)
             for k, v in self._optimizer_step([st for _, st in parts]).items():
                 norms.setdefault(k, []).append(v)
         per_mb = [[p for rank_parts in all_parts for p in rank_parts]
-                  for all_parts in zip(*self._gather_objects(parts_per_mb))]
+                  for all_parts in zip(*self.processes.gather_objects(parts_per_mb))]
         collected: dict[str, list] = {}
         for parts in per_mb:
             for k, v in _combine_stats(parts).items():
@@ -596,8 +526,8 @@ class Trainer:
         for k, name in enumerate(self.rewards.names):
             out[f"eval/reward/{name}"] = float(torch.nanmean(ro.rewards[:, k].float()))
         if self.eval_rewards is not None:
-            mine = self._shard(ro.batch_size)
-            extra = self._gather(self.eval_rewards(ro.samples[mine], ro.prompts[mine]).to(self.device))
+            mine = self.processes.shard(ro.batch_size)
+            extra = self.processes.gather(self.eval_rewards(ro.samples[mine], ro.prompts[mine]).to(self.device))
             for k, name in enumerate(self.eval_rewards.names):
                 out[f"eval/reward/{name}"] = float(torch.nanmean(extra[:, k].float()))
         out.update({f"eval/diversity/{k}": v for k, v in within_prompt_diversity(ro.samples, ro.prompts).items()})
@@ -638,8 +568,8 @@ class Trainer:
             out[f"reward/{name}/mean"] = col.mean().item() if col.numel() else float("nan")
             out[f"reward/{name}/std"] = col.std(unbiased=False).item() if col.numel() else float("nan")
         if self.eval_rewards is not None:
-            mine = self._shard(ro.batch_size)
-            extra = self._gather(self.eval_rewards(ro.samples[mine], ro.prompts[mine]).to(self.device))
+            mine = self.processes.shard(ro.batch_size)
+            extra = self.processes.gather(self.eval_rewards(ro.samples[mine], ro.prompts[mine]).to(self.device))
             for k, name in enumerate(self.eval_rewards.names):
                 col = extra[:, k].float()
                 col = col[~torch.isnan(col)]
@@ -728,17 +658,17 @@ class Trainer:
         if not self.is_main_process:
             return None
         # a task may show only some prompts, unscaled (e.g. 512-pixel Stable Diffusion images)
-        rows = list(getattr(self.task, "grid_prompts", self.task.prompts))
+        rows = list(self.task.grid_prompts)
         prompts = [p for p in rows for _ in range(per_prompt)]
         return save_grid(self.sample(prompts, use_policy=use_policy), path, nrow=per_prompt, labels=rows,
-                         scale=getattr(self.task, "grid_scale", 4))
+                         scale=self.task.grid_scale)
 
     def save(self) -> Path | None:
         """Checkpoint into ``output_dir/checkpoints`` (call it on every process: RNG states are gathered; the
         main process writes and returns the path, the others return None).  A failed write raises a
         :class:`CheckpointError` on every process, so none waits forever for the others."""
         check_weights(self, "before writing a checkpoint")  # never checkpoint non-finite weights
-        states = self._gather_objects(local_rng_state(self))
+        states = self.processes.gather_objects(local_rng_state(self))
         path, error = None, None
         if self.is_main_process:
             metrics = self.out / "metrics.jsonl"
@@ -747,13 +677,9 @@ class Trainer:
                                        rng_states=states, metrics_bytes=metrics.stat().st_size if metrics.exists() else 0)
             except CheckpointError as exc:
                 error = exc
-        if self.num_processes > 1:
-            import torch.distributed as dist
-
-            flag = [str(error) if error else None]
-            dist.broadcast_object_list(flag, src=0)
-            if flag[0] and error is None:
-                raise CheckpointError(f"the main process could not write the checkpoint: {flag[0]}")
+        message = self.processes.share_from_main(str(error) if error else None)
+        if message and error is None:
+            raise CheckpointError(f"the main process could not write the checkpoint: {message}")
         if error is not None:
             raise error
         return path

@@ -72,7 +72,7 @@ def test_named_config_builds_a_flow_matching_trainer(tiny_run, tmp_path):
     from critic_align.steps import FlowMatchSDEStep
 
     run = load_run_config("digits_dit", {"output_dir": str(tmp_path / "r"), "progress": False})
-    assert run["task"] == "digits_dit" and run["ppo"].advantage == "gae" and run["ppo"].eta == 0.7
+    assert run["task"] == "digits_dit" and run["ppo"].advantage == "gae" and run["ppo"].sde_noise_level == 0.7
     run["base_model"] = str(tiny_run)
     tr = build_trainer(run)
     assert isinstance(tr.adapter, DiTAdapter) and isinstance(tr.step, FlowMatchSDEStep)

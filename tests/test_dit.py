@@ -13,6 +13,7 @@ from critic_align.backbones import DiTAdapter, LoraAdapters
 from critic_align.cond import TextCond
 from critic_align.critic import build_critic
 from critic_align.rollout import Rollout, cfg_denoiser
+from critic_align.tasks.base import BaseTask
 
 # SD3.5-medium's transformer config (stabilityai/stable-diffusion-3.5-medium, transformer/config.json)
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
@@ -194,7 +195,7 @@ def test_sd35_medium_full_size_shapes_on_meta_device():
     assert time.time() - t0 < 10
 
 
-class _TinyDigits:
+class _TinyDigits(BaseTask):
     name = "tiny"
     prompts = ("0", "1", "2", "3")
     latent_shape = (1, 8, 8)
@@ -221,7 +222,7 @@ def test_trainer_runs_ppo_gae_on_a_flow_matching_dit(tmp_path):
         target = torch.tensor([int(p) / 3 * 2 - 1 for p in prompts])
         return -(samples.mean(dim=(1, 2, 3)) - target).abs()
 
-    cfg = PPOConfig(num_epochs=1, batch_size=8, group_size=4, num_inference_steps=4, minibatch_size=16, eta=0.7,
+    cfg = PPOConfig(num_epochs=1, batch_size=8, group_size=4, num_inference_steps=4, minibatch_size=16, sde_noise_level=0.7,
                     value_pretrain_epochs=1, value_pretrain_passes=1, output_dir=str(tmp_path / "run"), progress=False,
                     log_tensorboard=False, grid_every=0, checkpoint_every=1, lora_rank=2, critic_lora_rank=2,
                     value_head_hidden=16, value_head_heads=2, clip_range=0.2,

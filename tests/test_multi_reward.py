@@ -15,6 +15,7 @@ from critic_align.backbones import UNetAdapter
 from critic_align.config import PPOConfig
 from critic_align.losses import value_loss, value_loss_per_head
 from critic_align.rewards import FunctionReward, MultiReward
+from critic_align.tasks.base import BaseTask
 from critic_align.trainer import Trainer
 
 S101 = math.sqrt(101.0)
@@ -102,7 +103,7 @@ def test_value_loss_is_mean_of_per_head_masked_means():
 
 # ------------------------------------------------------------------------------------------------------
 # the trainer, on a tiny class-conditional UNet
-class TinyTask:
+class TinyTask(BaseTask):
     prompts = ("0", "1", "2", "3")
     latent_shape = (1, 8, 8)
 

@@ -62,6 +62,43 @@ def test_shared_critic_value_pretraining_leaves_the_policy_alone(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(head, tr.critic.head.parameters()))
 
 
+# 3 ---------------------------------------------------------------------------------------------------------
+def test_gradient_sum_buffer_is_on_the_gradients_device(monkeypatch):
+    """The all-reduce gets one flat buffer on the parameters' device (NCCL needs CUDA tensors; torch.cat refuses
+    to mix devices).  Parameters on the meta device stand in for CUDA on a machine without one."""
+    from critic_align import distributed
+
+    params = [torch.nn.Parameter(torch.zeros(3, device="meta")), torch.nn.Parameter(torch.zeros(2, device="meta"))]
+    params[0].grad = torch.zeros(3, device="meta")
+    seen = []
+
+    class Reached(Exception):
+        pass
+
+    def fake_sum(t):
+        seen.append(t.device)
+        raise Reached
+
+    monkeypatch.setattr(distributed, "_all_reduce_sum", fake_sum)
+    with pytest.raises(Reached):
+        distributed.sum_gradients(params, num_processes=2)
+    assert seen == [torch.device("meta")]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_gradient_sum_keeps_none_and_sums_on_the_device(device, monkeypatch):
+    """Two identical processes, simulated by an all-reduce that doubles: gradients double, None stays None."""
+    from critic_align import distributed
+
+    monkeypatch.setattr(distributed, "_all_reduce_sum", lambda t: 2 * t)
+    a, b = torch.nn.Parameter(torch.ones(3, device=device)), torch.nn.Parameter(torch.ones(2, 2, device=device))
+    a.grad = torch.arange(3.0, device=device)
+    distributed.sum_gradients([a, b], num_processes=2)
+    assert b.grad is None and a.grad.device.type == device
+    torch.testing.assert_close(a.grad, 2 * torch.arange(3.0, device=device))
+
+
 # 4 ---------------------------------------------------------------------------------------------------------
 def test_grpo_with_groups_of_one_is_refused():
     from critic_align.config import PPOConfig
@@ -166,3 +203,49 @@ def test_sample_options_have_help():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     missing = [a.option_strings[0] for a in sub.choices["sample"]._actions if a.option_strings and not a.help]
     assert missing == []
+
+
+# config: DDIM's eta and the flow SDE's noise level are two fields --------------------------------------------
+def test_eta_is_ddim_only_and_sde_noise_level_is_flow_only(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from test_dit import _TinyDigits, tiny_dit
+
+    from critic_align.backbones import DiTAdapter
+    from critic_align.config import PPOConfig
+    from critic_align.rewards import FunctionReward, MultiReward
+    from critic_align.trainer import Trainer
+
+    vp = make_trainer(tmp_path / "vp", eta=0.5, sde_noise_level=0.3)
+    assert vp.step.eta == 0.5
+    cfg = PPOConfig(batch_size=8, group_size=4, eta=0.5, sde_noise_level=0.3, output_dir=str(tmp_path / "flow"),
+                    lora_target_modules=("to_q", "to_k"), progress=False)
+    reward = MultiReward([FunctionReward(lambda s, p: s.mean(dim=(1, 2, 3)), name="mean")])
+    flow = Trainer(cfg, _TinyDigits(), DiTAdapter(tiny_dit()), FlowMatchEulerDiscreteScheduler(), reward)
+    assert flow.step.noise_level == 0.3
+
+    with pytest.raises(ValueError, match="sde_noise_level=0"):
+        PPOConfig(sde_noise_level=0.0)
+
+
+# the Task protocol ----------------------------------------------------------------------------------------------
+def test_a_task_missing_protocol_members_is_refused_by_name(tmp_path):
+    from test_trainer import TinyTask, tiny_unet
+
+    from critic_align.tasks.base import BaseTask, Task
+
+    class Bare:  # the three methods and two attributes, without BaseTask's defaults
+        prompts, latent_shape = TinyTask.prompts, TinyTask.latent_shape
+        encode, null_cond, decode = TinyTask.encode, TinyTask.null_cond, TinyTask.decode
+
+    assert isinstance(TinyTask(), Task) and not isinstance(Bare(), Task) and issubclass(TinyTask, BaseTask)
+    from diffusers import DDPMScheduler
+
+    from critic_align.backbones import UNetAdapter
+    from critic_align.config import PPOConfig
+    from critic_align.rewards import FunctionReward, MultiReward
+    from critic_align.trainer import Trainer
+
+    with pytest.raises(TypeError, match=r"lacks \['to', 'grid_prompts', 'grid_scale'\]"):
+        Trainer(PPOConfig(batch_size=8, group_size=4, output_dir=str(tmp_path)), Bare(), UNetAdapter(tiny_unet()),
+                DDPMScheduler(num_train_timesteps=100), MultiReward([FunctionReward(lambda s, p: s.mean((1, 2, 3)),
+                                                                                   name="m")]))

@@ -324,7 +324,7 @@ def test_sd3_one_epoch_only_lora_changes_and_lora_roundtrip(tmp_path):
     pipe.save_pretrained(tmp_path / "base")
     task = StableDiffusionTask(pipe, PROMPTS, max_sequence_length=8)
     rewards = MultiReward([JpegCompressibility(), FunctionReward(brightness, name="brightness")])
-    cfg = small_config(tmp_path, eta=0.7, lora_target_modules=SD3_LORA_TARGETS, lora_alpha=4.0)
+    cfg = small_config(tmp_path, sde_noise_level=0.7, lora_target_modules=SD3_LORA_TARGETS, lora_alpha=4.0)
     trainer = Trainer(cfg, task, task.backbone(), task.scheduler, rewards)
     assert isinstance(trainer.step, FlowMatchSDEStep)
     before_frozen = frozen_snapshot(pipe, "transformer")

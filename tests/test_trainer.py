@@ -13,10 +13,11 @@ from critic_align.backbones import UNetAdapter
 from critic_align.checkpoint import CheckpointError, latest_checkpoint
 from critic_align.config import PPOConfig
 from critic_align.rewards import FunctionReward, MultiReward
+from critic_align.tasks.base import BaseTask
 from critic_align.trainer import Trainer
 
 
-class TinyTask:
+class TinyTask(BaseTask):
     name = "tiny"
     prompts = ("0", "1", "2", "3")
     latent_shape = (1, 8, 8)

@@ -159,7 +159,7 @@ def cmd_sample(args) -> int:
     import torch
 
     from critic_align.rollout import cfg_denoiser, sample
-    from critic_align.steps import make_step
+    from critic_align.steps import is_flow_matching, make_step
     from critic_align.tasks.digits import BASE_MODEL_DIR, NULL_CLASS, load_digits_model
     from critic_align.viz import save_grid
 
@@ -187,7 +187,8 @@ def cmd_sample(args) -> int:
             raise SystemExit("--model and --run exclude each other: a run's policy LoRA belongs to the run's base model")
         cfg = run["ppo"]
         model, scheduler = resolve(DIGITS_TASKS[run["task"]][1])(run.get("base_model"))
-        steps, noise, guidance, out = cfg.num_inference_steps, cfg.eta, cfg.guidance_scale, run_dir / "samples.png"
+        noise = cfg.sde_noise_level if is_flow_matching(scheduler) else cfg.eta
+        steps, guidance, out = cfg.num_inference_steps, cfg.guidance_scale, run_dir / "samples.png"
         tensors, _ = read_checkpoint(ckpt)
         adapters = LoraAdapters(model, fused=cfg.fused_lora)
         adapters.add("policy", rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules)
@@ -199,7 +200,7 @@ def cmd_sample(args) -> int:
     steps = args.steps if args.steps is not None else steps
     noise = args.eta if args.eta is not None else noise
     guidance = args.guidance_scale if args.guidance_scale is not None else guidance
-    step = make_step(scheduler, noise)  # DDIM (eta) or the flow-matching SDE (eta = its noise level)
+    step = make_step(scheduler, noise)  # DDIM (eta) or the flow-matching SDE (its noise level)
 
     def den(x, t, c):
         return model(x, t, class_labels=c, return_dict=False)[0]
@@ -267,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "critic_align/assets/digits_dit")
     p.add_argument("--run", default=None, help="a run directory or checkpoint: its policy LoRA, base model and sampler")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the run's; 50 without --run)")
-    p.add_argument("--eta", type=float, default=None, help="noise level: DDIM's eta or the flow SDE's; 0 = the "
-                   "deterministic DDIM / Euler ODE (default: the run's; 0 without --run)")
+    p.add_argument("--eta", type=float, default=None, help="noise level: DDIM's eta or the flow SDE's noise level; 0 = "
+                   "the deterministic DDIM / Euler ODE (default: the run's eta / sde_noise_level; 0 without --run)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance scale (default: the run's; 1 = none without --run)")
     p.add_argument("--per-class", type=int, default=8, help="samples per digit (default %(default)s)")

@@ -130,9 +130,7 @@ def build_sd_task(run: dict):
     if not prompts:
         raise ValueError(f"task {task_name!r} needs prompts: a list of strings or a text file with one per line")
     torch_dtype = opts.pop("torch_dtype", "float32")
-    if torch_dtype != "float32" and run["ppo"].mixed_precision != "bf16":
-        raise ValueError(f"sd.torch_dtype={torch_dtype!r} needs ppo.mixed_precision: bf16 (a half-precision base is run "
-                         "under autocast; LoRA weights, optimiser and log-probs stay float32)")
+    run["ppo"].check_run(build_rewards(run.get("rewards")).names, base_dtype=torch_dtype)  # before loading weights
     model_path = run["model_path"]
     beside = Path(run["_path"]).parent / model_path if run.get("_path") else None
     if not Path(model_path).is_absolute() and not Path(model_path).exists() and beside is not None and beside.exists():

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .base import BaseTask
+
 IMAGE_SIZE = 16
 NUM_CLASSES = 10
 NULL_CLASS = 10  # extra class embedding used for the unconditional branch (CFG dropout)
@@ -206,7 +208,7 @@ def load_digit_classifier(path: str | Path | None = None, device="cpu") -> Digit
     return model.to(device).eval().requires_grad_(False)
 
 
-class DigitsTask:
+class DigitsTask(BaseTask):
     """The digits task's prompt source, conditioning and decoding (pixel space: decode is identity).
 
     Prompts are the strings "0".."9"; the conditioning is the class label; the null conditioning

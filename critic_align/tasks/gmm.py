@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .base import BaseTask
+
 __all__ = ["GaussianMixture", "LinearReward", "BoxReward", "GMMTask", "AnalyticEpsilon", "default_mixture",
            "grid_density", "sample_tilted_bounded"]
 
@@ -306,7 +308,7 @@ def make_scheduler(num_train_timesteps: int = 1000):
                          prediction_type="epsilon", timestep_spacing="trailing")
 
 
-class GMMTask:
+class GMMTask(BaseTask):
     """The vector-data task for :class:`critic_align.trainer.Trainer`: samples are (B, 2), unconditional.
 
     ``prompts = ("",)``, ``encode`` returns None (no conditioning; use guidance_scale 1.0), ``decode`` is

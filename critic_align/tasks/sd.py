@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..cond import TextCond
+from .base import BaseTask
 
 PIPELINE_KINDS = ("sd15", "sd3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -108,7 +109,7 @@ def load_pipeline(model_path: str | os.PathLike, kind: str, torch_dtype: str = "
         ) from exc
 
 
-class StableDiffusionTask:
+class StableDiffusionTask(BaseTask):
     """A Stable Diffusion 1.5 or 3.x pipeline as a trainer task.
 
     pipe: a ``StableDiffusionPipeline`` or ``StableDiffusion3Pipeline`` (see :func:`load_pipeline`).
