@@ -45,6 +45,25 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss, gradient or weight; nothing non-finite was saved."""
+
+
+def nonfinite_weights(trainer) -> dict[str, list[str]]:
+    """{"policy": [names], "critic": [names]} of trainable tensors holding a NaN or inf (empty lists: all finite)."""
+    with torch.no_grad():
+        params = trainer.policy_params + trainer.critic_params
+        if not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # one device sync
+            return {}
+        out = {}
+        policy = trainer.adapters.state_dict("policy")
+        out["policy"] = [k for k, v in policy.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if trainer.critic is not None:
+            out["critic"] = [k for k, v in trainer.critic.state_tensors().items()
+                             if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        return {k: v for k, v in out.items() if v} or {"trainable": ["(a parameter outside the saved tensors)"]}
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(str(path), os.O_RDONLY)
@@ -213,8 +232,6 @@ def save_checkpoint(trainer, directory, keep_last: int = 2, rng_states: list[dic
     touched, and a :class:`CheckpointError` says what happened and what to do.
     """
     from safetensors.torch import save_file
-
-    from .guard import DivergenceError, nonfinite_weights
 
     directory = Path(directory)
     bad = nonfinite_weights(trainer)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import DivergenceError, latest_checkpoint, nonfinite_weights  # noqa: F401 (re-exported)
+
 # Rewards above this magnitude are refused.  The value loss squares (value - return) in float32 and sums the
 # squares over a minibatch; returns are up to |r| and a critic fitting them outputs values of the same scale,
 # so one square is up to (2·|r|)².  At |r| = 1e15 that is 4e30, leaving float32's maximum (3.4e38) a factor of
@@ -30,10 +32,6 @@ import torch
 MAX_ABS_REWARD = 1e15
 
 
-class DivergenceError(RuntimeError):
-    """Training produced a non-finite loss, gradient or weight; nothing non-finite was saved."""
-
-
 def _phase(trainer) -> str:
     if trainer.critic is not None and not trainer.pretrained_value:
         return "during value pretraining (before epoch 1)"
@@ -41,8 +39,6 @@ def _phase(trainer) -> str:
 
 
 def _last_good(trainer) -> str:
-    from .checkpoint import latest_checkpoint
-
     ckpt = latest_checkpoint(Path(trainer.out) / "checkpoints")
     if ckpt is None:
         return "no checkpoint was written before it (nothing saved was lost); start again once the cause is fixed"
@@ -79,21 +75,6 @@ def check_update(trainer, losses: list[dict], grad_norms: dict) -> None:
         parts = [f"the {k} is {v}" for k, v in bad_losses.items()]
         parts += [f"the gradient norm of the {k.removeprefix('grad_norm_')} is {v}" for k, v in bad_norms.items()]
         _raise(trainer, ", ".join(parts) + " (the step was not taken)")
-
-
-def nonfinite_weights(trainer) -> dict[str, list[str]]:
-    """{"policy": [names], "critic": [names]} of trainable tensors holding a NaN or inf (empty lists: all finite)."""
-    with torch.no_grad():
-        params = trainer.policy_params + trainer.critic_params
-        if not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # one device sync
-            return {}
-        out = {}
-        policy = trainer.adapters.state_dict("policy")
-        out["policy"] = [k for k, v in policy.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if trainer.critic is not None:
-            out["critic"] = [k for k, v in trainer.critic.state_tensors().items()
-                             if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        return {k: v for k, v in out.items() if v} or {"trainable": ["(a parameter outside the saved tensors)"]}
 
 
 def check_weights(trainer, when: str = "after the optimiser step") -> None:
