@@ -346,12 +346,8 @@ class Trainer:
             with self.autocast():
                 if shared_feats is not None:
                     v = self.critic.head(shared_feats)
-                elif self.critic.mode == "shared" and not train_policy:
-                    # value-only update (pretraining): the shared trunk is the policy, so only the head learns;
-                    # a gradient through the trunk would be an unclipped policy step before PPO starts
-                    with torch.no_grad():
-                        feats = self.critic.features(x_t, t, cond)
-                    v = self.critic.head(feats)
+                elif not train_policy:
+                    v = self._values_for_value_step(x_t, t, cond)
                 else:
                     v = self.critic(x_t, t, cond)
             v_loss, vstats = self._value_loss(v.float(), ro.values[bi, ki] if ro.values is not None else None,
@@ -374,12 +370,21 @@ class Trainer:
         stats.update({f"{prefix}/{name}": lk for name, lk in zip(self.rewards.names, per_head.tolist())})
         return loss, stats
 
+    def _values_for_value_step(self, x, t, cond) -> torch.Tensor:
+        """Critic values for a value-only optimiser step.  A shared critic's trunk is the policy: only its head
+        learns here (a gradient through the trunk would be an unclipped policy step, e.g. before PPO starts)."""
+        if self.critic.mode != "shared":
+            return self.critic(x, t, cond)
+        with torch.no_grad():
+            feats = self.critic.features(x, t, cond)
+        return self.critic.head(feats)
+
     def value_batch_loss(self, vb: ValueBatch, rows: torch.Tensor, coef: float = 1.0, prefix: str = "value_loss"):
         """Value loss on ``rows`` of a :class:`ValueBatch`; no clipping reference (value pretraining fits a critic from
         scratch, and perturbed states have no rollout value to clip around)."""
         x, t, cond, returns, mask = vb.rows(rows)
         with self.autocast():
-            v = self.critic(x, t, cond).float()
+            v = self._values_for_value_step(x, t, cond).float()
         loss, stats = self._value_loss(v, None, returns, mask, prefix=prefix)
         return coef * loss, stats
 
