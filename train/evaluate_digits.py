@@ -23,6 +23,8 @@ from critic_align.rollout import cfg_denoiser, sample
 from critic_align.steps import FlowMatchSDEStep, make_step
 from critic_align.tasks.digits import BASE_MODEL_DIR, NULL_CLASS, NUM_CLASSES, load_digit_classifier, load_digits_model
 
+from .command import standalone
+
 
 def evaluate(model_dir, per_class: int = 100, steps=(20, 50), guidance_scale: float = 1.0, eta: float = 0.0,
              seed: int = 0, batch: int = 500) -> dict:
@@ -177,10 +179,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="critic-align evaluate-digits", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return standalone("critic-align evaluate-digits", __doc__, add_arguments, run, argv)
 
 
 def run(args) -> dict:

@@ -23,6 +23,8 @@ from critic_align.rewards.composition import ATTRIBUTES, judge_compositions
 from critic_align.tasks.digits import load_digit_classifier
 from critic_align.tasks.sd import load_pipeline, read_prompts
 
+from .command import standalone
+
 SHOWCASE = ("a red 3", "two blue 7s", "three green 0s", "a yellow 5", "a red 3 left of a blue 7",
             "a yellow 5 above a green 2", "a blue 1 below a red 8", "a green 9 right of a yellow 4")
 
@@ -151,10 +153,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="critic-align evaluate-t2i", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return standalone("critic-align evaluate-t2i", __doc__, add_arguments, run, argv)
 
 
 def run(args) -> dict:

@@ -21,12 +21,19 @@ from tqdm import tqdm
 
 from critic_align.tasks.digits import NULL_CLASS, load_digits_dataset, scheduler_config, unet_config
 
+from .command import standalone
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/digits_unet",
-                   help="output directory (default %(default)s; the shipped model is critic_align/assets/digits_unet)")
-    p.add_argument("--steps", type=int, default=2000, help="optimiser steps (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per step (default %(default)s)")
+    add_fit_arguments(p, "digits_unet", steps=2000, batch_size=128)
+
+
+def add_fit_arguments(p: argparse.ArgumentParser, model: str, steps: int, batch_size: int) -> None:
+    """The options of :func:`fit_digits_model`, shared by both digits models (``model``: the asset's name)."""
+    p.add_argument("--out", default=f"runs/{model}",
+                   help=f"output directory (default %(default)s; the shipped model is critic_align/assets/{model})")
+    p.add_argument("--steps", type=int, default=steps, help="optimiser steps (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="images per step (default %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default %(default)s)")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default %(default)s)")
     p.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay of the saved weights (default %(default)s)")
@@ -36,10 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> Path:
-    p = argparse.ArgumentParser(prog="critic-align pretrain-digits", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return standalone("critic-align pretrain-digits", __doc__, add_arguments, run, argv)
 
 
 def run(args) -> Path:

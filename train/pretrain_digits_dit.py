@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from critic_align.tasks.digits import dit_config, flow_scheduler_config, load_digits_dataset
 
-from .pretrain_digits import fit_digits_model
+from .command import standalone
+from .pretrain_digits import add_fit_arguments, fit_digits_model
 
 
 def build_dit(seed: int = 0):
@@ -80,25 +81,13 @@ def flow_matching_loss(model, x0, y, sigma, noise, num_train_timesteps: int = 10
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/digits_dit",
-                   help="output directory (default %(default)s; the shipped model is critic_align/assets/digits_dit)")
-    p.add_argument("--steps", type=int, default=1500, help="optimiser steps (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per step (default %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default %(default)s)")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default %(default)s)")
-    p.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay of the saved weights (default %(default)s)")
-    p.add_argument("--cond-dropout", type=float, default=0.1, help="label dropout for CFG (default %(default)s)")
+    add_fit_arguments(p, "digits_dit", steps=1500, batch_size=64)
     p.add_argument("--t-sampling", default="uniform", choices=["uniform", "logit_normal"],
                    help="distribution of the training σ (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and batches (default %(default)s)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
 
 
 def main(argv=None) -> Path:
-    p = argparse.ArgumentParser(prog="critic-align pretrain-digits-dit", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return standalone("critic-align pretrain-digits-dit", __doc__, add_arguments, run, argv)
 
 
 def run(args) -> Path:

@@ -20,6 +20,8 @@ from tqdm import tqdm
 
 from critic_align.tasks.digits import DigitClassifier, load_digits_dataset, train_val_split
 
+from .command import standalone
+
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     b = x.shape[0]
@@ -61,10 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="critic-align train-classifier", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return standalone("critic-align train-classifier", __doc__, add_arguments, run, argv)
 
 
 def run(args) -> dict:

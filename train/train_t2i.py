@@ -39,6 +39,7 @@ from critic_align.tasks.composition import (
     vocabulary_words,
 )
 
+from .command import standalone
 from .pretrain_digits import _options
 
 MAX_TOKENS = 16  # a relation prompt is 8 words + start + end
@@ -298,10 +299,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> Path:
-    p = argparse.ArgumentParser(prog="critic-align pretrain-t2i", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return standalone("critic-align pretrain-t2i", __doc__, add_arguments, run, argv)
 
 
 def run(args) -> Path:
