@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 
-def _f(x, digits=3):
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{x:.{digits}f}"
-
-
 def section_critic_quality(path: Path) -> str:
+    from benchmarks.report import _fmt as _f  # report.py imports this module: take its formatter at call time
+
     d = json.loads(path.read_text())
     a = d["args"]
     table = d["table"]
