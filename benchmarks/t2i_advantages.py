@@ -187,6 +187,11 @@ def section(path: Path) -> str:
                       f"({f(reach['grpo_final_train_reward'])}, 3-epoch moving average): per seed {per_seed}; median: "
                       + ("not reached within the budget" if math.isinf(frac) else f"{f(frac, 2)} × the budget")
                       + " (goal: ≤ 0.5×)."]
+        grpo_first = float(np.mean([r["curve"][0]["reward"] for r in data["runs"] if r["mode"] == "grpo"]))
+        if reach["grpo_final_train_reward"] <= grpo_first:
+            lines += ["", f"Caveat: GRPO's training reward did not rise at this budget (first epoch {f(grpo_first)}, "
+                          f"last 3 epochs {f(reach['grpo_final_train_reward'])}), so reaching it says nothing about "
+                          "GAE's efficiency; a larger budget is needed for this comparison."]
     lines += ["", "![t2i advantages](benchmarks/results/t2i_advantages.png)", ""]
     return "\n".join(lines)
 
