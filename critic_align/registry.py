@@ -31,8 +31,11 @@ DIGITS_TASKS = {
     "digits_dit": ("critic_align.tasks.digits:DigitsTask", "critic_align.tasks.digits:load_dit_model",
                    "critic_align.backbones:DiTAdapter"),
 }
-# Stable Diffusion task name -> pipeline kind of critic_align.tasks.sd.load_pipeline
-SD_TASKS = {"sd15": "sd15", "sd3": "sd3"}
+# Stable Diffusion (and FLUX) task name -> pipeline kind of critic_align.tasks.sd.load_pipeline
+SD_TASKS = {"sd15": "sd15", "sd3": "sd3", "flux": "flux"}
+# pipeline kind -> the task class that trains it
+PIPELINE_TASKS = {"sd15": "critic_align.tasks.sd:StableDiffusionTask", "sd3": "critic_align.tasks.sd:StableDiffusionTask",
+                  "flux": "critic_align.tasks.flux:FluxTask"}
 
 
 def resolve(target: str):

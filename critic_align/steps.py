@@ -80,15 +80,33 @@ def _ddim_timesteps(num_train_timesteps: int, spacing: str, steps_offset: int, n
     return tuple(int(t) for t in scheduler.timesteps)
 
 
-@functools.lru_cache(maxsize=64)
-def _flow_grid(num_train_timesteps: int, shift: float, shift_terminal: float | None, n: int):
-    """diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(n)``: (timesteps σ·N, sigmas without the final 0),
-    float32 values."""
+SIGMA_GRIDS = ("scheduler", "linspace")
+
+
+def _flow_scheduler(num_train_timesteps: int, shift: float, shift_terminal: float | None, use_dynamic_shifting: bool,
+                    time_shift_type: str, mu: float | None, sigma_grid: str, n: int):
+    """A fresh diffusers ``FlowMatchEulerDiscreteScheduler`` after ``set_timesteps`` for an n-step sampler:
+    ``set_timesteps(n)`` (sigma_grid 'scheduler', what SD3's pipeline does) or ``set_timesteps(sigmas=
+    np.linspace(1, 1/n, n), mu=mu)`` (sigma_grid 'linspace', what ``FluxPipeline`` does)."""
+    import numpy as np
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift,
-                                                shift_terminal=shift_terminal)
-    scheduler.set_timesteps(n)
+                                                shift_terminal=shift_terminal,
+                                                use_dynamic_shifting=use_dynamic_shifting,
+                                                time_shift_type=time_shift_type)
+    if sigma_grid == "linspace":
+        scheduler.set_timesteps(n, sigmas=np.linspace(1.0, 1 / n, n), mu=mu)  # FluxPipeline.__call__, step 5
+    else:
+        scheduler.set_timesteps(n, mu=mu)
+    return scheduler
+
+
+@functools.lru_cache(maxsize=64)
+def _flow_grid(*key):
+    """diffusers' own grid (see :func:`_flow_scheduler`): (timesteps σ·N, sigmas without the final 0), float32
+    values.  Cached: schedules are frozen."""
+    scheduler = _flow_scheduler(*key)
     return (tuple(float(t) for t in scheduler.timesteps.to(torch.float32)),
             tuple(float(x) for x in scheduler.sigmas[:-1].to(torch.float32)))
 
@@ -345,8 +363,8 @@ def gaussian_kl(mean_p, mean_q, std, reduction: str = "sum") -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------
 # Flow matching (rectified flow): x_σ = (1 − σ)·x0 + σ·ε, the model predicts the velocity v = ε − x0.
 
-FLOW_UNSUPPORTED = (("use_dynamic_shifting", True), ("invert_sigmas", True), ("use_karras_sigmas", True),
-                    ("use_exponential_sigmas", True), ("use_beta_sigmas", True), ("stochastic_sampling", True))
+FLOW_UNSUPPORTED = (("invert_sigmas", True), ("use_karras_sigmas", True), ("use_exponential_sigmas", True),
+                    ("use_beta_sigmas", True), ("stochastic_sampling", True), ("use_flow_sigmas", True))
 
 
 @dataclass(frozen=True)
@@ -358,14 +376,25 @@ class FlowMatchSchedule:
     be evaluated in any order.  The final transition targets σ = 0 (``t_prev = 0``).
 
     ``timesteps(n)`` / ``sigmas(n)`` are read from a fresh ``FlowMatchEulerDiscreteScheduler``'s own
-    ``set_timesteps(n)`` (cached per n), so they follow diffusers exactly, quirks included.
-    Resolution-dependent (dynamic) shifting, inverted sigmas, Karras/exponential/beta sigmas and
-    ``stochastic_sampling`` are refused rather than silently mismatched; ``shift_terminal`` is supported.
+    ``set_timesteps`` (cached per n), so they follow diffusers exactly, quirks included:
+
+    sigma_grid: 'scheduler' = ``set_timesteps(n)`` (SD3's pipeline); 'linspace' = ``set_timesteps(sigmas=
+        np.linspace(1, 1/n, n), mu=mu)``, the grid ``FluxPipeline`` passes.
+    use_dynamic_shifting / time_shift_type / mu: resolution-dependent shifting (FLUX.1-dev's config): the sigmas
+        are shifted by ``time_shift(mu, 1, σ)`` instead of ``shift``; mu depends on the image's token count, so it
+        is given here (:func:`critic_align.tasks.flux.flux_mu` computes it as ``FluxPipeline`` does) and a dynamic
+        config without mu is refused.
+    Inverted sigmas, Karras/exponential/beta sigmas, ``use_flow_sigmas`` and ``stochastic_sampling`` are refused
+    rather than silently mismatched; ``shift_terminal`` is supported.
     """
 
     num_train_timesteps: int = 1000
     shift: float = 1.0
     shift_terminal: float | None = None
+    use_dynamic_shifting: bool = False
+    time_shift_type: str = "exponential"
+    mu: float | None = None
+    sigma_grid: str = "scheduler"
 
     def __post_init__(self):
         if not (isinstance(self.num_train_timesteps, int) and self.num_train_timesteps >= 1):
@@ -374,10 +403,26 @@ class FlowMatchSchedule:
             raise ValueError(f"shift must be a finite number > 0, got {self.shift!r}")
         if self.shift_terminal is not None and not 0 <= self.shift_terminal < 1:
             raise ValueError(f"shift_terminal must be in [0, 1) or None, got {self.shift_terminal!r}")
+        if self.sigma_grid not in SIGMA_GRIDS:
+            raise ValueError(f"sigma_grid {self.sigma_grid!r}: use one of {SIGMA_GRIDS}")
+        if self.time_shift_type not in ("exponential", "linear"):
+            raise ValueError(f"time_shift_type {self.time_shift_type!r}: use 'exponential' or 'linear'")
+        if self.use_dynamic_shifting and self.mu is None:
+            raise ValueError(
+                "the scheduler config has use_dynamic_shifting=True: its sigmas depend on the image resolution "
+                "through mu, so pass mu (FluxPipeline's calculate_shift of the latent token count; "
+                "critic_align.tasks.flux.flux_mu) or use a config with use_dynamic_shifting=False")
+        if self.mu is not None and not (isinstance(self.mu, (int, float)) and math.isfinite(self.mu)):
+            raise ValueError(f"mu must be a finite number or None, got {self.mu!r}")
+        if self.mu is not None and not self.use_dynamic_shifting:
+            raise ValueError("mu is given but the scheduler config has use_dynamic_shifting=False, where diffusers "
+                             "ignores mu; pass mu=None")
 
     @classmethod
-    def from_scheduler(cls, scheduler_or_config) -> "FlowMatchSchedule":
-        """Build from a diffusers ``FlowMatchEulerDiscreteScheduler`` or its config dict."""
+    def from_scheduler(cls, scheduler_or_config, mu: float | None = None,
+                       sigma_grid: str = "scheduler") -> "FlowMatchSchedule":
+        """Build from a diffusers ``FlowMatchEulerDiscreteScheduler`` or its config dict (``mu`` and ``sigma_grid``:
+        see the class doc)."""
         config = dict(getattr(scheduler_or_config, "config", scheduler_or_config))
         if "beta_schedule" in config or "trained_betas" in config:
             raise ValueError("this is a DDPM/DDIM-style (VP) scheduler config (it has betas); use NoiseSchedule")
@@ -388,22 +433,34 @@ class FlowMatchSchedule:
                     "(or add support for it) rather than train on a mismatched schedule"
                 )
         return cls(num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
-                   shift=float(config.get("shift", 1.0)), shift_terminal=config.get("shift_terminal") or None)
+                   shift=float(config.get("shift", 1.0)), shift_terminal=config.get("shift_terminal") or None,
+                   use_dynamic_shifting=bool(config.get("use_dynamic_shifting", False)),
+                   time_shift_type=config.get("time_shift_type", "exponential"),
+                   mu=None if mu is None else float(mu), sigma_grid=sigma_grid)
 
     def sigmas(self, num_inference_steps: int) -> torch.Tensor:
         """(n,) float32 descending σ of an n-step sampler (without the final 0): diffusers' own
-        ``FlowMatchEulerDiscreteScheduler.set_timesteps`` (shift and shift_terminal included)."""
+        ``FlowMatchEulerDiscreteScheduler.set_timesteps`` (shift, dynamic shift and shift_terminal included)."""
         return torch.tensor(self._grid(num_inference_steps)[1], dtype=torch.float32)
 
     def timesteps(self, num_inference_steps: int) -> torch.Tensor:
         """(n,) float32 descending timesteps σ·N, exactly diffusers' ``scheduler.timesteps``."""
         return torch.tensor(self._grid(num_inference_steps)[0], dtype=torch.float32)
 
-    def _grid(self, num_inference_steps: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    def _key(self, num_inference_steps: int) -> tuple:
         n = int(num_inference_steps)
         if n < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        return _flow_grid(self.num_train_timesteps, self.shift, self.shift_terminal, n)
+        return (self.num_train_timesteps, self.shift, self.shift_terminal, self.use_dynamic_shifting,
+                self.time_shift_type, self.mu, self.sigma_grid, n)
+
+    def _grid(self, num_inference_steps: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return _flow_grid(*self._key(num_inference_steps))
+
+    def diffusers_scheduler(self, num_inference_steps: int):
+        """A fresh diffusers ``FlowMatchEulerDiscreteScheduler`` whose ``set_timesteps`` was called for this grid
+        (its ``timesteps`` are this schedule's; e.g. for its ``scale_noise``, the forward process)."""
+        return _flow_scheduler(*self._key(num_inference_steps))
 
     def prev_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
         """(n,) the target timestep of each transition: the next entry, and 0 (σ = 0, clean data) after the last."""
@@ -512,6 +569,10 @@ def is_flow_matching(scheduler_or_config) -> bool:
 
     The class is read from the object or from the config's ``_class_name``; a config without one counts as flow
     matching when it has a ``shift`` and no betas.  Other ``FlowMatch*`` schedulers are refused."""
+    if isinstance(scheduler_or_config, FlowMatchSchedule):
+        return True
+    if isinstance(scheduler_or_config, NoiseSchedule):
+        return False
     config = dict(getattr(scheduler_or_config, "config", scheduler_or_config))
     cls = type(scheduler_or_config).__name__ if hasattr(scheduler_or_config, "config") else config.get("_class_name")
     if cls is not None and cls.startswith("FlowMatch") and cls != "FlowMatchEulerDiscreteScheduler":
@@ -523,7 +584,14 @@ def is_flow_matching(scheduler_or_config) -> bool:
 def make_step(scheduler_or_config, eta_or_noise_level: float = 1.0, reduction: str = "sum"):
     """The stochastic step for a diffusers scheduler (or its config): ``DDIMStep(eta)`` for DDPM/DDIM-style
     (VP) schedulers, ``FlowMatchSDEStep(noise_level)`` for ``FlowMatchEulerDiscreteScheduler``
-    (:func:`is_flow_matching`; a trainer passes its config's ``eta`` or ``sde_noise_level`` accordingly)."""
+    (:func:`is_flow_matching`; a trainer passes its config's ``eta`` or ``sde_noise_level`` accordingly).
+
+    A ready :class:`FlowMatchSchedule` / :class:`NoiseSchedule` is taken as it is: that is how a task whose sigmas
+    depend on more than the scheduler config (FLUX's resolution-dependent mu) hands the trainer its schedule."""
+    if isinstance(scheduler_or_config, FlowMatchSchedule):
+        return FlowMatchSDEStep(scheduler_or_config, noise_level=eta_or_noise_level, reduction=reduction)
+    if isinstance(scheduler_or_config, NoiseSchedule):
+        return DDIMStep(scheduler_or_config, eta=eta_or_noise_level, reduction=reduction)
     config = dict(getattr(scheduler_or_config, "config", scheduler_or_config))
     if is_flow_matching(scheduler_or_config):
         return FlowMatchSDEStep(FlowMatchSchedule.from_scheduler(config), noise_level=eta_or_noise_level,

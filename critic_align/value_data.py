@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .cond import TextCond
+from .steps import FlowMatchSchedule
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,17 @@ class ForwardProcess:
 
     VP (DDPM / DDIM configs): ``DDPMScheduler.add_noise`` = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·ε.
     Flow matching (``FlowMatchEulerDiscreteScheduler``): ``scale_noise`` = (1 − σ)·x_0 + σ·ε, after
-    ``set_timesteps(num_inference_steps)`` so the sampler's timesteps are the ones it knows.
+    ``set_timesteps(num_inference_steps)`` so the sampler's timesteps are the ones it knows (given a
+    :class:`~critic_align.steps.FlowMatchSchedule`, its own grid: ``FlowMatchSchedule.diffusers_scheduler``).
     """
 
     def __init__(self, scheduler_or_config, num_inference_steps: int):
         from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
+        if isinstance(scheduler_or_config, FlowMatchSchedule):  # a task's own grid (FLUX: sigmas at its mu)
+            self.kind = "flow"
+            self.scheduler = scheduler_or_config.diffusers_scheduler(num_inference_steps)
+            return
         config = dict(getattr(scheduler_or_config, "config", scheduler_or_config))
         if "beta_schedule" in config or "trained_betas" in config:
             self.kind = "vp"

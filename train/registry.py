@@ -11,13 +11,14 @@ from pathlib import Path
 import yaml
 
 from critic_align.config import PPOConfig
-from critic_align.registry import SD_TASKS, build_rewards, digits_task, reward_by_name  # noqa: F401 (re-exported)
+from critic_align.registry import (  # noqa: F401 (re-exported)
+    PIPELINE_TASKS, SD_TASKS, build_rewards, digits_task, resolve, reward_by_name)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 RUN_KEYS = {"task", "base_model", "rewards", "eval_rewards", "ppo", "model_path", "prompts", "sd"}
 # what a run directory's run.json holds: the run config without its ppo: section (that is config.json)
 RUN_SPEC_KEYS = sorted(RUN_KEYS - {"ppo"})
-SD_OPTIONS = {"resolution", "max_sequence_length", "decode_chunk_size", "torch_dtype", "drop_t5"}
+SD_OPTIONS = {"resolution", "max_sequence_length", "decode_chunk_size", "torch_dtype", "drop_t5", "guidance"}
 
 
 def parse_overrides(items) -> dict:
@@ -104,12 +105,12 @@ def load_run_dir(run_dir, overrides: dict | None = None) -> dict:
 
 
 def build_sd_task(run: dict):
-    """The Stable Diffusion task of a run config: ``task: sd15 | sd3``, ``model_path`` (local directory, also
+    """The Stable Diffusion task of a run config: ``task: sd15 | sd3 | flux``, ``model_path`` (local directory, also
     relative to the config file, or hub name), ``prompts`` (a list, or the path of a text file with one prompt
     per line) and ``sd:`` options
-    (resolution, max_sequence_length, decode_chunk_size -> StableDiffusionTask; torch_dtype, drop_t5 ->
-    load_pipeline)."""
-    from critic_align.tasks.sd import StableDiffusionTask, load_pipeline, read_prompts
+    (resolution, max_sequence_length, decode_chunk_size -> StableDiffusionTask / FluxTask; guidance -> FluxTask,
+    FLUX's embedded guidance; torch_dtype, drop_t5 -> load_pipeline)."""
+    from critic_align.tasks.sd import load_pipeline, read_prompts
 
     task_name = run["task"]
     if not run.get("model_path"):
@@ -121,6 +122,9 @@ def build_sd_task(run: dict):
     unknown = sorted(set(opts) - SD_OPTIONS)
     if unknown:
         raise ValueError(f"unknown sd: option(s) {unknown}; allowed: {sorted(SD_OPTIONS)}")
+    if "guidance" in opts and SD_TASKS[task_name] != "flux":
+        raise ValueError(f"sd: guidance is FLUX's embedded guidance (task: flux), not an option of task {task_name!r}; "
+                         "classifier-free guidance is ppo: guidance_scale")
     prompts = run.get("prompts")
     if isinstance(prompts, str):
         path = Path(prompts)
@@ -138,7 +142,7 @@ def build_sd_task(run: dict):
     pipe = load_pipeline(model_path, SD_TASKS[task_name], torch_dtype=torch_dtype,
                          drop_t5=opts.pop("drop_t5", False))
     pipe.set_progress_bar_config(disable=True)
-    return StableDiffusionTask(pipe, prompts, **opts)
+    return resolve(PIPELINE_TASKS[SD_TASKS[task_name]])(pipe, prompts, **opts)
 
 
 def build_trainer(run: dict):

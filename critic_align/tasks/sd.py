@@ -32,29 +32,33 @@ import torch
 from ..cond import TextCond
 from .base import BaseTask
 
-PIPELINE_KINDS = ("sd15", "sd3")
+PIPELINE_KINDS = ("sd15", "sd3", "flux")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pipeline_class(kind: str):
-    """The diffusers pipeline class of a pipeline kind ('sd15' or 'sd3')."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+    """The diffusers pipeline class of a pipeline kind ('sd15', 'sd3' or 'flux')."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 
-    classes = {"sd15": StableDiffusionPipeline, "sd3": StableDiffusion3Pipeline}
+    classes = {"sd15": StableDiffusionPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
     if kind not in classes:
         raise ValueError(f"unknown pipeline kind {kind!r}; use one of {PIPELINE_KINDS}")
     return classes[kind]
 
 
 def pipeline_kind(pipe) -> str:
-    """'sd15' for a ``StableDiffusionPipeline``, 'sd3' for a ``StableDiffusion3Pipeline``."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+    """'sd15' for a ``StableDiffusionPipeline``, 'sd3' for a ``StableDiffusion3Pipeline``, 'flux' for a
+    ``FluxPipeline``."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 
     if isinstance(pipe, StableDiffusion3Pipeline):
         return "sd3"
     if isinstance(pipe, StableDiffusionPipeline):
         return "sd15"
-    raise TypeError(f"expected a diffusers StableDiffusionPipeline or StableDiffusion3Pipeline, got {type(pipe).__name__}")
+    if isinstance(pipe, FluxPipeline):
+        return "flux"
+    raise TypeError("expected a diffusers StableDiffusionPipeline, StableDiffusion3Pipeline or FluxPipeline, got "
+                    f"{type(pipe).__name__}")
 
 
 def load_pipeline(model_path: str | os.PathLike, kind: str, torch_dtype: str = "float32", drop_t5: bool = False):
@@ -121,9 +125,14 @@ class StableDiffusionTask(BaseTask):
     decode_chunk_size: images per VAE decode call (bounds memory; does not change results).
     """
 
+    kinds = ("sd15", "sd3")  # the pipeline kinds this class trains (FluxTask: 'flux')
+
     def __init__(self, pipe, prompts, resolution: int | None = None, max_sequence_length: int = 256,
                  decode_chunk_size: int = 8):
         self.kind = pipeline_kind(pipe)
+        if self.kind not in self.kinds:
+            owner = "critic_align.tasks.flux.FluxTask" if self.kind == "flux" else "critic_align.tasks.sd.StableDiffusionTask"
+            raise TypeError(f"a {type(pipe).__name__} is trained with {owner}, not {type(self).__name__}")
         self.pipe = pipe
         prompts = tuple(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -140,13 +149,12 @@ class StableDiffusionTask(BaseTask):
             resolution = (pipe.unet.config.sample_size if self.kind == "sd15" else pipe.default_sample_size) * vsf
         if not isinstance(resolution, int) or resolution < vsf or resolution % vsf:
             raise ValueError(f"resolution {resolution!r} must be a positive multiple of the VAE factor {vsf}")
-        if self.kind == "sd3":
-            patch = pipe.transformer.config.patch_size
-            if (resolution // vsf) % patch:
-                raise ValueError(f"resolution {resolution} gives {resolution // vsf} latent pixels, not a multiple "
-                                 f"of the transformer's patch size {patch}; use a multiple of {vsf * patch}")
+        patch = self.latent_patch
+        if (resolution // vsf) % patch:
+            raise ValueError(f"resolution {resolution} gives {resolution // vsf} latent pixels, not a multiple "
+                             f"of the transformer's patch size {patch}; use a multiple of {vsf * patch}")
         self.resolution = resolution
-        self.latent_shape = (self.denoiser.config.in_channels, resolution // vsf, resolution // vsf)
+        self.latent_shape = (self.latent_channels, resolution // vsf, resolution // vsf)
         for module in self.frozen_modules():
             module.eval().requires_grad_(False)
         self._null = None
@@ -160,6 +168,15 @@ class StableDiffusionTask(BaseTask):
         return self.prompts[:4]
 
     # -- components ----------------------------------------------------------------------------------
+    @property
+    def latent_patch(self) -> int:
+        """Latent pixels per token side (the resolution's latent size must be a multiple; 1 for the UNet)."""
+        return 1 if self.kind == "sd15" else int(self.pipe.transformer.config.patch_size)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.denoiser.config.in_channels)
+
     @property
     def denoiser(self) -> torch.nn.Module:
         """The trained network: ``pipe.unet`` (SD1.5) or ``pipe.transformer`` (SD3)."""
@@ -265,14 +282,14 @@ def save_lora(state_dict: dict[str, torch.Tensor], kind: str, out_dir, rank: int
 
         cls.save_lora_weights(out, unet_lora_layers=convert_state_dict_to_diffusers(tensors),
                               unet_lora_adapter_metadata=meta, safe_serialization=True)
-    else:
+    else:  # SD3 and FLUX: the transformer's peft keys as they are
         cls.save_lora_weights(out, transformer_lora_layers=tensors, transformer_lora_adapter_metadata=meta,
                               safe_serialization=True)
     return out
 
 
 def save_policy_lora(trainer, out_dir) -> Path:
-    """Export a trainer's policy LoRA for its Stable Diffusion task (see :func:`save_lora`)."""
+    """Export a trainer's policy LoRA for its Stable Diffusion (or FLUX) task (see :func:`save_lora`)."""
     task = trainer.task
     if not isinstance(task, StableDiffusionTask):
         raise TypeError(f"save_policy_lora exports Stable Diffusion runs; this trainer's task is {type(task).__name__}")
