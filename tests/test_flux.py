@@ -130,7 +130,7 @@ def test_flux_adapter_matches_the_pipeline_call_and_its_features():
     torch.testing.assert_close(mid.levels[0], multi.levels[-1])
     # the temb is the timestep embedder's output (no guidance / text), the cemb the pooled projection's
     te = model.time_text_embed
-    proj = te.time_proj(t * 1000 / 1000)
+    proj = te.time_proj((t / 1000) * 1000)  # the transformer multiplies the t / 1000 it gets by 1000
     torch.testing.assert_close(mid.temb, te.timestep_embedder(proj.to(x.dtype)))
     torch.testing.assert_close(mid.cemb, te.text_embedder(cond.pooled))
     # features per sample == batched
@@ -156,6 +156,31 @@ def test_flux_adapter_refuses_bad_inputs():
         adapter.predict(torch.zeros(1, 4, 8, 8), 500.0, torch.zeros(1, 5, 32))
     with pytest.raises(ValueError, match="critic_features names"):
         adapter.feature_layers(["transformer_blocks.9"])
+
+
+def test_full_size_flux_shapes_and_lora_size_on_meta():
+    """FLUX.1-dev's transformer (default config + guidance embedding) on the meta device (no memory, no compute):
+    the parameter counts flux_pickscore.yaml's memory estimate uses, and the adapter's shapes at 512 px."""
+    from diffusers import FluxTransformer2DModel
+
+    from critic_align.backbones import LoraAdapters
+    from train.registry import load_run_config
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(guidance_embeds=True)
+    assert 11.85e9 < sum(p.numel() for p in model.parameters()) < 11.95e9  # FLUX.1-dev: 11.9 B
+    adapter = FluxAdapter(model, guidance=3.5)
+    x = torch.empty(2, 16, 64, 64, device="meta")  # 512 px: 64x64 latents, 32x32 = 1024 tokens
+    cond = TextCond(torch.empty(2, 128, 4096, device="meta"), torch.empty(2, 768, device="meta"))
+    t = torch.full((2,), 500.0, device="meta")
+    assert adapter.predict(x, t, cond).shape == x.shape
+    feats = adapter.features(x, t, cond, which="multi")
+    assert [lv.shape for lv in feats.levels] == [(2, 1024, 3072)] * 3
+    assert feats.temb.shape == (2, 3072) and feats.cemb.shape == (2, 3072)
+    cfg = load_run_config("flux_pickscore")["ppo"]
+    adapters = LoraAdapters(model)
+    adapters.add("policy", rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules)
+    assert 178e6 < sum(p.numel() for p in adapters.parameters("policy")) < 180e6  # the YAML's "179 M"
 
 
 # ----------------------------------------------------------------------------------------------------
