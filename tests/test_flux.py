@@ -346,6 +346,12 @@ def test_flux_run_config_builds_and_exports(tmp_path):
     fresh = FluxPipeline.from_pretrained(tmp_path / "base", local_files_only=True)
     fresh.load_lora_weights(tmp_path / "lora")
     assert any("lora_A" in n for n, _ in fresh.transformer.named_parameters())
+    # test-time steering of the trained run: value guidance (the critic's gradient in velocity form)
+    steer_out = tmp_path / "steer"
+    assert main(["steer", "--run", str(run_dir), "--out", str(steer_out), "--per-prompt", "1", "--particles", "2",
+                 "--method", "guidance", "--scale", "5", "--threads", "1"]) == 0
+    runs = json.loads((steer_out / "steer_results.json").read_text())["runs"]
+    assert [r["method"] for r in runs] == ["guidance"] and runs[0]["cost"]["nfe"] > 0
     cfg_file.write_text(yaml.safe_dump({**config, "task": "sd3"}))
     with pytest.raises(ValueError, match="embedded guidance"):
         build_trainer(load_run_config(str(cfg_file)))
