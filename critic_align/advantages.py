@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-ADVANTAGE_MODES = ("gae", "grpo", "ddpo")
-
 
 def terminal_rewards(rewards: torch.Tensor, num_steps: int) -> torch.Tensor:
     """(B, ...) final rewards -> (B, T, ...) per-step rewards, zero except at the last step."""

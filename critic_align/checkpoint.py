@@ -77,7 +77,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
+def optimizer_tensors(optimizer) -> tuple[dict, dict]:
     sd = optimizer.state_dict()
     tensors, meta = {}, {"param_groups": sd["param_groups"], "state_keys": {}}
     for idx, st in sd["state"].items():
@@ -91,7 +91,7 @@ def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
     return tensors, meta
 
 
-def _restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
+def restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
     state = {}
     for idx, names in meta["state_keys"].items():
         state[int(idx)] = {n: (tensors[f"optim.{idx}.{n}"] if v == "tensor" else v) for n, v in names.items()}
@@ -246,22 +246,14 @@ def save_checkpoint(trainer, directory, keep_last: int = 2, rng_states: list[dic
     rng_states = rng_states if rng_states is not None else [local_rng_state(trainer)]
     try:
         tmp.mkdir()
-        tensors = {f"policy.{k}": v.cpu() for k, v in trainer.adapters.state_dict("policy").items()}
-        if trainer.critic is not None:
-            tensors.update({f"critic.{k}": v.cpu() for k, v in trainer.critic.state_tensors().items()})
-        opt_tensors, opt_meta = _optimizer_tensors(trainer.optimizer)
-        tensors.update(opt_tensors)
+        tensors, trainer_state = trainer.state_dict()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         for rank, st in enumerate(rng_states):
             tensors[_rng_prefix(rank) + "torch"] = st["torch"]
             tensors[_rng_prefix(rank) + "generator"] = st["generator"]
         state = {
             "format_version": FORMAT_VERSION,
-            "epoch": trainer.epoch,
-            "reward_queries": trainer.reward_queries,
-            "pretrained_value": trainer.pretrained_value,
-            "prompt_iterator": trainer.prompt_iter.state_dict(),
-            "stat_tracker": trainer.stat_tracker.state_dict(),
-            "optimizer": opt_meta,
+            **trainer_state,  # epoch, reward_queries, pretrained_value, prompt_iterator, stat_tracker, optimizer
             "rng_python": rng_states[0]["python"],
             "rng_numpy": rng_states[0]["numpy"],
             "rng_ranks": [{"python": st["python"], "numpy": st["numpy"]} for st in rng_states[1:]],
@@ -474,15 +466,7 @@ def load_checkpoint(trainer, path, rank: int = 0, check_config: bool = True) -> 
             + ". Resume with the checkpoint's config, task and rewards (only " + ", ".join(RESUMABLE_CONFIG_CHANGES)
             + " may change) or start a new run"
         )
-    trainer.adapters.load_state_dict("policy", {k[7:]: v for k, v in tensors.items() if k.startswith("policy.")})
-    if trainer.critic is not None:
-        trainer.critic.load_state_tensors({k[7:]: v for k, v in tensors.items() if k.startswith("critic.")})
-    _restore_optimizer(trainer.optimizer, tensors, state["optimizer"])
-    trainer.epoch = int(state["epoch"])
-    trainer.reward_queries = int(state["reward_queries"])
-    trainer.pretrained_value = bool(state["pretrained_value"])
-    trainer.prompt_iter.load_state_dict(state["prompt_iterator"])
-    trainer.stat_tracker.load_state_dict(state["stat_tracker"])
+    trainer.load_state_dict(tensors, state)  # policy, critic, optimiser, counters, prompt iterator, estimator
     saved = int(state.get("num_processes", 1))
     r = rank if rank < saved else 0
     torch.set_rng_state(tensors[_rng_prefix(r) + "torch"])

@@ -6,8 +6,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from .advantages import ADVANTAGE_MODES
 from .critic import CRITIC_MODES
+from .registry import ESTIMATORS
 
 AGGREGATIONS = ("normalize_then_sum", "sum_then_normalize")
 
@@ -290,8 +290,8 @@ class PPOConfig:
             v = getattr(self, name)
             if not isinstance(v, bool):
                 _err(name, v, "must be true or false (unquoted in YAML)", number=False)
-        if self.advantage not in ADVANTAGE_MODES:
-            _err("advantage", self.advantage, f"use one of {ADVANTAGE_MODES}")
+        if self.advantage not in ESTIMATORS:
+            _err("advantage", self.advantage, f"use one of {tuple(ESTIMATORS)}")
         if self.critic_mode not in CRITIC_MODES:
             _err("critic_mode", self.critic_mode, f"use one of {CRITIC_MODES}")
         if self.value_pretrain_target not in ("mc", "td_lambda"):

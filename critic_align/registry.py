@@ -31,6 +31,12 @@ DIGITS_TASKS = {
     "digits_dit": ("critic_align.tasks.digits:DigitsTask", "critic_align.tasks.digits:load_dit_model",
                    "critic_align.backbones:DiTAdapter"),
 }
+# advantage estimator name (PPOConfig.advantage) -> "module:Class" (critic_align/estimators/, one file each)
+ESTIMATORS = {
+    "gae": "critic_align.estimators.gae:GAEEstimator",
+    "grpo": "critic_align.estimators.grpo:GRPOEstimator",
+    "ddpo": "critic_align.estimators.ddpo:DDPOEstimator",
+}
 # Stable Diffusion (and FLUX) task name -> pipeline kind of critic_align.tasks.sd.load_pipeline
 SD_TASKS = {"sd15": "sd15", "sd3": "sd3", "flux": "flux"}
 # pipeline kind -> the task class that trains it

@@ -1,0 +1,83 @@
+"""The sample and score stages: trajectories of the current policy, their rewards, and critic values.
+
+Multi-process: every process draws the same initial noise and per-chunk noise seeds (from the same generator), samples
+and scores its own contiguous 1/N of the batch in whole ``sample_chunk_size`` chunks (each with its own noise
+generator, so a trajectory's noise does not depend on N), then the rollout is all-gathered.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .guard import check_reward_magnitude
+from .rollout import Rollout, sample, sample_trajectories
+
+
+@torch.no_grad()
+def collect(trainer, prompts, x_T: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Rollout:
+    """Sample trajectories for ``prompts`` with the current policy and score them with the trained rewards.
+
+    generator: the source of the initial noise and the per-chunk noise seeds (default: the run's own)."""
+    cfg, task, procs = trainer.config, trainer.task, trainer.processes
+    prompts = list(prompts)
+    gen = trainer.generator if generator is None else generator
+    if x_T is None:
+        x_T = torch.randn((len(prompts), *task.latent_shape), generator=gen).to(trainer.device)
+    cond = task.encode(prompts)
+    cond = cond.to(trainer.device) if cond is not None else None  # None: an unconditional task
+    c = cfg.sample_chunk_size
+    # one noise seed per chunk, drawn by every process: a trajectory's noise does not depend on the
+    # number of processes, and the processes' generators stay identical
+    seeds = torch.randint(0, 2**62, (math.ceil(len(prompts) / c),), generator=gen).tolist()
+    mine = procs.shard(len(prompts))
+    chunks = []
+    for j, i in enumerate(range(mine.start, mine.stop, c), start=mine.start // c):
+        sl = slice(i, min(i + c, mine.stop))
+        chunks.append(sample_trajectories(
+            trainer.policy_output, trainer.step, x_T[sl], trainer.timesteps.to(trainer.device),
+            None if cond is None else cond[sl], prompts[sl],
+            generator=torch.Generator(device=trainer.device).manual_seed(seeds[j]),
+        ))
+    ro = Rollout.cat(chunks)
+    ro.samples = task.decode(ro.final)
+    ro.rewards = trainer.rewards(ro.samples, ro.prompts).to(trainer.device)
+    check_reward_magnitude(ro.rewards, trainer.rewards.names)
+    if procs.num_processes > 1:  # every process gets the whole batch
+        ro.latents, ro.log_probs = procs.gather(ro.latents), procs.gather(ro.log_probs)
+        ro.samples, ro.rewards = procs.gather(ro.samples), procs.gather(ro.rewards)
+        ro.cond, ro.prompts = cond, prompts
+        ro.validate()
+    return ro
+
+
+@torch.no_grad()
+def critic_values(trainer, ro: Rollout, chunk: int = 512) -> torch.Tensor:
+    """(B, T, K) critic values at every state before a step, batched over (trajectory, step) pairs."""
+    mine = trainer.processes.shard(ro.batch_size)  # each process scores its share of the trajectories
+    b, t = mine.stop - mine.start, ro.num_steps
+    x = ro.latents[mine, :-1].reshape(b * t, *ro.latents.shape[2:])
+    ts = ro.timesteps.to(trainer.device).repeat(b)
+    cond = ro.cond[mine].repeat_interleave(t, dim=0) if ro.cond is not None else None
+    with trainer.autocast():
+        out = [trainer.critic(x[i:i + chunk], ts[i:i + chunk], None if cond is None else cond[i:i + chunk])
+               for i in range(0, b * t, chunk)]
+    return trainer.processes.gather(torch.cat(out).view(b, t, -1).float())
+
+
+def eval_reward_matrix(trainer, ro: Rollout) -> torch.Tensor:
+    """(B, K') the eval rewards of a rollout's samples, each process scoring its share."""
+    mine = trainer.processes.shard(ro.batch_size)
+    return trainer.processes.gather(trainer.eval_rewards(ro.samples[mine], ro.prompts[mine]).to(trainer.device))
+
+
+@torch.no_grad()
+def sample_images(trainer, prompts, seed: int = 1234, use_policy: bool = True) -> torch.Tensor:
+    """Decoded samples for ``prompts`` from a fixed noise seed (policy or base model), without recording log-probs."""
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn((len(prompts), *trainer.task.latent_shape), generator=g).to(trainer.device)
+    cond = trainer.task.encode(prompts)
+    cond = cond.to(trainer.device) if cond is not None else None
+    den = trainer.policy_output if use_policy else trainer.reference_output
+    return trainer.task.decode(sample(den, trainer.step, x_T, trainer.timesteps.to(trainer.device), cond, generator=g))

@@ -1,0 +1,40 @@
+"""``advantage: ddpo``: per-prompt reward normalisation with a stat tracker (DDPO); no critic."""
+
+from __future__ import annotations
+
+from ..advantages import PerPromptStatTracker, fill_missing_with_group_mean
+from .base import ScoredBatch
+
+
+class DDPOEstimator:
+    """Σ_k w_k r_k (a missing r_k filled with its prompt group's mean), normalised by the prompt's tracked
+    statistics (:class:`PerPromptStatTracker`: its last ``buffer_size`` rewards, or the batch's below
+    ``min_count``); the same advantage for every step.  The tracker's buffers are checkpointed."""
+
+    needs_values = False
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.tracker = PerPromptStatTracker(buffer_size, min_count)
+
+    @classmethod
+    def from_config(cls, cfg) -> "DDPOEstimator":
+        return cls(cfg.stat_buffer_size, cfg.stat_min_count)
+
+    @staticmethod
+    def check_run(cfg, num_rewards: int) -> None:
+        if num_rewards > 1 and cfg.advantage_aggregation != "sum_then_normalize":
+            raise ValueError(
+                f"advantage 'ddpo' with {num_rewards} rewards: DDPO's per-prompt tracker normalises one combined "
+                "reward, so set advantage_aggregation: sum_then_normalize (or use 'gae' / 'grpo', which also "
+                "support normalize_then_sum)")
+
+    def compute(self, batch: ScoredBatch, values=None):
+        w = batch.weights.to(batch.rewards.device)
+        combined = (fill_missing_with_group_mean(batch.rewards, batch.groups) * w).sum(-1)
+        return batch.per_step(self.tracker.update(list(batch.prompts), combined)), None
+
+    def state_dict(self) -> dict:
+        return self.tracker.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tracker.load_state_dict(state)

@@ -1,0 +1,42 @@
+"""``advantage: gae``: generalised advantage estimation per reward head from the critic's values."""
+
+from __future__ import annotations
+
+import torch
+
+from ..advantages import combine_advantages, gae, terminal_rewards
+from .base import ScoredBatch
+
+
+class GAEEstimator:
+    """GAE(γ, λ) per reward head k (reward only at the last step; a NaN reward counts 0 and its head's target is
+    masked in the value loss), then the heads' advantages combined with the weights (``advantage_aggregation``;
+    ``advantage_scale``: whitened, or divided by each reward's std).  Returns the per-head λ-returns as targets."""
+
+    needs_values = True
+
+    def __init__(self, gamma: float, lam: float, aggregation: str, normalize: bool, scale_by_rewards: bool):
+        self.gamma, self.lam, self.aggregation = gamma, lam, aggregation
+        self.normalize, self.scale_by_rewards = normalize, scale_by_rewards
+
+    @classmethod
+    def from_config(cls, cfg) -> "GAEEstimator":
+        return cls(cfg.gamma, cfg.gae_lambda, cfg.advantage_aggregation, cfg.normalize_advantages,
+                   cfg.advantage_scale == "rewards")
+
+    def compute(self, batch: ScoredBatch, values: torch.Tensor | None):
+        rewards, mask = batch.rewards, batch.mask
+        step_r = terminal_rewards(torch.nan_to_num(rewards), batch.num_steps)
+        adv_k, ret_k = gae(step_r, values, self.gamma, self.lam)  # (B, T, K)
+        reward_std = None
+        if self.scale_by_rewards:
+            reward_std = torch.stack([rewards[mask[:, k], k].std(unbiased=False) if mask[:, k].any()
+                                      else rewards.new_ones(()) for k in range(rewards.shape[1])])
+        w = batch.weights.to(rewards.device)
+        return combine_advantages(adv_k, w, mask, self.aggregation, self.normalize, reward_std), ret_k
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

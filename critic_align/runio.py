@@ -1,0 +1,96 @@
+"""A run's outputs: its log (``metrics.jsonl`` + TensorBoard), sample grids and checkpoints (main process writes).
+
+Checkpoints hold :meth:`Trainer.state_dict` plus every process's RNG states (:mod:`critic_align.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .checkpoint import CheckpointError, load_checkpoint, local_rng_state, save_checkpoint
+from .guard import check_weights
+from .runlock import lock_for
+
+
+class RunLog:
+    """Appends rows to ``out/metrics.jsonl`` and, with ``tensorboard``, each finite number as a scalar
+    ``<phase>/<key>`` at step ``reward_queries``.  ``purge_step`` (set on resume) hides events a killed run logged
+    after its checkpoint.  Disabled on every process but the main one."""
+
+    def __init__(self, out, tensorboard: bool, enabled: bool = True):
+        self.out, self.tensorboard, self.enabled = Path(out), tensorboard, enabled
+        self.purge_step = None
+        self._writer = None
+
+    def __call__(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tensorboard:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.purge_step)
+            step = row.get("reward_queries", 0)
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self._writer.add_scalar(f"{row.get('phase', 'train')}/{k}", v, step)
+            self._writer.flush()
+
+
+def save_grid(trainer, path, per_prompt: int = 8, use_policy: bool = True) -> Path | None:
+    """A PNG grid of samples per prompt (main process only; the others return None)."""
+    from .viz import save_grid as write_grid
+
+    if not trainer.is_main_process:
+        return None
+    rows = list(trainer.task.grid_prompts)  # a task may show only some prompts, unscaled (e.g. 512-pixel images)
+    images = trainer.sample([p for p in rows for _ in range(per_prompt)], use_policy=use_policy)
+    return write_grid(images, path, nrow=per_prompt, labels=rows, scale=trainer.task.grid_scale)
+
+
+def save(trainer) -> Path | None:
+    """Checkpoint into ``output_dir/checkpoints`` (call it on every process: RNG states are gathered; the main
+    process writes and returns the path, the others return None).  A failed write raises a
+    :class:`CheckpointError` on every process, so none waits forever for the others."""
+    check_weights(trainer, "before writing a checkpoint")  # never checkpoint non-finite weights
+    states = trainer.processes.gather_objects(local_rng_state(trainer))
+    path, error = None, None
+    if trainer.is_main_process:
+        metrics = trainer.out / "metrics.jsonl"
+        try:
+            path = save_checkpoint(trainer, trainer.out / "checkpoints", keep_last=trainer.config.keep_last,
+                                   rng_states=states, metrics_bytes=metrics.stat().st_size if metrics.exists() else 0)
+        except CheckpointError as exc:
+            error = exc
+    message = trainer.processes.share_from_main(str(error) if error else None)
+    if message and error is None:
+        raise CheckpointError(f"the main process could not write the checkpoint: {message}")
+    if error is not None:
+        raise error
+    return path
+
+
+def load(trainer, path, resume: bool = True) -> None:
+    """Restore a checkpoint (call it on every process).
+
+    resume=True (continue the run, exactly): the config must equal the checkpoint's except num_epochs,
+    output_dir and the logging / checkpoint cadence; rows of metrics.jsonl logged after the checkpoint was
+    written (by a run killed later) are cut off and tensorboard hides their events, so the resumed run's logs
+    equal an uninterrupted run's.  resume=False (reuse the trained policy and critic elsewhere, e.g. for
+    steering under another sampling config): only the model must match; the logs are left alone.
+    """
+    if resume:  # a resume truncates the logs: refused while another live process writes this run
+        lock_for(trainer, "resume")
+    state = load_checkpoint(trainer, path, rank=trainer.rank, check_config=resume)
+    if not resume:
+        return
+    trainer.log.purge_step = trainer.reward_queries + 1
+    metrics, size = trainer.out / "metrics.jsonl", state.get("metrics_bytes")
+    if trainer.is_main_process and size is not None and metrics.exists() and metrics.stat().st_size > size:
+        with open(metrics, "r+b") as f:
+            f.truncate(size)
