@@ -313,6 +313,24 @@ def test_flux_two_epochs_lora_export_reproduces_policy_samples(tmp_path):
         torch.testing.assert_close(task.unpack(theirs), ours, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["shared", "full"])
+def test_flux_other_critic_modes_train(tmp_path, mode):
+    """The critic sharing the policy's trunk, or a trainable copy of the transformer, with the pooled text in its
+    AdaLN: one epoch trains the value head (finite value loss) and the critic gives finite values."""
+    pipe = tiny_flux_pipeline(tmp_path)
+    task = FluxTask(pipe, PROMPTS, resolution=16, max_sequence_length=8)
+    cfg = small_config(tmp_path, critic_mode=mode, critic_cond=True, critic_features="multi", sde_noise_level=0.9,
+                       lora_target_modules=FLUX_LORA_TARGETS)
+    trainer = Trainer(cfg, task, task.backbone(), task.scheduler, MultiReward([FunctionReward(brightness, name="b")]))
+    head = [p.detach().clone() for p in trainer.critic.head.parameters()]
+    history = trainer.train()
+    assert np.isfinite(history[-1]["value_loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(head, trainer.critic.head.parameters()))
+    x = torch.randn(2, *task.latent_shape)
+    values = trainer.critic(x, trainer.timesteps[[0, 1]], task.encode(["a cat", "owl"]))
+    assert values.shape == (2, 1) and torch.isfinite(values).all()
+
+
 def test_flux_run_config_builds_and_exports(tmp_path):
     """task: flux in a run config: the trainer builds from a local pipeline directory; export-lora writes the FLUX
     LoRA that FluxPipeline loads; the shipped flux_pickscore.yaml loads and names its missing weights."""
