@@ -32,16 +32,16 @@ def pretrain_value(trainer) -> list[dict]:
         ro = trainer.rollout(trainer.prompt_iter.batch(cfg.prompts_per_epoch, cfg.group_size))
         if i == 0:
             trainer.critic.head.set_output_scale(ro.rewards)
-        ro.values = trainer.compute_values(ro)
-        before = trainer.value_report(ro, ro.values)
+        values = trainer.compute_values(ro)
+        before = trainer.value_report(ro, values)
         if cfg.value_pretrain_target == "td_lambda":
             step_r = terminal_rewards(torch.nan_to_num(ro.rewards.float()), ro.num_steps)
-            ro.returns = gae(step_r, ro.values, cfg.gamma, cfg.gae_lambda)[1]
+            returns = gae(step_r, values, cfg.gamma, cfg.gae_lambda)[1]
         else:
-            ro.returns = mc_returns(ro, cfg.gamma)
-        # the visited states with their Monte-Carlo returns, and forward-perturbed states of the same samples,
-        # shuffled together into the same minibatches
-        data = [trajectory_states(ro.latents, ro.timesteps, ro.cond, ro.returns, ro.rewards)]
+            returns = mc_returns(ro, cfg.gamma)
+        # the visited states with their returns, and forward-perturbed states of the same samples, shuffled
+        # together into the same minibatches
+        data = [trajectory_states(ro.latents, ro.timesteps, ro.cond, returns, ro.rewards)]
         if trainer.forward_process is not None:
             data.append(perturbed_batch(trainer, ro))
         stats = trainer.fit_values(ValueBatch.cat(data), cfg.value_pretrain_passes)

@@ -20,14 +20,6 @@ class DDPOEstimator:
     def from_config(cls, cfg) -> "DDPOEstimator":
         return cls(cfg.stat_buffer_size, cfg.stat_min_count)
 
-    @staticmethod
-    def check_run(cfg, num_rewards: int) -> None:
-        if num_rewards > 1 and cfg.advantage_aggregation != "sum_then_normalize":
-            raise ValueError(
-                f"advantage 'ddpo' with {num_rewards} rewards: DDPO's per-prompt tracker normalises one combined "
-                "reward, so set advantage_aggregation: sum_then_normalize (or use 'gae' / 'grpo', which also "
-                "support normalize_then_sum)")
-
     def compute(self, batch: ScoredBatch, values=None):
         w = batch.weights.to(batch.rewards.device)
         combined = (fill_missing_with_group_mean(batch.rewards, batch.groups) * w).sum(-1)

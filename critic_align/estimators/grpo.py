@@ -21,14 +21,6 @@ class GRPOEstimator:
     def from_config(cls, cfg) -> "GRPOEstimator":
         return cls(cfg.advantage_aggregation)
 
-    @staticmethod
-    def check_config(cfg) -> None:
-        if cfg.group_size < 2:
-            raise ValueError(
-                f"config field group_size={cfg.group_size!r}: must be >= 2 with advantage: grpo (its advantage is "
-                "the reward minus the mean of the prompt's group: a group of one has advantage 0 and trains "
-                "nothing); set group_size: 2 or more, or use advantage: ddpo / gae")
-
     def compute(self, batch: ScoredBatch, values=None):
         w = batch.weights.to(batch.rewards.device)
         if self.aggregation == "normalize_then_sum":
