@@ -8,8 +8,8 @@ with the class embedding in the AdaLN) x value data (``rollouts``: Monte-Carlo r
 rollouts | ``+perturbed``: plus forward-perturbed states of the same samples, no extra reward query) x recipe
 (``today``: digits.yaml — 6 pretraining batches of 64, 4 passes, groups of 8 | ``seed``: digits_ecg.yaml — the
 core seed's short warm-up, 2 batches, one sample per prompt, clipped value loss) x pretraining targets (``mc``:
-the Monte-Carlo return R at every step | ``td_lambda``: the current critic's λ-return, λ = gae_lambda).  Every cell pretrains the critic
-of a fresh trainer on the frozen base policy and is then scored on a *fresh held-out batch* (its own noise seed,
+the Monte-Carlo return R at every step | ``td_lambda``: the current critic's λ-return, λ = gae_lambda).  Every
+cell pretrains the critic of a fresh trainer on the frozen base policy and is then scored on a *fresh held-out batch* (its own noise seed,
 the same for every cell of a seed): explained variance of V(x_t) against the realised return R, overall and per
 timestep bucket (steps 0-4 are the noisiest).
 
