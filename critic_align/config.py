@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from .critic import CRITIC_MODES
-from .registry import ESTIMATORS
+from .registry import ALGORITHMS, ESTIMATORS
 
 AGGREGATIONS = ("normalize_then_sum", "sum_then_normalize")
 
@@ -70,6 +70,22 @@ class PPOConfig:
     (seeded from the run's), so a trajectory's noise does not depend on the number of processes; changing
     the chunk size changes the noise draws (not their distribution).  With N processes it must divide
     batch_size / N."""
+
+    # --- algorithm ------------------------------------------------------------------------------------
+    algorithm: str = "ppo"
+    """The policy update (critic_align/algorithms/, one file each; rollout, rewards, advantages, checkpoints and
+    processes are shared): 'ppo' (clipped ratio of the SDE step's log-probs), 'nft' (DiffusionNFT: implicit
+    positive / negative policies fitted with the flow-matching loss on forward-noised samples), 'awm'
+    (advantage-weighted matching: the denoising loss weighted by the advantage).  nft and awm train on the final
+    samples noised by the scheduler's forward process; they use ppo_epochs, minibatch_size, timestep_fraction,
+    adv_clip_max and kl_coef (awm also clip_range)."""
+    nft_beta: float = 1.0
+    """nft: the mixing β of the implicit policies v± (v⁺ = β·v_θ + (1−β)·v_old); DiffusionNFT's ``config.beta``
+    (1.0 in their base config, 0.1 in their SD3 runs).  Must be > 0 (the loss divides by it)."""
+    awm_advantage: str = "grpo"
+    """awm: 'grpo' (the estimator's advantage of the trajectory; needs advantage: grpo or ddpo) or 'critic'
+    (per-timestep A = R − V(x_t, t) on the forward-noised state; needs advantage: gae, which builds and trains the
+    critic)."""
 
     # --- rewards and advantages -----------------------------------------------------------------------
     advantage: str = "gae"
@@ -290,6 +306,21 @@ class PPOConfig:
             v = getattr(self, name)
             if not isinstance(v, bool):
                 _err(name, v, "must be true or false (unquoted in YAML)", number=False)
+        if self.algorithm not in ALGORITHMS:
+            _err("algorithm", self.algorithm, f"use one of {tuple(ALGORITHMS)}", number=False)
+        if not _positive_number(self.nft_beta):
+            _err("nft_beta", self.nft_beta, "must be a finite number > 0 (the NFT loss divides by it)")
+        if self.awm_advantage not in ("grpo", "critic"):
+            _err("awm_advantage", self.awm_advantage, "use 'grpo' or 'critic'", number=False)
+        if self.algorithm == "nft" and self.advantage not in ("grpo", "ddpo"):
+            _err("advantage", self.advantage, "algorithm: nft turns each trajectory's reward into one optimality "
+                 "probability: use advantage: grpo (the paper's group-normalised reward) or ddpo", number=False)
+        if self.algorithm == "awm":
+            need = ("grpo", "ddpo") if self.awm_advantage == "grpo" else ("gae",)
+            if self.advantage not in need:
+                _err("advantage", self.advantage, f"awm_advantage: {self.awm_advantage} needs advantage: "
+                     + (" or ".join(need)) + (" (the estimator that builds and trains the critic)"
+                                              if self.awm_advantage == "critic" else ""), number=False)
         if self.advantage not in ESTIMATORS:
             _err("advantage", self.advantage, f"use one of {tuple(ESTIMATORS)}")
         if self.critic_mode not in CRITIC_MODES:

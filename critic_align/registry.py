@@ -37,6 +37,12 @@ ESTIMATORS = {
     "grpo": "critic_align.estimators.grpo:GRPOEstimator",
     "ddpo": "critic_align.estimators.ddpo:DDPOEstimator",
 }
+# training algorithm name (PPOConfig.algorithm) -> "module:Class" (critic_align/algorithms/, one file each)
+ALGORITHMS = {
+    "ppo": "critic_align.algorithms.ppo:PPO",
+    "nft": "critic_align.algorithms.nft:NFT",
+    "awm": "critic_align.algorithms.awm:AWM",
+}
 # Stable Diffusion (and FLUX) task name -> pipeline kind of critic_align.tasks.sd.load_pipeline
 SD_TASKS = {"sd15": "sd15", "sd3": "sd3", "flux": "flux"}
 # pipeline kind -> the task class that trains it

@@ -5,7 +5,7 @@ One epoch, one stage per module, a new record between stages:
     prompts --collect.collect-------> Rollout (trajectories: latents, log-probs; samples; rewards (B, K))
             --collect.critic_values-> values (B, T, K)                         (estimators that need a critic)
             --estimators.<name>-----> Targets (advantages (B, T), value targets (B, T, K) | None)
-            --update.ppo_update-----> statistics (the policy LoRA, critic and optimiser stepped)
+            --algorithms.<name>-----> statistics (the policy LoRA, critic and optimiser stepped; ppo / nft / awm)
             --checkpoint / RunLog---> safetensors + JSON, metrics.jsonl, TensorBoard, grids
 
 Value pretraining (value_fit.py) fits the critic on rollouts of the frozen policy first.  The advantage
@@ -31,6 +31,7 @@ import torch
 
 from . import collect, metrics, runio, value_fit
 from . import update as upd
+from .algorithms import build_algorithm
 from .backbones.base import BackboneAdapter
 from .backbones.lora import LoraAdapters
 from .checkpoint import base_digest, optimizer_tensors, restore_optimizer
@@ -104,6 +105,7 @@ class Trainer:
         self.critic: Critic | None = self._build_critic() if self.estimator.needs_values else None
         self.forward_process = (ForwardProcess(scheduler, config.num_inference_steps)
                                 if self.critic is not None and config.value_perturbed_per_sample else None)
+        self.algorithm = build_algorithm(self, scheduler)  # the update: critic_align/algorithms/, by name
         self.adapters.activate("policy")
         self.policy_params = self.adapters.parameters("policy")
         self.critic_params = self.critic.trainable_parameters() if self.critic else []
@@ -209,7 +211,7 @@ class Trainer:
             self.critic.head.set_output_scale(ro.rewards)  # no value pretraining: standardise on the first batch
         ro = self.compute_advantages(ro)
         t1 = time.time()
-        stats = self.update(ro)
+        stats = self.algorithm.update(self, ro)
         if self.forward_process is not None and cfg.value_perturbed_coef > 0:
             stats.update(self.fit_values(value_fit.perturbed_batch(self, ro), 1, cfg.value_perturbed_coef,
                                          "perturbed_value_loss"))
@@ -239,7 +241,8 @@ class Trainer:
         if cfg.progress:
             from tqdm import tqdm
 
-            it = tqdm(it, desc=f"PPO ({cfg.advantage})", initial=self.epoch, total=n, disable=not self.is_main_process)
+            it = tqdm(it, desc=f"{cfg.algorithm.upper()} ({cfg.advantage})", initial=self.epoch, total=n,
+                      disable=not self.is_main_process)
         eval_row = self.log_eval() if cfg.eval_every and self.epoch == 0 else None
         for _ in it:
             res = self.train_epoch()
