@@ -221,3 +221,11 @@ def test_nft_on_an_epsilon_unet_trains(tmp_path):
 def test_algorithm_config_errors_name_the_field(overrides, match):
     with pytest.raises(ValueError, match=match):
         PPOConfig(**overrides)
+
+
+@pytest.mark.parametrize("name, algorithm", [("digits_dit_nft", "nft"), ("digits_dit_awm", "awm")])
+def test_shipped_configs_select_the_algorithm(name, algorithm):
+    from train.registry import load_run_config
+
+    run = load_run_config(name, {})
+    assert run["ppo"].algorithm == algorithm and run["task"] == "digits_dit"
