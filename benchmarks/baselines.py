@@ -152,6 +152,41 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+def section(path: Path) -> str:
+    """The BENCHMARKS.md section (benchmarks/report.py) rendered from ``baselines.json``."""
+    d = json.loads(Path(path).read_text())
+    a = d["args"]
+
+    def fmt(x, digits=3, none="n/a"):
+        return none if x is None else f"{x:.{digits}f}"
+
+    lines = ["## Strongest baselines: GRPO, DiffusionNFT, AWM and the latent critic at an equal reward-query budget", "",
+             f"Command: `python benchmarks/baselines.py` (writes `benchmarks/results/baselines.json`; {d['time_s']:.0f} s); "
+             f"seeds {a['seeds']}; budgets: digits DiT {a['budget_digits']} reward queries (overrides "
+             f"{d['digits_overrides'] or 'none'}), mixture {a['budget_gmm']}. Value pretraining counts against the "
+             "budget. 'Queries to reach' = the median over seeds of the reward queries at which a run's training "
+             "reward (3-epoch moving average) first reaches the best baseline's (grpo / nft / awm) final training "
+             "reward, as a fraction of that baseline's budget (the goal for a critic method: ≤ 0.5). On the mixture the "
+             f"reward is linear (unbounded) and the PPO runs carry gmm_finetune's KL (kl_coef {a['gmm_kl']}, the "
+             f"per-step Gaussian KL) while nft / awm carry kl_coef {a['gmm_kl_forward']} (on the outputs' squared "
+             "difference): a less regularised method moves further, so compare the mixture rows with that in mind.",
+             ""]
+    for task, s in d["summary"].items():
+        best = s.get("best_baseline", {})
+        lines += [f"**{task}** (best baseline: {best.get('method', 'n/a')}, final training reward "
+                  f"{fmt(best.get('final_train_reward'))})", "",
+                  "| method | base reward | final reward (mean ± std) | queries to reach the best baseline "
+                  "(fraction of its budget) |", "|---|---|---|---|"]
+        for m, r in s.items():
+            if m == "best_baseline":
+                continue
+            reach = fmt(r.get("queries_fraction_of_best_baseline_budget"), 2, "not reached")
+            lines.append(f"| {m} | {fmt(r['base_reward_mean'])} | {fmt(r['final_reward_mean'])} ± "
+                         f"{fmt(r['final_reward_std'])} | {reach} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=["digits_dit", "gmm"], choices=["digits_dit", "gmm"])

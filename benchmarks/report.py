@@ -14,13 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.baselines import section as section_baselines  # noqa: E402
+from benchmarks.report_critic import section_critic_quality  # noqa: E402
 from benchmarks.report_perf import (  # noqa: E402
     section_critic_modes,
     section_perf,
     section_scaling,
     section_trl_compare,
 )
-from benchmarks.report_critic import section_critic_quality  # noqa: E402
 from benchmarks.report_steering import section_digits_steering, section_gmm_steering  # noqa: E402
 from benchmarks.t2i_advantages import section as section_t2i_advantages  # noqa: E402
 
@@ -379,6 +380,7 @@ SECTIONS = [
     ("critic_quality.json", section_critic_quality),
     ("digits_advantages.json", section_advantages),
     ("t2i_advantages.json", section_t2i_advantages),
+    ("baselines.json", section_baselines),
     ("gmm_critic.json", section_gmm_critic),
     ("gmm_finetune.json", section_gmm_finetune),
     ("reward_hacking.json", section_reward_hacking),

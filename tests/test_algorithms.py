@@ -229,3 +229,27 @@ def test_shipped_configs_select_the_algorithm(name, algorithm):
 
     run = load_run_config(name, {})
     assert run["ppo"].algorithm == algorithm and run["task"] == "digits_dit"
+
+
+def test_baselines_summary_finds_the_best_baseline_and_the_queries_to_reach_it():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from benchmarks.baselines import summarize
+
+    def run(method, seed, final, rewards):
+        curve = [{"reward_queries": 10 * (i + 1), "reward": r} for i, r in enumerate(rewards)]
+        return {"task": "t", "method": method, "seed": seed, "final_reward": final, "base_reward": 0.0,
+                "reward_queries": 10 * len(rewards), "curve": curve}
+
+    runs = [run("grpo", 0, 0.5, [0.1, 0.2, 0.3, 0.4]), run("nft", 0, 0.7, [0.1, 0.4, 0.6, 0.8]),
+            run("gae", 0, 0.9, [0.6, 0.6, 0.6, 0.9])]
+    s = summarize(runs)["t"]
+    assert s["best_baseline"]["method"] == "nft"
+    # nft's last-3 training reward (0.4 + 0.6 + 0.8) / 3 = 0.6; gae's 3-epoch moving average reaches it at once
+    assert s["best_baseline"]["final_train_reward"] == pytest.approx(0.6)
+    assert s["gae"]["queries_to_reach_best_baseline"] == [10.0]
+    assert s["gae"]["queries_fraction_of_best_baseline_budget"] == pytest.approx(0.25)
+    assert s["grpo"]["queries_to_reach_best_baseline"] == [None]
+    assert s["grpo"]["final_reward_mean"] == 0.5 and s["grpo"]["final_reward_std"] == 0.0
