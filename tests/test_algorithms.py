@@ -253,3 +253,21 @@ def test_baselines_summary_finds_the_best_baseline_and_the_queries_to_reach_it()
     assert s["gae"]["queries_fraction_of_best_baseline_budget"] == pytest.approx(0.25)
     assert s["grpo"]["queries_to_reach_best_baseline"] == [None]
     assert s["grpo"]["final_reward_mean"] == 0.5 and s["grpo"]["final_reward_std"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["digits_dit_nft", "digits_dit_awm"])
+def test_shipped_digits_dit_trains_with_the_new_algorithms(tmp_path, name):
+    from train.registry import build_trainer, load_run_config
+
+    run = load_run_config(name, dict(output_dir=str(tmp_path / "r"), num_epochs=1, batch_size=8, group_size=4,
+                                     num_inference_steps=4, minibatch_size=16, progress=False, eval_every=0,
+                                     grid_every=0, log_tensorboard=False))
+    tr = build_trainer(run)
+    assert OutputParam(tr.schedule).kind == "flow"  # the shipped DiT is a velocity-predicting rectified flow
+    model = tr.adapter.model
+    base = {k: v.clone() for k, v in model.state_dict().items() if "lora" not in k}
+    before = [p.clone() for p in tr.adapters.parameters("policy")]
+    hist = tr.train()
+    assert len(hist) == 1 and torch.isfinite(torch.tensor(hist[0]["policy_loss"]))
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.adapters.parameters("policy")))
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items() if k in base)
