@@ -45,13 +45,19 @@ def section_advantages(path: Path) -> str:
         "## GAE (latent critic) vs GRPO vs DDPO on digits, equal reward-query budget",
         "",
         f"Command: `python benchmarks/digits_advantages.py --seeds {' '.join(str(x) for x in s['gae']['seeds'])} "
-        f"--budget {budget}` "
+        f"--budget {budget}"
+        + "".join(f" --set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in data["overrides"].items())
+        + (f" --gae-config {data['gae_config']}" if data.get("gae_config", "digits") != "digits" else "") + "` "
         f"(writes `benchmarks/results/digits_advantages.json` and `.png`). Machine: {m['cpu_count']} CPU cores, "
         f"torch {m['torch']}, {m['torch_threads']} threads. Config: `train/configs/digits.yaml` with "
         f"overrides {data['overrides'] or 'none'}; GAE's value-pretraining rollouts count against its budget.",
         "",
         "Final rewards are measured on a fixed evaluation set (20 samples per digit, fixed noise, the trained "
-        "stochastic sampler); mean ± std over seeds.",
+        "stochastic sampler); mean ± std over seeds."
+        + (" Step sizes are matched: GAE divides its centred advantages by the rewards' std, as GRPO does "
+           "(`advantage_scale: rewards`), instead of whitening them by their own, smaller std, so at the same "
+           "learning rate the two modes take steps of the same size and the difference is the estimator's."
+           if data["overrides"].get("advantage_scale") == "rewards" else ""),
         "",
         "| advantage | seeds | base digit_prob | final digit_prob | final digit_correct | last-3-epoch train reward "
         "| within-prompt L2 base → final | pixel std base → final | s / epoch |",
