@@ -191,7 +191,11 @@ class Trainer:
     _pairs = upd.pairs
     loss_on_pairs = upd.loss_on_pairs
     _value_loss = upd.value_loss
-    update = upd.ppo_update
+
+    def update(self, ro: Rollout) -> dict:
+        """The configured algorithm's update (``config.algorithm``: ppo / nft / awm) on a rollout with advantages."""
+        return self.algorithm.update(self, ro)
+
     fit_values = upd.fit_values
     pretrain_value = value_fit.pretrain_value
     value_report = metrics.rollout_value_report
@@ -211,7 +215,7 @@ class Trainer:
             self.critic.head.set_output_scale(ro.rewards)  # no value pretraining: standardise on the first batch
         ro = self.compute_advantages(ro)
         t1 = time.time()
-        stats = self.algorithm.update(self, ro)
+        stats = self.update(ro)
         if self.forward_process is not None and cfg.value_perturbed_coef > 0:
             stats.update(self.fit_values(value_fit.perturbed_batch(self, ro), 1, cfg.value_perturbed_coef,
                                          "perturbed_value_loss"))
