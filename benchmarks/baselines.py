@@ -6,7 +6,8 @@
         --out /tmp/baselines.json                            # smoke run
 
 Methods (one engine; only the update / the advantage differ):
-  gae         PPO with the latent critic's GAE advantages (value pretraining counts against the budget)
+  gae         PPO with the latent critic's GAE advantages (value pretraining counts against the budget; on digits
+              the critic settings benchmarks/digits_advantages.py found best, ``DIGITS_CRITIC``)
   grpo        PPO with group-relative advantages (Flow-GRPO)
   nft         DiffusionNFT (critic_align/algorithms/nft.py), r from the group-relative advantage
   awm         advantage-weighted matching with the group-relative advantage
@@ -56,6 +57,10 @@ METHODS = {
     "awm": dict(algorithm="awm", advantage="grpo", awm_advantage="grpo"),
     "awm_critic": dict(algorithm="awm", advantage="gae", awm_advantage="critic"),
 }
+# the digits critic the advantage comparison found best (benchmarks/results/digits_advantages.json's overrides:
+# mid features, λ-return value pretraining, GAE at GRPO's advantage unit); --digits-set overrides it
+DIGITS_CRITIC = dict(critic_features="mid", critic_cond=False, value_perturbed_per_sample=0,
+                     value_pretrain_target="td_lambda", advantage_scale="rewards")
 BASELINES = ("grpo", "nft", "awm")
 CRITIC_METHODS = ("gae", "awm_critic")
 GMM_W = (1.0, 0.5)
@@ -70,7 +75,8 @@ def epochs_for(budget: int, batch: int, pretrain_batches: int, needs_critic: boo
 def run_digits(method: str, seed: int, budget: int, overrides: dict, workdir: Path) -> dict:
     from train.registry import build_trainer, load_run_config
 
-    over = {**overrides, **METHODS[method], "seed": seed, "output_dir": str(workdir / f"digits_{method}_seed{seed}"),
+    critic = DIGITS_CRITIC if METHODS[method]["advantage"] == "gae" else {}
+    over = {**critic, **overrides, **METHODS[method], "seed": seed, "output_dir": str(workdir / f"digits_{method}_seed{seed}"),
             "progress": False, "grid_every": 0, "checkpoint_every": 0, "log_tensorboard": False, "eval_every": 0}
     run = load_run_config("digits_dit", over)
     cfg = run["ppo"]
