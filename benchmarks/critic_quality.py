@@ -9,9 +9,9 @@ rollouts | ``+perturbed``: plus forward-perturbed states of the same samples, no
 (``today``: digits.yaml — 6 pretraining batches of 64, 4 passes, groups of 8 | ``seed``: digits_ecg.yaml — the
 core seed's short warm-up, 2 batches, one sample per prompt, clipped value loss) x pretraining targets (``mc``:
 the Monte-Carlo return R at every step | ``td_lambda``: the current critic's λ-return, λ = gae_lambda).  Every
-cell pretrains the critic of a fresh trainer on the frozen base policy and is then scored on a *fresh held-out batch* (its own noise seed,
-the same for every cell of a seed): explained variance of V(x_t) against the realised return R, overall and per
-timestep bucket (steps 0-4 are the noisiest).
+cell pretrains the critic of a fresh trainer on the frozen base policy and is then scored on a *fresh held-out
+batch* (its own noise seed, the same for every cell of a seed): explained variance of V(x_t) against the realised
+return R, overall and per timestep bucket (steps 0-4 are the noisiest).
 
 The ceiling: at early steps the return R is mostly decided by noise the sampler has not drawn yet, so even the
 exact value E[R | x_t] explains only part of Var(R).  ``ev_ceiling_buckets`` estimates that bound per bucket from

@@ -29,7 +29,6 @@ Writes benchmarks/results/fault_injection.json with one entry per fault and "dat
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import math
 import os

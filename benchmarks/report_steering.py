@@ -60,7 +60,8 @@ def section_gmm_steering(path: Path) -> str:
         mid = ns[len(ns) // 2]
         lines += ["", f"Cost per output sample at N = {mid} (critic rows are forward / backward; equivalent NFE prices a "
                   "critic forward at 1, a backward at 2 and a reward call at 1):", "",
-                  "| method | backbone NFE | critic fwd | critic bwd | reward calls | equivalent NFE |", "|---|---|---|---|---|---|"]
+                  "| method | backbone NFE | critic fwd | critic bwd | reward calls | equivalent NFE |",
+                  "|---|---|---|---|---|---|"]
         for r in res["rows"]:
             if r["particles"] == mid:
                 lines.append(f"| {r['method']} | {r['nfe']:.0f} | {r['critic_forward_rows_per_output']:.0f} | "

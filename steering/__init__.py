@@ -6,7 +6,6 @@ Modules: :mod:`steering.particles` (the one particle engine: weights, ESS, resam
 (any diffusers pipeline).
 """
 
-from .values import NoiseLevel, critic_value_fn, guidance_defined, guided_denoiser, noise_level, value_and_grad
 from .particles import (
     RESAMPLING_SCHEMES,
     ParticleSystem,
@@ -21,6 +20,7 @@ from .particles import (
 )
 from .potentials import binary_soft_value, exp_reward_target, exp_soft_value
 from .samplers import POTENTIALS, SteerCost, SteerResult, best_of_n, guidance, smc, steer
+from .values import NoiseLevel, critic_value_fn, guidance_defined, guided_denoiser, noise_level, value_and_grad
 
 __all__ = [
     "RESAMPLING_SCHEMES", "ParticleSystem", "effective_sample_size", "flat_ancestors", "multinomial",

@@ -39,8 +39,8 @@ import torch
 
 from critic_align.steps import score_guided_output
 
-from .values import NoiseLevel, value_and_grad
 from .particles import ParticleSystem, check_log_potential, choose
+from .values import NoiseLevel, value_and_grad
 
 STOCHASTIC_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler (eta > 0)", "EulerAncestralDiscreteScheduler", "LCMScheduler",
                          "DPMSolverMultistepScheduler (algorithm_type='sde-dpmsolver++' or 'sde-dpmsolver')",

@@ -143,7 +143,9 @@ def check_log_potential(v: torch.Tensor, n: int, what: str, allow_neg_inf: bool 
     if not isinstance(v, torch.Tensor) or v.shape != (n,):
         shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
         raise ValueError(f"{what} must return a (batch,) tensor, got {shape} for a batch of {n}")
-    bad = torch.isnan(v) | torch.isposinf(v) | (torch.isneginf(v) if not allow_neg_inf else torch.zeros_like(v, dtype=torch.bool))
+    bad = torch.isnan(v) | torch.isposinf(v)
+    if not allow_neg_inf:
+        bad = bad | torch.isneginf(v)
     if bad.any():
         rows = bad.nonzero().flatten().tolist()[:8]
         allowed = "finite values or -inf (a hard constraint)" if allow_neg_inf else "finite values"

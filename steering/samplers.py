@@ -51,8 +51,8 @@ import torch
 
 from critic_align.steps import gaussian_log_prob
 
-from .values import ValueFn, capped_guided_output, critic_value_fn, guidance_defined, value_and_grad
 from .particles import OUTPUTS, RESAMPLING_SCHEMES, ParticleSystem, check_log_potential, choose
+from .values import ValueFn, capped_guided_output, critic_value_fn, guidance_defined, value_and_grad
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 POTENTIALS = ("value", "soft_value", "x0_reward")

@@ -11,8 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_sd_pipelines import (_clip_text_config, assert_only_lora_changed, brightness, frozen_snapshot, small_config,
-                               tiny_clip_tokenizer)
+from test_sd_pipelines import (
+    _clip_text_config,
+    assert_only_lora_changed,
+    brightness,
+    frozen_snapshot,
+    small_config,
+    tiny_clip_tokenizer,
+)
 
 from critic_align.backbones import FluxAdapter
 from critic_align.cond import TextCond
@@ -53,7 +59,8 @@ def tiny_t5_tokenizer():
 
 def tiny_flux_pipeline(tmp_dir: Path, seed: int = 0, guidance_embeds: bool = True):
     """FLUX.1-class pipeline: tiny FluxTransformer2DModel (1 double + 2 single blocks, guidance embedding), a
-    FLUX-style AutoencoderKL (4 latent channels for the 16 in-channels of 2x2 packing; no quant convs, shift and scaling factors, factor 2), CLIP text
+    FLUX-style AutoencoderKL (4 latent channels for the 16 in-channels of 2x2 packing; no quant convs, shift and scaling
+    factors, factor 2), CLIP text
     model (pooled) + T5 encoder, FLUX.1-dev's dynamically shifted scheduler."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextModel, T5Config, T5EncoderModel

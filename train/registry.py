@@ -11,8 +11,7 @@ from pathlib import Path
 import yaml
 
 from critic_align.config import PPOConfig
-from critic_align.registry import (  # noqa: F401 (re-exported)
-    PIPELINE_TASKS, SD_TASKS, build_rewards, digits_task, resolve, reward_by_name)
+from critic_align.registry import PIPELINE_TASKS, SD_TASKS, build_rewards, digits_task, resolve, reward_by_name  # noqa: F401 (re-exported)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 RUN_KEYS = {"task", "base_model", "rewards", "eval_rewards", "ppo", "model_path", "prompts", "sd"}

@@ -202,7 +202,8 @@ def add_parser(sub) -> None:
                         "potential, guided by --scale if > 0), smc_x0 (SMC with potential λ·r(x̂0): a decode + reward "
                         "call per step).  Default: base bon, plus guidance guidance+bon if --scale > 0, plus smc if "
                         "it can resample (--ess-threshold × --particles > 1)")
-    p.add_argument("--particles", type=_int_at_least(1), default=4, help="N: particles (SMC) / candidates (best-of-N) per prompt")
+    p.add_argument("--particles", type=_int_at_least(1), default=4,
+                   help="N: particles (SMC) / candidates (best-of-N) per prompt")
     p.add_argument("--scale", type=_finite(), default=0.0,
                    help="guidance scale w (score += w·∇V); 0 = no guidance (then guidance is not a default method)")
     p.add_argument("--lam", type=_finite(), default=10.0, help="SMC's λ: the target is p·exp(λ r), temperature 1/λ")
