@@ -185,16 +185,16 @@ def section_gmm_finetune(path: Path) -> str:
 def section_main_job(path: Path) -> str:
     d = json.loads(path.read_text())
     rows = [json.loads(x) for x in (path.parent / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    seconds = sum(r.get("time_s", 0) for r in rows if r["phase"] == "value_pretrain") + \
-        sum(r["time_epoch_s"] for r in rows if r["phase"] == "train")
     last = [r for r in rows if r["phase"] == "train"][-5:]
     ev = sum(r["value_ev"] for r in last) / len(last)
-    return "\n".join([
+    lines = [
         "## The main job (README's first command)",
         "",
-        "`critic-align train --config digits` on this machine (2 CPU cores): value pretraining + PPO/GAE, 80 epochs "
-        f"of 64 trajectories, {d['reward_queries']} reward queries, {seconds / 60:.1f} minutes of pretraining and "
-        "epochs (plus start-up and grids). Files copied from `runs/digits/` to `benchmarks/results/main_job/`.",
+        f"`python benchmarks/main_job.py` runs `{d.get('command', 'critic-align train --config digits')}` and copies "
+        "its outputs to `benchmarks/results/main_job/`: value pretraining + PPO/GAE, 80 epochs of 64 trajectories, "
+        f"{d['reward_queries']} reward queries, {d['train_seconds'] / 60:.1f} minutes of pretraining and epochs "
+        f"({d.get('wall_seconds_with_startup', d['train_seconds']) / 60:.1f} with start-up, evaluations and grids) on "
+        "one core of this 2-core machine, beside other jobs on the other core.",
         "",
         "| | first epoch | last epoch |",
         "|---|---|---|",
@@ -202,13 +202,42 @@ def section_main_job(path: Path) -> str:
         f"| digit_correct (reported) | {_fmt(d['digit_correct_first_epoch'])} | {_fmt(d['digit_correct_last_epoch'])} |",
         "",
         f"Critic explained variance on the training batch, mean of the last 5 epochs: {_fmt(ev, 2)}.",
+    ]
+    if "eval/diversity/pairwise_l2_base" in d:
+        def kept(k):
+            return d[f"{k}_final"] / d[f"{k}_base"]
+
+        lines += [
+            "",
+            f"The fixed held-out batch (10 digits x 8 samples, its own noise; epochs {d['eval_epochs'][0]} and "
+            f"{d['eval_epochs'][1]}):",
+            "",
+            "| held-out | base policy | final policy |",
+            "|---|---|---|",
+            f"| digit_prob | {_fmt(d['eval/reward/digit_prob_base'])} | {_fmt(d['eval/reward/digit_prob_final'])} |",
+            f"| digit_correct | {_fmt(d['eval/reward/digit_correct_base'])} | {_fmt(d['eval/reward/digit_correct_final'])} |",
+            f"| within-prompt pairwise L2 | {_fmt(d['eval/diversity/pairwise_l2_base'], 2)} | "
+            f"{_fmt(d['eval/diversity/pairwise_l2_final'], 2)} ({kept('eval/diversity/pairwise_l2'):.0%} kept) |",
+            f"| within-prompt per-pixel std | {_fmt(d['eval/diversity/pixel_std_base'])} | "
+            f"{_fmt(d['eval/diversity/pixel_std_final'])} ({kept('eval/diversity/pixel_std'):.0%} kept) |",
+            f"| critic EV (all steps) | {_fmt(d.get('eval/value_ev_base'))} | {_fmt(d.get('eval/value_ev_final'))} |",
+            "",
+            f"The default job keeps {kept('eval/diversity/pairwise_l2'):.0%} of the base model's within-prompt "
+            "pairwise distance at this reward gain: the goal of keeping 80 % is "
+            + ("met." if kept("eval/diversity/pairwise_l2") >= 0.8 else
+               "not met by the defaults, and KL / early stopping / the recipe have not been swept for it yet."),
+        ]
+    lines += [
         "",
         "![main job curves](benchmarks/results/main_job/reward_curve.png)",
+        "",
+        "![critic on the held-out batch](benchmarks/results/main_job/critic_eval.png)",
         "",
         "Before / after (fixed noise, one row per digit): `benchmarks/results/main_job/grid_before.png`, "
         "`benchmarks/results/main_job/grid_after.png`.",
         "",
-    ])
+    ]
+    return "\n".join(lines)
 
 
 def section_reward_hacking(path: Path) -> str:
