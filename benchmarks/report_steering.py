@@ -89,13 +89,18 @@ def section_digits_steering(path: Path) -> str:
         "## Steering digits with the critic: reward vs NFE",
         "",
         f"Command: `python benchmarks/digits_steering.py` (writes `benchmarks/results/digits_steering.json`, `.png` "
-        f"and grids `benchmarks/results/digits_steering_*.png`; {d['time_s'] / 60:.1f} min). The shipped digits UNet, "
-        f"20 stochastic DDIM steps, {10 * a['per_digit']} prompts; critic: "
+        f"and grids `benchmarks/results/digits_steering_*.png`; {d['time_s'] / 60:.1f} min). "
+        + ("The shipped digits UNet" if not a.get("run") else
+           f"The RL-post-trained policy of the main job's run (`--run {a['run']}`), steered with its own critic "
+           "(the core seed's setting)")
+        + f", 20 stochastic DDIM steps, {10 * a['per_digit']} prompts; critic: "
         + ("the digits config's LoRA critic value-pretrained on the base policy "
            f"({a['critic_epochs']} batches of 64 rollouts)" if d["critic_source"] == "fresh" else
            "the digits config's LoRA critic value-pretrained on the base policy by an earlier run of this script "
            f"({a['critic_epochs']} batches of 64 rollouts; cached in benchmarks/results/tmp/, reused)"
-           if d["critic_source"].endswith("tmp/digits_steering") else f"from `{d['critic_source']}`")
+           if d["critic_source"].endswith("tmp/digits_steering") else
+           ("the run's own critic, trained jointly with the policy" if a.get("run") else
+            f"from `{d['critic_source']}`"))
         + f". Reward: digit_prob (the classifier's confidence at temperature 6). Guidance scale w = "
         f"{d['best_guidance_scale']:g} (best of {a['scales']} at N = 1); SMC resamples when ESS < "
         f"{a['ess_threshold']}·N" + (f", SMC's output: {a['smc_output']}" if "smc_output" in a else "")
