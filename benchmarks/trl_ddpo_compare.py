@@ -66,17 +66,6 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 # ------------------------------------------------------------------------------------------------------
 # the pipeline (built in this library's environment, loaded from disk by both sides)
-def _bytes_to_unicode() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def build_pipeline(out_dir: Path, latent_size: int = 32, seed: int = 0) -> dict:
     """Build the benchmark's StableDiffusionPipeline from configs and ``save_pretrained`` it to ``out_dir``."""
     import torch
@@ -85,7 +74,9 @@ def build_pipeline(out_dir: Path, latent_size: int = 32, seed: int = 0) -> dict:
 
     tok_dir = out_dir.parent / "tokenizer_src"
     tok_dir.mkdir(parents=True, exist_ok=True)
-    chars = _bytes_to_unicode()
+    from critic_align.tokenizer import clip_byte_alphabet
+
+    chars = clip_byte_alphabet()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = len(vocab)

@@ -17,6 +17,7 @@ from critic_align.rewards import FunctionReward, JpegCompressibility, MultiRewar
 from critic_align.rollout import Rollout, cfg_denoiser, sample
 from critic_align.steps import DDIMStep, FlowMatchSDEStep
 from critic_align.tasks.sd import StableDiffusionTask, load_pipeline, save_policy_lora
+from critic_align.tokenizer import clip_byte_alphabet
 from critic_align.trainer import Trainer
 
 PROMPTS = ("a cat", "a dog", "red fox", "owl")
@@ -24,24 +25,12 @@ PROMPTS = ("a cat", "a dog", "red fox", "owl")
 
 # ----------------------------------------------------------------------------------------------------
 # tiny pipelines, built from configs offline
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2 / CLIP byte-level alphabet (one printable character per byte)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def tiny_clip_tokenizer(directory: Path, max_length: int = 16):
     """A CLIPTokenizer over single byte-characters (no merges): 256 + 256 end-of-word + 2 special tokens."""
     from transformers import CLIPTokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
-    chars = _bytes_to_unicode()
+    chars = clip_byte_alphabet()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = len(vocab)

@@ -38,6 +38,7 @@ from critic_align.tasks.composition import (
     prompt_split,
     vocabulary_words,
 )
+from critic_align.tokenizer import clip_byte_alphabet
 
 from .command import standalone
 from .pretrain_digits import _options
@@ -79,18 +80,6 @@ def scheduler_config() -> dict:
 
 # ------------------------------------------------------------------------------------------------------
 # tokenizer
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2 / CLIP byte-level alphabet (one printable character per byte), in CLIP's order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def write_tokenizer(directory: Path, words=None):
     """Write a CLIPTokenizer (vocab.json, merges.txt, its config) whose vocabulary has every byte character
     (alone and word-final) and every word of ``words`` (default: the grammar's) as one token, built by
@@ -100,7 +89,7 @@ def write_tokenizer(directory: Path, words=None):
     words = list(words or vocabulary_words())
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    chars = _bytes_to_unicode()
+    chars = clip_byte_alphabet()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     merges: list[str] = []
