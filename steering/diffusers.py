@@ -173,6 +173,20 @@ class SMCCallback:
         self.eta = eta  # DDIM's eta as passed to the pipeline call (checked: SMC needs eta > 0)
         self.particles: ParticleSystem | None = None
         self.value_rows = 0
+        self._capture: _ConditioningCapture | None = None
+
+    def attach(self, pipe) -> "SMCCallback":
+        """For pipelines whose callback does not offer the whole conditioning or image-shaped latents (FLUX: packed
+        tokens, no pooled embeddings in the callback): capture them from the denoiser's calls.  ``close`` removes
+        the hook.  A no-op for other pipelines."""
+        if _packs_latents(pipe) and self._capture is None:
+            self._capture = _ConditioningCapture(pipe.transformer)
+        return self
+
+    def close(self) -> None:
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
 
     def tensor_inputs_for(self, pipe) -> list[str]:
         """``callback_on_step_end_tensor_inputs`` for ``pipe``: the latents and the conditioning it offers."""
@@ -211,9 +225,13 @@ class SMCCallback:
         if i + 1 >= len(ts):
             return {}  # the last step: its potential would be replaced by λ·r at once (final_choice)
         embeds = {k: callback_kwargs[k] for k in callback_kwargs if k != "latents" and callback_kwargs[k] is not None}
-        cond = positive_cond(embeds.get("prompt_embeds"), embeds.get("pooled_prompt_embeds"), m)
         t_next = ts[i + 1]
         x = latents * _model_input_scale(pipe.scheduler, t_next, i + 1).to(latents.device, latents.dtype)
+        if self._capture is not None:  # FLUX: the adapter's layout and the denoiser's full conditioning
+            x = self._capture.unpack(pipe, x)
+            cond = positive_cond(self._capture.embeds, self._capture.pooled, m)
+        else:
+            cond = positive_cond(embeds.get("prompt_embeds"), embeds.get("pooled_prompt_embeds"), m)
         with torch.no_grad():
             v = check_log_potential(self.value_fn(x, t_next.expand(m).to(latents.device), cond), m, "value_fn")
         self.value_rows += m
@@ -250,15 +268,31 @@ class _ConditioningCapture:
     scheduler wrapper cannot see), so value guidance gets the same ``cond`` as the denoiser."""
 
     def __init__(self, denoiser):
-        self.embeds = self.pooled = None
+        self.embeds = self.pooled = self.img_ids = None
         self.handle = denoiser.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
         self.embeds = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         self.pooled = kwargs.get("pooled_projections")
+        self.img_ids = kwargs.get("img_ids")  # FLUX: the packed tokens' (0, row, col) positions
+
+    def unpack(self, pipe, packed: torch.Tensor) -> torch.Tensor:
+        """FLUX's packed latent tokens (M, N, 4C) -> the adapter's (M, C, H, W) layout, the grid read from the
+        image ids of the denoiser's latest call (``FluxPipeline._unpack_latents``; differentiable)."""
+        if self.img_ids is None:
+            raise RuntimeError("no image ids captured yet: the denoiser has not run")
+        rows, cols = int(self.img_ids[:, 1].max()) + 1, int(self.img_ids[:, 2].max()) + 1
+        vsf = pipe.vae_scale_factor
+        return pipe._unpack_latents(packed, 2 * rows * vsf, 2 * cols * vsf, vsf)
+
 
     def remove(self) -> None:
         self.handle.remove()
+
+
+def _packs_latents(pipe) -> bool:
+    """Pipelines whose latents are packed tokens (FLUX): value functions get them unpacked, as the adapter takes them."""
+    return pipe is not None and hasattr(pipe, "_unpack_latents") and hasattr(pipe, "transformer")
 
 
 class ScoreGuidedScheduler:
@@ -284,6 +318,7 @@ class ScoreGuidedScheduler:
         object.__setattr__(self, "kind", kind)
         denoiser = None if pipe is None else getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
         object.__setattr__(self, "_capture", None if denoiser is None else _ConditioningCapture(denoiser))
+        object.__setattr__(self, "_pipe", pipe)
 
     def close(self) -> None:
         if self._capture is not None:
@@ -309,7 +344,10 @@ class ScoreGuidedScheduler:
         cap = self._capture
         cond = None if cap is None else positive_cond(cap.embeds, cap.pooled, b)
         # ∇ with respect to the model input x_in = c·latents (the convention); the formula takes that gradient
-        _, grad_in = value_and_grad(self.value_fn, sample.detach().float() * c_in, t, cond)
+        fn = self.value_fn
+        if cap is not None and _packs_latents(self._pipe):  # FLUX: V reads the unpacked latents; ∇ flows back
+            fn = lambda x, t_, c: self.value_fn(cap.unpack(self._pipe, x), t_, c)  # noqa: E731
+        _, grad_in = value_and_grad(fn, sample.detach().float() * c_in, t, cond)
         object.__setattr__(self, "rows", self.rows + b)
         dev = sample.device
         if self.kind == "flow":
@@ -354,13 +392,15 @@ def steer_pipeline(pipe, prompt: str | list[str], *, num_particles: int, reward_
         if value_fn is not None:
             check_stochastic_scheduler(original, eta)
             cb = SMCCallback(value_fn, num_particles, lam, ess_threshold, resample_every, scheme, generator, eta=eta,
-                             potential=potential)
+                             potential=potential).attach(pipe)
             kwargs.update(callback_on_step_end=cb, callback_on_step_end_tensor_inputs=cb.tensor_inputs_for(pipe))
         result = pipe(prompts, num_images_per_prompt=num_particles, generator=generator, output_type="pt", **kwargs)
     finally:
         pipe.scheduler = original
         if guided is not None:
             guided.close()
+        if cb is not None:
+            cb.close()
     images = result.images
     flat_prompts = [p for p in prompts for _ in range(num_particles)]
     rewards = check_log_potential(reward_fn(images * 2 - 1, flat_prompts), images.shape[0], "reward_fn")

@@ -122,3 +122,45 @@ def test_smc_on_a_pipeline_with_a_plain_value_function_and_a_hard_constraint(kin
                                      output="argmax", num_inference_steps=3, guidance_scale=1.0,
                                      generator=torch.Generator().manual_seed(1), **extra)
     torch.testing.assert_close(info_best["rewards"], info_best["particle_rewards"].view(2, n).max(1).values)
+
+
+def test_flux_pipeline_value_functions_get_the_adapters_layout_and_conditioning(tmp_path):
+    """FLUX packs its latents into tokens and its callback offers no pooled embeddings: SMC and value guidance still
+    hand value functions the adapter's (M, C, H, W) latents and a TextCond, so a FLUX critic steers the pipeline."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from test_flux import tiny_flux_pipeline
+
+    from critic_align.tasks.flux import FluxTask
+
+    pipe = tiny_flux_pipeline(tmp_path)
+    task = FluxTask(pipe, PROMPTS, resolution=16, max_sequence_length=8)  # built on the pipeline's own scheduler
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=True)
+    torch.manual_seed(0)
+    critic = build_critic(task.backbone(), mode="full", hidden_dim=16, num_heads=2)
+    value = critic_value_fn(critic)
+    seen = []
+
+    def value_fn(x, t, cond):
+        seen.append((tuple(x.shape), cond))
+        return value(x, t, cond)
+
+    n = 2
+    kw = dict(height=16, width=16, max_sequence_length=8, num_inference_steps=3)
+    imgs, info = steer_pipeline(pipe, PAIR, num_particles=n, reward_fn=brightness, value_fn=value_fn, lam=20.0,
+                                ess_threshold=0.9, generator=torch.Generator().manual_seed(0), **kw)
+    assert imgs.shape[0] == 2 and info["value_rows"] == 2 * 2 * n
+    ref = task.encode(PAIR)
+    for shape, cond in seen:
+        assert shape == (2 * n, *task.latent_shape)
+        assert isinstance(cond, TextCond)
+        torch.testing.assert_close(cond.embeds, ref.embeds.repeat_interleave(n, 0))
+        torch.testing.assert_close(cond.pooled, ref.pooled.repeat_interleave(n, 0))
+    # value guidance: the gradient is taken through the unpacking, back to the packed latents the scheduler steps
+    seen.clear()
+    plain, _ = steer_pipeline(pipe, PAIR, num_particles=n, reward_fn=brightness,
+                              generator=torch.Generator().manual_seed(0), **kw)
+    guided, ginfo = steer_pipeline(pipe, PAIR, num_particles=n, reward_fn=brightness, guidance_value_fn=value_fn,
+                                   guidance_scale_value=50.0, generator=torch.Generator().manual_seed(0), **kw)
+    assert ginfo["guidance_rows"] > 0 and all(shape == (2 * n, *task.latent_shape) for shape, _ in seen)
+    assert not torch.allclose(plain, guided)
+    assert not pipe.transformer._forward_pre_hooks  # both hooks removed
