@@ -202,7 +202,7 @@ class Critic(nn.Module):
             self.adapters.load_state_dict(self.adapter_name, {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
 
 
-def level_specs(features: Features, width: int, grid: int = 8) -> list[LevelSpec]:
+def level_specs(features: Features, grid: int = 8) -> list[LevelSpec]:
     """Patch sizes that bring every convolutional level down to at most ``grid`` x ``grid`` tokens."""
     specs = []
     for x in features.levels:
@@ -274,7 +274,7 @@ def build_critic(policy_backbone: BackboneAdapter, mode: str = "lora", num_rewar
         reached, levels = None, None
     else:
         reached, feats = reached_modules(policy_backbone, example, which)
-        levels = level_specs(feats, width, grid)
+        levels = level_specs(feats, grid)
         if use_cond and feats.cemb is None:
             raise ValueError(f"use_cond: {type(policy_backbone.model).__name__} gave no conditioning embedding for "
                              "this input (an unconditional model or cond=None): set critic_cond: false")

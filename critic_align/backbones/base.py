@@ -97,14 +97,20 @@ class BackboneAdapter(nn.Module):
                 raise ValueError(f"critic_features {names!r}: use 'mid', 'multi' or a list of module names")
             return self.feature_layers(names)
         names = list(names)
-        known = dict(self.model.named_modules())
-        bad = [n for n in names if n not in known]
+        bad = [n for n in names if not self._has_module(n)]
         if not names or bad:
             raise ValueError(
                 f"critic_features names {bad or names} are not modules of {type(self.model).__name__}; "
                 f"'multi' uses {self.feature_layers('multi')}"
             )
         return names
+
+    def _has_module(self, name: str) -> bool:
+        try:
+            self.model.get_submodule(name)
+        except AttributeError:
+            return False
+        return True
 
     # -- public API --------------------------------------------------------------------------------
     @staticmethod
@@ -125,7 +131,6 @@ class BackboneAdapter(nn.Module):
 
     def _run_with_hooks(self, x_t, t, cond, stop_early: bool, which):
         names = self._check_layers(which)
-        modules = dict(self.model.named_modules())
         captured: dict = {}
         levels: dict[str, torch.Tensor] = {}
 
@@ -145,7 +150,7 @@ class BackboneAdapter(nn.Module):
         cmod = self.cond_module()
         if cmod is not None:
             handles.append(cmod.register_forward_hook(grab("cemb")))
-        handles += [modules[n].register_forward_hook(grab_level(n)) for n in dict.fromkeys(names)]
+        handles += [self.model.get_submodule(n).register_forward_hook(grab_level(n)) for n in dict.fromkeys(names)]
         out = None
         try:
             out = self._forward(x_t, self._timesteps(t, x_t), cond)
