@@ -12,14 +12,17 @@ import math
 import torch
 
 from .guard import check_reward_magnitude
-from .rollout import Rollout, sample, sample_trajectories
+from .rollout import Rollout, sample, sample_trajectories, sample_window
 
 
 @torch.no_grad()
-def collect(trainer, prompts, x_T: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Rollout:
+def collect(trainer, prompts, x_T: torch.Tensor | None = None, generator: torch.Generator | None = None,
+            window: tuple[int, int] | None = None) -> Rollout:
     """Sample trajectories for ``prompts`` with the current policy and score them with the trained rewards.
 
-    generator: the source of the initial noise and the per-chunk noise seeds (default: the run's own)."""
+    generator: the source of the initial noise and the per-chunk noise seeds (default: the run's own).
+    window: (start, stop) = only those steps stochastic and recorded, the rest the ODE (:func:`sample_window`);
+    None = every step stochastic."""
     cfg, task, procs = trainer.config, trainer.task, trainer.processes
     prompts = list(prompts)
     gen = trainer.generator if generator is None else generator
@@ -35,17 +38,20 @@ def collect(trainer, prompts, x_T: torch.Tensor | None = None, generator: torch.
     chunks = []
     for j, i in enumerate(range(mine.start, mine.stop, c), start=mine.start // c):
         sl = slice(i, min(i + c, mine.stop))
-        chunks.append(sample_trajectories(
-            trainer.policy_output, trainer.step, x_T[sl], trainer.timesteps.to(trainer.device),
-            None if cond is None else cond[sl], prompts[sl],
-            generator=torch.Generator(device=trainer.device).manual_seed(seeds[j]),
-        ))
+        g = torch.Generator(device=trainer.device).manual_seed(seeds[j])
+        c_sl = None if cond is None else cond[sl]
+        ts = trainer.timesteps.to(trainer.device)
+        chunks.append(sample_trajectories(trainer.policy_output, trainer.step, x_T[sl], ts, c_sl, prompts[sl],
+                                          generator=g) if window is None else
+                      sample_window(trainer.policy_output, trainer.step, x_T[sl], ts, window, c_sl, prompts[sl],
+                                    generator=g))
     ro = Rollout.cat(chunks)
     ro.samples = task.decode(ro.final)
     ro.rewards = trainer.rewards(ro.samples, ro.prompts).to(trainer.device)
     check_reward_magnitude(ro.rewards, trainer.rewards.names)
     if procs.num_processes > 1:  # every process gets the whole batch
         ro.latents, ro.log_probs = procs.gather(ro.latents), procs.gather(ro.log_probs)
+        ro.x0 = procs.gather(ro.x0) if ro.x0 is not None else None
         ro.samples, ro.rewards = procs.gather(ro.samples), procs.gather(ro.rewards)
         ro.cond, ro.prompts = cond, prompts
         ro.validate()

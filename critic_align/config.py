@@ -132,6 +132,20 @@ class PPOConfig:
     """Micro-batches per minibatch (minibatch_size must divide evenly); the gradient is identical."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's steps trained on (DDPO's option), chosen at random per trajectory."""
+    sde_window_size: int = 0
+    """ppo only.  0 = every denoising step is stochastic and trained (the full MDP).  W >= 1 = an SDE window
+    (Flow-GRPO-Fast / MixGRPO): each epoch draws one window of W consecutive steps (the same for the whole batch);
+    the steps before it and after it are the deterministic ODE step of the same sampler (DDIM with eta=0, the Euler
+    flow step), so only the window's W transitions are stochastic, have log-probabilities and are trained on
+    (and, for GAE, only the window's states get critic values and returns).  What it does to the MDP: the episode
+    becomes the window's W transitions, starting from the deterministic x at the window's start; the reward is
+    a deterministic function of the window's last state (the ODE finishes the sample).  The critic is not told
+    where the window is: its target at a window state is the return under the remaining stochastic steps of the
+    window it was seen in.  Held-out evaluation (eval_every) samples full stochastic trajectories, so its numbers
+    compare across settings.  Costs per epoch: the same backbone calls in sampling; W/T of the update's."""
+    sde_window_range: tuple[int, int] | None = None
+    """The window's first step is drawn uniformly from [lo, hi] (inclusive, 0 = the noisiest step) by the run's
+    generator each epoch; null = [0, num_inference_steps − sde_window_size] (anywhere).  lo = hi fixes it."""
     clip_range: float = 1e-3
     """PPO ratio clip ε (on per-dimension-averaged log-probs when log_prob_reduction='mean').  DDPO and
     Flow-GRPO use 1e-4 over hundreds of epochs; on digits (grpo, lr 1e-3) 1e-4 clipped 30 % of the pairs,
@@ -306,6 +320,26 @@ class PPOConfig:
             v = getattr(self, name)
             if not isinstance(v, bool):
                 _err(name, v, "must be true or false (unquoted in YAML)", number=False)
+        w = self.sde_window_size
+        if not isinstance(w, int) or isinstance(w, bool) or not 0 <= w <= self.num_inference_steps:
+            _err("sde_window_size", w, f"must be an integer in [0, num_inference_steps={self.num_inference_steps}] "
+                                       "(0 = no window: every step stochastic)")
+        if self.sde_window_range is not None:
+            r = self.sde_window_range
+            if w == 0:
+                _err("sde_window_range", r, "is only used with sde_window_size >= 1; remove it or set a window size",
+                     number=False)
+            if isinstance(r, (str, bytes)) or not isinstance(r, (list, tuple)) or len(r) != 2 or \
+                    not all(isinstance(x, int) and not isinstance(x, bool) for x in r) or \
+                    not 0 <= r[0] <= r[1] <= self.num_inference_steps - w:
+                _err("sde_window_range", r, f"must be two integers [lo, hi] with 0 <= lo <= hi <= num_inference_steps"
+                                            f" - sde_window_size = {self.num_inference_steps - w} (the window's first "
+                                            "step)", number=False)
+            self.sde_window_range = (int(r[0]), int(r[1]))
+        if w and self.algorithm != "ppo":
+            _err("sde_window_size", w, f"is for algorithm: ppo (it makes only the window's steps stochastic and "
+                                       f"trained); {self.algorithm} samples without log-probabilities and trains on "
+                                       "forward-noised samples: set sde_window_size: 0", number=False)
         if self.algorithm not in ALGORITHMS:
             _err("algorithm", self.algorithm, f"use one of {tuple(ALGORITHMS)}", number=False)
         if not _positive_number(self.nft_beta):

@@ -13,6 +13,11 @@ Shapes (B = trajectories, T = denoising steps, S = latent shape, K = rewards):
     values          (B, T, K)     critic values V(latents[:, k], t_k), when a critic is used
     advantages      (B, T)        combined advantage per (trajectory, step)
     returns         (B, T, K)     value targets per reward head
+    x0              (B, *S)       the final sample x_0 when the recorded trajectory is an SDE window that the ODE
+                                  continued past latents[:, -1]; None = latents[:, -1] is x_0 (``final`` reads it)
+
+With an SDE window (:func:`sample_window`) T is the window's W steps: latents[:, 0] is the deterministic state at
+the window's start, timesteps are the window's, and the sample is ``final`` (= x0).
 """
 
 from __future__ import annotations
@@ -41,8 +46,9 @@ class Rollout:
     values: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    x0: torch.Tensor | None = None
 
-    _PER_SAMPLE = ("latents", "log_probs", "cond", "samples", "rewards", "values", "advantages", "returns")
+    _PER_SAMPLE = ("latents", "log_probs", "cond", "samples", "rewards", "values", "advantages", "returns", "x0")
 
     @property
     def batch_size(self) -> int:
@@ -54,7 +60,8 @@ class Rollout:
 
     @property
     def final(self) -> torch.Tensor:
-        return self.latents[:, -1]
+        """(B, *S) the final samples x_0."""
+        return self.latents[:, -1] if self.x0 is None else self.x0
 
     def validate(self) -> "Rollout":
         b, t = self.batch_size, self.num_steps
@@ -70,6 +77,8 @@ class Rollout:
             raise ValueError(f"cond has batch {len(self.cond)}, expected {b}")
         if self.rewards is not None and (self.rewards.ndim != 2 or self.rewards.shape[0] != b):
             raise ValueError(f"rewards must be (B, K) with B = {b}, got {tuple(self.rewards.shape)}")
+        if self.x0 is not None and self.x0.shape != self.latents[:, -1].shape:
+            raise ValueError(f"x0 must be (B, *S) = {tuple(self.latents[:, -1].shape)}, got {tuple(self.x0.shape)}")
         if self.values is not None and self.values.shape[:2] != (b, t):
             raise ValueError(f"values must be (B, T, K) with (B, T) = {(b, t)}, got {tuple(self.values.shape)}")
         return self
@@ -194,3 +203,26 @@ def sample(denoiser: Denoiser, step: DDIMStep, x_T: torch.Tensor, timesteps: tor
             t = timesteps[k].expand(x.shape[0]).to(x.device)
             x = step(denoiser(x, t, cond), x, t, prev_timesteps[k].to(x.device), generator=generator).prev_sample
     return x
+
+
+def sample_window(denoiser: Denoiser, step: DDIMStep, x_T: torch.Tensor, timesteps: torch.Tensor,
+                  window: tuple[int, int], cond=None, prompts=None, generator: torch.Generator | None = None) -> Rollout:
+    """A trajectory whose steps ``window = (start, stop)`` (Python slice bounds into ``timesteps``) are the stochastic
+    ``step`` and the rest its deterministic ODE form (``step.ode()``): Flow-GRPO-Fast's / MixGRPO's SDE window.
+
+    Returns the window's :class:`Rollout` (T = stop − start transitions with their log-probs; latents[:, 0] is the
+    ODE state at the window's start) with ``x0`` = the ODE's continuation of its last state to the final sample.
+    The whole trajectory costs the same backbone calls as :func:`sample_trajectories`; the noise is drawn only inside
+    the window.  (0, len(timesteps)) is exactly :func:`sample_trajectories`'s rollout with ``x0`` set."""
+    start, stop = window
+    n = len(timesteps)
+    if not 0 <= start < stop <= n:
+        raise ValueError(f"window {window} must satisfy 0 <= start < stop <= {n} (the number of timesteps)")
+    prev = step.schedule.prev_timesteps(timesteps)
+    ode = step.ode()
+    x_s = sample(denoiser, ode, x_T, timesteps[:start], cond, prev_timesteps=prev[:start]) if start else x_T
+    ro = sample_trajectories(denoiser, step, x_s, timesteps[start:stop], cond, prompts, generator=generator,
+                             prev_timesteps=prev[start:stop])
+    x0 = sample(denoiser, ode, ro.latents[:, -1], timesteps[stop:], cond, prev_timesteps=prev[stop:]) \
+        if stop < n else ro.latents[:, -1]
+    return replace(ro, x0=x0).validate()

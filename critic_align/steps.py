@@ -25,6 +25,7 @@ clip range does not depend on the image size.  The trainer's ``log_prob_reductio
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -253,6 +254,10 @@ class DDIMStep:
     @property
     def is_stochastic(self) -> bool:
         return self.eta > 0
+
+    def ode(self) -> "DDIMStep":
+        """The deterministic step of the same sampler (eta = 0: DDIM's ODE update)."""
+        return dataclasses.replace(self, eta=0.0)
 
     def require_stochastic(self, what: str = "this operation") -> None:
         if not self.is_stochastic:
@@ -502,6 +507,10 @@ class FlowMatchSDEStep:
     @property
     def is_stochastic(self) -> bool:
         return self.noise_level > 0
+
+    def ode(self) -> "FlowMatchSDEStep":
+        """The deterministic step of the same sampler (noise level 0: the Euler ODE step)."""
+        return dataclasses.replace(self, noise_level=0.0)
 
     def require_stochastic(self, what: str = "this operation") -> None:
         if not self.is_stochastic:

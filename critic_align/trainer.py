@@ -166,11 +166,23 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------
     # the stages (each a function of this trainer's state; see the modules)
-    def rollout(self, prompts, x_T=None, generator: torch.Generator | None = None, count: bool = True) -> Rollout:
-        """Trajectories of the current policy for ``prompts``, scored (``count``: add them to reward_queries)."""
-        ro = collect.collect(self, prompts, x_T, generator)
+    def rollout(self, prompts, x_T=None, generator: torch.Generator | None = None, count: bool = True,
+                window: tuple[int, int] | None = None) -> Rollout:
+        """Trajectories of the current policy for ``prompts``, scored (``count``: add them to reward_queries);
+        ``window``: an SDE window (see :meth:`draw_window`)."""
+        ro = collect.collect(self, prompts, x_T, generator, window)
         self.reward_queries += len(ro.prompts) if count else 0
         return ro
+
+    def draw_window(self) -> tuple[int, int] | None:
+        """This epoch's SDE window (start, stop) over the denoising steps, or None without one
+        (``sde_window_size`` / ``sde_window_range``): the start is uniform on [lo, hi], from the run's generator."""
+        cfg = self.config
+        if not cfg.sde_window_size:
+            return None
+        lo, hi = cfg.sde_window_range or (0, cfg.num_inference_steps - cfg.sde_window_size)
+        start = int(torch.randint(lo, hi + 1, (1,), generator=self.generator))
+        return start, start + cfg.sde_window_size
 
     def compute_advantages(self, ro: Rollout) -> Rollout:
         """A new Rollout with ``advantages`` (B, T) clipped to ±adv_clip_max and, with a critic, ``values`` and
@@ -209,7 +221,8 @@ class Trainer:
     def train_epoch(self) -> EpochResult:
         cfg = self.config
         t0 = time.time()
-        ro = self.rollout(self.prompt_iter.batch(cfg.prompts_per_epoch, cfg.group_size))
+        window = self.draw_window()
+        ro = self.rollout(self.prompt_iter.batch(cfg.prompts_per_epoch, cfg.group_size), window=window)
         t_rollout = time.time() - t0
         if self.critic is not None and self.epoch == 0 and not self.pretrained_value:
             self.critic.head.set_output_scale(ro.rewards)  # no value pretraining: standardise on the first batch
@@ -223,6 +236,8 @@ class Trainer:
         self.epoch += 1
         row = {"phase": "train", "epoch": self.epoch, "reward_queries": self.reward_queries,
                "time_rollout_s": t_rollout, "time_update_s": t_update, "time_epoch_s": time.time() - t0}
+        if window is not None:
+            row["sde_window_start"] = window[0]
         row.update(metrics.reward_stats(self, ro))
         if ro.values is not None:
             row.update(self.value_report(ro, ro.values))

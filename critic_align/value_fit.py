@@ -29,7 +29,8 @@ def pretrain_value(trainer) -> list[dict]:
         t0 = time.time()
         if cfg.value_pretrain_lr_decay:
             critic_group["lr"] = cfg.critic_learning_rate * (1 - i / cfg.value_pretrain_epochs)
-        ro = trainer.rollout(trainer.prompt_iter.batch(cfg.prompts_per_epoch, cfg.group_size))
+        ro = trainer.rollout(trainer.prompt_iter.batch(cfg.prompts_per_epoch, cfg.group_size),
+                             window=trainer.draw_window())  # the states PPO's critic will be asked about
         if i == 0:
             trainer.critic.head.set_output_scale(ro.rewards)
         values = trainer.compute_values(ro)
