@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_rollout import lin_denoiser, make_step
+from test_trainer import make_trainer, perturb_lora
 
 from critic_align.config import PPOConfig
 from critic_align.rollout import sample, sample_trajectories, sample_window
 from critic_align.steps import FlowMatchSchedule, FlowMatchSDEStep
-from test_rollout import lin_denoiser, make_step
-from test_trainer import make_trainer, perturb_lora
 
 
 def flow_step():
