@@ -23,6 +23,7 @@ from benchmarks.report_perf import (  # noqa: E402
     section_trl_compare,
 )
 from benchmarks.report_steering import section_digits_steering, section_gmm_steering  # noqa: E402
+from benchmarks.sde_window import section as section_sde_window  # noqa: E402
 from benchmarks.t2i_advantages import section as section_t2i_advantages  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -424,6 +425,7 @@ SECTIONS = [
     ("kill_resume.json", section_kill_resume),
     ("fault_injection.json", section_fault_injection),
     ("trl_compare.json", section_trl_compare),
+    ("sde_window.json", section_sde_window),
     ("critic_modes.json", section_critic_modes),
     ("perf.json", section_perf),
     ("scaling.json", section_scaling),
