@@ -15,6 +15,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.baselines import section as section_baselines  # noqa: E402
+from benchmarks.diversity_tradeoff import section as section_diversity_tradeoff  # noqa: E402
 from benchmarks.report_critic import section_critic_quality  # noqa: E402
 from benchmarks.report_perf import (  # noqa: E402
     section_critic_modes,
@@ -415,6 +416,7 @@ SECTIONS = [
     ("dit_job/summary.json", section_dit_job),
     ("critic_quality.json", section_critic_quality),
     ("digits_advantages.json", section_advantages),
+    ("diversity_tradeoff.json", section_diversity_tradeoff),
     ("t2i_advantages.json", section_t2i_advantages),
     ("baselines.json", section_baselines),
     ("gmm_critic.json", section_gmm_critic),

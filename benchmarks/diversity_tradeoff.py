@@ -1,0 +1,199 @@
+"""The reward–diversity trade-off of the main job (issue 13, item 5): KL to the reference, early stopping, the
+critic recipe, and a run 3x the budget.
+
+    python benchmarks/diversity_tradeoff.py                  # the variants below, seed 0, then the long run
+    python benchmarks/diversity_tradeoff.py --variants default kl_0.1 --epochs 10 --eval-every 5 --long-epochs 0 \\
+        --out /tmp/d.json                                    # a quick look
+
+Every run is the main job's configuration (``train/configs/digits.yaml``) with the variant's overrides.  Every
+``--eval-every`` epochs the policy is evaluated on fixed noises (200 samples, 20 per digit, the full stochastic
+sampler): digit_prob (the trained reward), digit_correct, and within-prompt diversity (mean pairwise L2 between
+the samples of one digit; ``kept`` = / the base model's).  Early stopping needs no extra run: each evaluation on a
+run's curve is the policy that stopping there would give, so the trade-off frontier is read off the curves.
+
+Reported per variant: base and final reward and diversity kept, and the best reward among the evaluations that
+keep >= 80 % of the base diversity (the early-stopping point).  The long run (``--long-epochs``, default 3x the
+main job's) reports its peak and final eval reward: 'rise then collapse' = final < peak − 0.02 with diversity
+falling further.  Writes ``--out`` (default benchmarks/results/diversity_tradeoff.json) and a plot after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from digits_advantages import _machine, evaluate_policy  # noqa: E402
+
+from train.registry import build_trainer, load_run_config  # noqa: E402
+
+VARIANTS = {
+    "default": {},
+    "kl_0.1": {"kl_coef": 0.1},
+    "kl_1": {"kl_coef": 1.0},
+    "ecg_recipe": "digits_ecg",  # the core seed's critic recipe (its own preset)
+    "lr_0.5x": {"learning_rate": 5e-4},
+}
+KEEP = 0.8
+
+
+def run_one(name: str, overrides: dict, config: str, seed: int, epochs: int, eval_every: int, workdir: Path,
+            extra: dict) -> dict:
+    over = {**extra, **overrides, "seed": seed, "num_epochs": epochs, "output_dir": str(workdir / f"{name}_seed{seed}"),
+            "progress": False, "grid_every": 0, "checkpoint_every": 0, "log_tensorboard": False, "eval_every": 0}
+    run = load_run_config(config, over)
+    shutil.rmtree(run["ppo"].output_dir, ignore_errors=True)
+    trainer = build_trainer(run)
+    curve = []
+    t0 = time.time()
+
+    def evaluate():
+        ev = evaluate_policy(trainer)
+        curve.append({"epoch": trainer.epoch, "reward_queries": trainer.reward_queries, **ev})
+
+    evaluate()
+    if trainer.critic is not None:
+        trainer.pretrain_value()
+    kl = []
+    for e in range(epochs):
+        res = trainer.train_epoch()
+        if "kl_to_ref" in res.metrics:
+            kl.append(res.metrics["kl_to_ref"])
+        if (e + 1) % eval_every == 0 or e + 1 == epochs:
+            evaluate()
+    base = curve[0]
+    for c in curve:
+        c["diversity_kept"] = c["diversity_pairwise_l2"] / base["diversity_pairwise_l2"]
+        c["reward_gain"] = c["digit_prob"] - base["digit_prob"]
+    keep = [c for c in curve[1:] if c["diversity_kept"] >= KEEP]
+    best_keep = max(keep, key=lambda c: c["digit_prob"]) if keep else None
+    peak = max(curve, key=lambda c: c["digit_prob"])
+    final = curve[-1]
+    return {"variant": name, "config": config, "overrides": overrides, "seed": seed, "epochs": epochs,
+            "seconds": time.time() - t0, "base_digit_prob": base["digit_prob"], "final_digit_prob": final["digit_prob"],
+            "final_reward_gain": final["reward_gain"], "final_diversity_kept": final["diversity_kept"],
+            "final_digit_correct": final.get("digit_correct"),
+            "early_stop_keep80": None if best_keep is None else
+            {"epoch": best_keep["epoch"], "digit_prob": best_keep["digit_prob"], "reward_gain": best_keep["reward_gain"],
+             "diversity_kept": best_keep["diversity_kept"]},
+            "peak": {"epoch": peak["epoch"], "digit_prob": peak["digit_prob"], "diversity_kept": peak["diversity_kept"]},
+            "rise_then_collapse": bool(final["digit_prob"] < peak["digit_prob"] - 0.02
+                                       and final["diversity_kept"] < peak["diversity_kept"]),
+            "kl_to_ref_mean": sum(kl) / len(kl) if kl else None, "curve": curve}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in result["runs"] + ([result["long_run"]] if result.get("long_run") else []):
+        label = r["variant"] + (f" ({r['epochs']} ep)" if r is result.get("long_run") else "")
+        ep = [c["epoch"] for c in r["curve"]]
+        a1.plot(ep, [c["digit_prob"] for c in r["curve"]], marker=".", label=label)
+        a2.plot([c["diversity_kept"] for c in r["curve"]], [c["digit_prob"] for c in r["curve"]], marker=".", label=label)
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("held-out digit_prob")
+    a2.axvline(KEEP, color="gray", ls="--", lw=1)
+    a2.set_xlabel("within-prompt diversity kept (pairwise L2 / base)")
+    a2.set_ylabel("held-out digit_prob")
+    a2.invert_xaxis()
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+    a1.legend(fontsize=7)
+    a2.set_title("each point = stopping at that evaluation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def section(path: Path) -> str:
+    """The BENCHMARKS.md section (benchmarks/report.py) rendered from ``diversity_tradeoff.json``."""
+    d = json.loads(Path(path).read_text())
+    a = d["args"]
+
+    def fmt(x, digits=3):
+        return "n/a" if x is None else f"{x:.{digits}f}"
+
+    lines = ["## Reward vs diversity: KL, early stopping, the critic recipe, and a 3x-budget run (digits main job)", "",
+             f"Command: `python benchmarks/diversity_tradeoff.py` (writes `benchmarks/results/diversity_tradeoff.json` "
+             f"and `.png`; {d['time_s']:.0f} s). Each variant = `train/configs/digits.yaml` (or the named preset) with "
+             f"its overrides, {a['epochs']} epochs, seed {a['seed']}, common overrides {d['extra'] or 'none'}; held-out "
+             f"evaluation every {a['eval_every']} epochs (200 samples on fixed noises, full stochastic sampler). "
+             "'Diversity kept' = within-prompt pairwise L2 / the base model's. 'Early stop ≥ 80 %' = the best "
+             "evaluation on the run's curve that keeps ≥ 80 % of the base diversity (stopping there needs no other "
+             "run).", "",
+             "| variant | overrides | final digit_prob (gain) | diversity kept | early stop ≥ 80 %: epoch, digit_prob "
+             "(gain) | mean KL to ref |", "|---|---|---|---|---|---|"]
+    for r in d["runs"]:
+        es = r["early_stop_keep80"]
+        es_s = "none keeps 80 %" if es is None else \
+            f"{es['epoch']}, {fmt(es['digit_prob'])} (+{fmt(es['reward_gain'])}), kept {fmt(es['diversity_kept'], 2)}"
+        over = r["overrides"] if r["overrides"] else ("preset " + r["config"] if r["config"] != "digits" else "—")
+        lines.append(f"| {r['variant']} | {over} | {fmt(r['final_digit_prob'])} ({r['final_reward_gain']:+.3f}) | "
+                     f"{fmt(r['final_diversity_kept'], 2)} | {es_s} | {fmt(r['kl_to_ref_mean'], 4)} |")
+    lr = d.get("long_run")
+    if lr:
+        mult = lr["epochs"] / a["epochs"]
+        lines += ["", f"**Long run** ({lr['variant']}, {lr['epochs']} epochs = {mult:.0f}x the budget above): "
+                  "held-out digit_prob "
+                  f"{fmt(lr['base_digit_prob'])} → peak {fmt(lr['peak']['digit_prob'])} at epoch {lr['peak']['epoch']} → "
+                  f"final {fmt(lr['final_digit_prob'])}; diversity kept at the end {fmt(lr['final_diversity_kept'], 2)}; "
+                  f"rise then collapse: {'yes' if lr['rise_then_collapse'] else 'no'}."]
+    lines += ["", "![reward vs diversity](benchmarks/results/diversity_tradeoff.png)", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=80, help="the main job's budget")
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--long-epochs", type=int, default=240, help="the long run of the default (0 = none)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="overrides for every run")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "diversity_tradeoff.json"))
+    args = p.parse_args(argv)
+    import yaml
+
+    extra = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    workdir = ROOT / "benchmarks" / "results" / "tmp" / "diversity_tradeoff"
+    t0 = time.time()
+    result = {"benchmark": "diversity_tradeoff", "args": vars(args), "extra": extra, "runs": [], "long_run": None,
+              "machine": _machine()}
+
+    def save():
+        result["time_s"] = time.time() - t0
+        out.write_text(json.dumps(result, indent=1, default=float))
+        plot(result, out.with_suffix(".png"))
+
+    for name in args.variants:
+        v = VARIANTS[name]
+        config, over = (v, {}) if isinstance(v, str) else ("digits", v)
+        r = run_one(name, over, config, args.seed, args.epochs, args.eval_every, workdir, extra)
+        result["runs"].append(r)
+        print(f"{name}: digit_prob {r['base_digit_prob']:.3f} -> {r['final_digit_prob']:.3f}, diversity kept "
+              f"{r['final_diversity_kept']:.2f}, early stop >= 80%: {r['early_stop_keep80']}", flush=True)
+        save()
+    if args.long_epochs:
+        r = run_one("default", {}, "digits", args.seed, args.long_epochs, args.eval_every, workdir, extra)
+        result["long_run"] = r
+        print(f"long run: peak {r['peak']} final {r['final_digit_prob']:.3f} collapse {r['rise_then_collapse']}")
+        save()
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
