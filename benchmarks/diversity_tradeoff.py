@@ -137,7 +137,7 @@ def section(path: Path) -> str:
     for r in d["runs"]:
         es = r["early_stop_keep80"]
         es_s = "none keeps 80 %" if es is None else \
-            f"{es['epoch']}, {fmt(es['digit_prob'])} (+{fmt(es['reward_gain'])}), kept {fmt(es['diversity_kept'], 2)}"
+            f"{es['epoch']}, {fmt(es['digit_prob'])} ({es['reward_gain']:+.3f}), kept {fmt(es['diversity_kept'], 2)}"
         over = r["overrides"] if r["overrides"] else ("preset " + r["config"] if r["config"] != "digits" else "—")
         lines.append(f"| {r['variant']} | {over} | {fmt(r['final_digit_prob'])} ({r['final_reward_gain']:+.3f}) | "
                      f"{fmt(r['final_diversity_kept'], 2)} | {es_s} | {fmt(r['kl_to_ref_mean'], 4)} |")
