@@ -3,11 +3,15 @@
 Multi-process: every process draws the same initial noise and per-chunk noise seeds (from the same generator), samples
 and scores its own contiguous 1/N of the batch in whole ``sample_chunk_size`` chunks (each with its own noise
 generator, so a trajectory's noise does not depend on N), then the rollout is all-gathered.
+
+Each chunk is decoded and scored on its own as soon as it is sampled, in a background thread while the next chunk
+samples when ``overlap_rewards`` is on (:class:`ChunkScorer`); the rewards are the same either way.
 """
 
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -36,18 +40,19 @@ def collect(trainer, prompts, x_T: torch.Tensor | None = None, generator: torch.
     seeds = torch.randint(0, 2**62, (math.ceil(len(prompts) / c),), generator=gen).tolist()
     mine = procs.shard(len(prompts))
     chunks = []
-    for j, i in enumerate(range(mine.start, mine.stop, c), start=mine.start // c):
-        sl = slice(i, min(i + c, mine.stop))
-        g = torch.Generator(device=trainer.device).manual_seed(seeds[j])
-        c_sl = None if cond is None else cond[sl]
-        ts = trainer.timesteps.to(trainer.device)
-        chunks.append(sample_trajectories(trainer.policy_output, trainer.step, x_T[sl], ts, c_sl, prompts[sl],
-                                          generator=g) if window is None else
-                      sample_window(trainer.policy_output, trainer.step, x_T[sl], ts, window, c_sl, prompts[sl],
-                                    generator=g))
-    ro = Rollout.cat(chunks)
-    ro.samples = task.decode(ro.final)
-    ro.rewards = trainer.rewards(ro.samples, ro.prompts).to(trainer.device)
+    with ChunkScorer(trainer, cfg.overlap_rewards) as scorer:
+        for j, i in enumerate(range(mine.start, mine.stop, c), start=mine.start // c):
+            sl = slice(i, min(i + c, mine.stop))
+            g = torch.Generator(device=trainer.device).manual_seed(seeds[j])
+            c_sl = None if cond is None else cond[sl]
+            ts = trainer.timesteps.to(trainer.device)
+            chunks.append(sample_trajectories(trainer.policy_output, trainer.step, x_T[sl], ts, c_sl, prompts[sl],
+                                              generator=g) if window is None else
+                          sample_window(trainer.policy_output, trainer.step, x_T[sl], ts, window, c_sl, prompts[sl],
+                                        generator=g))
+            scorer.submit(chunks[-1])
+        ro = Rollout.cat(chunks)
+        ro.samples, ro.rewards = scorer.results()
     check_reward_magnitude(ro.rewards, trainer.rewards.names)
     if procs.num_processes > 1:  # every process gets the whole batch
         ro.latents, ro.log_probs = procs.gather(ro.latents), procs.gather(ro.log_probs)
@@ -56,6 +61,44 @@ def collect(trainer, prompts, x_T: torch.Tensor | None = None, generator: torch.
         ro.cond, ro.prompts = cond, prompts
         ro.validate()
     return ro
+
+
+class ChunkScorer:
+    """Decodes and scores sampled chunks (``task.decode`` then the trained rewards), each on its own, in chunk order:
+    in one background thread when ``overlap`` is on (the next chunk samples meanwhile), else at once in the caller's
+    thread.  A context manager: leaving it waits for the thread (an error in a chunk's scoring is raised by
+    :meth:`results`)."""
+
+    def __init__(self, trainer, overlap: bool):
+        self.trainer = trainer
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="rewards") if overlap else None
+        self.pending: list[Future] = []
+
+    def _score(self, final: torch.Tensor, prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():  # grad mode is per thread: the worker does not inherit the caller's no_grad
+            samples = self.trainer.task.decode(final)
+            return samples, self.trainer.rewards(samples, prompts).to(self.trainer.device)
+
+    def submit(self, chunk: Rollout) -> None:
+        if self.pool is not None:
+            self.pending.append(self.pool.submit(self._score, chunk.final, list(chunk.prompts)))
+        else:
+            done: Future = Future()
+            done.set_result(self._score(chunk.final, list(chunk.prompts)))
+            self.pending.append(done)
+
+    def results(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(samples, rewards (B, K)) of every submitted chunk, concatenated in submission order."""
+        out = [f.result() for f in self.pending]
+        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        return False
 
 
 @torch.no_grad()

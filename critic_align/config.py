@@ -70,6 +70,11 @@ class PPOConfig:
     (seeded from the run's), so a trajectory's noise does not depend on the number of processes; changing
     the chunk size changes the noise draws (not their distribution).  With N processes it must divide
     batch_size / N."""
+    overlap_rewards: bool = True
+    """Decode and score each sampled chunk in a background thread while the next chunk samples (ddpo-pytorch's and
+    Flow-GRPO's async rewards): a slow reward (a large model, a remote server) no longer idles the sampler.  The
+    rewards are the same as without it (each chunk is scored on its own either way, in chunk order); with one chunk
+    per epoch there is nothing to overlap.  False: score each chunk in the sampling thread."""
 
     # --- algorithm ------------------------------------------------------------------------------------
     algorithm: str = "ppo"
@@ -129,7 +134,21 @@ class PPOConfig:
     minibatch_size: int = 160
     """(trajectory, step) pairs per optimiser step."""
     gradient_accumulation_steps: int = 1
-    """Micro-batches per minibatch (minibatch_size must divide evenly); the gradient is identical."""
+    """At least this many micro-batches per minibatch (minibatch_size must divide evenly): a micro-batch has at most
+    minibatch_size / gradient_accumulation_steps pairs (and at most ``micro_batch_size``).  The gradient is the
+    same whatever the split (each micro-batch's loss is weighted by its share of the minibatch)."""
+    micro_batch_size: int | str = "auto"
+    """The most (trajectory, step) pairs (or value-fit rows) the update forwards and back-propagates at once;
+    memory, not the maths: the gradient is the minibatch mean's whatever the split.  'auto': as many as fit in
+    ``micro_batch_memory_mb`` of saved activations, measured on the run's first micro-batch of each loss
+    (``critic_align/update.py``, ``MicroBatcher``).  On the TRL comparison's tiny SD1.5 pipeline with CFG a pair
+    saves ~24 MB and the whole 32-pair minibatch at once doubled the peak RSS (``benchmarks/results/trl_compare.json``);
+    'auto' forwards 5 pairs there.  Smaller micro-batches cost time where a pair is cheap: on digits (~3-4 MB a
+    pair) 'auto' forwards 34-45 of the 160 pairs at once, ~9 % (grpo) to ~19 % (gae) slower epochs than all 160 at
+    ~400 MB less peak RSS (``benchmarks/results/speed_defaults.json``); set an integer to choose speed."""
+    micro_batch_memory_mb: float = 128.0
+    """With ``micro_batch_size: auto``, the budget for the activations one micro-batch saves for its backward pass
+    (MB; the model, optimiser and rollout come on top)."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's steps trained on (DDPO's option), chosen at random per trajectory."""
     sde_window_size: int = 0
@@ -177,6 +196,11 @@ class PPOConfig:
     function as peft's base(x) + s·B(A(x)), to float32 rounding, and faster on a CPU (``benchmarks/results/perf.json``;
     ``critic_align/backbones/lora.py``; falls back to peft's forward under autocast and for layers it does not
     cover).  False: peft's own forward."""
+
+    channels_last: bool = True
+    """Store the backbone's 4-D (convolution) weights in the channels-last memory format, which oneDNN's CPU
+    convolutions run faster (``benchmarks/results/speed_defaults.json``); the same function, only the layout of
+    the weights changes (a model without convolutions is unaffected)."""
 
     # --- critic -------------------------------------------------------------------------------------
     critic_mode: str = "lora"
@@ -311,8 +335,9 @@ class PPOConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
                 _err(name, v, "must be in [0, 1]")
-        if not isinstance(self.fused_lora, bool):
-            _err("fused_lora", self.fused_lora, "must be true or false")
+        for name in ("fused_lora", "channels_last", "overlap_rewards"):
+            if not isinstance(getattr(self, name), bool):
+                _err(name, getattr(self, name), "must be true or false (unquoted in YAML)", number=False)
         if self.timestep_fraction == 0:
             _err("timestep_fraction", 0, "must be > 0")
         for name in ("normalize_advantages", "log_tensorboard", "progress", "critic_cond", "value_loss_standardized",
@@ -377,6 +402,12 @@ class PPOConfig:
             _err("seed", self.seed, "must be < 2**32 (numpy's seed range)")
         if self.batch_size % self.group_size:
             _err("batch_size", self.batch_size, f"must be a multiple of group_size={self.group_size}")
+        mbs = self.micro_batch_size
+        if mbs != "auto" and (not isinstance(mbs, int) or isinstance(mbs, bool) or mbs < 1):
+            _err("micro_batch_size", mbs, "must be 'auto' or an integer >= 1 (pairs forwarded at once)",
+                 number=not isinstance(mbs, str))
+        if not _positive_number(self.micro_batch_memory_mb):
+            _err("micro_batch_memory_mb", self.micro_batch_memory_mb, "must be a finite number > 0 (MB)")
         if self.minibatch_size % self.gradient_accumulation_steps:
             _err("minibatch_size", self.minibatch_size,
                  f"must be divisible by gradient_accumulation_steps={self.gradient_accumulation_steps}")

@@ -97,6 +97,8 @@ class Trainer:
         check_task(task)
         task.to(self.device)  # e.g. a pipeline task's frozen text encoders and VAE
         self.adapter = adapter.to(self.device).requires_grad_(False)
+        if config.channels_last:  # 4-D weights only; before the LoRA layers and the critic's copies are made
+            self.adapter.model.to(memory_format=torch.channels_last)
         self.adapters = LoraAdapters(adapter.model, fused=config.fused_lora)
         self.adapters.add("policy", rank=config.lora_rank, alpha=config.lora_alpha,
                           target_modules=config.lora_target_modules)
@@ -297,7 +299,9 @@ class Trainer:
         opt_tensors, opt_meta = optimizer_tensors(self.optimizer)
         state = {"epoch": self.epoch, "reward_queries": self.reward_queries, "pretrained_value": self.pretrained_value,
                  "prompt_iterator": self.prompt_iter.state_dict(), "stat_tracker": self.estimator.state_dict(),
-                 "optimizer": opt_meta}
+                 "optimizer": opt_meta,
+                 # the measured activation bytes per row: a resumed run splits its minibatches as an uninterrupted one
+                 "micro_batch_bytes_per_row": dict(upd.micro_batcher(self).bytes_per_row)}
         return tensors | opt_tensors, state
 
     def load_state_dict(self, tensors: dict, state: dict) -> None:
@@ -309,6 +313,8 @@ class Trainer:
         self.pretrained_value = bool(state["pretrained_value"])
         self.prompt_iter.load_state_dict(state["prompt_iterator"])
         self.estimator.load_state_dict(state["stat_tracker"])
+        upd.micro_batcher(self).bytes_per_row = {k: float(v) for k, v in
+                                                 state.get("micro_batch_bytes_per_row", {}).items()}
 
     def export_policy_lora(self) -> dict[str, torch.Tensor]:
         return self.adapters.state_dict("policy")

@@ -4,15 +4,26 @@ value-only fits on :class:`~critic_align.value_data.ValueBatch` rows, and the op
 Functions of the trainer (which owns the policy, critic, optimiser, generator and processes) and a record: they
 change only the trainable weights, the optimiser state and the generator, and return their statistics.
 
-Multi-process: every process walks the same shuffled minibatches and takes its 1/N of each, in
-``gradient_accumulation_steps`` micro-batches; the gradients of all trainable parameters are summed over the
-processes before clipping and the step (:mod:`critic_align.distributed`), so the weights stay identical on every
-process.  Statistics are per minibatch (pair-weighted means over its parts; the extremes for ``*_max`` /
-``*_min``), then averaged over minibatches.
+Micro-batches: a minibatch's loss is the mean over its pairs; it is forwarded and back-propagated in micro-batches
+(at most ``micro_batch_size`` pairs, 'auto': sized from ``micro_batch_memory_mb`` and the activation bytes per pair
+measured on the run's first micro-batch, :class:`MicroBatcher`; and at most minibatch / ``gradient_accumulation_steps``),
+each loss weighted by its share of the minibatch, so the summed gradient is the minibatch mean's whatever the split.
+
+Skipped pairs: with the 'ppo' update, no value loss (no critic) and no KL penalty, a pair whose advantage is exactly
+0 (e.g. a GRPO group whose rewards are all equal) has a loss of exactly 0 and a gradient of exactly 0, so it is not
+forwarded; the minibatch mean stays the mean over all of the minibatch's pairs (the skipped ones count as 0), so
+the update is the one without skipping.  ``skipped_pair_fraction`` logs the share skipped.
+
+Multi-process: every process walks the same shuffled minibatches and takes its 1/N of each (of the pairs it
+forwards); the gradients of all trainable parameters are summed over the processes before clipping and the step
+(:mod:`critic_align.distributed`), so the weights stay identical on every process.  Statistics are per minibatch
+(pair-weighted means over its forwarded parts; the extremes for ``*_max`` / ``*_min``), then averaged over
+minibatches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -120,14 +131,32 @@ def value_batch_loss(trainer, vb: ValueBatch, rows: torch.Tensor, coef: float = 
     return coef * loss, stats
 
 
+def can_skip_zero_advantage(trainer, ro: Rollout, train_policy: bool) -> bool:
+    """Whether a pair's loss is exactly its policy term, ∝ its advantage: no value loss (no critic or no
+    returns), no KL penalty, and a policy step.  Then a pair with advantage 0 has loss 0 and gradient 0."""
+    value_loss_on = trainer.critic is not None and ro.returns is not None
+    return train_policy and not value_loss_on and trainer.config.kl_coef == 0
+
+
 def ppo_update(trainer, ro: Rollout, train_policy: bool = True, passes: int | None = None) -> dict:
-    """PPO inner epochs (``passes``, default ``ppo_epochs``) over minibatches of (trajectory, step) pairs."""
+    """PPO inner epochs (``passes``, default ``ppo_epochs``) over minibatches of (trajectory, step) pairs.
+
+    Pairs with an advantage of exactly 0 are not forwarded when they cannot change the update
+    (:func:`can_skip_zero_advantage`); each minibatch's loss stays the mean over all its pairs."""
     cfg = trainer.config
     minibatches = []
     for _ in range(passes if passes is not None else cfg.ppo_epochs):
         p = pairs(trainer, ro)
         minibatches += [p[s:s + cfg.minibatch_size] for s in range(0, len(p), cfg.minibatch_size)]
-    return minibatch_steps(trainer, minibatches, lambda part: loss_on_pairs(trainer, ro, part, train_policy))
+    sizes = [len(mb) for mb in minibatches]
+    total = sum(sizes)
+    if can_skip_zero_advantage(trainer, ro, train_policy):
+        adv = ro.advantages.cpu()
+        minibatches = [mb[adv[mb[:, 0], mb[:, 1]] != 0] for mb in minibatches]
+    stats = minibatch_steps(trainer, minibatches, lambda part: loss_on_pairs(trainer, ro, part, train_policy),
+                            kind="ppo" if train_policy else "ppo_value", sizes=sizes)
+    stats["skipped_pair_fraction"] = 1.0 - sum(len(mb) for mb in minibatches) / total if total else 0.0
+    return stats
 
 
 def fit_values(trainer, vb: ValueBatch, passes: int, coef: float = 1.0, prefix: str = "value_loss") -> dict:
@@ -138,7 +167,7 @@ def fit_values(trainer, vb: ValueBatch, passes: int, coef: float = 1.0, prefix: 
         perm = torch.randperm(len(vb), generator=trainer.generator)
         minibatches += [perm[s:s + mbs] for s in range(0, len(perm), mbs)]
     return minibatch_steps(trainer, minibatches,
-                           lambda rows: value_batch_loss(trainer, vb, rows.to(vb.x.device), coef, prefix))
+                           lambda rows: value_batch_loss(trainer, vb, rows.to(vb.x.device), coef, prefix), kind="value")
 
 
 def optimizer_step(trainer, losses: list[dict] = ()) -> dict:
@@ -154,25 +183,92 @@ def optimizer_step(trainer, losses: list[dict] = ()) -> dict:
     return norms
 
 
-def minibatch_steps(trainer, minibatches: list[torch.Tensor], loss_fn) -> dict:
+class MicroBatcher:
+    """How many rows the update forwards at a time (``micro_batch_size``; 'auto': from a memory budget).
+
+    'auto' measures, per kind of loss (the PPO loss, a value-only fit, an algorithm's own loss), the bytes of the
+    tensors autograd saves for the backward pass (activations and rebuilt fused-LoRA weights, not the parameters)
+    on the first micro-batch of that kind (at most ``PROBE_ROWS`` rows), and from then on forwards
+    ``floor(micro_batch_memory_mb / bytes per row)`` rows at a time (at least 1).  The per-row figure includes the
+    micro-batch's fixed costs (fused weights) divided among its rows, so it errs on the lean side."""
+
+    PROBE_ROWS = 4
+
+    def __init__(self, size: int | str, memory_mb: float):
+        self.fixed = None if size == "auto" else int(size)
+        self.budget = memory_mb * 2**20
+        self.bytes_per_row: dict[str, float] = {}
+
+    def size(self, kind: str) -> int | None:
+        """Rows per micro-batch for ``kind``; None: not measured yet (forward a probe under :meth:`measure`)."""
+        if self.fixed is not None:
+            return self.fixed
+        per_row = self.bytes_per_row.get(kind)
+        return None if per_row is None else max(1, int(self.budget // max(per_row, 1.0)))
+
+    @contextlib.contextmanager
+    def measure(self, kind: str, rows: int):
+        """Count the bytes autograd saves inside the block (each storage once) and record them per row."""
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            if not isinstance(t, torch.nn.Parameter):
+                st = t.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+        if seen and rows > 0:
+            self.bytes_per_row[kind] = sum(seen.values()) / rows
+
+
+def micro_batcher(trainer) -> MicroBatcher:
+    """The trainer's :class:`MicroBatcher` (made on first use: its measurements live as long as the trainer)."""
+    mb = getattr(trainer, "_micro_batcher", None)
+    if mb is None:
+        cfg = trainer.config
+        mb = trainer._micro_batcher = MicroBatcher(cfg.micro_batch_size, cfg.micro_batch_memory_mb)
+    return mb
+
+
+def minibatch_steps(trainer, minibatches: list[torch.Tensor], loss_fn, kind: str = "default",
+                    sizes: list[int] | None = None) -> dict:
     """One optimiser step per minibatch of row indices; ``loss_fn(rows) -> (loss, stats)`` is the mean loss over
-    ``rows``.  Each process takes its share of every minibatch, in ``gradient_accumulation_steps`` micro-batches;
-    gradients are summed over processes before the step."""
+    ``rows``.  Each process takes its share of every minibatch and forwards it in micro-batches (at most
+    minibatch / ``gradient_accumulation_steps`` rows, and at most :class:`MicroBatcher`'s size for ``kind``);
+    gradients are summed over processes before the step.
+
+    sizes: the number of rows each minibatch's mean is over (default: its length); larger when rows whose loss
+    and gradient are exactly 0 were left out of it (their trainable parameters then still get a zero gradient,
+    as they would have had, so the optimiser steps them the same way)."""
     procs = trainer.processes
     acc = trainer.config.gradient_accumulation_steps
+    batcher = micro_batcher(trainer)
     parts_per_mb: list[list] = []
     norms: dict[str, list] = {}
     trainer.optimizer.zero_grad(set_to_none=True)
-    for mb in minibatches:
+    for i, mb in enumerate(minibatches):
+        size = len(mb) if sizes is None else sizes[i]
         share = torch.tensor_split(mb, procs.num_processes)[procs.rank]
-        micro = max(1, math.ceil(len(share) / acc))
+        cap = max(1, math.ceil(len(share) / acc))
         parts = []
-        for j in range(0, len(share), micro):
-            part = share[j:j + micro]
-            loss, stats = loss_fn(part)
-            # weight by the micro-batch's share so the summed gradient equals the minibatch mean
-            trainer.accelerator.backward(loss * (len(part) / len(mb)))
+        j = 0
+        while j < len(share):
+            micro = batcher.size(kind)
+            probe = micro is None
+            n = min(cap, batcher.PROBE_ROWS if probe else micro)
+            part = share[j:j + n]
+            with batcher.measure(kind, len(part)) if probe else contextlib.nullcontext():
+                loss, stats = loss_fn(part)
+                # weight by the micro-batch's share so the summed gradient equals the minibatch mean
+                trainer.accelerator.backward(loss * (len(part) / size))
             parts.append((len(part), stats))
+            j += n
+        if len(mb) < size:  # rows left out had gradient 0: give every policy parameter its (zero) gradient
+            for p in trainer.policy_params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         parts_per_mb.append(parts)
         procs.sum_gradients(trainer._trainable)
         for k, v in optimizer_step(trainer, [st for _, st in parts]).items():
