@@ -21,6 +21,7 @@ from benchmarks.report_perf import (  # noqa: E402
     section_critic_modes,
     section_perf,
     section_scaling,
+    section_speed_defaults,
     section_trl_compare,
 )
 from benchmarks.report_steering import section_digits_steering, section_gmm_steering  # noqa: E402
@@ -427,6 +428,7 @@ SECTIONS = [
     ("kill_resume.json", section_kill_resume),
     ("fault_injection.json", section_fault_injection),
     ("trl_compare.json", section_trl_compare),
+    ("speed_defaults.json", section_speed_defaults),
     ("sde_window.json", section_sde_window),
     ("critic_modes.json", section_critic_modes),
     ("perf.json", section_perf),
