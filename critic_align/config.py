@@ -348,7 +348,8 @@ class PPOConfig:
         w = self.sde_window_size
         if not isinstance(w, int) or isinstance(w, bool) or not 0 <= w <= self.num_inference_steps:
             _err("sde_window_size", w, f"must be an integer in [0, num_inference_steps={self.num_inference_steps}] "
-                                       "(0 = no window: every step stochastic)")
+                                       "(0 = no window: every step stochastic); with fewer steps set a smaller window "
+                                       "or sde_window_size: 0")
         if self.sde_window_range is not None:
             r = self.sde_window_range
             if w == 0:

@@ -25,7 +25,8 @@ from critic_align.advantages import grpo_advantages
 from train.cli import main
 
 TINY = ["--set", "batch_size=8", "--set", "group_size=8", "--set", "num_inference_steps=3", "--set",
-        "sample_chunk_size=8", "--set", "minibatch_size=24", "--set", "value_pretrain_epochs=1", "--set",
+        "sde_window_size=2", "--set", "sample_chunk_size=8", "--set", "minibatch_size=24", "--set",
+        "value_pretrain_epochs=1", "--set",
         "value_pretrain_passes=1", "--set", "progress=false", "--set", "log_tensorboard=false", "--set",
         "grid_every=0"]
 
