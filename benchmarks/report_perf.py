@@ -254,7 +254,7 @@ def section_speed_defaults(path: Path) -> str:
         f"Machine: {_machine(m)}"
         + (f", pinned to core(s) {m['cpu_affinity']}" if "cpu_affinity" in m else "")
         + f". One process per configuration (peak RSS is its own), one warm-up epoch then {d['epochs']} timed, "
-        "medians (seconds).",
+        f"{d.get('rounds', 1)} round(s) over all configurations in alternating order; medians (seconds).",
         "",
         "Tiny SD1.5 pipeline of the TRL comparison (8 samples × 8 steps, CFG 5 in rollouts and update, ddpo, 32 pairs "
         "per optimiser step):",

@@ -146,9 +146,11 @@ class PPOConfig:
     'auto' forwards 5 pairs there.  Smaller micro-batches cost time where a pair is cheap: on digits (~3-4 MB a
     pair) 'auto' forwards 34-45 of the 160 pairs at once, ~9 % (grpo) to ~19 % (gae) slower epochs than all 160 at
     ~400 MB less peak RSS (``benchmarks/results/speed_defaults.json``); set an integer to choose speed."""
-    micro_batch_memory_mb: float = 128.0
+    micro_batch_memory_mb: float | None = None
     """With ``micro_batch_size: auto``, the budget for the activations one micro-batch saves for its backward pass
-    (MB; the model, optimiser and rollout come on top)."""
+    (MB; the model, optimiser and rollout come on top).  None: per device, 128 MB on a CPU (as lean as TRL's
+    DDPOTrainer in ``benchmarks/results/trl_compare.json``), half the GPU's free memory on CUDA (where
+    ``gradient_accumulation_steps`` then usually sets the micro-batch)."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's steps trained on (DDPO's option), chosen at random per trajectory."""
     sde_window_size: int = 0
@@ -407,8 +409,9 @@ class PPOConfig:
         if mbs != "auto" and (not isinstance(mbs, int) or isinstance(mbs, bool) or mbs < 1):
             _err("micro_batch_size", mbs, "must be 'auto' or an integer >= 1 (pairs forwarded at once)",
                  number=not isinstance(mbs, str))
-        if not _positive_number(self.micro_batch_memory_mb):
-            _err("micro_batch_memory_mb", self.micro_batch_memory_mb, "must be a finite number > 0 (MB)")
+        if self.micro_batch_memory_mb is not None and not _positive_number(self.micro_batch_memory_mb):
+            _err("micro_batch_memory_mb", self.micro_batch_memory_mb,
+                 "must be a finite number > 0 (MB), or null (None) for the per-device default")
         if self.minibatch_size % self.gradient_accumulation_steps:
             _err("minibatch_size", self.minibatch_size,
                  f"must be divisible by gradient_accumulation_steps={self.gradient_accumulation_steps}")

@@ -189,22 +189,34 @@ class MicroBatcher:
     'auto' measures, per kind of loss (the PPO loss, a value-only fit, an algorithm's own loss), the bytes of the
     tensors autograd saves for the backward pass (activations and rebuilt fused-LoRA weights, not the parameters)
     on the first micro-batch of that kind (at most ``PROBE_ROWS`` rows), and from then on forwards
-    ``floor(micro_batch_memory_mb / bytes per row)`` rows at a time (at least 1).  The per-row figure includes the
+    ``floor(budget / bytes per row)`` rows at a time (at least 1; the budget: :meth:`budget_bytes`).  The per-row figure includes the
     micro-batch's fixed costs (fused weights) divided among its rows, so it errs on the lean side."""
 
     PROBE_ROWS = 4
+    CPU_BUDGET_MB = 128.0
 
-    def __init__(self, size: int | str, memory_mb: float):
+    def __init__(self, size: int | str, memory_mb: float | None, device: torch.device | str = "cpu"):
         self.fixed = None if size == "auto" else int(size)
-        self.budget = memory_mb * 2**20
+        self.memory_mb, self.device = memory_mb, torch.device(device)
+        self.budget: float | None = None if memory_mb is None else memory_mb * 2**20
         self.bytes_per_row: dict[str, float] = {}
+
+    def budget_bytes(self) -> float:
+        """The budget: ``micro_batch_memory_mb``, or per device (None): CPU_BUDGET_MB on a CPU, half the GPU's free
+        memory (taken once, at the first measurement) on CUDA."""
+        if self.budget is None:
+            if self.device.type == "cuda":
+                self.budget = torch.cuda.mem_get_info(self.device)[0] / 2
+            else:
+                self.budget = self.CPU_BUDGET_MB * 2**20
+        return self.budget
 
     def size(self, kind: str) -> int | None:
         """Rows per micro-batch for ``kind``; None: not measured yet (forward a probe under :meth:`measure`)."""
         if self.fixed is not None:
             return self.fixed
         per_row = self.bytes_per_row.get(kind)
-        return None if per_row is None else max(1, int(self.budget // max(per_row, 1.0)))
+        return None if per_row is None else max(1, int(self.budget_bytes() // max(per_row, 1.0)))
 
     @contextlib.contextmanager
     def measure(self, kind: str, rows: int):
@@ -228,7 +240,7 @@ def micro_batcher(trainer) -> MicroBatcher:
     mb = getattr(trainer, "_micro_batcher", None)
     if mb is None:
         cfg = trainer.config
-        mb = trainer._micro_batcher = MicroBatcher(cfg.micro_batch_size, cfg.micro_batch_memory_mb)
+        mb = trainer._micro_batcher = MicroBatcher(cfg.micro_batch_size, cfg.micro_batch_memory_mb, trainer.device)
     return mb
 
 

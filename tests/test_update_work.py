@@ -84,6 +84,8 @@ def test_measured_bytes_grow_with_rows_and_respect_the_budget():
     assert batcher.size("k") == 2**20 // (2 * 1024 * 64 * 4) == 2
     assert batcher.size("other") is None
     assert upd.MicroBatcher(5, 1.0).size("k") == 5
+    # no budget given: per device (a CPU's is CPU_BUDGET_MB)
+    assert upd.MicroBatcher("auto", None, "cpu").budget_bytes() == upd.MicroBatcher.CPU_BUDGET_MB * 2**20
 
 
 @pytest.mark.parametrize("bad", [0, -1, "big", 2.5, True])
