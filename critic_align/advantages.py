@@ -7,6 +7,8 @@ vectorised; they take and return tensors with documented shapes.
 
 from __future__ import annotations
 
+import math
+
 from collections import deque
 from dataclasses import dataclass
 
@@ -54,7 +56,9 @@ def grpo_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e
     """Group-relative advantages: (R − mean_g) / (std_g + eps) within each prompt group g.
 
     rewards: (B,) or (B, K); groups: (B,) int ids.  std is the population std (ddof = 0), as in
-    Flow-GRPO.  A group of size 1 gets advantage 0.
+    Flow-GRPO.  A group of size 1, or whose rewards are all equal, gets advantage exactly 0 (the float mean of
+    equal rewards can miss them by an ulp, which the eps-guarded division would blow up to ~1e-4; an exact 0
+    also lets the update skip those pairs).
     """
     squeeze = rewards.ndim == 1
     r = rewards.unsqueeze(1) if squeeze else rewards
@@ -63,6 +67,10 @@ def grpo_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e
     count = torch.zeros(n_groups, dtype=r.dtype, device=r.device).index_add_(0, groups, ones)
     mean = torch.zeros(n_groups, r.shape[1], dtype=r.dtype, device=r.device).index_add_(0, groups, r) / count[:, None]
     centered = r - mean[groups]
+    idx = groups[:, None].expand_as(r)
+    gmax = torch.full_like(mean, -math.inf).scatter_reduce(0, idx, r, "amax")
+    gmin = torch.full_like(mean, math.inf).scatter_reduce(0, idx, r, "amin")
+    centered = torch.where((gmax == gmin)[groups], torch.zeros_like(centered), centered)
     if scale_by_std:
         var = torch.zeros_like(mean).index_add_(0, groups, centered**2) / count[:, None]
         centered = centered / (var.sqrt()[groups] + eps)

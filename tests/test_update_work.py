@@ -179,3 +179,16 @@ def test_an_error_in_a_background_reward_is_raised(tmp_path):
     tr.rewards = MultiReward([FunctionReward(broken, name="broken")])
     with pytest.raises(RuntimeError, match="reward server down"):
         tr.rollout(tr.prompt_iter.batch(2, 4))
+
+
+def test_a_group_of_equal_rewards_gets_exactly_zero_advantage():
+    from critic_align.advantages import grpo_advantages
+
+    r = torch.tensor([0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.3, 0.2, 0.4, 0.1, 0.3, 0.2, 0.4, 0.1, 0.3])
+    g = torch.tensor([0] * 7 + [1] * 9)
+    naive = (r[:7] - r[:7].sum() / 7)  # the float mean of seven 0.1s is not 0.1
+    assert naive.abs().max() > 0
+    adv = grpo_advantages(r, g)
+    assert torch.equal(adv[:7], torch.zeros(7))
+    x = r[7:]
+    torch.testing.assert_close(adv[7:], (x - x.mean()) / (x.std(unbiased=False) + 1e-4))
