@@ -13,7 +13,8 @@ run's curve is the policy that stopping there would give, so the trade-off front
 
 Reported per variant: base and final reward and diversity kept, and the best reward among the evaluations that
 keep >= 80 % of the base diversity (the early-stopping point).  The long run (``--long-epochs``, default 3x the
-main job's) reports its peak and final eval reward: 'rise then collapse' = final < peak − 0.02 with diversity
+main job's, run first: the default row is its first ``--epochs`` epochs, as nothing depends on num_epochs) reports its
+peak and final eval reward: 'rise then collapse' = final < peak − 0.02 with diversity
 falling further.  Writes ``--out`` (default benchmarks/results/diversity_tradeoff.json) and a plot after every run.
 """
 
@@ -39,7 +40,6 @@ VARIANTS = {
     "kl_0.1": {"kl_coef": 0.1},
     "kl_1": {"kl_coef": 1.0},
     "ecg_recipe": "digits_ecg",  # the core seed's critic recipe (its own preset)
-    "lr_0.5x": {"learning_rate": 5e-4},
 }
 KEEP = 0.8
 
@@ -68,6 +68,18 @@ def run_one(name: str, overrides: dict, config: str, seed: int, epochs: int, eva
             kl.append(res.metrics["kl_to_ref"])
         if (e + 1) % eval_every == 0 or e + 1 == epochs:
             evaluate()
+    return summarize_curve({"variant": name, "config": config, "overrides": overrides, "seed": seed, "epochs": epochs,
+                            "seconds": time.time() - t0, "kl_to_ref_mean": sum(kl) / len(kl) if kl else None}, curve)
+
+
+def truncate(run: dict, epochs: int) -> dict:
+    """The same run as if it had stopped after ``epochs`` epochs (its evaluations up to there)."""
+    curve = [c for c in run["curve"] if c["epoch"] <= epochs]
+    meta = {k: run[k] for k in ("variant", "config", "overrides", "seed", "seconds", "kl_to_ref_mean")}
+    return summarize_curve({**meta, "epochs": epochs, "truncated_from_epochs": run["epochs"]}, curve)
+
+
+def summarize_curve(meta: dict, curve: list[dict]) -> dict:
     base = curve[0]
     for c in curve:
         c["diversity_kept"] = c["diversity_pairwise_l2"] / base["diversity_pairwise_l2"]
@@ -76,8 +88,7 @@ def run_one(name: str, overrides: dict, config: str, seed: int, epochs: int, eva
     best_keep = max(keep, key=lambda c: c["digit_prob"]) if keep else None
     peak = max(curve, key=lambda c: c["digit_prob"])
     final = curve[-1]
-    return {"variant": name, "config": config, "overrides": overrides, "seed": seed, "epochs": epochs,
-            "seconds": time.time() - t0, "base_digit_prob": base["digit_prob"], "final_digit_prob": final["digit_prob"],
+    return {**meta, "base_digit_prob": base["digit_prob"], "final_digit_prob": final["digit_prob"],
             "final_reward_gain": final["reward_gain"], "final_diversity_kept": final["diversity_kept"],
             "final_digit_correct": final.get("digit_correct"),
             "early_stop_keep80": None if best_keep is None else
@@ -86,7 +97,7 @@ def run_one(name: str, overrides: dict, config: str, seed: int, epochs: int, eva
             "peak": {"epoch": peak["epoch"], "digit_prob": peak["digit_prob"], "diversity_kept": peak["diversity_kept"]},
             "rise_then_collapse": bool(final["digit_prob"] < peak["digit_prob"] - 0.02
                                        and final["diversity_kept"] < peak["diversity_kept"]),
-            "kl_to_ref_mean": sum(kl) / len(kl) if kl else None, "curve": curve}
+            "curve": curve}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -178,7 +189,16 @@ def main(argv=None) -> dict:
         out.write_text(json.dumps(result, indent=1, default=float))
         plot(result, out.with_suffix(".png"))
 
+    long_first = args.long_epochs and "default" in args.variants
+    if long_first:  # the default's first `epochs` epochs are the long run's (nothing depends on num_epochs)
+        r = run_one("default", {}, "digits", args.seed, args.long_epochs, args.eval_every, workdir, extra)
+        result["long_run"] = r
+        result["runs"].append(truncate(r, args.epochs))
+        print(f"long run: peak {r['peak']} final {r['final_digit_prob']:.3f} collapse {r['rise_then_collapse']}")
+        save()
     for name in args.variants:
+        if long_first and name == "default":
+            continue
         v = VARIANTS[name]
         config, over = (v, {}) if isinstance(v, str) else ("digits", v)
         r = run_one(name, over, config, args.seed, args.epochs, args.eval_every, workdir, extra)
@@ -186,7 +206,7 @@ def main(argv=None) -> dict:
         print(f"{name}: digit_prob {r['base_digit_prob']:.3f} -> {r['final_digit_prob']:.3f}, diversity kept "
               f"{r['final_diversity_kept']:.2f}, early stop >= 80%: {r['early_stop_keep80']}", flush=True)
         save()
-    if args.long_epochs:
+    if args.long_epochs and not long_first:
         r = run_one("default", {}, "digits", args.seed, args.long_epochs, args.eval_every, workdir, extra)
         result["long_run"] = r
         print(f"long run: peak {r['peak']} final {r['final_digit_prob']:.3f} collapse {r['rise_then_collapse']}")
