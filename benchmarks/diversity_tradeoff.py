@@ -164,6 +164,30 @@ def section(path: Path) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[Path], out: Path) -> dict:
+    """One result from partial ones: the runs of all (a variant's first occurrence), the first long run, the
+    per-part commands and machines kept; the settings (seed, epochs, eval_every, overrides) must agree."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    key = ("seed", "epochs", "eval_every")
+    for p, d in zip(paths, parts):
+        if {k: d["args"][k] for k in key} != {k: parts[0]["args"][k] for k in key} or d["extra"] != parts[0]["extra"]:
+            raise ValueError(f"{p} was run with other settings ({ {k: d['args'][k] for k in key} }, {d['extra']}) than "
+                             f"{paths[0]}; only runs of the same settings compare")
+    runs, seen = [], set()
+    for d in parts:
+        for r in d["runs"]:
+            if r["variant"] not in seen:
+                seen.add(r["variant"])
+                runs.append(r)
+    result = {**parts[0], "runs": runs, "long_run": next((d["long_run"] for d in parts if d.get("long_run")), None),
+              "time_s": sum(d["time_s"] for d in parts), "merged_from": [str(p) for p in paths],
+              "parts_args": [d["args"] for d in parts], "parts_machines": [d["machine"] for d in parts]}
+    out.write_text(json.dumps(result, indent=1, default=float))
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out} ({len(runs)} runs from {len(parts)} parts)")
+    return result
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -173,7 +197,11 @@ def main(argv=None) -> dict:
     p.add_argument("--long-epochs", type=int, default=240, help="the long run of the default (0 = none)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="overrides for every run")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "diversity_tradeoff.json"))
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="combine partial results of this script (e.g. the long "
+                   "run and the variants run as two processes) into --out instead of running anything")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge([Path(m) for m in args.merge], Path(args.out))
     import yaml
 
     extra = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
