@@ -16,6 +16,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.baselines import section as section_baselines  # noqa: E402
 from benchmarks.diversity_tradeoff import section as section_diversity_tradeoff  # noqa: E402
+from benchmarks.gpu_throughput import section as section_gpu_throughput  # noqa: E402
 from benchmarks.report_critic import section_critic_quality  # noqa: E402
 from benchmarks.report_perf import (  # noqa: E402
     section_critic_modes,
@@ -448,6 +449,8 @@ def main() -> str:
         path = RESULTS / name
         if path.exists():
             parts.append(fn(path))
+    # rendered also while its JSON is missing: then it says the script is ready and has not been run on a GPU yet
+    parts.append(section_gpu_throughput(RESULTS / "gpu_throughput.json"))
     notes = ROOT / "benchmarks" / "NOTES.md"
     if notes.exists():
         parts.append(notes.read_text())
