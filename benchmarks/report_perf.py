@@ -244,6 +244,12 @@ def section_perf(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _ratio_at(rows: list[dict], config: str):
+    """GAE epoch / GRPO epoch of one digits configuration, if both modes ran it."""
+    by = {r["mode"]: r["epoch"] for r in rows if r["config"] == config}
+    return by["gae"] / by["grpo"] if {"gae", "grpo"} <= by.keys() else None
+
+
 def section_speed_defaults(path: Path) -> str:
     d = json.loads(path.read_text())
     m = d["machine"]
@@ -266,8 +272,8 @@ def section_speed_defaults(path: Path) -> str:
         bpp = "n/a" if r.get("bytes_per_pair") is None else _f(r["bytes_per_pair"] / 2**20, 1)
         lines.append(f"| {name} | {_f(r['rollout'])} | {_f(r['update'])} | {_f(r['epoch'])} | {r['peak_rss_mb']:.0f} "
                      f"| {bpp} |")
-    lines += ["", "Digits (`train/configs/digits.yaml`, 64 trajectories × 20 steps, 160 pairs per optimiser step, value "
-              "pretraining skipped):", "",
+    lines += ["", "Digits (`train/configs/digits.yaml` as it stands, with its SDE window if it sets one: 64 "
+              "trajectories × 20 steps, 160 pairs per optimiser step, value pretraining skipped):", "",
               "| mode | configuration | rollout | update | epoch | peak RSS (MB) |", "|---|---|---|---|---|---|"]
     for r in d["digits"]:
         lines.append(f"| {r['mode']} | {r['config']} | {_f(r['rollout'])} | {_f(r['update'])} | {_f(r['epoch'])} | "
@@ -275,7 +281,9 @@ def section_speed_defaults(path: Path) -> str:
     o = d["overlap_rewards"]
     lines += [
         "",
-        f"GAE epoch / GRPO epoch on digits at the defaults: {_f(d['digits_gae_vs_grpo_epoch'])}× (the goal is ≤ 1.15×).",
+        f"GAE epoch / GRPO epoch on digits at the defaults: {_f(d['digits_gae_vs_grpo_epoch'])}× (the goal is ≤ 1.15×)"
+        + (lambda g: "" if g is None else f"; with the whole 160-pair minibatch in one forward: {_f(g)}×")(
+            _ratio_at(d["digits"], "micro_batch_size 160")) + ".",
         "",
         f"Background rewards (`overlap_rewards`): a digits rollout in {o['chunks']} chunks with a reward that waits "
         f"{o['reward_sleep_s']} s per call (a remote or large reward model): {_f(o['rollout_s']['sequential'])} s "
@@ -286,10 +294,13 @@ def section_speed_defaults(path: Path) -> str:
     c = d.get("compile")
     if c:
         lines += [
-            f"`torch.compile` ({c['what']}, {c['rows']} rows): eager {_f(c['eager_s'], 3)} s, eager channels-last "
-            f"{_f(c['eager_channels_last_s'], 3)} s, compiled {_f(c['compiled_s'], 3)} s after a first call of "
-            f"{_f(c['compile_first_call_s'], 0)} s (compilation). It stays off: at these sizes the compile time is "
-            "worth minutes of training.",
+            f"`torch.compile` ({c['what']}, {c['rows']} rows): eager {_f(c['eager_s'], 3)} s vs eager channels-last "
+            f"{_f(c['eager_channels_last_s'], 3)} s; compiled {_f(c['compiled_s'], 3)} s vs eager "
+            f"{_f(c.get('eager_beside_compiled_s', c['eager_s']), 3)} s measured beside it, after a first call of "
+            f"{_f(c['compile_first_call_s'], 0)} s (compilation with inductor's FX-graph caches "
+            f"{c.get('inductor_caches', 'enabled')}; kernels compiled by an earlier run may still be found on disk, "
+            "so a cold compile can take longer). It stays off: every new shape (the probe micro-batch, the last "
+            "partial one, the rollout's batch) compiles again, which a short run does not win back.",
             "",
         ]
     lines += [

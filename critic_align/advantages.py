@@ -8,7 +8,6 @@ vectorised; they take and return tensors with documented shapes.
 from __future__ import annotations
 
 import math
-
 from collections import deque
 from dataclasses import dataclass
 

@@ -144,8 +144,8 @@ class PPOConfig:
     (``critic_align/update.py``, ``MicroBatcher``).  On the TRL comparison's tiny SD1.5 pipeline with CFG a pair
     saves ~24 MB and the whole 32-pair minibatch at once doubled the peak RSS (``benchmarks/results/trl_compare.json``);
     'auto' forwards 5 pairs there.  Smaller micro-batches cost time where a pair is cheap: on digits (~3-4 MB a
-    pair) 'auto' forwards 34-45 of the 160 pairs at once, ~9 % (grpo) to ~19 % (gae) slower epochs than all 160 at
-    ~400 MB less peak RSS (``benchmarks/results/speed_defaults.json``); set an integer to choose speed."""
+    pair) 'auto' forwards 34-45 of the 160 pairs at once, at ~300-400 MB less peak RSS than all 160 and somewhat
+    slower updates (``benchmarks/results/speed_defaults.json``); set an integer to choose speed over memory."""
     micro_batch_memory_mb: float | None = None
     """With ``micro_batch_size: auto``, the budget for the activations one micro-batch saves for its backward pass
     (MB; the model, optimiser and rollout come on top).  None: per device, 128 MB on a CPU (as lean as TRL's

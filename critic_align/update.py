@@ -189,8 +189,9 @@ class MicroBatcher:
     'auto' measures, per kind of loss (the PPO loss, a value-only fit, an algorithm's own loss), the bytes of the
     tensors autograd saves for the backward pass (activations and rebuilt fused-LoRA weights, not the parameters)
     on the first micro-batch of that kind (at most ``PROBE_ROWS`` rows), and from then on forwards
-    ``floor(budget / bytes per row)`` rows at a time (at least 1; the budget: :meth:`budget_bytes`).  The per-row figure includes the
-    micro-batch's fixed costs (fused weights) divided among its rows, so it errs on the lean side."""
+    ``floor(budget / bytes per row)`` rows at a time (at least 1; the budget: :meth:`budget_bytes`).  The per-row
+    figure includes the micro-batch's fixed costs (fused weights) divided among its rows, so it errs on the lean
+    side."""
 
     PROBE_ROWS = 4
     CPU_BUDGET_MB = 128.0
