@@ -226,8 +226,11 @@ class MicroBatcher:
 
         def pack(t):
             if not isinstance(t, torch.nn.Parameter):
-                st = t.untyped_storage()
-                seen[st.data_ptr()] = st.nbytes()
+                try:
+                    st = t.untyped_storage()
+                    seen[st.data_ptr()] = st.nbytes()
+                except (RuntimeError, NotImplementedError):  # a tensor without a plain storage (a subclass)
+                    seen[id(t)] = t.numel() * t.element_size()
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
