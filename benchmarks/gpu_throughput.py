@@ -53,7 +53,10 @@ wheel (PyPI's Linux default) — or pass ``--trl-python`` pointing at a Python t
 Without network access, or if TRL cannot be installed, run with ``--skip-trl`` (the JSON records why TRL is absent).
 
 Writes ``benchmarks/results/gpu_throughput.json`` (device name, versions, settings, per-model per-side numbers,
-ratios vs TRL) and re-renders BENCHMARKS.md (``section`` below, called by ``benchmarks/report.py``).
+ratios vs TRL) and re-renders BENCHMARKS.md (``section`` below, called by ``benchmarks/report.py``).  Each run
+writes the whole file (the models it ran): where one command may run only minutes, start it detached
+(``setsid nohup ... &``) or lower ``--epochs`` rather than splitting it by model.  Not yet run on a GPU: try
+``--tiny --device cuda --out /tmp/smoke.json`` first.
 """
 
 from __future__ import annotations
