@@ -133,6 +133,11 @@ class Trainer:
         example = (torch.zeros((1, *task.latent_shape), device=self.device), self.timesteps[:1].to(self.device),
                    None if cond0 is None else cond0.to(self.device))
         features = cfg.critic_features if isinstance(cfg.critic_features, str) else list(cfg.critic_features)
+        with self.autocast():  # the probe forward runs as every later forward does (a bf16 base needs autocast)
+            return self._critic_from(features, cond0, example)
+
+    def _critic_from(self, features, cond0, example) -> Critic:
+        cfg = self.config
         return build_critic(
             self.adapter, mode=cfg.critic_mode, num_rewards=len(self.rewards.names), adapters=self.adapters,
             lora_rank=cfg.critic_lora_rank, lora_target_modules=cfg.lora_target_modules,

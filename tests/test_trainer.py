@@ -4,6 +4,7 @@ updates, the three advantage modes, checkpoint round trip and exact resume, conf
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -271,3 +272,19 @@ def test_minibatch_statistics_combine_parts_by_pairs():
              (1, {"policy_loss": 5.0, "ratio_max": 1.5, "ratio_min": 0.95})]
     out = _combine_stats(parts)
     assert out == {"policy_loss": (3 * 1.0 + 5.0) / 4, "ratio_max": 1.5, "ratio_min": 0.9}
+
+
+def test_gae_trainer_builds_and_trains_on_a_bf16_base(tmp_path):
+    """The critic's probe forward (which modules its features reach) runs under the run's autocast: a bf16 base
+    (SD configs' torch_dtype: bfloat16) with mixed_precision bf16 builds a GAE trainer and trains an epoch."""
+    sched = DDPMScheduler(num_train_timesteps=100, timestep_spacing="trailing", clip_sample=True)
+    rewards = MultiReward([FunctionReward(brightness_matches_label, name="bright", differentiable=True)])
+    cfg = PPOConfig(num_epochs=1, batch_size=8, group_size=4, num_inference_steps=3, minibatch_size=12,
+                    value_pretrain_epochs=1, value_pretrain_passes=1, output_dir=str(tmp_path / "run"), progress=False,
+                    log_tensorboard=False, grid_every=0, checkpoint_every=0, eval_every=0, lora_rank=2,
+                    critic_lora_rank=2, value_head_hidden=16, value_head_heads=2, mixed_precision="bf16")
+    tr = Trainer(cfg, TinyTask(), UNetAdapter(tiny_unet().to(torch.bfloat16)), sched, rewards)
+    assert tr.critic is not None and any(p.dtype == torch.bfloat16 for p in tr.adapter.model.parameters())
+    tr.pretrain_value()
+    row = tr.train_epoch().metrics
+    assert math.isfinite(row["value_loss"]) and math.isfinite(row["policy_loss"])
