@@ -23,6 +23,14 @@ each seed needed for its training reward (3-epoch moving average) to reach the b
 reward (the best of grpo / nft / awm by final training reward; null if never reached).  The issue's goal: a
 critic method (gae, awm_critic) reaches it with <= 0.5x the queries.  Writes ``--out`` (default
 benchmarks/results/baselines.json) after every run.
+
+A run of all 30 takes hours on one core, so it can be split and picked up again:
+
+    python benchmarks/baselines.py --resume                  # skip the (task, method, seed) runs already in --out
+    python benchmarks/baselines.py --tasks gmm --seeds 0 1 --out /tmp/a.json   # ... one part per core, then
+    python benchmarks/baselines.py --merge /tmp/a.json /tmp/b.json            # one summary over all parts
+
+Resume and merge refuse files whose settings (budgets, overrides, mixture settings) differ from this run's.
 """
 
 from __future__ import annotations
@@ -193,6 +201,44 @@ def section(path: Path) -> str:
     return "\n".join(lines)
 
 
+# the settings that make two runs comparable: resume and merge refuse a file that differs in any of them
+_SETTINGS = ("budget_digits", "budget_gmm", "gmm_batch", "gmm_value_pretrain", "gmm_kl", "gmm_kl_forward", "n_eval")
+
+
+def load_compatible(path: Path, args, overrides: dict) -> list[dict]:
+    """The runs of a baselines.json written with the same settings as ``args``; raises naming the difference."""
+    d = json.loads(Path(path).read_text())
+    if d.get("benchmark") != "baselines":
+        raise SystemExit(f"{path} is not a baselines.py result (benchmark={d.get('benchmark')!r})")
+    diff = {k: (d["args"].get(k), getattr(args, k)) for k in _SETTINGS if d["args"].get(k) != getattr(args, k)}
+    if d.get("digits_overrides", {}) != overrides:
+        diff["digits_set"] = (d.get("digits_overrides"), overrides)
+    if diff:
+        raise SystemExit(f"{path} was run with other settings ({', '.join(f'{k}: file {a!r} vs now {b!r}' for k, (a, b) in diff.items())}); "
+                         "pass the same flags, or write to another --out")
+    return d["runs"]
+
+
+def _merge_runs(runs: list[dict], more: list[dict]) -> list[dict]:
+    seen = {(r["task"], r["method"], r["seed"]) for r in runs}
+    dup = [k for k in ((r["task"], r["method"], r["seed"]) for r in more) if k in seen]
+    if dup:
+        raise SystemExit(f"the same run appears in two files: {dup}; merge files with disjoint runs")
+    return runs + list(more)
+
+
+def _union(order: list[str], found: list[str]) -> list[str]:
+    return [x for x in order if x in found] + sorted(set(found) - set(order))
+
+
+def _result(args, overrides: dict, runs: list[dict]) -> dict:
+    # time_s: the runs' own seconds summed, so a resumed or merged result reports the compute it took
+    return {"benchmark": "baselines", "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                                               if k not in ("resume", "merge")},
+            "digits_overrides": overrides, "methods": METHODS, "summary": summarize(runs), "runs": runs,
+            "machine": _machine(), "time_s": float(sum(r["seconds"] for r in runs))}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=["digits_dit", "gmm"], choices=["digits_dit", "gmm"])
@@ -208,6 +254,9 @@ def main(argv=None) -> dict:
     p.add_argument("--gmm-kl-forward", type=float, default=0.0, help="nft / awm kl_coef on the mixture")
     p.add_argument("--n-eval", type=int, default=2000)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "baselines.json"))
+    p.add_argument("--resume", action="store_true", help="keep the runs already in --out and skip them")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="combine the runs of these files (same settings) into --out instead of running")
     args = p.parse_args(argv)
     import yaml
 
@@ -215,10 +264,28 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir = out.parent / "tmp" / "baselines"
-    runs, t0 = [], time.time()
+    runs = []
+    sources = list(args.merge or []) + ([out] if args.resume and out.exists() else [])
+    for src in sources:
+        runs = _merge_runs(runs, load_compatible(src, args, overrides))
+    if args.merge:
+        # the union of the parts' tasks / methods / seeds, in this run's order where it names them
+        args.tasks = _union(args.tasks, [r["task"] for r in runs])
+        args.methods = _union(args.methods, [r["method"] for r in runs])
+        args.seeds = sorted({r["seed"] for r in runs})
+        result = _result(args, overrides, runs)
+        out.write_text(json.dumps(result, indent=1, default=float))
+        print(json.dumps(result["summary"], indent=2, default=float))
+        print(f"merged {len(runs)} runs from {len(args.merge)} files into {out}")
+        return result
+    done = {(r["task"], r["method"], r["seed"]) for r in runs}
+    result = _result(args, overrides, runs)
     for task in args.tasks:
         for seed in args.seeds:
             for method in args.methods:  # interleaved: every seed runs all methods back to back
+                if (task, method, seed) in done:
+                    print(f"{task} {method} seed {seed}: already in {out}, skipped", flush=True)
+                    continue
                 if task == "digits_dit":
                     r = run_digits(method, seed, args.budget_digits, overrides, workdir)
                 else:
@@ -227,9 +294,7 @@ def main(argv=None) -> dict:
                 runs.append(r)
                 print(f"{task} {method} seed {seed}: reward {r['base_reward']:.4f} -> {r['final_reward']:.4f} "
                       f"({r['reward_queries']} queries, {r['seconds']:.0f} s)", flush=True)
-                result = {"benchmark": "baselines", "args": vars(args), "digits_overrides": overrides,
-                          "methods": METHODS, "summary": summarize(runs), "runs": runs, "machine": _machine(),
-                          "time_s": time.time() - t0}
+                result = _result(args, overrides, runs)
                 out.write_text(json.dumps(result, indent=1, default=float))
     print(json.dumps(result["summary"], indent=2, default=float))
     print(f"wrote {out}")

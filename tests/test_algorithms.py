@@ -255,6 +255,43 @@ def test_baselines_summary_finds_the_best_baseline_and_the_queries_to_reach_it()
     assert s["grpo"]["final_reward_mean"] == 0.5 and s["grpo"]["final_reward_std"] == 0.0
 
 
+def test_baselines_merge_combines_parts_and_refuses_other_settings(tmp_path):
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from benchmarks.baselines import _result, main
+
+    def part(path, runs, budget_gmm=2560):
+        args = argparse.Namespace(
+            tasks=["gmm"], methods=["grpo", "gae"], seeds=[0], budget_digits=1920, budget_gmm=budget_gmm,
+            digits_set=[], gmm_batch=64, gmm_value_pretrain=10, gmm_kl=2.0, gmm_kl_forward=0.0, n_eval=2000,
+            out=str(path), resume=False, merge=None)
+        path.write_text(json.dumps(_result(args, {}, runs)))
+
+    def run(method, seed, final):
+        return {"task": "gmm", "method": method, "seed": seed, "final_reward": final, "base_reward": 0.0,
+                "reward_queries": 20, "seconds": 5.0, "curve": [{"reward_queries": 10, "reward": final},
+                                                                 {"reward_queries": 20, "reward": final}]}
+
+    part(tmp_path / "a.json", [run("grpo", 0, 0.5), run("gae", 0, 0.4)])
+    part(tmp_path / "b.json", [run("grpo", 1, 0.7), run("gae", 1, 0.6)])
+    merged = main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m.json")])
+    s = merged["summary"]["gmm"]
+    assert s["grpo"]["seeds"] == [0, 1] and s["grpo"]["final_reward_mean"] == pytest.approx(0.6)
+    assert merged["args"]["seeds"] == [0, 1] and merged["time_s"] == pytest.approx(20.0)
+    assert json.loads((tmp_path / "m.json").read_text())["summary"] == json.loads(json.dumps(merged["summary"]))
+    # a part run with another budget is not comparable: refused, naming the setting
+    part(tmp_path / "c.json", [run("grpo", 2, 0.9)], budget_gmm=320)
+    with pytest.raises(SystemExit, match="budget_gmm"):
+        main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(tmp_path / "n.json")])
+    # the same run twice is refused too
+    with pytest.raises(SystemExit, match="two files"):
+        main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "a.json"), "--out", str(tmp_path / "n.json")])
+
+
 @pytest.mark.parametrize("name", ["digits_dit_nft", "digits_dit_awm"])
 def test_shipped_digits_dit_trains_with_the_new_algorithms(tmp_path, name):
     from train.registry import build_trainer, load_run_config
