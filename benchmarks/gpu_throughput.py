@@ -30,8 +30,8 @@ directory, this library through its own :func:`critic_align.tasks.sd.load_pipeli
 What it runs, per model, each side in its own subprocess (``--in-process`` runs this library's sides in this
 process, for the test; TRL always runs in its own venv): this library's ``Trainer`` in ``ddpo``, ``grpo`` and
 ``gae`` mode (LoRA rank 4, ``mixed_precision: bf16`` on a bf16 base, the denoiser's own
-``enable_gradient_checkpointing()`` made adapter-aware (``enable_adapter_aware_checkpointing``: the library has no
-switch for it, and the plain one gets GAE's critic gradient wrong) — and the
+``enable_gradient_checkpointing()`` through the library's ``gradient_checkpointing: true``, which makes it
+adapter-aware: the plain one gets GAE's critic gradient wrong) — and the
 library's other defaults, ``micro_batch_size: auto`` included) and, on ``sd15`` only (TRL's DDPO has no SD3
 pipeline), TRL 0.23.1's ``DDPOTrainer`` on the same directory (``mixed_precision="bf16"``, the UNet's gradient
 checkpointing switched on the same way, LoRA rank 4 on to_q/k/v/out).  Settings are those of
@@ -291,29 +291,6 @@ SD15_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # TRL's fixed choice (
 
 # ------------------------------------------------------------------------------------------------------
 # the workers
-def enable_adapter_aware_checkpointing(denoiser, adapters) -> None:
-    """diffusers' gradient checkpointing of ``denoiser``'s blocks, with each block's recomputation run under the
-    LoRA adapter that was active in its forward.
-
-    Why not plain ``enable_gradient_checkpointing()``: in GAE mode one backward spans the policy's forward (adapter
-    'policy') and the critic's (adapter 'critic'); the recomputation happens during that backward, when 'policy' is
-    active again, so the critic's blocks would be recomputed with the policy's LoRA and the critic's LoRA gradient
-    would be wrong (measured on the tiny pipeline: relative error 0.92, no error raised).  The library has no
-    gradient-checkpointing switch (``critic_align`` core files were not changed here)."""
-    import torch.utils.checkpoint as cp
-
-    def checkpoint(block, *args):
-        name = adapters.active
-
-        def run(*a):
-            with adapters.using(name):  # a no-op when ``name`` is active already
-                return block(*a)
-
-        return cp.checkpoint(run, *args, use_reentrant=False)
-
-    denoiser.enable_gradient_checkpointing(checkpoint)
-
-
 def run_ours(model_dir: str, kind: str, mode: str, s: dict) -> dict:
     """This library's Trainer (``advantage=mode``) on the saved ``kind`` pipeline; settings ``s`` (see ``main``)."""
     import torch
@@ -347,16 +324,14 @@ def run_ours(model_dir: str, kind: str, mode: str, s: dict) -> dict:
         learning_rate=s["lr"], clip_range=s["clip"], adv_clip_max=5.0, max_grad_norm=1.0, lora_rank=s["lora_rank"],
         lora_alpha=s["lora_rank"], lora_target_modules=m["lora_targets"], critic_lora_rank=s["lora_rank"],
         stat_buffer_size=s["stat_buffer"], stat_min_count=s["stat_min"], value_pretrain_epochs=0,
-        mixed_precision="bf16" if bf16 else "no", progress=False, log_tensorboard=False, grid_every=0,
-        checkpoint_every=0, eval_every=0, **extra)
+        mixed_precision="bf16" if bf16 else "no", gradient_checkpointing=s["gradient_checkpointing"], progress=False,
+        log_tensorboard=False, grid_every=0, checkpoint_every=0, eval_every=0, **extra)
     # Workaround: with a critic, Trainer.__init__ probes the backbone with a float32 example outside autocast
     # (critic.reached_modules), which a bf16 base refuses (dtype mismatch); under autocast the probe runs.
     probe = torch.autocast(device_type=s["device"], dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with probe:
         trainer = Trainer(cfg, task, task.backbone(), task.scheduler,
                           MultiReward([FunctionReward(brightness, name="brightness")]))
-    if s["gradient_checkpointing"]:  # the library has no switch for it: diffusers' own, made adapter-aware
-        enable_adapter_aware_checkpointing(task.denoiser, trainer.adapters)
     loaded_mb = meter.allocated_mb()
 
     clock = EpochClock(meter)

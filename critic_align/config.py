@@ -203,6 +203,15 @@ class PPOConfig:
     """Store the backbone's 4-D (convolution) weights in the channels-last memory format, which oneDNN's CPU
     convolutions run faster (``benchmarks/results/speed_defaults.json``); the same function, only the layout of
     the weights changes (a model without convolutions is unaffected)."""
+    gradient_checkpointing: bool = False
+    """Recompute the backbone's blocks during the backward instead of keeping their activations (diffusers'
+    ``enable_gradient_checkpointing``, torch's non-reentrant checkpoint): less activation memory for about one more
+    forward per backward; the same gradients.  Adapter-aware (``LoraAdapters.checkpoint`` in
+    ``critic_align/backbones/lora.py``): each block is recomputed under the adapter state of its forward (the
+    policy's or the critic's LoRA, or adapters off), which diffusers' plain switch gets wrong when one backward
+    spans the policy's and a 'lora' critic's forwards.  With critic_mode 'full' the critic's own copy is
+    checkpointed too.  Needs a diffusers model with gradient checkpointing (UNets, DiT / SD3 / FLUX
+    transformers; not the MLP denoiser)."""
 
     # --- critic -------------------------------------------------------------------------------------
     critic_mode: str = "lora"
@@ -337,7 +346,7 @@ class PPOConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
                 _err(name, v, "must be in [0, 1]")
-        for name in ("fused_lora", "channels_last", "overlap_rewards"):
+        for name in ("fused_lora", "channels_last", "overlap_rewards", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 _err(name, getattr(self, name), "must be true or false (unquoted in YAML)", number=False)
         if self.timestep_fraction == 0:
@@ -443,9 +452,26 @@ class PPOConfig:
         if not isinstance(self.extra, dict):
             _err("extra", self.extra, "must be a mapping (free-form notes)", number=False)
 
-    def check_run(self, reward_names, num_processes: int = 1, base_dtype: str = "float32") -> None:
-        """The checks that need the run besides the config: its rewards, its number of processes and the base
-        model's dtype.  With ``__post_init__`` (the config alone) the only place a config is checked."""
+    def check_run(self, reward_names, num_processes: int = 1, base_dtype: str = "float32", model=None) -> None:
+        """The checks that need the run besides the config: its rewards, its number of processes, the base
+        model's dtype and the model itself (when given).  With ``__post_init__`` (the config alone) the only place
+        a config is checked."""
+        if model is not None and self.gradient_checkpointing:
+            from .backbones.lora import supports_gradient_checkpointing
+
+            if not supports_gradient_checkpointing(model):
+                raise ValueError(
+                    f"config field gradient_checkpointing=True: {type(model).__name__} has no diffusers gradient "
+                    "checkpointing (enable_gradient_checkpointing and blocks with a gradient_checkpointing flag, as "
+                    "diffusers' UNets and DiT / SD3 / FLUX transformers have); set gradient_checkpointing: false")
+        if model is not None and not self.gradient_checkpointing and \
+                any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+            raise ValueError(
+                f"{type(model).__name__} has gradient checkpointing switched on already (enable_gradient_checkpointing) "
+                "but config field gradient_checkpointing=False: diffusers' own checkpoint function recomputes blocks "
+                "under whatever LoRA adapter is active during the backward (wrong critic gradients in GAE mode, without "
+                "an error); call model.disable_gradient_checkpointing() and set gradient_checkpointing: true (the "
+                "adapter-aware switch)")
         k = len(reward_names)
         if self.reward_weights is not None and len(self.reward_weights) != k:
             raise ValueError(f"config.reward_weights has {len(self.reward_weights)} weights for {k} rewards "

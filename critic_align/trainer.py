@@ -84,7 +84,7 @@ class Trainer:
         self.processes = Processes(self.accelerator)  # gather / broadcast / gradient sum: critic_align/distributed.py
         self.device = self.accelerator.device
         seed_everything(config.seed)
-        config.check_run(rewards.names, self.processes.num_processes)
+        config.check_run(rewards.names, self.processes.num_processes, model=adapter.model)
         if config.reward_weights is not None:
             self.rewards = MultiReward(rewards.rewards, config.reward_weights)
         self.reward_weights = self.rewards.weights.float()
@@ -109,6 +109,8 @@ class Trainer:
                                 if self.critic is not None and config.value_perturbed_per_sample else None)
         self.algorithm = build_algorithm(self, scheduler)  # the update: critic_align/algorithms/, by name
         self.adapters.activate("policy")
+        if config.gradient_checkpointing:  # after the critic: a 'full' critic's copy gets its own switch
+            self._enable_gradient_checkpointing()
         self.policy_params = self.adapters.parameters("policy")
         self.critic_params = self.critic.trainable_parameters() if self.critic else []
         groups = [{"params": self.policy_params, "lr": config.learning_rate}]
@@ -144,6 +146,14 @@ class Trainer:
             hidden_dim=cfg.value_head_hidden, num_heads=cfg.value_head_heads, features=features,
             use_cond=cfg.critic_cond and cond0 is not None, width=cfg.critic_width, example=example,
         ).to(self.device)
+
+    def _enable_gradient_checkpointing(self) -> None:
+        """diffusers' gradient checkpointing, adapter-aware on the shared base (the policy's LoRA, a 'lora' critic's
+        LoRA, the reference with adapters off, a 'shared' critic's trunk: ``LoraAdapters.checkpoint``).  A 'full'
+        critic's copy carries no adapters, so diffusers' own (non-reentrant) checkpoint function is exact there."""
+        self.adapters.enable_gradient_checkpointing()
+        if self.critic is not None and self.critic.mode == "full":
+            self.critic.backbone.model.enable_gradient_checkpointing()
 
     num_processes = property(lambda self: self.processes.num_processes)
     rank = property(lambda self: self.processes.rank)

@@ -15,6 +15,14 @@ peft's to float32 rounding.  Layers it does not cover fall back to peft's own fo
 ``adapter_names`` batches, DoRA and other variants, LoRA dropout or bias, ``fan_in_fan_out``, grouped,
 dilated or non-zero-padded convolutions, non-float32 weights and autocast (where adding a small ΔW to a
 bf16 W would round it away).
+
+Gradient checkpointing (``enable_gradient_checkpointing``): diffusers' own switch, with a checkpoint function that
+recomputes each block under the adapter state of its forward.  One backward can span forwards under several
+states (GAE: the policy's forward with 'policy', the critic's with 'critic'; a reference forward with adapters
+disabled); the recomputation runs during that backward, when some other state is current, so diffusers' plain
+checkpoint function would recompute the critic's blocks with the policy's LoRA and give a wrong critic gradient,
+without an error.  The fused forward reads the layer's active adapters and disabled flag at call time, so it
+composes: the recomputation restores both before the block runs.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -61,6 +70,14 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     if type(base) is nn.Conv2d and base.groups == 1 and base.dilation == (1, 1) and base.padding_mode == "zeros":
         return base._conv_forward(x, weight + delta, base.bias)
     return peft_forward(self, x)
+
+
+def supports_gradient_checkpointing(model: nn.Module) -> bool:
+    """Whether ``model`` has diffusers' gradient-checkpointing switch (``enable_gradient_checkpointing``, the class
+    flag ``_supports_gradient_checkpointing`` and at least one block that reads a ``gradient_checkpointing`` flag)."""
+    return (callable(getattr(model, "enable_gradient_checkpointing", None))
+            and bool(getattr(model, "_supports_gradient_checkpointing", False))
+            and any(hasattr(m, "gradient_checkpointing") for m in model.modules()))
 
 
 class LoraAdapters:
@@ -160,6 +177,46 @@ class LoraAdapters:
             yield
         finally:
             self._set_disabled(was)
+
+    @property
+    def state(self) -> tuple[str | None, bool]:
+        """The full adapter state a forward runs under: (active adapter, adapters disabled)."""
+        return self._active, self._disabled
+
+    def _set_state(self, state: tuple[str | None, bool]) -> None:
+        name, disabled = state
+        if name is not None and name != self._active:
+            self.activate(name)  # enables the adapters; the flag is set below
+        if disabled != self._disabled:
+            self._set_disabled(disabled)
+
+    @contextmanager
+    def in_state(self, state: tuple[str | None, bool]):
+        """Run a block under ``state`` (from :attr:`state`), then restore the current one."""
+        prev = self.state
+        self._set_state(state)
+        try:
+            yield
+        finally:
+            self._set_state(prev)
+
+    def checkpoint(self, block, *args, **kwargs):
+        """A ``gradient_checkpointing_func`` for diffusers: torch's non-reentrant checkpoint of ``block`` whose
+        recomputation (during the backward) runs under the adapter state of the forward (see the module doc)."""
+        state = self.state
+
+        def run(*a, **kw):
+            with self.in_state(state):  # a no-op in the forward itself; restores the state in the recomputation
+                return block(*a, **kw)
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Switch on diffusers' gradient checkpointing of the model's blocks with :meth:`checkpoint`."""
+        if not supports_gradient_checkpointing(self.model):
+            raise ValueError(f"{type(self.model).__name__} has no diffusers gradient checkpointing "
+                             "(enable_gradient_checkpointing and blocks with a gradient_checkpointing flag)")
+        self.model.enable_gradient_checkpointing(self.checkpoint)
 
     def named_parameters(self, name: str):
         if name not in self._param_cache:
