@@ -1,7 +1,7 @@
 """``gradient_checkpointing: true``: diffusers' gradient checkpointing made adapter-aware (``LoraAdapters.checkpoint``).
 
 Invariant: one GAE update's gradients (policy LoRA, critic LoRA / copy / head; with a KL-to-reference term) are
-those without checkpointing, on tiny UNet2DModel, UNet2DConditionModel, DiT and SD3 transformers, for the three
+those without checkpointing, on tiny UNet2DModel, UNet2DConditionModel, DiT, SD3 and FLUX transformers, for the three
 critic modes, the fused and peft LoRA forwards and bf16 autocast.  The bug it prevents: diffusers' plain
 ``enable_gradient_checkpointing()`` recomputes the critic's blocks (and a reference forward's) under the adapter
 active during the backward, a wrong gradient without an error.  Bad input: a model without diffusers' switch,
@@ -15,13 +15,15 @@ import torch
 import torch.utils.checkpoint
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-from critic_align.backbones import DiTAdapter, LoraAdapters, UNetAdapter
+from critic_align.backbones import DiTAdapter, FluxAdapter, LoraAdapters, UNetAdapter
 from critic_align.config import PPOConfig
 from critic_align.rewards import FunctionReward, MultiReward
 from critic_align.tasks.base import BaseTask
 from critic_align.trainer import Trainer
 from tests.test_critic_body import tiny_cond_unet
 from tests.test_dit import sd3_cond, tiny_dit, tiny_sd3
+from tests.test_flux import text_cond as flux_text_cond
+from tests.test_flux import tiny_flux_transformer
 from tests.test_trainer import TinyTask, tiny_unet
 
 ATTN = ("to_q", "to_k", "to_v", "to_out.0")
@@ -33,10 +35,10 @@ class _TextTask(BaseTask):
     prompts = ("0", "1", "2", "3")
     latent_shape = (4, 8, 8)
 
-    def __init__(self, sd3: bool):
-        self.sd3 = sd3
+    def __init__(self, kind: str):
         g = torch.Generator().manual_seed(3)
-        self.table = sd3_cond(4) if sd3 else torch.randn(4, 5, 16, generator=g)
+        self.table = {"sd3": lambda: sd3_cond(4), "flux": lambda: flux_text_cond(4),
+                      "unet": lambda: torch.randn(4, 5, 16, generator=g)}[kind]()
 
     def encode(self, prompts):
         return self.table[torch.tensor([int(p) for p in prompts])]
@@ -59,11 +61,14 @@ def _build(kind):
     if kind == "unet2d":
         return UNetAdapter(tiny_unet()), TinyTask(), ddpm, None
     if kind == "unet2d_cond":
-        return UNetAdapter(tiny_cond_unet()), _TextTask(sd3=False), ddpm, None
+        return UNetAdapter(tiny_cond_unet()), _TextTask("unet"), ddpm, None
     if kind == "dit":
         return DiTAdapter(tiny_dit()), TinyTask(), FlowMatchEulerDiscreteScheduler(shift=3.0), ATTN
     if kind == "sd3":
-        return DiTAdapter(tiny_sd3()), _TextTask(sd3=True), FlowMatchEulerDiscreteScheduler(shift=3.0), ATTN
+        return DiTAdapter(tiny_sd3()), _TextTask("sd3"), FlowMatchEulerDiscreteScheduler(shift=3.0), ATTN
+    if kind == "flux":
+        return (FluxAdapter(tiny_flux_transformer().eval(), guidance=3.5), _TextTask("flux"),
+                FlowMatchEulerDiscreteScheduler(shift=3.0), ("to_q", "to_k", "to_v", "add_q_proj"))
     raise ValueError(kind)
 
 
@@ -128,8 +133,9 @@ def _rel(a, b):
     ("unet2d_cond", {}),
     ("dit", {}),
     ("sd3", {}),
+    ("flux", {}),
 ], ids=["unet2d", "unet2d-peft-forward", "unet2d-bf16", "unet2d-full-critic", "unet2d-shared-critic", "unet2d-cond",
-        "dit", "sd3"])
+        "dit", "sd3", "flux"])
 def test_checkpointing_keeps_the_gae_gradients(tmp_path, monkeypatch, kind, overrides):
     ref = _gae_gradients(tmp_path, kind, "none", monkeypatch, **overrides)
     ckpt = _gae_gradients(tmp_path, kind, "aware", monkeypatch, **overrides)
@@ -142,7 +148,7 @@ def test_checkpointing_keeps_the_gae_gradients(tmp_path, monkeypatch, kind, over
         assert tr.critic.backbone.model.is_gradient_checkpointing
 
 
-@pytest.mark.parametrize("kind", ["unet2d_cond", "dit", "sd3"])
+@pytest.mark.parametrize("kind", ["unet2d_cond", "dit", "sd3", "flux"])
 def test_plain_diffusers_checkpointing_gets_the_critic_gradient_wrong(tmp_path, monkeypatch, kind):
     """Why the switch is adapter-aware: with diffusers' plain checkpoint function the critic's blocks are recomputed
     under the policy's LoRA (active during the backward), silently.  The policy's gradient is right either way."""
