@@ -54,6 +54,7 @@ from digits_advantages import _machine, evaluate_policy, queries_to_reach  # noq
 
 from critic_align.backbones import MLP_LORA_TARGETS, MLPAdapter, MLPDenoiser, ResidualMLP  # noqa: E402
 from critic_align.config import PPOConfig  # noqa: E402
+from critic_align.checkpoint import DivergenceError  # noqa: E402
 from critic_align.rewards import FunctionReward, MultiReward  # noqa: E402
 from critic_align.tasks.gmm import GMMTask, LinearReward  # noqa: E402
 from critic_align.trainer import Trainer  # noqa: E402
@@ -129,7 +130,14 @@ def train_and_measure(trainer, cfg, pre: int, final_reward) -> dict:
     curve = []
     key = f"reward/{trainer.rewards.names[0]}/mean"
     for _ in range(cfg.num_epochs):
-        res = trainer.train_epoch()
+        try:
+            res = trainer.train_epoch()
+        except DivergenceError as e:
+            # a method that diverges is a result, not a crash of the benchmark: recorded with where it stopped
+            # (the guard refused the non-finite step, so no final policy is scored)
+            return {"base_reward": base, "final_reward": None, "reward_queries": trainer.reward_queries,
+                    "pretrain_queries": pre, "epochs": len(curve), "seconds": time.time() - t0, "curve": curve,
+                    "diverged": {"epoch": len(curve) + 1, "reward_queries": trainer.reward_queries, "error": str(e)}}
         curve.append({"reward_queries": res.metrics["reward_queries"], "reward": res.metrics[key]})
     return {"base_reward": base, "final_reward": final_reward(), "reward_queries": trainer.reward_queries,
             "pretrain_queries": pre, "epochs": cfg.num_epochs, "seconds": time.time() - t0, "curve": curve}
@@ -144,14 +152,16 @@ def summarize(runs: list[dict]) -> dict:
         s = {}
         for m in methods:
             mine = [r for r in rs if r["method"] == m]
-            fin = [r["final_reward"] for r in mine]
-            s[m] = {"seeds": [r["seed"] for r in mine], "final_reward_mean": float(np.mean(fin)),
-                    "final_reward_std": float(np.std(fin)),
+            ok = [r for r in mine if not r.get("diverged")]  # a diverged run has no final reward: counted apart
+            fin = [r["final_reward"] for r in ok]
+            s[m] = {"seeds": [r["seed"] for r in mine], "diverged_seeds": [r["seed"] for r in mine if r.get("diverged")],
+                    "final_reward_mean": float(np.mean(fin)) if ok else None,
+                    "final_reward_std": float(np.std(fin)) if ok else None,
                     "base_reward_mean": float(np.mean([r["base_reward"] for r in mine])),
                     "last3_train_reward_mean": float(np.mean([np.mean([c["reward"] for c in r["curve"][-3:]])
-                                                              for r in mine])),
+                                                              for r in ok])) if ok else None,
                     "budget_reward_queries": max(r["reward_queries"] for r in mine)}
-        baselines = [m for m in BASELINES if m in s]
+        baselines = [m for m in BASELINES if m in s and s[m]["final_reward_mean"] is not None]
         if baselines:
             best = max(baselines, key=lambda m: s[m]["final_reward_mean"])
             target = s[best]["last3_train_reward_mean"]
@@ -195,8 +205,12 @@ def section(path: Path) -> str:
             if m == "best_baseline":
                 continue
             reach = fmt(r.get("queries_fraction_of_best_baseline_budget"), 2, "not reached")
-            lines.append(f"| {m} | {fmt(r['base_reward_mean'])} | {fmt(r['final_reward_mean'])} ± "
-                         f"{fmt(r['final_reward_std'])} | {reach} |")
+            div = r.get("diverged_seeds") or []
+            final = (f"{fmt(r['final_reward_mean'])} ± {fmt(r['final_reward_std'])}" if r["final_reward_mean"] is not None
+                     else "—")
+            if div:
+                final += f" (diverged in {len(div)} of {len(r['seeds'])} seeds: {div})"
+            lines.append(f"| {m} | {fmt(r['base_reward_mean'])} | {final} | {reach} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -254,6 +254,15 @@ def test_baselines_summary_finds_the_best_baseline_and_the_queries_to_reach_it()
     assert s["grpo"]["queries_to_reach_best_baseline"] == [None]
     assert s["grpo"]["final_reward_mean"] == 0.5 and s["grpo"]["final_reward_std"] == 0.0
 
+    # a diverged run has no final reward: its method's mean is over the others, the seed is listed, and a method
+    # whose every seed diverged cannot be the best baseline
+    awm = run("awm", 0, None, [0.9, 0.95])
+    awm["diverged"] = {"epoch": 3, "reward_queries": 20, "error": "nan"}
+    s = summarize(runs + [awm, {**run("grpo", 1, 0.7, [0.1, 0.2, 0.3, 0.4]), "diverged": {"epoch": 5}}])["t"]
+    assert s["awm"]["final_reward_mean"] is None and s["awm"]["diverged_seeds"] == [0]
+    assert s["best_baseline"]["method"] == "nft"
+    assert s["grpo"]["final_reward_mean"] == 0.5 and s["grpo"]["diverged_seeds"] == [1]
+
 
 def test_baselines_merge_combines_parts_and_refuses_other_settings(tmp_path):
     import argparse
