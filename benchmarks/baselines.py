@@ -306,7 +306,8 @@ def main(argv=None) -> dict:
                     r = run_gmm(method, seed, args.budget_gmm, args, workdir)
                 r.update(task=task, method=method, seed=seed)
                 runs.append(r)
-                print(f"{task} {method} seed {seed}: reward {r['base_reward']:.4f} -> {r['final_reward']:.4f} "
+                end = f"{r['final_reward']:.4f}" if not r.get("diverged") else f"diverged in epoch {r['diverged']['epoch']}"
+                print(f"{task} {method} seed {seed}: reward {r['base_reward']:.4f} -> {end} "
                       f"({r['reward_queries']} queries, {r['seconds']:.0f} s)", flush=True)
                 result = _result(args, overrides, runs)
                 out.write_text(json.dumps(result, indent=1, default=float))
