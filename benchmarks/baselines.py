@@ -53,8 +53,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from digits_advantages import _machine, evaluate_policy, queries_to_reach  # noqa: E402
 
 from critic_align.backbones import MLP_LORA_TARGETS, MLPAdapter, MLPDenoiser, ResidualMLP  # noqa: E402
-from critic_align.config import PPOConfig  # noqa: E402
 from critic_align.checkpoint import DivergenceError  # noqa: E402
+from critic_align.config import PPOConfig  # noqa: E402
 from critic_align.rewards import FunctionReward, MultiReward  # noqa: E402
 from critic_align.tasks.gmm import GMMTask, LinearReward  # noqa: E402
 from critic_align.trainer import Trainer  # noqa: E402
@@ -108,7 +108,8 @@ def run_gmm(method: str, seed: int, budget: int, args, workdir: Path) -> dict:
         output_dir=str(workdir / f"gmm_{method}_seed{seed}"), log_tensorboard=False, progress=False, grid_every=0,
         checkpoint_every=0, **METHODS[method])
     # gmm_finetune's KL (closed-form per-step Gaussian KL, kl_coef 2) is PPO's; nft / awm's kl_coef acts on the
-    # outputs' squared difference (another unit), so they get --gmm-kl-forward (default 0, as in their configs)
+    # outputs' squared difference (another unit), so they get --gmm-kl-forward (default 1: without it AWM diverged
+    # on this unbounded linear reward in every seed, benchmarks/results/baselines_gmm_klf0.json)
     fields["kl_coef"] = args.gmm_kl if fields["algorithm"] == "ppo" else args.gmm_kl_forward
     fields["num_epochs"], pre = epochs_for(budget, args.gmm_batch, args.gmm_value_pretrain, fields["advantage"] == "gae")
     lin = LinearReward(GMM_W)
@@ -185,7 +186,9 @@ def section(path: Path) -> str:
         return none if x is None else f"{x:.{digits}f}"
 
     lines = ["## Strongest baselines: GRPO, DiffusionNFT, AWM and the latent critic at an equal reward-query budget", "",
-             f"Command: `python benchmarks/baselines.py` (writes `benchmarks/results/baselines.json`; {d['time_s']:.0f} s); "
+             f"Command: `python benchmarks/baselines.py` (writes `benchmarks/results/baselines.json`; {d['time_s']:.0f} s"
+             + (f" of runs, made in {len(d['merged_from'])} parts on one core each and combined with `--merge`"
+                if d.get("merged_from") else "") + "); "
              f"seeds {a['seeds']}; budgets: digits DiT {a['budget_digits']} reward queries (overrides "
              f"{d['digits_overrides'] or 'none'}), mixture {a['budget_gmm']}. Value pretraining counts against the "
              "budget. 'Queries to reach' = the median over seeds of the reward queries at which a run's training "
@@ -215,8 +218,10 @@ def section(path: Path) -> str:
     return "\n".join(lines)
 
 
-# the settings that make two runs comparable: resume and merge refuse a file that differs in any of them
-_SETTINGS = ("budget_digits", "budget_gmm", "gmm_batch", "gmm_value_pretrain", "gmm_kl", "gmm_kl_forward", "n_eval")
+# per task, the settings that make two runs comparable: resume and merge refuse a file whose runs of a task were
+# made with other values of that task's settings (a digits-only part may differ in the mixture's, and vice versa)
+_SETTINGS = {"digits_dit": ("budget_digits",),
+             "gmm": ("budget_gmm", "gmm_batch", "gmm_value_pretrain", "gmm_kl", "gmm_kl_forward", "n_eval")}
 
 
 def load_compatible(path: Path, args, overrides: dict) -> list[dict]:
@@ -224,11 +229,13 @@ def load_compatible(path: Path, args, overrides: dict) -> list[dict]:
     d = json.loads(Path(path).read_text())
     if d.get("benchmark") != "baselines":
         raise SystemExit(f"{path} is not a baselines.py result (benchmark={d.get('benchmark')!r})")
-    diff = {k: (d["args"].get(k), getattr(args, k)) for k in _SETTINGS if d["args"].get(k) != getattr(args, k)}
-    if d.get("digits_overrides", {}) != overrides:
+    keys = [k for task in sorted({r["task"] for r in d["runs"]}) for k in _SETTINGS[task]]
+    diff = {k: (d["args"].get(k), getattr(args, k)) for k in keys if d["args"].get(k) != getattr(args, k)}
+    if any(r["task"] == "digits_dit" for r in d["runs"]) and d.get("digits_overrides", {}) != overrides:
         diff["digits_set"] = (d.get("digits_overrides"), overrides)
     if diff:
-        raise SystemExit(f"{path} was run with other settings ({', '.join(f'{k}: file {a!r} vs now {b!r}' for k, (a, b) in diff.items())}); "
+        what = ", ".join(f"{k}: file {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise SystemExit(f"{path} was run with other settings ({what}); "
                          "pass the same flags, or write to another --out")
     return d["runs"]
 
@@ -265,7 +272,8 @@ def main(argv=None) -> dict:
     p.add_argument("--gmm-batch", type=int, default=64)
     p.add_argument("--gmm-value-pretrain", type=int, default=10)
     p.add_argument("--gmm-kl", type=float, default=2.0, help="PPO's kl_coef on the mixture (gmm_finetune's)")
-    p.add_argument("--gmm-kl-forward", type=float, default=0.0, help="nft / awm kl_coef on the mixture")
+    p.add_argument("--gmm-kl-forward", type=float, default=1.0,
+                   help="nft / awm kl_coef on the mixture (at 0, AWM diverges on the unbounded linear reward)")
     p.add_argument("--n-eval", type=int, default=2000)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "baselines.json"))
     p.add_argument("--resume", action="store_true", help="keep the runs already in --out and skip them")
@@ -287,7 +295,7 @@ def main(argv=None) -> dict:
         args.tasks = _union(args.tasks, [r["task"] for r in runs])
         args.methods = _union(args.methods, [r["method"] for r in runs])
         args.seeds = sorted({r["seed"] for r in runs})
-        result = _result(args, overrides, runs)
+        result = {**_result(args, overrides, runs), "merged_from": [str(m) for m in args.merge]}
         out.write_text(json.dumps(result, indent=1, default=float))
         print(json.dumps(result["summary"], indent=2, default=float))
         print(f"merged {len(runs)} runs from {len(args.merge)} files into {out}")

@@ -276,7 +276,7 @@ def test_baselines_merge_combines_parts_and_refuses_other_settings(tmp_path):
     def part(path, runs, budget_gmm=2560):
         args = argparse.Namespace(
             tasks=["gmm"], methods=["grpo", "gae"], seeds=[0], budget_digits=1920, budget_gmm=budget_gmm,
-            digits_set=[], gmm_batch=64, gmm_value_pretrain=10, gmm_kl=2.0, gmm_kl_forward=0.0, n_eval=2000,
+            digits_set=[], gmm_batch=64, gmm_value_pretrain=10, gmm_kl=2.0, gmm_kl_forward=1.0, n_eval=2000,
             out=str(path), resume=False, merge=None)
         path.write_text(json.dumps(_result(args, {}, runs)))
 
