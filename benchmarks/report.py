@@ -195,10 +195,11 @@ def section_main_job(path: Path) -> str:
         "## The main job (README's first command)",
         "",
         f"`python benchmarks/main_job.py` runs `{d.get('command', 'critic-align train --config digits')}` and copies "
-        "its outputs to `benchmarks/results/main_job/`: value pretraining + PPO/GAE, 80 epochs of 64 trajectories, "
+        f"its outputs to `benchmarks/results/main_job/`: value pretraining + PPO/GAE, {d['epochs']} epochs, "
         f"{d['reward_queries']} reward queries, {d['train_seconds'] / 60:.1f} minutes of pretraining and epochs "
-        f"({d.get('wall_seconds_with_startup', d['train_seconds']) / 60:.1f} with start-up, evaluations and grids) on "
-        "one core of this 2-core machine, beside other jobs on the other core.",
+        f"({d.get('wall_seconds_with_startup', d['train_seconds']) / 60:.1f} with start-up, evaluations and grids)"
+        + (f" on {m['cores_used']} of the machine's {m['cpu_count']} CPU cores with {m['torch_threads']} torch "
+           f"thread(s), torch {m['torch']}." if (m := d.get("machine")) else "."),
         "",
         "| | first epoch | last epoch |",
         "|---|---|---|",
@@ -229,7 +230,8 @@ def section_main_job(path: Path) -> str:
             f"The default job keeps {kept('eval/diversity/pairwise_l2'):.0%} of the base model's within-prompt "
             "pairwise distance at this reward gain: the goal of keeping 80 % is "
             + ("met." if kept("eval/diversity/pairwise_l2") >= 0.8 else
-               "not met by the defaults, and KL / early stopping / the recipe have not been swept for it yet."),
+               "not met by the defaults; what KL, early stopping and the critic recipe do to it is measured in "
+               "\"Reward vs diversity\" below."),
         ]
     lines += [
         "",
