@@ -1,0 +1,22 @@
+"""The README's stated main-job numbers are the ones benchmarks/main_job.py measured (issue 18: "the README's
+stated times come from that file"): rerunning the benchmark without updating the README fails this test."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_quotes_the_measured_main_job():
+    summary = json.loads((ROOT / "benchmarks" / "results" / "main_job" / "summary.json").read_text())
+    text = " ".join((ROOT / "README.md").read_text().split())  # line breaks do not matter
+    m = re.search(r"measured by `benchmarks/main_job.py`[^:]*: ([\d.]+) minutes of training", text)
+    assert m, "the README must state the main job's measured training time (benchmarks/main_job.py)"
+    assert abs(float(m.group(1)) - summary["train_seconds"] / 60) <= 0.25, (m.group(1), summary["train_seconds"])
+    m = re.search(r"held-out digit_prob ([\d.]+) → ([\d.]+)", text)
+    assert m, "the README must state the main job's held-out reward before and after"
+    assert float(m.group(1)) == round(summary["eval/reward/digit_prob_base"], 3)
+    assert float(m.group(2)) == round(summary["eval/reward/digit_prob_final"], 3)
