@@ -129,21 +129,6 @@ TINY_SD3_TRANSFORMER = dict(sample_size=8, patch_size=2, in_channels=4, out_chan
 
 # ------------------------------------------------------------------------------------------------------
 # building the pipelines (in this library's environment; saved once, loaded by every side)
-def _tokenizer(directory: Path, max_length: int):
-    """The byte-level CLIPTokenizer of the tests and trl_ddpo_compare.py (no merges, 514 tokens)."""
-    from transformers import CLIPTokenizer
-
-    from critic_align.tokenizer import clip_byte_alphabet
-
-    directory.mkdir(parents=True, exist_ok=True)
-    chars = clip_byte_alphabet()
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=max_length)
 
 
 def _clip(tok, spec: dict, with_projection: bool):
@@ -173,7 +158,9 @@ def build_pipeline(kind: str, out_dir: Path, tiny: bool, device: str, seed: int 
         UNet2DConditionModel,
     )
 
-    tok = _tokenizer(out_dir.parent / f"tokenizer_src_{kind}", 16 if tiny else 77)
+    from critic_align.tokenizer import byte_clip_tokenizer
+
+    tok = byte_clip_tokenizer(out_dir.parent / f"tokenizer_src_{kind}", 16 if tiny else 77)
     torch.manual_seed(seed)
     with torch.device(device):
         if kind == "sd15":

@@ -76,20 +76,11 @@ def build_pipeline(out_dir: Path, latent_size: int = 32, seed: int = 0) -> dict:
     """Build the benchmark's StableDiffusionPipeline from configs and ``save_pretrained`` it to ``out_dir``."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    tok_dir = out_dir.parent / "tokenizer_src"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    from critic_align.tokenizer import clip_byte_alphabet
+    from critic_align.tokenizer import byte_clip_tokenizer
 
-    chars = clip_byte_alphabet()
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16)
+    tok = byte_clip_tokenizer(out_dir.parent / "tokenizer_src", 16)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=latent_size, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 
 def clip_byte_alphabet() -> list[str]:
     """GPT-2 / CLIP's byte-level alphabet: one printable character per byte value, in CLIP's vocabulary order
@@ -14,3 +17,20 @@ def clip_byte_alphabet() -> list[str]:
             cs.append(256 + n)
             n += 1
     return [chr(c) for c in cs]
+
+
+def byte_clip_tokenizer(directory, max_length: int = 16):
+    """Write and load a CLIPTokenizer over single byte-characters, no merges (256 + 256 end-of-word + 2 special
+    tokens = 514): the tiny pipelines of the tests and benchmarks, built offline."""
+    from transformers import CLIPTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = clip_byte_alphabet()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=max_length)
