@@ -98,7 +98,7 @@ def test_workflow_train_export_lora_reload_reproduces_and_steers(tmp_path):
     sets = dict(num_epochs=2, batch_size=8, group_size=2, num_inference_steps=4, minibatch_size=16,
                 value_pretrain_epochs=1, value_pretrain_passes=1, progress=False, log_tensorboard=False, grid_every=0,
                 lora_rank=2, critic_lora_rank=2, value_head_hidden=16, value_head_heads=2, clip_range=0.2,
-                learning_rate=1e-2)
+                learning_rate=1e-2, sde_window_size=2, sde_window_range="[0, 2]")
     argv = ["train", "--config", "t2i", "--out", str(run_dir)]
     for k, v in sets.items():
         argv += ["--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}"]
