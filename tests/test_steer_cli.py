@@ -23,6 +23,9 @@ def test_steer_cli_pretrains_a_critic_then_reuses_it(tmp_path):
     assert smc["cost"]["nfe"] == 2 * 4 and smc["cost"]["critic_forward_rows"] > 0
     assert 0.0 <= smc["rewards"]["digit_prob"] <= 1.0 and (out / "steer_smc_N2.png").exists()
     assert (out / "checkpoints").exists() and (out / "run.json").exists() and (out / "config.json").exists()
+    # digits.yaml trains an SDE window; the steering critic is pretrained on full trajectories (every state steering
+    # queries), unless the user sets a window
+    assert json.loads((out / "config.json").read_text())["sde_window_size"] == 0
     # reuse the saved critic: --run loads it instead of pretraining again
     rc = main(["steer", "--run", str(out), "--out", str(out), "--per-prompt", "1", "--particles", "2",
                "--method", "bon", "--threads", "1"])

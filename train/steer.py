@@ -36,6 +36,10 @@ def build_steering_trainer(config: str | None, run_dir: str | None, out: str, ov
     overrides.setdefault("output_dir", out)
     if critic_epochs is not None:
         overrides["value_pretrain_epochs"] = critic_epochs
+    if run_dir is None and "sde_window_size" not in overrides:
+        # steering samples every step stochastically and queries the critic at every state: a fresh critic is
+        # pretrained on full trajectories, not on a training config's SDE window (values elsewhere never fitted)
+        overrides.update(sde_window_size=0, sde_window_range=None)
     ckpt = None
     if run_dir is not None:
         ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
@@ -49,6 +53,9 @@ def build_steering_trainer(config: str | None, run_dir: str | None, out: str, ov
     if run["ppo"].advantage != "gae":
         raise ValueError(f"{run_dir or config}: steering needs a critic, but the config trains with advantage="
                          f"{run['ppo'].advantage!r}; use a gae config (e.g. digits)")
+    if run_dir is not None and run["ppo"].sde_window_size:
+        print(f"note: {run_dir} trained its critic on SDE windows of {run['ppo'].sde_window_size} steps "
+              f"(first step in {run['ppo'].sde_window_range or 'anywhere'}); steering queries it at every step")
     trainer = build_trainer(run)
     Path(out).mkdir(parents=True, exist_ok=True)
     if ckpt is not None:
