@@ -433,6 +433,7 @@ SECTIONS = [
     ("trl_compare.json", section_trl_compare),
     ("speed_defaults.json", section_speed_defaults),
     ("sde_window.json", section_sde_window),
+    ("sde_window_t2i.json", section_sde_window),
     ("critic_modes.json", section_critic_modes),
     ("perf.json", section_perf),
     ("scaling.json", section_scaling),
