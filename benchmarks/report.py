@@ -25,7 +25,11 @@ from benchmarks.report_perf import (  # noqa: E402
     section_speed_defaults,
     section_trl_compare,
 )
-from benchmarks.report_steering import section_digits_steering, section_gmm_steering  # noqa: E402
+from benchmarks.report_steering import (  # noqa: E402
+    section_digits_steering,
+    section_gmm_steering,
+    section_t2i_steering,
+)
 from benchmarks.sde_window import section as section_sde_window  # noqa: E402
 from benchmarks.t2i_advantages import section as section_t2i_advantages  # noqa: E402
 
@@ -428,6 +432,7 @@ SECTIONS = [
     ("reward_hacking.json", section_reward_hacking),
     ("gmm_steering.json", section_gmm_steering),
     ("digits_steering.json", section_digits_steering),
+    ("t2i_steering.json", section_t2i_steering),
     ("kill_resume.json", section_kill_resume),
     ("fault_injection.json", section_fault_injection),
     ("trl_compare.json", section_trl_compare),

@@ -112,37 +112,113 @@ def section_digits_steering(path: Path) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        knob = f"w={r['scale']:g}" if "scale" in r else (f"λ={r['lam']:g}" if "lam" in r else "")
-        lines.append(
-            f"| {r['method']} | {r['particles']} | {knob} | {_f(r['rewards']['digit_prob'])}"
-            + (f" ± {_f(r['rewards']['digit_prob_se'])}" if "digit_prob_se" in r["rewards"] else "") + " | "
-            f"{_f(r['rewards'].get('digit_correct'))} | {r['nfe']:.0f} | {r['equivalent_nfe']:.0f} | "
-            f"{_f(r.get('resample_rate'), 2)} |")
-    # the issue's goal: critic SMC and guidance+BoN beat BoN(N) at equal NFE — judged against the noise
-    def verdict_of(r, bon):
-        diff = r["rewards"]["digit_prob"] - bon["rewards"]["digit_prob"]
-        se = (r["rewards"].get("digit_prob_se", 0.0) ** 2 + bon["rewards"].get("digit_prob_se", 0.0) ** 2) ** 0.5
-        if se == 0:
-            return f"{diff:+.3f} (no s.e. recorded)"
-        word = "beats" if diff > 2 * se else ("loses to" if diff < -2 * se else "ties with (within 2 s.e.)")
-        return f"{word} BoN, {diff:+.3f} ± {se:.3f}"
+        lines.append(f"| {r['method']} | {r['particles']} | {_knob(r)} | {_with_se(r['rewards'], 'digit_prob')} | "
+                     f"{_f(r['rewards'].get('digit_correct'))} | {r['nfe']:.0f} | {r['equivalent_nfe']:.0f} | "
+                     f"{_f(r.get('resample_rate'), 2)} |")
+    verdict = _verdicts(rows, a["particles"], "digit_prob")
+    lines += ["", f"Base model: digit_prob {_f(base['rewards']['digit_prob'])}. Against best-of-N (the best λ of each "
+              "method at each N):", "", *verdict, "",
+              "![reward vs NFE](benchmarks/results/digits_steering.png)", ""]
+    return "\n".join(lines)
 
+
+def _knob(r) -> str:
+    return f"w={r['scale']:g}" if "scale" in r else (f"λ={r['lam']:g}" if "lam" in r else "")
+
+
+def _with_se(rewards: dict, key: str) -> str:
+    return _f(rewards[key]) + (f" ± {_f(rewards[key + '_se'])}" if key + "_se" in rewards else "")
+
+
+def _verdict_of(r: dict, bon: dict, key: str) -> str:
+    """r's reward minus best-of-N's, judged against the noise (2 standard errors of the difference)."""
+    diff = r[key] - bon[key]
+    se = (r.get(f"{key}_se", 0.0) ** 2 + bon.get(f"{key}_se", 0.0) ** 2) ** 0.5
+    if se == 0:
+        return f"{diff:+.3f} (no s.e. recorded)"
+    word = "beats" if diff > 2 * se else ("loses to" if diff < -2 * se else "ties with (within 2 s.e.)")
+    return f"{word} BoN, {diff:+.3f} ± {se:.3f}"
+
+
+def _verdicts(rows: list[dict], particles: list[int], key: str, rewards_of=lambda r: r["rewards"]) -> list[str]:
+    """The issue's goal: critic SMC and guidance+BoN beat BoN(N) at equal NFE (the best λ of each method at each
+    N, ranked by ``rewards_of(row)[key]``); and, where a BoN run matches a method's equivalent NFE, at equal
+    total compute."""
     verdict = []
-    for n in a["particles"]:
+    for n in particles:
         bon = next((r for r in rows if r["method"] == "bon" and r["particles"] == n), None)
         if bon is None:
             continue
         for m in ("smc", "guidance+bon", "smc_x0"):
             cands = [r for r in rows if r["method"] == m and r["particles"] == n]
             if cands:
-                best = max(cands, key=lambda r: r["rewards"]["digit_prob"])
-                verdict.append(f"- N={n}, equal backbone NFE ({bon['nfe']:.0f}): {m} {verdict_of(best, bon)}")
-                # equal total compute: the BoN whose NFE matches this method's equivalent NFE, if it was run
+                best = max(cands, key=lambda r: rewards_of(r)[key])
+                verdict.append(f"- N={n}, equal backbone NFE ({bon['nfe']:.0f}): {m} "
+                               f"{_verdict_of(rewards_of(best), rewards_of(bon), key)}")
                 match = next((r for r in rows if r["method"] == "bon" and r["nfe"] == best["equivalent_nfe"]), None)
                 if match is not None and match is not bon:
-                    verdict.append(f"- N={n}, equal equivalent NFE ({match['nfe']:.0f}): {m} {verdict_of(best, match)} "
-                                   f"(N={match['particles']})")
-    lines += ["", f"Base model: digit_prob {_f(base['rewards']['digit_prob'])}. Against best-of-N (the best λ of each "
-              "method at each N):", "", *verdict, "",
-              "![reward vs NFE](benchmarks/results/digits_steering.png)", ""]
+                    verdict.append(f"- N={n}, equal equivalent NFE ({match['nfe']:.0f}): {m} "
+                                   f"{_verdict_of(rewards_of(best), rewards_of(match), key)} (N={match['particles']})")
+    return verdict
+
+
+def section_t2i_steering(path: Path) -> str:
+    d = json.loads(path.read_text())
+    a = d["args"]
+    rows = d["rows"]
+    key, ev = d["reward_key"], d["eval_keys"][0]
+    n_split = {s: len(ps) for s, ps in d["splits"].items()}
+    pre = d.get("critic_value_pretrain")
+    flags = " ".join(f"--{k.replace('_', '-')} " + (" ".join(f"{x:g}" for x in v) if isinstance(v, list) else f"{v:g}")
+                     for k, v in a.items() if k in ("prompts_per_split", "particles", "scales", "lam", "bon_only",
+                                                     "critic_epochs", "threads") and v != [])
+    if d["critic_source"] == "fresh":
+        critic = "value-pretrained on the frozen base policy by this run"
+    elif d["critic_source"].endswith("tmp/t2i_steering"):
+        critic = "value-pretrained on the frozen base policy by an earlier run of this script (cached, reused)"
+    else:
+        critic = f"from `{d['critic_source']}`"
+    if pre:
+        buckets = ", ".join(f"steps {k.split('_')[-1]}: {_f(v, 2)}" for k, v in pre.items()
+                            if k.startswith("pre_value_ev_steps_"))
+        critic += (f" ({pre['batches']} batches of 64 rollouts, {pre['reward_queries']} reward queries, "
+                   f"{pre['seconds'] / 60:.1f} min); explained variance of its value on its last, not yet fitted "
+                   f"batch: {_f(pre['pre_value_ev'], 2)} ({buckets})")
+
+    def cell(r, split, k, binary=False):
+        v = r["rewards_by_split"][split]
+        if binary:  # 0/1 per prompt: binomial standard error
+            p = v[k]
+            return f"{_f(p)} ± {_f((p * (1 - p) / n_split[split]) ** 0.5)}"
+        return _with_se(v, k)
+
+    lines = [
+        "## Steering the tiny text-to-image pipeline with the critic: reward vs NFE",
+        "",
+        f"Command: `python benchmarks/t2i_steering.py {flags}` (writes `benchmarks/results/t2i_steering.json`, `.png` "
+        f"and grids `benchmarks/results/t2i_steering_*.png`; {d['time_s'] / 60:.1f} min). The shipped "
+        "`critic_align/assets/tiny_t2i` pipeline through the Stable Diffusion path of `train/configs/t2i.yaml` "
+        f"(20 stochastic DDIM steps, eta = 1, CFG-free), {n_split['train']} training and {n_split['heldout']} held-out "
+        f"prompts (a fixed draw, seed {a['prompt_seed']}); critic: the t2i config's LoRA critic {critic}. "
+        f"Steered reward: {key} (dense: mean clause probability); {ev} is GenEval's all-clauses-right metric. "
+        f"Guidance scale w = {d['best_guidance_scale']:g} (best of {a['scales']} at N = 1 by {key}); SMC resamples "
+        f"when ESS < {a['ess_threshold']}·N, SMC's output: {a['smc_output']}. Equivalent NFE counts a critic forward "
+        f"as 1 backbone call, a backward as 2, a decode + reward call as {a['reward_price']:g}. "
+        "Standard errors: over prompts (for the 0/1 metric, binomial).",
+        "",
+        f"| method | N | w / λ | {key}, train | {key}, held-out | {ev}, train | {ev}, held-out | NFE "
+        "| equivalent NFE | resampled |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['particles']} | {_knob(r)} | {cell(r, 'train', key)} | "
+                     f"{cell(r, 'heldout', key)} | {cell(r, 'train', ev, True)} | {cell(r, 'heldout', ev, True)} | "
+                     f"{r['nfe']:.0f} | {r['equivalent_nfe']:.0f} | {_f(r.get('resample_rate'), 2)} |")
+    base = next(r for r in rows if r["method"] == "base")
+    lines += ["", f"Base model: {key} {_f(base['rewards'][key])}, {ev} {_f(base['rewards'][ev])} over all "
+              f"{sum(n_split.values())} prompts. Against best-of-N on {key} (the best λ of each method at each N), all "
+              "prompts:", "", *_verdicts(rows, a["particles"], key),
+              "", "held-out prompts only:", "",
+              *_verdicts(rows, a["particles"], key, rewards_of=lambda r: r["rewards_by_split"]["heldout"]), "",
+              "![reward vs NFE](benchmarks/results/t2i_steering.png)", ""]
     return "\n".join(lines)

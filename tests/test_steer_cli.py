@@ -67,3 +67,29 @@ def test_bench_suites_name_existing_scripts():
     for scripts in SUITES.values():
         for s in scripts:
             assert (bench / s).exists(), s
+
+
+def test_evaluate_samples_means_and_splits(tmp_path):
+    """evaluate_samples: each reward's mean and its standard error over prompts (hand-computed from the reward
+    matrix), and the steering table's per-split scores are the same function on each split's slice."""
+    import torch
+
+    from benchmarks.steering_table import TableSpec, split_evals
+    from train.registry import build_trainer, load_run_config
+    from train.steer import evaluate_samples
+
+    trainer = build_trainer(load_run_config("digits", {"output_dir": str(tmp_path), "batch_size": 8}))
+    prompts = ["0", "1", "2", "3", "4", "5"]
+    decoded = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mat = trainer.rewards(decoded, prompts)[:, trainer.rewards.names.index("digit_prob")].double()
+    ev = evaluate_samples(trainer, decoded, prompts)
+    assert ev["digit_prob"] == pytest.approx(float(mat.mean()))
+    assert ev["digit_prob_se"] == pytest.approx(float(mat.std(unbiased=True)) / 6 ** 0.5)
+    assert "digit_correct" in ev  # the config's eval reward
+    splits = {"a": prompts[:2], "b": prompts[2:]}
+    by_split = split_evals(trainer, decoded, splits)
+    assert by_split["a"]["digit_prob"] == pytest.approx(float(mat[:2].mean()))
+    assert by_split["b"]["digit_prob"] == pytest.approx(float(mat[2:].mean()))
+    with pytest.raises(ValueError, match="concatenated in order"):
+        TableSpec(name="x", config="digits", reward_key="digit_prob", prompts=prompts,
+                  splits={"a": prompts[2:], "b": prompts[:2]})

@@ -2,6 +2,7 @@
 
     critic-align bench gmm                # exact Gaussian-mixture suite: critic accuracy, fine-tuning, steering (≈ 6 min)
     critic-align bench digits-steering    # reward vs NFE on digits (≈ 15 min)
+    critic-align bench t2i-steering       # reward vs NFE on the tiny text-to-image task (≈ 30 min, one core)
     critic-align bench report             # only re-render BENCHMARKS.md from benchmarks/results/*.json
 
 Each script writes its JSON + PNG under benchmarks/results/ (names in BENCHMARKS.md); extra arguments after
@@ -19,6 +20,7 @@ SUITES = {
     "gmm": ["gmm_critic.py", "gmm_finetune.py", "gmm_steering.py"],
     "digits-steering": ["digits_steering.py"],
     "digits-advantages": ["digits_advantages.py"],
+    "t2i-steering": ["t2i_steering.py"],
     "report": [],
 }
 

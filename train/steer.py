@@ -104,18 +104,23 @@ def steer_with_trainer(trainer, method: str, prompts: list[str], particles: int 
     rows_per_call = 2 if cfg.guidance_scale != 1.0 else 1  # the CFG denoiser runs two rows per sample
     res = steer(trainer.policy_output, trainer.step, x_T, trainer.timesteps.to(trainer.device), cond, prompts,
                 backbone_rows_per_call=rows_per_call, **opts)
+    return res, evaluate_samples(trainer, res.decoded, prompts)
+
+
+@torch.no_grad()
+def evaluate_samples(trainer, decoded: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    """The mean of each trained reward (and its standard error over prompts: differences below ~2 SE are noise)
+    and of each eval reward (NaN-skipping) over decoded samples, one per prompt."""
     evals = {}
-    with torch.no_grad():
-        mat = trainer.rewards(res.decoded, prompts)
-        for k, name in enumerate(trainer.rewards.names):
-            evals[name] = float(mat[:, k].double().mean())
-            # standard error of that mean over prompts: differences below ~2 SE are noise
-            evals[f"{name}_se"] = float(mat[:, k].double().std() / max(len(prompts), 1) ** 0.5)
-        if trainer.eval_rewards is not None:
-            emat = trainer.eval_rewards(res.decoded, prompts)
-            for k, name in enumerate(trainer.eval_rewards.names):
-                evals[name] = float(emat[:, k].double().nanmean())
-    return res, evals
+    mat = trainer.rewards(decoded, prompts)
+    for k, name in enumerate(trainer.rewards.names):
+        evals[name] = float(mat[:, k].double().mean())
+        evals[f"{name}_se"] = float(mat[:, k].double().std() / max(len(prompts), 1) ** 0.5)
+    if trainer.eval_rewards is not None:
+        emat = trainer.eval_rewards(decoded, prompts)
+        for k, name in enumerate(trainer.eval_rewards.names):
+            evals[name] = float(emat[:, k].double().nanmean())
+    return evals
 
 
 def cmd_steer(args) -> int:
