@@ -1,7 +1,7 @@
 """Reward vs NFE for test-time steering on the tiny text-to-image task (issue #17): best-of-N, critic guidance,
 critic SMC, guidance + best-of-N and FK-style x0-reward SMC at equal backbone NFE, with the trained critic.
 
-    python benchmarks/t2i_steering.py       # ≈ 20 min on one CPU core (3.5 of them pretraining the critic)
+    python benchmarks/t2i_steering.py       # ≈ 16 min on one CPU core (3.3 of them pretraining the critic)
 
 The policy is the shipped pipeline ``critic_align/assets/tiny_t2i`` sampled through the Stable Diffusion path
 of ``train/configs/t2i.yaml`` (20 stochastic DDIM steps, eta = 1, CFG-free).  The critic is that config's LoRA
