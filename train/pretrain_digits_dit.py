@@ -72,12 +72,18 @@ def sample_sigmas(n: int, kind: str, gen: torch.Generator) -> torch.Tensor:
     raise ValueError(f"t sampling {kind!r}: use 'uniform' or 'logit_normal'")
 
 
+def rectified_flow_pair(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_σ, v): the rectified-flow point x_σ = (1 − σ) x0 + σ ε and its velocity target v = ε − x0, for x0 and
+    ε (B, ...) and σ (B,); also the tiny SD3 twin's (train.train_t2i)."""
+    s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - s) * x0 + s * noise, noise - x0
+
+
 def flow_matching_loss(model, x0, y, sigma, noise, num_train_timesteps: int = 1000) -> torch.Tensor:
     """Rectified-flow loss ||v_θ(x_σ, σ·N, y) − (ε − x0)||² at x_σ = (1 − σ) x0 + σ ε."""
-    s = sigma.view(-1, 1, 1, 1)
-    x_t = (1 - s) * x0 + s * noise
+    x_t, target = rectified_flow_pair(x0, noise, sigma)
     pred = model(x_t, timestep=sigma * num_train_timesteps, class_labels=y).sample
-    return F.mse_loss(pred, noise - x0)
+    return F.mse_loss(pred, target)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

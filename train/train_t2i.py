@@ -1,6 +1,7 @@
 """Train the tiny text-to-image model (`critic-align pretrain-t2i`): a diffusers ``StableDiffusionPipeline``
 on compositions of scikit-learn's digits (``critic_align/tasks/composition.py``), shipped in
-``critic_align/assets/tiny_t2i``.
+``critic_align/assets/tiny_t2i``; with ``--kind sd3`` its flow-matching twin, a ``StableDiffusion3Pipeline``
+shipped in ``critic_align/assets/tiny_t2i_sd3`` (see "SD3" below).
 
 Three stages, all on the composition data (32x32 RGB canvases, 2x2 grid of 16x16 cells):
 
@@ -16,6 +17,21 @@ Held-out prompts (``critic_align.tasks.composition.is_held_out``) are never rend
 prompt lists are written next to the model (``train_prompts.txt``, ``heldout_prompts.txt``).  The scheduler
 is DDIM (cosine betas, SD1.5's leading spacing; see ``scheduler_config``).  No safety checker.
 The model card is written by ``train.evaluate_t2i``.
+
+SD3 (``--kind sd3``), the same data and tokenizer (written as ``tokenizer/`` and ``tokenizer_2/``):
+
+- the VAE is the shipped tiny_t2i one by default (``--vae-from``), with ``shift_factor`` 0.0 set in its config
+  (the SD3 pipeline decodes ``z / scaling_factor + shift_factor``);
+- two ``CLIPTextModelWithProjection`` (``text_encoder``, ``text_encoder_2``); no T5 (``text_encoder_3`` and
+  ``tokenizer_3`` are None, the pipeline then appends ``max_sequence_length`` zero tokens, so the pipeline must
+  be called with the ``--max-sequence-length`` it was trained with, ``pipe(..., max_sequence_length=8)``);
+- an ``SD3Transformer2DModel`` (MMDiT, adaLN-Zero initialisation) predicting the rectified-flow velocity
+  v = ε − z0 at z_σ = (1 − σ)·z0 + σ·ε, timestep σ·1000, with σ drawn as diffusers' SD3 DreamBooth script
+  draws it (``compute_density_for_timestep_sampling``: uniform by default, ``--weighting-scheme``);
+- the conditioning is ``StableDiffusion3Pipeline.encode_prompt``'s own (called on the training modules, with
+  gradients into both text encoders): the CLIP encoders' penultimate hidden states side by side, then the zero
+  T5 tokens; their pooled projections side by side;
+- ``FlowMatchEulerDiscreteScheduler`` with shift 1 (the digits DiT's; 8x8 latents need no resolution shift).
 """
 
 from __future__ import annotations
@@ -42,8 +58,10 @@ from critic_align.tokenizer import clip_byte_alphabet
 
 from .command import standalone
 from .pretrain_digits import _options
+from .pretrain_digits_dit import rectified_flow_pair
 
 MAX_TOKENS = 16  # a relation prompt is 8 words + start + end
+KINDS = ("sd15", "sd3")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -76,6 +94,32 @@ def scheduler_config() -> dict:
     t = 951, ᾱ = 0.006 (the signal is 8 % of the noise): sampling starts from pure noise as SD1.5 does."""
     return dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
                 clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+
+
+def sd3_text_config(tokenizer, hidden: int = 64) -> dict:
+    """One of the SD3 twin's two CLIP text encoders (``CLIPTextModelWithProjection``; projection = width)."""
+    return text_config(tokenizer, hidden) | dict(projection_dim=hidden)
+
+
+def transformer_config(text_hidden: int = 64, width: int = 96, layers: int = 4, patch_size: int = 1) -> dict:
+    """The SD3 twin's ``SD3Transformer2DModel`` on 8x8x4 latents.  ``joint_attention_dim`` is what
+    ``encode_prompt`` gives: both encoders' hidden states side by side (2 * text_hidden; no zero padding), and
+    ``pooled_projection_dim`` both pooled projections side by side.  Heads of 32 channels."""
+    if width % 32:
+        raise ValueError(f"transformer width {width} must be a multiple of the head size 32")
+    if (CANVAS // 4) % patch_size:
+        raise ValueError(f"patch size {patch_size} must divide the latent side {CANVAS // 4}")
+    return dict(sample_size=CANVAS // 4, patch_size=patch_size, in_channels=4, out_channels=4, num_layers=layers,
+                attention_head_dim=32, num_attention_heads=width // 32, joint_attention_dim=2 * text_hidden,
+                caption_projection_dim=width, pooled_projection_dim=2 * text_hidden,
+                pos_embed_max_size=CANVAS // 4 // patch_size, qk_norm="rms_norm")
+
+
+def flow_scheduler_config() -> dict:
+    """FlowMatchEulerDiscreteScheduler, 1000 train timesteps, shift 1 (the digits DiT's sampler)."""
+    from critic_align.tasks.digits import flow_scheduler_config as digits_flow
+
+    return digits_flow()
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -194,6 +238,16 @@ def train_vae(args, sampler: CompositionSampler, log: list) -> "object":
     return vae
 
 
+@torch.no_grad()
+def encode_latents(vae, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Scaled VAE latents of images ``x`` (B, 3, 32, 32) -> (B, 4, 8, 8), a posterior draw:
+    (z - shift_factor) * scaling_factor, the inverse of what both pipelines decode (no shift: SD1.5's None)."""
+    post = vae.encode(x).latent_dist
+    z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+    shift = vae.config.shift_factor
+    return (z - shift if shift is not None else z) * vae.config.scaling_factor
+
+
 class EMA:
     def __init__(self, params, decay: float):
         self.params = list(params)
@@ -227,7 +281,6 @@ def train_denoiser(args, vae, tokenizer, sampler: CompositionSampler, log: list)
     ema = EMA(params, args.ema_decay)
     acp = scheduler.alphas_cumprod
     gen = torch.Generator().manual_seed(args.seed + 2)
-    scale = vae.config.scaling_factor
     t0 = time.time()
     for step in range(args.steps):
         x, prompts = sampler.batch(args.batch_size)
@@ -235,9 +288,7 @@ def train_denoiser(args, vae, tokenizer, sampler: CompositionSampler, log: list)
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         ids = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
                         return_tensors="pt").input_ids
-        with torch.no_grad():
-            post = vae.encode(x).latent_dist
-            z0 = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen)) * scale
+        z0 = encode_latents(vae, x, gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(prompts),), generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
         a = acp[t].view(-1, 1, 1, 1)
@@ -261,6 +312,111 @@ def train_denoiser(args, vae, tokenizer, sampler: CompositionSampler, log: list)
     return unet, text_encoder, scheduler
 
 
+def adaln_zero_init(transformer) -> None:
+    """DiT's initialisation: every adaLN modulation and the output projection start at zero, so each block
+    starts as the identity and the first prediction is 0 (as the digits DiT)."""
+    for block in transformer.transformer_blocks:
+        for norm in (block.norm1, block.norm1_context):
+            torch.nn.init.zeros_(norm.linear.weight)
+            torch.nn.init.zeros_(norm.linear.bias)
+    for layer in (transformer.norm_out.linear, transformer.proj_out):
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+
+
+def build_sd3_pipeline(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, transformer, scheduler):
+    """The twin as a ``StableDiffusion3Pipeline`` without T5."""
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                                    tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                                    text_encoder_3=None, tokenizer_3=None)
+
+
+def sd3_conditioning(pipe, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_embeds (B, MAX_TOKENS + max_sequence_length, 2 * text width), pooled (B, 2 * text width)):
+    ``pipe.encode_prompt`` itself, CFG-free; differentiable in the text encoders (encode_prompt has no no_grad)."""
+    embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=torch.device("cpu"),
+                                              num_images_per_prompt=1, do_classifier_free_guidance=False,
+                                              max_sequence_length=max_sequence_length)
+    return embeds, pooled
+
+
+def train_denoiser_sd3(args, vae, tokenizer, tokenizer_2, sampler: CompositionSampler, log: list):
+    """The SD3 twin's two text encoders and transformer, trained jointly with the rectified-flow loss
+    (diffusers' train_dreambooth_lora_sd3.py: σ from compute_density_for_timestep_sampling, mapped to the
+    scheduler's training timesteps/sigmas, target ε − z0, weights compute_loss_weighting_for_sd3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(args.seed + 1)
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**sd3_text_config(tokenizer, args.text_hidden)))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**sd3_text_config(tokenizer, args.text_hidden)))
+    transformer = SD3Transformer2DModel(**transformer_config(args.text_hidden, args.width, args.layers,
+                                                             args.patch_size))
+    adaln_zero_init(transformer)
+    scheduler = FlowMatchEulerDiscreteScheduler(**flow_scheduler_config())
+    pipe = build_sd3_pipeline(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, transformer, scheduler)
+    modules = (transformer, text_encoder, text_encoder_2)
+    for m in modules:
+        m.train()
+    params = [q for m in modules for q in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.steps, 100))
+    ema = EMA(params, args.ema_decay)
+    train_timesteps, train_sigmas = scheduler.timesteps.clone(), scheduler.sigmas.clone()  # before any set_timesteps
+    n_train = scheduler.config.num_train_timesteps
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    t0 = time.time()
+    for step in range(args.steps):
+        x, prompts = sampler.batch(args.batch_size)
+        drop = torch.rand(len(prompts), generator=gen) < args.cond_dropout
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        z0 = encode_latents(vae, x, gen)
+        u = compute_density_for_timestep_sampling(args.weighting_scheme, len(prompts), logit_mean=0.0, logit_std=1.0,
+                                                  mode_scale=1.29, generator=gen)
+        idx = (u * n_train).long().clamp(max=n_train - 1)
+        t, sigma = train_timesteps[idx], train_sigmas[idx]
+        noise = torch.randn(z0.shape, generator=gen)
+        zt, target = rectified_flow_pair(z0, noise, sigma)
+        embeds, pooled = sd3_conditioning(pipe, prompts, args.max_sequence_length)
+        pred = transformer(hidden_states=zt, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled,
+                           return_dict=False)[0]
+        weight = compute_loss_weighting_for_sd3(args.weighting_scheme, sigma).view(-1, 1, 1, 1)
+        loss = (weight * (pred - target) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema.step()
+        if step % 50 == 0 or step == args.steps - 1:
+            row = {"stage": "denoiser", "step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
+                   "time_s": time.time() - t0}
+            log.append(row)
+            print(json.dumps(row), flush=True)
+    ema.copy_to()
+    for m in modules:
+        m.eval().requires_grad_(False)
+    return pipe
+
+
+def load_vae(vae_from) -> "object":
+    """The VAE of the pipeline directory ``vae_from`` (its vae/), with ``shift_factor`` 0.0 where it has none
+    (SD3's pipeline adds it when decoding; SD1.5's ignores it)."""
+    from diffusers import AutoencoderKL
+
+    path = Path(vae_from) / "vae"
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"--vae-from {vae_from}: no vae/config.json there; pass a pipeline directory such "
+                                "as critic_align/assets/tiny_t2i, or --vae-from train")
+    vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
+    if vae.config.shift_factor is None:
+        vae.register_to_config(shift_factor=0.0)
+    return vae.eval().requires_grad_(False)
+
+
 def build_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
     from diffusers import StableDiffusionPipeline
 
@@ -270,9 +426,15 @@ def build_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/tiny_t2i",
-                   help="output directory, must not hold a pipeline (default %(default)s; the shipped model is "
-                        "critic_align/assets/tiny_t2i)")
+    p.add_argument("--kind", choices=KINDS, default="sd15",
+                   help="sd15: StableDiffusionPipeline (UNet, DDIM; the shipped tiny_t2i); sd3: its flow-matching "
+                        "twin, StableDiffusion3Pipeline without T5 (the shipped tiny_t2i_sd3) (default %(default)s)")
+    p.add_argument("--out", default=None,
+                   help="output directory, must not hold a pipeline (default runs/tiny_t2i, runs/tiny_t2i_sd3 with "
+                        "--kind sd3; the shipped models are critic_align/assets/tiny_t2i and tiny_t2i_sd3)")
+    p.add_argument("--vae-from", default=None,
+                   help="'train' (train a VAE) or a pipeline directory whose vae/ is reused (default: train for "
+                        "sd15, the shipped critic_align/assets/tiny_t2i for sd3)")
     p.add_argument("--vae-steps", type=int, default=1500, help="VAE optimiser steps (default %(default)s)")
     p.add_argument("--vae-batch", type=int, default=32, help="images per VAE step (default %(default)s)")
     p.add_argument("--vae-lr", type=float, default=1e-3, help="peak AdamW learning rate of the VAE (default %(default)s)")
@@ -285,13 +447,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-hidden", type=int, default=64,
                    help="text encoder width = UNet cross-attention dim (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data (default %(default)s)")
+    sd3 = p.add_argument_group("--kind sd3 only")
+    sd3.add_argument("--width", type=int, default=96, help="transformer width, heads of 32 (default %(default)s)")
+    sd3.add_argument("--layers", type=int, default=4, help="transformer blocks (default %(default)s)")
+    sd3.add_argument("--patch-size", type=int, default=1, help="latent pixels per token side (default %(default)s)")
+    sd3.add_argument("--max-sequence-length", type=int, default=8,
+                     help="zero T5 tokens encode_prompt appends without T5; the pipeline must be called with the same "
+                          "max_sequence_length (default %(default)s)")
+    sd3.add_argument("--weighting-scheme", choices=("none", "logit_normal", "mode"), default="none",
+                     help="diffusers' SD3 σ density (none = uniform σ, unweighted loss) (default %(default)s)")
 
 
 def main(argv=None) -> Path:
     return standalone("critic-align pretrain-t2i", __doc__, add_arguments, run, argv)
 
 
+def default_vae_from(kind: str) -> str:
+    from critic_align.tasks.digits import ASSETS
+
+    return "train" if kind == "sd15" else str(ASSETS / "tiny_t2i")
+
+
 def run(args) -> Path:
+    if args.out is None:
+        args.out = "runs/tiny_t2i" if args.kind == "sd15" else "runs/tiny_t2i_sd3"
+    if args.vae_from is None:
+        args.vae_from = default_vae_from(args.kind)
+    if args.kind == "sd3" and not 1 <= args.max_sequence_length <= 512:
+        raise SystemExit(f"--max-sequence-length {args.max_sequence_length}: must be in [1, 512] (the SD3 pipeline's "
+                         "limit)")
     out = Path(args.out)
     if (out / "model_index.json").exists():
         raise SystemExit(f"{out} already holds a pipeline; pass another --out (nothing saved is overwritten)")
@@ -300,18 +484,22 @@ def run(args) -> Path:
     sampler = CompositionSampler(args.seed)
     tok_dir = out / "tokenizer"
     tokenizer = write_tokenizer(tok_dir)
-    vae = train_vae(args, sampler, log)
-    unet, text_encoder, scheduler = train_denoiser(args, vae, tokenizer, sampler, log)
-    pipe = build_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
+    vae = train_vae(args, sampler, log) if args.vae_from == "train" else load_vae(args.vae_from)
+    if args.kind == "sd15":
+        unet, text_encoder, scheduler = train_denoiser(args, vae, tokenizer, sampler, log)
+        pipe = build_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
+        modules = (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))
+    else:  # the same tokenizer for both CLIP encoders, written twice as the pipeline's format has it
+        pipe = train_denoiser_sd3(args, vae, tokenizer, write_tokenizer(out / "tokenizer_2"), sampler, log)
+        modules = tuple((n, getattr(pipe, n)) for n in ("transformer", "vae", "text_encoder", "text_encoder_2"))
     pipe.save_pretrained(out, safe_serialization=True)
     train, held = prompt_split()
     (out / "train_prompts.txt").write_text("\n".join(train) + "\n")
     (out / "heldout_prompts.txt").write_text("\n".join(held) + "\n")
-    n_params = {name: sum(q.numel() for q in m.parameters())
-                for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))}
+    n_params = {name: sum(q.numel() for q in m.parameters()) for name, m in modules}
     (out / "training_log.json").write_text(json.dumps(
         {"args": _options(args), "params": n_params, "log": log, "train_time_s": time.time() - t_start}, indent=1))
-    print(f"pretrain-t2i: {time.time() - t_start:.0f} s, saved the pipeline to {out}")
+    print(f"pretrain-t2i --kind {args.kind}: {time.time() - t_start:.0f} s, saved the pipeline to {out}")
     return out
 
 
