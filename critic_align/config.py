@@ -112,6 +112,13 @@ class PPOConfig:
     """Discount over denoising steps (1.0: the final reward counts fully at every step)."""
     gae_lambda: float = 0.95
     """GAE's λ: 1.0 = Monte-Carlo returns minus the value baseline, 0.0 = one-step TD."""
+    gae_group_baseline: bool = False
+    """GAE mode: centre each step's advantages within the prompt's group (A_t − mean over the group's samples of
+    A_t, per reward head, before combining) — the prompt's own samples set the prompt-level baseline, as in GRPO,
+    and the critic supplies the within-prompt, per-step credit (its values need not rank prompts).  A critic that
+    only knows the prompt then gives GRPO's centred advantage at every step (λ = γ = 1); a group of one sample
+    gets advantage 0.  For many-prompt tasks where the critic cannot learn prompt difficulty from the samples it
+    sees (``benchmarks/NOTES.md``, "Reading the t2i task").  Value targets are unchanged.  Needs group_size >= 2."""
     normalize_advantages: bool = True
     """Whiten the summed advantages over the batch (GAE mode with 'sum_then_normalize'; 'normalize_then_sum'
     always whitens each reward's advantages, and GRPO/DDPO are normalised by construction)."""
@@ -352,7 +359,7 @@ class PPOConfig:
         if self.timestep_fraction == 0:
             _err("timestep_fraction", 0, "must be > 0")
         for name in ("normalize_advantages", "log_tensorboard", "progress", "critic_cond", "value_loss_standardized",
-                     "value_pretrain_lr_decay"):
+                     "value_pretrain_lr_decay", "gae_group_baseline"):
             v = getattr(self, name)
             if not isinstance(v, bool):
                 _err(name, v, "must be true or false (unquoted in YAML)", number=False)
@@ -410,6 +417,10 @@ class PPOConfig:
             _err("group_size", self.group_size, "must be >= 2 with advantage: grpo (its advantage is the reward "
                  "minus the mean of the prompt's group: a group of one has advantage 0 and trains nothing); "
                  "set group_size: 2 or more, or use advantage: ddpo / gae")
+        if self.gae_group_baseline and (self.advantage != "gae" or self.group_size < 2):
+            _err("gae_group_baseline", True, "centres GAE advantages within each prompt's group: it needs advantage: "
+                 f"gae (got {self.advantage!r}) and group_size >= 2 (got {self.group_size}); set it to false or "
+                 "change those", number=False)
         if self.seed >= 2**32:
             _err("seed", self.seed, "must be < 2**32 (numpy's seed range)")
         if self.batch_size % self.group_size:
