@@ -2,6 +2,11 @@
 budget of reward queries, with the held-out prompts' accuracy before and after.
 
     python benchmarks/t2i_advantages.py --seeds 0 1 2 --budget 1280
+    python benchmarks/t2i_advantages.py --modes gae_group --out /tmp/b      # one mode, merged later:
+    python benchmarks/t2i_advantages.py --merge /tmp/a.json /tmp/b.json     # one summary over both files' runs
+
+Modes (:data:`MODES`): gae, gae_group (GAE with ``gae_group_baseline``: advantages centred within each prompt's
+group), grpo, ddpo.
 
 The shipped pipeline ``critic_align/assets/tiny_t2i`` trained through the Stable Diffusion path with
 ``train/configs/t2i.yaml`` (only the advantage estimator differs between modes; GAE's value-pretraining
@@ -33,6 +38,10 @@ from critic_align.tasks.sd import read_prompts  # noqa: E402
 from train.registry import build_trainer, load_run_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+# mode -> PPOConfig overrides on top of train/configs/t2i.yaml (the only difference between modes)
+MODES = {"gae": {"advantage": "gae"}, "gae_group": {"advantage": "gae", "gae_group_baseline": True},
+         "grpo": {"advantage": "grpo"}, "ddpo": {"advantage": "ddpo"}}
+CRITIC_MODES = ("gae", "gae_group")
 
 
 def eval_prompts(n: int, seed: int = 0) -> dict[str, list[str]]:
@@ -59,18 +68,18 @@ def evaluate_policy(trainer, prompts: dict[str, list[str]], seed: int = 999) -> 
 
 def run_one(mode: str, seed: int, budget: int, overrides: dict, prompts: dict, workdir: Path) -> dict:
     over = dict(overrides)
-    over.update(advantage=mode, seed=seed, output_dir=str(workdir / f"{mode}_seed{seed}"), progress=False,
+    over.update(MODES[mode], seed=seed, output_dir=str(workdir / f"{mode}_seed{seed}"), progress=False,
                 grid_every=0, checkpoint_every=0, log_tensorboard=False)
     run = load_run_config("t2i", over)
     cfg = run["ppo"]
-    pre = cfg.value_pretrain_epochs * cfg.batch_size if mode == "gae" else 0
+    pre = cfg.value_pretrain_epochs * cfg.batch_size if mode in CRITIC_MODES else 0
     cfg.num_epochs = max(1, (budget - pre) // cfg.batch_size)
     if Path(cfg.output_dir).exists():
         shutil.rmtree(cfg.output_dir)  # a scratch directory of this script (benchmarks/results/tmp)
     t0 = time.time()
     trainer = build_trainer(run)
     base_eval = evaluate_policy(trainer, prompts)
-    if mode == "gae":
+    if mode in CRITIC_MODES:
         trainer.pretrain_value()
     history = []
     for _ in range(cfg.num_epochs):
@@ -79,7 +88,8 @@ def run_one(mode: str, seed: int, budget: int, overrides: dict, prompts: dict, w
         history.append(res.metrics)
     final_eval = evaluate_policy(trainer, prompts)
     curve = [{"reward_queries": r["reward_queries"], "reward": r["reward/composition/mean"],
-              "composition_correct": r.get("reward/composition_correct/mean")} for r in history]
+              "composition_correct": r.get("reward/composition_correct/mean"), "value_ev": r.get("value_ev")}
+             for r in history]
     return {"mode": mode, "seed": seed, "reward_queries": trainer.reward_queries, "epochs": cfg.num_epochs,
             "pretrain_queries": pre, "seconds": time.time() - t0, "base_eval": base_eval, "final_eval": final_eval,
             "curve": curve, "mean_epoch_seconds": float(np.mean([r["time_epoch_s"] for r in history]))}
@@ -91,6 +101,9 @@ def summarize(runs: list[dict]) -> dict:
         rs = [r for r in runs if r["mode"] == m]
         s = {"seeds": [r["seed"] for r in rs], "mean_epoch_seconds": float(np.mean([r["mean_epoch_seconds"] for r in rs])),
              "last3_train_reward_mean": float(np.mean([np.mean([c["reward"] for c in r["curve"][-3:]]) for r in rs]))}
+        evs = [c["value_ev"] for r in rs for c in r["curve"][len(r["curve"]) // 2:] if c.get("value_ev") is not None]
+        if evs:  # the critic's explained variance of the returns over the second half of training (training batches)
+            s["value_ev_second_half_mean"] = float(np.mean(evs))
         for when in ("base", "final"):
             for split in ("train", "heldout"):
                 for key in ("composition", "composition_correct"):
@@ -98,12 +111,14 @@ def summarize(runs: list[dict]) -> dict:
                     s[f"{when}_{split}_{key}_mean"] = float(np.mean(vals))
                     s[f"{when}_{split}_{key}_std"] = float(np.std(vals))
         summary[m] = s
-    if "gae" in summary and "grpo" in summary:
-        target = summary["grpo"]["last3_train_reward_mean"]
-        budget = max(r["reward_queries"] for r in runs)
-        reach = [queries_to_reach(r["curve"], target) for r in runs if r["mode"] == "gae"]
-        summary["gae_queries_to_reach_grpo_final"] = {"grpo_final_train_reward": target, "per_seed": reach,
-                                                      "median_fraction_of_budget": float(np.median(reach) / budget)}
+    for mode in CRITIC_MODES:
+        if mode in summary and "grpo" in summary:
+            target = summary["grpo"]["last3_train_reward_mean"]
+            budget = max(r["reward_queries"] for r in runs)
+            reach = [queries_to_reach(r["curve"], target) for r in runs if r["mode"] == mode]
+            summary[f"{mode}_queries_to_reach_grpo_final"] = {
+                "grpo_final_train_reward": target, "per_seed": reach,
+                "median_fraction_of_budget": float(np.median(reach) / budget)}
     return summary
 
 
@@ -114,7 +129,7 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for m, color in zip(["gae", "grpo", "ddpo"], ["C0", "C1", "C2"]):
+    for m, color in zip(MODES, ["C0", "C3", "C1", "C2"]):
         rs = [r for r in runs if r["mode"] == m]
         if not rs:
             continue
@@ -126,7 +141,7 @@ def plot(runs: list[dict], path: Path) -> None:
         for k, split in enumerate(("train", "heldout")):
             before = np.mean([r["base_eval"][split]["composition_correct"] for r in rs])
             after = [r["final_eval"][split]["composition_correct"] for r in rs]
-            x = ["gae", "grpo", "ddpo"].index(m) * 3 + k
+            x = list(MODES).index(m) * 3 + k
             axes[1].bar(x, np.mean(after), yerr=np.std(after), color=color, alpha=1.0 if k == 0 else 0.5,
                         label=f"{m} {split}")
             axes[1].plot([x - 0.4, x + 0.4], [before, before], color="k", lw=1)
@@ -148,9 +163,11 @@ def section(path: Path) -> str:
 
     data = json.loads(path.read_text())
     s, m = data["summary"], data["machine"]
-    seeds = " ".join(str(x) for x in s[next(iter(k for k in s if k != "gae_queries_to_reach_grpo_final"))]["seeds"])
+    seeds = " ".join(str(x) for x in sorted({r["seed"] for r in data["runs"]}))
+    modes = [mode for mode in MODES if mode in s]
     sets = " ".join(f"--set {k}={v}" for k, v in data["overrides"].items())
     n_eval = len(data["eval_prompts"]["train"])
+    how = (f"{len(data['merged_from'])} files of runs combined with `--merge`; " if data.get("merged_from") else "")
 
     def f(x, d=3):
         return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
@@ -158,60 +175,91 @@ def section(path: Path) -> str:
     lines = [
         "## GAE vs GRPO vs DDPO on the tiny text-to-image task (`composition`), equal reward-query budget",
         "",
-        f"Command: `python benchmarks/t2i_advantages.py --seeds {seeds} --budget {data['budget_reward_queries']}"
-        f"{' ' + sets if sets else ''}` (writes `benchmarks/results/t2i_advantages.json` and `.png`). Machine: "
+        f"Command: `python benchmarks/t2i_advantages.py --seeds {seeds} --modes {' '.join(modes)} --budget "
+        f"{data['budget_reward_queries']} --eval-prompts {n_eval}{' ' + sets if sets else ''}` ({how}writes "
+        "`benchmarks/results/t2i_advantages.json` and `.png`). Machine: "
         f"{m['cpu_count']} CPU cores, torch {m['torch']}, {m['torch_threads']} threads. The shipped "
         "`critic_align/assets/tiny_t2i` pipeline through the Stable Diffusion path (`train/configs/t2i.yaml`); "
         f"before and after training the policy samples {n_eval} training and {n_eval} held-out prompts (fixed "
         "noise); *all clauses* = `composition_correct` (GenEval's metric), mean ± std over seeds.",
         "",
         "| advantage | seeds | train: all clauses before → after | held-out: all clauses before → after "
-        "| train: composition before → after | held-out: composition before → after | s / epoch |",
-        "|---|---|---|---|---|---|---|",
+        "| train: composition before → after | held-out: composition before → after | s / epoch "
+        "| critic EV (2nd half) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for mode in ("gae", "grpo", "ddpo"):
-        if mode not in s:
-            continue
+    for mode in modes:
         r = s[mode]
         cells = []
         for key in ("composition_correct", "composition"):
             for split in ("train", "heldout"):
                 cells.append(f"{f(r[f'base_{split}_{key}_mean'])} → {f(r[f'final_{split}_{key}_mean'])} ± "
                              f"{f(r[f'final_{split}_{key}_std'])}")
-        lines.append(f"| {mode} | {len(r['seeds'])} | " + " | ".join(cells) + f" | {f(r['mean_epoch_seconds'], 1)} |")
-    reach = s.get("gae_queries_to_reach_grpo_final")
-    if reach:
+        lines.append(f"| {mode} | {len(r['seeds'])} | " + " | ".join(cells) + f" | {f(r['mean_epoch_seconds'], 1)} | "
+                     f"{f(r.get('value_ev_second_half_mean'), 2) if mode in CRITIC_MODES else '—'} |")
+    for mode in CRITIC_MODES:
+        reach = s.get(f"{mode}_queries_to_reach_grpo_final")
+        if not reach:
+            continue
         per_seed = ", ".join("not reached" if math.isinf(x) else str(int(x)) for x in reach["per_seed"])
         frac = reach["median_fraction_of_budget"]
-        lines += ["", f"Reward queries GAE needs to reach GRPO's final training reward "
+        lines += ["", f"Reward queries {mode} needs to reach GRPO's final training reward "
                       f"({f(reach['grpo_final_train_reward'])}, 3-epoch moving average): per seed {per_seed}; median: "
                       + ("not reached within the budget" if math.isinf(frac) else f"{f(frac, 2)} × the budget")
                       + " (goal: ≤ 0.5×)."]
+    if "grpo" in s and any(f"{mode}_queries_to_reach_grpo_final" in s for mode in CRITIC_MODES):
         grpo_first = float(np.mean([r["curve"][0]["reward"] for r in data["runs"] if r["mode"] == "grpo"]))
-        if reach["grpo_final_train_reward"] <= grpo_first:
+        grpo_last = s["grpo"]["last3_train_reward_mean"]
+        if grpo_last <= grpo_first:
             lines += ["", f"Caveat: GRPO's training reward did not rise at this budget (first epoch {f(grpo_first)}, "
-                          f"last 3 epochs {f(reach['grpo_final_train_reward'])}), so reaching it says nothing about "
-                          "GAE's efficiency; a larger budget is needed for this comparison."]
+                          f"last 3 epochs {f(grpo_last)}), so reaching it says nothing about GAE's efficiency; a "
+                          "larger budget is needed for this comparison."]
     lines += ["", "![t2i advantages](benchmarks/results/t2i_advantages.png)", ""]
     return "\n".join(lines)
+
+
+def merge(paths: list[Path]) -> dict:
+    """One result over the runs of several files of this benchmark; they must share the budget, the overrides and
+    the evaluation prompts, and hold disjoint (mode, seed) runs."""
+    datas = [json.loads(Path(p).read_text()) for p in paths]
+    first = datas[0]
+    for p, d in zip(paths[1:], datas[1:]):
+        for key in ("budget_reward_queries", "overrides", "eval_prompts"):
+            if d[key] != first[key]:
+                raise SystemExit(f"{p}: its {key} differs from {paths[0]}'s; merge runs made with the same settings")
+    runs = [r for d in datas for r in d["runs"]]
+    seen = [(r["mode"], r["seed"]) for r in runs]
+    dup = sorted({k for k in seen if seen.count(k) > 1})
+    if dup:
+        raise SystemExit(f"the same (mode, seed) runs appear in two files: {dup}; merge files with disjoint runs")
+    return {"budget_reward_queries": first["budget_reward_queries"], "overrides": first["overrides"],
+            "eval_prompts": first["eval_prompts"], "summary": summarize(runs), "runs": runs, "machine": _machine(),
+            "merged_from": [str(p) for p in paths]}
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--modes", nargs="+", default=["gae", "grpo", "ddpo"])
+    p.add_argument("--modes", nargs="+", default=["gae", "grpo", "ddpo"], choices=list(MODES))
     p.add_argument("--budget", type=int, default=1280, help="reward queries per run")
     p.add_argument("--eval-prompts", type=int, default=64, help="training and held-out prompts evaluated")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="PPOConfig overrides")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON", help="combine these result files into --out")
     p.add_argument("--out", default=str(RESULTS / "t2i_advantages"))
     args = p.parse_args(argv)
     import yaml
 
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        result = merge(args.merge)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
+        plot(result["runs"], out.with_suffix(".png"))
+        print(f"merged {len(result['runs'])} runs from {len(args.merge)} files into {out.with_suffix('.json')}")
+        return result
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     prompts = eval_prompts(args.eval_prompts)
     workdir = RESULTS / "tmp" / "t2i_advantages"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     runs, result = [], {}
     for seed in args.seeds:
         for mode in args.modes:  # interleaved: every seed runs all modes back to back
