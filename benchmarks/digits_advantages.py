@@ -80,11 +80,12 @@ def run_one(mode: str, seed: int, budget: int, overrides: dict, workdir: Path, c
     }
 
 
-def queries_to_reach(curve: list[dict], target: float, smooth: int = 3) -> float:
-    """First reward-query count at which the moving average (``smooth`` epochs) reaches ``target``."""
+def queries_to_reach(curve: list[dict], target: float, smooth: int = 3, full_window: bool = False) -> float:
+    """First reward-query count at which the moving average (``smooth`` epochs) reaches ``target``; with
+    ``full_window`` only once ``smooth`` epochs exist (the first epochs' shorter averages are noisier)."""
     ys = np.array([c["reward"] for c in curve])
     xs = np.array([c["reward_queries"] for c in curve])
-    for i in range(len(ys)):
+    for i in range(smooth - 1 if full_window else 0, len(ys)):
         lo = max(0, i - smooth + 1)
         if ys[lo : i + 1].mean() >= target:
             return float(xs[i])
