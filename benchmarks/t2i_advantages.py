@@ -39,8 +39,10 @@ from train.registry import build_trainer, load_run_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # mode -> PPOConfig overrides on top of train/configs/t2i.yaml (the only difference between modes)
-MODES = {"gae": {"advantage": "gae"}, "gae_group": {"advantage": "gae", "gae_group_baseline": True},
-         "grpo": {"advantage": "grpo"}, "ddpo": {"advantage": "ddpo"}}
+MODES = {"gae": {"advantage": "gae", "gae_group_baseline": False},
+         "gae_group": {"advantage": "gae", "gae_group_baseline": True},
+         "grpo": {"advantage": "grpo", "gae_group_baseline": False},
+         "ddpo": {"advantage": "ddpo", "gae_group_baseline": False}}
 CRITIC_MODES = ("gae", "gae_group")
 
 
