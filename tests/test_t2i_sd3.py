@@ -135,3 +135,69 @@ def test_saved_kind_names_unknown_pipelines(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     with pytest.raises(ValueError, match="'FluxPipeline'; evaluate-t2i evaluates"):
         saved_kind(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the shipped pipeline
+def test_shipped_sd3_pipeline_loads_offline_generates_and_has_its_card():
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from critic_align.tasks.sd import read_prompts
+
+    asset = _asset()
+    files = [f for f in asset.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) < 10e6  # a few MB
+    weights = [f for f in files if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    assert len(weights) == 4 and all(f.suffix == ".safetensors" for f in weights)  # vae, 2 text encoders, transformer
+    pipe = StableDiffusion3Pipeline.from_pretrained(asset, local_files_only=True, text_encoder_3=None, tokenizer_3=None)
+    assert isinstance(pipe.transformer, SD3Transformer2DModel) and pipe.text_encoder_3 is None
+    assert 0.8e6 < sum(p.numel() for p in pipe.transformer.parameters()) < 1.6e6  # sized like tiny_t2i's UNet
+    pipe.set_progress_bar_config(disable=True)
+    msl = json.loads((asset / "training_log.json").read_text())["args"]["max_sequence_length"]
+    out = pipe(PROMPTS[:2], num_inference_steps=5, guidance_scale=1.0, max_sequence_length=msl, output_type="pt",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+    train, held = prompt_split()
+    assert read_prompts(asset / "train_prompts.txt") == train and read_prompts(asset / "heldout_prompts.txt") == held
+    # the card's table is the evaluation's numbers, on training and held-out prompts
+    results = json.loads((asset / "eval.json").read_text())
+    card = (asset / "MODEL_CARD.md").read_text()
+    for split in ("train", "heldout"):
+        for gs in ("1", "3"):
+            r = results[f"{split}_cfg{gs}"]
+            cells = " | ".join(f"{r[k]:.3f}" if r[k] is not None else "–"
+                               for k in ("count", "digit", "colour", "position", "all_clauses", "score"))
+            assert f"| {split} ({r['n']}) | {gs} | {cells} |" in card
+    train_log = json.loads((asset / "training_log.json").read_text())
+    assert f"{train_log['train_time_s'] / 60:.1f} minutes" in card
+    assert f"max_sequence_length={msl}" in card
+
+
+def test_t2i_sd3_config_trains_through_the_sd3_path(tmp_path):
+    """critic-align train --config t2i_sd3 (tiny settings, its SDE window): the SD3 task, the flow SDE step, the
+    pipeline's max_sequence_length; the policy LoRA exports and loads into the shipped pipeline."""
+    from critic_align.steps import FlowMatchSDEStep
+    from train.cli import main
+    from train.registry import build_trainer, load_run_config, load_run_dir
+
+    run = load_run_config("t2i_sd3")
+    assert run["task"] == "sd3" and run["ppo"].guidance_scale == 1.0 and run["ppo"].sde_window_size == 4
+    msl = json.loads((_asset() / "training_log.json").read_text())["args"]["max_sequence_length"]
+    assert run["sd"]["max_sequence_length"] == msl and run["sd"]["drop_t5"] is True
+
+    run_dir = tmp_path / "run"
+    sets = dict(num_epochs=2, batch_size=8, group_size=2, num_inference_steps=4, minibatch_size=16,
+                value_pretrain_epochs=1, value_pretrain_passes=1, progress=False, log_tensorboard=False, grid_every=0,
+                lora_rank=2, critic_lora_rank=2, value_head_hidden=16, value_head_heads=2, clip_range=0.2,
+                learning_rate=1e-2, sde_window_size=2, sde_window_range="[0, 2]")
+    argv = ["train", "--config", "t2i_sd3", "--out", str(run_dir)]
+    for k, v in sets.items():
+        argv += ["--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}"]
+    assert main(argv) == 0
+    assert json.loads((run_dir / "run.json").read_text())["task"] == "sd3"
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("sde_window_start" in r for r in rows)
+    trainer = build_trainer(load_run_dir(run_dir))
+    assert isinstance(trainer.step, FlowMatchSDEStep) and trainer.task.max_sequence_length == msl
+    assert main(["export-lora", "--run", str(run_dir), "--out", str(tmp_path / "lora")]) == 0
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()

@@ -7,6 +7,7 @@
     critic-align train-classifier [--out runs/digit_classifier]              reproduce the shipped digit classifier
     critic-align evaluate-digits [--model DIR] [--out DIR]                   per-class accuracy + model card
     critic-align pretrain-t2i [--out runs/tiny_t2i]                          reproduce the tiny text-to-image pipeline
+    critic-align pretrain-t2i --kind sd3 [--out runs/tiny_t2i_sd3]           ... its flow-matching SD3 twin
     critic-align evaluate-t2i [--model DIR]                                  its composition accuracy + model card
     critic-align export-lora --run RUN_DIR --out DIR             a Stable Diffusion run's policy LoRA for
                                                                  pipe.load_lora_weights(DIR)

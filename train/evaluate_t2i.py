@@ -178,8 +178,8 @@ transformer jointly for {steps} steps (batch {batch_size}, AdamW lr {lr}, cosine
 {cond_dropout:.0%} empty prompts for classifier-free guidance, adaLN-Zero initialisation) with the rectified-flow
 loss on z_σ = (1 − σ)·z0 + σ·ε, σ drawn by diffusers' `compute_density_for_timestep_sampling` ({weighting}), on the
 conditioning `StableDiffusion3Pipeline.encode_prompt` itself gives (gradients into both text encoders), on freshly
-rendered training compositions; {train_minutes:.1f} minutes in total on one CPU core of this machine (shared with
-other jobs). `training_log.json` has the loss curve.
+rendered training compositions; {train_minutes:.1f} minutes in total on one CPU core of this machine.
+`training_log.json` has the loss curve.
 
 """
 
