@@ -24,8 +24,14 @@ def _tiny_pipeline(tmp_path):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from train.train_t2i import (build_sd3_pipeline, flow_scheduler_config, load_vae, sd3_text_config,
-                                 transformer_config, write_tokenizer)
+    from train.train_t2i import (
+        build_sd3_pipeline,
+        flow_scheduler_config,
+        load_vae,
+        sd3_text_config,
+        transformer_config,
+        write_tokenizer,
+    )
 
     tok = write_tokenizer(tmp_path / "tok")
     torch.manual_seed(0)

@@ -156,7 +156,8 @@ counts 1–3, positions left of / right of / above / below).
 
 | component | class | parameters |
 |---|---|---|
-| VAE | `AutoencoderKL`, 32×32×3 → 4×8×8 latents (scaling factor {scaling:.3f}, shift factor {shift:g}); {vae_source} | {vae:,} |
+| VAE | `AutoencoderKL`, 32×32×3 → 4×8×8 latents (scaling factor {scaling:.3f}, shift factor {shift:g}); \
+{vae_source} | {vae:,} |
 | text encoders | two `CLIPTextModelWithProjection` (`text_encoder`, `text_encoder_2`), width {text_width}, {text_layers} \
 layers, {max_tokens} tokens, each with tiny_t2i's grammar-written `CLIPTokenizer` (`tokenizer/`, `tokenizer_2/`) | \
 {text:,} + {text_2:,} |
