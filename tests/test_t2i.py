@@ -48,35 +48,43 @@ def _asset():
     return ASSETS / "tiny_t2i"
 
 
-def test_shipped_pipeline_loads_offline_generates_and_has_its_card():
-    from diffusers import StableDiffusionPipeline
-
+def check_shipped_asset(asset, n_weights: int, max_bytes: float, guidance_scales=("1",)) -> str:
+    """What every shipped tiny t2i model must hold: a few MB of safetensors weights (``n_weights`` files), both
+    prompt lists as ``prompt_split`` makes them, and a model card whose table is eval.json's numbers (per split
+    and guidance scale) and which states the training time.  Returns the card."""
     from critic_align.tasks.composition import prompt_split
     from critic_align.tasks.sd import read_prompts
 
-    asset = _asset()
     files = [f for f in asset.rglob("*") if f.is_file()]
-    assert sum(f.stat().st_size for f in files) < 8e6  # a few MB
+    assert sum(f.stat().st_size for f in files) < max_bytes  # a few MB
     weights = [f for f in files if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")]
-    assert len(weights) == 3 and all(f.suffix == ".safetensors" for f in weights)  # vae, text encoder, unet
+    assert len(weights) == n_weights and all(f.suffix == ".safetensors" for f in weights)
+    train, held = prompt_split()
+    assert read_prompts(asset / "train_prompts.txt") == train and read_prompts(asset / "heldout_prompts.txt") == held
+    results = json.loads((asset / "eval.json").read_text())
+    card = (asset / "MODEL_CARD.md").read_text()
+    for split in ("train", "heldout"):
+        for gs in guidance_scales:
+            r = results[f"{split}_cfg{gs}"]
+            cells = " | ".join(f"{r[k]:.3f}" if r[k] is not None else "–"
+                               for k in ("count", "digit", "colour", "position", "all_clauses", "score"))
+            assert f"| {split} ({r['n']}) | {gs} | {cells} |" in card
+    train_log = json.loads((asset / "training_log.json").read_text())
+    assert f"{train_log['train_time_s'] / 60:.1f} minutes" in card
+    return card
+
+
+def test_shipped_pipeline_loads_offline_generates_and_has_its_card():
+    from diffusers import StableDiffusionPipeline
+
+    asset = _asset()
+    check_shipped_asset(asset, n_weights=3, max_bytes=8e6)  # vae, text encoder, unet
     pipe = StableDiffusionPipeline.from_pretrained(asset, local_files_only=True)
     assert pipe.safety_checker is None and pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
     pipe.set_progress_bar_config(disable=True)
     out = pipe(["a red 3 left of a blue 7", "two green 5s"], num_inference_steps=5, guidance_scale=1.0, output_type="pt",
                generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
-    train, held = prompt_split()
-    assert read_prompts(asset / "train_prompts.txt") == train and read_prompts(asset / "heldout_prompts.txt") == held
-    # the card's table is the evaluation's numbers: all clauses right on training and held-out prompts
-    results = json.loads((asset / "eval.json").read_text())
-    card = (asset / "MODEL_CARD.md").read_text()
-    for split in ("train", "heldout"):
-        r = results[f"{split}_cfg1"]
-        cells = " | ".join(f"{r[k]:.3f}" if r[k] is not None else "–"
-                           for k in ("count", "digit", "colour", "position", "all_clauses", "score"))
-        assert f"| {split} ({r['n']}) | 1 | {cells} |" in card
-    train_log = json.loads((asset / "training_log.json").read_text())
-    assert f"{train_log['train_time_s'] / 60:.1f} minutes" in card
 
 
 def test_workflow_train_export_lora_reload_reproduces_and_steers(tmp_path):

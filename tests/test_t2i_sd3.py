@@ -8,8 +8,6 @@ import json
 import pytest
 import torch
 
-from critic_align.tasks.composition import prompt_split
-
 PROMPTS = ["a red 3 left of a blue 7", "two green 5s", ""]
 
 
@@ -147,14 +145,11 @@ def test_saved_kind_names_unknown_pipelines(tmp_path):
 # the shipped pipeline
 def test_shipped_sd3_pipeline_loads_offline_generates_and_has_its_card():
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-
-    from critic_align.tasks.sd import read_prompts
+    from test_t2i import check_shipped_asset
 
     asset = _asset()
-    files = [f for f in asset.rglob("*") if f.is_file()]
-    assert sum(f.stat().st_size for f in files) < 10e6  # a few MB
-    weights = [f for f in files if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")]
-    assert len(weights) == 4 and all(f.suffix == ".safetensors" for f in weights)  # vae, 2 text encoders, transformer
+    # vae, 2 text encoders, transformer; the card's table for CFG 1 and 3
+    card = check_shipped_asset(asset, n_weights=4, max_bytes=10e6, guidance_scales=("1", "3"))
     pipe = StableDiffusion3Pipeline.from_pretrained(asset, local_files_only=True, text_encoder_3=None, tokenizer_3=None)
     assert isinstance(pipe.transformer, SD3Transformer2DModel) and pipe.text_encoder_3 is None
     assert 0.8e6 < sum(p.numel() for p in pipe.transformer.parameters()) < 1.6e6  # sized like tiny_t2i's UNet
@@ -163,19 +158,6 @@ def test_shipped_sd3_pipeline_loads_offline_generates_and_has_its_card():
     out = pipe(PROMPTS[:2], num_inference_steps=5, guidance_scale=1.0, max_sequence_length=msl, output_type="pt",
                generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
-    train, held = prompt_split()
-    assert read_prompts(asset / "train_prompts.txt") == train and read_prompts(asset / "heldout_prompts.txt") == held
-    # the card's table is the evaluation's numbers, on training and held-out prompts
-    results = json.loads((asset / "eval.json").read_text())
-    card = (asset / "MODEL_CARD.md").read_text()
-    for split in ("train", "heldout"):
-        for gs in ("1", "3"):
-            r = results[f"{split}_cfg{gs}"]
-            cells = " | ".join(f"{r[k]:.3f}" if r[k] is not None else "–"
-                               for k in ("count", "digit", "colour", "position", "all_clauses", "score"))
-            assert f"| {split} ({r['n']}) | {gs} | {cells} |" in card
-    train_log = json.loads((asset / "training_log.json").read_text())
-    assert f"{train_log['train_time_s'] / 60:.1f} minutes" in card
     assert f"max_sequence_length={msl}" in card
 
 

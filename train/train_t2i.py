@@ -267,6 +267,22 @@ class EMA:
             p.copy_(s)
 
 
+def denoiser_step(loss, params, opt, sched, ema, step: int, total: int, t0: float, log: list) -> None:
+    """One optimiser step of a denoiser stage (gradient clipped to norm 1, the LR schedule, the EMA), logged every
+    50 steps and at the last."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    ema.step()
+    if step % 50 == 0 or step == total - 1:
+        row = {"stage": "denoiser", "step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
+               "time_s": time.time() - t0}
+        log.append(row)
+        print(json.dumps(row), flush=True)
+
+
 def train_denoiser(args, vae, tokenizer, sampler: CompositionSampler, log: list):
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -295,17 +311,7 @@ def train_denoiser(args, vae, tokenizer, sampler: CompositionSampler, log: list)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         cond = text_encoder(ids)[0]  # last_hidden_state, what StableDiffusionPipeline.encode_prompt gives
         loss = F.mse_loss(unet(zt, t, encoder_hidden_states=cond).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema.step()
-        if step % 50 == 0 or step == args.steps - 1:
-            row = {"stage": "denoiser", "step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
-                   "time_s": time.time() - t0}
-            log.append(row)
-            print(json.dumps(row), flush=True)
+        denoiser_step(loss, params, opt, sched, ema, step, args.steps, t0, log)
     ema.copy_to()
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
@@ -385,17 +391,7 @@ def train_denoiser_sd3(args, vae, tokenizer, tokenizer_2, sampler: CompositionSa
                            return_dict=False)[0]
         weight = compute_loss_weighting_for_sd3(args.weighting_scheme, sigma).view(-1, 1, 1, 1)
         loss = (weight * (pred - target) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema.step()
-        if step % 50 == 0 or step == args.steps - 1:
-            row = {"stage": "denoiser", "step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0],
-                   "time_s": time.time() - t0}
-            log.append(row)
-            print(json.dumps(row), flush=True)
+        denoiser_step(loss, params, opt, sched, ema, step, args.steps, t0, log)
     ema.copy_to()
     for m in modules:
         m.eval().requires_grad_(False)
