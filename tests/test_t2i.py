@@ -87,6 +87,18 @@ def test_shipped_pipeline_loads_offline_generates_and_has_its_card():
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
 
 
+def tiny_train_argv(config: str, out) -> list[str]:
+    """`critic-align train` on a t2i config at test size: 2 epochs of 8 samples, 4 steps, a window of 2."""
+    sets = dict(num_epochs=2, batch_size=8, group_size=2, num_inference_steps=4, minibatch_size=16,
+                value_pretrain_epochs=1, value_pretrain_passes=1, progress=False, log_tensorboard=False, grid_every=0,
+                lora_rank=2, critic_lora_rank=2, value_head_hidden=16, value_head_heads=2, clip_range=0.2,
+                learning_rate=1e-2, sde_window_size=2, sde_window_range="[0, 2]")
+    argv = ["train", "--config", config, "--out", str(out)]
+    for k, v in sets.items():
+        argv += ["--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}"]
+    return argv
+
+
 def test_workflow_train_export_lora_reload_reproduces_and_steers(tmp_path):
     """critic-align train --config t2i -> export-lora -> StableDiffusionPipeline.from_pretrained(asset)
     .load_lora_weights(dir) reproduces the run's policy samples (same scheduler settings and latents; DDIM with
@@ -103,14 +115,7 @@ def test_workflow_train_export_lora_reload_reproduces_and_steers(tmp_path):
     from train.registry import build_trainer, load_run_dir
 
     run_dir, lora_dir = tmp_path / "run", tmp_path / "lora"
-    sets = dict(num_epochs=2, batch_size=8, group_size=2, num_inference_steps=4, minibatch_size=16,
-                value_pretrain_epochs=1, value_pretrain_passes=1, progress=False, log_tensorboard=False, grid_every=0,
-                lora_rank=2, critic_lora_rank=2, value_head_hidden=16, value_head_heads=2, clip_range=0.2,
-                learning_rate=1e-2, sde_window_size=2, sde_window_range="[0, 2]")
-    argv = ["train", "--config", "t2i", "--out", str(run_dir)]
-    for k, v in sets.items():
-        argv += ["--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}"]
-    assert main(argv) == 0
+    assert main(tiny_train_argv("t2i", run_dir)) == 0
     assert main(["export-lora", "--run", str(run_dir), "--out", str(lora_dir)]) == 0
 
     trainer = build_trainer(load_run_dir(run_dir))

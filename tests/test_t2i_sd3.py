@@ -173,15 +173,10 @@ def test_t2i_sd3_config_trains_through_the_sd3_path(tmp_path):
     msl = json.loads((_asset() / "training_log.json").read_text())["args"]["max_sequence_length"]
     assert run["sd"]["max_sequence_length"] == msl and run["sd"]["drop_t5"] is True
 
+    from test_t2i import tiny_train_argv
+
     run_dir = tmp_path / "run"
-    sets = dict(num_epochs=2, batch_size=8, group_size=2, num_inference_steps=4, minibatch_size=16,
-                value_pretrain_epochs=1, value_pretrain_passes=1, progress=False, log_tensorboard=False, grid_every=0,
-                lora_rank=2, critic_lora_rank=2, value_head_hidden=16, value_head_heads=2, clip_range=0.2,
-                learning_rate=1e-2, sde_window_size=2, sde_window_range="[0, 2]")
-    argv = ["train", "--config", "t2i_sd3", "--out", str(run_dir)]
-    for k, v in sets.items():
-        argv += ["--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}"]
-    assert main(argv) == 0
+    assert main(tiny_train_argv("t2i_sd3", run_dir)) == 0
     assert json.loads((run_dir / "run.json").read_text())["task"] == "sd3"
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("sde_window_start" in r for r in rows)
