@@ -426,6 +426,7 @@ SECTIONS = [
     ("digits_advantages.json", section_advantages),
     ("diversity_tradeoff.json", section_diversity_tradeoff),
     ("t2i_advantages.json", section_t2i_advantages),
+    ("t2i_sd3_advantages.json", section_t2i_advantages),
     ("baselines.json", section_baselines),
     ("gmm_critic.json", section_gmm_critic),
     ("gmm_finetune.json", section_gmm_finetune),

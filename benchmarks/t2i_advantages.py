@@ -4,16 +4,18 @@ budget of reward queries, with the held-out prompts' accuracy before and after.
     python benchmarks/t2i_advantages.py --seeds 0 1 2 --budget 1280
     python benchmarks/t2i_advantages.py --modes gae_group --out /tmp/b      # one mode, merged later:
     python benchmarks/t2i_advantages.py --merge /tmp/a.json /tmp/b.json     # one summary over both files' runs
+    python benchmarks/t2i_advantages.py --config t2i_sd3 --modes gae_group grpo   # the flow-matching twin
 
 Modes (:data:`MODES`): gae, gae_group (GAE with ``gae_group_baseline``: advantages centred within each prompt's
 group), grpo, ddpo.
 
 The shipped pipeline ``critic_align/assets/tiny_t2i`` trained through the Stable Diffusion path with
-``train/configs/t2i.yaml`` (only the advantage estimator differs between modes; GAE's value-pretraining
-rollouts count against its budget).  Before and after training, the policy samples a fixed set of training
+``train/configs/t2i.yaml`` (``--config t2i_sd3``: its flow-matching twin ``tiny_t2i_sd3`` through the SD3 path
+with ``train/configs/t2i_sd3.yaml``); only the advantage estimator differs between modes; GAE's value-pretraining
+rollouts count against its budget.  Before and after training, the policy samples a fixed set of training
 prompts and a fixed set of held-out prompts (never trained on) with fixed noise; both are judged with
 ``composition`` (dense) and ``composition_correct`` (all clauses right, GenEval's metric).
-Writes ``benchmarks/results/t2i_advantages.json`` and ``.png``.
+Writes ``benchmarks/results/<config>_advantages.json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from critic_align.tasks.sd import read_prompts  # noqa: E402
 from train.registry import build_trainer, load_run_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-# mode -> PPOConfig overrides on top of train/configs/t2i.yaml (the only difference between modes)
+# --config -> (its shipped pipeline under critic_align/assets, the pipeline class and path named in the report)
+CONFIGS = {"t2i": ("tiny_t2i", "Stable Diffusion"), "t2i_sd3": ("tiny_t2i_sd3", "Stable Diffusion 3")}
+# mode -> PPOConfig overrides on top of train/configs/<config>.yaml (the only difference between modes)
 MODES = {"gae": {"advantage": "gae", "gae_group_baseline": False},
          "gae_group": {"advantage": "gae", "gae_group_baseline": True},
          "grpo": {"advantage": "grpo", "gae_group_baseline": False},
@@ -46,12 +50,12 @@ MODES = {"gae": {"advantage": "gae", "gae_group_baseline": False},
 CRITIC_MODES = ("gae", "gae_group")
 
 
-def eval_prompts(n: int, seed: int = 0) -> dict[str, list[str]]:
-    """A fixed draw of ``n`` training and ``n`` held-out prompts of the shipped model."""
+def eval_prompts(n: int, config: str = "t2i", seed: int = 0) -> dict[str, list[str]]:
+    """A fixed draw of ``n`` training and ``n`` held-out prompts of the config's shipped model."""
     rng = np.random.default_rng(seed)
     out = {}
     for split, fname in (("train", "train_prompts.txt"), ("heldout", "heldout_prompts.txt")):
-        prompts = read_prompts(ASSETS / "tiny_t2i" / fname)
+        prompts = read_prompts(ASSETS / CONFIGS[config][0] / fname)
         out[split] = [prompts[i] for i in rng.choice(len(prompts), size=n, replace=False)]
     return out
 
@@ -68,11 +72,12 @@ def evaluate_policy(trainer, prompts: dict[str, list[str]], seed: int = 999) -> 
     return out
 
 
-def run_one(mode: str, seed: int, budget: int, overrides: dict, prompts: dict, workdir: Path) -> dict:
+def run_one(mode: str, seed: int, budget: int, overrides: dict, prompts: dict, workdir: Path,
+            config: str = "t2i") -> dict:
     over = dict(overrides)
     over.update(MODES[mode], seed=seed, output_dir=str(workdir / f"{mode}_seed{seed}"), progress=False,
                 grid_every=0, checkpoint_every=0, log_tensorboard=False)
-    run = load_run_config("t2i", over)
+    run = load_run_config(config, over)
     cfg = run["ppo"]
     pre = cfg.value_pretrain_epochs * cfg.batch_size if mode in CRITIC_MODES else 0
     cfg.num_epochs = max(1, (budget - pre) // cfg.batch_size)
@@ -175,6 +180,8 @@ def section(path: Path) -> str:
 
     data = json.loads(path.read_text())
     s, m = data["summary"], data["machine"]
+    config = data.get("config", "t2i")
+    asset, family = CONFIGS[config]
     seeds = " ".join(str(x) for x in sorted({r["seed"] for r in data["runs"]}))
     modes = [mode for mode in MODES if mode in s]
     sets = " ".join(f"--set {k}={v}" for k, v in data["overrides"].items())
@@ -185,13 +192,14 @@ def section(path: Path) -> str:
         return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
 
     lines = [
-        "## GAE vs GRPO vs DDPO on the tiny text-to-image task (`composition`), equal reward-query budget",
+        "## GAE vs GRPO vs DDPO on the tiny text-to-image task (`composition`), equal reward-query budget"
+        + ("" if config == "t2i" else f" (`{config}`: the flow-matching twin)"),
         "",
-        f"Command: `python benchmarks/t2i_advantages.py --seeds {seeds} --modes {' '.join(modes)} --budget "
+        f"Command: `python benchmarks/t2i_advantages.py{'' if config == 't2i' else ' --config ' + config} --seeds {seeds} --modes {' '.join(modes)} --budget "
         f"{data['budget_reward_queries']} --eval-prompts {n_eval}{' ' + sets if sets else ''}` ({how}writes "
-        "`benchmarks/results/t2i_advantages.json` and `.png`). Machine: "
+        f"`benchmarks/results/{config}_advantages.json` and `.png`). Machine: "
         f"{m['cpu_count']} CPU cores, torch {m['torch']}, {m['torch_threads']} threads. The shipped "
-        "`critic_align/assets/tiny_t2i` pipeline through the Stable Diffusion path (`train/configs/t2i.yaml`); "
+        f"`critic_align/assets/{asset}` pipeline through the {family} path (`train/configs/{config}.yaml`); "
         f"before and after training the policy samples {n_eval} training and {n_eval} held-out prompts (fixed "
         "noise); *all clauses* = `composition_correct` (GenEval's metric), mean ± std over seeds.",
         "",
@@ -236,7 +244,7 @@ def section(path: Path) -> str:
                           f"{f(grpo_last)} (last {smooth}), within twice the noise of one such average "
                           f"({f(noise)}: an epoch's reward varies by {f(epoch_std)} with the prompts drawn), so "
                           "reaching it says little about GAE's efficiency; compare the evaluations above."]
-    lines += ["", "![t2i advantages](benchmarks/results/t2i_advantages.png)", ""]
+    lines += ["", f"![{config} advantages](benchmarks/results/{config}_advantages.png)", ""]
     return "\n".join(lines)
 
 
@@ -246,32 +254,34 @@ def merge(paths: list[Path]) -> dict:
     datas = [json.loads(Path(p).read_text()) for p in paths]
     first = datas[0]
     for p, d in zip(paths[1:], datas[1:]):
-        for key in ("budget_reward_queries", "overrides", "eval_prompts"):
-            if d[key] != first[key]:
+        for key in ("budget_reward_queries", "overrides", "eval_prompts", "config"):
+            if d.get(key, "t2i") != first.get(key, "t2i"):
                 raise SystemExit(f"{p}: its {key} differs from {paths[0]}'s; merge runs made with the same settings")
     runs = [r for d in datas for r in d["runs"]]
     seen = [(r["mode"], r["seed"]) for r in runs]
     dup = sorted({k for k in seen if seen.count(k) > 1})
     if dup:
         raise SystemExit(f"the same (mode, seed) runs appear in two files: {dup}; merge files with disjoint runs")
-    return {"budget_reward_queries": first["budget_reward_queries"], "overrides": first["overrides"],
+    return {"config": first.get("config", "t2i"), "budget_reward_queries": first["budget_reward_queries"],
+            "overrides": first["overrides"],
             "eval_prompts": first["eval_prompts"], "summary": summarize(runs), "runs": runs, "machine": _machine(),
             "merged_from": [str(p) for p in paths]}
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="t2i", choices=list(CONFIGS), help="train/configs/<config>.yaml")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--modes", nargs="+", default=["gae", "grpo", "ddpo"], choices=list(MODES))
     p.add_argument("--budget", type=int, default=1280, help="reward queries per run")
     p.add_argument("--eval-prompts", type=int, default=64, help="training and held-out prompts evaluated")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="PPOConfig overrides")
     p.add_argument("--merge", nargs="+", type=Path, metavar="JSON", help="combine these result files into --out")
-    p.add_argument("--out", default=str(RESULTS / "t2i_advantages"))
+    p.add_argument("--out", help="path stem of the .json and .png (default benchmarks/results/<config>_advantages)")
     args = p.parse_args(argv)
     import yaml
 
-    out = Path(args.out)
+    out = Path(args.out) if args.out else RESULTS / f"{args.config}_advantages"
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge:
         result = merge(args.merge)
@@ -280,15 +290,15 @@ def main(argv=None) -> dict:
         print(f"merged {len(result['runs'])} runs from {len(args.merge)} files into {out.with_suffix('.json')}")
         return result
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
-    prompts = eval_prompts(args.eval_prompts)
-    workdir = RESULTS / "tmp" / "t2i_advantages"
+    prompts = eval_prompts(args.eval_prompts, args.config)
+    workdir = RESULTS / "tmp" / f"{args.config}_advantages"
     runs, result = [], {}
     for seed in args.seeds:
         for mode in args.modes:  # interleaved: every seed runs all modes back to back
-            r = run_one(mode, seed, args.budget, overrides, prompts, workdir)
+            r = run_one(mode, seed, args.budget, overrides, prompts, workdir, args.config)
             print(f"{mode} seed {seed}: base {r['base_eval']} final {r['final_eval']} ({r['seconds']:.0f} s)", flush=True)
             runs.append(r)
-            result = {"budget_reward_queries": args.budget, "overrides": overrides, "eval_prompts": prompts,
+            result = {"config": args.config, "budget_reward_queries": args.budget, "overrides": overrides, "eval_prompts": prompts,
                       "summary": summarize(runs), "runs": runs, "machine": _machine()}
             out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
     plot(runs, out.with_suffix(".png"))
