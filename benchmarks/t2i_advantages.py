@@ -7,7 +7,9 @@ budget of reward queries, with the held-out prompts' accuracy before and after.
     python benchmarks/t2i_advantages.py --config t2i_sd3 --modes gae_group grpo   # the flow-matching twin
 
 Modes (:data:`MODES`): gae, gae_group (GAE with ``gae_group_baseline``: advantages centred within each prompt's
-group), grpo, ddpo.
+group), grpo, ddpo, and gae_x0 / gae_group_x0 (the same with ``critic_x0_reward``: the value head also reads the
+reward of the policy's one-step x0 prediction at each state; those reward calls are reported as ``x0_reward_rows``,
+apart from the budget of reward queries on samples).
 
 The shipped pipeline ``critic_align/assets/tiny_t2i`` trained through the Stable Diffusion path with
 ``train/configs/t2i.yaml`` (``--config t2i_sd3``: its flow-matching twin ``tiny_t2i_sd3`` through the SD3 path
@@ -46,8 +48,10 @@ CONFIGS = {"t2i": ("tiny_t2i", "Stable Diffusion"), "t2i_sd3": ("tiny_t2i_sd3", 
 MODES = {"gae": {"advantage": "gae", "gae_group_baseline": False},
          "gae_group": {"advantage": "gae", "gae_group_baseline": True},
          "grpo": {"advantage": "grpo", "gae_group_baseline": False},
-         "ddpo": {"advantage": "ddpo", "gae_group_baseline": False}}
-CRITIC_MODES = ("gae", "gae_group")
+         "ddpo": {"advantage": "ddpo", "gae_group_baseline": False},
+         "gae_x0": {"advantage": "gae", "gae_group_baseline": False, "critic_x0_reward": True},
+         "gae_group_x0": {"advantage": "gae", "gae_group_baseline": True, "critic_x0_reward": True}}
+CRITIC_MODES = ("gae", "gae_group", "gae_x0", "gae_group_x0")
 
 
 def eval_prompts(n: int, config: str = "t2i", seed: int = 0) -> dict[str, list[str]]:
@@ -98,7 +102,8 @@ def run_one(mode: str, seed: int, budget: int, overrides: dict, prompts: dict, w
               "composition_correct": r.get("reward/composition_correct/mean"), "value_ev": r.get("value_ev")}
              for r in history]
     return {"mode": mode, "seed": seed, "reward_queries": trainer.reward_queries, "epochs": cfg.num_epochs,
-            "pretrain_queries": pre, "seconds": time.time() - t0, "base_eval": base_eval, "final_eval": final_eval,
+            "pretrain_queries": pre, "x0_reward_rows": trainer.x0_reward_rows,
+            "seconds": time.time() - t0, "base_eval": base_eval, "final_eval": final_eval,
             "curve": curve, "mean_epoch_seconds": float(np.mean([r["time_epoch_s"] for r in history]))}
 
 
@@ -114,6 +119,7 @@ def summarize(runs: list[dict]) -> dict:
     for m in sorted({r["mode"] for r in runs}):
         rs = [r for r in runs if r["mode"] == m]
         s = {"seeds": [r["seed"] for r in rs], "mean_epoch_seconds": float(np.mean([r["mean_epoch_seconds"] for r in rs])),
+             "x0_reward_rows": float(np.mean([r.get("x0_reward_rows", 0) for r in rs])),
              "final_train_reward_smoothed_mean": float(np.mean([np.mean([c["reward"] for c in r["curve"][-smooth:]])
                                                                for r in rs])),
              "first_train_reward_smoothed_mean": float(np.mean([np.mean([c["reward"] for c in r["curve"][:smooth]])
@@ -146,7 +152,7 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for m, color in zip(MODES, ["C0", "C3", "C1", "C2"]):
+    for m, color in zip(MODES, ["C0", "C3", "C1", "C2", "C4", "C5"]):
         rs = [r for r in runs if r["mode"] == m]
         if not rs:
             continue
@@ -195,7 +201,8 @@ def section(path: Path) -> str:
         "## GAE vs GRPO vs DDPO on the tiny text-to-image task (`composition`), equal reward-query budget"
         + ("" if config == "t2i" else f" (`{config}`: the flow-matching twin)"),
         "",
-        f"Command: `python benchmarks/t2i_advantages.py{'' if config == 't2i' else ' --config ' + config} --seeds {seeds} --modes {' '.join(modes)} --budget "
+        f"Command: `python benchmarks/t2i_advantages.py{'' if config == 't2i' else ' --config ' + config} "
+        f"--seeds {seeds} --modes {' '.join(modes)} --budget "
         f"{data['budget_reward_queries']} --eval-prompts {n_eval}{' ' + sets if sets else ''}` ({how}writes "
         f"`benchmarks/results/{config}_advantages.json` and `.png`). Machine: "
         f"{m['cpu_count']} CPU cores, torch {m['torch']}, {m['torch_threads']} threads. The shipped "
@@ -217,6 +224,13 @@ def section(path: Path) -> str:
                              f"{f(r[f'final_{split}_{key}_std'])}")
         lines.append(f"| {mode} | {len(r['seeds'])} | " + " | ".join(cells) + f" | {f(r['mean_epoch_seconds'], 1)} | "
                      f"{f(r.get('value_ev_second_half_mean'), 2) if mode in CRITIC_MODES else '—'} |")
+    x0_modes = [mode for mode in modes if s[mode].get("x0_reward_rows")]
+    if x0_modes:
+        lines += ["", "Modes ending in `_x0` train with `critic_x0_reward` (the value head also reads the reward of the "
+                      "policy's one-step x0 prediction at each recorded state). Those reward calls are outside the "
+                      "budget above: per run " + ", ".join(f"{mode} {s[mode]['x0_reward_rows']:.0f}" for mode in x0_modes)
+                  + " decoded and scored x0 predictions, next to the budget's "
+                  + f"{data['budget_reward_queries']} samples."]
     for mode in CRITIC_MODES:
         reach = s.get(f"{mode}_queries_to_reach_grpo_final")
         if not reach:
@@ -298,8 +312,8 @@ def main(argv=None) -> dict:
             r = run_one(mode, seed, args.budget, overrides, prompts, workdir, args.config)
             print(f"{mode} seed {seed}: base {r['base_eval']} final {r['final_eval']} ({r['seconds']:.0f} s)", flush=True)
             runs.append(r)
-            result = {"config": args.config, "budget_reward_queries": args.budget, "overrides": overrides, "eval_prompts": prompts,
-                      "summary": summarize(runs), "runs": runs, "machine": _machine()}
+            result = {"config": args.config, "budget_reward_queries": args.budget, "overrides": overrides,
+                      "eval_prompts": prompts, "summary": summarize(runs), "runs": runs, "machine": _machine()}
             out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
     plot(runs, out.with_suffix(".png"))
     print(json.dumps(result["summary"], indent=2, default=float))

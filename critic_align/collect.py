@@ -5,7 +5,9 @@ and scores its own contiguous 1/N of the batch in whole ``sample_chunk_size`` ch
 generator, so a trajectory's noise does not depend on N), then the rollout is all-gathered.
 
 Each chunk is decoded and scored on its own as soon as it is sampled, in a background thread while the next chunk
-samples when ``overlap_rewards`` is on (:class:`ChunkScorer`); the rewards are the same either way.
+samples when ``overlap_rewards`` is on (:class:`ChunkScorer`); the rewards are the same either way.  With
+``critic_x0_reward`` the scorer also decodes and scores the policy's x0 prediction at every recorded state (the value
+head's extra input); those rows are counted in ``trainer.x0_reward_rows``, not in ``reward_queries``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def collect(trainer, prompts, x_T: torch.Tensor | None = None, generator: torch.
     cond = task.encode(prompts)
     cond = cond.to(trainer.device) if cond is not None else None  # None: an unconditional task
     c = cfg.sample_chunk_size
+    record_x0 = cfg.critic_x0_reward
     # one noise seed per chunk, drawn by every process: a trajectory's noise does not depend on the
     # number of processes, and the processes' generators stay identical
     seeds = torch.randint(0, 2**62, (math.ceil(len(prompts) / c),), generator=gen).tolist()
@@ -47,17 +50,21 @@ def collect(trainer, prompts, x_T: torch.Tensor | None = None, generator: torch.
             c_sl = None if cond is None else cond[sl]
             ts = trainer.timesteps.to(trainer.device)
             chunks.append(sample_trajectories(trainer.policy_output, trainer.step, x_T[sl], ts, c_sl, prompts[sl],
-                                              generator=g) if window is None else
+                                              generator=g, record_x0=record_x0) if window is None else
                           sample_window(trainer.policy_output, trainer.step, x_T[sl], ts, window, c_sl, prompts[sl],
-                                        generator=g))
+                                        generator=g, record_x0=record_x0))
             scorer.submit(chunks[-1])
         ro = Rollout.cat(chunks)
-        ro.samples, ro.rewards = scorer.results()
+        ro.samples, ro.rewards, x0_rewards = scorer.results()
+        if record_x0:  # the predictions are scored: keep only their rewards
+            ro.x0_preds, ro.x0_rewards = None, x0_rewards
+            trainer.x0_reward_rows += x0_rewards.shape[0] * x0_rewards.shape[1] * procs.num_processes
     check_reward_magnitude(ro.rewards, trainer.rewards.names)
     if procs.num_processes > 1:  # every process gets the whole batch
         ro.latents, ro.log_probs = procs.gather(ro.latents), procs.gather(ro.log_probs)
         ro.x0 = procs.gather(ro.x0) if ro.x0 is not None else None
         ro.samples, ro.rewards = procs.gather(ro.samples), procs.gather(ro.rewards)
+        ro.x0_rewards = procs.gather(ro.x0_rewards) if ro.x0_rewards is not None else None
         ro.cond, ro.prompts = cond, prompts
         ro.validate()
     return ro
@@ -74,23 +81,28 @@ class ChunkScorer:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="rewards") if overlap else None
         self.pending: list[Future] = []
 
-    def _score(self, final: torch.Tensor, prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
+    def _score(self, final: torch.Tensor, prompts: list, x0_preds: torch.Tensor | None):
         with torch.no_grad():  # grad mode is per thread: the worker does not inherit the caller's no_grad
             samples = self.trainer.task.decode(final)
-            return samples, self.trainer.rewards(samples, prompts).to(self.trainer.device)
+            rewards = self.trainer.rewards(samples, prompts).to(self.trainer.device)
+            x0_rewards = None if x0_preds is None else x0_prediction_rewards(self.trainer, x0_preds, prompts)
+            return samples, rewards, x0_rewards
 
     def submit(self, chunk: Rollout) -> None:
+        args = (chunk.final, list(chunk.prompts), chunk.x0_preds)
         if self.pool is not None:
-            self.pending.append(self.pool.submit(self._score, chunk.final, list(chunk.prompts)))
+            self.pending.append(self.pool.submit(self._score, *args))
         else:
             done: Future = Future()
-            done.set_result(self._score(chunk.final, list(chunk.prompts)))
+            done.set_result(self._score(*args))
             self.pending.append(done)
 
-    def results(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(samples, rewards (B, K)) of every submitted chunk, concatenated in submission order."""
+    def results(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(samples, rewards (B, K), x0_rewards (B, T, K) or None) of every submitted chunk, concatenated in
+        submission order."""
         out = [f.result() for f in self.pending]
-        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+        x0r = None if out[0][2] is None else torch.cat([o[2] for o in out])
+        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out]), x0r
 
     def __enter__(self):
         return self
@@ -101,6 +113,17 @@ class ChunkScorer:
         return False
 
 
+def x0_prediction_rewards(trainer, x0_preds: torch.Tensor, prompts: list, chunk: int = 256) -> torch.Tensor:
+    """(B, T, K) the trained rewards of decode(x̂0) for x0_preds (B, T, *S), each trajectory's prompt repeated over
+    its steps, in chunks of ``chunk`` rows."""
+    b, t = x0_preds.shape[:2]
+    flat = x0_preds.reshape(b * t, *x0_preds.shape[2:])
+    rows = [p for p in prompts for _ in range(t)]
+    out = [trainer.rewards(trainer.task.decode(flat[i:i + chunk]), rows[i:i + chunk]).to(trainer.device).float()
+           for i in range(0, b * t, chunk)]
+    return torch.cat(out).view(b, t, -1)
+
+
 @torch.no_grad()
 def critic_values(trainer, ro: Rollout, chunk: int = 512) -> torch.Tensor:
     """(B, T, K) critic values at every state before a step, batched over (trajectory, step) pairs."""
@@ -109,8 +132,10 @@ def critic_values(trainer, ro: Rollout, chunk: int = 512) -> torch.Tensor:
     x = ro.latents[mine, :-1].reshape(b * t, *ro.latents.shape[2:])
     ts = ro.timesteps.to(trainer.device).repeat(b)
     cond = ro.cond[mine].repeat_interleave(t, dim=0) if ro.cond is not None else None
+    x0r = ro.x0_rewards[mine].reshape(b * t, -1).to(trainer.device) if ro.x0_rewards is not None else None
     with trainer.autocast():
-        out = [trainer.critic(x[i:i + chunk], ts[i:i + chunk], None if cond is None else cond[i:i + chunk])
+        out = [trainer.critic(x[i:i + chunk], ts[i:i + chunk], None if cond is None else cond[i:i + chunk],
+                              None if x0r is None else x0r[i:i + chunk])
                for i in range(0, b * t, chunk)]
     return trainer.processes.gather(torch.cat(out).view(b, t, -1).float())
 

@@ -241,6 +241,15 @@ class PPOConfig:
     critic_cond: bool = False
     """Feed the backbone's conditioning embedding (class label, or pooled text) to the head's AdaLN, next to the
     timestep embedding (False: the timestep only; the features still see the conditioning through the trunk)."""
+    critic_x0_reward: bool = False
+    """The value head also reads r(decode(x̂0(x_t))): the trained rewards of the policy's one-step prediction at each
+    state, recorded while sampling (the step's own x0 prediction, no extra backbone call) and scored with the
+    samples, weighted by a learned per-noise-level gate (``critic_align/critic.py``).  Costs a VAE decode and a
+    reward call per recorded state (counted as ``x0_reward_rows``, not in ``reward_queries``): worth it for cheap
+    programmatic rewards, not for a paid or human one.  On the tiny text-to-image task the latent head alone explains
+    none of the return's variance on new prompts, r̂_0 calibrated per step half of it
+    (``benchmarks/results/t2i_critic_offline.json``).  Needs advantage: gae, algorithm: ppo, and no perturbed value
+    states (they have no x0 prediction of the policy's)."""
     critic_width: int | None = None
     """Token width of the value head (default: the channels of the backbone's deepest feature level)."""
     value_loss_standardized: bool = True
@@ -359,7 +368,7 @@ class PPOConfig:
         if self.timestep_fraction == 0:
             _err("timestep_fraction", 0, "must be > 0")
         for name in ("normalize_advantages", "log_tensorboard", "progress", "critic_cond", "value_loss_standardized",
-                     "value_pretrain_lr_decay", "gae_group_baseline"):
+                     "value_pretrain_lr_decay", "gae_group_baseline", "critic_x0_reward"):
             v = getattr(self, name)
             if not isinstance(v, bool):
                 _err(name, v, "must be true or false (unquoted in YAML)", number=False)
@@ -421,6 +430,12 @@ class PPOConfig:
             _err("gae_group_baseline", True, "centres GAE advantages within each prompt's group: it needs advantage: "
                  f"gae (got {self.advantage!r}) and group_size >= 2 (got {self.group_size}); set it to false or "
                  "change those", number=False)
+        if self.critic_x0_reward and (self.advantage != "gae" or self.algorithm != "ppo"
+                                      or self.value_perturbed_per_sample):
+            _err("critic_x0_reward", True, "feeds the value head r(decode(x0_pred)) of the states PPO recorded: it "
+                 f"needs advantage: gae (got {self.advantage!r}), algorithm: ppo (got {self.algorithm!r}) and "
+                 f"value_perturbed_per_sample: 0 (got {self.value_perturbed_per_sample}); set it to false or change "
+                 "those", number=False)
         if self.seed >= 2**32:
             _err("seed", self.seed, "must be < 2**32 (numpy's seed range)")
         if self.batch_size % self.group_size:

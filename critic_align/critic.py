@@ -10,6 +10,17 @@ model) reads the noisy latent; the head is
 
 where e_t is the backbone's own timestep embedding, so the head knows the noise level (the core
 seed's "simple conditioning"), and e_c its conditioning embedding (class label or pooled text; optional).
+
+With ``reads_x0_reward`` (config ``critic_x0_reward``) the head also reads r̂_0 = r(decode(x̂0(x_t))), the trained
+rewards of the policy's one-step prediction at the state (FK steering's potential), through a gate a(e) per reward
+computed from the same modulation embedding and starting at zero:
+
+    V = m + s·(MLP(pooled) + a(e)·(r̂_0 − m)/s)
+
+so the head learns how far to trust the prediction at each noise level (little at the noisiest steps, where x̂0 is
+a blur; nearly fully at the last, where it is the sample) and the MLP the rest.  Measured reason: on the tiny
+text-to-image task a head on the latent features alone fits its training prompts and explains none of the return's
+variance on new ones, while r̂_0 calibrated per step explains half (``benchmarks/results/t2i_critic_offline.json``).
 The AdaLN projection starts at zero (identity modulation).  ``critic_features: multi`` reads a UNet's down
 blocks and mid block (a DiT's hidden states at three depths): the mid block of a small UNet is a 4x4 map,
 too coarse to tell how clearly a nearly finished sample shows its digit.
@@ -56,7 +67,8 @@ class ValueHead(nn.Module):
     """
 
     def __init__(self, feature_dim: int, temb_dim: int, num_rewards: int = 1, hidden_dim: int = 256,
-                 num_heads: int = 4, levels: list[LevelSpec] | None = None, cond_dim: int | None = None):
+                 num_heads: int = 4, levels: list[LevelSpec] | None = None, cond_dim: int | None = None,
+                 reads_x0_reward: bool = False):
         super().__init__()
         if feature_dim % num_heads:
             raise ValueError(f"feature_dim {feature_dim} must be divisible by num_heads {num_heads}")
@@ -86,6 +98,13 @@ class ValueHead(nn.Module):
                           nn.Linear(hidden_dim, 1))
             for _ in range(num_rewards)
         )
+        # a(e): the weight of the standardised r̂_0 per reward, zero at the start; made last, so the other
+        # parameters draw the same initial values as a head without it
+        self.reads_x0_reward = reads_x0_reward
+        if reads_x0_reward:
+            self.x0_gate = nn.Sequential(nn.SiLU(), nn.Linear(temb_dim, num_rewards))
+            nn.init.zeros_(self.x0_gate[1].weight)
+            nn.init.zeros_(self.x0_gate[1].bias)
 
     def tokens(self, features: Features) -> torch.Tensor:
         """(B, N, D): every level patchified, projected to D and tagged with its level embedding, concatenated."""
@@ -117,14 +136,26 @@ class ValueHead(nn.Module):
             temb = temb + self.cond_proj(features.cemb.to(temb.dtype))
         return temb
 
-    def forward(self, features: Features) -> torch.Tensor:
+    def forward(self, features: Features, x0_reward: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K) values; ``x0_reward`` (B, K): r(decode(x̂0(x_t))), required exactly when the head reads it."""
+        if self.reads_x0_reward != (x0_reward is not None):
+            raise ValueError("this value head reads r(decode(x0_pred)) (critic_x0_reward): pass x0_reward"
+                             if self.reads_x0_reward else
+                             "x0_reward given to a value head built without critic_x0_reward")
         tokens = self.tokens(features)
-        scale, shift = self.adaln(self.modulation(features)).unsqueeze(1).chunk(2, dim=-1)
+        mod = self.modulation(features)
+        scale, shift = self.adaln(mod).unsqueeze(1).chunk(2, dim=-1)
         h = self.norm(tokens) * (1 + scale) + shift
         q = self.queries.unsqueeze(0).expand(h.shape[0], -1, -1)
         pooled, _ = self.attn(q, h, h, need_weights=False)  # (B, K, C)
         pooled = pooled + q  # residual on the query keeps a path that ignores bad attention early on
         raw = torch.cat([head(pooled[:, k]) for k, head in enumerate(self.heads)], dim=-1)  # (B, K)
+        if x0_reward is not None:
+            if x0_reward.shape != raw.shape:
+                raise ValueError(f"x0_reward must be (B, K) = {tuple(raw.shape)}, got {tuple(x0_reward.shape)}")
+            # a reward that does not apply (NaN) contributes nothing; its head's loss is masked anyway
+            r0 = torch.nan_to_num(self.standardize(x0_reward.to(raw.dtype)))
+            raw = raw + self.x0_gate(mod) * r0
         return self.out_mean + self.out_scale * raw
 
     def standardize(self, values: torch.Tensor) -> torch.Tensor:
@@ -172,8 +203,8 @@ class Critic(nn.Module):
         with self.adapters.using(name):
             return self._shared_backbone.features(x_t, t, cond, which=self.feature_layers)
 
-    def forward(self, x_t, t, cond=None) -> torch.Tensor:
-        return self.head(self.features(x_t, t, cond))
+    def forward(self, x_t, t, cond=None, x0_reward=None) -> torch.Tensor:
+        return self.head(self.features(x_t, t, cond), x0_reward)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the value loss should update (the head, plus the critic's own backbone weights)."""
@@ -248,12 +279,14 @@ def critic_lora_targets(reached: set[str], target_modules) -> list[str]:
 def build_critic(policy_backbone: BackboneAdapter, mode: str = "lora", num_rewards: int = 1,
                  adapters: LoraAdapters | None = None, lora_rank: int = 8, lora_alpha: float | None = None,
                  lora_target_modules=None, hidden_dim: int = 256, num_heads: int = 4, features="mid",
-                 use_cond: bool = False, width: int | None = None, example=None, grid: int = 8) -> Critic:
+                 use_cond: bool = False, width: int | None = None, example=None, grid: int = 8,
+                 x0_reward: bool = False) -> Critic:
     """Make a critic that starts from the pretrained backbone.
 
     features: 'mid' (the deepest level only), 'multi' (several depths, see the adapter's ``feature_layers``)
     or a list of module names.  use_cond: feed the backbone's conditioning embedding to the AdaLN.
-    width: the head's token width (default: the 'mid' level's channels).  example: one (x_t, t, cond) input of
+    width: the head's token width (default: the 'mid' level's channels).  x0_reward: the head also reads
+    r(decode(x̂0(x_t))) (see the module doc; the caller supplies it with every call).  example: one (x_t, t, cond) input of
     the task's shape; with it the levels' patch sizes are measured and the critic's LoRA is put only on the
     modules a feature forward reaches (without it: 'mid' features only, LoRA on every matching module).
 
@@ -279,7 +312,7 @@ def build_critic(policy_backbone: BackboneAdapter, mode: str = "lora", num_rewar
             raise ValueError(f"use_cond: {type(policy_backbone.model).__name__} gave no conditioning embedding for "
                              "this input (an unconditional model or cond=None): set critic_cond: false")
     head = ValueHead(width, policy_backbone.temb_dim, num_rewards, hidden_dim, num_heads, levels=levels,
-                     cond_dim=cond_dim)
+                     cond_dim=cond_dim, reads_x0_reward=x0_reward)
     head.to(next(policy_backbone.parameters()).device)
     if mode == "lora":
         if adapters is None:

@@ -15,6 +15,10 @@ Shapes (B = trajectories, T = denoising steps, S = latent shape, K = rewards):
     returns         (B, T, K)     value targets per reward head
     x0              (B, *S)       the final sample x_0 when the recorded trajectory is an SDE window that the ODE
                                   continued past latents[:, -1]; None = latents[:, -1] is x_0 (``final`` reads it)
+    x0_preds        (B, T, *S)    the policy's one-step prediction x̂0(latents[:, k]) made while sampling (only when
+                                  asked for: ``record_x0``); the scorer turns them into ``x0_rewards`` and drops them
+    x0_rewards      (B, T, K)     r(decode(x̂0(latents[:, k]))): the trained rewards of those predictions, the value
+                                  head's extra input under ``critic_x0_reward`` (NaN where a reward does not apply)
 
 With an SDE window (:func:`sample_window`) T is the window's W steps: latents[:, 0] is the deterministic state at
 the window's start, timesteps are the window's, and the sample is ``final`` (= x0).
@@ -47,8 +51,11 @@ class Rollout:
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     x0: torch.Tensor | None = None
+    x0_preds: torch.Tensor | None = None
+    x0_rewards: torch.Tensor | None = None
 
-    _PER_SAMPLE = ("latents", "log_probs", "cond", "samples", "rewards", "values", "advantages", "returns", "x0")
+    _PER_SAMPLE = ("latents", "log_probs", "cond", "samples", "rewards", "values", "advantages", "returns", "x0",
+                   "x0_preds", "x0_rewards")
 
     @property
     def batch_size(self) -> int:
@@ -81,6 +88,11 @@ class Rollout:
             raise ValueError(f"x0 must be (B, *S) = {tuple(self.latents[:, -1].shape)}, got {tuple(self.x0.shape)}")
         if self.values is not None and self.values.shape[:2] != (b, t):
             raise ValueError(f"values must be (B, T, K) with (B, T) = {(b, t)}, got {tuple(self.values.shape)}")
+        if self.x0_preds is not None and self.x0_preds.shape != self.latents[:, 1:].shape:
+            raise ValueError(f"x0_preds must be (B, T, *S) = {tuple(self.latents[:, 1:].shape)}, "
+                             f"got {tuple(self.x0_preds.shape)}")
+        if self.x0_rewards is not None and (self.x0_rewards.ndim != 3 or self.x0_rewards.shape[:2] != (b, t)):
+            raise ValueError(f"x0_rewards must be (B, T, K) with (B, T) = {(b, t)}, got {tuple(self.x0_rewards.shape)}")
         return self
 
     def select(self, index) -> "Rollout":
@@ -150,8 +162,10 @@ def cfg_denoiser(denoiser: Denoiser, guidance_scale: float, null_cond) -> Denois
 
 def sample_trajectories(denoiser: Denoiser, step: DDIMStep, x_T: torch.Tensor, timesteps: torch.Tensor,
                         cond=None, prompts=None, generator: torch.Generator | None = None,
-                        prev_timesteps: torch.Tensor | None = None, progress: bool = False) -> Rollout:
-    """Run the stochastic sampler from x_T and record every state and transition log-prob.
+                        prev_timesteps: torch.Tensor | None = None, progress: bool = False,
+                        record_x0: bool = False) -> Rollout:
+    """Run the stochastic sampler from x_T and record every state and transition log-prob (``record_x0``: and the
+    step's x0 prediction at every state, as ``x0_preds``).
 
     A plain function of a denoiser callable ``denoiser(x_t, t (B,), cond) -> model output``: no scheduler
     state.  Runs without gradients; the returned tensors are ordinary (not inference-mode) tensors, so
@@ -163,7 +177,7 @@ def sample_trajectories(denoiser: Denoiser, step: DDIMStep, x_T: torch.Tensor, t
     check_stochastic_timesteps(timesteps)
     b = x_T.shape[0]
     x = x_T
-    states, log_probs = [x_T], []
+    states, log_probs, x0_preds = [x_T], [], []
     iterator = range(len(timesteps))
     if progress:
         from tqdm import tqdm
@@ -176,6 +190,8 @@ def sample_trajectories(denoiser: Denoiser, step: DDIMStep, x_T: torch.Tensor, t
             x = out.prev_sample
             states.append(x)
             log_probs.append(out.log_prob)
+            if record_x0:
+                x0_preds.append(out.x0_pred.to(x.dtype))
     return Rollout(
         latents=torch.stack(states, dim=1),
         timesteps=timesteps.clone(),
@@ -183,6 +199,7 @@ def sample_trajectories(denoiser: Denoiser, step: DDIMStep, x_T: torch.Tensor, t
         log_probs=torch.stack(log_probs, dim=1),
         cond=cond,
         prompts=list(prompts) if prompts is not None else [""] * b,
+        x0_preds=torch.stack(x0_preds, dim=1) if record_x0 else None,
     ).validate()
 
 
@@ -206,7 +223,8 @@ def sample(denoiser: Denoiser, step: DDIMStep, x_T: torch.Tensor, timesteps: tor
 
 
 def sample_window(denoiser: Denoiser, step: DDIMStep, x_T: torch.Tensor, timesteps: torch.Tensor,
-                  window: tuple[int, int], cond=None, prompts=None, generator: torch.Generator | None = None) -> Rollout:
+                  window: tuple[int, int], cond=None, prompts=None, generator: torch.Generator | None = None,
+                  record_x0: bool = False) -> Rollout:
     """A trajectory whose steps ``window = (start, stop)`` (Python slice bounds into ``timesteps``) are the stochastic
     ``step`` and the rest its deterministic ODE form (``step.ode()``): Flow-GRPO-Fast's / MixGRPO's SDE window.
 
@@ -222,7 +240,7 @@ def sample_window(denoiser: Denoiser, step: DDIMStep, x_T: torch.Tensor, timeste
     ode = step.ode()
     x_s = sample(denoiser, ode, x_T, timesteps[:start], cond, prev_timesteps=prev[:start]) if start else x_T
     ro = sample_trajectories(denoiser, step, x_s, timesteps[start:stop], cond, prompts, generator=generator,
-                             prev_timesteps=prev[start:stop])
+                             prev_timesteps=prev[start:stop], record_x0=record_x0)
     x0 = sample(denoiser, ode, ro.latents[:, -1], timesteps[stop:], cond, prev_timesteps=prev[stop:]) \
         if stop < n else ro.latents[:, -1]
     return replace(ro, x0=x0).validate()

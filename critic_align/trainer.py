@@ -119,6 +119,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, betas=config.adam_betas, eps=config.adam_eps,
                                            weight_decay=config.weight_decay)
         self.epoch, self.reward_queries, self.pretrained_value = 0, 0, False
+        self.x0_reward_rows = 0  # reward calls on x0 predictions (critic_x0_reward), apart from reward_queries
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.out = Path(config.output_dir)
         self.log = RunLog(self.out, config.log_tensorboard, enabled=self.is_main_process)
@@ -145,6 +146,7 @@ class Trainer:
             lora_rank=cfg.critic_lora_rank, lora_target_modules=cfg.lora_target_modules,
             hidden_dim=cfg.value_head_hidden, num_heads=cfg.value_head_heads, features=features,
             use_cond=cfg.critic_cond and cond0 is not None, width=cfg.critic_width, example=example,
+            x0_reward=cfg.critic_x0_reward,
         ).to(self.device)
 
     def _enable_gradient_checkpointing(self) -> None:
@@ -255,6 +257,8 @@ class Trainer:
                "time_rollout_s": t_rollout, "time_update_s": t_update, "time_epoch_s": time.time() - t0}
         if window is not None:
             row["sde_window_start"] = window[0]
+        if cfg.critic_x0_reward:
+            row["x0_reward_rows"] = self.x0_reward_rows
         row.update(metrics.reward_stats(self, ro))
         if ro.values is not None:
             row.update(self.value_report(ro, ro.values))
@@ -314,7 +318,7 @@ class Trainer:
         opt_tensors, opt_meta = optimizer_tensors(self.optimizer)
         state = {"epoch": self.epoch, "reward_queries": self.reward_queries, "pretrained_value": self.pretrained_value,
                  "prompt_iterator": self.prompt_iter.state_dict(), "stat_tracker": self.estimator.state_dict(),
-                 "optimizer": opt_meta,
+                 "optimizer": opt_meta, "x0_reward_rows": self.x0_reward_rows,
                  # the measured activation bytes per row: a resumed run splits its minibatches as an uninterrupted one
                  "micro_batch_bytes_per_row": dict(upd.micro_batcher(self).bytes_per_row)}
         return tensors | opt_tensors, state
@@ -326,6 +330,7 @@ class Trainer:
         restore_optimizer(self.optimizer, tensors, state["optimizer"])
         self.epoch, self.reward_queries = int(state["epoch"]), int(state["reward_queries"])
         self.pretrained_value = bool(state["pretrained_value"])
+        self.x0_reward_rows = int(state.get("x0_reward_rows", 0))  # absent in checkpoints before critic_x0_reward
         self.prompt_iter.load_state_dict(state["prompt_iterator"])
         self.estimator.load_state_dict(state["stat_tracker"])
         upd.micro_batcher(self).bytes_per_row = {k: float(v) for k, v in

@@ -59,6 +59,7 @@ def loss_on_pairs(trainer, ro: Rollout, pairs: torch.Tensor, train_policy: bool 
     t = ro.timesteps.to(trainer.device)[ki]
     t_prev = ro.prev_timesteps.to(trainer.device)[ki]
     cond = ro.cond[bi] if ro.cond is not None else None
+    x0r = ro.x0_rewards[bi, ki].to(trainer.device) if ro.x0_rewards is not None else None
     stats: dict = {}
     total = x_t.new_zeros(())
     shared_feats = None
@@ -83,11 +84,11 @@ def loss_on_pairs(trainer, ro: Rollout, pairs: torch.Tensor, train_policy: bool 
     if critic is not None and ro.returns is not None:
         with trainer.autocast():
             if shared_feats is not None:
-                v = critic.head(shared_feats)
+                v = critic.head(shared_feats, x0r)
             elif not train_policy:
-                v = values_for_value_step(critic, x_t, t, cond)
+                v = values_for_value_step(critic, x_t, t, cond, x0r)
             else:
-                v = critic(x_t, t, cond)
+                v = critic(x_t, t, cond, x0r)
         v_loss, vstats = value_loss(trainer, v.float(), ro.values[bi, ki] if ro.values is not None else None,
                                     ro.returns[bi, ki], ~torch.isnan(ro.rewards[bi]))
         total = total + cfg.vf_coef * v_loss
@@ -111,22 +112,22 @@ def value_loss(trainer, v: torch.Tensor, old: torch.Tensor | None, returns: torc
     return loss, stats
 
 
-def values_for_value_step(critic, x, t, cond) -> torch.Tensor:
+def values_for_value_step(critic, x, t, cond, x0_reward=None) -> torch.Tensor:
     """Critic values for a value-only optimiser step.  A shared critic's trunk is the policy: only its head
     learns here (a gradient through the trunk would be an unclipped policy step, e.g. before PPO starts)."""
     if critic.mode != "shared":
-        return critic(x, t, cond)
+        return critic(x, t, cond, x0_reward)
     with torch.no_grad():
         feats = critic.features(x, t, cond)
-    return critic.head(feats)
+    return critic.head(feats, x0_reward)
 
 
 def value_batch_loss(trainer, vb: ValueBatch, rows: torch.Tensor, coef: float = 1.0, prefix: str = "value_loss"):
     """Value loss on ``rows`` of a :class:`ValueBatch`; no clipping reference (value pretraining fits a critic from
     scratch, and perturbed states have no rollout value to clip around)."""
-    x, t, cond, returns, mask = vb.rows(rows)
+    x, t, cond, returns, mask, x0r = vb.rows(rows)
     with trainer.autocast():
-        v = values_for_value_step(trainer.critic, x, t, cond).float()
+        v = values_for_value_step(trainer.critic, x, t, cond, x0r).float()
     loss, stats = value_loss(trainer, v, None, returns, mask, prefix=prefix)
     return coef * loss, stats
 

@@ -34,6 +34,8 @@ class ValueBatch:
     cond_index: (N,) long, row i's conditioning is cond[cond_index[i]] (no copy of large text embeddings)
     returns:    (N, K) value targets, NaN-free (a missing reward's target is 0 and masked)
     mask:       (N, K) bool, False where reward k does not apply to the row
+    x0_reward:  (N, K) r(decode(x̂0(x))) of each row, the value head's extra input under ``critic_x0_reward``
+                (None without it)
     """
 
     x: torch.Tensor
@@ -42,14 +44,16 @@ class ValueBatch:
     cond_index: torch.Tensor
     returns: torch.Tensor
     mask: torch.Tensor
+    x0_reward: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.x.shape[0]
 
     def rows(self, index: torch.Tensor):
-        """(x, t, cond, returns, mask) of the rows ``index``."""
+        """(x, t, cond, returns, mask, x0_reward) of the rows ``index``."""
         cond = None if self.cond is None else self.cond[self.cond_index[index].to(self.cond.device)]
-        return self.x[index], self.t[index], cond, self.returns[index], self.mask[index]
+        x0r = None if self.x0_reward is None else self.x0_reward[index.to(self.x0_reward.device)]
+        return self.x[index], self.t[index], cond, self.returns[index], self.mask[index], x0r
 
     @staticmethod
     def cat(batches: list["ValueBatch"]) -> "ValueBatch":
@@ -57,20 +61,25 @@ class ValueBatch:
         first = batches[0]
         if any(b.cond is not first.cond for b in batches):
             raise ValueError("ValueBatch.cat needs batches built on the same cond object")
+        if len({b.x0_reward is None for b in batches}) > 1:
+            raise ValueError("ValueBatch.cat: some batches carry x0_reward and some do not")
+        x0r = None if first.x0_reward is None else torch.cat([b.x0_reward for b in batches])
         return ValueBatch(torch.cat([b.x for b in batches]), torch.cat([b.t for b in batches]), first.cond,
                           torch.cat([b.cond_index for b in batches]), torch.cat([b.returns for b in batches]),
-                          torch.cat([b.mask for b in batches]))
+                          torch.cat([b.mask for b in batches]), x0r)
 
 
 def trajectory_states(latents: torch.Tensor, timesteps: torch.Tensor, cond, returns: torch.Tensor,
-                      rewards: torch.Tensor) -> ValueBatch:
+                      rewards: torch.Tensor, x0_rewards: torch.Tensor | None = None) -> ValueBatch:
     """Every state a rollout visited before a step, with its return: latents (B, T+1, *S), timesteps (T,),
-    returns (B, T, K), rewards (B, K) (NaN = not applicable).  Row b·T + k is trajectory b's state k."""
+    returns (B, T, K), rewards (B, K) (NaN = not applicable), x0_rewards (B, T, K) or None (the head's extra input).
+    Row b·T + k is trajectory b's state k."""
     b, t = returns.shape[:2]
     x = latents[:, :-1].reshape(b * t, *latents.shape[2:])
     mask = (~torch.isnan(rewards.float()))[:, None, :].expand(b, t, -1).reshape(b * t, -1)
     return ValueBatch(x, timesteps.to(x.device).repeat(b), cond, torch.arange(b).repeat_interleave(t),
-                      returns.reshape(b * t, -1).float(), mask)
+                      returns.reshape(b * t, -1).float(), mask,
+                      None if x0_rewards is None else x0_rewards.reshape(b * t, -1).to(x.device))
 
 
 class ForwardProcess:

@@ -42,7 +42,7 @@ def pretrain_value(trainer) -> list[dict]:
             returns = mc_returns(ro, cfg.gamma)
         # the visited states with their returns, and forward-perturbed states of the same samples, shuffled
         # together into the same minibatches
-        data = [trajectory_states(ro.latents, ro.timesteps, ro.cond, returns, ro.rewards)]
+        data = [trajectory_states(ro.latents, ro.timesteps, ro.cond, returns, ro.rewards, ro.x0_rewards)]
         if trainer.forward_process is not None:
             data.append(perturbed_batch(trainer, ro))
         stats = trainer.fit_values(ValueBatch.cat(data), cfg.value_pretrain_passes)

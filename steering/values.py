@@ -65,6 +65,10 @@ def critic_value_fn(critic, weights: Sequence[float] | torch.Tensor | None = Non
 
     ``weights`` default to all ones for K = 1 and must be given for K > 1 (explicit: which heads, how much).
     """
+    if getattr(getattr(critic, "head", None), "reads_x0_reward", False):
+        raise ValueError("this critic reads r(decode(x0_pred)) next to the latent (critic_x0_reward), which the "
+                         "steering value functions do not supply: steer with potential='x0_reward', or with a critic "
+                         "trained with critic_x0_reward: false")
 
     def value(x_t, t, cond):
         v = critic(x_t, t, cond)  # (B, K)

@@ -287,12 +287,20 @@ def test_trajectory_states_rows_and_cat():
     rewards = torch.tensor([[3.0], [float("nan")]])
     cond = torch.tensor([10, 11])
     vb = trajectory_states(latents, torch.tensor([30, 20, 10]), cond, returns, rewards)
-    x, t, c, r, m = vb.rows(torch.arange(6))
+    x, t, c, r, m, x0r = vb.rows(torch.arange(6))
+    assert x0r is None  # no x0_rewards given
     assert x[:, 0].tolist() == [0, 1, 2, 4, 5, 6] and t.tolist() == [30, 20, 10] * 2
     assert c.tolist() == [10, 10, 10, 11, 11, 11] and r[:, 0].tolist() == [1, 2, 3, 4, 5, 6]
     assert m[:, 0].tolist() == [True] * 3 + [False] * 3
     both = ValueBatch.cat([vb, vb])
     assert len(both) == 12 and both.rows(torch.tensor([7]))[2].tolist() == [10]
+    # with x0 rewards (B, T, K): row b·T + k carries trajectory b's step k, through rows() and cat()
+    x0_rewards = torch.tensor([[[0.25], [0.5], [0.75]], [[1.0], [1.25], [1.5]]])  # exact in float32
+    vr = trajectory_states(latents, torch.tensor([30, 20, 10]), cond, returns, rewards, x0_rewards)
+    assert vr.rows(torch.tensor([1, 5]))[5][:, 0].tolist() == [0.5, 1.5]
+    assert ValueBatch.cat([vr, vr]).rows(torch.tensor([10]))[5][:, 0].tolist() == [1.25]
+    with pytest.raises(ValueError, match="x0_reward"):
+        ValueBatch.cat([vb, vr])
 
 
 def test_td_lambda_pretraining_targets_are_gae_returns(tmp_path):

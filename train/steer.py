@@ -40,6 +40,10 @@ def build_steering_trainer(config: str | None, run_dir: str | None, out: str, ov
         # steering samples every step stochastically and queries the critic at every state: a fresh critic is
         # pretrained on full trajectories, not on a training config's SDE window (values elsewhere never fitted)
         overrides.update(sde_window_size=0, sde_window_range=None)
+    if run_dir is None and "critic_x0_reward" not in overrides:
+        # the steering value functions call the critic on a state alone (steering/values.py): a fresh critic is one
+        # that reads only the latent, whatever the training config says
+        overrides["critic_x0_reward"] = False
     ckpt = None
     if run_dir is not None:
         ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
