@@ -32,6 +32,7 @@ from benchmarks.report_steering import (  # noqa: E402
 )
 from benchmarks.sde_window import section as section_sde_window  # noqa: E402
 from benchmarks.t2i_advantages import section as section_t2i_advantages  # noqa: E402
+from benchmarks.t2i_critic_offline import section as section_t2i_critic_offline  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -427,6 +428,10 @@ SECTIONS = [
     ("diversity_tradeoff.json", section_diversity_tradeoff),
     ("t2i_advantages.json", section_t2i_advantages),
     ("t2i_sd3_advantages.json", section_t2i_advantages),
+    ("t2i_critic_offline.json", section_t2i_critic_offline),
+    ("t2i_critic_offline_x0.json", section_t2i_critic_offline),
+    ("t2i_sd3_critic_offline.json", section_t2i_critic_offline),
+    ("t2i_sd3_critic_offline_x0.json", section_t2i_critic_offline),
     ("baselines.json", section_baselines),
     ("gmm_critic.json", section_gmm_critic),
     ("gmm_finetune.json", section_gmm_finetune),

@@ -45,10 +45,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 # --config -> (its shipped pipeline under critic_align/assets, the pipeline class and path named in the report)
 CONFIGS = {"t2i": ("tiny_t2i", "Stable Diffusion"), "t2i_sd3": ("tiny_t2i_sd3", "Stable Diffusion 3")}
 # mode -> PPOConfig overrides on top of train/configs/<config>.yaml (the only difference between modes)
-MODES = {"gae": {"advantage": "gae", "gae_group_baseline": False},
-         "gae_group": {"advantage": "gae", "gae_group_baseline": True},
-         "grpo": {"advantage": "grpo", "gae_group_baseline": False},
-         "ddpo": {"advantage": "ddpo", "gae_group_baseline": False},
+MODES = {"gae": {"advantage": "gae", "gae_group_baseline": False, "critic_x0_reward": False},
+         "gae_group": {"advantage": "gae", "gae_group_baseline": True, "critic_x0_reward": False},
+         "grpo": {"advantage": "grpo", "gae_group_baseline": False, "critic_x0_reward": False},
+         "ddpo": {"advantage": "ddpo", "gae_group_baseline": False, "critic_x0_reward": False},
          "gae_x0": {"advantage": "gae", "gae_group_baseline": False, "critic_x0_reward": True},
          "gae_group_x0": {"advantage": "gae", "gae_group_baseline": True, "critic_x0_reward": True}}
 CRITIC_MODES = ("gae", "gae_group", "gae_x0", "gae_group_x0")

@@ -2,6 +2,7 @@
 
     python benchmarks/t2i_critic_offline.py                       # the SD1.5-format tiny_t2i, about 15 min on one core
     python benchmarks/t2i_critic_offline.py --config t2i_sd3      # its flow-matching twin
+    python benchmarks/t2i_critic_offline.py --set critic_x0_reward=true   # a critic that also reads r(decode(x̂0))
 
 In PPO and in value pretraining the critic sees each batch (4 prompts x 8 samples) a few times and is asked about
 new prompts the next epoch (``t2i_critic_probe.json``: explained variance 0 on unseen prompts).  Here the frozen
@@ -21,7 +22,7 @@ training data (``fit``).  For scale, on the same held-out samples:
 * ``x0_reward_calibrated``: the same, shrunk per step by least squares on the training states, a_k·r(decode(x̂0)) +
   b_k (two numbers per step: what a critic that read r(decode(x̂0)) as an input would get at the least).
 
-Writes ``benchmarks/results/<config>_critic_offline.json``.
+Writes ``benchmarks/results/<config>_critic_offline.json`` (``_x0.json`` with ``critic_x0_reward``).
 """
 
 from __future__ import annotations
@@ -113,6 +114,50 @@ def report(trainer, ro: Rollout) -> dict:
     return value_report(values, trainer.mc_returns(ro), ~torch.isnan(ro.rewards.float()), trainer.rewards.names)
 
 
+def section(path: Path) -> str:
+    """The BENCHMARKS.md section of this benchmark's JSON (rendered by benchmarks/report.py)."""
+    data = json.loads(path.read_text())
+    a, refs, rows, m = data["args"], data["reference_ev"], data["rounds"], data["machine"]
+    config = data.get("config", "t2i")
+    blocks = [k for k in rows[0]["test"] if k.startswith("value_ev_steps_")]
+
+    def cells(report: dict) -> str:
+        return " | ".join(f"{report[k]:.2f}" for k in ["value_ev", *blocks])
+
+    critic = "latent critic" + (" reading r(decode(x̂0))" if data.get("overrides", {}).get("critic_x0_reward") else "")
+    best = max(rows[1:], key=lambda r: r["test"]["value_ev"]) if len(rows) > 1 else rows[0]
+    sets = "".join(f" --set {k}={v}" for k, v in data.get("overrides", {}).items())
+    lines = [
+        f"## Can the text-to-image critic learn? An offline fit (`{config}`)",
+        "",
+        f"Command: `python benchmarks/t2i_critic_offline.py --config {config} --train-prompts {a['train_prompts']} "
+        f"--test-prompts {a['test_prompts']} --group {a['group']} --rounds {a['rounds']} --passes {a['passes']}"
+        f"{sets}` (writes `benchmarks/results/{config}_critic_offline.json`). Machine: {m['cpu_count']} CPU cores, "
+        f"torch {m['torch']}, {m['torch_threads']} threads. The frozen base policy's {data['train_samples']} "
+        f"training trajectories ({a['train_prompts']} prompts × {a['group']}) and {data['test_samples']} of "
+        f"{a['test_prompts']} other prompts, {data['num_steps']} stochastic steps each; the config's critic is fitted "
+        "on every training state with Monte-Carlo targets. Explained variance (EV) of the return on the **held-out "
+        "prompts' states**, overall and per block of steps (step 0 = pure noise); *fit* = on its own training "
+        "states.",
+        "",
+        "| predictor of the return | EV | " + " | ".join(b.replace("value_ev_steps_", "steps ") for b in blocks) + " |",
+        "|---|---|" + "---|" * len(blocks),
+        f"| {critic}, best round ({best['passes']} passes; fit EV {best['fit']['value_ev']:.2f}) | "
+        f"{cells(best['test'])} |",
+        f"| {critic}, last round ({rows[-1]['passes']} passes; fit EV {rows[-1]['fit']['value_ev']:.2f}) | "
+        f"{cells(rows[-1]['test'])} |",
+        f"| r(decode(x̂0(x_t))), as is | {cells(refs['x0_reward'])} |",
+        f"| r(decode(x̂0(x_t))), calibrated per step on the training states | {cells(refs['x0_reward_calibrated'])} |",
+        "",
+        f"Prompt-level predictors of the same held-out samples (every step alike): the mean of the prompt's "
+        f"{a['group'] - 1} other samples, EV {refs['prompt_loo']:.2f}; the mean training reward of the prompt's "
+        f"arrangement (one / two / three digits, left of / right of / above / below), EV {refs['arrangement']:.2f}. "
+        f"Scoring one x0 prediction costs {1000 * refs['x0_reward_seconds_per_state']:.1f} ms (decode + reward).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="t2i", choices=list(CONFIGS))
@@ -123,16 +168,18 @@ def main(argv=None) -> dict:
     p.add_argument("--passes", type=int, default=2, help="passes over the training states per round")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="PPOConfig overrides")
-    p.add_argument("--out", help="default benchmarks/results/<config>_critic_offline.json")
+    p.add_argument("--out", help="default benchmarks/results/<config>_critic_offline.json (with --set "
+                   "critic_x0_reward=true: <config>_critic_offline_x0.json)")
     args = p.parse_args(argv)
     if args.group < 2:
         raise SystemExit("--group must be at least 2 (the prompt_loo reference needs another sample of the prompt)")
     import yaml
 
-    out = Path(args.out) if args.out else RESULTS / f"{args.config}_critic_offline.json"
     t_start = time.time()
     user = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
-    workdir = RESULTS / "tmp" / f"{args.config}_critic_offline"
+    stem = f"{args.config}_critic_offline" + ("_x0" if user.get("critic_x0_reward") else "")
+    out = Path(args.out) if args.out else RESULTS / f"{stem}.json"
+    workdir = RESULTS / "tmp" / stem
     if workdir.exists():
         shutil.rmtree(workdir)  # this script's scratch directory
     over = {"advantage": "gae", "gae_group_baseline": False, "sde_window_size": 0, "sde_window_range": None,
@@ -147,7 +194,8 @@ def main(argv=None) -> dict:
     print(f"sampled {train.batch_size} + {test.batch_size} trajectories of {train.num_steps} steps in {sample_s:.0f} s",
           flush=True)
     trainer.critic.head.set_output_scale(train.rewards)
-    vb = trajectory_states(train.latents, train.timesteps, train.cond, trainer.mc_returns(train), train.rewards)
+    vb = trajectory_states(train.latents, train.timesteps, train.cond, trainer.mc_returns(train), train.rewards,
+                           train.x0_rewards)  # x0_rewards: recorded under --set critic_x0_reward=true
     fit_part = train.select(torch.arange(min(test.batch_size, train.batch_size)))
     refs = reference_evs(test, train, args.group)
     t0 = time.time()

@@ -3,9 +3,10 @@
     python benchmarks/t2i_critic_probe.py          # about 5 minutes on one core
 
 Each variant = ``train/configs/t2i.yaml`` (batch 32 = 4 prompts x 8 samples an epoch, the SDE window's states) with
-its overrides, ``--epochs`` value-pretraining epochs on rollouts of the frozen base policy, seed 0.  Reported per
-variant: the explained variance of each new batch's returns *before* the critic fits it (``pre_value_ev``: how well
-it generalises to prompts it has not seen), averaged over blocks of 5 epochs and over the last 10.  For scale,
+its overrides (``critic_x0_reward`` off unless the variant turns it on), ``--epochs`` value-pretraining epochs on
+rollouts of the frozen base policy, seed 0.  Reported per variant: the explained variance of each new batch's
+returns *before* the critic fits it (``pre_value_ev``: how well it generalises to prompts it has not seen), averaged
+over blocks of 5 epochs and over the last 10.  For scale,
 ``t2i_reward_variance.json`` gives the between-prompt share of the reward's variance (what a critic that only knew
 each prompt's expected reward would explain).  Writes ``benchmarks/results/t2i_critic_probe.json``.
 """
@@ -33,6 +34,7 @@ VARIANTS = {
     "critic_cond, 1 pass": {"critic_cond": True, "value_pretrain_passes": 1},
     "critic_cond, lr 3e-4": {"critic_cond": True, "critic_learning_rate": 3e-4},
     "multi-level features": {"critic_features": "multi"},
+    "critic_x0_reward": {"critic_x0_reward": True},
 }
 
 
@@ -40,7 +42,7 @@ def probe(name: str, overrides: dict, epochs: int, workdir: Path) -> dict:
     out = workdir / name.replace(" ", "_").replace(",", "")
     shutil.rmtree(out, ignore_errors=True)
     over = {"seed": 0, "batch_size": 32, "value_pretrain_epochs": epochs, "output_dir": str(out), "progress": False,
-            "grid_every": 0, "checkpoint_every": 0, "log_tensorboard": False, **overrides}
+            "grid_every": 0, "checkpoint_every": 0, "log_tensorboard": False, "critic_x0_reward": False, **overrides}
     trainer = build_trainer(load_run_config("t2i", over))
     t0 = time.time()
     logs = trainer.pretrain_value()
