@@ -10,6 +10,9 @@ model) reads the noisy latent; the head is
 
 where e_t is the backbone's own timestep embedding, so the head knows the noise level (the core
 seed's "simple conditioning"), and e_c its conditioning embedding (class label or pooled text; optional).
+The AdaLN projection starts at zero (identity modulation).  ``critic_features: multi`` reads a UNet's down
+blocks and mid block (a DiT's hidden states at three depths): the mid block of a small UNet is a 4x4 map,
+too coarse to tell how clearly a nearly finished sample shows its digit.
 
 With ``reads_x0_reward`` (config ``critic_x0_reward``) the head also reads r̂_0 = r(decode(x̂0(x_t))), the trained
 rewards of the policy's one-step prediction at the state (FK steering's potential), through a gate a(e) per reward
@@ -21,9 +24,6 @@ so the head learns how far to trust the prediction at each noise level (little a
 a blur; nearly fully at the last, where it is the sample) and the MLP the rest.  Measured reason: on the tiny
 text-to-image task a head on the latent features alone fits its training prompts and explains none of the return's
 variance on new ones, while r̂_0 calibrated per step explains half (``benchmarks/results/t2i_critic_offline.json``).
-The AdaLN projection starts at zero (identity modulation).  ``critic_features: multi`` reads a UNet's down
-blocks and mid block (a DiT's hidden states at three depths): the mid block of a small UNet is a 4x4 map,
-too coarse to tell how clearly a nearly finished sample shows its digit.
 
 Critic backbone modes (``mode``):
   "lora"   a separate LoRA adapter ("critic") on the policy's frozen base: cheap in memory (default);
