@@ -135,7 +135,8 @@ def section(path: Path) -> str:
         f"{sets}` (writes `benchmarks/results/{config}_critic_offline.json`). Machine: {m['cpu_count']} CPU cores, "
         f"torch {m['torch']}, {m['torch_threads']} threads. The frozen base policy's {data['train_samples']} "
         f"training trajectories ({a['train_prompts']} prompts × {a['group']}) and {data['test_samples']} held-out ones "
-        f"({a['test_prompts']} other prompts × {a['group']}), {data['num_steps']} stochastic steps each; the config's critic is fitted "
+        f"({a['test_prompts']} other prompts × {a['group']}), {data['num_steps']} stochastic steps each; the config's "
+        "critic is fitted "
         "on every training state with Monte-Carlo targets. Explained variance (EV) of the return on the **held-out "
         "prompts' states**, overall and per block of steps (step 0 = pure noise); *fit* = on its own training "
         "states.",
