@@ -125,8 +125,11 @@ def summarize(runs: list[dict]) -> dict:
              "first_train_reward_smoothed_mean": float(np.mean([np.mean([c["reward"] for c in r["curve"][:smooth]])
                                                                for r in rs]))}
         evs = [c["value_ev"] for r in rs for c in r["curve"][len(r["curve"]) // 2:] if c.get("value_ev") is not None]
-        if evs:  # the critic's explained variance of the returns over the second half of training (training batches)
+        if evs:  # the critic's explained variance of the returns over the second half of training (training batches).
+            # The median too: a batch whose samples are almost all right has a near-zero return variance, and its
+            # EV (1 - var(residual) / var(return)) can be -1e4, which then decides the mean alone.
             s["value_ev_second_half_mean"] = float(np.mean(evs))
+            s["value_ev_second_half_median"] = float(np.median(evs))
         for when in ("base", "final"):
             for split in ("train", "heldout"):
                 for key in ("composition", "composition_correct"):
@@ -197,6 +200,9 @@ def section(path: Path) -> str:
     def f(x, d=3):
         return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
 
+    def ev_cell(r):
+        return f"{f(r.get('value_ev_second_half_median'), 2)} ({f(r.get('value_ev_second_half_mean'), 2)})"
+
     lines = [
         "## GAE vs GRPO vs DDPO on the tiny text-to-image task (`composition`), equal reward-query budget"
         + ("" if config == "t2i" else f" (`{config}`: the flow-matching twin)"),
@@ -212,7 +218,7 @@ def section(path: Path) -> str:
         "",
         "| advantage | seeds | train: all clauses before → after | held-out: all clauses before → after "
         "| train: composition before → after | held-out: composition before → after | s / epoch "
-        "| critic EV (2nd half) |",
+        "| critic EV (2nd half): median (mean) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for mode in modes:
@@ -223,7 +229,7 @@ def section(path: Path) -> str:
                 cells.append(f"{f(r[f'base_{split}_{key}_mean'])} → {f(r[f'final_{split}_{key}_mean'])} ± "
                              f"{f(r[f'final_{split}_{key}_std'])}")
         lines.append(f"| {mode} | {len(r['seeds'])} | " + " | ".join(cells) + f" | {f(r['mean_epoch_seconds'], 1)} | "
-                     f"{f(r.get('value_ev_second_half_mean'), 2) if mode in CRITIC_MODES else '—'} |")
+                     f"{ev_cell(r) if mode in CRITIC_MODES else '—'} |")
     x0_modes = [mode for mode in modes if s[mode].get("x0_reward_rows")]
     if x0_modes:
         lines += ["", "Modes ending in `_x0` train with `critic_x0_reward` (the value head also reads the reward of the "
@@ -264,11 +270,12 @@ def section(path: Path) -> str:
 
 def merge(paths: list[Path]) -> dict:
     """One result over the runs of several files of this benchmark; they must share the budget, the overrides and
-    the evaluation prompts, and hold disjoint (mode, seed) runs."""
+    the evaluation prompts, and hold disjoint (mode, seed) runs. The machine recorded is the runs' (their timings were
+    taken there), not the one merging; files timed on different machines or thread counts are refused."""
     datas = [json.loads(Path(p).read_text()) for p in paths]
     first = datas[0]
     for p, d in zip(paths[1:], datas[1:]):
-        for key in ("budget_reward_queries", "overrides", "eval_prompts", "config"):
+        for key in ("budget_reward_queries", "overrides", "eval_prompts", "config", "machine"):
             if d.get(key, "t2i") != first.get(key, "t2i"):
                 raise SystemExit(f"{p}: its {key} differs from {paths[0]}'s; merge runs made with the same settings")
     runs = [r for d in datas for r in d["runs"]]
@@ -278,7 +285,7 @@ def merge(paths: list[Path]) -> dict:
         raise SystemExit(f"the same (mode, seed) runs appear in two files: {dup}; merge files with disjoint runs")
     return {"config": first.get("config", "t2i"), "budget_reward_queries": first["budget_reward_queries"],
             "overrides": first["overrides"],
-            "eval_prompts": first["eval_prompts"], "summary": summarize(runs), "runs": runs, "machine": _machine(),
+            "eval_prompts": first["eval_prompts"], "summary": summarize(runs), "runs": runs, "machine": first["machine"],
             "merged_from": [str(p) for p in paths]}
 
 
