@@ -128,11 +128,12 @@ def section(path: Path) -> str:
     best = max(rows[1:], key=lambda r: r["test"]["value_ev"]) if len(rows) > 1 else rows[0]
     sets = "".join(f" --set {k}={v}" for k, v in data.get("overrides", {}).items())
     lines = [
-        f"## Can the text-to-image critic learn? An offline fit (`{config}`)",
+        f"## Can the text-to-image critic learn? An offline fit (`{config}`"
+        + (", `critic_x0_reward`)" if data.get("overrides", {}).get("critic_x0_reward") else ")"),
         "",
         f"Command: `python benchmarks/t2i_critic_offline.py --config {config} --train-prompts {a['train_prompts']} "
         f"--test-prompts {a['test_prompts']} --group {a['group']} --rounds {a['rounds']} --passes {a['passes']}"
-        f"{sets}` (writes `benchmarks/results/{config}_critic_offline.json`). Machine: {m['cpu_count']} CPU cores, "
+        f"{sets}` (writes `benchmarks/results/{path.name}`). Machine: {m['cpu_count']} CPU cores, "
         f"torch {m['torch']}, {m['torch_threads']} threads. The frozen base policy's {data['train_samples']} "
         f"training trajectories ({a['train_prompts']} prompts × {a['group']}) and {data['test_samples']} held-out ones "
         f"({a['test_prompts']} other prompts × {a['group']}), {data['num_steps']} stochastic steps each; the config's "
