@@ -439,6 +439,7 @@ SECTIONS = [
     ("gmm_steering.json", section_gmm_steering),
     ("digits_steering.json", section_digits_steering),
     ("t2i_steering.json", section_t2i_steering),
+    ("t2i_steering_x0.json", section_t2i_steering),
     ("kill_resume.json", section_kill_resume),
     ("fault_injection.json", section_fault_injection),
     ("trl_compare.json", section_trl_compare),

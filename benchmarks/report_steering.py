@@ -172,12 +172,15 @@ def section_t2i_steering(path: Path) -> str:
     key, ev = d["reward_key"], d["eval_keys"][0]
     n_split = {s: len(ps) for s, ps in d["splits"].items()}
     pre = d.get("critic_value_pretrain")
+    name = d["benchmark"]  # t2i_steering, or t2i_steering_x0 (--critic-x0-reward)
+    x0 = a.get("critic_x0_reward", False)
     flags = " ".join(f"--{k.replace('_', '-')} " + (" ".join(f"{x:g}" for x in v) if isinstance(v, list) else f"{v:g}")
                      for k, v in a.items() if k in ("prompts_per_split", "particles", "scales", "lam", "bon_only",
-                                                     "critic_epochs", "threads") and v != [])
+                                                     "critic_epochs", "threads") and v != []
+                     and not (k == "scales" and a.get("critic_x0_reward")))  # no guidance rows: --scales unused
     if d["critic_source"] == "fresh":
         critic = "value-pretrained on the frozen base policy by this run"
-    elif d["critic_source"].endswith("tmp/t2i_steering"):
+    elif d["critic_source"].endswith(f"tmp/{name}"):
         critic = "value-pretrained on the frozen base policy by an earlier run of this script (cached, reused)"
     else:
         critic = f"from `{d['critic_source']}`"
@@ -196,16 +199,25 @@ def section_t2i_steering(path: Path) -> str:
             return f"{_f(p)} ± {_f((p * (1 - p) / n_split[split]) ** 0.5)}"
         return _with_se(v, k)
 
+    if x0:
+        flags += " --critic-x0-reward"
+        critic += ("; with `critic_x0_reward`: its head also reads r(decode(x̂0(x_t))) of the step's own x0 prediction "
+                   "(a decode + reward call per particle and step, in the equivalent NFE), so it has no gradient in "
+                   "x_t and the guidance rows are left out")
+        knobs = ""
+    else:
+        knobs = f"Guidance scale w = {d['best_guidance_scale']:g} (best of {a['scales']} at N = 1 by {key}); "
     lines = [
-        "## Steering the tiny text-to-image pipeline with the critic: reward vs NFE",
+        "## Steering the tiny text-to-image pipeline with the critic: reward vs NFE"
+        + (" (a critic reading r(decode(x̂0)))" if x0 else ""),
         "",
-        f"Command: `python benchmarks/t2i_steering.py {flags}` (writes `benchmarks/results/t2i_steering.json`, `.png` "
-        f"and grids `benchmarks/results/t2i_steering_*.png`; {d['time_s'] / 60:.1f} min). The shipped "
+        f"Command: `python benchmarks/t2i_steering.py {flags}` (writes `benchmarks/results/{name}.json`, `.png` "
+        f"and grids `benchmarks/results/{name}_*.png`; {d['time_s'] / 60:.1f} min). The shipped "
         "`critic_align/assets/tiny_t2i` pipeline through the Stable Diffusion path of `train/configs/t2i.yaml` "
         f"(20 stochastic DDIM steps, eta = 1, CFG-free), {n_split['train']} training and {n_split['heldout']} held-out "
         f"prompts (a fixed draw, seed {a['prompt_seed']}); critic: the t2i config's LoRA critic {critic}. "
         f"Steered reward: {key} (dense: mean clause probability); {ev} is GenEval's all-clauses-right metric. "
-        f"Guidance scale w = {d['best_guidance_scale']:g} (best of {a['scales']} at N = 1 by {key}); SMC resamples "
+        f"{knobs}SMC resamples "
         f"when ESS < {a['ess_threshold']}·N, SMC's output: {a['smc_output']}. Equivalent NFE counts a critic forward "
         f"as 1 backbone call, a backward as 2, a decode + reward call as {a['reward_price']:g}. "
         "Standard errors: over prompts (for the 0/1 metric, binomial).",
@@ -226,5 +238,5 @@ def section_t2i_steering(path: Path) -> str:
               "", "held-out prompts only:", "",
               *_verdicts(rows, a["particles"], key, rewards_of=lambda r: r["rewards_by_split"]["heldout"], rel_tol=0.05),
               "",
-              "![reward vs NFE](benchmarks/results/t2i_steering.png)", ""]
+              f"![reward vs NFE](benchmarks/results/{name}.png)", ""]
     return "\n".join(lines)

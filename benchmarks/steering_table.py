@@ -5,6 +5,8 @@ For N ∈ ``--particles`` particles per prompt (T denoising steps):
     bon             best-of-N by the reward                      NFE = N·T, no critic
     guidance+bon    critic gradient guidance (scale w), then BoN NFE = N·T, + N·T critic forward + backward
     smc             SMC, potentials λ·V_critic                   NFE = N·T, + N·T critic forwards
+                    (``--critic-x0-reward``: a critic that also reads r(decode(x̂0)), + N·T decodes + reward calls;
+                    no guidance rows then: its value has no gradient in x_t)
     smc_x0          SMC, FK steering's potential λ·r(x̂0)         NFE = N·T, + N·(T+1) decodes + reward calls
 and at N = 1: base and guidance at several scales (the best scale by the trained reward is used for
 guidance+bon).  SMC's output per prompt is ``--smc-output``: argmax (default: this is a reward-vs-NFE
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from train.steer import build_steering_trainer, evaluate_samples, steer_with_trainer
+from train.steer import build_steering_trainer, evaluate_samples, reads_x0_reward, steer_with_trainer
 
 
 @dataclass
@@ -67,6 +69,9 @@ def add_table_args(p, *, particles, scales, bon_only, lam, critic_epochs, thread
     p.add_argument("--critic-epochs", type=int, default=critic_epochs)
     p.add_argument("--run", help="a trained run directory (policy + critic) instead of a fresh critic")
     p.add_argument("--fresh-critic", action="store_true")
+    p.add_argument("--critic-x0-reward", action="store_true",
+                   help="pretrain a critic with critic_x0_reward (its head also reads r(decode(x0_pred))): SMC can use "
+                        "it, guidance cannot, so the guidance rows are left out; writes <name>_x0.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=out)
     p.add_argument("--threads", type=int, default=threads)
@@ -96,13 +101,19 @@ def run_table(spec: TableSpec, args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    critic_dir = out / "tmp" / spec.name
+    x0 = getattr(args, "critic_x0_reward", False)
+    name = spec.name + ("_x0" if x0 else "")
+    critic_dir = out / "tmp" / name
     run_dir = args.run
     if run_dir is None and not args.fresh_critic and (critic_dir / "checkpoints").exists():
         run_dir = str(critic_dir)
     t0 = time.time()
     trainer, run = build_steering_trainer(None if run_dir else spec.config, run_dir, str(critic_dir),
+                                          {"critic_x0_reward": True} if x0 and not run_dir else None,
                                           critic_epochs=None if run_dir else args.critic_epochs)
+    if x0 and not reads_x0_reward(trainer):
+        raise ValueError(f"--critic-x0-reward: the critic of {run_dir} does not read r(decode(x0_pred))")
+    guided = not reads_x0_reward(trainer)  # gradient guidance needs a critic of the latent alone
     critic_time = time.time() - t0
     prompts = spec.prompts
     rows = []
@@ -124,7 +135,7 @@ def run_table(spec: TableSpec, args) -> dict:
 
     base_res, _ = record("base", 1)
     best_scale, best = None, -1.0
-    for w in args.scales:
+    for w in args.scales if guided else []:
         _, row = record("guidance", 1, scale=w)
         if row["rewards"][spec.reward_key] > best:
             best, best_scale = row["rewards"][spec.reward_key], w
@@ -132,8 +143,9 @@ def run_table(spec: TableSpec, args) -> dict:
     for n in args.particles:
         res, _ = record("bon", n)
         grids.setdefault("bon", res) if n == 4 else None
-        res, _ = record("guidance+bon", n, scale=best_scale)
-        grids.setdefault("guidance+bon", res) if n == 4 else None
+        if guided:
+            res, _ = record("guidance+bon", n, scale=best_scale)
+            grids.setdefault("guidance+bon", res) if n == 4 else None
         for lam in args.lam:
             res, _ = record("smc", n, lam=lam, ess_threshold=args.ess_threshold)
             grids.setdefault("smc", res) if n == 4 else None
@@ -141,21 +153,21 @@ def run_table(spec: TableSpec, args) -> dict:
         grids.setdefault("smc_x0", res) if n == 4 else None
     for n in args.bon_only:
         record("bon", n)
-    result = {"benchmark": spec.name, "args": vars(args), "critic_source": run_dir or "fresh",
+    result = {"benchmark": name, "args": vars(args), "critic_source": run_dir or "fresh",
               "critic_pretrain_s": critic_time, "best_guidance_scale": best_scale, "rows": rows}
     if spec.splits:  # the generic keys (the digits JSON keeps its original ones)
         result.update(config=spec.config, reward_key=spec.reward_key, eval_keys=list(spec.eval_keys),
                       splits=spec.splits, critic_value_pretrain=pretrain_summary(critic_dir)
                       if run_dir in (None, str(critic_dir)) else None)
     result["time_s"] = time.time() - t_start
-    (out / f"{spec.name}.json").write_text(json.dumps(result, indent=2))
-    plot(result, out / f"{spec.name}.png", spec.reward_key, spec.title)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / f"{name}.png", spec.reward_key, spec.title + (" (critic reading r(decode(x̂0)))" if x0 else ""))
     from critic_align.viz import save_grid
 
-    for name, res in [("base", base_res), *grids.items()]:
-        save_grid(res.decoded.clamp(-1, 1), out / f"{spec.name}_{name.replace('+', '_')}.png",
+    for method, res in [("base", base_res), *grids.items()]:
+        save_grid(res.decoded.clamp(-1, 1), out / f"{name}_{method.replace('+', '_')}.png",
                   nrow=spec.grid_nrow, labels=spec.grid_labels)
-    print(f"wrote {out / f'{spec.name}.json'} ({result['time_s']:.0f} s)")
+    print(f"wrote {out / f'{name}.json'} ({result['time_s']:.0f} s)")
     return result
 
 

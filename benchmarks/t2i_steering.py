@@ -2,6 +2,7 @@
 critic SMC, guidance + best-of-N and FK-style x0-reward SMC at equal backbone NFE, with the trained critic.
 
     python benchmarks/t2i_steering.py       # ≈ 16 min on one CPU core (3.3 of them pretraining the critic)
+    python benchmarks/t2i_steering.py --critic-x0-reward   # a critic that also reads r(decode(x̂0)): SMC rows only
 
 The policy is the shipped pipeline ``critic_align/assets/tiny_t2i`` sampled through the Stable Diffusion path
 of ``train/configs/t2i.yaml`` (20 stochastic DDIM steps, eta = 1, CFG-free).  The critic is that config's LoRA
@@ -11,7 +12,7 @@ The reward steered on is the trained dense ``composition`` (mean clause probabil
 (all clauses right, GenEval's metric) is reported too.  Prompts: a fixed draw of ``--prompts-per-split``
 training prompts and as many held-out prompts (never trained on), each split also scored on its own.  The
 methods and the cost accounting are those of benchmarks/steering_table.py.  Writes
-benchmarks/results/t2i_steering.{json,png} and a grid per method at N = 4 (one image per prompt: the training
+benchmarks/results/t2i_steering.{json,png} (``_x0`` with ``--critic-x0-reward``) and a grid per method at N = 4 (one image per prompt: the training
 prompts' rows first, then the held-out prompts').
 """
 

@@ -249,7 +249,8 @@ class PPOConfig:
     programmatic rewards, not for a paid or human one.  On the tiny text-to-image task the latent head alone explains
     none of the return's variance on new prompts, r̂_0 calibrated per step half of it
     (``benchmarks/results/t2i_critic_offline.json``).  Needs advantage: gae, algorithm: ppo, and no perturbed value
-    states (they have no x0 prediction of the policy's)."""
+    states (they have no x0 prediction of the policy's).  At test time such a critic is an SMC potential
+    (``steering.values.X0CriticValueFn``) but not a guidance value: r̂_0 has no gradient in x_t here."""
     critic_width: int | None = None
     """Token width of the value head (default: the channels of the backbone's deepest feature level)."""
     value_loss_standardized: bool = True

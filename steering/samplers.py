@@ -178,7 +178,8 @@ def steer(
     """The one engine behind :func:`best_of_n`, :func:`guidance`, :func:`smc` and guidance + best-of-N.
 
     potential: None (no weights: best-of-N / guidance), or SMC with the log-potential
-        "value":      λ·value_fn(x_t)  (value_fn ≈ E[r | x_t], e.g. the critic),
+        "value":      λ·value_fn(x_t)  (value_fn ≈ E[r | x_t], e.g. the critic; a critic trained with
+                      ``critic_x0_reward`` also gets r̂_0 of the step's x0 prediction: a decode + reward call more),
         "soft_value": value_fn(x_t) itself, which must be log E[exp(λ·r) | x_t] at this λ (build it with
                       :mod:`steering.potentials`; one carrying a ``lam`` attribute is checked against ``lam``),
         "x0_reward":  λ·r(decode(x̂0(x_t)))  (FK steering's potential: a decode + reward call per evaluation).
@@ -211,6 +212,10 @@ def steer(
         raise ValueError(f"resample_window must be (start, end) fractions with 0 <= start <= end <= 1, got {resample_window}")
     if (guidance_scale != 0 or potential in ("value", "soft_value")) and value_fn is None:
         raise ValueError("guidance and value / soft_value potentials need a value_fn (e.g. critic_value_fn(critic))")
+    if getattr(value_fn, "needs_x0_reward", False) and (guidance_scale != 0 or potential != "value"):
+        raise ValueError("this value_fn's critic reads r(decode(x0_pred)) (critic_x0_reward): steer can use it only "
+                         "as an SMC potential (potential='value', guidance_scale=0); for guidance use a critic trained "
+                         "with critic_x0_reward: false")
     if potential == "soft_value" and getattr(value_fn, "lam", lam) != lam:
         raise ValueError(f"the soft value was built for λ={value_fn.lam}, but SMC runs with lam={lam}: build it with "
                          "the same λ (the potential must be log E[exp(λ·r) | x_t] of the target's λ)")
@@ -255,7 +260,15 @@ def steer(
             cost.reward_rows += total
             return lam * r.double()
         v = v_guidance
-        if v is None:
+        if v is None and getattr(value_fn, "needs_x0_reward", False):
+            with torch.no_grad():
+                x0 = step(out, x, t, t_prev, prev_sample=x).x0_pred
+                r0 = value_fn.x0_rewards(decode(x0.to(x.dtype)), prompts_p).to(device).float()  # (G·N, K)
+                v = check_log_potential(value_fn(x, t, cond_p, r0), total, "value_fn")
+            cost.decode_rows += total
+            cost.reward_rows += total
+            cost.critic_forward_rows += total
+        elif v is None:
             with torch.no_grad():
                 v = check_log_potential(value_fn(x, t, cond_p), total, "value_fn")
             cost.critic_forward_rows += total

@@ -60,28 +60,59 @@ def noise_level(step, t) -> NoiseLevel:
     raise TypeError(f"{type(schedule).__name__}: no timestep -> noise-level mapping (needs alpha_bar or sigma)")
 
 
-def critic_value_fn(critic, weights: Sequence[float] | torch.Tensor | None = None) -> ValueFn:
+def _combine_heads(v: torch.Tensor, weights) -> torch.Tensor:
+    """(B,) Σ_k w_k · v_k of (B, K) head values (weights None: K must be 1)."""
+    if v.ndim != 2:
+        raise ValueError(f"the critic returned shape {tuple(v.shape)}, expected (batch, num_heads)")
+    if weights is None:
+        if v.shape[1] != 1:
+            raise ValueError(f"the critic has {v.shape[1]} heads: pass weights=[...] (one per head) to combine them")
+        return v[:, 0]
+    w = torch.as_tensor(weights, dtype=v.dtype, device=v.device)
+    if w.shape != (v.shape[1],):
+        raise ValueError(f"got {w.numel()} head weights for a critic with {v.shape[1]} heads")
+    return v @ w
+
+
+class X0CriticValueFn:
+    """V(x_t) = Σ_k w_k · V_k(x_t, r̂_0) of a critic trained with ``critic_x0_reward``: its head also reads
+    r̂_0 = r(decode(x̂0(x_t))), the (B, K) rewards it was trained on, of the sampler's x0 prediction at x_t.
+
+    Called as ``value_fn(x, t, cond, x0_reward)``; :func:`steering.steer` supplies ``x0_reward`` for SMC potentials
+    (``potential="value"``) from the step's own x0 prediction — one decode + ``x0_rewards`` call per particle and
+    step, counted in the cost.  Gradient guidance cannot use it (∇_x r̂_0 would need a differentiable decode and
+    reward), nor can the diffusers callbacks, which see a state without the denoiser's output at it."""
+
+    needs_x0_reward = True
+
+    def __init__(self, critic, weights, x0_rewards):
+        if not callable(x0_rewards):
+            raise ValueError("a critic trained with critic_x0_reward needs x0_rewards=fn(decoded, prompts) -> (B, K): "
+                             "the rewards of its heads (e.g. the trainer's rewards), to score the x0 predictions")
+        self.critic, self.weights, self.x0_rewards = critic, weights, x0_rewards
+
+    def __call__(self, x_t, t, cond, x0_reward=None):
+        if x0_reward is None:
+            raise ValueError("this critic reads r(decode(x0_pred)) next to the latent (critic_x0_reward): only "
+                             "steering.steer's SMC (potential='value') supplies it; guidance, soft-value potentials "
+                             "and the diffusers callbacks need a critic trained with critic_x0_reward: false")
+        return _combine_heads(self.critic(x_t, t, cond, x0_reward=x0_reward), self.weights)
+
+
+def critic_value_fn(critic, weights: Sequence[float] | torch.Tensor | None = None, x0_rewards=None) -> ValueFn:
     """V(x_t) = Σ_k w_k · V_k(x_t) from a multi-head :class:`~critic_align.critic.Critic` (K heads).
 
     ``weights`` default to all ones for K = 1 and must be given for K > 1 (explicit: which heads, how much).
+    A critic trained with ``critic_x0_reward`` gives an :class:`X0CriticValueFn` and needs ``x0_rewards``
+    (``fn(decoded, prompts) -> (B, K)``, the rewards its heads were trained on).
     """
     if getattr(getattr(critic, "head", None), "reads_x0_reward", False):
-        raise ValueError("this critic reads r(decode(x0_pred)) next to the latent (critic_x0_reward), which the "
-                         "steering value functions do not supply: steer with potential='x0_reward', or with a critic "
-                         "trained with critic_x0_reward: false")
+        return X0CriticValueFn(critic, weights, x0_rewards)
+    if x0_rewards is not None:
+        raise ValueError("x0_rewards is only for a critic trained with critic_x0_reward; this one reads the latent only")
 
     def value(x_t, t, cond):
-        v = critic(x_t, t, cond)  # (B, K)
-        if v.ndim != 2:
-            raise ValueError(f"the critic returned shape {tuple(v.shape)}, expected (batch, num_heads)")
-        if weights is None:
-            if v.shape[1] != 1:
-                raise ValueError(f"the critic has {v.shape[1]} heads: pass weights=[...] (one per head) to combine them")
-            return v[:, 0]
-        w = torch.as_tensor(weights, dtype=v.dtype, device=v.device)
-        if w.shape != (v.shape[1],):
-            raise ValueError(f"got {w.numel()} head weights for a critic with {v.shape[1]} heads")
-        return v @ w
+        return _combine_heads(critic(x_t, t, cond), weights)
 
     return value
 

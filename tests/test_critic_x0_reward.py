@@ -3,7 +3,8 @@
 Checked: the head's gate starts at zero (the same values as a head without it) and adds a(e)·(r̂0 − m) by hand;
 the recorded x0 rewards equal a slow per-state reference loop (full trajectories and an SDE window); batched values
 equal per-row calls; value pretraining and PPO train the gate; the rows are counted and survive a checkpoint; bad
-configurations and steering with such a critic fail with errors that name the fix."""
+configurations fail with errors that name the fix; steering SMC with such a critic equals a slow per-row reference,
+and every path that cannot supply r̂0 (guidance, soft values, the diffusers callbacks) refuses it by name."""
 
 from __future__ import annotations
 
@@ -124,9 +125,84 @@ def test_config_errors(over, needle):
         PPOConfig(**{"critic_x0_reward": True, **over})
 
 
-def test_steering_value_fn_refuses_a_critic_that_reads_x0_rewards(tmp_path):
-    from steering.values import critic_value_fn
+def _x0_trainer(tmp_path):
+    tr = make_trainer(tmp_path, critic_x0_reward=True, num_inference_steps=4, eta=1.0)
+    perturb_lora(tr, "policy")
+    with torch.no_grad():
+        tr.critic.head.out_scale.fill_(0.5)
+        tr.critic.head.x0_gate[1].bias.fill_(0.8)  # r̂0 moves the value: a wrong or missing r̂0 would show
+    return tr
 
-    tr = make_trainer(tmp_path, critic_x0_reward=True)
-    with pytest.raises(ValueError, match="potential='x0_reward'"):
+
+def test_smc_with_an_x0_critic_equals_a_slow_reference(tmp_path):
+    """steer's SMC potential for an x0-reading critic == λ·V(x_t, r(decode(x̂0(x_t)))) computed by hand per row,
+    with the denoiser called again at each state (the engine reuses the step's own output)."""
+    from steering import steer
+    from steering.values import X0CriticValueFn, critic_value_fn
+
+    tr = _x0_trainer(tmp_path)
+    prompts = tr.prompt_iter.batch(3, 1)
+    cond = tr.task.encode(prompts)
+    n, lam = 3, 4.0
+    value_fn = critic_value_fn(tr.critic, x0_rewards=tr.rewards)
+    assert isinstance(value_fn, X0CriticValueFn)
+
+    def reference(x, t, c):  # one row at a time, nothing shared with the engine's x0 path
+        vals = []
+        for i in range(x.shape[0]):
+            xi, ti, ci = x[i:i + 1], t[i:i + 1], None if c is None else c[i:i + 1]
+            out = tr.policy_output(xi, ti, ci)
+            t_prev = tr.step.schedule.prev_timesteps(ti)
+            x0 = tr.step(out, xi, ti, t_prev, prev_sample=xi).x0_pred
+            r0 = tr.rewards(tr.task.decode(x0), [prompts[i // n]])
+            vals.append(tr.critic(xi, ti, ci, x0_reward=r0.float())[:, 0])
+        return torch.cat(vals)
+
+    def run(fn):
+        x_T = torch.randn((3 * n, *tr.task.latent_shape), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return steer(tr.policy_output, tr.step, x_T, tr.timesteps, cond, prompts, num_particles=n,
+                         reward_fn=lambda s, ps: tr.rewards.weighted_sum(tr.rewards(s, ps)), decode=tr.task.decode,
+                         value_fn=fn, potential="value", lam=lam, ess_threshold=1.0,
+                         generator=torch.Generator().manual_seed(1))
+
+    got, ref = run(value_fn), run(reference)
+    assert got.resampled.any()  # the potentials did act
+    torch.testing.assert_close(got.log_weights, ref.log_weights, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.particles, ref.particles, rtol=1e-4, atol=1e-5)
+    steps = len(tr.timesteps)
+    # x0 decodes + reward calls at every state, plus the final samples
+    assert got.cost.decode_rows == got.cost.reward_rows == 3 * n * (steps + 1)
+    assert got.cost.critic_forward_rows == 3 * n * steps
+
+
+def test_an_x0_critic_is_refused_where_it_cannot_get_its_x0_reward(tmp_path):
+    from steering import steer
+    from steering.diffusers import ScoreGuidedScheduler, SMCCallback
+    from steering.values import critic_value_fn
+    from train.steer import steer_with_trainer
+
+    tr = _x0_trainer(tmp_path)
+    with pytest.raises(ValueError, match="needs x0_rewards"):
         critic_value_fn(tr.critic)
+    with pytest.raises(ValueError, match="only for a critic trained with critic_x0_reward"):
+        critic_value_fn(make_trainer(tmp_path / "plain").critic, x0_rewards=tr.rewards)
+    value_fn = critic_value_fn(tr.critic, x0_rewards=tr.rewards)
+    x = torch.randn(2, *tr.task.latent_shape)
+    with pytest.raises(ValueError, match="only steering.steer's SMC"):
+        value_fn(x, tr.timesteps[:1].repeat(2), None)
+    x_T = torch.randn(4, *tr.task.latent_shape)
+    prompts = tr.prompt_iter.batch(2, 1)
+    common = dict(num_particles=2, reward_fn=lambda s, ps: s.mean((1, 2, 3)), decode=tr.task.decode, value_fn=value_fn)
+    for kw in ({"guidance_scale": 1.0}, {"potential": "soft_value", "lam": 1.0},
+               {"potential": "value", "guidance_scale": 1.0}):
+        with pytest.raises(ValueError, match="only as an SMC potential"):
+            steer(tr.policy_output, tr.step, x_T, tr.timesteps, tr.task.encode(prompts), prompts, **common, **kw)
+    with pytest.raises(ValueError, match="SMCCallback: this critic reads"):
+        SMCCallback(value_fn, num_particles=2)
+    with pytest.raises(ValueError, match="ScoreGuidedScheduler: this critic reads"):
+        ScoreGuidedScheduler(object(), value_fn, 1.0)
+    with pytest.raises(ValueError, match="--method guidance"):
+        steer_with_trainer(tr, "guidance", prompts, scale=1.0)
+    res, evals = steer_with_trainer(tr, "smc", prompts, particles=2, lam=2.0, ess_threshold=0.9)  # supplies r̂0
+    assert res.cost.decode_rows == 2 * 2 * (len(tr.timesteps) + 1) and set(evals) >= {"bright"}

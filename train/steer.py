@@ -41,8 +41,8 @@ def build_steering_trainer(config: str | None, run_dir: str | None, out: str, ov
         # pretrained on full trajectories, not on a training config's SDE window (values elsewhere never fitted)
         overrides.update(sde_window_size=0, sde_window_range=None)
     if run_dir is None and "critic_x0_reward" not in overrides:
-        # the steering value functions call the critic on a state alone (steering/values.py): a fresh critic is one
-        # that reads only the latent, whatever the training config says
+        # gradient guidance and the diffusers callbacks call the critic on a state alone (steering/values.py): a
+        # fresh critic reads only the latent unless --set critic_x0_reward=true asks for one usable by SMC only
         overrides["critic_x0_reward"] = False
     ckpt = None
     if run_dir is not None:
@@ -91,7 +91,15 @@ def steer_with_trainer(trainer, method: str, prompts: list[str], particles: int 
     def reward_fn(samples, ps):
         return trainer.rewards.weighted_sum(trainer.rewards(samples, ps))
 
-    value_fn = critic_value_fn(trainer.critic, weights=weights.tolist()) if trainer.critic is not None else None
+    value_fn = None
+    if trainer.critic is not None:
+        # a critic trained with critic_x0_reward scores the step's x0 predictions with the rewards it was trained on
+        x0_rewards = trainer.rewards if reads_x0_reward(trainer) else None
+        value_fn = critic_value_fn(trainer.critic, weights=weights.tolist(), x0_rewards=x0_rewards)
+    if method in ("guidance", "guidance+bon") and reads_x0_reward(trainer):
+        raise ValueError(f"--method {method}: this run's critic reads r(decode(x0_pred)) (critic_x0_reward), which "
+                         "has no gradient in x_t here; steer it with bon, smc or smc_x0, or pretrain a fresh critic "
+                         "(--config, critic_x0_reward false by default)")
     opts = dict(num_particles=n, reward_fn=reward_fn, decode=task.decode, generator=gen, **kw)
     if method in ("guidance", "guidance+bon"):
         opts.update(value_fn=value_fn, guidance_scale=scale)
@@ -109,6 +117,11 @@ def steer_with_trainer(trainer, method: str, prompts: list[str], particles: int 
     res = steer(trainer.policy_output, trainer.step, x_T, trainer.timesteps.to(trainer.device), cond, prompts,
                 backbone_rows_per_call=rows_per_call, **opts)
     return res, evaluate_samples(trainer, res.decoded, prompts)
+
+
+def reads_x0_reward(trainer) -> bool:
+    """Whether the trainer's critic reads r(decode(x0_pred)) next to the latent (``critic_x0_reward``)."""
+    return bool(getattr(getattr(trainer.critic, "head", None), "reads_x0_reward", False))
 
 
 @torch.no_grad()
