@@ -12,8 +12,8 @@ The reward steered on is the trained dense ``composition`` (mean clause probabil
 (all clauses right, GenEval's metric) is reported too.  Prompts: a fixed draw of ``--prompts-per-split``
 training prompts and as many held-out prompts (never trained on), each split also scored on its own.  The
 methods and the cost accounting are those of benchmarks/steering_table.py.  Writes
-benchmarks/results/t2i_steering.{json,png} (``_x0`` with ``--critic-x0-reward``) and a grid per method at N = 4 (one image per prompt: the training
-prompts' rows first, then the held-out prompts').
+benchmarks/results/t2i_steering.{json,png} (``_x0`` with ``--critic-x0-reward``) and a grid per method at N = 4
+(one image per prompt: the training prompts' rows first, then the held-out prompts').
 """
 
 from __future__ import annotations
