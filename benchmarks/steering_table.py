@@ -8,6 +8,7 @@ For N ∈ ``--particles`` particles per prompt (T denoising steps):
                     (``--critic-x0-reward``: a critic that also reads r(decode(x̂0)), + N·T decodes + reward calls;
                     no guidance rows then: its value has no gradient in x_t)
     smc_x0          SMC, FK steering's potential λ·r(x̂0)         NFE = N·T, + N·(T+1) decodes + reward calls
+                    (both SMC kinds at every λ in ``--lam``)
 and at N = 1: base and guidance at several scales (the best scale by the trained reward is used for
 guidance+bon).  SMC's output per prompt is ``--smc-output``: argmax (default: this is a reward-vs-NFE
 comparison with best-of-N, so SMC also keeps its best particle) or sample (a draw from its weighted particles,
@@ -149,8 +150,9 @@ def run_table(spec: TableSpec, args) -> dict:
         for lam in args.lam:
             res, _ = record("smc", n, lam=lam, ess_threshold=args.ess_threshold)
             grids.setdefault("smc", res) if n == 4 else None
-        res, _ = record("smc_x0", n, lam=args.lam[0], ess_threshold=args.ess_threshold)
-        grids.setdefault("smc_x0", res) if n == 4 else None
+        for lam in args.lam:  # every λ, as the critic's SMC: the verdicts take each method's best λ
+            res, _ = record("smc_x0", n, lam=lam, ess_threshold=args.ess_threshold)
+            grids.setdefault("smc_x0", res) if n == 4 else None
     for n in args.bon_only:
         record("bon", n)
     result = {"benchmark": name, "args": vars(args), "critic_source": run_dir or "fresh",
