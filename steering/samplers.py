@@ -248,29 +248,27 @@ def steer(
     # potential already separates particles)
     allowed = [(k % resample_every == 0) and (lo * num_steps <= k < hi * num_steps) for k in range(num_steps)]
 
+    def rewards_of_x0(fn, x, t, out, t_prev):
+        """fn(decode(x̂0), prompts) of the step's x0 prediction at x (scoring x itself as a dummy transition: no
+        noise is drawn), counted as one decode + reward row per particle."""
+        with torch.no_grad():
+            x0 = step(out, x, t, t_prev, prev_sample=x).x0_pred
+            r = fn(decode(x0.to(x.dtype)), prompts_p).to(device).float()
+        cost.decode_rows += total
+        cost.reward_rows += total
+        return r
+
     def log_potential(x, t, out, t_prev, v_guidance):
         """(G·N,) log G_t(x_t) of the chosen potential (reusing the guidance forward when there is one)."""
         if potential == "x0_reward":
-            with torch.no_grad():
-                # the step's x0 prediction (scoring x itself as a dummy transition: no noise is drawn)
-                x0 = step(out, x, t, t_prev, prev_sample=x).x0_pred
-                r = check_log_potential(reward_fn(decode(x0.to(x.dtype)), prompts_p).to(device).float(), total,
-                                        "reward_fn")
-            cost.decode_rows += total
-            cost.reward_rows += total
-            return lam * r.double()
+            return lam * check_log_potential(rewards_of_x0(reward_fn, x, t, out, t_prev), total, "reward_fn").double()
         v = v_guidance
-        if v is None and getattr(value_fn, "needs_x0_reward", False):
+        if v is None:
+            # a critic trained with critic_x0_reward also reads r̂_0, the (G·N, K) rewards of the step's x0 prediction
+            extra = ((rewards_of_x0(value_fn.x0_rewards, x, t, out, t_prev),)
+                     if getattr(value_fn, "needs_x0_reward", False) else ())
             with torch.no_grad():
-                x0 = step(out, x, t, t_prev, prev_sample=x).x0_pred
-                r0 = value_fn.x0_rewards(decode(x0.to(x.dtype)), prompts_p).to(device).float()  # (G·N, K)
-                v = check_log_potential(value_fn(x, t, cond_p, r0), total, "value_fn")
-            cost.decode_rows += total
-            cost.reward_rows += total
-            cost.critic_forward_rows += total
-        elif v is None:
-            with torch.no_grad():
-                v = check_log_potential(value_fn(x, t, cond_p), total, "value_fn")
+                v = check_log_potential(value_fn(x, t, cond_p, *extra), total, "value_fn")
             cost.critic_forward_rows += total
         return v.double() if potential == "soft_value" else lam * v.double()
 
