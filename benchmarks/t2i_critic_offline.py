@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.digits_advantages import _machine  # noqa: E402
 from benchmarks.t2i_advantages import CONFIGS  # noqa: E402
+from critic_align.collect import x0_prediction_rewards  # noqa: E402
 from critic_align.diagnostics import explained_variance, value_report  # noqa: E402
 from critic_align.rollout import Rollout  # noqa: E402
 from critic_align.tasks.composition import parse_prompt  # noqa: E402
@@ -83,21 +84,20 @@ def reference_evs(test: Rollout, train: Rollout, group: int) -> dict:
 
 @torch.no_grad()
 def x0_reward_values(trainer, ro: Rollout, chunk: int = 256) -> torch.Tensor:
-    """(B, T, K) r(decode(x̂0(x_t))) at every recorded state: the policy's x0 prediction at the state, decoded and
-    scored by the trained rewards."""
+    """(B, T, K) r(decode(x̂0(x_t))) at every recorded state: the policy's x0 prediction at the state (one more
+    denoiser call: these rollouts did not record it), decoded and scored by the trained rewards
+    (:func:`critic_align.collect.x0_prediction_rewards`, as ``critic_x0_reward`` does)."""
     b, t = ro.latents.shape[0], ro.num_steps
     x = ro.latents[:, :-1].reshape(b * t, *ro.latents.shape[2:])
     ts, tp = ro.timesteps.repeat(b), ro.prev_timesteps.repeat(b)
     nxt = ro.latents[:, 1:].reshape(b * t, *ro.latents.shape[2:])
     idx = torch.arange(b).repeat_interleave(t)
-    prompts = [ro.prompts[i] for i in idx.tolist()]
-    out = []
+    x0 = []
     for i in range(0, b * t, chunk):
         sl = slice(i, i + chunk)
-        cond = ro.cond[idx[sl]]
-        x0 = trainer.step(trainer.policy_output(x[sl], ts[sl], cond), x[sl], ts[sl], tp[sl], prev_sample=nxt[sl]).x0_pred
-        out.append(trainer.rewards(trainer.task.decode(x0), prompts[sl]).float())
-    return torch.cat(out).reshape(b, t, -1)
+        out = trainer.policy_output(x[sl], ts[sl], ro.cond[idx[sl]])
+        x0.append(trainer.step(out, x[sl], ts[sl], tp[sl], prev_sample=nxt[sl]).x0_pred)
+    return x0_prediction_rewards(trainer, torch.cat(x0).view(b, t, *x.shape[1:]), ro.prompts, chunk)
 
 
 def calibrate(train_x0r: torch.Tensor, train_ret: torch.Tensor, test_x0r: torch.Tensor) -> torch.Tensor:
