@@ -61,9 +61,7 @@ def _rss_mb() -> float:
 def _epochs(trainer, n: int) -> dict:
     rows = [trainer.train_epoch().metrics for _ in range(n + 1)][1:]
     out = {k: statistics.median(r[f"time_{k}_s"] for r in rows) for k in ("rollout", "update", "epoch")}
-    from critic_align.update import micro_batcher
-
-    out["bytes_per_pair"] = micro_batcher(trainer).bytes_per_row.get("ppo")
+    out["bytes_per_pair"] = trainer.opt.batcher.bytes_per_row.get("ppo")
     return out
 
 

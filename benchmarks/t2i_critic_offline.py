@@ -97,7 +97,8 @@ def x0_reward_values(trainer, ro: Rollout, chunk: int = 256) -> torch.Tensor:
         sl = slice(i, i + chunk)
         out = trainer.policy_output(x[sl], ts[sl], ro.cond[idx[sl]])
         x0.append(trainer.step(out, x[sl], ts[sl], tp[sl], prev_sample=nxt[sl]).x0_pred)
-    return x0_prediction_rewards(trainer, torch.cat(x0).view(b, t, *x.shape[1:]), ro.prompts, chunk)
+    return x0_prediction_rewards(trainer.task, trainer.rewards, torch.cat(x0).view(b, t, *x.shape[1:]), ro.prompts,
+                                 trainer.device, chunk)
 
 
 def calibrate(train_x0r: torch.Tensor, train_ret: torch.Tensor, test_x0r: torch.Tensor) -> torch.Tensor:

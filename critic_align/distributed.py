@@ -1,20 +1,27 @@
-"""Process plumbing, all of it: accelerate's own collectives behind the few operations the trainer needs.
+"""Process plumbing: accelerate's engine for the gradients, accelerate's collectives for the few scalars that cross.
 
-The same code runs on one process, on N CPU processes (gloo) and on N GPUs (NCCL, or gloo with CUDA tensors):
-every buffer handed to a collective is built on the device of the tensors it carries.
+The same code runs on one process, on N CPU processes (gloo) and on N GPUs (NCCL).
 
-* :meth:`Processes.gather` / :meth:`gather_objects`: every process gets the concatenation in rank order
-  (``accelerate.utils.gather`` / ``gather_object``);
-* :meth:`Processes.broadcast_` and :meth:`share_from_main`: rank 0's tensors / a picklable value everywhere
-  (``accelerate.utils.broadcast`` / ``broadcast_object_list``);
-* :func:`sum_gradients`: one flat all-reduce (``accelerate.utils.reduce``, sum) of every trainable gradient;
+* The trainable modules (the backbone with its policy and critic LoRA adapters, the critic's head; a 'full'
+  critic's own copy) are ONE :class:`TrainModule`, handed to ``accelerator.prepare`` with the optimiser: DDP under a
+  multi-process launch, so the engine all-reduces the gradients, overlapped with the backward.  Every forward that
+  carries gradients runs through it (:meth:`Processes.forward`), one per backward, as DDP's reducer expects; the
+  loss closure is its forward (the policy and the critic share one backward in PPO).  ``find_unused_parameters``:
+  a policy forward does not reach the critic's adapter and head, a value fit does not reach the policy's.
+* Gradient accumulation: the micro-batches of one minibatch backward under ``accelerator.no_sync`` except the last.
+* Rank-local rollouts: each process samples and scores its own contiguous shard of every batch
+  (:meth:`Processes.shard`); only rewards, critic values (B, T, K) and statistics cross processes
+  (:meth:`gather`, :meth:`gather_objects`).
 * :func:`seed_everything`: ``accelerate.utils.set_seed`` (python, numpy, torch on every device).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
-from accelerate.utils import broadcast, broadcast_object_list, gather, gather_object, reduce, set_seed
+from accelerate.utils import broadcast, broadcast_object_list, gather, gather_object, set_seed
+from torch import nn
 
 
 def seed_everything(seed: int) -> None:
@@ -22,36 +29,28 @@ def seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
-def _all_reduce_sum(flat: torch.Tensor) -> torch.Tensor:
-    return reduce(flat, reduction="sum")
+class TrainModule(nn.Module):
+    """Every trainable tensor of a run under one module, for the engine: ``backbone`` (the shared base with the
+    policy's and the critic's LoRA adapters) and ``critic`` (its head; a 'full' critic's own backbone copy).
 
+    ``forward(fn, *args)`` returns ``fn(*args)``: the loss closure runs inside the engine's forward, so DDP sees the
+    one forward each backward belongs to, whatever mix of policy and critic forwards the loss needs."""
 
-def sum_gradients(params: list[torch.nn.Parameter], num_processes: int) -> None:
-    """Replace every parameter's gradient by its sum over processes, in one flat all-reduce.
+    def __init__(self, backbone: nn.Module, critic: nn.Module | None):
+        super().__init__()
+        self.backbone = backbone
+        self.critic = critic
 
-    A parameter no process computed a gradient for keeps ``grad = None``, as with one process: the optimiser then
-    skips it (a zero gradient would still decay its weights and advance its Adam moments).  So the buffer carries
-    one "has a gradient" flag per parameter in front of the gradients, on the gradients' device (NCCL needs CUDA
-    tensors, and ``torch.cat`` refuses to mix devices).
-    """
-    if num_processes == 1 or not params:
-        return
-    device = params[0].device
-    has = torch.tensor([float(p.grad is not None) for p in params], device=device)
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = _all_reduce_sum(torch.cat([has] + [g.reshape(-1) for g in grads]))
-    present = flat[:len(params)].tolist()  # one device -> host copy, not one per parameter
-    offset = len(params)
-    for p, flag in zip(params, present):
-        p.grad = flat[offset:offset + p.numel()].view_as(p).clone() if flag > 0 else None
-        offset += p.numel()
+    def forward(self, fn, *args):
+        return fn(*args)
 
 
 class Processes:
-    """The processes of a run, as the ``Accelerator`` sees them (1 without a launcher)."""
+    """The processes of a run, as the ``Accelerator`` sees them (1 without a launcher), and the engine's module."""
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
+        self.module: nn.Module | None = None  # the prepared TrainModule (DDP-wrapped with several processes)
 
     @property
     def num_processes(self) -> int:
@@ -69,6 +68,38 @@ class Processes:
     def device(self) -> torch.device:
         return self.accelerator.device
 
+    # ------------------------------------------------------------------------------------------------
+    # the engine
+    def prepare(self, module: TrainModule, optimizer: torch.optim.Optimizer):
+        """``accelerator.prepare`` of the run's trainable module and its optimiser (DDP with several processes: rank
+        0's weights are broadcast, gradients are averaged by the engine).  Returns the prepared optimiser."""
+        if self.num_processes > 1:
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            # our settings, whatever the caller's accelerator was built with: unused parameters are normal here (a
+            # value fit does not reach the policy), and no buffer needs re-broadcasting at every forward
+            self.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True,
+                                                                         broadcast_buffers=False)
+        self.module, prepared = self.accelerator.prepare(module, optimizer)
+        return prepared
+
+    def forward(self, fn, *args):
+        """``fn(*args)`` through the prepared module (the engine's forward), or directly before :meth:`prepare`."""
+        return fn(*args) if self.module is None else self.module(fn, *args)
+
+    def sync(self, last: bool):
+        """The context for one micro-batch's backward: the engine's gradient sync only on the minibatch's ``last``."""
+        if last or self.module is None or self.num_processes == 1:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.module)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # the engine averages gradients over processes; each process's loss is its part of the global mean, so
+        # scaling by the number of processes makes the average the global sum of parts
+        self.accelerator.backward(loss * self.num_processes)
+
+    # ------------------------------------------------------------------------------------------------
+    # what crosses processes
     def shard(self, n: int) -> slice:
         """This process's contiguous share of ``n`` rows (``n`` divisible by the number of processes)."""
         per = n // self.num_processes
@@ -77,6 +108,14 @@ class Processes:
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """Every process's ``t`` concatenated along dim 0, in rank order (identical shapes)."""
         return t if self.num_processes == 1 else gather(t.contiguous())
+
+    def gather_uneven(self, t: torch.Tensor) -> torch.Tensor:
+        """Every process's ``t`` concatenated along dim 0, in rank order, when the lengths differ (small tensors:
+        row statistics)."""
+        if self.num_processes == 1:
+            return t
+        parts = gather_object([t.detach().cpu()])
+        return torch.cat(parts).to(t.device)
 
     def gather_objects(self, obj) -> list:
         """[process 0's obj, process 1's obj, ...] on every process."""
@@ -91,6 +130,3 @@ class Processes:
     def share_from_main(self, value):
         """Rank 0's ``value`` (picklable) on every process."""
         return value if self.num_processes == 1 else broadcast_object_list([value], from_process=0)[0]
-
-    def sum_gradients(self, params) -> None:
-        sum_gradients(params, self.num_processes)

@@ -1,13 +1,14 @@
-"""What an epoch reports besides the update's statistics: reward means and stds, and the held-out evaluation."""
+"""What an epoch reports besides the update's statistics: reward means and stds, the critic's quality, and the
+held-out evaluation.  Functions of the networks, the rewards and the numbers they read; with several processes they
+receive the whole batch's rewards and values (the trainer gathers them), and the evaluation gathers its few samples."""
 
 from __future__ import annotations
 
 import torch
 
-from .collect import eval_reward_matrix
+from .collect import collect, critic_values
 from .diagnostics import value_report, within_prompt_diversity
-from .rollout import Rollout
-from .value_fit import mc_returns
+from .value_fit import discounted_returns
 
 
 def column_stats(matrix: torch.Tensor, names, prefix: str = "reward/") -> dict:
@@ -21,40 +22,35 @@ def column_stats(matrix: torch.Tensor, names, prefix: str = "reward/") -> dict:
     return out
 
 
-def reward_stats(trainer, ro: Rollout) -> dict:
-    """The trained rewards' and (scored here) the eval rewards' mean and std over the batch."""
-    out = column_stats(ro.rewards, trainer.rewards.names)
-    if trainer.eval_rewards is not None:
-        out.update(column_stats(eval_reward_matrix(trainer, ro), trainer.eval_rewards.names))
-    return out
-
-
-def rollout_value_report(trainer, ro: Rollout, values: torch.Tensor, prefix: str = "") -> dict:
-    """Explained variance and calibration of the critic against Monte-Carlo returns, per head, overall and per
-    timestep bucket (:func:`critic_align.diagnostics.value_report`)."""
-    return value_report(values, mc_returns(ro, trainer.config.gamma), ~torch.isnan(ro.rewards.float()),
-                        trainer.rewards.names, prefix)
+def critic_report(values: torch.Tensor, rewards: torch.Tensor, names, gamma: float, prefix: str = "") -> dict:
+    """Explained variance and calibration of the critic's values (B, T, K) against the Monte-Carlo returns of the
+    rewards (B, K), per head, overall and per timestep bucket (:func:`critic_align.diagnostics.value_report`)."""
+    return value_report(values, discounted_returns(rewards, values.shape[1], gamma), ~torch.isnan(rewards.float()),
+                        names, prefix)
 
 
 @torch.no_grad()
-def evaluate(trainer) -> dict:
+def evaluate(models, task, rewards, eval_rewards, timesteps: torch.Tensor, config, processes) -> dict:
     """Metrics on a fixed held-out batch: ``eval_prompts`` prompts x ``eval_per_prompt`` samples from noise seeded by
     the run's seed alone (the same batch at every call, never trained on, not counted in ``reward_queries``):
-    rewards, within-prompt diversity and, with a critic, its explained variance and calibration per timestep bucket."""
-    cfg = trainer.config
-    prompts = [p for p in list(trainer.task.prompts)[:cfg.eval_prompts] for _ in range(cfg.eval_per_prompt)]
-    n, procs = len(prompts), trainer.num_processes
-    if procs > 1 and n % (procs * cfg.sample_chunk_size):
-        raise ValueError(f"eval batch of {n} samples does not split into {procs} processes' chunks of "
+    rewards, within-prompt diversity and, with a critic, its explained variance and calibration per timestep bucket.
+    Each process samples and scores its shard; the rewards, values and (few) samples are gathered."""
+    cfg, procs = config, processes
+    prompts = [p for p in list(task.prompts)[:cfg.eval_prompts] for _ in range(cfg.eval_per_prompt)]
+    n = len(prompts)
+    if procs.num_processes > 1 and n % (procs.num_processes * cfg.sample_chunk_size):
+        raise ValueError(f"eval batch of {n} samples does not split into {procs.num_processes} processes' chunks of "
                          f"sample_chunk_size={cfg.sample_chunk_size}: choose eval_prompts x eval_per_prompt to fit")
-    ro = trainer.rollout(prompts, generator=torch.Generator().manual_seed(cfg.seed + 7_919_000), count=False)
-    out = {f"eval/reward/{name}": float(torch.nanmean(ro.rewards[:, k].float()))
-           for k, name in enumerate(trainer.rewards.names)}
-    if trainer.eval_rewards is not None:
-        extra = eval_reward_matrix(trainer, ro)
+    ro = collect(models, task, rewards, timesteps, prompts, procs.shard(n),
+                 torch.Generator().manual_seed(cfg.seed + 7_919_000), cfg.sample_chunk_size, cfg.overlap_rewards,
+                 cfg.critic_x0_reward)
+    scores = procs.gather(ro.rewards)
+    out = {f"eval/reward/{name}": float(torch.nanmean(scores[:, k].float())) for k, name in enumerate(rewards.names)}
+    if eval_rewards is not None:
+        extra = procs.gather(eval_rewards(ro.samples, ro.prompts).to(models.device))
         out.update({f"eval/reward/{name}": float(torch.nanmean(extra[:, k].float()))
-                    for k, name in enumerate(trainer.eval_rewards.names)})
-    out.update({f"eval/diversity/{k}": v for k, v in within_prompt_diversity(ro.samples, ro.prompts).items()})
-    if trainer.critic is not None:
-        out.update(trainer.value_report(ro, trainer.compute_values(ro), prefix="eval/"))
+                    for k, name in enumerate(eval_rewards.names)})
+    out.update({f"eval/diversity/{k}": v for k, v in within_prompt_diversity(procs.gather(ro.samples), prompts).items()})
+    if models.critic is not None:
+        out.update(critic_report(procs.gather(critic_values(models, ro)), scores, rewards.names, cfg.gamma, "eval/"))
     return out

@@ -37,8 +37,10 @@ from .steps import DDIMStep
 Denoiser = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Rollout:
+    """Immutable: each stage returns a new record (``dataclasses.replace``)."""
+
     latents: torch.Tensor
     timesteps: torch.Tensor
     prev_timesteps: torch.Tensor

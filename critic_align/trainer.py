@@ -1,26 +1,25 @@
-"""The trainer: owns a run's state and its loop; the stages are plain functions in their own modules.
+"""The trainer: owns a run's state and reads its loop top to bottom; the stages are plain functions of the networks
+(:class:`~critic_align.models.Models`), a batch and the config, in their own modules:
 
-One epoch, one stage per module, a new record between stages:
+    prompts --collect.collect---------> Rollout (this process's trajectories, samples, rewards (B, K))
+            --collect.critic_values---> values (B, T, K)                       (estimators that need a critic)
+            --estimators.<name>-------> advantages (B, T), value targets (B, T, K) | None   (on the whole batch)
+            --algorithms.<name>.update> statistics (the policy LoRA, critic and optimiser stepped; ppo / nft / awm)
+            --RunLog / checkpoint-----> metrics.jsonl, TensorBoard, grids, safetensors + JSON
 
-    prompts --collect.collect-------> Rollout (trajectories: latents, log-probs; samples; rewards (B, K))
-            --collect.critic_values-> values (B, T, K)                         (estimators that need a critic)
-            --estimators.<name>-----> Targets (advantages (B, T), value targets (B, T, K) | None)
-            --algorithms.<name>-----> statistics (the policy LoRA, critic and optimiser stepped; ppo / nft / awm)
-            --checkpoint / RunLog---> safetensors + JSON, metrics.jsonl, TensorBoard, grids
-
-Value pretraining (value_fit.py) fits the critic on rollouts of the frozen policy first.  The advantage
-estimator is chosen by name (``PPOConfig.advantage``, :data:`critic_align.registry.ESTIMATORS`); everything
+Value pretraining (:mod:`critic_align.value_fit`) fits the critic on rollouts of the frozen policy first.  The
+advantage estimator is chosen by name (``PPOConfig.advantage``, :data:`critic_align.registry.ESTIMATORS`); everything
 else is shared, so comparing estimators measures the estimator and nothing else.
 
-Multi-process (``torchrun`` / ``accelerate launch``): every process holds the same prompt iterator and generator
-and samples its 1/N of each batch; the rollout is gathered, advantages are computed everywhere on the whole batch,
-and the gradients are summed before each step (:mod:`critic_align.collect`, :mod:`critic_align.update`,
-:mod:`critic_align.distributed`).  Only the main process writes logs, grids and checkpoints.
+Multi-process (``accelerate launch`` / ``torchrun``): the trainable modules and the optimiser go through
+``accelerator.prepare`` (DDP: the engine syncs the gradients); every process holds the same prompt iterator and
+generator, samples, encodes and scores only its own shard of each batch, and receives only the whole batch's rewards
+and critic values (the estimators' inputs) and statistics (:mod:`critic_align.distributed`).  Only the main process
+writes logs, grids and checkpoints.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -30,22 +29,25 @@ from pathlib import Path
 import torch
 
 from . import collect, metrics, runio, value_fit
-from . import update as upd
 from .algorithms import build_algorithm
+from .algorithms.ppo import loss_on_pairs
 from .backbones.base import BackboneAdapter
 from .backbones.lora import LoraAdapters
 from .checkpoint import base_digest, optimizer_tensors, restore_optimizer
 from .config import PPOConfig
 from .critic import Critic, build_critic
-from .distributed import Processes, seed_everything
+from .distributed import Processes, TrainModule, seed_everything
 from .estimators import ScoredBatch, build_estimator
+from .guard import check_reward_magnitude, check_update, check_weights
+from .models import Models
 from .rewards.base import MultiReward
-from .rollout import Rollout, cfg_denoiser
+from .rollout import Rollout
 from .runio import RunLog
 from .runlock import lock_for
 from .steps import is_flow_matching, make_step
 from .tasks.base import check_task
-from .update import combine_stats as _combine_stats  # noqa: F401 (the name tests and callers import)
+from .update import MicroBatcher, Optimization, UpdateContext, combine_stats  # noqa: F401 (re-exported)
+from .update import pairs as draw_pairs
 from .value_data import ForwardProcess
 
 
@@ -81,7 +83,7 @@ class Trainer:
                 f"{self.accelerator.num_processes}: every process would train alone and write the same run directory. "
                 "Create the accelerate state for the launch (on CPU: ACCELERATE_USE_CPU=1 or Accelerator(cpu=True)) "
                 "before building the Trainer, or pass it as accelerator=")
-        self.processes = Processes(self.accelerator)  # gather / broadcast / gradient sum: critic_align/distributed.py
+        self.processes = Processes(self.accelerator)  # the engine and what crosses processes: distributed.py
         self.device = self.accelerator.device
         seed_everything(config.seed)
         config.check_run(rewards.names, self.processes.num_processes, model=adapter.model)
@@ -104,13 +106,17 @@ class Trainer:
                           target_modules=config.lora_target_modules)
         self.prompt_iter = PromptIterator(task.prompts, seed=config.seed)  # checks the prompts before they are used
         self.estimator = build_estimator(config)
+        self.models = self._models(None)
         self.critic: Critic | None = self._build_critic() if self.estimator.needs_values else None
+        self.models = self._models(self.critic)
         self.forward_process = (ForwardProcess(scheduler, config.num_inference_steps)
                                 if self.critic is not None and config.value_perturbed_per_sample else None)
-        self.algorithm = build_algorithm(self, scheduler)  # the update: critic_align/algorithms/, by name
+        self.algorithm = build_algorithm(config.algorithm, self.schedule, scheduler, config)  # algorithms/, by name
         self.adapters.activate("policy")
         if config.gradient_checkpointing:  # after the critic: a 'full' critic's copy gets its own switch
-            self._enable_gradient_checkpointing()
+            self.adapters.enable_gradient_checkpointing()
+            if self.critic is not None and self.critic.mode == "full":
+                self.critic.backbone.model.enable_gradient_checkpointing()
         self.policy_params = self.adapters.parameters("policy")
         self.critic_params = self.critic.trainable_parameters() if self.critic else []
         groups = [{"params": self.policy_params, "lr": config.learning_rate}]
@@ -118,15 +124,22 @@ class Trainer:
             groups.append({"params": self.critic_params, "lr": config.critic_learning_rate})
         self.optimizer = torch.optim.AdamW(groups, betas=config.adam_betas, eps=config.adam_eps,
                                            weight_decay=config.weight_decay)
+        # the engine: one module holding every trainable tensor, and the optimiser (DDP with several processes)
+        prepared = self.processes.prepare(TrainModule(self.adapter.model, self.critic), self.optimizer)
+        self.opt = Optimization(prepared, self.policy_params, self.critic_params, self.processes,
+                                MicroBatcher(config.micro_batch_size, config.micro_batch_memory_mb, self.device),
+                                config.max_grad_norm, config.gradient_accumulation_steps,
+                                lambda losses, norms: check_update(self, losses, norms), lambda: check_weights(self))
         self.epoch, self.reward_queries, self.pretrained_value = 0, 0, False
         self.x0_reward_rows = 0  # reward calls on x0 predictions (critic_x0_reward), apart from reward_queries
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.out = Path(config.output_dir)
         self.log = RunLog(self.out, config.log_tensorboard, enabled=self.is_main_process)
         self.base_digest = base_digest(self.adapter.model)
-        # every trainable tensor once (a shared critic's trunk is the policy's); rank 0's weights everywhere
-        self._trainable = list({id(p): p for p in self.policy_params + self.critic_params}.values())
-        self.processes.broadcast_(self._trainable + list(self.critic.head.buffers() if self.critic else []))
+
+    def _models(self, critic) -> Models:
+        return Models(self.adapter, self.adapters, critic, self.step, self.config.guidance_scale,
+                      lambda n: self.task.null_cond(n).to(self.device), self.config.mixed_precision, self.device)
 
     def _build_critic(self) -> Critic:
         cfg, task = self.config, self.task
@@ -137,60 +150,42 @@ class Trainer:
                    None if cond0 is None else cond0.to(self.device))
         features = cfg.critic_features if isinstance(cfg.critic_features, str) else list(cfg.critic_features)
         with self.autocast():  # the probe forward runs as every later forward does (a bf16 base needs autocast)
-            return self._critic_from(features, cond0, example)
-
-    def _critic_from(self, features, cond0, example) -> Critic:
-        cfg = self.config
-        return build_critic(
-            self.adapter, mode=cfg.critic_mode, num_rewards=len(self.rewards.names), adapters=self.adapters,
-            lora_rank=cfg.critic_lora_rank, lora_target_modules=cfg.lora_target_modules,
-            hidden_dim=cfg.value_head_hidden, num_heads=cfg.value_head_heads, features=features,
-            use_cond=cfg.critic_cond and cond0 is not None, width=cfg.critic_width, example=example,
-            x0_reward=cfg.critic_x0_reward,
-        ).to(self.device)
-
-    def _enable_gradient_checkpointing(self) -> None:
-        """diffusers' gradient checkpointing, adapter-aware on the shared base (the policy's LoRA, a 'lora' critic's
-        LoRA, the reference with adapters off, a 'shared' critic's trunk: ``LoraAdapters.checkpoint``).  A 'full'
-        critic's copy carries no adapters, so diffusers' own (non-reentrant) checkpoint function is exact there."""
-        self.adapters.enable_gradient_checkpointing()
-        if self.critic is not None and self.critic.mode == "full":
-            self.critic.backbone.model.enable_gradient_checkpointing()
+            return build_critic(
+                self.adapter, mode=cfg.critic_mode, num_rewards=len(self.rewards.names), adapters=self.adapters,
+                lora_rank=cfg.critic_lora_rank, lora_target_modules=cfg.lora_target_modules,
+                hidden_dim=cfg.value_head_hidden, num_heads=cfg.value_head_heads, features=features,
+                use_cond=cfg.critic_cond and cond0 is not None, width=cfg.critic_width, example=example,
+                x0_reward=cfg.critic_x0_reward,
+            ).to(self.device)
 
     num_processes = property(lambda self: self.processes.num_processes)
     rank = property(lambda self: self.processes.rank)
     is_main_process = property(lambda self: self.processes.is_main_process)
     _purge_step = property(lambda self: self.log.purge_step)
+    _trainable = property(lambda self: list({id(p): p for p in self.policy_params + self.critic_params}.values()))
+    autocast = property(lambda self: self.models.autocast)
+    policy_output = property(lambda self: self.models.policy_output)
+    reference_output = property(lambda self: self.models.reference_output)
 
-    def autocast(self):
-        """bf16 autocast for forwards when ``mixed_precision='bf16'``; otherwise a no-op."""
-        if self.config.mixed_precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    # ------------------------------------------------------------------------------------------------
-    # the policy
-    def policy_output(self, x_t, t, cond):
-        """The policy's model output (CFG-combined when guidance_scale != 1)."""
-        with self.adapters.using("policy"), self.autocast():
-            return cfg_denoiser(self.adapter.predict, self.config.guidance_scale, self._null_cond)(x_t, t, cond)
-
-    def reference_output(self, x_t, t, cond):
-        """The frozen base model's output (the KL reference, the 'before' grid)."""
-        with self.adapters.disabled(), self.autocast():
-            return cfg_denoiser(self.adapter.predict, self.config.guidance_scale, self._null_cond)(x_t, t, cond)
-
-    def _null_cond(self, n):
-        return self.task.null_cond(n).to(self.device)
+    def context(self, batch_size: int) -> UpdateContext:
+        """What an update of a batch of ``batch_size`` trajectories reads (:class:`~critic_align.update.UpdateContext`)."""
+        return UpdateContext(self.models, self.opt, self.config, self.generator, self.processes.shard(batch_size),
+                             batch_size, tuple(self.rewards.names), self.reward_weights, self.forward_process)
 
     # ------------------------------------------------------------------------------------------------
-    # the stages (each a function of this trainer's state; see the modules)
+    # the stages, called with what they need
     def rollout(self, prompts, x_T=None, generator: torch.Generator | None = None, count: bool = True,
                 window: tuple[int, int] | None = None) -> Rollout:
-        """Trajectories of the current policy for ``prompts``, scored (``count``: add them to reward_queries);
-        ``window``: an SDE window (see :meth:`draw_window`)."""
-        ro = collect.collect(self, prompts, x_T, generator, window)
-        self.reward_queries += len(ro.prompts) if count else 0
+        """This process's shard of trajectories of the current policy for ``prompts`` (the whole batch), scored
+        (``count``: add the whole batch to reward_queries); ``window``: an SDE window (see :meth:`draw_window`)."""
+        cfg, prompts = self.config, list(prompts)
+        ro = collect.collect(self.models, self.task, self.rewards, self.timesteps, prompts,
+                             self.processes.shard(len(prompts)), self.generator if generator is None else generator,
+                             cfg.sample_chunk_size, cfg.overlap_rewards, cfg.critic_x0_reward, x_T, window)
+        check_reward_magnitude(self.processes.gather(ro.rewards), self.rewards.names)  # every process raises together
+        self.reward_queries += len(prompts) if count else 0
+        if ro.x0_rewards is not None:
+            self.x0_reward_rows += ro.x0_rewards.shape[0] * ro.x0_rewards.shape[1] * self.num_processes
         return ro
 
     def draw_window(self) -> tuple[int, int] | None:
@@ -203,34 +198,80 @@ class Trainer:
         start = int(torch.randint(lo, hi + 1, (1,), generator=self.generator))
         return start, start + cfg.sde_window_size
 
+    def compute_values(self, ro: Rollout) -> torch.Tensor:
+        """(B, T, K) critic values at the states of ``ro`` (this process's)."""
+        return collect.critic_values(self.models, ro)
+
     def compute_advantages(self, ro: Rollout) -> Rollout:
         """A new Rollout with ``advantages`` (B, T) clipped to ±adv_clip_max and, with a critic, ``values`` and
-        ``returns`` (B, T, K), from the configured estimator (:mod:`critic_align.estimators`)."""
+        ``returns`` (B, T, K), from the configured estimator on the whole batch's rewards and values (the
+        estimator's group statistics and whitening are the whole batch's); this process keeps its rows."""
+        procs = self.processes
         values = self.compute_values(ro) if self.estimator.needs_values else None
-        scored = ScoredBatch(ro.rewards.float(), self.reward_weights, tuple(ro.prompts), ro.num_steps)
-        adv, returns = self.estimator.compute(scored, values)
-        clip = self.config.adv_clip_max
-        return replace(ro, values=values if values is not None else ro.values, returns=returns,
-                       advantages=adv.clamp(-clip, clip))
+        prompts = tuple(p for part in procs.gather_objects(list(ro.prompts)) for p in part)
+        scored = ScoredBatch(procs.gather(ro.rewards).float(), self.reward_weights, prompts, ro.num_steps)
+        adv, returns = self.estimator.compute(scored, None if values is None else procs.gather(values))
+        mine, clip = procs.shard(len(prompts)), self.config.adv_clip_max
+        return replace(ro, values=values if values is not None else ro.values,
+                       returns=None if returns is None else returns[mine], advantages=adv[mine].clamp(-clip, clip))
+
+    def update(self, ro: Rollout) -> dict:
+        """The configured algorithm's update (``config.algorithm``: ppo / nft / awm) on a rollout with advantages."""
+        return self.algorithm.update(self.context(ro.batch_size * self.num_processes), ro)
+
+    def pretrain_value(self) -> list[dict]:
+        """Value pretraining on rollouts of the frozen initial policy (:func:`critic_align.value_fit.pretrain_value`)."""
+        cfg = self.config
+        if self.critic is None or cfg.value_pretrain_epochs == 0:
+            return []
+
+        def next_rollout():
+            ro = self.rollout(self.prompt_iter.batch(cfg.prompts_per_epoch, cfg.group_size), window=self.draw_window())
+            return ro, self.processes.gather(ro.rewards)
+
+        logs = value_fit.pretrain_value(self.context(cfg.batch_size), next_rollout, self.value_report,
+                                        self.optimizer.param_groups[-1], self.log, cfg.progress,
+                                        lambda: self.reward_queries, self.is_main_process)
+        self.pretrained_value = True
+        return logs
+
+    def fit_values(self, vb, passes: int, coef: float = 1.0, prefix: str = "value_loss") -> dict:
+        """Value-only steps on one process's :class:`~critic_align.value_data.ValueBatch` (:func:`value_fit.fit_values`)."""
+        return value_fit.fit_values(self.context(self.config.batch_size), vb, passes, coef, prefix)
+
+    def value_report(self, ro: Rollout, values: torch.Tensor, prefix: str = "") -> dict:
+        """The critic's explained variance and calibration on the whole batch (:func:`metrics.critic_report`)."""
+        procs = self.processes
+        return metrics.critic_report(procs.gather(values), procs.gather(ro.rewards), self.rewards.names,
+                                     self.config.gamma, prefix)
+
+    def reward_stats(self, ro: Rollout) -> dict:
+        """The trained rewards' and the eval rewards' mean and std over the whole batch."""
+        procs = self.processes
+        out = metrics.column_stats(procs.gather(ro.rewards), self.rewards.names)
+        if self.eval_rewards is not None:
+            extra = procs.gather(self.eval_rewards(ro.samples, ro.prompts).to(self.device))
+            out.update(metrics.column_stats(extra, self.eval_rewards.names))
+        return out
+
+    def evaluate(self) -> dict:
+        if self.config.critic_x0_reward:  # the held-out batch's x0 predictions are scored too
+            self.x0_reward_rows += self.config.eval_prompts * self.config.eval_per_prompt * len(self.timesteps)
+        return metrics.evaluate(self.models, self.task, self.rewards, self.eval_rewards, self.timesteps, self.config,
+                                self.processes)
+
+    def sample(self, prompts, seed: int = 1234, use_policy: bool = True) -> torch.Tensor:
+        return collect.sample_images(self.models, self.task, self.timesteps, prompts, seed, use_policy)
 
     def mc_returns(self, ro: Rollout) -> torch.Tensor:
         return value_fit.mc_returns(ro, self.config.gamma)
 
-    # the other stages are functions of the trainer (its state) and a record, bound here as methods
-    compute_values = collect.critic_values
-    sample = collect.sample_images
-    _pairs = upd.pairs
-    loss_on_pairs = upd.loss_on_pairs
-    _value_loss = upd.value_loss
+    def _pairs(self, ro: Rollout) -> torch.Tensor:
+        return draw_pairs(self.generator, ro.batch_size, ro.num_steps, self.config.timestep_fraction)
 
-    def update(self, ro: Rollout) -> dict:
-        """The configured algorithm's update (``config.algorithm``: ppo / nft / awm) on a rollout with advantages."""
-        return self.algorithm.update(self, ro)
+    def loss_on_pairs(self, ro: Rollout, pairs: torch.Tensor, train_policy: bool = True):
+        return loss_on_pairs(self.context(ro.batch_size), ro, pairs, train_policy)
 
-    fit_values = upd.fit_values
-    pretrain_value = value_fit.pretrain_value
-    value_report = metrics.rollout_value_report
-    evaluate = metrics.evaluate
     save_grid = runio.save_grid
     save = runio.save
     load = runio.load
@@ -244,13 +285,13 @@ class Trainer:
         ro = self.rollout(self.prompt_iter.batch(cfg.prompts_per_epoch, cfg.group_size), window=window)
         t_rollout = time.time() - t0
         if self.critic is not None and self.epoch == 0 and not self.pretrained_value:
-            self.critic.head.set_output_scale(ro.rewards)  # no value pretraining: standardise on the first batch
+            # no value pretraining: standardise on the first batch
+            self.critic.head.set_output_scale(self.processes.gather(ro.rewards))
         ro = self.compute_advantages(ro)
         t1 = time.time()
         stats = self.update(ro)
         if self.forward_process is not None and cfg.value_perturbed_coef > 0:
-            stats.update(self.fit_values(value_fit.perturbed_batch(self, ro), 1, cfg.value_perturbed_coef,
-                                         "perturbed_value_loss"))
+            stats.update(value_fit.fit_perturbed(self.context(cfg.batch_size), ro))
         t_update = time.time() - t1
         self.epoch += 1
         row = {"phase": "train", "epoch": self.epoch, "reward_queries": self.reward_queries,
@@ -259,7 +300,7 @@ class Trainer:
             row["sde_window_start"] = window[0]
         if cfg.critic_x0_reward:
             row["x0_reward_rows"] = self.x0_reward_rows
-        row.update(metrics.reward_stats(self, ro))
+        row.update(self.reward_stats(ro))
         if ro.values is not None:
             row.update(self.value_report(ro, ro.values))
         row.update(stats)
@@ -320,7 +361,7 @@ class Trainer:
                  "prompt_iterator": self.prompt_iter.state_dict(), "stat_tracker": self.estimator.state_dict(),
                  "optimizer": opt_meta, "x0_reward_rows": self.x0_reward_rows,
                  # the measured activation bytes per row: a resumed run splits its minibatches as an uninterrupted one
-                 "micro_batch_bytes_per_row": dict(upd.micro_batcher(self).bytes_per_row)}
+                 "micro_batch_bytes_per_row": dict(self.opt.batcher.bytes_per_row)}
         return tensors | opt_tensors, state
 
     def load_state_dict(self, tensors: dict, state: dict) -> None:
@@ -333,8 +374,8 @@ class Trainer:
         self.x0_reward_rows = int(state.get("x0_reward_rows", 0))  # absent in checkpoints before critic_x0_reward
         self.prompt_iter.load_state_dict(state["prompt_iterator"])
         self.estimator.load_state_dict(state["stat_tracker"])
-        upd.micro_batcher(self).bytes_per_row = {k: float(v) for k, v in
-                                                 state.get("micro_batch_bytes_per_row", {}).items()}
+        self.opt.batcher.bytes_per_row = {k: float(v) for k, v in
+                                          state.get("micro_batch_bytes_per_row", {}).items()}
 
     def export_policy_lora(self) -> dict[str, torch.Tensor]:
         return self.adapters.state_dict("policy")

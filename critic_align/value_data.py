@@ -36,6 +36,9 @@ class ValueBatch:
     mask:       (N, K) bool, False where reward k does not apply to the row
     x0_reward:  (N, K) r(decode(x̂0(x))) of each row, the value head's extra input under ``critic_x0_reward``
                 (None without it)
+    ids:        (N,) long, each row's index among the whole batch's rows (every process's): with rank-local rollouts
+                a process holds some of them, and the value fit's shuffle runs over all of them
+                (:func:`critic_align.value_fit.fit_values`); ``arange(N)`` for one process's batch
     """
 
     x: torch.Tensor
@@ -45,6 +48,11 @@ class ValueBatch:
     returns: torch.Tensor
     mask: torch.Tensor
     x0_reward: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.ids is None:
+            object.__setattr__(self, "ids", torch.arange(self.x.shape[0]))
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -66,20 +74,22 @@ class ValueBatch:
         x0r = None if first.x0_reward is None else torch.cat([b.x0_reward for b in batches])
         return ValueBatch(torch.cat([b.x for b in batches]), torch.cat([b.t for b in batches]), first.cond,
                           torch.cat([b.cond_index for b in batches]), torch.cat([b.returns for b in batches]),
-                          torch.cat([b.mask for b in batches]), x0r)
+                          torch.cat([b.mask for b in batches]), x0r, torch.cat([b.ids for b in batches]))
 
 
 def trajectory_states(latents: torch.Tensor, timesteps: torch.Tensor, cond, returns: torch.Tensor,
-                      rewards: torch.Tensor, x0_rewards: torch.Tensor | None = None) -> ValueBatch:
+                      rewards: torch.Tensor, x0_rewards: torch.Tensor | None = None, first: int = 0) -> ValueBatch:
     """Every state a rollout visited before a step, with its return: latents (B, T+1, *S), timesteps (T,),
     returns (B, T, K), rewards (B, K) (NaN = not applicable), x0_rewards (B, T, K) or None (the head's extra input).
-    Row b·T + k is trajectory b's state k."""
+    Row b·T + k is trajectory b's state k; ``first``: the index of trajectory 0 in the whole batch (its rows' ``ids``
+    start at first·T)."""
     b, t = returns.shape[:2]
     x = latents[:, :-1].reshape(b * t, *latents.shape[2:])
     mask = (~torch.isnan(rewards.float()))[:, None, :].expand(b, t, -1).reshape(b * t, -1)
     return ValueBatch(x, timesteps.to(x.device).repeat(b), cond, torch.arange(b).repeat_interleave(t),
                       returns.reshape(b * t, -1).float(), mask,
-                      None if x0_rewards is None else x0_rewards.reshape(b * t, -1).to(x.device))
+                      None if x0_rewards is None else x0_rewards.reshape(b * t, -1).to(x.device),
+                      torch.arange(first * t, (first + b) * t))
 
 
 class ForwardProcess:
@@ -116,23 +126,32 @@ class ForwardProcess:
 
 
 def perturbed_states(forward: ForwardProcess, final: torch.Tensor, rewards: torch.Tensor, cond, timesteps: torch.Tensor,
-                     per_sample: int, generator: torch.Generator, gamma: float = 1.0) -> ValueBatch:
+                     per_sample: int, generator: torch.Generator, gamma: float = 1.0, shard: slice | None = None,
+                     batch_size: int | None = None, first_id: int = 0) -> ValueBatch:
     """``per_sample`` forward-perturbed states of every finished sample, at timesteps drawn uniformly from the
     sampler's ``timesteps`` (T,), each with target γ^(T−1−k)·R(x_0) for the k-th timestep (the Monte-Carlo
     return's discount at that step; R itself for γ = 1).
 
     final: (B, *S) x_0 of the rollout; rewards: (B, K) with NaN = not applicable.  Returns B·per_sample rows,
     sample-major (row i·per_sample + j is sample i's j-th state).
+
+    Rank-local: ``final`` and ``rewards`` are the ``shard`` of a batch of ``batch_size`` samples; the timesteps and
+    the noise are drawn for the whole batch (the generator stays in step on every process, and each row's draw does
+    not depend on the number of processes) and this shard's rows kept; ``ids`` are ``first_id`` + the row's index
+    among the whole batch's perturbed rows.
     """
     b = final.shape[0]
-    n = b * per_sample
-    idx = torch.randint(0, timesteps.shape[0], (n,), generator=generator)
+    shard = slice(0, b) if shard is None else shard
+    total = (b if batch_size is None else batch_size) * per_sample
+    rows_g = slice(shard.start * per_sample, shard.stop * per_sample)
+    idx = torch.randint(0, timesteps.shape[0], (total,), generator=generator)[rows_g]
     t = timesteps.cpu()[idx]
-    noise = torch.randn((n, *final.shape[1:]), generator=generator).to(final.device)
+    noise = torch.randn((total, *final.shape[1:]), generator=generator)[rows_g].to(final.device)
     x0 = final.repeat_interleave(per_sample, dim=0)
     x_t = forward(x0, noise, t)
     rows = torch.arange(b).repeat_interleave(per_sample)
     disc = (gamma ** (timesteps.shape[0] - 1 - idx).double()).float().to(rewards.device)
     r = rewards[rows.to(rewards.device)].float() * disc[:, None]
     mask = ~torch.isnan(r)
-    return ValueBatch(x_t, t.to(final.device), cond, rows, torch.nan_to_num(r), mask)
+    return ValueBatch(x_t, t.to(final.device), cond, rows, torch.nan_to_num(r), mask,
+                      ids=first_id + torch.arange(rows_g.start, rows_g.stop))

@@ -147,7 +147,7 @@ def _grads(path, algo, accumulation):
     torch.manual_seed(0)
     ro = tr.compute_advantages(tr.rollout(tr.prompt_iter.batch(2, 4)))
     perturb_lora(tr, seed=3)  # the trained policy differs from the sampling one: v_θ ≠ v_old, ratio ≠ 1
-    rows, loss_fn = tr.algorithm.prepare(tr, ro)[:2]
+    rows, loss_fn = tr.algorithm.prepare(tr.context(ro.batch_size), ro)[:2]
     idx = torch.arange(len(rows))[:32]
     tr.optimizer.zero_grad()
     micro = 32 // accumulation

@@ -219,10 +219,12 @@ def test_trainer_value_loss_uses_standardised_units(tmp_path):
     g = torch.Generator().manual_seed(0)
     v, r = torch.randn(6, 1, generator=g), torch.randn(6, 1, generator=g)
     mask = torch.ones(6, 1, dtype=torch.bool)
-    loss, _ = tr._value_loss(v, None, r, mask)
+    from critic_align.value_fit import value_loss
+
+    loss, _ = value_loss(tr.critic, tr.config, tr.rewards.names, v, None, r, mask)
     torch.testing.assert_close(loss, (0.5 * (v - r) ** 2).mean() / 0.25**2)
     tr.config.value_loss_standardized = False
-    loss_raw, _ = tr._value_loss(v, None, r, mask)
+    loss_raw, _ = value_loss(tr.critic, tr.config, tr.rewards.names, v, None, r, mask)
     torch.testing.assert_close(loss_raw, (0.5 * (v - r) ** 2).mean())
 
 
@@ -303,18 +305,19 @@ def test_trajectory_states_rows_and_cat():
         ValueBatch.cat([vb, vr])
 
 
-def test_td_lambda_pretraining_targets_are_gae_returns(tmp_path):
+def test_td_lambda_pretraining_targets_are_gae_returns(tmp_path, monkeypatch):
+    from critic_align import value_fit
     from tests.test_trainer import make_trainer
 
     tr = make_trainer(tmp_path, value_pretrain_target="td_lambda", gae_lambda=0.5, value_pretrain_epochs=1)
     seen = {}
-    orig = tr.fit_values
+    orig = value_fit.fit_values
 
-    def spy(vb, passes, *a, **k):
+    def spy(ctx, vb, passes, *a, **k):
         seen["returns"] = vb.returns.clone()
-        return orig(vb, passes, *a, **k)
+        return orig(ctx, vb, passes, *a, **k)
 
-    tr.fit_values = spy
+    monkeypatch.setattr(value_fit, "fit_values", spy)
     # the rollout the pretraining will draw, and its values before fitting
     state = tr.generator.get_state()
     ro = tr.rollout(tr.prompt_iter.batch(tr.config.prompts_per_epoch, tr.config.group_size))
@@ -328,18 +331,19 @@ def test_td_lambda_pretraining_targets_are_gae_returns(tmp_path):
     torch.testing.assert_close(seen["returns"], ret.reshape(-1, 1))
 
 
-def test_value_pretrain_lr_decay_schedule_and_restore(tmp_path):
+def test_value_pretrain_lr_decay_schedule_and_restore(tmp_path, monkeypatch):
+    from critic_align import value_fit
     from tests.test_trainer import make_trainer
 
     tr = make_trainer(tmp_path, value_pretrain_lr_decay=True, value_pretrain_epochs=4, critic_learning_rate=2e-3)
     seen = []
-    orig = tr.fit_values
+    orig = value_fit.fit_values
 
     def spy(*a, **k):
         seen.append(tr.optimizer.param_groups[-1]["lr"])
         return orig(*a, **k)
 
-    tr.fit_values = spy
+    monkeypatch.setattr(value_fit, "fit_values", spy)
     tr.pretrain_value()
     assert seen == pytest.approx([2e-3, 1.5e-3, 1e-3, 0.5e-3])
     assert tr.optimizer.param_groups[-1]["lr"] == 2e-3 and tr.optimizer.param_groups[0]["lr"] == tr.config.learning_rate

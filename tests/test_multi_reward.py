@@ -3,8 +3,8 @@ per reward head, a head's value loss seeing only its own reward, per-head metric
 
 from __future__ import annotations
 
-import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -148,8 +148,7 @@ def make_trainer(tmp_path, **overrides):
 
 
 def _hand_rollout(tr, rewards, values=None):
-    ro = tr.rollout([str(i % 4) for i in range(rewards.shape[0])])
-    ro.rewards = rewards
+    ro = replace(tr.rollout([str(i % 4) for i in range(rewards.shape[0])]), rewards=rewards)
     if values is not None:
         tr.compute_values = lambda _ro: values
     return ro
@@ -186,8 +185,7 @@ def test_trainer_gae_nan_reward_masks_its_head(tmp_path):
 def test_trainer_grpo_normalize_then_sum_masks_nan(tmp_path):
     tr = make_trainer(tmp_path, advantage="grpo", group_size=2, batch_size=4)
     rewards = torch.tensor([[1.0, 2.0], [3.0, math.nan], [5.0, 4.0], [5.0, 8.0]])
-    ro = tr.rollout(["0", "0", "1", "1"])
-    ro.rewards = rewards
+    ro = replace(tr.rollout(["0", "0", "1", "1"]), rewards=rewards)
     ro = tr.compute_advantages(ro)
     per_k = masked_grpo_advantages(rewards, torch.tensor([0, 0, 1, 1]))
     torch.testing.assert_close(ro.advantages, (per_k[:, 0] + 2 * per_k[:, 1])[:, None].expand(-1, 2))
@@ -219,8 +217,7 @@ def test_value_loss_of_a_head_only_sees_its_own_reward(tmp_path):
     g0, s0 = _head_grads(tr, ro, pairs, 0)
     g1, s1 = _head_grads(tr, ro, pairs, 1)
     # perturb reward 2's targets, and mask two more of its samples
-    ro2 = copy.copy(ro)
-    ro2.rewards, ro2.returns = ro.rewards.clone(), ro.returns.clone()
+    ro2 = replace(ro, rewards=ro.rewards.clone(), returns=ro.returns.clone())
     ro2.returns[..., 1] += 5.0
     ro2.rewards[1, 1] = ro2.rewards[3, 1] = math.nan
     g0b, s0b = _head_grads(tr, ro2, pairs, 0)

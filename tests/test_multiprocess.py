@@ -1,15 +1,19 @@
-"""Two processes (spawned like torchrun: gloo on CPU, accelerate's MULTI_CPU) against one process at the same
-global batch.  (Spawned, not forked as accelerate.debug_launcher does: a forked child of a process that already
-ran torch ops runs its OpenMP kernels ~20x slower here.)
+"""Two processes (spawned like torchrun: gloo on CPU, accelerate's MULTI_CPU; the engine is accelerate's DDP) against
+one process at the same global batch.  (Spawned, not forked as accelerate.debug_launcher does: a forked child of a
+process that already ran torch ops runs its OpenMP kernels ~20x slower here.)
 
 What is equal, and how exactly:
 * the sampled trajectories: every process draws the same initial noise and per-chunk noise seeds and samples
-  its own whole chunks, so the gathered rollout equals the 1-process rollout (bit for bit on CPU here; compared
-  within 1e-6 since batch composition may change float kernels elsewhere);
-* rewards, advantages, the metrics and the weights after training: within float tolerance (the 1-process
-  minibatch gradient is one sum; with 2 processes it is two half-sums added by an all-reduce);
-* the weights of the two processes after every update: bit for bit (the gradients are all-reduced, then both
-  take the same optimiser step); with the all-reduce switched off they differ, so the check has teeth.
+  only its own shard (rank-local rollouts), so the two shards together are the 1-process rollout (bit for bit on
+  CPU here; compared within 1e-6 since batch composition may change float kernels elsewhere), and the shards are
+  disjoint;
+* rewards and advantages of the first batch (group statistics and whitening on the whole batch's rewards and
+  values, which are all that crosses processes): within 1e-6;
+* the metrics and the weights after training: within float tolerance (the 1-process minibatch gradient is one
+  sum; with 2 processes it is two partial sums averaged by the engine);
+* the weights of the two processes after every update: bit for bit (the engine syncs the gradients, then both
+  take the same optimiser step); with the engine's sync switched off (``no_sync``) they differ, so the check has
+  teeth.  Both adapters train: the policy's and the critic's weights move.
 Only the main process writes logs and checkpoints; the checkpoint holds both processes' RNG states.
 """
 
@@ -23,8 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_trainer import make_trainer
 
-# two fresh interpreters import torch + diffusers: ~10 s on 2 idle cores, more on a busy machine
-pytestmark = pytest.mark.slow
+# two fresh interpreters import torch + diffusers: ~10 s per algorithm on 2 idle cores, more on a busy machine.
+# In the default suite: it guards the multi-process path users launch.
 
 CFG = dict(num_epochs=2, sample_chunk_size=4, batch_size=8, group_size=4, minibatch_size=16)
 # the algorithms share the multi-process code (critic_align/algorithms/): each must match one process too
@@ -40,11 +44,17 @@ def _weights(tr) -> dict:
 
 
 def _run(tr, tmp: Path, tag: str) -> None:
-    """First rollout (kept), then train; write what the test compares (by the test, not by the trainer)."""
-    ro = tr.rollout(tr.prompt_iter.batch(2, 4))
+    """First rollout (kept, with its advantages), then train; write what the test compares (by the test, not by the
+    trainer): the whole batch, gathered here from the processes' shards."""
+    ro = tr.compute_advantages(tr.rollout(tr.prompt_iter.batch(2, 4)))
+    gather = tr.processes.gather
+    first = {"latents": gather(ro.latents), "rewards": gather(ro.rewards), "advantages": gather(ro.advantages)}
+    (tmp / f"{tag}_prompts.json").write_text(json.dumps(list(ro.prompts)))
+    before = _weights(tr)
     hist = tr.train()
-    save_file({"latents": ro.latents.contiguous(), "rewards": ro.rewards.contiguous(), **_weights(tr)},
-              str(tmp / f"{tag}.safetensors"))
+    moved = sorted({k.split(".")[0] for k, v in _weights(tr).items() if not torch.equal(v, before[k])})
+    save_file({**{k: v.contiguous() for k, v in first.items()}, **_weights(tr)}, str(tmp / f"{tag}.safetensors"))
+    (tmp / f"{tag}_moved.json").write_text(json.dumps(moved))
     (tmp / f"{tag}.json").write_text(json.dumps({"history": hist, "reward_queries": tr.reward_queries}))
 
 
@@ -58,14 +68,15 @@ def _two_process_worker(rank: int, tmp: str, port: int, algo: str = "ppo") -> No
     # rank 1 gets its own output_dir (it does not change what is computed): it must stay empty
     tr = make_trainer(tmp / f"dir{rank}", **CFG, **ALGORITHMS[algo])
     assert tr.num_processes == 2
+    assert isinstance(tr.processes.module, torch.nn.parallel.DistributedDataParallel)  # the engine's DDP
     _run(tr, tmp, f"rank{rank}")
 
-    # negative control: one update without the gradient all-reduce leaves the ranks' weights different
+    # negative control: one update without the engine's gradient sync leaves the ranks' weights different
     import torch.distributed as dist
 
-    tr.processes.sum_gradients = lambda params: None
     ro = tr.compute_advantages(tr.rollout(tr.prompt_iter.batch(2, 4)))
-    tr.algorithm.update(tr, ro)
+    with tr.processes.module.no_sync():
+        tr.update(ro)
     flat = torch.cat([p.detach().reshape(-1) for p in tr._trainable])
     both = [torch.empty_like(flat) for _ in range(2)]
     dist.all_gather(both, flat)
@@ -107,14 +118,25 @@ def test_two_process_weights_identical_across_ranks(runs):
     assert json.loads((runs / "nosync_rank0.json").read_text())["equal"] is False
 
 
+def test_rollouts_are_rank_local(runs):
+    """Each process sampled only its own prompts: disjoint shards whose union is the 1-process batch."""
+    one, p0, p1 = (json.loads((runs / f"{t}_prompts.json").read_text()) for t in ("one", "rank0", "rank1"))
+    assert len(p0) == len(p1) == len(one) // 2 and p0 + p1 == one
+
+
 def test_two_processes_equal_one_process(runs):
     one, two = load_file(str(runs / "one.safetensors")), load_file(str(runs / "rank0.safetensors"))
     torch.testing.assert_close(two["latents"], one["latents"], rtol=0, atol=1e-6)  # same trajectories
     torch.testing.assert_close(two["rewards"], one["rewards"], rtol=0, atol=1e-6)  # gathered in order
+    torch.testing.assert_close(two["advantages"], one["advantages"], rtol=0, atol=1e-6)  # whole-batch statistics
+    # both adapters trained in both runs (the critic's LoRA and head too, where there is a critic)
+    moved_one, moved_two = (json.loads((runs / f"{t}_moved.json").read_text()) for t in ("one", "rank0"))
+    assert moved_one == moved_two and "policy" in moved_two
+    assert ("critic" in moved_two) == any(k.startswith("critic.") for k in one)
     moved = [k for k in one if k.startswith("policy.") and "lora_B" in k and one[k].abs().max() > 0]
     assert moved, "training did not move the policy: the comparison would be vacuous"
     for k in one:
-        if k in ("latents", "rewards"):
+        if k in ("latents", "rewards", "advantages"):
             continue
         a, b = one[k], two[k]
         if k == "critic.head.attn.in_proj_bias":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -63,41 +64,7 @@ def test_shared_critic_value_pretraining_leaves_the_policy_alone(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(head, tr.critic.head.parameters()))
 
 
-# 3 ---------------------------------------------------------------------------------------------------------
-def test_gradient_sum_buffer_is_on_the_gradients_device(monkeypatch):
-    """The all-reduce gets one flat buffer on the parameters' device (NCCL needs CUDA tensors; torch.cat refuses
-    to mix devices).  Parameters on the meta device stand in for CUDA on a machine without one."""
-    from critic_align import distributed
-
-    params = [torch.nn.Parameter(torch.zeros(3, device="meta")), torch.nn.Parameter(torch.zeros(2, device="meta"))]
-    params[0].grad = torch.zeros(3, device="meta")
-    seen = []
-
-    class Reached(Exception):
-        pass
-
-    def fake_sum(t):
-        seen.append(t.device)
-        raise Reached
-
-    monkeypatch.setattr(distributed, "_all_reduce_sum", fake_sum)
-    with pytest.raises(Reached):
-        distributed.sum_gradients(params, num_processes=2)
-    assert seen == [torch.device("meta")]
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
-def test_gradient_sum_keeps_none_and_sums_on_the_device(device, monkeypatch):
-    """Two identical processes, simulated by an all-reduce that doubles: gradients double, None stays None."""
-    from critic_align import distributed
-
-    monkeypatch.setattr(distributed, "_all_reduce_sum", lambda t: 2 * t)
-    a, b = torch.nn.Parameter(torch.ones(3, device=device)), torch.nn.Parameter(torch.ones(2, 2, device=device))
-    a.grad = torch.arange(3.0, device=device)
-    distributed.sum_gradients([a, b], num_processes=2)
-    assert b.grad is None and a.grad.device.type == device
-    torch.testing.assert_close(a.grad, 2 * torch.arange(3.0, device=device))
+# 3: the hand-written gradient all-reduce is gone (the engine syncs gradients: tests/test_multiprocess.py)
 
 
 # 4 ---------------------------------------------------------------------------------------------------------
@@ -124,8 +91,7 @@ def test_grpo_sum_then_normalize_missing_reward_contributes_nothing(tmp_path):
     tr = make_multi_trainer(tmp_path, advantage="grpo", advantage_aggregation="sum_then_normalize", group_size=4,
                             batch_size=8)
     rewards = torch.tensor([[1.0, 2.0], [3.0, math.nan], [2.0, 4.0], [0.0, 0.0]] + [[1.0, 1.0]] * 4)
-    ro = tr.rollout(["1"] * 4 + ["3"] * 4)
-    ro.rewards = rewards
+    ro = replace(tr.rollout(["1"] * 4 + ["3"] * 4), rewards=rewards)
     ro = tr.compute_advantages(ro)
     combined = torch.tensor([1 + 2 * 2, 3 + 2 * 2, 2 + 2 * 4, 0 + 0, 3, 3, 3, 3], dtype=torch.float32)
     expected = grpo_advantages(combined, torch.tensor([0] * 4 + [1] * 4))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -150,11 +151,9 @@ def test_cfg_denoiser():
 def full_rollout(b=4, n=3, k=2):
     ro, _, _ = make_rollout(b=b, n=n, cond=torch.arange(b) * 10, prompts=[f"p{i}" for i in range(b)])
     g = torch.Generator().manual_seed(7)
-    ro.samples = torch.randn(b, 1, 8, 8, generator=g)
-    ro.rewards = torch.randn(b, k, generator=g)
-    ro.values = torch.randn(b, n, k, generator=g)
-    ro.advantages = torch.randn(b, n, generator=g)
-    ro.returns = torch.randn(b, n, k, generator=g)
+    ro = replace(ro, samples=torch.randn(b, 1, 8, 8, generator=g), rewards=torch.randn(b, k, generator=g),
+                 values=torch.randn(b, n, k, generator=g), advantages=torch.randn(b, n, generator=g),
+                 returns=torch.randn(b, n, k, generator=g))
     return ro.validate()
 
 
@@ -194,8 +193,7 @@ def test_rollout_cat_of_halves_is_whole():
     assert torch.equal(whole.timesteps, ro.timesteps)
     whole.validate()
     # inconsistent inputs are refused
-    a2 = ro.select(slice(0, 2))
-    a2.rewards = None
+    a2 = replace(ro.select(slice(0, 2)), rewards=None)
     with pytest.raises(ValueError, match="rewards"):
         Rollout.cat([a2, b])
     other, _, _ = make_rollout(b=2, n=4)

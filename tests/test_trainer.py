@@ -266,7 +266,7 @@ def test_bf16_autocast_trains_and_keeps_fp32_state(tmp_path):
 def test_minibatch_statistics_combine_parts_by_pairs():
     """With accumulation (or several processes) a minibatch's statistics come from its parts: pair-weighted
     means, and the extremes for ratio_max / ratio_min."""
-    from critic_align.trainer import _combine_stats
+    from critic_align.update import combine_stats as _combine_stats
 
     parts = [(3, {"policy_loss": 1.0, "ratio_max": 1.2, "ratio_min": 0.9}),
              (1, {"policy_loss": 5.0, "ratio_max": 1.5, "ratio_min": 0.95})]

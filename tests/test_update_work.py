@@ -5,10 +5,12 @@ rewards scored in a background thread while the next chunk samples equal the seq
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 
+import critic_align.algorithms.ppo as ppo
 import critic_align.update as upd
 from critic_align.config import PPOConfig
 from critic_align.rewards import FunctionReward, MultiReward
@@ -19,22 +21,22 @@ def _one_update_grads(tr, monkeypatch, ro):
     """The gradients of every optimiser step of one PPO update (the optimiser does not step)."""
     seen = []
 
-    def record(trainer, losses=()):
-        seen.append({n: p.grad.clone() for n, p in trainer.adapter.model.named_parameters() if p.grad is not None})
-        trainer.optimizer.zero_grad(set_to_none=True)
+    def record(opt, losses=()):
+        seen.append({n: p.grad.clone() for n, p in tr.adapter.model.named_parameters() if p.grad is not None})
+        opt.optimizer.zero_grad(set_to_none=True)
         return {}
 
     monkeypatch.setattr(upd, "optimizer_step", record)
     sizes = []
-    inner = upd.loss_on_pairs
+    inner = ppo.loss_on_pairs
 
-    def spy(trainer, ro_, part, train_policy=True):
+    def spy(ctx, ro_, part, train_policy=True):
         sizes.append(len(part))
-        return inner(trainer, ro_, part, train_policy)
+        return inner(ctx, ro_, part, train_policy)
 
-    monkeypatch.setattr(upd, "loss_on_pairs", spy)
+    monkeypatch.setattr(ppo, "loss_on_pairs", spy)
     tr.generator.manual_seed(7)  # the same shuffled pairs in every configuration
-    stats = upd.ppo_update(tr, ro)
+    stats = ppo.ppo_update(tr.context(ro.batch_size), ro)
     return seen, sizes, stats
 
 
@@ -61,7 +63,7 @@ def test_micro_batch_size_fixed_and_auto_leave_the_gradient_unchanged(tmp_path, 
     assert runs["fixed3"][1] == [3] * 10 + [2]
     # auto: a probe of PROBE_ROWS pairs, then pairs of the measured size; the size follows the budget
     tr_auto = runs["auto"][3]
-    per_row = upd.micro_batcher(tr_auto).bytes_per_row["ppo"]
+    per_row = tr_auto.opt.batcher.bytes_per_row["ppo"]
     expect = max(1, int(0.5 * 2**20 // per_row))
     sizes = runs["auto"][1]
     assert sizes[0] == upd.MicroBatcher.PROBE_ROWS and sum(sizes) == 32
@@ -101,12 +103,12 @@ def test_zero_advantage_pairs_are_skipped_and_the_update_is_unchanged(tmp_path, 
     adv = ro.advantages.clone()
     adv[:4] = 0.0  # the first prompt's group: identical rewards
     adv[5, 1] = 0.0
-    ro.advantages = adv
+    ro = replace(ro, advantages=adv)
     grads, sizes, stats = _one_update_grads(tr, monkeypatch, ro)
     monkeypatch.undo()
     assert sizes == [32 - 17] and stats["skipped_pair_fraction"] == pytest.approx(17 / 32)
     # the same update with skipping switched off
-    monkeypatch.setattr(upd, "can_skip_zero_advantage", lambda *a: False)
+    monkeypatch.setattr(ppo, "can_skip_zero_advantage", lambda *a: False)
     ref, ref_sizes, ref_stats = _one_update_grads(tr, monkeypatch, ro)
     assert ref_sizes == [32] and ref_stats["skipped_pair_fraction"] == 0.0
     for k in ref[0]:
@@ -116,9 +118,9 @@ def test_zero_advantage_pairs_are_skipped_and_the_update_is_unchanged(tmp_path, 
 def test_a_fully_skipped_minibatch_still_steps_like_zero_gradients(tmp_path):
     """All advantages 0: nothing is forwarded, and AdamW still steps (weight decay) exactly as with zero grads."""
     tr, ro = _trainer_and_rollout(tmp_path / "zero", advantage="grpo", weight_decay=0.1)
-    ro.advantages = torch.zeros_like(ro.advantages)
+    ro = replace(ro, advantages=torch.zeros_like(ro.advantages))
     before = [p.detach().clone() for p in tr.policy_params]
-    stats = upd.ppo_update(tr, ro)
+    stats = ppo.ppo_update(tr.context(ro.batch_size), ro)
     assert stats["skipped_pair_fraction"] == 1.0
     for p, b in zip(tr.policy_params, before):
         torch.testing.assert_close(p.detach(), b * (1 - tr.config.learning_rate * 0.1))
@@ -127,7 +129,7 @@ def test_a_fully_skipped_minibatch_still_steps_like_zero_gradients(tmp_path):
 def test_with_a_critic_or_a_kl_nothing_is_skipped(tmp_path, monkeypatch):
     for name, kw in {"gae": dict(advantage="gae"), "kl": dict(advantage="grpo", kl_coef=0.1)}.items():
         tr, ro = _trainer_and_rollout(tmp_path / name, micro_batch_size=10**6, **kw)
-        ro.advantages = torch.zeros_like(ro.advantages)
+        ro = replace(ro, advantages=torch.zeros_like(ro.advantages))
         _, sizes, stats = _one_update_grads(tr, monkeypatch, ro)
         monkeypatch.undo()
         assert sizes == [32] and stats["skipped_pair_fraction"] == 0.0
@@ -146,13 +148,13 @@ def _slow_reward_run(tmp_path, overlap):
 
     tr = make_trainer(tmp_path, advantage="grpo", sample_chunk_size=2, overlap_rewards=overlap)
     tr.rewards = MultiReward([FunctionReward(slow, name="slow")])
-    inner = tr.policy_output
+    inner = tr.adapter.predict
 
-    def spy(*a):
+    def spy(*a, **k):
         denoise.append(time.perf_counter())
-        return inner(*a)
+        return inner(*a, **k)
 
-    tr.policy_output = spy
+    tr.adapter.predict = spy
     ro = tr.rollout(tr.prompt_iter.batch(2, 4))
     return ro, calls, denoise
 

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import torch
 
+from ..estimators.row_critic import critic_advantages
 from ..losses import ppo_policy_loss
-from ..value_data import ValueBatch, trajectory_states
+from ..value_fit import fit_values, rollout_value_data
 from .base import OutputParam, forward_process_for, forward_update, noised_rows, policy_and_kl, row_cond
+
+__all__ = ["AWM", "awm_loss", "critic_advantages", "matching_log_prob"]
 
 
 def matching_log_prob(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -42,55 +45,43 @@ def awm_loss(out: torch.Tensor, old: torch.Tensor, target: torch.Tensor, advanta
                   "matching_loss": -matching_log_prob(out.detach(), target).mean().item()}
 
 
-def critic_advantages(values: torch.Tensor, rewards: torch.Tensor, weights: torch.Tensor, clip: float) -> torch.Tensor:
-    """(N,) Σ_k w_k (R_k − V_k) / std over rows, clipped to ±clip.  values, rewards: (N, K), NaN reward = absent."""
-    d = torch.nan_to_num(rewards.float() - values.float()) * weights.to(values.device)
-    adv = d.sum(-1)
-    return (adv / (adv.std() + 1e-8)).clamp(-clip, clip) if adv.numel() > 1 else adv.clamp(-clip, clip)
-
-
 class AWM:
-    def __init__(self, trainer, scheduler):
-        self.forward = forward_process_for(trainer, scheduler)
-        self.param = OutputParam(trainer.schedule)
+    def __init__(self, schedule, scheduler, config):
+        self.forward = forward_process_for(schedule, scheduler, config.num_inference_steps)
+        self.param = OutputParam(schedule)
 
     @torch.no_grad()
-    def _row_advantages(self, trainer, ro, rows, chunk: int = 256) -> torch.Tensor:
-        dev = trainer.device
-        if trainer.config.awm_advantage == "grpo":
+    def _row_advantages(self, ctx, ro, rows, chunk: int = 256) -> torch.Tensor:
+        dev = ctx.device
+        if ctx.config.awm_advantage == "grpo":
             return ro.advantages[rows.traj.to(ro.advantages.device), rows.step.to(ro.advantages.device)].to(dev)
-        values = []
-        with trainer.autocast():
-            for s in range(0, len(rows), chunk):
-                sl = slice(s, s + chunk)
-                values.append(trainer.critic(rows.x_t[sl], rows.t[sl], row_cond(ro, rows.traj[sl], dev)).float())
-        return critic_advantages(torch.cat(values), ro.rewards[rows.traj.to(ro.rewards.device)].to(dev),
-                                 trainer.reward_weights, trainer.config.adv_clip_max)
+        values = [ctx.models.values(rows.x_t[s:s + chunk], rows.t[s:s + chunk], row_cond(ro, rows.traj[s:s + chunk], dev))
+                  .float() for s in range(0, len(rows), chunk)]
+        values = torch.cat(values) if values else rows.x_t.new_zeros((0, len(ctx.reward_names)))
+        return critic_advantages(values, ro.rewards[rows.traj.to(ro.rewards.device)].to(dev), ctx.reward_weights,
+                                 ctx.config.adv_clip_max, ctx.opt.processes.gather_uneven)
 
-    def prepare(self, trainer, ro):
-        """(rows, loss_fn(row indices) -> (mean loss, stats), row advantages) for one rollout."""
-        cfg = trainer.config
-        rows = noised_rows(trainer, ro, self.forward, cfg.ppo_epochs)
-        adv = self._row_advantages(trainer, ro, rows)
+    def prepare(self, ctx, ro):
+        """(rows, loss_fn(row indices) -> (mean loss, stats), row advantages) for one rollout (this process's)."""
+        cfg = ctx.config
+        rows = noised_rows(ctx, ro, self.forward, cfg.ppo_epochs)
+        adv = self._row_advantages(ctx, ro, rows)
         target = self.param.target(rows.x0, rows.noise, rows.t)
 
         def loss_fn(part):
-            out, kl, stats = policy_and_kl(trainer, rows, part, ro)
+            out, kl, stats = policy_and_kl(ctx, rows, part, ro)
             loss, st = awm_loss(out, rows.old[part], target[part], adv[part.to(adv.device)], cfg.clip_range)
             return loss + kl, {**st, **stats}
 
         return rows, loss_fn, adv
 
-    def update(self, trainer, ro) -> dict:
-        cfg = trainer.config
-        rows, loss_fn, adv = self.prepare(trainer, ro)
-        stats = forward_update(trainer, rows, loss_fn)
-        stats["awm_advantage_abs_mean"] = adv.abs().mean().item()
-        if trainer.critic is not None and ro.returns is not None:  # the critic learns as in a GAE run
-            data = [trajectory_states(ro.latents, ro.timesteps, ro.cond, ro.returns, ro.rewards)]
-            if trainer.forward_process is not None:
-                from ..value_fit import perturbed_batch
-
-                data.append(perturbed_batch(trainer, ro))
-            stats.update(trainer.fit_values(ValueBatch.cat(data), cfg.ppo_epochs))
+    def update(self, ctx, ro) -> dict:
+        cfg = ctx.config
+        rows, loss_fn, adv = self.prepare(ctx, ro)
+        stats = forward_update(ctx, rows, loss_fn)
+        every = ctx.opt.processes.gather_uneven(adv)
+        stats["awm_advantage_abs_mean"] = every.abs().mean().item()
+        if ctx.models.critic is not None and ro.returns is not None:  # the critic learns as in a GAE run
+            vb, total = rollout_value_data(ctx, ro, ro.returns)
+            stats.update(fit_values(ctx, vb, cfg.ppo_epochs, total_rows=total))
         return stats

@@ -15,21 +15,23 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import update as upd
 from ..steps import FlowMatchSchedule, NoiseSchedule
+from ..update import UpdateContext, local_rows, minibatch_steps, pairs
 
 
 @dataclass(frozen=True)
 class NoisedRows:
-    """Rows of forward-noised training data, N = passes · (trajectories · steps trained per trajectory).
+    """This process's rows of forward-noised training data; the whole batch has G = passes · (trajectories · steps
+    trained per trajectory) rows, N of them this process's (those of its trajectories).
 
-    traj:  (N,) long, the rollout trajectory of each row (its x_0, reward, advantage and conditioning)
+    traj:  (N,) long, the trajectory of each row in this process's rollout (its x_0, reward, advantage, conditioning)
     step:  (N,) long, the index of the row's timestep in the sampler's grid
     t:     (N,) the timestep (the sampler's values)
     x0:    (N, *S) the clean final sample
     noise: (N, *S) the forward-process noise ε
     x_t:   (N, *S) q(x_t | x_0) with that noise
     old:   (N, *S) the sampling policy's model output at (x_t, t), no gradient
+    owner: (G,) long, each of the whole batch's rows' index among these N rows, −1 for another process's
     """
 
     traj: torch.Tensor
@@ -39,6 +41,7 @@ class NoisedRows:
     noise: torch.Tensor
     x_t: torch.Tensor
     old: torch.Tensor
+    owner: torch.Tensor
 
     def __len__(self) -> int:
         return self.traj.shape[0]
@@ -87,61 +90,69 @@ class OutputParam:
         return {"epsilon": noise, "v_prediction": sa * noise - s1a * x0, "sample": x0}[self.kind]
 
 
-def forward_process_for(trainer, scheduler):
+def forward_process_for(schedule, scheduler, num_inference_steps: int):
     """The scheduler's forward process at the sampler's timesteps (a task's own flow grid where it has one)."""
     from ..value_data import ForwardProcess
 
-    src = trainer.schedule if isinstance(trainer.schedule, FlowMatchSchedule) else scheduler
-    return ForwardProcess(src, trainer.config.num_inference_steps)
+    src = schedule if isinstance(schedule, FlowMatchSchedule) else scheduler
+    return ForwardProcess(src, num_inference_steps)
 
 
 @torch.no_grad()
-def noised_rows(trainer, ro, forward, passes: int, chunk: int = 256) -> NoisedRows:
-    """``passes`` shuffled sets of (trajectory, step) rows, forward-noised, with the current policy's output."""
-    p = torch.cat([upd.pairs(trainer, ro) for _ in range(passes)])
-    traj, step = p[:, 0], p[:, 1]
-    dev = trainer.device
+def noised_rows(ctx: UpdateContext, ro, forward, passes: int, chunk: int = 256) -> NoisedRows:
+    """``passes`` shuffled sets of the whole batch's (trajectory, step) rows, forward-noised, with the current
+    policy's output; this process keeps the rows of its trajectories (``ro`` is its shard).  The noise is drawn for
+    every row from the shared generator, so a row's noise does not depend on the number of processes."""
+    p = torch.cat([pairs(ctx.generator, ctx.batch_size, ro.num_steps, ctx.config.timestep_fraction)
+                   for _ in range(passes)])
+    dev = ctx.device
+    noise = torch.randn((len(p), *ro.final.shape[1:]), generator=ctx.generator)
+    mine = (p[:, 0] >= ctx.shard.start) & (p[:, 0] < ctx.shard.stop)
+    owner = torch.full((len(p),), -1, dtype=torch.long)
+    owner[mine] = torch.arange(int(mine.sum()))
+    traj, step = p[mine, 0] - ctx.shard.start, p[mine, 1]
     x0 = ro.final[traj.to(ro.final.device)].to(dev)
-    noise = torch.randn(x0.shape, generator=trainer.generator).to(dev)
+    noise = noise[mine].to(dev)
     t = ro.timesteps[step].to(dev)
     x_t = forward(x0, noise, t).to(dev)
     old = []
-    for s in range(0, len(p), chunk):
+    for s in range(0, len(traj), chunk):
         sl = slice(s, s + chunk)
-        old.append(trainer.policy_output(x_t[sl], t[sl], row_cond(ro, traj[sl], dev)).float())
-    return NoisedRows(traj, step, t, x0, noise, x_t, torch.cat(old))
+        old.append(ctx.models.policy_output(x_t[sl], t[sl], row_cond(ro, traj[sl], dev)).float())
+    return NoisedRows(traj, step, t, x0, noise, x_t, torch.cat(old), owner)
 
 
 def row_cond(ro, traj: torch.Tensor, device):
     return None if ro.cond is None else ro.cond[traj.to(device)]
 
 
-def policy_and_kl(trainer, rows: NoisedRows, part: torch.Tensor, ro) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def policy_and_kl(ctx: UpdateContext, rows: NoisedRows, part: torch.Tensor, ro) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(the policy's output on rows ``part`` (with gradient), the KL penalty term (0 without ``kl_coef``), stats).
 
     The KL to the base model of two Gaussians sharing a variance is ∝ the squared output difference; like
     DiffusionNFT's and AWM's ``beta`` term it is the per-row mean squared difference of the outputs."""
-    cfg = trainer.config
-    x_t, t, cond = rows.x_t[part], rows.t[part], row_cond(ro, rows.traj[part], trainer.device)
-    out = trainer.policy_output(x_t, t, cond).float()
-    if cfg.kl_coef == 0:
+    models, kl_coef = ctx.models, ctx.config.kl_coef
+    x_t, t, cond = rows.x_t[part], rows.t[part], row_cond(ro, rows.traj[part], ctx.device)
+    out = models.policy_output(x_t, t, cond).float()
+    if kl_coef == 0:
         return out, out.new_zeros(()), {}
     with torch.no_grad():
-        ref = trainer.reference_output(x_t, t, cond).float()
+        ref = models.reference_output(x_t, t, cond).float()
     kl = ((out - ref) ** 2).mean(dim=tuple(range(1, out.ndim))).mean()
-    return out, cfg.kl_coef * kl, {"kl_to_ref": kl.item()}
+    return out, kl_coef * kl, {"kl_to_ref": kl.item()}
 
 
-def forward_update(trainer, rows: NoisedRows, loss_fn) -> dict:
-    """One optimiser step per ``minibatch_size`` rows (already shuffled), through the shared
-    :func:`critic_align.update.minibatch_steps` (micro-batches, gradient sum over processes, guards)."""
-    mbs = trainer.config.minibatch_size
-    idx = torch.arange(len(rows))
-    return upd.minibatch_steps(trainer, [idx[s:s + mbs] for s in range(0, len(idx), mbs)], loss_fn)
+def forward_update(ctx: UpdateContext, rows: NoisedRows, loss_fn) -> dict:
+    """One optimiser step per ``minibatch_size`` of the whole batch's rows (already shuffled), through the shared
+    :func:`critic_align.update.minibatch_steps` (micro-batches, the engine's gradient sync, guards)."""
+    mbs = ctx.config.minibatch_size
+    idx = torch.arange(len(rows.owner))
+    return minibatch_steps(ctx.opt, [idx[s:s + mbs] for s in range(0, len(idx), mbs)], loss_fn,
+                           local_rows(rows.owner), torch.zeros(1, dtype=torch.long))
 
 
-def build_algorithm(trainer, scheduler):
-    """The algorithm ``trainer.config.algorithm`` names (:data:`critic_align.registry.ALGORITHMS`)."""
+def build_algorithm(name: str, schedule, scheduler, config):
+    """The algorithm ``name`` (:data:`critic_align.registry.ALGORITHMS`)."""
     from ..registry import ALGORITHMS, lookup, resolve
 
-    return resolve(lookup(ALGORITHMS, trainer.config.algorithm, "algorithm"))(trainer, scheduler)
+    return resolve(lookup(ALGORITHMS, name, "algorithm"))(schedule, scheduler, config)

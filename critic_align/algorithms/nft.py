@@ -67,19 +67,19 @@ def nft_loss(out: torch.Tensor, old: torch.Tensor, x_t: torch.Tensor, x0: torch.
 class NFT:
     """The glue: rows of forward-noised final samples, their r, and the loss through the shared update loop."""
 
-    def __init__(self, trainer, scheduler):
-        self.forward = forward_process_for(trainer, scheduler)
-        self.param = OutputParam(trainer.schedule)
+    def __init__(self, schedule, scheduler, config):
+        self.forward = forward_process_for(schedule, scheduler, config.num_inference_steps)
+        self.param = OutputParam(schedule)
 
-    def prepare(self, trainer, ro):
-        """(rows, loss_fn(row indices) -> (mean loss, stats)) for one rollout."""
-        cfg = trainer.config
-        rows = noised_rows(trainer, ro, self.forward, cfg.ppo_epochs)
+    def prepare(self, ctx, ro):
+        """(rows, loss_fn(row indices) -> (mean loss, stats)) for one rollout (this process's shard)."""
+        cfg = ctx.config
+        rows = noised_rows(ctx, ro, self.forward, cfg.ppo_epochs)
         r = optimality(ro.advantages[rows.traj.to(ro.advantages.device), rows.step.to(ro.advantages.device)],
-                       cfg.adv_clip_max).to(trainer.device)
+                       cfg.adv_clip_max).to(ctx.device)
 
         def loss_fn(part):
-            out, kl, stats = policy_and_kl(trainer, rows, part, ro)
+            out, kl, stats = policy_and_kl(ctx, rows, part, ro)
             a, b = self.param.x0_coefs(rows.t[part], rows.x0)
             loss, st = nft_loss(out, rows.old[part], rows.x_t[part], rows.x0[part], a, b, r[part.to(r.device)],
                                 cfg.nft_beta, cfg.adv_clip_max)
@@ -87,5 +87,5 @@ class NFT:
 
         return rows, loss_fn
 
-    def update(self, trainer, ro) -> dict:
-        return forward_update(trainer, *self.prepare(trainer, ro))
+    def update(self, ctx, ro) -> dict:
+        return forward_update(ctx, *self.prepare(ctx, ro))
