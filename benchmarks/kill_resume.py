@@ -1,6 +1,6 @@
 """Kill a digits training run with SIGKILL at random moments, resume it each time, compare with an uninterrupted run.
 
-    python benchmarks/kill_resume.py [--kills 10] [--seed 0] [--epochs 16]
+    python benchmarks/kill_resume.py [--kills 10] [--seed 0] [--epochs 16] [--processes 2]
 
 1. Runs `critic-align train` (a small digits config, a checkpoint every epoch) once without interruption.
 2. Runs the same command in another directory as a subprocess and SIGKILLs it after a random delay (seeded);
@@ -13,6 +13,11 @@
 Prints and writes benchmarks/results/kill_resume.json: "10/10 identical" or exactly what differed.  Each kill is
 recorded with where it landed (process start-up, value pretraining, an epoch, between logging and checkpointing,
 inside a checkpoint write).
+
+``--processes N`` (N > 1) runs every command under ``torchrun --nproc_per_node N`` (gloo on CPU, one torch thread per
+process) and each kill SIGKILLs one rank, chosen at random (torchrun then stops the others, as on a cluster where a
+node dies); the resume runs on the same number of processes.  Its result is written under ``processes_N`` of the
+same JSON, next to the one-process result.
 """
 
 from __future__ import annotations
@@ -40,9 +45,14 @@ def overrides(epochs: int) -> list[str]:
             "grid_every=0", "log_tensorboard=false", "progress=false"]
 
 
+PROCESSES = 1
+
+
 def command(out: Path, epochs: int, resume: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "train.cli", "train", "--config", "digits", "--out", str(out)]
-    for s in overrides(epochs):
+    launch = [sys.executable] if PROCESSES == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                      f"--nproc_per_node={PROCESSES}"]
+    cmd = launch + ["-m", "train.cli", "train", "--config", "digits", "--out", str(out)]
+    for s in overrides(epochs) + ([f"sample_chunk_size={16 // PROCESSES}"] if PROCESSES > 1 else []):
         cmd += ["--set", s]
     return cmd + (["--resume"] if resume else [])
 
@@ -50,7 +60,25 @@ def command(out: Path, epochs: int, resume: bool) -> list[str]:
 def env() -> dict:
     e = dict(os.environ)
     e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    if PROCESSES > 1:
+        e["ACCELERATE_USE_CPU"] = "1"
     return e
+
+
+def kill_one_rank(proc: subprocess.Popen, rng: random.Random) -> int | None:
+    """SIGKILL one of the launcher's worker processes (a random rank; the process itself with one process);
+    returns the rank index killed (None: the launcher itself, no worker yet)."""
+    if PROCESSES == 1:
+        os.kill(proc.pid, signal.SIGKILL)
+        return 0
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    pids = [int(x) for x in children.read_text().split()] if children.exists() else []
+    if not pids:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return None
+    i = rng.randrange(len(pids))
+    os.kill(sorted(pids)[i], signal.SIGKILL)
+    return i
 
 
 def rows(run: Path) -> list[dict]:
@@ -140,7 +168,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--workdir", default="/tmp/critic_align_kill_resume")
     ap.add_argument("--out", default=str(RESULTS / "kill_resume.json"))
+    ap.add_argument("--processes", type=int, default=1, help="processes per run (torchrun on CPU when > 1)")
     args = ap.parse_args(argv)
+    global PROCESSES
+    PROCESSES = args.processes
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -175,7 +206,7 @@ def main(argv=None) -> dict:
         # of progress per attempt on average; kills land in every phase of an epoch)
         delay = rng.uniform(0.5 * first_row_s, first_row_s + 1.5 * epoch_s)
         proc = subprocess.Popen(command(run, args.epochs, resume), env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+                                stderr=subprocess.PIPE, start_new_session=True)
         attempts += 1
         try:
             proc.wait(timeout=delay)
@@ -185,10 +216,20 @@ def main(argv=None) -> dict:
             print(f"attempt {attempts}: the run finished before its kill at {delay:.1f} s")
             break
         except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+            rank = kill_one_rank(proc, rng)
+            try:  # the launcher stops the other ranks when one dies; what is still alive after 30 s is killed
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            if PROCESSES > 1:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # no orphaned worker writes on after the launcher is gone
+                except ProcessLookupError:
+                    pass
             proc.stderr.close()
-            kills.append({"kill": len(kills) + 1, "resumed": resume, "delay_s": round(delay, 2), **where_killed(run)})
+            kills.append({"kill": len(kills) + 1, "resumed": resume, "delay_s": round(delay, 2), "rank_killed": rank,
+                          **where_killed(run)})
             bar.update(1)
             bar.set_postfix(phase=kills[-1]["phase"][:40])
     bar.close()
@@ -202,6 +243,7 @@ def main(argv=None) -> dict:
     import torch
 
     result = {
+        "processes": PROCESSES,
         "verdict": verdict,
         "identical": identical,
         "kills": len(kills),
@@ -218,10 +260,18 @@ def main(argv=None) -> dict:
         "epoch_with_checkpoint_s": round(epoch_s, 2),
         "total_wall_s": round(time.time() - t0, 1),
         "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": 1,
-                    "python": platform.python_version()},
+                    "python": platform.python_version(), "load_average_at_end": os.getloadavg()[0]},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if PROCESSES > 1:  # next to the one-process result
+        whole = json.loads(out.read_text()) if out.exists() else {}
+        whole[f"processes_{PROCESSES}"] = result
+        result_to_write = whole
+    else:
+        whole = json.loads(out.read_text()) if out.exists() else {}
+        result_to_write = {**result, **{k: v for k, v in whole.items() if k.startswith("processes_")}}
+    out.write_text(json.dumps(result_to_write, indent=2))
     print(verdict)
     for d in diffs:
         print("  " + d)

@@ -76,10 +76,9 @@ class Processes:
         if self.num_processes > 1:
             from accelerate.utils import DistributedDataParallelKwargs
 
-            # our settings, whatever the caller's accelerator was built with: unused parameters are normal here (a
-            # value fit does not reach the policy), and no buffer needs re-broadcasting at every forward
-            self.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True,
-                                                                         broadcast_buffers=False)
+            # our setting, whatever the caller's accelerator was built with: unused parameters are normal here (a
+            # value fit does not reach the policy; DDP then warns once that an iteration used them all)
+            self.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
         self.module, prepared = self.accelerator.prepare(module, optimizer)
         return prepared
 

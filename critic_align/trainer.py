@@ -202,13 +202,16 @@ class Trainer:
         """(B, T, K) critic values at the states of ``ro`` (this process's)."""
         return collect.critic_values(self.models, ro)
 
-    def compute_advantages(self, ro: Rollout) -> Rollout:
+    def compute_advantages(self, ro: Rollout, prompts=None) -> Rollout:
         """A new Rollout with ``advantages`` (B, T) clipped to ±adv_clip_max and, with a critic, ``values`` and
         ``returns`` (B, T, K), from the configured estimator on the whole batch's rewards and values (the
-        estimator's group statistics and whitening are the whole batch's); this process keeps its rows."""
+        estimator's group statistics and whitening are the whole batch's); this process keeps its rows.
+        prompts: the whole batch's prompts (every process holds them; default: gathered from the processes)."""
         procs = self.processes
         values = self.compute_values(ro) if self.estimator.needs_values else None
-        prompts = tuple(p for part in procs.gather_objects(list(ro.prompts)) for p in part)
+        if prompts is None:
+            prompts = [p for part in procs.gather_objects(list(ro.prompts)) for p in part]
+        prompts = tuple(prompts)
         scored = ScoredBatch(procs.gather(ro.rewards).float(), self.reward_weights, prompts, ro.num_steps)
         adv, returns = self.estimator.compute(scored, None if values is None else procs.gather(values))
         mine, clip = procs.shard(len(prompts)), self.config.adv_clip_max
@@ -282,12 +285,13 @@ class Trainer:
         cfg = self.config
         t0 = time.time()
         window = self.draw_window()
-        ro = self.rollout(self.prompt_iter.batch(cfg.prompts_per_epoch, cfg.group_size), window=window)
+        prompts = self.prompt_iter.batch(cfg.prompts_per_epoch, cfg.group_size)
+        ro = self.rollout(prompts, window=window)
         t_rollout = time.time() - t0
         if self.critic is not None and self.epoch == 0 and not self.pretrained_value:
             # no value pretraining: standardise on the first batch
             self.critic.head.set_output_scale(self.processes.gather(ro.rewards))
-        ro = self.compute_advantages(ro)
+        ro = self.compute_advantages(ro, prompts)
         t1 = time.time()
         stats = self.update(ro)
         if self.forward_process is not None and cfg.value_perturbed_coef > 0:
