@@ -10,6 +10,7 @@ from .critic import CRITIC_MODES
 from .registry import ALGORITHMS, ESTIMATORS
 
 AGGREGATIONS = ("normalize_then_sum", "sum_then_normalize")
+OPTIMIZERS = ("adamw", "adamw_8bit")
 
 
 def _err(name, value, what, number=True):
@@ -141,9 +142,11 @@ class PPOConfig:
     minibatch_size: int = 160
     """(trajectory, step) pairs per optimiser step."""
     gradient_accumulation_steps: int = 1
-    """At least this many micro-batches per minibatch (minibatch_size must divide evenly): a micro-batch has at most
-    minibatch_size / gradient_accumulation_steps pairs (and at most ``micro_batch_size``).  The gradient is the
-    same whatever the split (each micro-batch's loss is weighted by its share of the minibatch)."""
+    """Per rank: each process splits its share of a minibatch (minibatch_size / N pairs with N processes, which this
+    must divide) into at least this many micro-batches: a micro-batch has at most minibatch_size / (N ·
+    gradient_accumulation_steps) pairs (and at most ``micro_batch_size``).  The gradient is the same whatever the
+    split (each micro-batch's loss is weighted by its share of the minibatch).  To bound memory the same way on any
+    number of processes set ``micro_batch_size`` instead (it does not depend on N)."""
     micro_batch_size: int | str = "auto"
     """The most (trajectory, step) pairs (or value-fit rows) the update forwards and back-propagates at once;
     memory, not the maths: the gradient is the minibatch mean's whatever the split.  'auto': as many as fit in
@@ -305,7 +308,22 @@ class PPOConfig:
     """Samples per held-out prompt (within-prompt diversity is measured among them)."""
     mixed_precision: str = "no"
     """'no' or 'bf16' (forwards under accelerate's autocast; weights, optimiser and log-probs stay fp32).
-    fp16 is refused: it needs loss scaling, and the PPO ratio is too sensitive to fp16 rounding."""
+    fp16 is refused: it needs loss scaling, and the PPO ratio is too sensitive to fp16 rounding.  The run config
+    decides: ``accelerate launch --mixed_precision bf16`` needs bf16 here, and a launch with fp16 is refused
+    before any model loads (``critic_align/launch.py``)."""
+
+    # --- memory options -----------------------------------------------------------------------------
+    optimizer: str = "adamw"
+    """'adamw' (torch's AdamW) or 'adamw_8bit' (bitsandbytes' AdamW8bit: the two Adam moments in 8 bits, about a
+    quarter of the optimiser state's memory; an optional extra: ``pip install critic-align[bnb]``, checked before
+    any model loads).  Both take learning_rate / critic_learning_rate, adam_betas, adam_eps and weight_decay
+    (``critic_align/optim.py``)."""
+    text_embedding_cache: bool = False
+    """Stable Diffusion / FLUX tasks: encode each distinct prompt once and keep its text embedding (on the CPU; moved
+    to the device per batch), so a fixed prompt list costs the text encoders one pass per prompt instead of one per
+    epoch and group member.  The same embeddings as encoding every batch, to float rounding (the encoder runs on
+    batches of other sizes).
+    Costs host memory per distinct prompt (SD1.5: 77 x 768 values; SD3: (77 + T5 length) x 4096 + 2048)."""
 
     extra: dict = field(default_factory=dict)
     """Free-form notes carried into the run's config.json (not used by the trainer)."""
@@ -419,6 +437,12 @@ class PPOConfig:
             _err("advantage_scale", self.advantage_scale, "use 'advantages' or 'rewards'", number=False)
         if self.advantage_aggregation not in AGGREGATIONS:
             _err("advantage_aggregation", self.advantage_aggregation, f"use one of {AGGREGATIONS}")
+        if self.optimizer not in OPTIMIZERS:
+            _err("optimizer", self.optimizer, f"use one of {OPTIMIZERS} (adamw_8bit needs pip install critic-align[bnb])",
+                 number=False)
+        if not isinstance(self.text_embedding_cache, bool):
+            _err("text_embedding_cache", self.text_embedding_cache, "must be true or false (unquoted in YAML)",
+                 number=False)
         if self.log_prob_reduction not in ("mean", "sum"):
             _err("log_prob_reduction", self.log_prob_reduction, "use 'mean' or 'sum'")
         if self.mixed_precision not in ("no", "bf16"):
@@ -511,15 +535,11 @@ class PPOConfig:
         if base_dtype != "float32" and self.mixed_precision != "bf16":
             raise ValueError(f"sd.torch_dtype={base_dtype!r} needs ppo.mixed_precision: bf16 (a half-precision base "
                              "is run under autocast; LoRA weights, optimiser and log-probs stay float32)")
-        n = num_processes
-        if n > 1 and self.batch_size % n:
-            raise ValueError(f"batch_size={self.batch_size} does not split over {n} processes: use a multiple of {n}")
-        if n > 1 and (self.batch_size // n) % self.sample_chunk_size:
-            local = self.batch_size // n
-            raise ValueError(
-                f"with {n} processes each samples batch_size/{n} = {local} trajectories, and sample_chunk_size="
-                f"{self.sample_chunk_size} must divide that (each chunk has its own noise generator, so a chunk "
-                f"cannot be split between processes); set sample_chunk_size to a divisor of {local}, e.g. {local}")
+        from .launch import LaunchError, world_size_errors  # the process-count checks live with the launch checks
+
+        errors = world_size_errors(self, num_processes)
+        if errors:
+            raise LaunchError(errors[0])
 
     @property
     def prompts_per_epoch(self) -> int:

@@ -135,7 +135,8 @@ class _FakeProcesses:
 
 @pytest.mark.parametrize("n,kw,match", [
     (3, {}, r"batch_size=8 does not split over 3 processes: use a multiple of 3"),
-    (2, {"sample_chunk_size": 8}, r"each samples batch_size/2 = 4 trajectories, and sample_chunk_size=8 must divide"),
+    (2, {"sample_chunk_size": 8}, r"sample_chunk_size=8: with 2 processes each samples batch_size/2 = 4 trajectories in "
+                                  r"whole chunks .* set sample_chunk_size to a divisor of 4, e\.g\. 4"),
 ])
 def test_batch_that_does_not_split_over_processes(tmp_path, monkeypatch, n, kw, match):
     monkeypatch.setenv("WORLD_SIZE", str(n))

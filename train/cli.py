@@ -25,6 +25,7 @@ from pathlib import Path
 
 def cmd_train(args) -> int:
     from critic_align.diagnostics import bucket_edges
+    from critic_align.launch import check_launch
     from critic_align.runlock import check_free, lock_for, unlock_for
     from critic_align.viz import plot_metrics
 
@@ -37,6 +38,7 @@ def cmd_train(args) -> int:
         overrides["num_epochs"] = args.epochs
     run = load_run_config(args.config, overrides)
     cfg = run["ppo"]
+    check_launch(cfg)  # launch settings and process counts, before the run directory is touched or a model loads
     out = Path(cfg.output_dir)
     resume = args.resume or args.resume_from is not None
     check_free(out, "resume" if resume else "write to")  # before anything is built or written

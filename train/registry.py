@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from critic_align.config import PPOConfig
+from critic_align.launch import check_launch
 from critic_align.registry import PIPELINE_TASKS, SD_TASKS, build_rewards, digits_task, resolve, reward_by_name  # noqa: F401 (re-exported)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -133,7 +134,8 @@ def build_sd_task(run: dict):
     if not prompts:
         raise ValueError(f"task {task_name!r} needs prompts: a list of strings or a text file with one per line")
     torch_dtype = opts.pop("torch_dtype", "float32")
-    run["ppo"].check_run(build_rewards(run.get("rewards")).names, base_dtype=torch_dtype)  # before loading weights
+    launch = check_launch(run["ppo"])  # the launch settings and process counts, before loading weights
+    run["ppo"].check_run(build_rewards(run.get("rewards")).names, launch.num_processes, base_dtype=torch_dtype)
     model_path = run["model_path"]
     beside = Path(run["_path"]).parent / model_path if run.get("_path") else None
     if not Path(model_path).is_absolute() and not Path(model_path).exists() and beside is not None and beside.exists():
@@ -141,7 +143,8 @@ def build_sd_task(run: dict):
     pipe = load_pipeline(model_path, SD_TASKS[task_name], torch_dtype=torch_dtype,
                          drop_t5=opts.pop("drop_t5", False))
     pipe.set_progress_bar_config(disable=True)
-    return resolve(PIPELINE_TASKS[SD_TASKS[task_name]])(pipe, prompts, **opts)
+    return resolve(PIPELINE_TASKS[SD_TASKS[task_name]])(pipe, prompts, text_embedding_cache=run["ppo"].text_embedding_cache,
+                                                        **opts)
 
 
 def build_trainer(run: dict):
@@ -149,6 +152,7 @@ def build_trainer(run: dict):
     from critic_align.trainer import Trainer
 
     task_name = run["task"]
+    check_launch(run["ppo"])  # unsupported launch settings and process counts: refused before any model loads
     if task_name in SD_TASKS:
         task = build_sd_task(run)
         rewards = build_rewards(run.get("rewards"))

@@ -16,8 +16,10 @@ All three share one loader and one image pipeline:
   processor's output on the same image as a PIL input to within the uint8 rounding PIL does after its
   resize (see ``tests/test_real_rewards.py``).  Because it is torch, the rewards can be
   differentiable (``differentiable=True``: gradients reach the samples; the CLIP weights are frozen).
-* ``device`` (default: the samples' device), ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"``
-  or a ``torch.dtype``; the model's weights and inputs; embeddings are compared in float32) and
+* ``device`` (default: the samples' device, which is the trainer's; ``cuda`` means this rank's GPU,
+  ``cuda:{LOCAL_RANK}``, resolved at construction so a lazy load in the reward thread lands there),
+  ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``; the model's weights and
+  inputs; embeddings are compared in float32) and
   ``batch_size`` (images per forward; larger batches are chunked).  The result is a ``(B,)`` float32
   tensor on the samples' device.
 * ``processor``: where the image processor and tokenizer live when they are not next to the model
@@ -37,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from critic_align.launch import rank_device
 from critic_align.rewards.base import Reward
 
 __all__ = [
@@ -290,7 +293,9 @@ class _CLIPReward(Reward):
             self.name = name
         self.model_source = str(model)
         self.processor_source = str(processor)
-        self.device = None if device is None else torch.device(device)
+        # resolved now, on the constructing thread: 'cuda' -> this rank's GPU (cuda:LOCAL_RANK), so a model loaded
+        # lazily in the background reward thread (whose current CUDA device is cuda:0) lands on the rank's own GPU
+        self.device = None if device is None else rank_device(device)
         self.dtype = _resolve_dtype(dtype)
         self.batch_size = batch_size
         self.local_files_only = bool(local_files_only)

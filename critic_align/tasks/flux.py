@@ -73,9 +73,9 @@ class FluxTask(StableDiffusionTask):
     name = "flux"
 
     def __init__(self, pipe, prompts, resolution: int | None = None, max_sequence_length: int = MAX_SEQUENCE_LENGTH,
-                 decode_chunk_size: int = 8, guidance: float | None = None):
+                 decode_chunk_size: int = 8, guidance: float | None = None, text_embedding_cache: bool = False):
         super().__init__(pipe, prompts, resolution=resolution, max_sequence_length=max_sequence_length,
-                         decode_chunk_size=decode_chunk_size)
+                         decode_chunk_size=decode_chunk_size, text_embedding_cache=text_embedding_cache)
         if max_sequence_length > MAX_SEQUENCE_LENGTH:
             raise ValueError(f"max_sequence_length {max_sequence_length} > {MAX_SEQUENCE_LENGTH}, the most "
                              "FluxPipeline takes")
@@ -129,11 +129,9 @@ class FluxTask(StableDiffusionTask):
         return FluxPipeline._unpack_latents(packed, self.resolution, self.resolution, self.pipe.vae_scale_factor)
 
     # -- the task protocol -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode(self, prompts) -> TextCond:
-        """A :class:`TextCond`: T5 token embeddings (B, max_sequence_length, 4096) and pooled CLIP (B, 768)."""
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    def _encode_batch(self, prompts: list[str]) -> TextCond:
+        """A :class:`TextCond`: T5 token embeddings (B, max_sequence_length, 4096) and pooled CLIP (B, 768)
+        (``encode``, inherited, adds the checks and the text-embedding cache)."""
         embeds, pooled, _ = self.pipe.encode_prompt(list(prompts), None, device=self.device, num_images_per_prompt=1,
                                                     max_sequence_length=self.max_sequence_length)
         dtype = self.denoiser.dtype

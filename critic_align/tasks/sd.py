@@ -123,12 +123,15 @@ class StableDiffusionTask(BaseTask):
     max_sequence_length: SD3's T5 token count (the pipeline's default 256; ``pipe(...)`` must be called
         with the same value to reproduce a trained policy's samples).
     decode_chunk_size: images per VAE decode call (bounds memory; does not change results).
+    text_embedding_cache: encode each distinct prompt once and keep its conditioning (on the CPU; moved to the
+        task's device per batch): a fixed prompt list then runs the text encoders once per prompt, not once per
+        epoch and group member (``PPOConfig.text_embedding_cache``).  ``encoder_calls`` counts the prompts encoded.
     """
 
     kinds = ("sd15", "sd3")  # the pipeline kinds this class trains (FluxTask: 'flux')
 
     def __init__(self, pipe, prompts, resolution: int | None = None, max_sequence_length: int = 256,
-                 decode_chunk_size: int = 8):
+                 decode_chunk_size: int = 8, text_embedding_cache: bool = False):
         self.kind = pipeline_kind(pipe)
         if self.kind not in self.kinds:
             owner = "critic_align.tasks.flux.FluxTask" if self.kind == "flux" else "critic_align.tasks.sd.StableDiffusionTask"
@@ -158,6 +161,10 @@ class StableDiffusionTask(BaseTask):
         for module in self.frozen_modules():
             module.eval().requires_grad_(False)
         self._null = None
+        if not isinstance(text_embedding_cache, bool):
+            raise ValueError(f"text_embedding_cache must be true or false, got {text_embedding_cache!r}")
+        self._text_cache: dict | None = {} if text_embedding_cache else None
+        self.encoder_calls = 0  # prompts run through the text encoders (with the cache: each distinct prompt once)
 
     name = "stable_diffusion"
     grid_scale = 1  # sample grids (Trainer.save_grid) at the images' own size ...
@@ -215,10 +222,28 @@ class StableDiffusionTask(BaseTask):
     # -- the task protocol -----------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, prompts):
-        """Conditioning for ``prompts``: SD1.5 (B, L, D) hidden states; SD3 a :class:`TextCond`."""
+        """Conditioning for ``prompts``: SD1.5 (B, L, D) hidden states; SD3 / FLUX a :class:`TextCond`.  With the
+        text-embedding cache, prompts not seen before are encoded (once each, in one batch) and the rest are read
+        from the cache."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
         prompts = list(prompts)
+        if self._text_cache is None:
+            self.encoder_calls += len(prompts)
+            return self._encode_batch(prompts)
+        cache = self._text_cache
+        new = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if new:
+            self.encoder_calls += len(new)
+            rows = self._encode_batch(new)
+            for i, p in enumerate(new):
+                cache[p] = rows[i:i + 1].to("cpu")
+        from ..cond import cat_cond
+
+        return cat_cond([cache[p] for p in prompts]).to(self.device)
+
+    def _encode_batch(self, prompts: list[str]):
+        """The pipeline's ``encode_prompt`` on ``prompts`` (no cache)."""
         dtype = self.denoiser.dtype
         if self.kind == "sd15":
             embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)

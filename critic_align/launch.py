@@ -1,0 +1,230 @@
+"""Launch checks: what ``accelerate launch`` / ``torchrun`` asked for, read before any model loads.
+
+A launcher tells its processes what it set up through environment variables (``WORLD_SIZE``, ``LOCAL_RANK``,
+``ACCELERATE_MIXED_PRECISION``, ``ACCELERATE_USE_DEEPSPEED``, ``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``, ...).
+:func:`read_launch_state` reads them (or accelerate's own state, when an ``Accelerator`` exists already) without
+creating a process group or a model, and :func:`check_launch` refuses, with one line naming the setting and the fix,
+what the engine cannot honour:
+
+* DeepSpeed and Megatron-LM (the engine runs DDP or FSDP2);
+* FSDP version 1 (the engine shards with accelerate's FSDP2 plugin);
+* ``mixed_precision: fp16`` / ``fp8`` (bf16 or no: fp16 would need a gradient scaler unscaling before the clip)
+  and a launch precision the run config does not agree with (one mechanism: the run's ``mixed_precision``);
+* ``accelerate launch --cpu --num_processes N`` (N > 1), which starts one process (see :func:`launch_errors`);
+* a number of processes the batch does not split over (:func:`world_size_errors`: the batch, the sample chunks,
+  the held-out batch, the minibatches and each rank's gradient accumulation);
+* an optimiser whose optional package is missing (``optimizer: adamw_8bit`` without bitsandbytes).
+
+:func:`rank_device` maps a config's ``device: cuda`` to this rank's GPU (``cuda:{LOCAL_RANK}``), so a model built
+later, in any thread, lands on the rank's own device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED = ("DDP (accelerate launch --multi_gpu, or torchrun) and FSDP2 (accelerate launch --use_fsdp "
+             "--fsdp_version 2; train/configs/accelerate/fsdp.yaml)")
+
+
+class LaunchError(ValueError):
+    """A launch setting or process count the engine cannot honour (raised before any model loads)."""
+
+
+def _flag(env, name: str) -> bool:
+    return str(env.get(name, "")).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _int(env, names, default: int) -> int:
+    for name in names:
+        v = env.get(name)
+        if v not in (None, ""):
+            try:
+                return int(v)
+            except ValueError:
+                raise LaunchError(f"environment variable {name}={v!r} is not an integer: the launcher sets it; "
+                                  "unset it or launch with accelerate launch / torchrun") from None
+    return default
+
+
+@dataclass(frozen=True)
+class LaunchState:
+    """What the launcher set up for this process (all defaults: one plain process)."""
+
+    num_processes: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    mixed_precision: str = "no"
+    """accelerate's precision for the launch ('no' when none was asked for: the run config decides)."""
+    deepspeed: bool = False
+    fsdp: bool = False
+    fsdp_version: int = 2
+    megatron_lm: bool = False
+    use_cpu: bool = False
+    """``accelerate launch --cpu`` (ACCELERATE_USE_CPU)."""
+    cpu_launch_without_world: bool = False
+    """accelerate's CPU launcher asked for several processes (it sets MASTER_ADDR / MASTER_PORT only then) but this
+    process has no WORLD_SIZE: it is the only one."""
+
+    @property
+    def distributed_type(self) -> str:
+        if self.deepspeed:
+            return "DEEPSPEED"
+        if self.megatron_lm:
+            return "MEGATRON_LM"
+        if self.fsdp:
+            return "FSDP"
+        return "MULTI_PROCESS" if self.num_processes > 1 else "NO"
+
+
+def read_launch_state(environ=None) -> LaunchState:
+    """This process's :class:`LaunchState`, from the environment (``environ``, default ``os.environ``).
+
+    When accelerate's state already exists in this process (an ``Accelerator`` or ``PartialState`` made before),
+    its number of processes, rank and precision win over the environment (an ``Accelerator(mixed_precision=...)``
+    overrides the launcher's), and a DeepSpeed / FSDP / Megatron-LM type in either counts.  Creates nothing."""
+    env = os.environ if environ is None else environ
+    n = _int(env, ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"), 1)
+    rank = _int(env, ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"), 0)
+    local = _int(env, ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK"), 0)
+    fields = dict(
+        num_processes=n, rank=rank, local_rank=local,
+        mixed_precision=str(env.get("ACCELERATE_MIXED_PRECISION", "no") or "no").lower(),
+        deepspeed=_flag(env, "ACCELERATE_USE_DEEPSPEED"), fsdp=_flag(env, "ACCELERATE_USE_FSDP"),
+        fsdp_version=_int(env, ("FSDP_VERSION",), 1 if _flag(env, "ACCELERATE_USE_FSDP") else 2),
+        megatron_lm=_flag(env, "ACCELERATE_USE_MEGATRON_LM"), use_cpu=_flag(env, "ACCELERATE_USE_CPU"),
+        cpu_launch_without_world=_flag(env, "ACCELERATE_USE_CPU") and "MASTER_PORT" in env and "WORLD_SIZE" not in env
+        and "PMI_SIZE" not in env and "OMPI_COMM_WORLD_SIZE" not in env)
+    if environ is None:
+        existing = _accelerate_state()
+        for key in ("deepspeed", "fsdp", "megatron_lm"):  # either source asking for it is enough
+            existing[key] = existing.get(key, False) or fields[key]
+        fields.update(existing)
+    return LaunchState(**fields)
+
+
+def _accelerate_state() -> dict:
+    """What an existing accelerate state says (empty when none was created in this process)."""
+    try:
+        from accelerate.state import AcceleratorState, PartialState
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        return {}
+    out = {}
+    if PartialState._shared_state:
+        ps = PartialState()
+        out.update(num_processes=ps.num_processes, rank=ps.process_index, local_rank=ps.local_process_index)
+    if AcceleratorState._shared_state:
+        st = AcceleratorState()
+        kind = str(getattr(st.distributed_type, "value", st.distributed_type)).upper()
+        out.update(mixed_precision=str(st.mixed_precision).lower(), deepspeed=kind == "DEEPSPEED",
+                   fsdp=kind == "FSDP", megatron_lm=kind == "MEGATRON_LM")
+    return out
+
+
+def world_size_errors(config, num_processes: int) -> list[str]:
+    """Why ``config`` cannot run on ``num_processes`` processes (empty: it can).  Each message names the field and
+    the fix."""
+    n, cfg = int(num_processes), config
+    if n <= 1:
+        return []
+    out = []
+    if cfg.batch_size % n:
+        out.append(f"config field batch_size={cfg.batch_size} does not split over {n} processes: use a multiple of "
+                   f"{n} (or launch {_divisors_hint(cfg.batch_size)} processes)")
+        return out  # the other checks divide the batch
+    local = cfg.batch_size // n
+    if local % cfg.sample_chunk_size:
+        out.append(f"config field sample_chunk_size={cfg.sample_chunk_size}: with {n} processes each samples "
+                   f"batch_size/{n} = {local} trajectories in whole chunks (each chunk has its own noise generator); "
+                   f"set sample_chunk_size to a divisor of {local}, e.g. {_largest_divisor(local, cfg.sample_chunk_size)}")
+    if cfg.eval_every:
+        ev = cfg.eval_prompts * cfg.eval_per_prompt
+        if ev % (n * cfg.sample_chunk_size):
+            out.append(f"config fields eval_prompts x eval_per_prompt = {ev} held-out samples do not split into {n} "
+                       f"processes' chunks of sample_chunk_size={cfg.sample_chunk_size}: make it a multiple of "
+                       f"{n * cfg.sample_chunk_size}, or set eval_every: 0")
+    if cfg.minibatch_size % n:
+        out.append(f"config field minibatch_size={cfg.minibatch_size} does not split over {n} processes (each rank "
+                   f"trains on an equal share of every minibatch): use a multiple of {n}")
+    elif (cfg.minibatch_size // n) % cfg.gradient_accumulation_steps:
+        share = cfg.minibatch_size // n
+        out.append(f"config field gradient_accumulation_steps={cfg.gradient_accumulation_steps} is per rank: with {n} "
+                   f"processes each rank's share of a minibatch is minibatch_size/{n} = {share} pairs, which must split "
+                   f"into gradient_accumulation_steps micro-batches; set gradient_accumulation_steps to a divisor of "
+                   f"{share}, e.g. {_largest_divisor(share, cfg.gradient_accumulation_steps)} (micro_batch_size bounds "
+                   "the pairs forwarded at once whatever the number of processes)")
+    return out
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def _divisors_hint(n: int) -> str:
+    return "/".join(str(d) for d in (1, 2, 4, 8, 16) if n % d == 0)
+
+
+def launch_errors(config, state: LaunchState) -> list[str]:
+    """Why the launch ``state`` cannot run ``config`` (empty: it can); one line each, naming the setting and the fix."""
+    out = []
+    if state.deepspeed:
+        out.append(f"accelerate launch with DeepSpeed (ACCELERATE_USE_DEEPSPEED) is not supported: the engine runs "
+                   f"{SUPPORTED}; launch with train/configs/accelerate/multi_gpu_ddp.yaml or fsdp.yaml")
+    if state.megatron_lm:
+        out.append(f"accelerate launch with Megatron-LM is not supported: the engine runs {SUPPORTED}")
+    if state.fsdp and state.fsdp_version != 2:
+        out.append(f"accelerate launch with FSDP version {state.fsdp_version} is not supported: the engine shards with "
+                   "FSDP2; set fsdp_version: 2 in the accelerate config (train/configs/accelerate/fsdp.yaml) or pass "
+                   "--fsdp_version 2")
+    mp = state.mixed_precision
+    if mp not in ("no", "bf16"):
+        out.append(f"accelerate launch --mixed_precision {mp} is not supported: use bf16 (set ppo mixed_precision: bf16) "
+                   "or no; fp16 would need loss scaling undone before the gradient clip, and the PPO ratio is too "
+                   "sensitive to fp16 rounding")
+    elif mp == "bf16" and config.mixed_precision != "bf16":
+        out.append(f"accelerate launch --mixed_precision bf16 but config field mixed_precision={config.mixed_precision!r}:"
+                   " the run config decides the precision; set mixed_precision: bf16 (--set mixed_precision=bf16) or "
+                   "launch with --mixed_precision no")
+    if state.cpu_launch_without_world:
+        out.append("accelerate launch --cpu --num_processes N started one process: accelerate's CPU launcher starts "
+                   "several only through MPI (--mpirun_hostfile); launch with --multi_gpu --num_processes N instead "
+                   "(torch's launcher; without CUDA the processes run on CPU with gloo), or torchrun, or "
+                   "train/configs/accelerate/cpu_2proc.yaml (docs/scaling_out.md)")
+    out += world_size_errors(config, state.num_processes)
+    out += dependency_errors(config)
+    return out
+
+
+def dependency_errors(config) -> list[str]:
+    """Optional packages the config needs and this environment lacks."""
+    out = []
+    if getattr(config, "optimizer", "adamw") == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        out.append("config field optimizer='adamw_8bit' needs bitsandbytes: pip install critic-align[bnb] (or pip "
+                   "install bitsandbytes), or set optimizer: adamw")
+    return out
+
+
+def check_launch(config, state: LaunchState | None = None) -> LaunchState:
+    """Raise :class:`LaunchError` (one line: the first problem) when ``config`` cannot run under this launch;
+    return the launch state.  Reads the environment (and an existing accelerate state); loads nothing."""
+    state = read_launch_state() if state is None else state
+    errors = launch_errors(config, state)
+    if errors:
+        raise LaunchError(errors[0])
+    return state
+
+
+def rank_device(device, local_rank: int | None = None) -> torch.device:
+    """``device`` as this rank's device: 'cuda' (no index) -> ``cuda:{local_rank}`` (default: LOCAL_RANK, or 0), so
+    a model moved there later, in any thread, lands on the rank's own GPU (torch's current CUDA device is per thread:
+    a background thread's default is cuda:0).  Any other device (an explicit index, 'cpu', 'mps') is returned as it
+    is."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        rank = read_launch_state().local_rank if local_rank is None else int(local_rank)
+        return torch.device("cuda", rank)
+    return d
