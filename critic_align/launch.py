@@ -97,8 +97,8 @@ def read_launch_state(environ=None) -> LaunchState:
         deepspeed=_flag(env, "ACCELERATE_USE_DEEPSPEED"), fsdp=_flag(env, "ACCELERATE_USE_FSDP"),
         fsdp_version=_int(env, ("FSDP_VERSION",), 1 if _flag(env, "ACCELERATE_USE_FSDP") else 2),
         megatron_lm=_flag(env, "ACCELERATE_USE_MEGATRON_LM"), use_cpu=_flag(env, "ACCELERATE_USE_CPU"),
-        cpu_launch_without_world=_flag(env, "ACCELERATE_USE_CPU") and "MASTER_PORT" in env and "WORLD_SIZE" not in env
-        and "PMI_SIZE" not in env and "OMPI_COMM_WORLD_SIZE" not in env)
+        cpu_launch_without_world=_flag(env, "ACCELERATE_USE_CPU") and "MASTER_PORT" in env
+        and not any(k in env for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")))
     if environ is None:
         existing = _accelerate_state()
         for key in ("deepspeed", "fsdp", "megatron_lm"):  # either source asking for it is enough

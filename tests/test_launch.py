@@ -177,6 +177,26 @@ def test_cli_train_refuses_a_single_process_cpu_launch_asked_for_two(env, tmp_pa
 
 
 # ----------------------------------------------------------------------------------------------------
+# the launch recipes
+RECIPES = {"single_gpu": ("NO", 1), "multi_gpu_ddp": ("MULTI_GPU", 8), "fsdp": ("FSDP", 8),
+           "multi_node": ("MULTI_GPU", 16), "cpu_2proc": ("MULTI_GPU", 2)}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_accelerate_recipes_load_with_accelerates_parser_and_pass_the_checks(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    c = load_config_from_file(str(CONFIGS / "accelerate" / f"{name}.yaml"))
+    assert (str(c.distributed_type.value), c.num_processes) == RECIPES[name]
+    assert c.mixed_precision == "no"  # the run config decides the precision
+    if name == "fsdp":
+        assert c.fsdp_config["fsdp_version"] == 2 and c.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    state = LaunchState(num_processes=c.num_processes, fsdp=name == "fsdp",
+                        fsdp_version=c.fsdp_config.get("fsdp_version", 2) if c.fsdp_config else 2)
+    assert launch.launch_errors(PPOConfig(sample_chunk_size=4, eval_prompts=8, minibatch_size=64), state) == []
+
+
+# ----------------------------------------------------------------------------------------------------
 # devices: 'cuda' is this rank's GPU, also for a model loaded in the reward thread
 def test_rank_device(env):
     env.setenv("LOCAL_RANK", "3")
