@@ -1,0 +1,196 @@
+"""Scaling out on CPU processes: throughput, bytes across ranks and equality with one process.
+
+    python benchmarks/scaleout.py             # the digits job and the tiny t2i job; ≈ 15-25 min on 2 idle cores
+    python benchmarks/scaleout.py --quick     # a smoke test of the whole pipeline (small batches, 2 epochs)
+
+For each job (``--config digits`` and ``--config t2i``: the Stable Diffusion path with its text encoder, VAE decode
+and composition reward), ``critic-align train`` runs through ``benchmarks/scaleout_worker.py`` (one torch thread per
+process, each process pinned to its own core, a byte-counting shim on torch.distributed's collectives):
+
+* 1 process, then 2 processes (``torchrun --nproc_per_node 2``), at the same global batch and seed for ``--epochs``
+  epochs: ``samples_per_s`` = global batch / mean epoch time over the epochs after the first (the epoch's own
+  ``time_epoch_s``: rollout, rewards, advantages, update; value pretraining, grids and checkpoints excluded), and
+  ``scaling_efficiency_2`` = 2-process throughput / (2 × 1-process throughput);
+* ``identical_to_single``: the first epoch's rewards and advantages (every trajectory of the global batch, rows
+  matched by prompt and rewards) agree with one process's to ``ROW_ATOL``, and the weights after 2 epochs (the
+  epoch-2 checkpoint's policy LoRA and critic) agree to the tolerance ``tests/test_multiprocess.py`` states
+  (``torch.testing.assert_close`` with rtol 1e-3, atol 2e-5); ``max_weight_diff`` is the largest absolute difference;
+* ``cross_rank_bytes_per_sample`` at 2 and 4 processes: the bytes a rank receives through torch.distributed's
+  collectives during the training epochs (the most of any rank), per epoch, divided by the global batch; the
+  hand-written gradient all-reduce of today's engine is reported apart (``gradient_allreduce_bytes_per_epoch``),
+  and DDP's own bucketed all-reduce runs in C++ and is not counted (see ``scaleout_worker.py``).  The 4-process runs
+  (2 epochs, more processes than cores) count bytes only; their times are not used.
+
+Writes ``benchmarks/results/scaleout.json`` (``scaleout_quick.json`` with ``--quick``), with the machine's load
+average before and after each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+WORKER = ROOT / "benchmarks" / "scaleout_worker.py"
+ROW_ATOL = 1e-5
+WEIGHT_RTOL, WEIGHT_ATOL = 1e-3, 2e-5
+
+# per job: the run config and the overrides that make it fit 1, 2 and 4 processes (chunks of 8 trajectories; no
+# held-out evaluation, grids or TensorBoard; a short value pretraining, which is not timed)
+JOBS = {"digits": "digits", "t2i": "t2i"}
+COMMON = ["sample_chunk_size=8", "eval_every=0", "grid_every=0", "log_tensorboard=false", "progress=false",
+          "checkpoint_every=1", "seed=0", "value_pretrain_epochs=2", "value_pretrain_passes=1"]
+QUICK = ["batch_size=16", "group_size=4", "sample_chunk_size=4", "minibatch_size=32", "value_pretrain_epochs=1",
+         "num_inference_steps=8"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(job: str, nproc: int, epochs: int, quick: bool, out: Path) -> dict:
+    """One ``critic-align train`` run of ``job`` on ``nproc`` processes; returns what it measured."""
+    sets = COMMON + (QUICK if quick else []) + [f"num_epochs={epochs}", f"keep_last={epochs + 1}"]
+    argv = ["train", "--config", JOBS[job], "--out", str(out / "run")]
+    for s in sets:
+        argv += ["--set", s]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
+    if nproc == 1:
+        cmd = [sys.executable, str(WORKER), str(out), *argv]
+    else:
+        env["ACCELERATE_USE_CPU"] = "1"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(_free_port()), str(WORKER), str(out), *argv]
+    load_before = os.getloadavg()
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    wall = time.time() - t0
+    if proc.returncode:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"{job} on {nproc} processes failed (exit {proc.returncode}); see above")
+    rows = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    train = [r for r in rows if r.get("phase") == "train"]
+    times = [r["time_epoch_s"] for r in train[1:]] or [r["time_epoch_s"] for r in train]
+    batch = int(json.loads((out / "run" / "config.json").read_text())["batch_size"])
+    ranks = [json.loads(p.read_text()) for p in sorted(out.glob("bytes_rank*.json"))]
+    epochs_done = max(1, ranks[0].get("epochs", 0)) if ranks else 1
+    per_rank = [sum(r.get("epoch", {}).values()) / epochs_done for r in ranks]
+    grad = [sum(r.get("gradient", {}).values()) / epochs_done for r in ranks]
+    return {"processes": nproc, "epochs": len(train), "global_batch": batch, "wall_s": round(wall, 1),
+            "epoch_s": [round(t, 3) for t in times], "samples_per_s": batch * len(times) / sum(times),
+            "bytes_received_per_epoch_max_rank": max(per_rank) if per_rank else 0.0,
+            "bytes_received_per_epoch_by_op": _by_op(ranks, epochs_done),
+            "gradient_allreduce_bytes_per_epoch": max(grad) if grad else 0.0,
+            "cores": [r.get("core") for r in ranks], "load_avg_before": [round(x, 2) for x in load_before],
+            "load_avg_after": [round(x, 2) for x in os.getloadavg()]}
+
+
+def _by_op(ranks: list[dict], epochs: int) -> dict:
+    """The most bytes any rank received per epoch, per collective (training epochs, gradient all-reduce apart)."""
+    out: dict = {}
+    for r in ranks:
+        for op, b in r.get("epoch", {}).items():
+            out[op] = max(out.get(op, 0.0), b / epochs)
+    return {k: round(v) for k, v in sorted(out.items())}
+
+
+def compare(one: Path, two: Path) -> dict:
+    """First-epoch rows and epoch-2 weights of a 1-process and a 2-process run."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = torch.load(one / "first_epoch.pt"), torch.load(two / "first_epoch.pt")
+    same_rows = a["prompts"] == b["prompts"] and a["rewards"].shape == b["rewards"].shape and \
+        a["advantages"].shape == b["advantages"].shape
+    reward_diff = float((a["rewards"] - b["rewards"]).abs().max()) if same_rows else float("inf")
+    adv_diff = float((a["advantages"] - b["advantages"]).abs().max()) if same_rows else float("inf")
+    wa = load_file(str(one / "run" / "checkpoints" / "epoch_000002" / "tensors.safetensors"))
+    wb = load_file(str(two / "run" / "checkpoints" / "epoch_000002" / "tensors.safetensors"))
+    keys = sorted(k for k in wa if k.startswith(("policy.", "critic.")))
+    weights_ok, max_diff, outside = sorted(wb.keys() & set(keys)) == keys, 0.0, []
+    for k in keys if weights_ok else []:
+        diff = (wa[k].float() - wb[k].float()).abs()
+        max_diff = max(max_diff, float(diff.max()))
+        over = diff > WEIGHT_ATOL + WEIGHT_RTOL * wa[k].float().abs()  # torch.testing.assert_close's rule
+        if bool(over.any()):
+            outside.append({"tensor": k, "elements_outside": int(over.sum()), "of": int(over.numel()),
+                            "max_abs_diff": float(diff.max())})
+    weights_ok = weights_ok and not outside
+    critic_moved = _critic_moved(one)
+    return {"identical_to_single": bool(same_rows and reward_diff <= ROW_ATOL and adv_diff <= ROW_ATOL and weights_ok),
+            "max_reward_diff": reward_diff, "max_advantage_diff": adv_diff, "max_weight_diff": max_diff,
+            "weights_within_tolerance": weights_ok, "compared_tensors": len(keys), "tensors_outside_tolerance": outside,
+            "critic_weights_move": critic_moved}
+
+
+def _critic_moved(run_dir: Path) -> bool | None:
+    """Whether the critic's weights changed between the epoch-1 and epoch-2 checkpoints (None: no critic)."""
+    from safetensors.torch import load_file
+
+    c1 = load_file(str(run_dir / "run" / "checkpoints" / "epoch_000001" / "tensors.safetensors"))
+    c2 = load_file(str(run_dir / "run" / "checkpoints" / "epoch_000002" / "tensors.safetensors"))
+    keys = [k for k in c1 if k.startswith("critic.") and c1[k].is_floating_point()]
+    return None if not keys else any(not bool((c1[k] == c2[k]).all()) for k in keys)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small batches and 2 epochs: a smoke test")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs of the 1- and 2-process runs (default 6; quick 2)")
+    ap.add_argument("--jobs", nargs="+", default=sorted(JOBS), choices=sorted(JOBS))
+    ap.add_argument("--keep", default=None, help="keep the run directories here (default: a temporary directory)")
+    args = ap.parse_args()
+    epochs = args.epochs or (2 if args.quick else 6)
+    if epochs < 2:
+        raise SystemExit("--epochs must be >= 2 (the weights are compared after 2 epochs)")
+    base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="scaleout_"))
+    result = {"what": "benchmarks/scaleout.py" + (" --quick" if args.quick else ""), "quick": args.quick,
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                          "cores_usable": len(os.sched_getaffinity(0)), "python": platform.python_version()},
+              "threads_per_process": 1, "row_atol": ROW_ATOL, "weight_rtol": WEIGHT_RTOL, "weight_atol": WEIGHT_ATOL,
+              "jobs": {}}
+    import torch
+
+    result["machine"]["torch"] = torch.__version__
+    for job in args.jobs:
+        runs = {}
+        for n, e in ((1, epochs), (2, epochs), (4, 2)):
+            out = base / f"{job}_{n}"
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"{job}: {n} process(es), {e} epochs ...", flush=True)
+            runs[n] = run(job, n, e, args.quick, out)
+            print(f"  {runs[n]['samples_per_s']:.2f} samples/s, {runs[n]['bytes_received_per_epoch_max_rank']:.0f} B "
+                  "received per epoch (max rank)", flush=True)
+        eq = compare(base / f"{job}_1", base / f"{job}_2")
+        batch = runs[1]["global_batch"]
+        result["jobs"][job] = {
+            "config": JOBS[job], "global_batch": batch,
+            "samples_per_s_1": runs[1]["samples_per_s"], "samples_per_s_2": runs[2]["samples_per_s"],
+            "scaling_efficiency_2": runs[2]["samples_per_s"] / (2 * runs[1]["samples_per_s"]),
+            "cross_rank_bytes_per_sample": {str(n): runs[n]["bytes_received_per_epoch_max_rank"] / batch for n in (2, 4)},
+            "gradient_allreduce_bytes_per_epoch": {str(n): runs[n]["gradient_allreduce_bytes_per_epoch"] for n in (2, 4)},
+            **eq, "runs": {str(n): r for n, r in runs.items()}}
+        print(json.dumps({k: v for k, v in result["jobs"][job].items() if k != "runs"}, indent=1), flush=True)
+    name = "scaleout_quick.json" if args.quick else "scaleout.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {RESULTS / name}")
+    if not args.keep:
+        shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
