@@ -122,6 +122,9 @@ def _accelerate_state() -> dict:
         kind = str(getattr(st.distributed_type, "value", st.distributed_type)).upper()
         out.update(mixed_precision=str(st.mixed_precision).lower(), deepspeed=kind == "DEEPSPEED",
                    fsdp=kind == "FSDP", megatron_lm=kind == "MEGATRON_LM")
+        plugin = getattr(st, "fsdp_plugin", None)
+        if kind == "FSDP" and plugin is not None and getattr(plugin, "fsdp_version", None) is not None:
+            out["fsdp_version"] = int(plugin.fsdp_version)
     return out
 
 

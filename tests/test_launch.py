@@ -245,6 +245,23 @@ def test_reward_loaded_lazily_in_the_reward_thread_lands_on_the_rank_device(env)
     assert model.thread.startswith("rewards")
 
 
+def test_reward_without_a_device_follows_the_samples_from_the_reward_thread(env):
+    """device None: the model goes where the samples are (the rank's device, where the VAE decoded them), also when
+    the first call comes from the background thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import critic_align.rewards.clip as clip
+
+    model = _FakeCLIP()
+    model.parameters = lambda: iter([torch.zeros(1)])
+    reward = clip.PickScore(model="/models/PickScore_v1", processor="/models/clip")
+    reward._model = model  # loaded: only the move is under test
+    samples = torch.empty(2, 3, 8, 8, device="meta")  # a device tag other than the thread's default
+    with ThreadPoolExecutor(1, thread_name_prefix="rewards") as pool:
+        _, device = pool.submit(reward._model_on, samples).result()
+    assert device == torch.device("meta") and model.moved_to == [torch.device("meta")]
+
+
 # ----------------------------------------------------------------------------------------------------
 # memory options
 def _groups():
@@ -330,3 +347,12 @@ def test_text_embedding_cache_equals_encoding_and_encodes_each_prompt_once(asset
     cached_calls = calls[1::2]  # plain, cached, plain, cached
     assert cached_calls == [prompts[:3], prompts[3:5]]
     assert cached.encoder_calls == 5 and plain.encoder_calls == 24
+
+
+def test_text_embedding_cache_field_reaches_the_task(env):
+    """ppo.text_embedding_cache in a run config -> the Stable Diffusion task caches (build_sd_task)."""
+    from train.registry import build_sd_task, load_run_config
+
+    for flag in (False, True):
+        task = build_sd_task(load_run_config("t2i", {"text_embedding_cache": flag}))
+        assert (task._text_cache is not None) is flag
