@@ -420,6 +420,36 @@ def section_fault_injection(path: Path) -> str:
     return "\n".join(lines)
 
 
+def section_scaleout(path: Path) -> str:
+    d = json.loads(path.read_text())
+    m = d["machine"]
+    lines = [
+        "## Scaling out: 1 vs 2 CPU processes, bytes across ranks",
+        "",
+        f"Command: `python {d['what']}` (writes `benchmarks/results/{path.name}`). `critic-align train` on 1, 2 and 4 "
+        f"processes (torchrun, gloo), one torch thread each, each process pinned to its own core, at the same global "
+        f"batch and seed; throughput from the epochs after the first; bytes are what a rank receives through "
+        f"torch.distributed's collectives during the training epochs (the most of any rank; the hand-written gradient "
+        f"all-reduce apart; DDP's C++ all-reduce not counted). Equal to one process: the first epoch's rewards and "
+        f"advantages within {d['row_atol']:g}, the weights after 2 epochs within rtol {d['weight_rtol']:g} / atol "
+        f"{d['weight_atol']:g}. Machine: {m['cores_usable']} usable cores, torch {m['torch']}.",
+        "",
+        "| job | global batch | samples/s, 1 process | 2 processes | scaling_efficiency_2 | bytes/sample, 2 procs "
+        "| 4 procs | gradient all-reduce / epoch, 2 procs | identical_to_single | max_weight_diff | load before (1 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for job, j in d["jobs"].items():
+        b = j["cross_rank_bytes_per_sample"]
+        load = "/".join(_fmt(j["runs"][n]["load_avg_before"][0], 2) for n in ("1", "2"))
+        lines.append(
+            f"| {job} | {j['global_batch']} | {_fmt(j['samples_per_s_1'], 2)} | {_fmt(j['samples_per_s_2'], 2)} | "
+            f"{_fmt(j['scaling_efficiency_2'], 3)} | {b['2']:,.0f} B | {b['4']:,.0f} B | "
+            f"{j['gradient_allreduce_bytes_per_epoch']['2'] / 1e6:.2f} MB | {j['identical_to_single']} | "
+            f"{j['max_weight_diff']:.2e} | {load} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
 SECTIONS = [
     ("main_job/summary.json", section_main_job),
     ("dit_job/summary.json", section_dit_job),
@@ -441,6 +471,7 @@ SECTIONS = [
     ("t2i_steering.json", section_t2i_steering),
     ("t2i_steering_x0.json", section_t2i_steering),
     ("kill_resume.json", section_kill_resume),
+    ("scaleout.json", section_scaleout),
     ("fault_injection.json", section_fault_injection),
     ("trl_compare.json", section_trl_compare),
     ("speed_defaults.json", section_speed_defaults),
