@@ -193,6 +193,13 @@ RESUMABLE_CONFIG_CHANGES = ("num_epochs", "output_dir", "progress", "log_tensorb
                             "checkpoint_every", "keep_last", "extra")
 
 
+def _config_defaults() -> dict:
+    """Every config field's default, as ``PPOConfig.to_dict`` writes it."""
+    from .config import PPOConfig
+
+    return PPOConfig().to_dict()
+
+
 def local_rng_state(trainer) -> dict:
     """This process's RNG states: torch (global and the trainer's generator), python, numpy."""
     py = random.getstate()
@@ -454,7 +461,8 @@ def load_checkpoint(trainer, path, rank: int = 0, check_config: bool = True) -> 
         raise CheckpointError(f"checkpoint {path / 'state.json'} was saved from another model or config: "
                               + "; ".join(diffs) + ". Load it into the model and config it was trained with, "
                               "or start a new run")
-    mine, theirs = trainer.config.to_dict(), state["config"]
+    # a field added after the checkpoint was written (absent from its config) had its default then
+    mine, theirs = trainer.config.to_dict(), _config_defaults() | state["config"]
     changed = sorted(k for k in set(mine) | set(theirs) if check_config
                      and k not in RESUMABLE_CONFIG_CHANGES and _jsonish(mine.get(k)) != _jsonish(theirs.get(k)))
     diffs = [f"{k}={theirs.get(k)!r} in the checkpoint vs {mine.get(k)!r} now" for k in changed]

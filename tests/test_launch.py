@@ -356,3 +356,30 @@ def test_text_embedding_cache_field_reaches_the_task(env):
     for flag in (False, True):
         task = build_sd_task(load_run_config("t2i", {"text_embedding_cache": flag}))
         assert (task._text_cache is not None) is flag
+
+
+def test_a_checkpoint_from_before_the_memory_options_resumes(tmp_path):
+    """Checkpoints written before optimizer / text_embedding_cache existed hold no such fields: they had the defaults,
+    so a resume with the defaults is accepted (and one with another optimizer is refused by name)."""
+    import json
+
+    from test_trainer import make_trainer
+
+    from critic_align.checkpoint import MANIFEST, CheckpointError, _file_digest, latest_checkpoint
+
+    tr = make_trainer(tmp_path, num_epochs=1)
+    tr.train()
+    ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    state = json.loads((ckpt / "state.json").read_text())
+    for k in ("optimizer", "text_embedding_cache"):
+        del state["config"][k]
+    (ckpt / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    manifest["files"]["state.json"] = _file_digest(ckpt / "state.json")
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+    fresh = make_trainer(tmp_path, num_epochs=1)
+    fresh.load(ckpt)
+    assert fresh.epoch == 1
+    other = make_trainer(tmp_path / "other", num_epochs=1, text_embedding_cache=True)
+    with pytest.raises(CheckpointError, match=r"text_embedding_cache=False in the checkpoint vs True now"):
+        other.load(ckpt)
