@@ -444,8 +444,8 @@ def section_scaleout(path: Path) -> str:
         lines.append(
             f"| {job} | {j['global_batch']} | {_fmt(j['samples_per_s_1'], 2)} | {_fmt(j['samples_per_s_2'], 2)} | "
             f"{_fmt(j['scaling_efficiency_2'], 3)} | {b['2']:,.0f} B | {b['4']:,.0f} B | "
-            f"{j['gradient_allreduce_bytes_per_epoch']['2'] / 1e6:.2f} MB | {j['identical_to_single']} | "
-            f"{j['max_weight_diff']:.2e} | {load} |")
+            f"{j['gradient_allreduce_bytes_per_epoch']['2'] / 1e6:.2f} MB | {j.get('identical_to_single')} | "
+            f"{'–' if j.get('max_weight_diff') is None else format(j['max_weight_diff'], '.2e')} | {load} |")
     lines.append("")
     return "\n".join(lines)
 

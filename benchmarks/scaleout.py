@@ -111,6 +111,8 @@ def compare(one: Path, two: Path) -> dict:
     import torch
     from safetensors.torch import load_file
 
+    if not (one / "first_epoch.pt").exists() or not (two / "first_epoch.pt").exists():
+        return {"identical_to_single": None, "note": "no first_epoch.pt: Trainer.compute_advantages was not found"}
     a, b = torch.load(one / "first_epoch.pt"), torch.load(two / "first_epoch.pt")
     same_rows = a["prompts"] == b["prompts"] and a["rewards"].shape == b["rewards"].shape and \
         a["advantages"].shape == b["advantages"].shape

@@ -127,7 +127,7 @@ def install_recorders(out: Path, counts: dict) -> None:
 
     Trainer = trainer_mod.Trainer
     state = {"epochs": 0, "recorded": False}
-    train_epoch, compute_advantages = Trainer.train_epoch, Trainer.compute_advantages
+    train_epoch, compute_advantages = Trainer.train_epoch, getattr(Trainer, "compute_advantages", None)
 
     def counted_epoch(self, *a, **k):
         with phase("epoch"):
@@ -152,7 +152,9 @@ def install_recorders(out: Path, counts: dict) -> None:
                             "advantages": torch.tensor([r[2] for r in rows])}, out / "first_epoch.pt")
         return res
 
-    Trainer.train_epoch, Trainer.compute_advantages = counted_epoch, recorded_advantages
+    Trainer.train_epoch = counted_epoch
+    if compute_advantages is not None:  # the stage whose output is compared (absent: nothing recorded)
+        Trainer.compute_advantages = recorded_advantages
     try:
         from critic_align import distributed
 
