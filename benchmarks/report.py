@@ -432,15 +432,18 @@ def section_scaleout(path: Path) -> str:
         f"torch.distributed's collectives during the training epochs (the most of any rank; the hand-written gradient "
         f"all-reduce apart; DDP's C++ all-reduce not counted). Equal to one process: the first epoch's rewards and "
         f"advantages within {d['row_atol']:g}, the weights after 2 epochs within rtol {d['weight_rtol']:g} / atol "
-        f"{d['weight_atol']:g}. Machine: {m['cores_usable']} usable cores, torch {m['torch']}.",
+        f"{d['weight_atol']:g}. Machine: {m['cores_usable']} usable cores, torch {m['torch']}. The last column is the "
+        f"CPU other processes used during the timed runs (a share of the cores): throughput compares only where it "
+        f"is near 0.",
         "",
         "| job | global batch | samples/s, 1 process | 2 processes | scaling_efficiency_2 | bytes/sample, 2 procs "
-        "| 4 procs | gradient all-reduce / epoch, 2 procs | identical_to_single | max_weight_diff | load before (1 min) |",
+        "| 4 procs | gradient all-reduce / epoch, 2 procs | identical_to_single | max_weight_diff | other processes' CPU "
+        "share, 1 / 2 procs |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for job, j in d["jobs"].items():
         b = j["cross_rank_bytes_per_sample"]
-        load = "/".join(_fmt(j["runs"][n]["load_avg_before"][0], 2) for n in ("1", "2"))
+        load = " / ".join(_fmt(j["runs"][n].get("other_processes_cpu_share"), 2) for n in ("1", "2"))
         lines.append(
             f"| {job} | {j['global_batch']} | {_fmt(j['samples_per_s_1'], 2)} | {_fmt(j['samples_per_s_2'], 2)} | "
             f"{_fmt(j['scaling_efficiency_2'], 3)} | {b['2']:,.0f} B | {b['4']:,.0f} B | "

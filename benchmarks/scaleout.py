@@ -22,7 +22,9 @@ process, each process pinned to its own core, a byte-counting shim on torch.dist
   (2 epochs, more processes than cores) count bytes only; their times are not used.
 
 Writes ``benchmarks/results/scaleout.json`` (``scaleout_quick.json`` with ``--quick``), with the machine's load
-average before and after each run.
+average before and after each run and ``other_processes_cpu_share``: the CPU the rest of the machine used during the
+run, as a share of the usable cores (/proc/stat less this benchmark's own processes).  Throughput is only meaningful
+where that share is near 0: a 2-process run whose ranks share their cores with other work waits for its slower rank.
 """
 
 from __future__ import annotations
@@ -54,6 +56,30 @@ QUICK = ["batch_size=16", "group_size=4", "sample_chunk_size=4", "minibatch_size
          "num_inference_steps=8"]
 
 
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat; 0 where it is not readable)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def other_cpu_share(seconds: float = 5.0) -> float:
+    """The share of the usable cores other processes kept busy over the last ``seconds`` (this one sleeps)."""
+    b0 = _busy_cpu_s()
+    time.sleep(seconds)
+    return max(0.0, (_busy_cpu_s() - b0) / (seconds * len(os.sched_getaffinity(0))))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,9 +100,11 @@ def run(job: str, nproc: int, epochs: int, quick: bool, out: Path) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                str(_free_port()), str(WORKER), str(out), *argv]
     load_before = os.getloadavg()
-    t0 = time.time()
+    busy0, ours0, t0 = _busy_cpu_s(), _children_cpu_s(), time.time()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     wall = time.time() - t0
+    # CPU the rest of the machine used meanwhile, as a share of the cores: > 0 means the timed processes shared cores
+    others = max(0.0, (_busy_cpu_s() - busy0) - (_children_cpu_s() - ours0)) / (wall * len(os.sched_getaffinity(0)))
     if proc.returncode:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"{job} on {nproc} processes failed (exit {proc.returncode}); see above")
@@ -93,7 +121,8 @@ def run(job: str, nproc: int, epochs: int, quick: bool, out: Path) -> dict:
             "bytes_received_per_epoch_max_rank": max(per_rank) if per_rank else 0.0,
             "bytes_received_per_epoch_by_op": _by_op(ranks, epochs_done),
             "gradient_allreduce_bytes_per_epoch": max(grad) if grad else 0.0,
-            "cores": [r.get("core") for r in ranks], "load_avg_before": [round(x, 2) for x in load_before],
+            "cores": [r.get("core") for r in ranks], "other_processes_cpu_share": round(others, 3),
+            "load_avg_before": [round(x, 2) for x in load_before],
             "load_avg_after": [round(x, 2) for x in os.getloadavg()]}
 
 
@@ -153,7 +182,12 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=None, help="epochs of the 1- and 2-process runs (default 6; quick 2)")
     ap.add_argument("--jobs", nargs="+", default=sorted(JOBS), choices=sorted(JOBS))
     ap.add_argument("--keep", default=None, help="keep the run directories here (default: a temporary directory)")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="MINUTES",
+                    help="first wait (up to MINUTES) until other processes use under 10%% of the cores")
     args = ap.parse_args()
+    deadline = time.time() + 60 * args.wait_quiet
+    while args.wait_quiet and other_cpu_share() > 0.10 and time.time() < deadline:
+        time.sleep(25)
     epochs = args.epochs or (2 if args.quick else 6)
     if epochs < 2:
         raise SystemExit("--epochs must be >= 2 (the weights are compared after 2 epochs)")
@@ -161,6 +195,7 @@ def main() -> int:
     result = {"what": "benchmarks/scaleout.py" + (" --quick" if args.quick else ""), "quick": args.quick,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "cores_usable": len(os.sched_getaffinity(0)), "python": platform.python_version()},
+              "other_processes_cpu_share_at_start": round(other_cpu_share(), 3),
               "threads_per_process": 1, "row_atol": ROW_ATOL, "weight_rtol": WEIGHT_RTOL, "weight_atol": WEIGHT_ATOL,
               "jobs": {}}
     import torch
