@@ -142,11 +142,11 @@ class PPOConfig:
     minibatch_size: int = 160
     """(trajectory, step) pairs per optimiser step."""
     gradient_accumulation_steps: int = 1
-    """Per rank: each process splits its share of a minibatch (minibatch_size / N pairs with N processes, which this
-    must divide) into at least this many micro-batches: a micro-batch has at most minibatch_size / (N ·
-    gradient_accumulation_steps) pairs (and at most ``micro_batch_size``).  The gradient is the same whatever the
-    split (each micro-batch's loss is weighted by its share of the minibatch).  To bound memory the same way on any
-    number of processes set ``micro_batch_size`` instead (it does not depend on N)."""
+    """Per rank: each process splits its share of a minibatch (the pairs of its own trajectories, about
+    minibatch_size / N with N processes) into at least this many micro-batches (and micro-batches of at most
+    ``micro_batch_size`` pairs); the engine syncs the gradients once per minibatch.  The gradient is the same whatever
+    the split (each micro-batch's loss is weighted by its share of the minibatch).  To bound memory the same way on
+    any number of processes set ``micro_batch_size`` instead (it does not depend on N)."""
     micro_batch_size: int | str = "auto"
     """The most (trajectory, step) pairs (or value-fit rows) the update forwards and back-propagates at once;
     memory, not the maths: the gradient is the minibatch mean's whatever the split.  'auto': as many as fit in

@@ -6,8 +6,8 @@ A launcher tells its processes what it set up through environment variables (``W
 creating a process group or a model, and :func:`check_launch` refuses, with one line naming the setting and the fix,
 what the engine cannot honour:
 
-* DeepSpeed and Megatron-LM (the engine runs DDP or FSDP2);
-* FSDP version 1 (the engine shards with accelerate's FSDP2 plugin);
+* DeepSpeed, Megatron-LM and FSDP (the engine runs DDP; FSDP is not built yet: docs/distributed.md says what it
+  needs);
 * ``mixed_precision: fp16`` / ``fp8`` (bf16 or no: fp16 would need a gradient scaler unscaling before the clip)
   and a launch precision the run config does not agree with (one mechanism: the run's ``mixed_precision``);
 * ``accelerate launch --cpu --num_processes N`` (N > 1), which starts one process (see :func:`launch_errors`);
@@ -27,8 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-SUPPORTED = ("DDP (accelerate launch --multi_gpu, or torchrun) and FSDP2 (accelerate launch --use_fsdp "
-             "--fsdp_version 2; train/configs/accelerate/fsdp.yaml)")
+SUPPORTED = "DDP (accelerate launch --multi_gpu, train/configs/accelerate/multi_gpu_ddp.yaml, or torchrun)"
 
 
 class LaunchError(ValueError):
@@ -150,16 +149,6 @@ def world_size_errors(config, num_processes: int) -> list[str]:
             out.append(f"config fields eval_prompts x eval_per_prompt = {ev} held-out samples do not split into {n} "
                        f"processes' chunks of sample_chunk_size={cfg.sample_chunk_size}: make it a multiple of "
                        f"{n * cfg.sample_chunk_size}, or set eval_every: 0")
-    if cfg.minibatch_size % n:
-        out.append(f"config field minibatch_size={cfg.minibatch_size} does not split over {n} processes (each rank "
-                   f"trains on an equal share of every minibatch): use a multiple of {n}")
-    elif (cfg.minibatch_size // n) % cfg.gradient_accumulation_steps:
-        share = cfg.minibatch_size // n
-        out.append(f"config field gradient_accumulation_steps={cfg.gradient_accumulation_steps} is per rank: with {n} "
-                   f"processes each rank's share of a minibatch is minibatch_size/{n} = {share} pairs, which must split "
-                   f"into gradient_accumulation_steps micro-batches; set gradient_accumulation_steps to a divisor of "
-                   f"{share}, e.g. {_largest_divisor(share, cfg.gradient_accumulation_steps)} (micro_batch_size bounds "
-                   "the pairs forwarded at once whatever the number of processes)")
     return out
 
 
@@ -176,13 +165,13 @@ def launch_errors(config, state: LaunchState) -> list[str]:
     out = []
     if state.deepspeed:
         out.append(f"accelerate launch with DeepSpeed (ACCELERATE_USE_DEEPSPEED) is not supported: the engine runs "
-                   f"{SUPPORTED}; launch with train/configs/accelerate/multi_gpu_ddp.yaml or fsdp.yaml")
+                   f"{SUPPORTED}; launch with train/configs/accelerate/multi_gpu_ddp.yaml")
     if state.megatron_lm:
         out.append(f"accelerate launch with Megatron-LM is not supported: the engine runs {SUPPORTED}")
-    if state.fsdp and state.fsdp_version != 2:
-        out.append(f"accelerate launch with FSDP version {state.fsdp_version} is not supported: the engine shards with "
-                   "FSDP2; set fsdp_version: 2 in the accelerate config (train/configs/accelerate/fsdp.yaml) or pass "
-                   "--fsdp_version 2")
+    if state.fsdp:
+        out.append(f"accelerate launch with FSDP (version {state.fsdp_version}) is not supported yet: the engine runs "
+                   f"{SUPPORTED}, which replicates the frozen base on every GPU and trains the LoRA adapters; launch "
+                   "with train/configs/accelerate/multi_gpu_ddp.yaml (docs/distributed.md: what FSDP still needs)")
     mp = state.mixed_precision
     if mp not in ("no", "bf16"):
         out.append(f"accelerate launch --mixed_precision {mp} is not supported: use bf16 (set ppo mixed_precision: bf16) "
@@ -196,7 +185,7 @@ def launch_errors(config, state: LaunchState) -> list[str]:
         out.append("accelerate launch --cpu --num_processes N started one process: accelerate's CPU launcher starts "
                    "several only through MPI (--mpirun_hostfile); launch with --multi_gpu --num_processes N instead "
                    "(torch's launcher; without CUDA the processes run on CPU with gloo), or torchrun, or "
-                   "train/configs/accelerate/cpu_2proc.yaml (docs/scaling_out.md)")
+                   "train/configs/accelerate/cpu_2proc.yaml (README: Scaling out)")
     out += world_size_errors(config, state.num_processes)
     out += dependency_errors(config)
     return out

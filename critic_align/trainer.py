@@ -39,7 +39,9 @@ from .critic import Critic, build_critic
 from .distributed import Processes, TrainModule, seed_everything
 from .estimators import ScoredBatch, build_estimator
 from .guard import check_reward_magnitude, check_update, check_weights
+from .launch import check_launch
 from .models import Models
+from .optim import build_optimizer
 from .rewards.base import MultiReward
 from .rollout import Rollout
 from .runio import RunLog
@@ -72,6 +74,7 @@ class Trainer:
         from .prompts import PromptIterator
 
         self.config, self.task, self.rewards, self.eval_rewards = config, task, rewards, eval_rewards
+        check_launch(config)  # what the launcher asked for, before the engine is made (critic_align/launch.py)
         # Mixed precision is our own autocast, not accelerate's: AcceleratorState is a process-wide singleton
         # that refuses a second, different mixed_precision (e.g. two trainers in one process).
         # cpu=True on a machine without CUDA: accelerate only recognises a multi-process CPU launch (torchrun) then
@@ -122,8 +125,7 @@ class Trainer:
         groups = [{"params": self.policy_params, "lr": config.learning_rate}]
         if self.critic_params:
             groups.append({"params": self.critic_params, "lr": config.critic_learning_rate})
-        self.optimizer = torch.optim.AdamW(groups, betas=config.adam_betas, eps=config.adam_eps,
-                                           weight_decay=config.weight_decay)
+        self.optimizer = build_optimizer(groups, config)  # adamw | adamw_8bit: critic_align/optim.py
         # the engine: one module holding every trainable tensor, and the optimiser (DDP with several processes)
         prepared = self.processes.prepare(TrainModule(self.adapter.model, self.critic), self.optimizer)
         self.opt = Optimization(prepared, self.policy_params, self.critic_params, self.processes,
