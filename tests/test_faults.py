@@ -618,3 +618,43 @@ def test_an_endless_trickle_is_cut_at_the_deadline():
                                                                                             ["a"])
     assert time.perf_counter() - t0 < 2.0
     srv.close()
+
+
+def test_a_queue_of_stalled_uploads_is_shed_together():
+    """20 uploads that never send their body fill 2 workers and a queue of 18: each connection's deadline runs from
+    its arrival, so all of them are shed about one connection_timeout after they came (not 10 timeouts later, one
+    pair of workers at a time), and a real request gets through."""
+    import socket
+    import threading
+
+    from critic_align.rewards import Boldness
+    from critic_align.rewards.remote import RemoteReward
+    from critic_align.rewards.remote_server import make_server
+
+    server = make_server(Boldness(), 0, workers=2, backlog=18, connection_timeout=0.5)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    host, port = server.server_address[:2]
+    stalled = []
+    try:
+        for _ in range(20):
+            s = socket.create_connection((host, port))
+            s.sendall(b"POST /score HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{")
+            stalled.append(s)
+        time.sleep(1.5)  # one timeout (0.5 s) + a grace of 0.05 s for each of the 18 queued, shared by 2 workers
+        t0 = time.perf_counter()
+        got = RemoteReward(f"http://{host}:{port}/score", timeout=2, retries=0, encoding="list")(
+            torch.zeros(2, 1, 4, 4), ["a", "b"])
+        assert got.tolist() == Boldness()(torch.zeros(2, 1, 4, 4), ["a", "b"]).tolist()
+        assert time.perf_counter() - t0 < 1.0  # served at once: no stalled upload holds a worker any more
+        for s in stalled:  # each stalled upload was answered 408 or cut
+            s.settimeout(1.0)
+            try:
+                data = s.recv(1 << 16)
+            except ConnectionResetError:
+                data = b""
+            assert data == b"" or data.split(b"\r\n")[0].endswith(b" 408 Request Timeout")
+    finally:
+        for s in stalled:
+            s.close()
+        server.shutdown()
+        server.server_close()
