@@ -21,7 +21,7 @@ def _err(name, value, what, number=True):
         got += ")"
     elif isinstance(value, str) and number:
         got = f" (got the string {value!r})"
-    elif value is not None and not isinstance(value, (int, float)):
+    elif value is not None and not isinstance(value, (int, float, str)):  # a string shows as one in the repr
         got = f" (got a {type(value).__name__})"
     raise ValueError(f"config field {name}={value!r}: {what}{got}")
 
