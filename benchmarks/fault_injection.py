@@ -368,6 +368,8 @@ def fault_collapse(work: Path, epochs: int, stop: bool) -> dict:
     on_disk, good = all_on_disk(d), intact(d)
     rotated_past = best is not None and best.name not in on_disk  # keep_last rotation removed its epoch there
     log_before = (d / "metrics.jsonl").read_text()
+    evals = [round(r["eval/reward/digit_correct"], 4) for r in rows(d) if r.get("phase") == "eval"
+             and "eval/reward/digit_correct" in r]
     resumed = False
     if best is not None:
         back = run(cmd(d, int(best.name.split("_")[1]) + 1, extra + ["stop_on_collapse=false"], resume_from=best))
@@ -383,8 +385,7 @@ def fault_collapse(work: Path, epochs: int, stop: bool) -> dict:
     return entry(f"collapse (learning_rate = critic_learning_rate = 1.0, finite){', stop_on_collapse' if stop else ''}",
                  lost, clear, t0, expects_error=stop, exit_code=proc.returncode,
                  stderr=[x for x in proc.stderr.strip().splitlines() if "collapse" in x][-1:],
-                 eval_digit_correct=[round(r["eval/reward/digit_correct"], 4) for r in rows(d) if r.get("phase") == "eval"
-                                     and "eval/reward/digit_correct" in r],
+                 eval_digit_correct=evals,
                  summary_collapse={k: report.get(k) for k in ("collapsed", "collapse_epoch", "collapse_value",
                                                               "best_value", "best_epoch", "best_checkpoint")},
                  best_checkpoint_kept=kept, best_epoch_rotated_out_of_checkpoints=rotated_past,

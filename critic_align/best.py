@@ -126,14 +126,23 @@ class BestKeeper:
                  is_main: bool = True):
         self.out, self.metric, self.margin, self.stop = Path(out), metric, float(margin), bool(stop)
         self.share, self.is_main = share, is_main
-        found = best_so_far(read_rows(self.out / "metrics.jsonl"), metric) if is_main else None
-        self.best = share(found)  # (value, epoch) from the log: a resumed run has the same best
+        found = None
+        if is_main:
+            rows = read_rows(self.out / "metrics.jsonl")
+            found = best_so_far(rows, metric), sorted({int(r["epoch"]) for r in rows if r.get("phase") == "eval"})
+        # (value, epoch) from the log: a resumed run has the same best; and the epochs already evaluated
+        self.best, self.evaluated = share(found)
         self.collapsed = False
 
     @classmethod
     def for_run(cls, config, reward_names, out, share=lambda v: v, is_main: bool = True) -> "BestKeeper":
         return cls(out, metric_name(config.best_metric, reward_names), config.collapse_margin, config.stop_on_collapse,
                    share, is_main)
+
+    def needs_eval(self, epoch: int) -> bool:
+        """False if the log already holds this epoch's evaluation (a run resumed from ``best/epoch_000000``,
+        written after the evaluation before training)."""
+        return epoch not in self.evaluated
 
     @property
     def directory(self) -> Path:

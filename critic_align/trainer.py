@@ -333,7 +333,7 @@ class Trainer:
                       disable=not self.is_main_process)
         best = BestKeeper.for_run(cfg, self.rewards.names, self.out, self.processes.share_from_main,
                                   self.is_main_process)  # best.py: best/ checkpoint and collapse guard
-        eval_row = self.log_eval() if cfg.eval_every and self.epoch == 0 else None
+        eval_row = self.log_eval() if cfg.eval_every and self.epoch == 0 and best.needs_eval(0) else None
         if eval_row is not None:
             best.after_eval(eval_row, lambda: self.save(best.directory, keep_last=1))
         for _ in it:

@@ -658,3 +658,19 @@ def test_a_queue_of_stalled_uploads_is_shed_together():
             s.close()
         server.shutdown()
         server.server_close()
+
+
+def test_resuming_from_a_best_checkpoint_of_epoch_0_does_not_log_its_evaluation_twice(tmp_path):
+    from train.cli import _set_aside_newer
+
+    tr = _scripted_eval(make_trainer(tmp_path, num_epochs=2, eval_every=1), [0.9, 0.3, 0.2])
+    tr.train()
+    run = tmp_path / "run"
+    best = run / "best" / "epoch_000000"  # the base policy was the best: written after its evaluation
+    assert sorted(p.name for p in (run / "best").glob("epoch_*")) == [best.name]
+    _set_aside_newer(run, best)
+    back = _scripted_eval(make_trainer(tmp_path, num_epochs=2, eval_every=1), [0.4, 0.5])
+    back.load(best)
+    back.train()
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [(r["epoch"], r["eval/reward/bright"]) for r in evals] == [(0, 0.9), (1, 0.4), (2, 0.5)]

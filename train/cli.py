@@ -177,7 +177,7 @@ def _set_aside_newer(out: Path, ckpt: Path) -> None:
     newer = sorted(p for d in (ckpts, out / "best") for p in d.glob("epoch_*") if p.is_dir() and p.name > ckpt.name)
     for p in newer:
         dest = set_aside(p, "superseded")
-        print(f"{p.name} is newer than {ckpt.name}: moved it to {dest.name}", file=sys.stderr)
+        print(f"{p.relative_to(out)} is newer than {ckpt.name}: moved it to {dest.name}", file=sys.stderr)
     metrics = out / "metrics.jsonl"
     if newer and metrics.exists():
         copy = out / f"metrics.before-resume-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
