@@ -403,15 +403,22 @@ def section_fault_injection(path: Path) -> str:
         f"detected: {how} Machine: {m['cpu_count']} CPU cores, torch {m['torch']}, "
         f"{m['threads']} thread.",
         "",
-        f"**Data lost in {d['data_lost_count']} of {d['faults_count']} faults; a clear error (or, for SIGKILL, an exact "
-        f"silent resume) in {d['clear_error_count']} of {d['faults_count']}.**",
+        (f"**Data lost in {d['data_lost_count']} of {d['faults_count']} faults; a clear error in "
+         f"{d['clear_errors_where_an_error_is_expected']} of the {d['faults_that_should_error']} faults that should "
+         f"error; the right silent recovery or report (SIGKILL: an exact resume; a collapse: a warning and summary.json; "
+         f"stalled uploads: a real request served) in {d['clear_error_count'] - d['clear_errors_where_an_error_is_expected']}"
+         f" of the other {d['faults_count'] - d['faults_that_should_error']}; best/ kept in every collapse: "
+         f"{yes[d['best_checkpoint_kept']]}.**") if "faults_that_should_error" in d else
+        (f"**Data lost in {d['data_lost_count']} of {d['faults_count']} faults; a clear error (or, for SIGKILL, an exact "
+         f"silent resume) in {d['clear_error_count']} of {d['faults_count']}.**"),
         "",
         "| fault | data lost | clear error | what the run said |",
         "|---|---|---|---|",
     ]
     for f in d["faults"]:
         said = f.get("stderr") or f.get("second_stderr") or f.get("first_stderr") or f.get("resume_stderr") \
-            or f.get("verdict") or ""
+            or f.get("verdict") or f.get("note") or ""
+        said = " ".join(said) if isinstance(said, list) else said
         said = said.replace("|", "\\|").replace("\n", " ")
         if len(said) > 220:
             said = said[:220] + " …"

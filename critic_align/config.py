@@ -15,14 +15,24 @@ OPTIMIZERS = ("adamw", "adamw_8bit")
 
 def _err(name, value, what, number=True):
     got = ""
-    if isinstance(value, str) and number:
+    if isinstance(value, str) and number and _numeric_text(value):  # a number that arrived quoted (e.g. YAML's 1e-3)
         got = f" (got the string {value!r}: write a number, not a quoted string"
         if "e" in value.lower() and any(c.isdigit() for c in value):
             got += "; in YAML write 1.0e-3, with a dot: PyYAML reads 1e-3 as a string"
         got += ")"
-    elif value is not None and not isinstance(value, (int, float)):
+    elif isinstance(value, str) and number:
+        got = f" (got the string {value!r})"
+    elif value is not None and not isinstance(value, (int, float, str)):  # a string shows as one in the repr
         got = f" (got a {type(value).__name__})"
     raise ValueError(f"config field {name}={value!r}: {what}{got}")
+
+
+def _numeric_text(v: str) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
 
 
 def _number(v) -> bool:
@@ -306,6 +316,20 @@ class PPOConfig:
     """Distinct prompts in the held-out batch (the task's first ones)."""
     eval_per_prompt: int = 8
     """Samples per held-out prompt (within-prompt diversity is measured among them)."""
+    best_metric: str | None = None
+    """The held-out metric (an ``eval/*`` key of the evaluation rows, higher is better) that picks the best
+    checkpoint and that the collapse guard watches, e.g. 'eval/reward/digit_correct'; None = the held-out mean of
+    the first trained reward ('eval/reward/<first reward>').  Every evaluation that beats the best so far writes
+    ``output_dir/best/epoch_XXXXXX`` (one checkpoint, replaced only by a better one, never rotated away by
+    ``keep_last``); continue from it with ``critic-align train --out RUN --resume-from RUN/best/epoch_XXXXXX``."""
+    collapse_margin: float = 0.5
+    """The collapse guard: an evaluation whose ``best_metric`` falls more than collapse_margin·|best| below the
+    best so far is a collapse, reported on the console and in ``summary.json`` (``collapse`` entry); 0 = off.
+    A fraction of the best value's magnitude, so set ``best_metric`` to a positive metric (a probability, an
+    accuracy) for it to mean "lost half of it" at 0.5."""
+    stop_on_collapse: bool = False
+    """Stop the run (an error naming ``best/`` and how to resume from it) at the first collapse instead of only
+    reporting it; nothing saved is removed."""
     mixed_precision: str = "no"
     """'no' or 'bf16' (forwards under accelerate's autocast; weights, optimiser and log-probs stay fp32).
     fp16 is refused: it needs loss scaling, and the PPO ratio is too sensitive to fp16 rounding.  The run config
@@ -428,15 +452,15 @@ class PPOConfig:
                      + (" or ".join(need)) + (" (the estimator that builds and trains the critic)"
                                               if self.awm_advantage == "critic" else ""), number=False)
         if self.advantage not in ESTIMATORS:
-            _err("advantage", self.advantage, f"use one of {tuple(ESTIMATORS)}")
+            _err("advantage", self.advantage, f"use one of {tuple(ESTIMATORS)}", number=False)
         if self.critic_mode not in CRITIC_MODES:
-            _err("critic_mode", self.critic_mode, f"use one of {CRITIC_MODES}")
+            _err("critic_mode", self.critic_mode, f"use one of {CRITIC_MODES}", number=False)
         if self.value_pretrain_target not in ("mc", "td_lambda"):
             _err("value_pretrain_target", self.value_pretrain_target, "use 'mc' or 'td_lambda'", number=False)
         if self.advantage_scale not in ("advantages", "rewards"):
             _err("advantage_scale", self.advantage_scale, "use 'advantages' or 'rewards'", number=False)
         if self.advantage_aggregation not in AGGREGATIONS:
-            _err("advantage_aggregation", self.advantage_aggregation, f"use one of {AGGREGATIONS}")
+            _err("advantage_aggregation", self.advantage_aggregation, f"use one of {AGGREGATIONS}", number=False)
         if self.optimizer not in OPTIMIZERS:
             _err("optimizer", self.optimizer, f"use one of {OPTIMIZERS} (adamw_8bit needs pip install critic-align[bnb])",
                  number=False)
@@ -444,9 +468,10 @@ class PPOConfig:
             _err("text_embedding_cache", self.text_embedding_cache, "must be true or false (unquoted in YAML)",
                  number=False)
         if self.log_prob_reduction not in ("mean", "sum"):
-            _err("log_prob_reduction", self.log_prob_reduction, "use 'mean' or 'sum'")
+            _err("log_prob_reduction", self.log_prob_reduction, "use 'mean' or 'sum'", number=False)
         if self.mixed_precision not in ("no", "bf16"):
-            _err("mixed_precision", self.mixed_precision, "use 'no' or 'bf16' (fp16 needs loss scaling; use bf16)")
+            _err("mixed_precision", self.mixed_precision, "use 'no' or 'bf16' (fp16 needs loss scaling; use bf16)",
+                 number=False)
         if self.advantage == "grpo" and self.group_size < 2:
             _err("group_size", self.group_size, "must be >= 2 with advantage: grpo (its advantage is the reward "
                  "minus the mean of the prompt's group: a group of one has advantage 0 and trains nothing); "
@@ -500,6 +525,15 @@ class PPOConfig:
         self.lora_target_modules = tuple(m)
         if not isinstance(self.output_dir, str) or not self.output_dir:
             _err("output_dir", self.output_dir, "must be a non-empty path string", number=False)
+        if self.best_metric is not None and (not isinstance(self.best_metric, str)
+                                             or not self.best_metric.startswith("eval/")):
+            _err("best_metric", self.best_metric, "must be an eval/* key of the held-out evaluation rows, e.g. "
+                 "'eval/reward/digit_correct', or null for the first trained reward's", number=False)
+        m = self.collapse_margin
+        if not _number(m) or m < 0:
+            _err("collapse_margin", m, "must be a finite number >= 0 (a fraction of the best value; 0 = off)")
+        if not isinstance(self.stop_on_collapse, bool):
+            _err("stop_on_collapse", self.stop_on_collapse, "must be true or false (unquoted in YAML)", number=False)
         if not isinstance(self.extra, dict):
             _err("extra", self.extra, "must be a mapping (free-form notes)", number=False)
 

@@ -86,9 +86,11 @@ def check_weights(trainer, when: str = "after the optimiser step") -> None:
 
 
 def check_reward_magnitude(rewards: torch.Tensor, names) -> None:
-    """Refuse a (B, K) reward matrix with an entry above :data:`MAX_ABS_REWARD` in magnitude, naming the reward."""
+    """Refuse a (B, K) reward matrix with an entry above :data:`MAX_ABS_REWARD` in magnitude, naming the reward,
+    or one with no reward at all (:func:`check_rewards_present`)."""
     from .rewards.base import RewardError
 
+    check_rewards_present(rewards, names)
     mags = torch.nan_to_num(rewards.detach().float(), nan=0.0).abs()
     if mags.numel() == 0 or float(mags.max()) <= MAX_ABS_REWARD:
         return
@@ -98,4 +100,22 @@ def check_reward_magnitude(rewards: torch.Tensor, names) -> None:
         f"reward {list(names)[k]!r} returned {float(rewards[idx[0], k]):g} for samples {idx[:10]}: magnitudes above "
         f"{MAX_ABS_REWARD:g} overflow the value loss (float32 squares of returns), so the critic would stop "
         "learning; rescale the reward (e.g. divide it by a constant or take its log)"
+    )
+
+
+def check_rewards_present(rewards: torch.Tensor, names) -> None:
+    """Refuse a (B, K) reward matrix that is NaN everywhere: with ``allows_nan=True`` NaN means "not applicable",
+    and a batch where no reward applies to any sample trains nothing (every advantage is 0, every gradient 0), so
+    the run would go on without learning.  One reward NaN for the whole batch next to another that scored it is
+    fine (that head's value loss skips it)."""
+    from .rewards.base import RewardError
+
+    if rewards.numel() == 0 or not bool(torch.isnan(rewards.detach().float()).all()):
+        return
+    names = list(names)
+    which = f"reward {names[0]!r}" if len(names) == 1 else f"every reward ({', '.join(map(repr, names))})"
+    raise RewardError(
+        f"{which} returned NaN for all {rewards.shape[0]} samples of the batch: NaN means 'not applicable' "
+        "(allows_nan=True), and a batch where nothing is scored trains nothing (zero advantages and gradients); "
+        "check that the reward applies to these prompts and samples (e.g. call it on a few samples by hand)"
     )

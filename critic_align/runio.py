@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from .checkpoint import CheckpointError, load_checkpoint, local_rng_state, save_checkpoint
@@ -53,17 +54,19 @@ def save_grid(trainer, path, per_prompt: int = 8, use_policy: bool = True) -> Pa
     return write_grid(images, path, nrow=per_prompt, labels=rows, scale=trainer.task.grid_scale)
 
 
-def save(trainer) -> Path | None:
-    """Checkpoint into ``output_dir/checkpoints`` (call it on every process: RNG states are gathered; the main
-    process writes and returns the path, the others return None).  A failed write raises a
-    :class:`CheckpointError` on every process, so none waits forever for the others."""
+def save(trainer, directory=None, keep_last: int | None = None) -> Path | None:
+    """Checkpoint into ``output_dir/checkpoints`` (or ``directory``, keeping ``keep_last`` there; call it on every
+    process: RNG states are gathered; the main process writes and returns the path, the others return None).  A
+    failed write raises a :class:`CheckpointError` on every process, so none waits forever for the others."""
     check_weights(trainer, "before writing a checkpoint")  # never checkpoint non-finite weights
     states = trainer.processes.gather_objects(local_rng_state(trainer))
     path, error = None, None
     if trainer.is_main_process:
         metrics = trainer.out / "metrics.jsonl"
+        directory = trainer.out / "checkpoints" if directory is None else Path(directory)
+        keep_last = trainer.config.keep_last if keep_last is None else keep_last
         try:
-            path = save_checkpoint(trainer, trainer.out / "checkpoints", keep_last=trainer.config.keep_last,
+            path = save_checkpoint(trainer, directory, keep_last=keep_last,
                                    rng_states=states, metrics_bytes=metrics.stat().st_size if metrics.exists() else 0)
         except CheckpointError as exc:
             error = exc
@@ -92,5 +95,33 @@ def load(trainer, path, resume: bool = True) -> None:
     trainer.log.purge_step = trainer.reward_queries + 1
     metrics, size = trainer.out / "metrics.jsonl", state.get("metrics_bytes")
     if trainer.is_main_process and size is not None and metrics.exists() and metrics.stat().st_size > size:
+        keep_log_before_cut(metrics, size, Path(path).name)
         with open(metrics, "r+b") as f:
             f.truncate(size)
+
+
+def keep_log_before_cut(metrics: Path, size: int, ckpt_name: str = "the checkpoint") -> Path:
+    """Before ``metrics`` is cut to ``size`` bytes (a resume drops the rows logged after its checkpoint), keep the
+    whole log as ``metrics.before-resume-<time>.jsonl`` next to it, unless the newest such copy already holds
+    exactly these bytes (the command line's copy when it set newer checkpoints aside).  Whatever made the resume
+    fall back (a kill, a corrupt checkpoint set aside, ``--resume-from`` an older or the best checkpoint), no
+    logged row is lost.  Returns the copy."""
+    import sys
+    import time
+
+    data = metrics.read_bytes()
+    copies = sorted(metrics.parent.glob("metrics.before-resume-*.jsonl"), key=lambda p: p.stat().st_mtime)
+    if copies and copies[-1].read_bytes() == data:
+        return copies[-1]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    copy, n = metrics.parent / f"metrics.before-resume-{stamp}.jsonl", 1
+    while copy.exists():  # never overwrite an earlier copy
+        n += 1
+        copy = metrics.parent / f"metrics.before-resume-{stamp}-{n}.jsonl"
+    tmp = copy.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, copy)
+    cut = data[size:].count(b"\n")
+    print(f"the {cut} row(s) of metrics.jsonl logged after {ckpt_name} are cut from it; the full log is kept as "
+          f"{copy.name}", file=sys.stderr, flush=True)
+    return copy

@@ -37,7 +37,17 @@ _mutex = threading.Lock()
 
 
 class RunLockedError(RuntimeError):
-    """Another live process holds the run directory."""
+    """Another live process holds the run directory (or it cannot be written at all: :class:`RunDirNotWritable`)."""
+
+
+class RunDirNotWritable(RunLockedError):
+    """The run directory cannot be created or written (read-only filesystem, permissions, a file in the way)."""
+
+
+def _not_writable(run_dir: Path, action: str, exc: OSError) -> RunDirNotWritable:
+    why = f"{type(exc).__name__}: {exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
+    return RunDirNotWritable(f"cannot {action} {run_dir}: the run directory is not writable ({why}); use a writable "
+                             "--out (ppo.output_dir) or fix its permissions (nothing was written)")
 
 
 def _start_ticks(pid: int) -> str | None:
@@ -97,6 +107,19 @@ def check_free(run_dir, action: str = "write to") -> None:
         raise RunLockedError(_locked_message(Path(run_dir), info, action))
 
 
+def check_writable(run_dir, action: str = "write to") -> None:
+    """Raise :class:`RunDirNotWritable` if ``run_dir`` cannot be created or written (a probe file is written and
+    removed): the command line checks this before it builds anything."""
+    run_dir = Path(run_dir)
+    probe = run_dir / f".write-probe-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise _not_writable(run_dir, action, exc) from exc
+
+
 def _locked_message(run_dir: Path, info: dict, action: str) -> str:
     here = info.get("host") == socket.gethostname()
     fix = (f"wait for it to finish, stop it (kill {info.get('pid')}), or use another --out" if here else
@@ -108,7 +131,10 @@ def _locked_message(run_dir: Path, info: dict, action: str) -> str:
 def acquire(run_dir, action: str = "write to") -> None:
     """Take the lock of ``run_dir`` for this process (re-entrant); see the module docstring."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _not_writable(run_dir, action, exc) from exc
     path = run_dir / LOCK_NAME
     key = str(path.resolve())
     with _mutex:
@@ -119,7 +145,10 @@ def acquire(run_dir, action: str = "write to") -> None:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
               "start_ticks": _start_ticks(os.getpid()), "argv": sys.argv[:8]}
         tmp = run_dir / f".{LOCK_NAME}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(me))
+        try:
+            tmp.write_text(json.dumps(me))
+        except OSError as exc:
+            raise _not_writable(run_dir, action, exc) from exc
         try:
             for _ in range(3):
                 try:
@@ -127,6 +156,8 @@ def acquire(run_dir, action: str = "write to") -> None:
                     break
                 except FileExistsError:
                     pass
+                except OSError as exc:
+                    raise _not_writable(run_dir, action, exc) from exc
                 info = read_lock(run_dir)
                 if info is None:
                     continue  # released in between: try again

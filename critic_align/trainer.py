@@ -33,7 +33,9 @@ from .algorithms import build_algorithm
 from .algorithms.ppo import loss_on_pairs
 from .backbones.base import BackboneAdapter
 from .backbones.lora import LoraAdapters
+from .best import BestKeeper
 from .checkpoint import base_digest, optimizer_tensors, restore_optimizer
+from .checks import check_trainer_args
 from .config import PPOConfig
 from .critic import Critic, build_critic
 from .distributed import Processes, TrainModule, seed_everything
@@ -69,6 +71,7 @@ class Trainer:
 
     def __init__(self, config: PPOConfig, task, adapter: BackboneAdapter, scheduler, rewards: MultiReward,
                  eval_rewards: MultiReward | None = None, accelerator=None):
+        check_trainer_args(config, task, adapter, scheduler, rewards, eval_rewards)  # checks.py: types, with examples
         from accelerate import Accelerator
 
         from .prompts import PromptIterator
@@ -330,13 +333,18 @@ class Trainer:
 
             it = tqdm(it, desc=f"{cfg.algorithm.upper()} ({cfg.advantage})", initial=self.epoch, total=n,
                       disable=not self.is_main_process)
-        eval_row = self.log_eval() if cfg.eval_every and self.epoch == 0 else None
+        best = BestKeeper.for_run(cfg, self.rewards.names, self.out, self.processes.share_from_main,
+                                  self.is_main_process)  # best.py: best/ checkpoint and collapse guard
+        eval_row = self.log_eval() if cfg.eval_every and self.epoch == 0 and best.needs_eval(0) else None
+        if eval_row is not None:
+            best.after_eval(eval_row, lambda: self.save(best.directory, keep_last=1))
         for _ in it:
             res = self.train_epoch()
             history.append(res.metrics)
             self.log(res.metrics)
             if cfg.eval_every and (self.epoch % cfg.eval_every == 0 or self.epoch == n):
                 eval_row = self.log_eval()
+                best.after_eval(eval_row, lambda: self.save(best.directory, keep_last=1))
             if cfg.progress and self.is_main_process:
                 post = {"reward": f"{res.metrics[f'reward/{self.rewards.names[0]}/mean']:.3f}"}
                 if eval_row is not None and "eval/value_ev" in eval_row:

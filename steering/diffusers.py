@@ -39,7 +39,7 @@ import torch
 
 from critic_align.steps import score_guided_output
 
-from .particles import ParticleSystem, check_log_potential, choose
+from .particles import ParticleSystem, check_log_potential, check_steering_numbers, choose
 from .values import NoiseLevel, value_and_grad
 
 STOCHASTIC_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler (eta > 0)", "EulerAncestralDiscreteScheduler", "LCMScheduler",
@@ -384,6 +384,7 @@ def steer_pipeline(pipe, prompt: str | list[str], *, num_particles: int, reward_
     Returns (images in [0, 1] (G, C, H, W), info dict: rewards, particle_rewards, pick, log_weights, resampled,
     final_ess, value_rows, guidance_rows).
     """
+    check_steering_numbers(num_particles, guidance_scale_value, lam, where="steer_pipeline")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if guidance_value_fn is not None and value_fn is not None:
         raise ValueError("value guidance inside a pipeline cannot be combined with SMC weights (the callback sees "

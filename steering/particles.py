@@ -60,6 +60,25 @@ def _check_log_weights(log_w: torch.Tensor) -> None:
                          "use more particles, a softer constraint, or output='argmax'")
 
 
+def check_steering_numbers(num_particles=None, scale=None, lam=None, where: str = "steering") -> None:
+    """The public steering entry points' argument checks (the command line checks the same in its argument types):
+    a particle count is an integer >= 1, a guidance scale a finite number >= 0, λ a finite number.  None: not
+    given (not checked)."""
+    import math
+
+    if num_particles is not None and (isinstance(num_particles, bool) or not isinstance(num_particles, int)
+                                      or num_particles < 1):
+        raise ValueError(f"{where}: num_particles must be an integer >= 1 (samples per prompt), got {num_particles!r}")
+    for name, v, low in (("scale", scale, 0.0), ("lam", lam, None)):
+        if v is None:
+            continue
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and (low is None or v >= low)
+        if not ok:
+            raise ValueError(f"{where}: the guidance {name} must be a finite number{' >= 0' if low is not None else ''},"
+                             f" got {v!r} (an infinite or NaN {name} turns every guided step or weight into inf/NaN; "
+                             f"{'0 = no guidance' if name == 'scale' else 'e.g. lam=10'})")
+
+
 def check_can_resample(num_particles: int, ess_threshold: float) -> None:
     """ESS >= 1 always, so a group is resampled (ESS < κ·N) only if κ·N > 1.  κ = 0 is plain importance sampling
     (never resample) by choice; 0 < κ·N <= 1 would silently never resample, so it is refused."""

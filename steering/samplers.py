@@ -51,7 +51,7 @@ import torch
 
 from critic_align.steps import gaussian_log_prob
 
-from .particles import OUTPUTS, RESAMPLING_SCHEMES, ParticleSystem, check_log_potential, choose
+from .particles import OUTPUTS, RESAMPLING_SCHEMES, ParticleSystem, check_log_potential, check_steering_numbers, choose
 from .values import ValueFn, capped_guided_output, critic_value_fn, guidance_defined, value_and_grad
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
@@ -201,8 +201,7 @@ def steer(
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if scheme not in RESAMPLING_SCHEMES:
         raise ValueError(f"unknown resampling scheme {scheme!r}; use one of {RESAMPLING_SCHEMES}")
-    if not isinstance(num_particles, int) or num_particles < 1:
-        raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
+    check_steering_numbers(num_particles, guidance_scale, lam, where="steer")
     if not 0.0 <= ess_threshold <= 1.0:
         raise ValueError(f"ess_threshold κ must be in [0, 1] (resample when ESS < κ·N), got {ess_threshold}")
     if not isinstance(resample_every, int) or resample_every < 1:

@@ -230,3 +230,145 @@ def test_loading_weights_for_reuse_accepts_another_sampling_config(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(src.critic.head.parameters(), other.critic.head.parameters()))
     with pytest.raises(CheckpointError, match="another config"):
         other.load(path)
+
+
+# ------------------------------------------------------------------------ issue 30: refuse what cannot work
+def _all_nan(s, p):
+    return torch.full((len(p),), math.nan)
+
+
+def test_all_nan_rewards_for_a_whole_batch_stop_the_run_naming_the_reward(tmp_path):
+    tr = make_trainer(tmp_path)
+    tr.train(num_epochs=1)
+    saved = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    tr.rewards = MultiReward([FunctionReward(_all_nan, name="judge", allows_nan=True)])
+    with pytest.raises(RewardError, match=r"reward 'judge' returned NaN for all 8 samples of the batch: NaN means "
+                                          r"'not applicable' \(allows_nan=True\), and a batch where nothing is scored "
+                                          r"trains nothing"):
+        tr.train_epoch()
+    assert tr.epoch == 1
+    fresh = make_trainer(tmp_path)
+    fresh.load(saved)
+    # one reward NaN for the whole batch next to one that scored it still trains (that head skips it)
+    from critic_align.guard import check_reward_magnitude
+
+    check_reward_magnitude(torch.tensor([[1.0, math.nan], [0.5, math.nan]]), ["a", "b"])
+
+
+def test_steering_api_checks_scale_and_particle_counts():
+    from steering.diffusers import steer_pipeline
+    from steering.samplers import best_of_n, guidance, smc
+
+    x = torch.zeros(2, 1, 4, 4)
+    ts = torch.tensor([3, 2, 1])
+
+    def reward(s, p):
+        return s.mean(dim=(1, 2, 3))
+
+    def value(x, t, c):
+        return x.mean(dim=(1, 2, 3))
+
+    for kw, match in [(dict(scale=math.inf), r"guidance scale must be a finite number >= 0, got inf"),
+                      (dict(scale=math.nan), r"guidance scale must be a finite number >= 0, got nan"),
+                      (dict(scale=-1.0), r"guidance scale must be a finite number >= 0, got -1.0")]:
+        with pytest.raises(ValueError, match=match):
+            guidance(None, None, x, ts, value_fn=value, reward_fn=reward, **kw)
+    with pytest.raises(ValueError, match=r"num_particles must be an integer >= 1 \(samples per prompt\), got 0"):
+        best_of_n(None, None, x, ts, num_particles=0, reward_fn=reward)
+    with pytest.raises(ValueError, match=r"the guidance lam must be a finite number, got inf"):
+        smc(None, None, x, ts, num_particles=2, reward_fn=reward, value_fn=value, lam=math.inf)
+    with pytest.raises(ValueError, match=r"steer_pipeline: num_particles must be an integer >= 1 .*got 0"):
+        steer_pipeline(None, "a cat", num_particles=0, reward_fn=reward)
+    with pytest.raises(ValueError, match=r"steer_pipeline: the guidance scale must be a finite number >= 0, got nan"):
+        steer_pipeline(None, "a cat", num_particles=2, reward_fn=reward, guidance_value_fn=value,
+                       guidance_scale_value=math.nan)
+
+
+def test_sample_per_class_zero_is_refused(capsys):
+    from train.cli import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli(["sample", "--per-class", "0"])
+    assert info.value.code == 2
+    assert "argument --per-class: must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_trainer_argument_types_are_named_with_an_example(tmp_path):
+    from critic_align.rewards import DigitProb
+
+    cfg = PPOConfig(batch_size=8, group_size=4, output_dir=str(tmp_path / "run"))
+    sched = DDPMScheduler(num_train_timesteps=100)
+    rewards = _reward(brightness_matches_label, "bright")
+    unet = tiny_unet()
+    cases = [
+        (dict(rewards=DigitProb()), r"Trainer\(rewards=...\) takes a critic_align.rewards.MultiReward, got a "
+                                    r"critic_align.DigitProb; wrap it: rewards=MultiReward\(\[DigitProb\(...\)\]\)"),
+        (dict(adapter=unet), r"Trainer\(adapter=...\) takes a BackboneAdapter wrapping the model, got the raw module "
+                             r"UNet2DModel; wrap it, e.g. UNetAdapter\(unet\)"),
+        (dict(config=cfg.to_dict()), r"Trainer\(config=...\) takes a critic_align.PPOConfig, got a builtins.dict \(build "
+                                     r"it from the dict: PPOConfig\(\*\*d\)"),
+        (dict(eval_rewards=[DigitProb()]), r"Trainer\(eval_rewards=...\) takes a critic_align.rewards.MultiReward or "
+                                           r"None, got a builtins.list; wrap the list: eval_rewards=MultiReward"),
+    ]
+    for kw, match in cases:
+        args = dict(config=cfg, task=TinyTask(), adapter=UNetAdapter(unet), scheduler=sched, rewards=rewards) | kw
+        with pytest.raises(TypeError, match=match):
+            Trainer(**args)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_yaml_ppo_that_is_not_a_mapping_is_refused(tmp_path):
+    from train.registry import load_run_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rewards: [digit_prob]\nppo: 5\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: ppo: must be a mapping of PPOConfig fields, e.g. ppo: "
+                                         r"\{num_epochs: 10, learning_rate: 3.0e-4\}, got int 5"):
+        load_run_config(str(bad))
+
+
+def test_an_unwritable_run_directory_is_a_clear_error(tmp_path, monkeypatch):
+    import os
+
+    from critic_align.runlock import RunDirNotWritable, acquire, check_writable
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a file where the run directory's parent should be: a real OSError
+    with pytest.raises(RunDirNotWritable, match=rf"cannot write to {blocker}/run: the run directory is not writable "
+                                                r"\(.*Error: .*\); use a writable --out"):
+        check_writable(blocker / "run")
+
+    def read_only(*a, **k):  # a read-only filesystem (chmod does not stop root, who runs these tests in CI)
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(os, "link", read_only)
+    with pytest.raises(RunDirNotWritable, match=r"cannot resume .*: the run directory is not writable \(OSError: "
+                                                r"Read-only file system\)"):
+        acquire(tmp_path / "ro", "resume")
+    assert not (tmp_path / "ro" / "run.lock").exists()
+
+
+def test_resume_with_no_epochs_left_says_so(tmp_path, capsys):
+    from train.cli import _check_epochs_left
+
+    tr = make_trainer(tmp_path, num_epochs=2)
+    tr.train()
+    ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    with pytest.raises(SystemExit, match=r"--resume: .*epoch_000002 has already trained 2 epochs, more than "
+                                         r"num_epochs=1: a resume cannot go back; pass --epochs N with N > 2"):
+        _check_epochs_left(ckpt, 1)
+    _check_epochs_left(ckpt, 2)
+    assert "nothing to do: " in capsys.readouterr().err
+    _check_epochs_left(ckpt, 3)
+    assert capsys.readouterr().err == ""
+
+
+def test_the_number_hint_is_only_for_numbers_written_as_text():
+    with pytest.raises(ValueError) as info:
+        PPOConfig(mixed_precision="fp16")
+    assert "use 'no' or 'bf16'" in str(info.value) and "write a number" not in str(info.value)
+    with pytest.raises(ValueError, match=r"learning_rate='1e-3'.*write a number, not a quoted string"):
+        PPOConfig(learning_rate="1e-3")
+    with pytest.raises(ValueError) as info:
+        PPOConfig(learning_rate="fast")
+    assert "got the string 'fast'" in str(info.value) and "write a number" not in str(info.value)

@@ -470,3 +470,207 @@ def test_summary_after_a_resume_is_computed_from_the_whole_log(tmp_path):
     s = run_summary(tmp_path, ["r"], epochs=3, reward_queries=64)
     assert s["r_first_epoch"] == 0.1 and s["r_last_epoch"] == 0.3  # not 0.3 / 0.3 as a resumed process saw it
     assert s["train_seconds"] == 5.5 and s["logged_epochs"] == 3
+
+
+# ------------------------------------------------------------------ issue 30: best/ and the collapse guard
+def _scripted_eval(tr, values):
+    """The held-out evaluation returns these values of eval/reward/bright, one per call (epoch 0, 1, ...)."""
+    it = iter(values)
+    tr.evaluate = lambda: {"eval/reward/bright": next(it)}
+    return tr
+
+
+def test_a_collapse_keeps_the_best_checkpoint_and_is_reported(tmp_path, capsys):
+    from critic_align.best import best_checkpoint
+    from train.cli import run_summary
+
+    tr = _scripted_eval(make_trainer(tmp_path, num_epochs=4, eval_every=1, keep_last=1), [0.5, 0.9, 0.8, 0.3, 0.2])
+    tr.train()
+    run = tmp_path / "run"
+    best = best_checkpoint(run)
+    assert best == run / "best" / "epoch_000001"  # the best evaluation (0.9), written when it was evaluated
+    assert sorted(p.name for p in (run / "best").iterdir()) == ["epoch_000001"]  # the epoch-0 best was replaced
+    assert sorted(p.name for p in (run / "checkpoints").glob("epoch_*")) == ["epoch_000004"]  # keep_last=1 rotated
+    assert read_checkpoint(best)[1]["epoch"] == 1  # it verifies and holds epoch 1
+    err = capsys.readouterr().err
+    assert err.count("collapse: the held-out eval/reward/bright fell to 0.3 at epoch 3") == 1  # once, when it starts
+    assert f"--resume-from {best}" in err
+    s = run_summary(run, ["bright"], 4, 0, tr.config, ["bright"])["collapse"]
+    assert (s["collapsed"], s["collapse_epoch"], s["collapse_value"], s["best_value"], s["best_epoch"]) == \
+        (True, 3, 0.3, 0.9, 1)
+    assert s["best_checkpoint"] == str(best) and s["final_value"] == 0.2
+    fresh = make_trainer(tmp_path / "b", num_epochs=4, eval_every=1, keep_last=1)
+    fresh.load(best, resume=False)  # the best policy loads
+    assert fresh.epoch == 1
+
+
+def test_stop_on_collapse_stops_naming_best_and_how_to_resume(tmp_path):
+    from critic_align.best import CollapseError
+
+    tr = _scripted_eval(make_trainer(tmp_path, num_epochs=5, eval_every=1, stop_on_collapse=True, collapse_margin=0.2),
+                        [0.5, 0.9, 0.8, 0.6, 0.1])
+    best = tmp_path / "run" / "best" / "epoch_000001"
+    with pytest.raises(CollapseError, match=rf"stop_on_collapse.*fell to 0.6 at epoch 3, 0.3 below its best 0.9 "
+                                            rf"\(epoch 1; collapse_margin=0.2 allows 0.18\).*--resume-from {best}"):
+        tr.train()
+    assert tr.epoch == 3 and best.exists()
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "epoch_000002"  # nothing saved was removed
+    # no collapse with margin 0 (off), and a drop within the margin is not one
+    quiet = _scripted_eval(make_trainer(tmp_path / "q", num_epochs=2, eval_every=1, stop_on_collapse=True,
+                                       collapse_margin=0.0), [0.9, 0.1, 0.05])
+    quiet.train()
+    assert quiet.epoch == 2
+
+
+def test_resume_from_best_sets_newer_checkpoints_aside_and_keeps_the_log(tmp_path, capsys):
+    from train.cli import _set_aside_newer
+
+    tr = _scripted_eval(make_trainer(tmp_path, num_epochs=3, eval_every=1, keep_last=3), [0.5, 0.9, 0.3, 0.2])
+    tr.train()
+    run = tmp_path / "run"
+    best = run / "best" / "epoch_000001"
+    log = (run / "metrics.jsonl").read_text()
+    _set_aside_newer(run, best)  # what critic-align train --resume-from RUN/best/epoch_000001 does first
+    assert sorted(p.name for p in (run / "checkpoints").glob("epoch_*")) == ["epoch_000001"]
+    assert len(list((run / "checkpoints").glob("superseded-epoch_00000[23]-*"))) == 2  # kept, renamed
+    back = make_trainer(tmp_path, num_epochs=3, eval_every=1, keep_last=3)
+    back.load(best)
+    assert back.epoch == 1
+    copies = list(run.glob("metrics.before-resume-*.jsonl"))
+    assert len(copies) == 1 and copies[0].read_text() == log  # one copy of the whole log, not two
+    assert len((run / "metrics.jsonl").read_text()) < len(log)
+
+
+def test_an_unknown_best_metric_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"best_metric='eval/reward/nope': no such reward in this run; use one of "
+                                         r"\['eval/reward/bright'\]"):
+        make_trainer(tmp_path, best_metric="eval/reward/nope")
+    with pytest.raises(ValueError, match=r"config field best_metric='accuracy': must be an eval/\* key"):
+        make_trainer(tmp_path, best_metric="accuracy")
+
+
+# ------------------------------------------------------- issue 30: a fallback past a corrupt checkpoint keeps the log
+@pytest.mark.parametrize("how", ["truncated tensors", "garbled header", "corrupt state.json"])
+def test_falling_back_past_a_corrupt_checkpoint_keeps_the_cut_rows(tmp_path, how, capsys):
+    from train.cli import _checkpoint_to_resume, _set_aside_newer
+
+    ckpts = _three_checkpoints(tmp_path)
+    run = tmp_path / "run"
+    log = (run / "metrics.jsonl").read_text()
+    newest = ckpts[-1]
+    if how == "truncated tensors":
+        f = newest / "tensors.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    elif how == "garbled header":
+        f = newest / "tensors.safetensors"
+        data = bytearray(f.read_bytes())
+        data[8:24] = b"#" * 16  # inside the JSON header
+        f.write_bytes(bytes(data))
+    else:
+        (newest / "state.json").write_text('{"format_version": 1, "epoch": ')
+    ckpt = _checkpoint_to_resume(run, None)
+    assert ckpt == ckpts[-2]
+    _set_aside_newer(run, ckpt)
+    tr = make_trainer(tmp_path, num_epochs=3, keep_last=3)
+    tr.load(ckpt)
+    err = capsys.readouterr().err
+    copies = list(run.glob("metrics.before-resume-*.jsonl"))
+    assert len(copies) == 1 and copies[0].read_text() == log  # every row, the final evaluation's included
+    kept = [json.loads(x) for x in log.splitlines()]
+    now = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    cut = kept[len(now):]
+    assert now == kept[: len(now)] and any(r.get("phase") == "eval" and r["epoch"] == 3 for r in cut)
+    assert f"row(s) of metrics.jsonl logged after {ckpt.name} are cut from it; the full log is kept as " \
+           f"{copies[0].name}" in err
+    tr.train()  # the resumed run finishes; the copy is untouched
+    assert copies[0].read_text() == log
+
+
+# --------------------------------------------------------------- issue 30: the remote deadline, an endless trickle
+def test_an_endless_trickle_is_cut_at_the_deadline():
+    """A server that sends one byte every 0.5 s and never finishes: timeout=1 returns after ~1 s, not never."""
+    import socket
+    import threading
+
+    from critic_align.rewards.remote import RemoteReward
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def serve():  # one connection, at most 40 bytes (20 s): the loop ends by itself
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(1 << 20)
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                for _ in range(40):
+                    conn.sendall(b" ")
+                    time.sleep(0.5)
+            except OSError:
+                pass
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    t0 = time.perf_counter()
+    with pytest.raises(RewardError, match=r"no answer within the timeout of 1 s \(gave up after 1 attempt\)"):
+        RemoteReward(f"http://127.0.0.1:{srv.getsockname()[1]}/score", timeout=1, retries=0)(torch.zeros(1, 3, 4, 4),
+                                                                                            ["a"])
+    assert time.perf_counter() - t0 < 2.0
+    srv.close()
+
+
+def test_a_queue_of_stalled_uploads_is_shed_together():
+    """20 uploads that never send their body fill 2 workers and a queue of 18: each connection's deadline runs from
+    its arrival, so all of them are shed about one connection_timeout after they came (not 10 timeouts later, one
+    pair of workers at a time), and a real request gets through."""
+    import socket
+    import threading
+
+    from critic_align.rewards import Boldness
+    from critic_align.rewards.remote import RemoteReward
+    from critic_align.rewards.remote_server import make_server
+
+    server = make_server(Boldness(), 0, workers=2, backlog=18, connection_timeout=0.5)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    host, port = server.server_address[:2]
+    stalled = []
+    try:
+        for _ in range(20):
+            s = socket.create_connection((host, port))
+            s.sendall(b"POST /score HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{")
+            stalled.append(s)
+        time.sleep(1.5)  # one timeout (0.5 s) + a grace of 0.05 s for each of the 18 queued, shared by 2 workers
+        t0 = time.perf_counter()
+        got = RemoteReward(f"http://{host}:{port}/score", timeout=2, retries=0, encoding="list")(
+            torch.zeros(2, 1, 4, 4), ["a", "b"])
+        assert got.tolist() == Boldness()(torch.zeros(2, 1, 4, 4), ["a", "b"]).tolist()
+        assert time.perf_counter() - t0 < 1.0  # served at once: no stalled upload holds a worker any more
+        for s in stalled:  # each stalled upload was answered 408 or cut
+            s.settimeout(1.0)
+            try:
+                data = s.recv(1 << 16)
+            except ConnectionResetError:
+                data = b""
+            assert data == b"" or data.split(b"\r\n")[0].endswith(b" 408 Request Timeout")
+    finally:
+        for s in stalled:
+            s.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_resuming_from_a_best_checkpoint_of_epoch_0_does_not_log_its_evaluation_twice(tmp_path):
+    from train.cli import _set_aside_newer
+
+    tr = _scripted_eval(make_trainer(tmp_path, num_epochs=2, eval_every=1), [0.9, 0.3, 0.2])
+    tr.train()
+    run = tmp_path / "run"
+    best = run / "best" / "epoch_000000"  # the base policy was the best: written after its evaluation
+    assert sorted(p.name for p in (run / "best").glob("epoch_*")) == [best.name]
+    _set_aside_newer(run, best)
+    back = _scripted_eval(make_trainer(tmp_path, num_epochs=2, eval_every=1), [0.4, 0.5])
+    back.load(best)
+    back.train()
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [(r["epoch"], r["eval/reward/bright"]) for r in evals] == [(0, 0.9), (1, 0.4), (2, 0.5)]

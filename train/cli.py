@@ -24,9 +24,10 @@ from pathlib import Path
 
 
 def cmd_train(args) -> int:
+    from critic_align.best import CollapseError
     from critic_align.diagnostics import bucket_edges
     from critic_align.launch import check_launch
-    from critic_align.runlock import check_free, lock_for, unlock_for
+    from critic_align.runlock import check_free, check_writable, lock_for, unlock_for
     from critic_align.viz import plot_metrics
 
     from .registry import build_trainer, load_run_config, parse_overrides, write_run_dir
@@ -42,9 +43,12 @@ def cmd_train(args) -> int:
     out = Path(cfg.output_dir)
     resume = args.resume or args.resume_from is not None
     check_free(out, "resume" if resume else "write to")  # before anything is built or written
+    check_writable(out, "resume" if resume else "write to")
     if out.exists() and (out / "metrics.jsonl").exists() and not resume:
         raise SystemExit(f"{out} already holds a run; pass --resume to continue it or --out to start a new one")
     ckpt = _checkpoint_to_resume(out, args.resume_from) if resume else None
+    if ckpt is not None:
+        _check_epochs_left(ckpt, cfg.num_epochs)
     trainer = build_trainer(run)
     lock_for(trainer, "resume" if resume else "write to")  # held until this process exits
     if trainer.is_main_process:  # what steer / sample / export-lora need to rebuild the run
@@ -58,7 +62,14 @@ def cmd_train(args) -> int:
     else:
         trainer.save_grid(out / "grid_before.png", use_policy=False)
     start = time.time()
-    trainer.train()
+    try:
+        trainer.train()
+    except CollapseError:  # stop_on_collapse: the summary (with the collapse and best/) is written first
+        if trainer.is_main_process:
+            summary = run_summary(out, list(trainer.rewards.names), trainer.epoch, trainer.reward_queries, cfg,
+                                  trainer.rewards.names)
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        raise
     trainer.save_grid(out / "grid_after.png")
     if not trainer.is_main_process:  # multi-process (torchrun): only the main process writes outputs
         return 0
@@ -72,7 +83,7 @@ def cmd_train(args) -> int:
         plot_metrics(out / "metrics.jsonl", out / "critic_eval.png",
                      ["eval/value_ev"] + [f"eval/value_ev_steps_{b}" for b in buckets]
                      + [f"eval/value_calib_steps_{b}" for b in buckets], title="critic on the held-out batch")
-    summary = run_summary(out, names, trainer.epoch, trainer.reward_queries)
+    summary = run_summary(out, names, trainer.epoch, trainer.reward_queries, cfg, trainer.rewards.names)
     summary["this_process_seconds"] = time.time() - start
     if resume:
         summary["resumed_from"] = str(ckpt)
@@ -82,10 +93,12 @@ def cmd_train(args) -> int:
     return 0
 
 
-def run_summary(out: Path, names: list[str], epochs: int, reward_queries: int) -> dict:
+def run_summary(out: Path, names: list[str], epochs: int, reward_queries: int, cfg=None, trained=None) -> dict:
     """summary.json from the whole metrics.jsonl (not this process's history): after a resume, the first epoch is
     still the run's first epoch.  train_seconds sums the logged pretraining iterations and epochs (the time of a
-    killed process's unfinished epoch is not in the log)."""
+    killed process's unfinished epoch is not in the log).  With the config and the trained rewards' names: the
+    ``collapse`` entry (the held-out best_metric's best, its best/ checkpoint and any collapse,
+    :func:`critic_align.best.collapse_report`)."""
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     train = [r for r in rows if r.get("phase") == "train"]
     seconds = sum(r.get("time_s", 0) for r in rows if r.get("phase") == "value_pretrain") + \
@@ -104,6 +117,10 @@ def run_summary(out: Path, names: list[str], epochs: int, reward_queries: int) -
         for k in evals[0]:
             if k.startswith("eval/"):
                 summary[f"{k}_base"], summary[f"{k}_final"] = evals[0][k], evals[-1].get(k)
+    if evals and cfg is not None and trained:
+        from critic_align.best import collapse_report, metric_name
+
+        summary["collapse"] = collapse_report(rows, metric_name(cfg.best_metric, trained), cfg.collapse_margin, out)
     return summary
 
 
@@ -134,20 +151,35 @@ def _checkpoint_to_resume(out: Path, resume_from: str | None) -> Path:
     return ckpt
 
 
+def _check_epochs_left(ckpt: Path, num_epochs: int) -> None:
+    """A resume must have epochs to train: num_epochs below the checkpoint's epoch is refused (a resume cannot go
+    back); equal to it trains nothing, and says so (the outputs are rewritten, nothing is trained)."""
+    done = int(json.loads((Path(ckpt) / "state.json").read_text())["epoch"])
+    if num_epochs < done:
+        raise SystemExit(f"--resume: {ckpt} has already trained {done} epochs, more than num_epochs={num_epochs}: a "
+                         f"resume cannot go back; pass --epochs N with N > {done} to train further, or --resume-from "
+                         "an earlier checkpoint")
+    if num_epochs == done:
+        print(f"nothing to do: {ckpt} has already trained num_epochs={num_epochs} epochs; pass --epochs N with N > "
+              f"{done} to train further (the grids and summary.json are rewritten, nothing is trained)",
+              file=sys.stderr)
+
+
 def _set_aside_newer(out: Path, ckpt: Path) -> None:
     """Resuming from a checkpoint older than the run's newest: the newer checkpoints are renamed
     ``superseded-epoch_*`` and metrics.jsonl is copied, so the resumed run overwrites nothing saved."""
     import shutil
 
     ckpts = out / "checkpoints"
-    if ckpt.resolve().parent != ckpts.resolve():
+    if ckpt.resolve().parent not in (ckpts.resolve(), (out / "best").resolve()):
         return
     from critic_align.checkpoint import set_aside
 
-    newer = sorted(p for p in ckpts.glob("epoch_*") if p.is_dir() and p.name > ckpt.name)
+    # checkpoints (and best/) of later epochs than the one resumed from: e.g. --resume-from RUN/best/epoch_X
+    newer = sorted(p for d in (ckpts, out / "best") for p in d.glob("epoch_*") if p.is_dir() and p.name > ckpt.name)
     for p in newer:
         dest = set_aside(p, "superseded")
-        print(f"{p.name} is newer than {ckpt.name}: moved it to {dest.name}", file=sys.stderr)
+        print(f"{p.relative_to(out)} is newer than {ckpt.name}: moved it to {dest.name}", file=sys.stderr)
     metrics = out / "metrics.jsonl"
     if newer and metrics.exists():
         copy = out / f"metrics.before-resume-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
@@ -275,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the deterministic DDIM / Euler ODE (default: the run's eta / sde_noise_level; 0 without --run)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance scale (default: the run's; 1 = none without --run)")
-    p.add_argument("--per-class", type=int, default=8, help="samples per digit (default %(default)s)")
+    from .steer import _int_at_least
+
+    p.add_argument("--per-class", type=_int_at_least(1), default=8, help="samples per digit (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and the sampler (default %(default)s)")
     p.add_argument("--out", default=None, help="the PNG (default: RUN/samples.png with --run, else runs/samples.png)")
     p.set_defaults(fn=cmd_sample)
@@ -337,13 +371,14 @@ def cli(argv=None) -> int:
 # Errors that are the user's input or environment, reported as one line (exit 2); any other exception is a bug
 # (or an unforeseen case): one line too, with its type, exit 1; --debug shows the traceback of either.
 def _user_error_types() -> tuple:
+    from critic_align.best import CollapseError
     from critic_align.checkpoint import CheckpointError
     from critic_align.guard import DivergenceError
     from critic_align.rewards import RewardError
     from critic_align.runlock import RunLockedError
 
     return (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError,
-            RewardError, RunLockedError, DivergenceError, SystemExit)
+            RewardError, RunLockedError, DivergenceError, CollapseError, SystemExit)
 
 
 def _report(exc: BaseException) -> int:

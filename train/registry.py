@@ -58,6 +58,9 @@ def load_run_config(name_or_path: str, overrides: dict | None = None) -> dict:
     unknown = set(data) - RUN_KEYS
     if unknown:
         raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(RUN_KEYS)}")
+    if data.get("ppo") is not None and not isinstance(data["ppo"], dict):
+        raise ValueError(f"{path}: ppo: must be a mapping of PPOConfig fields, e.g. ppo: {{num_epochs: 10, "
+                         f"learning_rate: 3.0e-4}}, got {type(data['ppo']).__name__} {data['ppo']!r}")
     ppo = dict(data.get("ppo") or {})
     ppo.update(overrides or {})
     try:

@@ -19,9 +19,11 @@ The server listens on 127.0.0.1 only: it has no authentication and no TLS, so it
 processes on the same machine (reach it from another machine through an SSH tunnel, or put your own
 server behind a proper front end).  It handles connections in a bounded pool of ``workers`` threads;
 a connection arriving while all of them are busy and ``backlog`` more are queued is answered 503 at
-once (the client retries 503 with backoff).  Every connection has ``connection_timeout`` seconds per
-socket operation and for reading the whole request, so a stalled or trickling upload frees its worker
-instead of holding it forever.  The reward object is called under a lock, one batch at a time.
+once (the client retries 503 with backoff).  Every connection has ``connection_timeout`` seconds from its
+arrival (time spent waiting in the queue included) to deliver its whole request, so stalled or trickling
+uploads are shed together: a queue full of them is empty about one ``connection_timeout`` after they came (a
+connection reaching a worker after its deadline still gets a short grace to hand over a request it already
+sent), and a real request gets through.  The reward object is called under a lock, one batch at a time.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class PooledHTTPServer(HTTPServer):
         super().__init__(address, handler)
         self._slots = threading.BoundedSemaphore(workers + backlog)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reward-server")
+        self.arrival = threading.local()  # .t: when the connection a worker handles was accepted (monotonic)
 
     def process_request(self, request, client_address):
         if not self._slots.acquire(blocking=False):
@@ -107,9 +110,10 @@ class PooledHTTPServer(HTTPServer):
                 pass
             self.shutdown_request(request)
             return
-        self._pool.submit(self._work, request, client_address)
+        self._pool.submit(self._work, request, client_address, time.monotonic())
 
-    def _work(self, request, client_address):
+    def _work(self, request, client_address, arrived: float | None = None):
+        self.arrival.t = time.monotonic() if arrived is None else arrived
         try:
             self.finish_request(request, client_address)
         except Exception:
@@ -163,9 +167,16 @@ def make_server(reward: Reward, port: int = 0, max_request_mb: float = DEFAULT_M
 
         def setup(self):
             super().setup()
-            # a deadline for receiving the whole request (headers and body): per-operation timeouts alone let a
-            # client trickling a byte per second hold a worker indefinitely.  Cancelled once the request is in.
-            self._cutoff = threading.Timer(connection_timeout, self._cut)
+            # a deadline for receiving the whole request (headers and body), from the connection's arrival:
+            # per-operation timeouts alone let a client trickling a byte per second hold a worker indefinitely, and
+            # a deadline from the worker's start would let a queue of stalled uploads hold every worker in turn.
+            # A connection already past its deadline gets a short grace (a request it sent is in the buffer).
+            # Cancelled once the request is in.
+            arrived = getattr(self.server.arrival, "t", None) if hasattr(self.server, "arrival") else None
+            now = time.monotonic()
+            grace = min(0.05, connection_timeout)
+            self._deadline = max((arrived if arrived is not None else now) + connection_timeout, now + grace)
+            self._cutoff = threading.Timer(self._deadline - now, self._cut)
             self._cutoff.daemon = True
             self._cutoff.start()
 
@@ -185,7 +196,7 @@ def make_server(reward: Reward, port: int = 0, max_request_mb: float = DEFAULT_M
         def _read_body(self, n: int) -> bytes | None:
             """The body, read within the connection's deadline (None if it passed): per-read timeouts alone
             would let a client trickling a byte per second hold this worker indefinitely."""
-            deadline = time.monotonic() + connection_timeout
+            deadline = self._deadline
             parts, left = [], n
             while left:
                 remaining = deadline - time.monotonic()
@@ -235,7 +246,10 @@ def make_server(reward: Reward, port: int = 0, max_request_mb: float = DEFAULT_M
                 log.exception("reward %r failed", reward_name)
                 self._send(500, {"error": str(exc) if isinstance(exc, RewardError) else f"{type(exc).__name__}: {exc}"})
                 return
-            self._send(200, {"scores": scores})
+            try:
+                self._send(200, {"scores": scores})
+            except OSError:  # the client gave up waiting (its own deadline) and closed the connection
+                log.info("%s left before its scores were sent", self.address_string())
 
     return PooledHTTPServer((HOST, port), Handler, workers=workers, backlog=backlog)
 
