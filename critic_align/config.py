@@ -286,6 +286,10 @@ class PPOConfig:
 
     # --- logging and checkpoints --------------------------------------------------------------------
     log_tensorboard: bool = True
+    log_with: list | None = None
+    """Trackers, e.g. [tensorboard, wandb] (accelerate's names: wandb, comet_ml, aim, mlflow, clearml, dvclive,
+    swanlab, trackio): metrics rows and sample grids go to each (critic_align/trackers.py).  None = TensorBoard as
+    log_tensorboard says; a list = exactly these (TensorBoard only if listed, and log_tensorboard still true)."""
     grid_every: int = 10
     """Save a sample grid every this many epochs (0 = only before/after)."""
     checkpoint_every: int = 10
@@ -476,6 +480,11 @@ class PPOConfig:
         self.lora_target_modules = tuple(m)
         if not isinstance(self.output_dir, str) or not self.output_dir:
             _err("output_dir", self.output_dir, "must be a non-empty path string", number=False)
+        from .trackers import check_tracker_names
+
+        check_tracker_names(self.log_with)  # an unknown tracker, before any model loads
+        if self.log_with is not None:
+            self.log_with = list(self.log_with)
         if not isinstance(self.extra, dict):
             _err("extra", self.extra, "must be a mapping (free-form notes)", number=False)
 

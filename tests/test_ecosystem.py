@@ -144,3 +144,107 @@ def test_export_lora_accepts_task_flux():
 
     args = build_parser().parse_args(["export-lora", "--run", "r", "--out", "o", "--task", "flux"])
     assert args.task == "flux"
+
+
+# ------------------------------------------------------------------------------------------------------
+# trackers
+def wandb_offline_records(path):
+    """The records of a W&B transaction log (``run-*.wandb``: a 7-byte header, then LevelDB-log framed protobuf
+    records in 32 KiB blocks: crc32 (4), length (2), type (1: full, 2: first, 3: middle, 4: last), data)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, buf, out = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            pos += block - pos % block
+            continue
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(buf)
+            out.append(record)
+    return out
+
+
+def test_wandb_offline_run_holds_the_metrics_and_the_grids(tmp_path, monkeypatch):
+    """log_with: [tensorboard, wandb] with WANDB_MODE=offline: the offline run directory (RUN/wandb/offline-run-*)
+    holds every train row's metrics at step reward_queries and the before/after grids as images."""
+    pytest.importorskip("wandb")
+    from train.cli import main
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
+    run_dir = tmp_path / "run"
+    argv = tiny_train_argv("t2i", run_dir) + ["--set", "log_with=[tensorboard, wandb]", "--set", "log_tensorboard=true"]
+    assert main(argv) == 0
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    records = wandb_offline_records(next(offline[0].glob("run-*.wandb")))
+    history = [{(it.key or "/".join(it.nested_key)): json.loads(it.value_json) for it in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    by_step = {h["_step"]: h for h in history}
+    logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in logged if r["phase"] == "train"]
+    assert len(train) == 2
+    for row in train:  # each train row's numbers, at its reward_queries
+        h = by_step[row["reward_queries"]]
+        for k in ("reward/composition/mean", "value_loss", "approx_kl"):
+            assert h[f"train/{k}"] == pytest.approx(row[k], rel=1e-6, abs=1e-9)
+    last_eval = [r for r in logged if r["phase"] == "eval"][-1]
+    assert by_step[last_eval["reward_queries"]]["eval/reward/composition"] == pytest.approx(
+        last_eval["eval/reward/composition"], rel=1e-6)
+    config = [r for r in records if r.WhichOneof("record_type") == "config"]
+    assert any(it.key == "num_epochs" and json.loads(it.value_json) in (2, {"value": 2})
+               for r in config for it in r.config.update)
+    # the grids: logged as images, their files in the offline run directory, equal to the PNGs of the run
+    after = by_step[train[-1]["reward_queries"]]["grids/grid_after/filenames"]
+    image = offline[0] / "files" / after[0]
+    assert image.exists()
+    np.testing.assert_array_equal(np.asarray(Image.open(image).convert("RGB")),
+                                  np.asarray(Image.open(run_dir / "grid_after.png").convert("RGB")))
+    assert any(h.get("grids/grid_before/_type") == "images/separated" for h in history)
+    # TensorBoard got the grids too
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert {"grids/grid_before", "grids/grid_after"} <= set(events.Tags()["images"])
+
+
+def test_unknown_or_missing_tracker_is_refused_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from critic_align.config import PPOConfig
+    from train.cli import cli
+
+    with pytest.raises(ValueError, match=r"log_with: unknown tracker 'wandbb' \(did you mean 'wandb'\?\)"):
+        PPOConfig(log_with=["tensorboard", "wandbb"])
+    with pytest.raises(ValueError, match="list of tracker names"):
+        PPOConfig(log_with="wandb")
+    out = tmp_path / "run"
+    assert cli(["train", "--config", "t2i", "--out", str(out), "--set", "log_with=[tensorboard, wandbb]"]) == 2
+    assert "unknown tracker 'wandbb'" in capsys.readouterr().err and not out.exists()
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    import train.registry
+
+    def no_model(run):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(train.registry, "build_trainer", no_model)
+    assert cli(["train", "--config", "t2i", "--out", str(out), "--set", "log_with=[wandb]"]) == 2
+    err = capsys.readouterr().err
+    assert "needs the wandb package" in err and "pip install 'critic-align[wandb]'" in err and not out.exists()

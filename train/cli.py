@@ -27,6 +27,7 @@ from pathlib import Path
 def cmd_train(args) -> int:
     from critic_align.diagnostics import bucket_edges
     from critic_align.runlock import check_free, lock_for, unlock_for
+    from critic_align.trackers import check_trackers_installed
     from critic_align.viz import plot_metrics
 
     from .registry import build_trainer, load_run_config, parse_overrides, write_run_dir
@@ -44,6 +45,7 @@ def cmd_train(args) -> int:
     if out.exists() and (out / "metrics.jsonl").exists() and not resume:
         raise SystemExit(f"{out} already holds a run; pass --resume to continue it or --out to start a new one")
     ckpt = _checkpoint_to_resume(out, args.resume_from) if resume else None
+    check_trackers_installed(cfg.log_with)  # log_with: [wandb] without wandb installed: refused before models load
     trainer = build_trainer(run)
     lock_for(trainer, "resume" if resume else "write to")  # held until this process exits
     if trainer.is_main_process:  # what steer / sample / export-lora need to rebuild the run
@@ -77,6 +79,7 @@ def cmd_train(args) -> int:
         summary["resumed_from"] = str(ckpt)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
+    trainer.log.close()  # the trackers' runs end (W&B offline: its run directory is complete)
     unlock_for(trainer)
     return 0
 
