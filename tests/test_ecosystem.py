@@ -248,3 +248,117 @@ def test_unknown_or_missing_tracker_is_refused_before_any_model_loads(tmp_path, 
     assert cli(["train", "--config", "t2i", "--out", str(out), "--set", "log_with=[wandb]"]) == 2
     err = capsys.readouterr().err
     assert "needs the wandb package" in err and "pip install 'critic-align[wandb]'" in err and not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------------
+# prompt metadata (JSONL prompt files, GenEval style)
+def geneval_metadata(comp) -> dict:
+    """GenEval's evaluation_metadata.jsonl layout for one of our compositions."""
+    if comp.relation is None:
+        (d, c), = comp.objects
+        return {"tag": "counting" if comp.count > 1 else "single_object",
+                "include": [{"class": str(d), "count": comp.count, "color": c}]}
+    (d0, c0), (d1, c1) = comp.objects
+    return {"tag": "position", "include": [{"class": str(d1), "count": 1, "color": c1},
+                                           {"class": str(d0), "count": 1, "color": c0, "position": [comp.relation, 0]}]}
+
+
+def test_jsonl_prompt_file_with_metadata_and_its_errors(tmp_path):
+    from critic_align.prompts import read_prompt_file
+    from critic_align.tasks.sd import read_prompts
+
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a red 3", "tag": "single_object"}\n\n{"prompt": " two blue 5s ", "n": 2}\n'
+                 '{"prompt": "a red 3", "tag": "single_object"}\n')
+    prompts, table = read_prompt_file(f)
+    assert prompts == ["a red 3", "two blue 5s"] and read_prompts(f) == prompts
+    assert table == {"a red 3": {"tag": "single_object"}, "two blue 5s": {"n": 2}}
+    text = tmp_path / "p.txt"
+    text.write_text("# c\na red 3\n\n")
+    assert read_prompt_file(text) == (["a red 3"], None)  # plain lists keep working, without metadata
+    for body, match in [('{"prompt": "a"}\n{"prompt": "b", }\n', r"p.jsonl:2: not valid JSON"),
+                        ('{"prompt": "a"}\n\n["b"]\n', r"p.jsonl:3: each line needs a non-empty \"prompt\" string"),
+                        ('{"text": "a"}\n', r"p.jsonl:1: each line needs"),
+                        ('{"prompt": "a", "n": 1}\n{"prompt": "a", "n": 2}\n', r"p.jsonl:2: prompt 'a' is also on line 1"),
+                        ("\n", "has no prompts")]:
+        f.write_text(body)
+        with pytest.raises(ValueError, match=match):
+            read_prompt_file(f)
+
+
+def test_composition_reads_geneval_metadata_instead_of_parsing():
+    from critic_align.rewards import CompositionCorrect, CompositionScore
+    from critic_align.tasks.composition import all_compositions, composition_from_metadata, parse_prompt
+
+    comps = all_compositions()
+    for comp in comps[::97]:  # count and relation prompts
+        assert composition_from_metadata(geneval_metadata(comp)) == parse_prompt(comp.prompt()) == comp
+    assert composition_from_metadata({"tag": "other"}) is None
+    with pytest.raises(ValueError, match="position"):
+        composition_from_metadata({"include": [{"class": "3", "color": "red"}, {"class": "4", "color": "red"}]})
+
+    canonical = ["a red 3 left of a blue 7", "two green 5s"]
+    free = ["a photo of a red three left of a blue seven", "2 green fives"]  # not our grammar: metadata says it
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for cls in (CompositionScore, CompositionCorrect):
+        plain, with_meta = cls(), cls()
+        with_meta.set_prompt_metadata({f: geneval_metadata(parse_prompt(c)) for f, c in zip(free, canonical)})
+        torch.testing.assert_close(with_meta(images, free), plain(images, canonical), rtol=0, atol=0)
+        with pytest.raises(Exception, match="not a composition prompt"):
+            plain(images, free)  # without metadata the free text is parsed, and refused
+
+
+def test_remote_forwards_the_prompts_metadata(monkeypatch):
+    from critic_align.rewards import MultiReward, RemoteReward
+
+    sent = []
+
+    def post(self, body):
+        sent.append(json.loads(body))
+        return json.dumps({"scores": [1.0] * len(sent[-1]["prompts"])}).encode()
+
+    monkeypatch.setattr(RemoteReward, "_post", post)
+    reward = RemoteReward("http://127.0.0.1:9/score")
+    x = torch.zeros(2, 3, 4, 4)
+    reward(x, ["a", "b"])
+    assert "metadata" not in sent[-1]  # a text prompt file: the protocol is unchanged
+    MultiReward([reward]).set_prompt_metadata({"a": {"tag": "counting", "include": [{"class": "cat", "count": 2}]}})
+    reward(x, ["a", "b"])
+    assert sent[-1]["metadata"] == [{"tag": "counting", "include": [{"class": "cat", "count": 2}]}, None]
+
+
+def test_run_with_a_jsonl_prompt_file_hands_metadata_to_the_rewards(tmp_path, monkeypatch):
+    import yaml
+
+    import critic_align.tasks.sd
+    from critic_align.tasks.composition import parse_prompt
+    from train.registry import CONFIG_DIR, build_trainer, load_run_config
+
+    canonical = ["a red 3 left of a blue 7", "two green 5s", "a blue 1"]
+    free = ["red three, left of a blue seven", "two green fives", "one blue one"]
+    prompts = tmp_path / "geneval.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f, **geneval_metadata(parse_prompt(c))}) + "\n"
+                               for f, c in zip(free, canonical)))
+    config = yaml.safe_load((CONFIG_DIR / "t2i.yaml").read_text())
+    config.update(model_path=str((CONFIG_DIR / config["model_path"]).resolve()), prompts=str(prompts))
+    config["ppo"].update(output_dir=str(tmp_path / "run"), batch_size=8, group_size=2, num_inference_steps=4,
+                         sde_window_size=2, sde_window_range=[0, 2], progress=False, eval_prompts=2, eval_per_prompt=2)
+    cfg_file = tmp_path / "geneval.yaml"
+    cfg_file.write_text(yaml.safe_dump(config))
+    trainer = build_trainer(load_run_config(str(cfg_file)))
+    assert list(trainer.task.prompts) == free
+    for r in list(trainer.rewards.rewards) + list(trainer.eval_rewards.rewards):
+        assert r.metadata(free[:2]) == [{k: v for k, v in json.loads(line).items() if k != "prompt"}
+                                         for line in prompts.read_text().splitlines()[:2]]
+    rewards = trainer.rewards(trainer.sample(free, seed=0), free)  # the free-text prompts are judged by metadata
+    assert rewards.shape == (3, 1) and torch.isfinite(rewards).all()
+
+    # a malformed line: one error naming the file and line, before the pipeline loads
+    prompts.write_text(prompts.read_text() + '{"prompt": "a red 3", "include": [}\n')
+
+    def no_pipeline(*a, **k):
+        raise AssertionError("the pipeline was loaded")
+
+    monkeypatch.setattr(critic_align.tasks.sd, "load_pipeline", no_pipeline)
+    with pytest.raises(ValueError, match=r"geneval.jsonl:4: not valid JSON"):
+        build_trainer(load_run_config(str(cfg_file)))
