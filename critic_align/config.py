@@ -482,7 +482,10 @@ class PPOConfig:
             _err("output_dir", self.output_dir, "must be a non-empty path string", number=False)
         from .trackers import check_tracker_names
 
-        check_tracker_names(self.log_with)  # an unknown tracker, before any model loads
+        try:
+            check_tracker_names(self.log_with)  # an unknown tracker, before any model loads
+        except ValueError as exc:
+            raise ValueError(f"config field log_with={self.log_with!r}: {exc}") from None
         if self.log_with is not None:
             self.log_with = list(self.log_with)
         if not isinstance(self.extra, dict):

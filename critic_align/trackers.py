@@ -38,19 +38,20 @@ def known_trackers() -> list[str]:
 
 
 def check_tracker_names(log_with) -> None:
-    """``log_with`` is None or a list of known tracker names, each once (ValueError naming the problem otherwise)."""
+    """``log_with`` is None or a list of known tracker names, each once (a ValueError saying what is wrong otherwise;
+    :class:`~critic_align.config.PPOConfig` puts the field's name and value in front)."""
     if log_with is None:
         return
     if isinstance(log_with, str) or not isinstance(log_with, (list, tuple)):
-        raise ValueError(f"log_with must be a list of tracker names, e.g. [tensorboard, wandb]; got {log_with!r}")
+        raise ValueError("must be a list of tracker names, e.g. [tensorboard, wandb]")
     known = known_trackers()
     for name in log_with:
         if not isinstance(name, str) or name not in known:
             hint = difflib.get_close_matches(str(name), known, n=1)
-            raise ValueError(f"log_with: unknown tracker {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            raise ValueError(f"unknown tracker {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
                              + f"; known trackers: {known}")
     if len(set(log_with)) != len(log_with):
-        raise ValueError(f"log_with names a tracker twice: {list(log_with)}")
+        raise ValueError("names a tracker twice")
 
 
 def check_trackers_installed(log_with) -> None:

@@ -229,10 +229,13 @@ def test_unknown_or_missing_tracker_is_refused_before_any_model_loads(tmp_path, 
     from critic_align.config import PPOConfig
     from train.cli import cli
 
-    with pytest.raises(ValueError, match=r"log_with: unknown tracker 'wandbb' \(did you mean 'wandb'\?\)"):
+    with pytest.raises(ValueError, match=r"config field log_with=\['tensorboard', 'wandbb'\]: unknown tracker 'wandbb' "
+                       r"\(did you mean 'wandb'\?\); known trackers: \[.*'tensorboard'.*'wandb'"):
         PPOConfig(log_with=["tensorboard", "wandbb"])
-    with pytest.raises(ValueError, match="list of tracker names"):
+    with pytest.raises(ValueError, match="config field log_with='wandb': must be a list of tracker names"):
         PPOConfig(log_with="wandb")
+    with pytest.raises(ValueError, match="names a tracker twice"):
+        PPOConfig(log_with=["wandb", "wandb"])
     out = tmp_path / "run"
     assert cli(["train", "--config", "t2i", "--out", str(out), "--set", "log_with=[tensorboard, wandbb]"]) == 2
     assert "unknown tracker 'wandbb'" in capsys.readouterr().err and not out.exists()
@@ -362,3 +365,30 @@ def test_run_with_a_jsonl_prompt_file_hands_metadata_to_the_rewards(tmp_path, mo
     monkeypatch.setattr(critic_align.tasks.sd, "load_pipeline", no_pipeline)
     with pytest.raises(ValueError, match=r"geneval.jsonl:4: not valid JSON"):
         build_trainer(load_run_config(str(cfg_file)))
+
+
+@pytest.mark.parametrize("config", ["digits", "digits_dit"])
+def test_sample_run_on_digits_runs_with_digit_prompts(config, tmp_path, capsys):
+    """The digits UNet and DiT runs: `sample --run --prompt 3 --prompt 7` draws those digits with the run's
+    sampler (the pixels its rebuilt trainer draws); a prompt that is not a digit is refused before loading."""
+    from critic_align.checkpoint import latest_checkpoint
+    from critic_align.viz import make_grid
+    from train.cli import cli, main
+    from train.registry import build_trainer, load_run_dir
+
+    run_dir = tmp_path / "run"
+    sets = dict(num_epochs=1, batch_size=8, group_size=4, num_inference_steps=4, minibatch_size=16,
+                value_pretrain_epochs=1, value_pretrain_passes=1, progress="false", log_tensorboard="false",
+                grid_every=0, eval_every=0, lora_rank=2, critic_lora_rank=2, value_head_hidden=16)
+    argv = ["train", "--config", config, "--out", str(run_dir)]
+    for k, v in sets.items():
+        argv += ["--set", f"{k}={v}"]
+    assert main(argv) == 0
+    assert main(["sample", "--run", str(run_dir), "--prompt", "3", "--prompt", "7", "--n", "2", "--seed", "4"]) == 0
+    grid = np.asarray(Image.open(run_dir / "samples.png"))
+    trainer = build_trainer(load_run_dir(run_dir))
+    trainer.load(latest_checkpoint(run_dir / "checkpoints"), resume=False)
+    cells = make_grid(trainer.sample(["3", "3", "7", "7"], seed=4), nrow=2, scale=trainer.task.grid_scale)
+    np.testing.assert_array_equal(grid[:, -cells.shape[1]:], cells[..., 0] if grid.ndim == 2 else cells)
+    assert cli(["sample", "--run", str(run_dir), "--prompt", "a cat"]) == 2
+    assert "is not a digit" in capsys.readouterr().err
