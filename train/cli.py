@@ -39,13 +39,13 @@ def cmd_train(args) -> int:
         overrides["num_epochs"] = args.epochs
     run = load_run_config(args.config, overrides)
     cfg = run["ppo"]
+    check_trackers_installed(cfg.log_with)  # log_with: [wandb] without wandb: refused before anything is touched
     out = Path(cfg.output_dir)
     resume = args.resume or args.resume_from is not None
     check_free(out, "resume" if resume else "write to")  # before anything is built or written
     if out.exists() and (out / "metrics.jsonl").exists() and not resume:
         raise SystemExit(f"{out} already holds a run; pass --resume to continue it or --out to start a new one")
     ckpt = _checkpoint_to_resume(out, args.resume_from) if resume else None
-    check_trackers_installed(cfg.log_with)  # log_with: [wandb] without wandb installed: refused before models load
     trainer = build_trainer(run)
     lock_for(trainer, "resume" if resume else "write to")  # held until this process exits
     if trainer.is_main_process:  # what steer / sample / export-lora need to rebuild the run
