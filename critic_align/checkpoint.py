@@ -189,7 +189,7 @@ def _identity_diffs(mine: dict, theirs: dict) -> list[str]:
 
 
 # Config fields that may change between a run and its resumption: they do not change what is computed.
-RESUMABLE_CONFIG_CHANGES = ("num_epochs", "output_dir", "progress", "log_tensorboard", "grid_every",
+RESUMABLE_CONFIG_CHANGES = ("num_epochs", "output_dir", "progress", "log_tensorboard", "log_with", "grid_every",
                             "checkpoint_every", "keep_last", "extra", "best_metric", "collapse_margin",
                             "stop_on_collapse")
 

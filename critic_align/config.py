@@ -299,6 +299,10 @@ class PPOConfig:
 
     # --- logging and checkpoints --------------------------------------------------------------------
     log_tensorboard: bool = True
+    log_with: list | None = None
+    """Trackers, e.g. [tensorboard, wandb] (accelerate's names: wandb, comet_ml, aim, mlflow, clearml, dvclive,
+    swanlab, trackio): metrics rows and sample grids go to each (critic_align/trackers.py).  None = TensorBoard as
+    log_tensorboard says; a list = exactly these (TensorBoard only if listed, and log_tensorboard still true)."""
     grid_every: int = 10
     """Save a sample grid every this many epochs (0 = only before/after)."""
     checkpoint_every: int = 10
@@ -534,6 +538,14 @@ class PPOConfig:
             _err("collapse_margin", m, "must be a finite number >= 0 (a fraction of the best value; 0 = off)")
         if not isinstance(self.stop_on_collapse, bool):
             _err("stop_on_collapse", self.stop_on_collapse, "must be true or false (unquoted in YAML)", number=False)
+        from .trackers import check_tracker_names
+
+        try:
+            check_tracker_names(self.log_with)  # an unknown tracker, before any model loads
+        except ValueError as exc:
+            raise ValueError(f"config field log_with={self.log_with!r}: {exc}") from None
+        if self.log_with is not None:
+            self.log_with = list(self.log_with)
         if not isinstance(self.extra, dict):
             _err("extra", self.extra, "must be a mapping (free-form notes)", number=False)
 

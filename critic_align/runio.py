@@ -18,12 +18,28 @@ from .runlock import lock_for
 class RunLog:
     """Appends rows to ``out/metrics.jsonl`` and, with ``tensorboard``, each finite number as a scalar
     ``<phase>/<key>`` at step ``reward_queries``.  ``purge_step`` (set on resume) hides events a killed run logged
-    after its checkpoint.  Disabled on every process but the main one."""
+    after its checkpoint.  Disabled on every process but the main one.
 
-    def __init__(self, out, tensorboard: bool, enabled: bool = True):
-        self.out, self.tensorboard, self.enabled = Path(out), tensorboard, enabled
+    ``log_with`` (the config's tracker names, :mod:`critic_align.trackers`): None keeps TensorBoard as
+    ``tensorboard`` says; a list decides which trackers run (TensorBoard only if it is listed and ``tensorboard`` is
+    true), the others through accelerate's tracker classes with ``config`` as their hyper-parameters.
+    :meth:`image` sends a sample grid to TensorBoard and the trackers; :meth:`close` finishes the trackers."""
+
+    def __init__(self, out, tensorboard: bool, enabled: bool = True, log_with=None, config: dict | None = None):
+        from .trackers import Trackers
+
+        self.out, self.enabled = Path(out), enabled
+        self.tensorboard = tensorboard and (log_with is None or "tensorboard" in log_with)
+        self.trackers = Trackers(log_with, self.out, config)
         self.purge_step = None
         self._writer = None
+
+    def _tensorboard(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.purge_step)
+        return self._writer
 
     def __call__(self, row: dict) -> None:
         if not self.enabled:
@@ -32,15 +48,35 @@ class RunLog:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tensorboard:
-            if self._writer is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.purge_step)
+            writer = self._tensorboard()
             step = row.get("reward_queries", 0)
             for k, v in row.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                    self._writer.add_scalar(f"{row.get('phase', 'train')}/{k}", v, step)
-            self._writer.flush()
+                    writer.add_scalar(f"{row.get('phase', 'train')}/{k}", v, step)
+            writer.flush()
+        self.trackers.log(row)
+
+    def image(self, name: str, path, step: int) -> None:
+        """A written PNG (a sample grid) as image ``name`` at ``step`` in TensorBoard and the trackers."""
+        if not self.enabled or not (self.tensorboard or self.trackers):
+            return
+        if self.tensorboard:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(path) as img:
+                arr = np.asarray(img.convert("RGB"))
+            self._tensorboard().add_image(name, arr, step, dataformats="HWC")
+            self._tensorboard().flush()
+        self.trackers.log_image(name, path, step)
+
+    def close(self) -> None:
+        """Finish the trackers (W&B uploads or, offline, closes its run files) and TensorBoard's writer."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self.enabled:
+            self.trackers.finish()
 
 
 def save_grid(trainer, path, per_prompt: int = 8, use_policy: bool = True) -> Path | None:
@@ -51,7 +87,9 @@ def save_grid(trainer, path, per_prompt: int = 8, use_policy: bool = True) -> Pa
         return None
     rows = list(trainer.task.grid_prompts)  # a task may show only some prompts, unscaled (e.g. 512-pixel images)
     images = trainer.sample([p for p in rows for _ in range(per_prompt)], use_policy=use_policy)
-    return write_grid(images, path, nrow=per_prompt, labels=rows, scale=trainer.task.grid_scale)
+    path = write_grid(images, path, nrow=per_prompt, labels=rows, scale=trainer.task.grid_scale)
+    trainer.log.image(f"grids/{Path(path).stem}", path, trainer.reward_queries)  # TensorBoard and the trackers
+    return path
 
 
 def save(trainer, directory=None, keep_last: int | None = None) -> Path | None:

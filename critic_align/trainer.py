@@ -139,7 +139,8 @@ class Trainer:
         self.x0_reward_rows = 0  # reward calls on x0 predictions (critic_x0_reward), apart from reward_queries
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.out = Path(config.output_dir)
-        self.log = RunLog(self.out, config.log_tensorboard, enabled=self.is_main_process)
+        self.log = RunLog(self.out, config.log_tensorboard, enabled=self.is_main_process, log_with=config.log_with,
+                          config=config.to_dict())
         self.base_digest = base_digest(self.adapter.model)
 
     def _models(self, critic) -> Models:

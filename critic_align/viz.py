@@ -35,8 +35,11 @@ def save_grid(images: torch.Tensor, path, nrow: int, scale: int = 4, labels=None
     img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
     if labels is not None:
         h = images.shape[-2] * scale + 1
-        canvas = Image.new(img.mode, (img.width + 24, img.height), color=255 if img.mode == "L" else (255,) * 3)
-        canvas.paste(img, (24, 0))
+        width = 24  # room for the longest label (prompts), at least a digit's
+        probe = ImageDraw.Draw(img)
+        width = max(width, 8 + max((int(probe.textlength(str(lab))) for lab in labels), default=0))
+        canvas = Image.new(img.mode, (img.width + width, img.height), color=255 if img.mode == "L" else (255,) * 3)
+        canvas.paste(img, (width, 0))
         draw = ImageDraw.Draw(canvas)
         for i, lab in enumerate(labels):
             draw.text((4, 1 + i * h + h // 2 - 6), str(lab), fill=0 if img.mode == "L" else (0, 0, 0))

@@ -367,7 +367,10 @@ def test_flux_run_config_builds_and_exports(tmp_path):
     run_dir = tmp_path / "run"
     assert main(["train", "--config", str(cfg_file), "--out", str(run_dir)]) == 0
     assert json.loads((run_dir / "run.json").read_text())["task"] == "flux"
-    assert main(["export-lora", "--run", str(run_dir), "--out", str(tmp_path / "lora")]) == 0
+    assert main(["export-lora", "--run", str(run_dir), "--out", str(tmp_path / "lora"), "--task", "flux"]) == 0
+    assert "task `flux`" in (tmp_path / "lora" / "README.md").read_text()
+    assert main(["sample", "--run", str(run_dir), "--prompt", "a cat", "--prompt", "owl", "--n", "2"]) == 0
+    assert (run_dir / "samples.png").exists()  # sample --run on a FLUX run, prompts from the command line
     fresh = FluxPipeline.from_pretrained(tmp_path / "base", local_files_only=True)
     fresh.load_lora_weights(tmp_path / "lora")
     assert any("lora_A" in n for n, _ in fresh.transformer.named_parameters())

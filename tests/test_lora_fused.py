@@ -121,3 +121,58 @@ def test_trainer_config_switch(tmp_path):
     run = load_run_config("digits", {"fused_lora": False, "output_dir": str(tmp_path), "progress": False})
     trainer = build_trainer(run)
     assert not trainer.adapters.fused and not any("forward" in vars(m) for m in trainer.adapters._layers())
+
+
+def _one_conv_layer(**conv_kwargs):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, **conv_kwargs))
+    adapters = LoraAdapters(model, fused=True)
+    adapters.add("policy", rank=2, target_modules=["0"])
+    with torch.no_grad():
+        for _n, p in adapters.named_parameters("policy"):
+            p.copy_(torch.randn(p.shape) * 0.3)
+    return model[0]
+
+
+@pytest.mark.parametrize("kwargs", [dict(padding=1), dict(padding=1, stride=2), dict(padding=(2, 1)),
+                                    dict(padding=1, padding_mode="reflect"), dict(padding=1, padding_mode="circular"),
+                                    dict(padding="same")])
+def test_fused_conv_uses_public_ops_only_and_matches_peft(kwargs, monkeypatch):
+    """No call to torch's private nn.Conv2d._conv_forward on the fused path (it may vanish in a torch release); padding,
+    stride and the layouts it does not fuse (reflect / circular padding: peft's lora_A pads with zeros) equal peft."""
+    layer = _one_conv_layer(**kwargs)
+    x = torch.randn(2, 3, 9, 9)
+    expected = type(layer).forward(layer, x)  # peft's own forward
+    fusable = kwargs.get("padding_mode", "zeros") == "zeros" and kwargs["padding"] != "same"
+
+    def private(*a, **k):
+        raise AssertionError("the fused path called nn.Conv2d._conv_forward")
+
+    if fusable:
+        monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", private)
+    got = layer(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_falls_back_to_peft_when_a_peft_attribute_is_missing():
+    """A peft release that renamed an attribute the fused forward reads: peft's own forward runs (and is right)."""
+    layer = _one_conv_layer(padding=1)
+    x = torch.randn(2, 3, 9, 9)
+    expected = type(layer).forward(layer, x)
+    calls = []
+    original = type(layer).forward
+
+    class Renamed(type(layer)):  # the same layer, its lora_bias attribute gone (as if renamed upstream)
+        def forward(self, *a, **k):
+            calls.append(1)
+            return original(self, *a, **k)
+
+        def __getattribute__(self, name):
+            if name == "lora_bias":
+                raise AttributeError(name)
+            return super().__getattribute__(name)
+
+    layer.__class__ = Renamed
+    got = layer(x)
+    assert calls == [1]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -379,7 +379,7 @@ def test_sd15_full_size_unet_shapes_on_meta():
 
 # ----------------------------------------------------------------------------------------------------
 # configs and the command line
-SD_CONFIGS = ("sd15_jpeg", "sd15_pickscore", "sd35m_jpeg", "sd35m_pickscore")
+SD_CONFIGS = ("sd15_jpeg", "sd15_pickscore", "sd15_hpsv2", "sd35m_jpeg", "sd35m_pickscore")
 
 
 @pytest.mark.parametrize("name", SD_CONFIGS)

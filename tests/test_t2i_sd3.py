@@ -184,3 +184,8 @@ def test_t2i_sd3_config_trains_through_the_sd3_path(tmp_path):
     assert isinstance(trainer.step, FlowMatchSDEStep) and trainer.task.max_sequence_length == msl
     assert main(["export-lora", "--run", str(run_dir), "--out", str(tmp_path / "lora")]) == 0
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
+    card = (tmp_path / "lora" / "README.md").read_text()
+    assert "task `sd3`" in card and "StableDiffusion3Pipeline" in card and "SDE noise level" in card
+    # sample --run with the run's flow SDE sampler and prompts from the command line
+    assert main(["sample", "--run", str(run_dir), "--prompt", "two green 5s", "--n", "2"]) == 0
+    assert (run_dir / "samples.png").exists()

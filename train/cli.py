@@ -1,7 +1,8 @@
 """The ``critic-align`` command line.
 
     critic-align train [--config digits] [--out DIR] [--epochs N] [--set field=value ...] [--resume]
-    critic-align sample [--model DIR | --run RUN_DIR] [--steps N] [--out grid.png]
+    critic-align sample [--model DIR] [--steps N] [--out grid.png]            the digits base model's ten classes
+    critic-align sample --run RUN [--prompt TEXT ...] [--seed S] [--n N]      any trained run, its own sampler
     critic-align pretrain-digits [--out runs/digits_unet] [--steps 2000]     reproduce the shipped base model
     critic-align pretrain-digits-dit [--out runs/digits_dit] [--steps 1500]  reproduce the shipped flow-matching DiT
     critic-align train-classifier [--out runs/digit_classifier]              reproduce the shipped digit classifier
@@ -9,8 +10,8 @@
     critic-align pretrain-t2i [--out runs/tiny_t2i]                          reproduce the tiny text-to-image pipeline
     critic-align pretrain-t2i --kind sd3 [--out runs/tiny_t2i_sd3]           ... its flow-matching SD3 twin
     critic-align evaluate-t2i [--model DIR]                                  its composition accuracy + model card
-    critic-align export-lora --run RUN_DIR --out DIR             a Stable Diffusion run's policy LoRA for
-                                                                 pipe.load_lora_weights(DIR)
+    critic-align export-lora --run RUN_DIR --out DIR             a Stable Diffusion / FLUX run's policy LoRA for
+        [--push-to-hub OWNER/NAME]                               pipe.load_lora_weights(DIR) + README.md model card
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def cmd_train(args) -> int:
     from critic_align.diagnostics import bucket_edges
     from critic_align.launch import check_launch
     from critic_align.runlock import check_free, check_writable, lock_for, unlock_for
+    from critic_align.trackers import check_trackers_installed
     from critic_align.viz import plot_metrics
 
     from .registry import build_trainer, load_run_config, parse_overrides, write_run_dir
@@ -40,6 +42,7 @@ def cmd_train(args) -> int:
     run = load_run_config(args.config, overrides)
     cfg = run["ppo"]
     check_launch(cfg)  # launch settings and process counts, before the run directory is touched or a model loads
+    check_trackers_installed(cfg.log_with)  # log_with: [wandb] without wandb: refused before anything is touched
     out = Path(cfg.output_dir)
     resume = args.resume or args.resume_from is not None
     check_free(out, "resume" if resume else "write to")  # before anything is built or written
@@ -89,6 +92,7 @@ def cmd_train(args) -> int:
         summary["resumed_from"] = str(ckpt)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
+    trainer.log.close()  # the trackers' runs end (W&B offline: its run directory is complete)
     unlock_for(trainer)
     return 0
 
@@ -189,52 +193,25 @@ def _set_aside_newer(out: Path, ckpt: Path) -> None:
 
 
 def cmd_sample(args) -> int:
-    """A digits grid from a base model, or from a run's policy with the run's own sampler (steps, noise level,
-    guidance) unless --steps / --eta / --guidance-scale say otherwise."""
+    """A digits grid from a base model, or a grid from a run's policy (any task: digits, tiny t2i, SD1.5, SD3,
+    FLUX) with the run's own sampler (steps, noise level, guidance) unless --steps / --eta / --guidance-scale say
+    otherwise; ``--prompt`` (repeatable) chooses the rows of a run's grid (default: the task's grid prompts)."""
+    if args.run:
+        return _sample_run(args)
+    if args.prompt:
+        raise SystemExit("--prompt needs --run (a trained run); without it `sample` draws the digits base model's "
+                         "ten classes")
     import torch
 
     from critic_align.rollout import cfg_denoiser, sample
-    from critic_align.steps import is_flow_matching, make_step
+    from critic_align.steps import make_step
     from critic_align.tasks.digits import BASE_MODEL_DIR, NULL_CLASS, load_digits_model
     from critic_align.viz import save_grid
 
-    model_dir, steps, noise, guidance, out = args.model or BASE_MODEL_DIR, 50, 0.0, 1.0, Path("runs") / "samples.png"
-    if args.run:
-        from critic_align.backbones import LoraAdapters
-        from critic_align.checkpoint import find_resumable, read_checkpoint
-        from critic_align.registry import DIGITS_TASKS, resolve
-
-        from .registry import load_run_dir
-
-        run_dir = Path(args.run)
-        if (run_dir / "state.json").exists():  # a checkpoint directory itself
-            ckpt, run_dir = run_dir, run_dir.parent.parent
-        else:  # a run: its newest checkpoint that verifies
-            ckpt, skipped = find_resumable(run_dir / "checkpoints")
-            for path, why in skipped:
-                print(f"skipping {path.name}: {why}", file=sys.stderr)
-        if ckpt is None:
-            raise SystemExit(f"no checkpoint under {run_dir / 'checkpoints'} verifies")
-        run = load_run_dir(run_dir)
-        if run["task"] not in DIGITS_TASKS:
-            raise SystemExit(f"`sample` draws digits grids; this run's task is {run['task']!r}")
-        if args.model:
-            raise SystemExit("--model and --run exclude each other: a run's policy LoRA belongs to the run's base model")
-        cfg = run["ppo"]
-        model, scheduler = resolve(DIGITS_TASKS[run["task"]][1])(run.get("base_model"))
-        noise = cfg.sde_noise_level if is_flow_matching(scheduler) else cfg.eta
-        steps, guidance, out = cfg.num_inference_steps, cfg.guidance_scale, run_dir / "samples.png"
-        tensors, _ = read_checkpoint(ckpt)
-        adapters = LoraAdapters(model, fused=cfg.fused_lora)
-        adapters.add("policy", rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules)
-        adapters.load_state_dict("policy", {k[7:]: v for k, v in tensors.items() if k.startswith("policy.")})
-        adapters.activate("policy")
-        print(f"loaded policy LoRA from {ckpt}")
-    else:
-        model, scheduler = load_digits_model(model_dir)  # the UNet DDPM or the flow-matching DiT
-    steps = args.steps if args.steps is not None else steps
-    noise = args.eta if args.eta is not None else noise
-    guidance = args.guidance_scale if args.guidance_scale is not None else guidance
+    model, scheduler = load_digits_model(args.model or BASE_MODEL_DIR)  # the UNet DDPM or the flow-matching DiT
+    steps = args.steps if args.steps is not None else 50
+    noise = args.eta if args.eta is not None else 0.0
+    guidance = args.guidance_scale if args.guidance_scale is not None else 1.0
     step = make_step(scheduler, noise)  # DDIM (eta) or the flow-matching SDE (its noise level)
 
     def den(x, t, c):
@@ -242,20 +219,77 @@ def cmd_sample(args) -> int:
 
     den = cfg_denoiser(den, guidance, lambda n: torch.full((n,), NULL_CLASS, dtype=torch.long))
     g = torch.Generator().manual_seed(args.seed)
-    labels = torch.arange(10).repeat_interleave(args.per_class)
+    labels = torch.arange(10).repeat_interleave(args.n)
     x_T = torch.randn((len(labels), 1, 16, 16), generator=g)
     x0 = sample(den, step, x_T, step.schedule.timesteps(steps), labels, generator=g, progress=True)
-    path = save_grid(x0.clamp(-1, 1), args.out or out, nrow=args.per_class, labels=list(range(10)))
+    path = save_grid(x0.clamp(-1, 1), args.out or Path("runs") / "samples.png", nrow=args.n, labels=list(range(10)))
     print(f"wrote {path} ({steps} steps, noise level {noise}, guidance {guidance})")
     return 0
 
 
+def _sample_run(args) -> int:
+    """``sample --run``: the run's trainer rebuilt from its directory (run.json + config.json, the command line's
+    sampler overrides applied), its newest checkpoint's policy loaded, ``--n`` samples per prompt drawn with the
+    trainer's own sampler from noise seeded by ``--seed``, written as a grid with one labelled row per prompt."""
+    from critic_align.checkpoint import find_resumable
+    from critic_align.registry import DIGITS_TASKS, SD_TASKS
+    from critic_align.viz import save_grid
+
+    from .registry import build_trainer, load_run_dir
+
+    if args.model:
+        raise SystemExit("--model and --run exclude each other: a run's policy LoRA belongs to the run's base model")
+    run_dir = Path(args.run)
+    if (run_dir / "state.json").exists():  # a checkpoint directory itself
+        ckpt, run_dir = run_dir, run_dir.parent.parent
+    else:  # a run: its newest checkpoint that verifies
+        ckpt, skipped = find_resumable(run_dir / "checkpoints")
+        for path, why in skipped:
+            print(f"skipping {path.name}: {why}", file=sys.stderr)
+    if ckpt is None:
+        raise SystemExit(f"no checkpoint under {run_dir / 'checkpoints'} verifies")
+    prompts = list(args.prompt or [])
+    for p in prompts:
+        if not p.strip():
+            raise SystemExit("--prompt is empty: give the text of the prompt, e.g. --prompt 'a red 3 left of a blue 7'")
+    overrides = {"progress": False}
+    if args.steps is not None:
+        overrides["num_inference_steps"] = args.steps
+    if args.guidance_scale is not None:
+        overrides["guidance_scale"] = args.guidance_scale
+    if args.eta is not None:  # the noise level of whichever sampler the run uses: DDIM's eta or the flow SDE's
+        overrides.update(eta=args.eta, sde_noise_level=args.eta)
+    run = load_run_dir(run_dir, overrides)
+    if run["task"] not in DIGITS_TASKS and run["task"] not in SD_TASKS:
+        raise SystemExit(f"unknown task {run['task']!r} in {run_dir / 'run.json'}")
+    if run["task"] in DIGITS_TASKS:
+        from critic_align.tasks.digits import prompts_to_labels
+
+        prompts_to_labels(prompts)  # a digits run's prompts are '0'..'9': refused before the model loads
+    # the trainer writes nothing unless asked (its log is lazy); its output_dir stays the run's
+    trainer = build_trainer(run)
+    trainer.load(ckpt, resume=False)
+    print(f"loaded the policy LoRA of {ckpt}")
+    cfg = trainer.config
+    rows = prompts or list(trainer.task.grid_prompts)
+    images = trainer.sample([p for p in rows for _ in range(args.n)], seed=args.seed, use_policy=True)
+    out = Path(args.out) if args.out else run_dir / "samples.png"
+    path = save_grid(images, out, nrow=args.n, labels=rows, scale=trainer.task.grid_scale)
+    noise = cfg.sde_noise_level if "Flow" in type(trainer.step).__name__ else cfg.eta
+    print(f"wrote {path} ({len(rows)} prompts x {args.n}, {cfg.num_inference_steps} steps, noise level {noise}, "
+          f"guidance {cfg.guidance_scale}, seed {args.seed})")
+    return 0
+
+
 def cmd_export_lora(args) -> int:
-    """Write a Stable Diffusion run's policy LoRA with the pipeline class's own save_lora_weights."""
+    """Write a Stable Diffusion / FLUX run's policy LoRA with the pipeline class's own save_lora_weights, a model card
+    (README.md) and the run's sample grids beside it; ``--push-to-hub REPO`` uploads that folder."""
     from critic_align.checkpoint import find_resumable, read_checkpoint
+    from critic_align.publish import check_push, push_to_hub, write_model_card
     from critic_align.registry import SD_TASKS
     from critic_align.tasks.sd import save_lora
 
+    token = check_push(args.push_to_hub, args.hub_token) if args.push_to_hub else None  # before anything is read
     run_dir = Path(args.run)
     if (run_dir / "state.json").exists():  # a checkpoint directory itself
         ckpt, run_dir = run_dir, run_dir.parent.parent
@@ -267,12 +301,11 @@ def cmd_export_lora(args) -> int:
             raise SystemExit(f"no complete checkpoint that verifies under {run_dir / 'checkpoints'}; pass a run "
                              "directory written by "
                              "`critic-align train` or one of its checkpoints/epoch_* directories")
-    task = args.task
+    info_file = run_dir / "run.json"
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    task = args.task or info.get("task")
     if task is None:
-        info = run_dir / "run.json"
-        if not info.exists():
-            raise SystemExit(f"{info} is missing, so the run's task is unknown; pass --task {'|'.join(SD_TASKS)}")
-        task = json.loads(info.read_text())["task"]
+        raise SystemExit(f"{info_file} is missing, so the run's task is unknown; pass --task {'|'.join(SD_TASKS)}")
     if task not in SD_TASKS:
         raise SystemExit(f"export-lora writes diffusers pipeline LoRA for the Stable Diffusion tasks {sorted(SD_TASKS)}; "
                          f"this run's task is {task!r} (use `critic-align sample --run` for digits runs)")
@@ -280,7 +313,12 @@ def cmd_export_lora(args) -> int:
     cfg = state["config"]
     policy = {k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")}
     out = save_lora(policy, SD_TASKS[task], args.out, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_target_modules"])
-    print(f"wrote the policy LoRA of {ckpt} to {out}; load it with {task} pipelines' pipe.load_lora_weights({str(out)!r})")
+    card = write_model_card(out, run_dir, info, state, task, ckpt)
+    print(f"wrote the policy LoRA of {ckpt} to {out} with its model card {card.name}; load it with {task} pipelines' "
+          f"pipe.load_lora_weights({str(out)!r})")
+    if args.push_to_hub:
+        url = push_to_hub(out, args.push_to_hub, token, private=args.private)
+        print(f"pushed {out} to {url}")
     return 0
 
 
@@ -298,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-from", metavar="PATH", help="continue the run in --out from this checkpoint directory")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("sample", help="draw a PNG grid (one row per digit) from a model or a trained run")
+    p = sub.add_parser("sample", help="draw a PNG grid (one row per prompt / digit) from a model or a trained run")
     p.add_argument("--model", default=None, help="base model directory: the digits UNet (default) or a DiT such as "
                    "critic_align/assets/digits_dit")
     p.add_argument("--run", default=None, help="a run directory or checkpoint: its policy LoRA, base model and sampler")
@@ -309,15 +347,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale (default: the run's; 1 = none without --run)")
     from .steer import _int_at_least
 
-    p.add_argument("--per-class", type=_int_at_least(1), default=8, help="samples per digit (default %(default)s)")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="with --run: a prompt of the grid, one row each (repeatable; a digits run's prompts are '0'..'9'; "
+                   "default: the task's grid prompts)")
+    p.add_argument("--n", "--per-class", dest="n", type=_int_at_least(1), default=8,
+                   help="samples per prompt / digit (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and the sampler (default %(default)s)")
     p.add_argument("--out", default=None, help="the PNG (default: RUN/samples.png with --run, else runs/samples.png)")
     p.set_defaults(fn=cmd_sample)
 
-    p = sub.add_parser("export-lora", help="write a Stable Diffusion run's policy LoRA for pipe.load_lora_weights(DIR)")
+    p = sub.add_parser("export-lora", help="write a Stable Diffusion / FLUX run's policy LoRA for "
+                       "pipe.load_lora_weights(DIR), with a model card; --push-to-hub publishes it")
     p.add_argument("--run", required=True, help="a run directory (its latest checkpoint) or a checkpoint directory")
     p.add_argument("--out", required=True, help="output directory (gets pytorch_lora_weights.safetensors)")
-    p.add_argument("--task", default=None, choices=("sd15", "sd3"), help="the run's task (default: from its run.json)")
+    p.add_argument("--task", default=None, choices=("sd15", "sd3", "flux"),
+                   help="the run's task (default: from its run.json)")
+    p.add_argument("--push-to-hub", metavar="REPO", default=None,
+                   help="upload the folder (LoRA, model card, grids) to this hub model repository, owner/name "
+                   "(needs huggingface_hub: pip install 'critic-align[hub]', and a token)")
+    p.add_argument("--hub-token", default=None, help="the hub token (default: HF_TOKEN or `huggingface-cli login`)")
+    p.add_argument("--private", action="store_true", help="create the hub repository private")
     p.set_defaults(fn=cmd_export_lora)
 
     from .steer import add_parser as add_steer_parser

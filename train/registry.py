@@ -109,11 +109,12 @@ def load_run_dir(run_dir, overrides: dict | None = None) -> dict:
 
 def build_sd_task(run: dict):
     """The Stable Diffusion task of a run config: ``task: sd15 | sd3 | flux``, ``model_path`` (local directory, also
-    relative to the config file, or hub name), ``prompts`` (a list, or the path of a text file with one prompt
-    per line) and ``sd:`` options
+    relative to the config file, or hub name), ``prompts`` (a list, the path of a text file with one prompt
+    per line, or of a ``.jsonl`` file with a ``prompt`` and metadata per line: ``task.prompt_metadata``) and ``sd:`` options
     (resolution, max_sequence_length, decode_chunk_size -> StableDiffusionTask / FluxTask; guidance -> FluxTask,
     FLUX's embedded guidance; torch_dtype, drop_t5 -> load_pipeline)."""
-    from critic_align.tasks.sd import load_pipeline, read_prompts
+    from critic_align.prompts import read_prompt_file
+    from critic_align.tasks.sd import load_pipeline
 
     task_name = run["task"]
     if not run.get("model_path"):
@@ -128,12 +129,12 @@ def build_sd_task(run: dict):
     if "guidance" in opts and SD_TASKS[task_name] != "flux":
         raise ValueError(f"sd: guidance is FLUX's embedded guidance (task: flux), not an option of task {task_name!r}; "
                          "classifier-free guidance is ppo: guidance_scale")
-    prompts = run.get("prompts")
+    prompts, metadata = run.get("prompts"), None
     if isinstance(prompts, str):
         path = Path(prompts)
         if not path.is_absolute() and not path.exists() and run.get("_path"):
             path = Path(run["_path"]).parent / prompts  # relative to the config file
-        prompts = read_prompts(path)
+        prompts, metadata = read_prompt_file(path)  # text, or JSONL with per-prompt metadata (checked line by line)
     if not prompts:
         raise ValueError(f"task {task_name!r} needs prompts: a list of strings or a text file with one per line")
     torch_dtype = opts.pop("torch_dtype", "float32")
@@ -146,8 +147,10 @@ def build_sd_task(run: dict):
     pipe = load_pipeline(model_path, SD_TASKS[task_name], torch_dtype=torch_dtype,
                          drop_t5=opts.pop("drop_t5", False))
     pipe.set_progress_bar_config(disable=True)
-    return resolve(PIPELINE_TASKS[SD_TASKS[task_name]])(pipe, prompts, text_embedding_cache=run["ppo"].text_embedding_cache,
+    task = resolve(PIPELINE_TASKS[SD_TASKS[task_name]])(pipe, prompts, text_embedding_cache=run["ppo"].text_embedding_cache,
                                                         **opts)
+    task.prompt_metadata = metadata  # build_trainer hands it to the rewards
+    return task
 
 
 def build_trainer(run: dict):
@@ -160,8 +163,11 @@ def build_trainer(run: dict):
         task = build_sd_task(run)
         rewards = build_rewards(run.get("rewards"))
         eval_names = run.get("eval_rewards") or []
-        return Trainer(run["ppo"], task, task.backbone(), task.scheduler, rewards,
-                       build_rewards(eval_names) if eval_names else None)
+        eval_rewards = build_rewards(eval_names) if eval_names else None
+        for r in (rewards, eval_rewards):  # the JSONL prompt file's metadata, per prompt (None for a text file)
+            if r is not None:
+                r.set_prompt_metadata(task.prompt_metadata)
+        return Trainer(run["ppo"], task, task.backbone(), task.scheduler, rewards, eval_rewards)
     for key in ("model_path", "prompts", "sd"):
         if run.get(key) is not None:
             raise ValueError(f"{key} applies to the Stable Diffusion tasks {sorted(SD_TASKS)}, not task {task_name!r}")

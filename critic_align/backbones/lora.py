@@ -13,8 +13,10 @@ it is never stale and gradients reach A and B through it): several times faster 
 gradients and still faster with them (measured in ``benchmarks/results/perf.json``); results agree with
 peft's to float32 rounding.  Layers it does not cover fall back to peft's own forward: adapters disabled or merged,
 ``adapter_names`` batches, DoRA and other variants, LoRA dropout or bias, ``fan_in_fan_out``, grouped,
-dilated or non-zero-padded convolutions, non-float32 weights and autocast (where adding a small ΔW to a
-bf16 W would round it away).
+dilated, string-padded ('same') or non-zero-padded convolutions (peft's lora_A pads with zeros), non-float32
+weights and autocast (where adding a small ΔW to a bf16 W would round it away), and any layer of a peft
+release that lacks an attribute the fused forward reads.
+It calls public torch ops only (``F.linear`` / ``F.conv2d``).
 
 Gradient checkpointing (``enable_gradient_checkpointing``): diffusers' own switch, with a checkpoint function that
 recomputes each block under the adapter state of its forward.  One backward can span forwards under several
@@ -45,31 +47,55 @@ def _autocast_on(device_type: str) -> bool:
 
 
 def _fused_lora_forward(self, x, *args, **kwargs):
-    """Forward of a peft LoRA ``Linear`` / ``Conv2d`` as one op with ``W + Σ_a s_a·B_a·A_a`` (see module docs)."""
-    base = self.get_base_layer()
+    """Forward of a peft LoRA ``Linear`` / ``Conv2d`` as one op with ``W + Σ_a s_a·B_a·A_a`` (see module docs).
+
+    Only public torch ops (``F.linear``, ``F.conv2d``).  The peft layer attributes it reads
+    (``lora_A`` / ``lora_B`` / ``scaling`` / ``active_adapters`` / ``lora_variant`` / ``lora_bias`` / ``lora_dropout``)
+    are read in :func:`_fused_delta`; a peft release without one of them takes peft's own forward."""
     peft_forward = type(self).forward
-    if args or kwargs or self.disable_adapters or self.merged or _autocast_on(x.device.type):
+    if args or kwargs:
         return peft_forward(self, x, *args, **kwargs)
-    weight = base.weight
-    delta = None
-    for name in self.active_adapters:
-        if name not in self.lora_A:
-            continue
-        if (name in self.lora_variant or self.lora_bias.get(name, False)
-                or not isinstance(self.lora_dropout[name], nn.Identity) or getattr(self, "fan_in_fan_out", False)):
-            return peft_forward(self, x)
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        if weight.dtype != torch.float32 or a.dtype != torch.float32 or x.dtype != torch.float32:
-            return peft_forward(self, x)
-        d = (b.flatten(1) @ a.flatten(1)).view(weight.shape) * self.scaling[name]
-        delta = d if delta is None else delta + d
+    try:
+        base = self.get_base_layer()
+        plain = self.disable_adapters or self.merged or _autocast_on(x.device.type)
+        delta = _PEFT if plain else _fused_delta(self, base.weight, x)
+    except (AttributeError, KeyError, TypeError):  # another peft layout: its own forward is always right
+        delta = _PEFT
+    if delta is _PEFT:
+        return peft_forward(self, x)
     if delta is None:
         return base(x)
     if type(base) is nn.Linear:
-        return F.linear(x, weight + delta, base.bias)
-    if type(base) is nn.Conv2d and base.groups == 1 and base.dilation == (1, 1) and base.padding_mode == "zeros":
-        return base._conv_forward(x, weight + delta, base.bias)
+        return F.linear(x, base.weight + delta, base.bias)
+    if type(base) is nn.Conv2d:
+        return F.conv2d(x, base.weight + delta, base.bias, base.stride, base.padding, base.dilation, base.groups)
     return peft_forward(self, x)
+
+
+_PEFT = object()  # _fused_delta's answer for "this layer needs peft's own forward"
+
+
+def _fused_delta(layer, weight: torch.Tensor, x: torch.Tensor):
+    """``Σ_a s_a·B_a·A_a`` over the layer's active adapters, shaped like ``weight``; None without an active
+    adapter; ``_PEFT`` where the fused weight cannot express the layer (variants, bias, dropout, fan_in_fan_out,
+    non-float32, grouped / dilated / string-padded / non-zero-padded convolutions)."""
+    base = layer.get_base_layer()
+    if type(base) is nn.Conv2d and (base.groups != 1 or tuple(base.dilation) != (1, 1) or isinstance(base.padding, str)
+                                    or base.padding_mode != "zeros"):
+        return _PEFT  # peft's lora_A pads with zeros: a reflect-padded W + ΔW would differ from it at the borders
+    delta = None
+    for name in layer.active_adapters:
+        if name not in layer.lora_A:
+            continue
+        if (name in layer.lora_variant or layer.lora_bias.get(name, False)
+                or not isinstance(layer.lora_dropout[name], nn.Identity) or getattr(layer, "fan_in_fan_out", False)):
+            return _PEFT
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        if weight.dtype != torch.float32 or a.dtype != torch.float32 or x.dtype != torch.float32:
+            return _PEFT
+        d = (b.flatten(1) @ a.flatten(1)).view(weight.shape) * layer.scaling[name]
+        delta = d if delta is None else delta + d
+    return delta
 
 
 def supports_gradient_checkpointing(model: nn.Module) -> bool:

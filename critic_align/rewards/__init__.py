@@ -4,7 +4,8 @@ Samples are ``(B, C, H, W)`` float images in ``[-1, 1]``; prompts a sequence of 
 See :mod:`critic_align.rewards.base` for the interface and the NaN ("not applicable")
 convention, and :class:`MultiReward` for evaluating and combining several rewards.
 Real reward models (loaded lazily with transformers): :class:`CLIPScore`, :class:`PickScore`,
-:class:`LaionAesthetic` (:mod:`critic_align.rewards.clip`); rewards served by another process:
+:class:`LaionAesthetic` (:mod:`critic_align.rewards.clip`), :class:`HPSv2` (HPSv2.1, :mod:`critic_align.rewards.hpsv2`);
+rewards served by another process:
 :class:`RemoteReward` (:mod:`critic_align.rewards.remote`, reference server in
 :mod:`critic_align.rewards.remote_server`).
 """
@@ -19,6 +20,7 @@ from critic_align.rewards.base import (
 from critic_align.rewards.clip import CLIPScore, LaionAesthetic, PickScore
 from critic_align.rewards.composition import CompositionCorrect, CompositionScore
 from critic_align.rewards.digits import DigitCorrect, DigitProb
+from critic_align.rewards.hpsv2 import HPSv2
 from critic_align.rewards.image import (
     Boldness,
     JpegCompressibility,
@@ -35,6 +37,7 @@ __all__ = [
     "DigitCorrect",
     "DigitProb",
     "FunctionReward",
+    "HPSv2",
     "JpegCompressibility",
     "JpegIncompressibility",
     "LaionAesthetic",

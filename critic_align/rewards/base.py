@@ -168,10 +168,22 @@ class Reward(abc.ABC):
     name: str = ""
     differentiable: bool = False
     allows_nan: bool = False
+    prompt_metadata: dict | None = None
+    """prompt -> metadata of the run's JSONL prompt file (:meth:`set_prompt_metadata`), or None."""
 
     @property
     def _display_name(self) -> str:
         return self.name or type(self).__name__
+
+    def set_prompt_metadata(self, table: dict | None) -> None:
+        """Give the reward the metadata of the run's prompts (prompt -> dict; None: the prompts have none)."""
+        self.prompt_metadata = dict(table) if table else None
+
+    def metadata(self, prompts: Sequence[str]) -> list[dict | None] | None:
+        """Each prompt's metadata (None for a prompt without any), or None when the run's prompts have none."""
+        if not self.prompt_metadata:
+            return None
+        return [self.prompt_metadata.get(p) for p in prompts]
 
     @abc.abstractmethod
     def compute(self, samples: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -271,6 +283,10 @@ class MultiReward:
         self.names = names
         self.weights = w
         self.differentiable = all(r.differentiable for r in rewards)
+
+    def set_prompt_metadata(self, table: dict | None) -> None:
+        for r in self.rewards:
+            r.set_prompt_metadata(table)
 
     def __len__(self) -> int:
         return len(self.rewards)

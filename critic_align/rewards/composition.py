@@ -40,7 +40,16 @@ from dataclasses import dataclass
 import torch
 
 from critic_align.rewards.digits import _DigitClassifierReward
-from critic_align.tasks.composition import CANVAS, CELL, CELLS, COLOURS, Composition, cell_views, parse_prompt
+from critic_align.tasks.composition import (
+    CANVAS,
+    CELL,
+    CELLS,
+    COLOURS,
+    Composition,
+    cell_views,
+    composition_from_metadata,
+    parse_prompt,
+)
 
 __all__ = ["ATTRIBUTES", "CompositionCorrect", "CompositionScore", "Judgement", "judge_compositions"]
 
@@ -124,8 +133,10 @@ def _direction(relation: str, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def judge_compositions(images: torch.Tensor, prompts: Sequence[str], classifier: torch.nn.Module,
                        temperature: float = 1.0, ink_threshold: float = 0.09, ink_scale: float = 0.02,
-                       colour_scale: float = 0.05, position_scale: float = 2.0) -> Judgement:
-    """Judge every clause of each prompt on its image (see the module docstring)."""
+                       colour_scale: float = 0.05, position_scale: float = 2.0,
+                       compositions: Sequence[Composition] | None = None) -> Judgement:
+    """Judge every clause of each prompt on its image (see the module docstring); ``compositions``, when given,
+    are the prompts' clauses (e.g. from their metadata) and the prompts are not parsed."""
     if not isinstance(images, torch.Tensor) or not images.is_floating_point():
         raise TypeError("composition rewards expect a float (B, 3, 32, 32) tensor in [-1, 1]")
     if images.ndim != 4 or tuple(images.shape[1:]) != (3, CANVAS, CANVAS):
@@ -133,7 +144,7 @@ def judge_compositions(images: torch.Tensor, prompts: Sequence[str], classifier:
                          f"{tuple(images.shape)}")
     if len(prompts) != images.shape[0]:
         raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images")
-    comps = [parse_prompt(p) for p in prompts]
+    comps = list(compositions) if compositions is not None else [parse_prompt(p) for p in prompts]
     f = cell_features(images, classifier, temperature, ink_threshold, ink_scale, colour_scale)
     colour_index = {c: k for k, c in enumerate(COLOURS)}
     nan = float("nan")
@@ -202,7 +213,16 @@ class _CompositionReward(_DigitClassifierReward):
     def judge(self, samples, prompts) -> Judgement:
         if not isinstance(samples, torch.Tensor):
             raise TypeError(f"composition rewards expect a (B, 3, 32, 32) tensor, got {type(samples).__name__}")
-        return judge_compositions(samples, list(prompts), self._classifier_for(samples.float()), **self.opts)
+        prompts = list(prompts)
+        metas = self.metadata(prompts)  # a JSONL prompt file's GenEval-style metadata: its clauses, not a parse
+        comps = None
+        if metas is not None:
+            comps = []
+            for p, m in zip(prompts, metas):
+                c = composition_from_metadata(m, p) if m is not None else None
+                comps.append(c if c is not None else parse_prompt(p))
+        return judge_compositions(samples, prompts, self._classifier_for(samples.float()), **self.opts,
+                                  compositions=comps)
 
 
 class CompositionScore(_CompositionReward):

@@ -15,6 +15,7 @@ The client sends one ``POST`` to the reward's URL per batch (or per ``batch_size
      "shape": [B, C, H, W],              # of the samples, C = 1 (grayscale) or 3 (RGB)
      "prompts": ["a cat", ...],          # B strings
      "images": [...]}                    # B images, see below
+    (+ "metadata": [{...} or null, ...]  # B, only when the run's prompt file is JSONL with metadata)
 
 * ``"png"``: each image is a base64 string of an 8-bit PNG (mode ``L`` for ``C = 1``, ``RGB`` for
   ``C = 3``) of ``round(clamp((x + 1) / 2, 0, 1) * 255)``, i.e. the samples in ``[-1, 1]`` quantised as
@@ -237,6 +238,7 @@ class RemoteReward(Reward):
                 "prompts": prompts,
                 "images": encode_images(samples, self.encoding),
             }
+            | ({"metadata": self.metadata(prompts)} if self.prompt_metadata else {})
         ).encode("utf-8")
         attempts = self.retries + 1
         for attempt in range(1, attempts + 1):

@@ -102,6 +102,49 @@ def parse_prompt(prompt: str) -> Composition:
     raise ValueError(f"prompt {prompt!r} is not a composition prompt; the grammar is {GRAMMAR}")
 
 
+def composition_from_metadata(meta: dict, prompt: str = "") -> Composition | None:
+    """The composition a GenEval-style metadata entry describes, or None when it has no ``include`` list.
+
+    ``include``: one object ``{"class": "3", "count": 2, "color": "red"}`` for a count prompt ('two red 3s'), or two
+    for a relation prompt, the second placed relative to the first as GenEval writes it:
+    ``[{"class": "7", "count": 1, "color": "blue"}, {"class": "3", "count": 1, "color": "red",
+    "position": ["left of", 0]}]`` is 'a red 3 left of a blue 7'.  A malformed entry is a ValueError naming it."""
+    include = meta.get("include") if isinstance(meta, dict) else None
+    if include is None:
+        return None
+    where = f"metadata of prompt {prompt!r}"
+
+    def obj(o):
+        if not isinstance(o, dict):
+            raise ValueError(f"{where}: each include entry is an object, got {o!r}")
+        try:
+            digit = int(o["class"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{where}: include entry {o} needs a digit 'class' '0'-'9'") from None
+        colour = o.get("color")
+        if not 0 <= digit <= 9 or colour not in COLOURS:
+            raise ValueError(f"{where}: include entry {o} needs a digit class 0-9 and a color among {list(COLOURS)}")
+        count = o.get("count", 1)
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 3:
+            raise ValueError(f"{where}: include entry {o}: count must be 1, 2 or 3")
+        return (digit, colour), count
+
+    if not isinstance(include, list) or len(include) not in (1, 2):
+        raise ValueError(f"{where}: include must list one object (a count prompt) or two (a relation prompt)")
+    if len(include) == 1:
+        if "position" in include[0]:
+            raise ValueError(f"{where}: a position needs a second object to refer to")
+        o, count = obj(include[0])
+        return Composition(objects=(o,), count=count)
+    (ref, n0), (o, n1) = obj(include[0]), obj(include[1])
+    pos = include[1].get("position")
+    if not (isinstance(pos, (list, tuple)) and len(pos) == 2 and pos[0] in RELATIONS and pos[1] == 0) or n0 != 1 \
+            or n1 != 1:
+        raise ValueError(f"{where}: a relation prompt's second object needs \"position\": [<one of {list(RELATIONS)}>, "
+                         "0] and both objects count 1")
+    return Composition(objects=(o, ref), count=2, relation=pos[0])
+
+
 def is_held_out(comp: Composition) -> bool:
     """Whether a composition belongs to the held-out prompt set: its primary triple (colour, digit,
     arrangement) is in a fixed 1-in-8 subset; single-digit prompts ('a red 3') are never held out."""

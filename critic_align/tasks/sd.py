@@ -324,12 +324,8 @@ def save_policy_lora(trainer, out_dir) -> Path:
 
 
 def read_prompts(path) -> list[str]:
-    """One prompt per line of a UTF-8 text file; blank lines and lines starting with '#' are skipped."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    prompts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
-    if not prompts:
-        raise ValueError(f"prompt file {path} has no prompts (one per line)")
-    return prompts
+    """One prompt per line of a UTF-8 text file (blank lines and lines starting with '#' skipped), or the
+    ``"prompt"`` of each line of a ``.jsonl`` file (its metadata: :func:`critic_align.prompts.read_prompt_file`)."""
+    from critic_align.prompts import read_prompt_file
+
+    return read_prompt_file(path)[0]
