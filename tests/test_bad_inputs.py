@@ -290,7 +290,7 @@ def test_sample_per_class_zero_is_refused(capsys):
     with pytest.raises(SystemExit) as info:
         cli(["sample", "--per-class", "0"])
     assert info.value.code == 2
-    assert "argument --per-class: must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert "--per-class: must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
 def test_trainer_argument_types_are_named_with_an_example(tmp_path):
