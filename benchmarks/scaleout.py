@@ -14,7 +14,8 @@ process, each process pinned to its own core, a byte-counting shim on torch.dist
 * ``identical_to_single``: the first epoch's rewards and advantages (every trajectory of the global batch, rows
   matched by prompt and rewards) agree with one process's to ``ROW_ATOL``, and the weights after 2 epochs (the
   epoch-2 checkpoint's policy LoRA and critic) agree to the tolerance ``tests/test_multiprocess.py`` states
-  (``torch.testing.assert_close`` with rtol 1e-3, atol 2e-5); ``max_weight_diff`` is the largest absolute difference;
+  (``torch.testing.assert_close`` with rtol 1e-3, atol 2e-5); ``max_weight_diff`` is the largest absolute
+  difference (the attention key bias compared as the test compares it);
 * ``cross_rank_bytes_per_sample`` at 2 and 4 processes: the bytes a rank receives through torch.distributed's
   collectives during the training epochs (the most of any rank), per epoch, divided by the global batch; the
   hand-written gradient all-reduce of today's engine is reported apart (``gradient_allreduce_bytes_per_epoch``),
@@ -45,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 WORKER = ROOT / "benchmarks" / "scaleout_worker.py"
 ROW_ATOL = 1e-5
+KEY_BIAS = "critic.head.attn.in_proj_bias"  # compared as the test compares it (see compare)
 WEIGHT_RTOL, WEIGHT_ATOL = 1e-3, 2e-5
 
 # per job: the run config and the overrides that make it fit 1, 2 and 4 processes (chunks of 8 trajectories; no
@@ -142,7 +144,7 @@ def compare(one: Path, two: Path) -> dict:
 
     if not (one / "first_epoch.pt").exists() or not (two / "first_epoch.pt").exists():
         return {"identical_to_single": None, "note": "no first_epoch.pt: Trainer.compute_advantages was not found"}
-    a, b = torch.load(one / "first_epoch.pt"), torch.load(two / "first_epoch.pt")
+    a, b = (torch.load(d / "first_epoch.pt", weights_only=True) for d in (one, two))
     same_rows = a["prompts"] == b["prompts"] and a["rewards"].shape == b["rewards"].shape and \
         a["advantages"].shape == b["advantages"].shape
     reward_diff = float((a["rewards"] - b["rewards"]).abs().max()) if same_rows else float("inf")
@@ -152,9 +154,17 @@ def compare(one: Path, two: Path) -> dict:
     keys = sorted(k for k in wa if k.startswith(("policy.", "critic.")))
     weights_ok, max_diff, outside = sorted(wb.keys() & set(keys)) == keys, 0.0, []
     for k in keys if weights_ok else []:
-        diff = (wa[k].float() - wb[k].float()).abs()
+        x, y = wa[k].float(), wb[k].float()
+        if k == KEY_BIAS:  # as tests/test_multiprocess.py: the key third has an exactly zero gradient (softmax ignores a
+            c = x.numel() // 3  # shift shared by all keys), so Adam turns round-off into lr-sized steps in either run
+            noise = max(float(x[c:2 * c].abs().max()), float(y[c:2 * c].abs().max()))
+            if noise >= 1e-4:
+                outside.append({"tensor": k + " (key third)", "elements_outside": c, "of": c, "max_abs_diff": noise})
+            x, y = torch.cat([x[:c], x[2 * c:]]), torch.cat([y[:c], y[2 * c:]])
+        wa_k = x
+        diff = (x - y).abs()
         max_diff = max(max_diff, float(diff.max()))
-        over = diff > WEIGHT_ATOL + WEIGHT_RTOL * wa[k].float().abs()  # torch.testing.assert_close's rule
+        over = diff > WEIGHT_ATOL + WEIGHT_RTOL * wa_k.abs()  # torch.testing.assert_close's rule
         if bool(over.any()):
             outside.append({"tensor": k, "elements_outside": int(over.sum()), "of": int(over.numel()),
                             "max_abs_diff": float(diff.max())})
@@ -182,6 +192,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=None, help="epochs of the 1- and 2-process runs (default 6; quick 2)")
     ap.add_argument("--jobs", nargs="+", default=sorted(JOBS), choices=sorted(JOBS))
     ap.add_argument("--keep", default=None, help="keep the run directories here (default: a temporary directory)")
+    ap.add_argument("--merge", action="store_true", help="keep the other jobs of an existing JSON (rerun some jobs)")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="MINUTES",
                     help="first wait (up to MINUTES) until other processes use under 10%% of the cores")
     args = ap.parse_args()
@@ -222,6 +233,12 @@ def main() -> int:
         print(json.dumps({k: v for k, v in result["jobs"][job].items() if k != "runs"}, indent=1), flush=True)
     name = "scaleout_quick.json" if args.quick else "scaleout.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.merge and (RESULTS / name).exists():  # the jobs not rerun keep their rows (and their own machine record)
+        old = json.loads((RESULTS / name).read_text())
+        for job, row in old.get("jobs", {}).items():
+            if job not in result["jobs"]:
+                result["jobs"][job] = {**row, "earlier_invocation_other_cpu_share_at_start":
+                                       old.get("other_processes_cpu_share_at_start")}
     (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS / name}")
     if not args.keep:

@@ -38,9 +38,13 @@ def check_trainer_args(config, task, adapter, scheduler, rewards, eval_rewards=N
             fix = f"e.g. {name}=MultiReward([DigitProb()])"
         raise TypeError(f"Trainer({name}=...) takes a critic_align.rewards.MultiReward"
                         f"{' or None' if optional else ''}, got {_kind(value)}; {fix}")
-    if not hasattr(scheduler, "config") or not hasattr(scheduler, "timesteps"):
-        raise TypeError(f"Trainer(scheduler=...) takes a diffusers scheduler, got {_kind(scheduler)}; e.g. "
-                        "DDPMScheduler(num_train_timesteps=1000) or FlowMatchEulerDiscreteScheduler()")
+    from .steps import FlowMatchSchedule
+
+    if not isinstance(scheduler, FlowMatchSchedule) and (not hasattr(scheduler, "config")
+                                                          or not hasattr(scheduler, "timesteps")):
+        raise TypeError(f"Trainer(scheduler=...) takes a diffusers scheduler (or a task's FlowMatchSchedule), got "
+                        f"{_kind(scheduler)}; e.g. DDPMScheduler(num_train_timesteps=1000) or "
+                        "FlowMatchEulerDiscreteScheduler()")
     if task is None or isinstance(task, (str, nn.Module)):
         raise TypeError(f"Trainer(task=...) takes a critic_align task (prompts, latent_shape, encode / null_cond / "
                         f"decode), got {_kind(task)}; e.g. DigitsTask() (critic_align.tasks)")

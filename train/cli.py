@@ -257,7 +257,8 @@ def _sample_run(args) -> int:
         overrides["num_inference_steps"] = args.steps
     if args.guidance_scale is not None:
         overrides["guidance_scale"] = args.guidance_scale
-    if args.eta is not None:  # the noise level of whichever sampler the run uses: DDIM's eta or the flow SDE's
+    ode = args.eta is not None and args.eta == 0  # the deterministic sampler: not a training config (PPO needs noise)
+    if args.eta is not None and not ode:  # the noise level of whichever sampler the run uses: DDIM's eta or the flow SDE's
         overrides.update(eta=args.eta, sde_noise_level=args.eta)
     run = load_run_dir(run_dir, overrides)
     if run["task"] not in DIGITS_TASKS and run["task"] not in SD_TASKS:
@@ -272,10 +273,19 @@ def _sample_run(args) -> int:
     print(f"loaded the policy LoRA of {ckpt}")
     cfg = trainer.config
     rows = prompts or list(trainer.task.grid_prompts)
-    images = trainer.sample([p for p in rows for _ in range(args.n)], seed=args.seed, use_policy=True)
+    if ode:
+        import dataclasses
+
+        from critic_align.collect import sample_images
+
+        models = dataclasses.replace(trainer.models, step=trainer.step.ode())
+        images = sample_images(models, trainer.task, trainer.timesteps, [p for p in rows for _ in range(args.n)],
+                               seed=args.seed)
+    else:
+        images = trainer.sample([p for p in rows for _ in range(args.n)], seed=args.seed, use_policy=True)
     out = Path(args.out) if args.out else run_dir / "samples.png"
     path = save_grid(images, out, nrow=args.n, labels=rows, scale=trainer.task.grid_scale)
-    noise = cfg.sde_noise_level if "Flow" in type(trainer.step).__name__ else cfg.eta
+    noise = 0.0 if ode else cfg.sde_noise_level if "Flow" in type(trainer.step).__name__ else cfg.eta
     print(f"wrote {path} ({len(rows)} prompts x {args.n}, {cfg.num_inference_steps} steps, noise level {noise}, "
           f"guidance {cfg.guidance_scale}, seed {args.seed})")
     return 0
