@@ -63,6 +63,7 @@ METHODS = {
     "oracle_gae_lam1": ({"advantage": "grpo"}, "oracle_gae"),
     "mc_counted": ({"advantage": "grpo"}, "oracle_gae"),
     "awm_oracle": ({"algorithm": "awm", "advantage": "grpo", "awm_advantage": "grpo"}, "awm_oracle"),
+    "grafted_gae": ({"advantage": "gae", "critic_body": "grafted"}, "plain"),
 }
 
 
@@ -235,15 +236,24 @@ def run_one(task: str, method: str, seed: int, lr: float, budget: int, args) -> 
 def variance_decomposition(task: str, args, n_traj: int, K: int, buckets: int = 4) -> dict:
     t0 = time.time()
     tr, _ = TASKS[task][0]({"advantage": "grpo"}, 0, 1e-3, RESULTS / "tmp" / "critic_ceiling" / f"{task}_vd", args)
-    gen = torch.Generator().manual_seed(4242)
-    prompts = tr.prompt_iter.batch(n_traj // tr.config.group_size, tr.config.group_size)
-    cond = tr.task.encode(prompts)
-    x_T = torch.randn((len(prompts), *tr.task.latent_shape), generator=gen)
-    ro = sample_trajectories(tr.policy_output, tr.step, x_T, tr.timesteps, cond, prompts, generator=gen)
-    R = reward_fn(tr)(ro.latents[:, -1], prompts)[:, 0].double()
-    ov = rollout_oracle_values(tr.policy_output, tr.step, ro.latents, 0, tr.timesteps, cond, reward_fn(tr), K, gen,
-                               prompts, chunk=512)
-    V, se = ov.values[:, :, 0].double(), ov.stderr[:, :, 0].double()
+    cache = Path(args.vd_cache[task]) if args.vd_cache.get(task) else None
+    if cache is not None and cache.exists():  # the held-out set benchmarks/critic_grafted.py drew (same base policy)
+        d = torch.load(cache, weights_only=False)
+        prompts, R = d["prompts"], d["R"][:, 0].double()
+        V, se = d["oracle"][:, :, 0].double(), d["oracle_stderr"][:, :, 0].double()
+        counts, ro, K = d["oracle_counts"], None, d["K"]
+        source = f"loaded from {cache.relative_to(ROOT)} (written by benchmarks/critic_grafted.py)"
+    else:
+        gen = torch.Generator().manual_seed(4242)
+        prompts = tr.prompt_iter.batch(n_traj // tr.config.group_size, tr.config.group_size)
+        cond = tr.task.encode(prompts)
+        x_T = torch.randn((len(prompts), *tr.task.latent_shape), generator=gen)
+        ro = sample_trajectories(tr.policy_output, tr.step, x_T, tr.timesteps, cond, prompts, generator=gen)
+        R = reward_fn(tr)(ro.latents[:, -1], prompts)[:, 0].double()
+        ov = rollout_oracle_values(tr.policy_output, tr.step, ro.latents, 0, tr.timesteps, cond, reward_fn(tr), K,
+                                   gen, prompts, chunk=512)
+        V, se = ov.values[:, :, 0].double(), ov.stderr[:, :, 0].double()
+        counts, source = ov.counts.as_dict(), "drawn here"
     T = V.shape[1]
     ev = [explained_variance(V[:, k], R, se[:, k] ** 2) for k in range(T)] + [1.0]
     edges = [round(i * T / buckets) for i in range(buckets + 1)]
@@ -262,12 +272,14 @@ def variance_decomposition(task: str, args, n_traj: int, K: int, buckets: int = 
     mc_noise = [float((se[:, k] ** 2).mean() + (se[:, k + 1] ** 2).mean() if k + 1 < T else (se[:, k] ** 2).mean())
                 for k in range(T)]
     return {"n_trajectories": len(prompts), "K": K, "sampler": "full stochastic trajectories of the base policy",
+            "source": source,
             "var_R": float(R.var(unbiased=False)), "ev_per_step": ev[:T], "bucket_edges": edges,
             "ev_per_bucket": ev_bucket, "share_of_var_R_resolved_per_bucket": share,
             "advantage_variance_per_step": adv_var, "advantage_variance_per_bucket": adv_var_bucket,
-            "mc_noise_variance_per_step_lam0": mc_noise, "oracle_counts": ov.counts.as_dict(),
+            "mc_noise_variance_per_step_lam0": mc_noise, "oracle_counts": counts,
             "mean_stderr": float(se.mean()), "seconds": time.time() - t0,
-            **({"closed_form_check": _gmm_closed_form(tr, ro, V, se, args)} if task == "gmm" else {})}
+            **({"closed_form_check": _gmm_closed_form(tr, ro, V, se, args)} if task == "gmm" and ro is not None
+               else {})}
 
 
 def _group_mean(x, groups):
@@ -418,12 +430,15 @@ def main(argv=None):
     p.add_argument("--eval-per-class", type=int, default=20)
     p.add_argument("--vd-trajectories", type=int, nargs="+", default=None)
     p.add_argument("--vd-K", type=int, nargs="+", default=None)
+    p.add_argument("--vd-cache", nargs="*", default=[], metavar="TASK=PATH",
+                   help="load a task's held-out oracle set (benchmarks/critic_grafted.py writes one) for the decomposition")
     p.add_argument("--reduction", default="", help="a note on what was reduced versus the issue, stored in the JSON")
     p.add_argument("--out", default=str(RESULTS / "critic_ceiling.json"))
     p.add_argument("--merge", action="store_true", help="keep the other tasks' results already in --out")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     args.K = {"gmm": args.K_gmm, "digits": args.K_digits}
+    args.vd_cache = dict(item.split("=", 1) for item in args.vd_cache)
     budgets = dict(zip(args.tasks, args.budget or [{"gmm": 2560, "digits": 960}[t] for t in args.tasks]))
     vd_n = dict(zip(args.tasks, args.vd_trajectories or [{"gmm": 512, "digits": 80}[t] for t in args.tasks]))
     vd_k = dict(zip(args.tasks, args.vd_K or [{"gmm": 32, "digits": 4}[t] for t in args.tasks]))

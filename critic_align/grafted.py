@@ -36,7 +36,7 @@ from torch import nn
 
 from .steps import predict_x0_eps
 
-__all__ = ["RewardGraft", "digit_graft", "GraftedCritic", "build_grafted_critic", "install_grafted_critic"]
+__all__ = ["RewardGraft", "digit_graft", "GraftedCritic", "build_grafted_critic", "graft_for"]
 
 
 @dataclass
@@ -191,24 +191,3 @@ def build_grafted_critic(adapter, adapters, schedule, decode, rewards, example, 
         g.late.to(device)
     return GraftedCritic(adapter, adapters, adapter_name, schedule, decode, grafts, which,
                          [int(f.shape[1]) for f in feats.levels], int(feats.temb.shape[-1])).to(device)
-
-
-def install_grafted_critic(trainer, adapter_name: str = "grafted", features="mid") -> GraftedCritic:
-    """Replace a trainer's critic by a grafted one (its own LoRA ``adapter_name``), with a fresh optimiser group for
-    its parameters at ``critic_learning_rate``; value pretraining and the PPO value loss then train it as any critic.
-    (For runs that build it from the config instead: ``critic_body: grafted``.)"""
-    cfg, task = trainer.config, trainer.task
-    cond0 = task.encode(list(task.prompts[:1]))
-    example = (torch.zeros((1, *task.latent_shape), device=trainer.device), trainer.timesteps[:1].to(trainer.device),
-               None if cond0 is None else cond0.to(trainer.device))
-    critic = build_grafted_critic(trainer.adapter, trainer.adapters, trainer.schedule, task.decode, trainer.rewards,
-                                  example, adapter_name, cfg.critic_lora_rank, None, cfg.lora_target_modules, features)
-    trainer.adapters.activate("policy")
-    trainer.critic = critic
-    trainer.critic_params = critic.trainable_parameters()
-    opt = torch.optim.AdamW([{"params": trainer.policy_params, "lr": cfg.learning_rate},
-                             {"params": trainer.critic_params, "lr": cfg.critic_learning_rate}],
-                            betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    trainer.optimizer = opt
-    trainer._trainable = list({id(p): p for p in trainer.policy_params + trainer.critic_params}.values())
-    return critic

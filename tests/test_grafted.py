@@ -94,3 +94,22 @@ def test_starts_as_the_x0_reward_and_trains_only_its_own_parameters(parts):
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in critic.logit_scale.parameters())
     critic.zero_grad(set_to_none=True)
+
+
+def test_trainer_builds_and_trains_it_from_the_config(tmp_path):
+    from critic_align.grafted import GraftedCritic
+    from train.registry import build_trainer, load_run_config
+
+    run = load_run_config("digits", {"critic_body": "grafted", "batch_size": 16, "group_size": 8,
+                                     "value_pretrain_epochs": 1, "value_pretrain_passes": 1, "num_epochs": 1,
+                                     "output_dir": str(tmp_path), "progress": False, "grid_every": 0,
+                                     "checkpoint_every": 0, "log_tensorboard": False, "eval_every": 0})
+    tr = build_trainer(run)
+    assert isinstance(tr.critic, GraftedCritic)
+    before = [p.detach().clone() for p in tr.critic.stitch.parameters()]
+    tr.pretrain_value()
+    row = tr.train_epoch().metrics
+    assert any(k.startswith("value_loss") for k in row)
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.critic.stitch.parameters()))
+    tensors, state = tr.state_dict()
+    assert any(k.startswith("critic.graft.stitch") for k in tensors) and any(k.startswith("critic.lora.") for k in tensors)
