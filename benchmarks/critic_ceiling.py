@@ -322,36 +322,52 @@ def _at_budget(curve, budget):
     return float(np.mean([c["reward"] for c in curve[max(0, i - 2): i + 1]]))
 
 
+def _method_summary(m: str, rm: list[dict], target: float | None = None, tie: float = 2e-3) -> dict:
+    """One method's row at its chosen learning rate: the best final mean over the sweep (a diverged seed makes its
+    value's mean NaN, never chosen); with ``target``, values within ``tie`` of the best are tie-broken by the fewest
+    median policy queries to reach ``target`` (a saturated reward leaves several values at the same final)."""
+    by_lr = {}
+    for lr in sorted({r["lr"] for r in rm}):
+        fin = [r["final"]["reward"] for r in rm if r["lr"] == lr]
+        by_lr[lr] = (float(np.mean(fin)), float(np.std(fin)), len(fin))  # NaN if any seed diverged
+    ok = [k for k in by_lr if math.isfinite(by_lr[k][0])] or list(by_lr)
+    best = max(ok, key=lambda k: by_lr[k][0] if math.isfinite(by_lr[k][0]) else -math.inf)
+    if target is not None and math.isfinite(by_lr[best][0]):
+        near = [k for k in ok if by_lr[k][0] >= by_lr[best][0] - tie]
+        key = "reward_queries" if m == "mc_counted" else "policy_queries"
+        best = min(near, key=lambda k: (float(np.median([queries_to_reach(r["curve"], target, key=key)
+                                                           for r in rm if r["lr"] == k])), -by_lr[k][0]))
+    chosen = [r for r in rm if r["lr"] == best]
+    return {"final_reward_mean": by_lr[best][0], "final_reward_std": by_lr[best][1],
+            "seeds": [r["seed"] for r in chosen], "chosen_lr": best,
+            "sweep": {f"{k:g}": {"mean": v[0], "std": v[1], "seeds": v[2]} for k, v in by_lr.items()},
+            "base_reward_mean": float(np.mean([r["base"]["reward"] for r in chosen])),
+            "policy_queries": int(np.median([r["curve"][-1]["policy_queries"] if r["curve"]
+                                             else r["reward_queries"] for r in chosen])),
+            "total_queries": int(np.median([r["reward_queries"] + (0 if m == "mc_counted"
+                                            else r["oracle_queries"]) for r in chosen])),
+            "oracle_queries": int(np.median([r["oracle_queries"] for r in chosen])),
+            "oracle_nfe": int(np.median([r["oracle_nfe"] for r in chosen])),
+            "diverged_seeds": sum(r.get("diverged") is not None for r in chosen),
+            "last3_train_reward_mean": float(np.mean([np.mean([c["reward"] for c in r["curve"][-3:]])
+                                                      for r in chosen if r["curve"]])),
+            "mean_epoch_seconds": float(np.mean([c["epoch_s"] for r in chosen for c in r["curve"]])),
+            "_runs": chosen}
+
+
 def summarize(runs: list[dict]) -> dict:
     out = {}
     for task in sorted({r["task"] for r in runs}):
         rt = [r for r in runs if r["task"] == task]
-        methods = {}
-        for m in METHODS:
-            rm = [r for r in rt if r["method"] == m]
-            if not rm:
-                continue
-            by_lr = {}
-            for lr in sorted({r["lr"] for r in rm}):
-                fin = [r["final"]["reward"] for r in rm if r["lr"] == lr]
-                by_lr[lr] = (float(np.mean(fin)), float(np.std(fin)), len(fin))  # NaN if any seed diverged
-            ok = [k for k in by_lr if math.isfinite(by_lr[k][0])] or list(by_lr)
-            best = max(ok, key=lambda k: by_lr[k][0] if math.isfinite(by_lr[k][0]) else -math.inf)
-            chosen = [r for r in rm if r["lr"] == best]
-            methods[m] = {"final_reward_mean": by_lr[best][0], "final_reward_std": by_lr[best][1],
-                          "seeds": [r["seed"] for r in chosen], "chosen_lr": best,
-                          "sweep": {f"{k:g}": {"mean": v[0], "std": v[1], "seeds": v[2]} for k, v in by_lr.items()},
-                          "base_reward_mean": float(np.mean([r["base"]["reward"] for r in chosen])),
-                          "policy_queries": int(np.median([r["curve"][-1]["policy_queries"] if r["curve"]
-                                                           else r["reward_queries"] for r in chosen])),
-                          "total_queries": int(np.median([r["reward_queries"] + (0 if m == "mc_counted"
-                                                          else r["oracle_queries"]) for r in chosen])),
-                          "oracle_queries": int(np.median([r["oracle_queries"] for r in chosen])),
-                          "oracle_nfe": int(np.median([r["oracle_nfe"] for r in chosen])),
-                          "last3_train_reward_mean": float(np.mean([np.mean([c["reward"] for c in r["curve"][-3:]])
-                                                                    for r in chosen])),
-                          "mean_epoch_seconds": float(np.mean([c["epoch_s"] for r in chosen for c in r["curve"]])),
-                          "_runs": chosen}
+        methods = {m: _method_summary(m, [r for r in rt if r["method"] == m]) for m in METHODS
+                   if any(r["method"] == m for r in rt)}
+        free = [m for m in CRITIC_FREE if m in methods]
+        if free:  # the critic methods' step sizes, tie-broken by their speed to the best baseline's final
+            best_free = max(free, key=lambda m: methods[m]["final_reward_mean"])
+            target = methods[best_free]["last3_train_reward_mean"]
+            for m in methods:
+                if m not in CRITIC_FREE:
+                    methods[m] = _method_summary(m, [r for r in rt if r["method"] == m], target)
         free = [m for m in CRITIC_FREE if m in methods]
         summ = {"methods": methods}
         if free:
@@ -370,6 +386,9 @@ def summarize(runs: list[dict]) -> dict:
                     s["total_queries_to_reach_best_baseline"] = [q if math.isfinite(q) else None for q in reach_t]
                     s["train_reward_at_equal_total_budget"] = [_at_budget(r["curve"], base_q) for r in s["_runs"]]
                     s["total_queries_first_epoch"] = [r["curve"][0]["reward_queries"] for r in s["_runs"]]
+                    med_t = float(np.median(reach_t))  # its budget is all its queries: the ratio counts them
+                    s["queries_ratio_median"] = med_t / base_q if math.isfinite(med_t) else None
+                    s["queries_ratio_median_policy_only"] = med / base_q if math.isfinite(med) else None
             if "oracle_gae" in methods:
                 summ["oracle_queries_ratio"] = methods["oracle_gae"]["queries_ratio_median"]
                 base = methods["oracle_gae"]["base_reward_mean"]
@@ -404,7 +423,8 @@ def plot(runs, summary, path: Path) -> None:
             ax.plot(xs, ys.mean(0), color=f"C{i}", label=f"{m} (lr {s['chosen_lr']:g}, {len(rs)} seeds)")
             ax.fill_between(xs, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=f"C{i}", alpha=0.15)
         ax.set_title(f"{task}: training reward vs policy reward queries (mc_counted: all queries)", fontsize=9)
-        ax.set_xlabel("reward queries")
+        ax.set_xlabel("reward queries (log)")
+        ax.set_xscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -434,7 +454,11 @@ def main(argv=None):
                    help="load a task's held-out oracle set (benchmarks/critic_grafted.py writes one) for the decomposition")
     p.add_argument("--reduction", default="", help="a note on what was reduced versus the issue, stored in the JSON")
     p.add_argument("--out", default=str(RESULTS / "critic_ceiling.json"))
+    p.add_argument("--resummarize", action="store_true",
+                   help="recompute the summary and the plot of --out from its stored runs (no training)")
     p.add_argument("--merge", action="store_true", help="keep the other tasks' results already in --out")
+    p.add_argument("--add-runs", action="store_true",
+                   help="with --merge: keep this task's runs and decomposition too (e.g. to extend a sweep)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     args.K = {"gmm": args.K_gmm, "digits": args.K_digits}
@@ -443,6 +467,12 @@ def main(argv=None):
     vd_n = dict(zip(args.tasks, args.vd_trajectories or [{"gmm": 512, "digits": 80}[t] for t in args.tasks]))
     vd_k = dict(zip(args.tasks, args.vd_K or [{"gmm": 32, "digits": 4}[t] for t in args.tasks]))
     out = Path(args.out)
+    if args.resummarize:
+        result = json.loads(out.read_text())
+        result["summary"] = summarize(result["runs"])
+        out.write_text(json.dumps(result, indent=1, default=float))
+        plot(result["runs"], result["summary"], out.with_suffix(".png"))
+        return
     t0 = time.time()
     result = {"benchmark": "critic_ceiling", "args": {k: v for k, v in vars(args).items() if k != "K"}, "K": args.K,
               "budget_policy_queries": budgets, "reduction_vs_issue": args.reduction,
@@ -453,10 +483,13 @@ def main(argv=None):
 
     if args.merge and out.exists():  # keep the other tasks' runs (each task is run by its own invocation)
         old = json.loads(out.read_text())
-        result["runs"] = [r for r in old["runs"] if r["task"] not in args.tasks]
+        result["runs"] = [r for r in old["runs"] if r["task"] not in args.tasks or args.add_runs]
+        result["budget_policy_queries"] = {**old.get("budget_policy_queries", {}), **budgets}
+        result["K"] = {**old.get("K", {}), **{t: args.K[t] for t in args.tasks}}
         result["variance_decomposition"] = {k: v for k, v in old["variance_decomposition"].items()
-                                            if k not in args.tasks}
-        result["invocations"] = [i for i in old.get("invocations", []) if not set(i["tasks"]) & set(args.tasks)]
+                                            if k not in args.tasks or args.add_runs}
+        result["invocations"] = [i for i in old.get("invocations", [])
+                                 if args.add_runs or not set(i["tasks"]) & set(args.tasks)]
     result.setdefault("invocations", []).append({"tasks": args.tasks, "argv": sys.argv[1:] if argv is None else argv,
                                                  "reduction_vs_issue": args.reduction})
 
@@ -466,7 +499,8 @@ def main(argv=None):
         out.write_text(json.dumps(result, indent=1, default=float))
 
     for task in args.tasks:
-        result["variance_decomposition"][task] = variance_decomposition(task, args, vd_n[task], vd_k[task])
+        if task not in result["variance_decomposition"]:
+            result["variance_decomposition"][task] = variance_decomposition(task, args, vd_n[task], vd_k[task])
         print(task, "variance decomposition", json.dumps(result["variance_decomposition"][task]["ev_per_bucket"]),
               flush=True)
         save()

@@ -124,6 +124,7 @@ def main(argv=None):
     tr = make_trainer(args.task, args.seed, "head")
     data = heldout_set(tr, args.heldout, args.K)
     cache = RESULTS / "tmp" / "critic_grafted" / f"{args.task}_heldout.pt"
+    cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(data | {"K": args.K}, cache)
     R = data["R"]
     res["heldout"] = {"n_trajectories": args.heldout, "K": args.K, "var_R": float(R[:, 0].var(unbiased=False)),
