@@ -236,7 +236,7 @@ def run_one(task: str, method: str, seed: int, lr: float, budget: int, args) -> 
 def variance_decomposition(task: str, args, n_traj: int, K: int, buckets: int = 4) -> dict:
     t0 = time.time()
     tr, _ = TASKS[task][0]({"advantage": "grpo"}, 0, 1e-3, RESULTS / "tmp" / "critic_ceiling" / f"{task}_vd", args)
-    cache = Path(args.vd_cache[task]) if args.vd_cache.get(task) else None
+    cache = (ROOT / args.vd_cache[task]).resolve() if args.vd_cache.get(task) else None
     if cache is not None and cache.exists():  # the held-out set benchmarks/critic_grafted.py drew (same base policy)
         d = torch.load(cache, weights_only=False)
         prompts, R = d["prompts"], d["R"][:, 0].double()

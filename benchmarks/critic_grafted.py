@@ -105,6 +105,7 @@ def main(argv=None):
     p.add_argument("--K", type=int, default=4, help="oracle continuations per state")
     p.add_argument("--buckets", type=int, default=4)
     p.add_argument("--reduction", default="")
+    p.add_argument("--reuse-heldout", action="store_true", help="load the held-out oracle set an earlier run saved")
     p.add_argument("--out", default=str(RESULTS / "critic_grafted.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -122,10 +123,15 @@ def main(argv=None):
         out.write_text(json.dumps(result, indent=1, default=float))
 
     tr = make_trainer(args.task, args.seed, "head")
-    data = heldout_set(tr, args.heldout, args.K)
     cache = RESULTS / "tmp" / "critic_grafted" / f"{args.task}_heldout.pt"
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(data | {"K": args.K}, cache)
+    if args.reuse_heldout and cache.exists():  # the same base policy's held-out set, drawn by an earlier run
+        data = torch.load(cache, weights_only=False)
+        args.heldout, args.K = data["latents"].shape[0], data["K"]
+        res["heldout_source"] = f"reused {cache.relative_to(ROOT)} (drawn by an earlier run of this script)"
+    else:
+        data = heldout_set(tr, args.heldout, args.K)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(data | {"K": args.K}, cache)
     R = data["R"]
     res["heldout"] = {"n_trajectories": args.heldout, "K": args.K, "var_R": float(R[:, 0].var(unbiased=False)),
                       "mean_R": float(R[:, 0].mean()), "oracle_counts": data["oracle_counts"],

@@ -11,7 +11,10 @@ judgement scores noisy latents.  Here, for a reward network split at an intermed
                                                      channels, zero at the start
     logits = late(h) · exp(a(e_t))                  the reward network's own later layers (frozen), then a learned
                                                      per-noise-level logit scale (a = 0 at the start)
-    V      = readout(logits, c)                     the reward's own read-out (e.g. softmax(logits / T)[label])
+    r̂      = readout(logits, c)                     the reward's own read-out (e.g. softmax(logits / T)[label])
+    V      = r̂ + α(e_t)·(μ(e_t) − r̂)               a learned per-noise-level shrinkage towards a mean μ (α = 0 at the
+                                                     start): a softmax read-out cannot express "uncertain, on average
+                                                     0.7" by its logits alone (E[softmax] ≠ softmax of any logits)
 
 At the start (critic LoRA = 0, stitch = 0, a = 0) V(x_t, t) = r(decode(x̂0_base(x_t))): near t = 0, where x̂0 ≈ x_t,
 it reads r(x0) of a clean sample.  Value pretraining and the PPO value loss train the critic's LoRA, the stitch and
@@ -114,7 +117,8 @@ class GraftedCritic(nn.Module):
         self.reward_nets.requires_grad_(False)
         self.stitch = nn.ModuleList(nn.Conv2d(sum(feature_channels), g.channels, 1) for g in grafts)
         self.logit_scale = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(temb_dim, 1)) for _ in grafts)
-        for m in list(self.stitch) + [s[1] for s in self.logit_scale]:
+        self.shrink = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(temb_dim, 2)) for _ in grafts)
+        for m in list(self.stitch) + [s[1] for s in self.logit_scale] + [s[1] for s in self.shrink]:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
         self.head = _OutputScale(len(grafts))
@@ -145,15 +149,19 @@ class GraftedCritic(nn.Module):
         image = self.decode(x0_hat)
         temb = feats.temb.to(self.stitch[0].weight.dtype)
         values = []
-        for graft, nets, conv, scale in zip(self.grafts, self.reward_nets, self.stitch, self.logit_scale):
+        for k, (graft, nets, conv, scale, shrink) in enumerate(zip(self.grafts, self.reward_nets, self.stitch,
+                                                                     self.logit_scale, self.shrink)):
             early, late = nets
             h = early(image.to(conv.weight.dtype)) + self._stitched(feats, graft, conv)
             logits = late(h) * scale(temb).exp()
-            values.append(graft.readout(logits, cond))
+            r_hat = graft.readout(logits, cond)
+            alpha, d_mu = shrink(temb).to(r_hat.dtype).unbind(-1)
+            mu = self.head.out_mean[k].to(r_hat.dtype) + self.head.out_scale[k].to(r_hat.dtype) * d_mu
+            values.append(r_hat + alpha * (mu - r_hat))
         return torch.stack(values, dim=-1)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.stitch.parameters()) + list(self.logit_scale.parameters()) + \
+        return list(self.stitch.parameters()) + list(self.logit_scale.parameters()) + list(self.shrink.parameters()) + \
             self.adapters.parameters(self.adapter_name)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
