@@ -99,3 +99,39 @@ def section_grafted(path: Path) -> str:
                           f"(goal ≥ 0.8); per bucket {', '.join(_f(x, 2) for x in t['grafted_over_oracle_per_bucket'])}."]
         lines.append("")
     return "\n".join(lines)
+
+
+def answer(results: Path) -> str:
+    """The short, plain verdict BENCHMARKS.md opens with: per task, how many of the best critic-free method's queries a
+    perfect critic and the learned ones need to reach its final reward, and the grafted critic's held-out EV."""
+    ceiling, grafted = results / "critic_ceiling.json", results / "critic_grafted.json"
+    if not ceiling.exists():
+        return ""
+    d = json.loads(ceiling.read_text())
+    out = ["**When does the critic pay?** (`critic_ceiling.json`, `critic_grafted.json`; sections below.) A ratio is "
+           "the policy reward queries a method needed to reach the best critic-free method's final reward over that "
+           "method's own; ≤ 0.5 is the goal.", ""]
+    for task, s in d["summary"].items():
+        ms = s["methods"]
+        free = s.get("best_critic_free")
+        parts = [f"- **{task}**: best critic-free method {free}; a perfect critic (oracle GAE, its queries not counted) "
+                 f"needs {_f(s.get('oracle_queries_ratio'), 2)} of its queries"]
+        for name in ("learned_gae", "grafted_gae", "awm_oracle", "mc_counted"):
+            if name in ms:
+                r = ms[name].get("queries_ratio_median")
+                parts.append(f"{name} {'does not reach it' if r is None else _f(r, 2)}")
+        room = s.get("oracle_queries_ratio")
+        verdict = ("room for a critic" if room is not None and room <= 0.5 else
+                   "no room: even a perfect critic does not halve the queries")
+        out.append(", ".join(parts) + f" — {verdict}.")
+    if grafted.exists():
+        g = json.loads(grafted.read_text())
+        for task, t in g["tasks"].items():
+            c = t["critics"]
+            out.append(f"- **{task}, held-out explained variance per bucket of steps** (noisiest first): oracle "
+                       f"{', '.join(_f(x, 2) for x in c['oracle']['ev_per_bucket'])}; today's head "
+                       f"{', '.join(_f(x, 2) for x in c['head']['ev_per_bucket'])}; grafted "
+                       f"{', '.join(_f(x, 2) for x in c['grafted']['ev_per_bucket'])} "
+                       f"(`grafted_over_oracle_min_bucket` {_f(t.get('grafted_over_oracle_min_bucket'), 2)}).")
+    out.append("")
+    return "\n".join(out)
