@@ -5,7 +5,8 @@
 Methods (every one the same trainer, model, LoRA, rollout batch and update settings of its task; only the advantage
 differs):
 
-* ``grpo``, ``nft``: the critic-free baselines (NFT: DiffusionNFT on GRPO's group-normalised reward).
+* ``grpo``, ``nft``, ``awm``: the critic-free baselines (NFT: DiffusionNFT on GRPO's group-normalised reward; AWM with
+  GRPO's advantages, the control for ``awm_oracle``).
 * ``learned_gae``: PPO with GAE from today's latent critic (value pretraining counted in its queries).
 * ``oracle_gae`` (λ = the config's) and ``oracle_gae_lam1`` (λ = 1): GAE from the oracle value source
   (:mod:`critic_align.oracle`: K continuations of the current policy's own sampler, scored by the reward) instead of
@@ -52,17 +53,19 @@ from critic_align.rollout import sample_trajectories  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 W_GMM = (1.0, 0.5)
 BOX_LO, BOX_HI = (1.0, 0.5), (math.inf, math.inf)  # the quadrant beyond x = 1, y = 0.5: a 0/1 reward, base P ≈ 0.1
-CRITIC_FREE = ("grpo", "nft")
+CRITIC_FREE = ("grpo", "nft", "awm")
 
 # method -> (config overrides, kind)
 METHODS = {
     "grpo": ({"advantage": "grpo"}, "plain"),
-    "nft": ({"algorithm": "nft", "advantage": "grpo"}, "plain"),
+    "nft": ({"algorithm": "nft", "advantage": "grpo", "sde_window_size": 0}, "plain"),
     "learned_gae": ({"advantage": "gae"}, "plain"),
     "oracle_gae": ({"advantage": "grpo"}, "oracle_gae"),
     "oracle_gae_lam1": ({"advantage": "grpo"}, "oracle_gae"),
     "mc_counted": ({"advantage": "grpo"}, "oracle_gae"),
-    "awm_oracle": ({"algorithm": "awm", "advantage": "grpo", "awm_advantage": "grpo"}, "awm_oracle"),
+    "awm": ({"algorithm": "awm", "advantage": "grpo", "awm_advantage": "grpo", "sde_window_size": 0}, "plain"),
+    "awm_oracle": ({"algorithm": "awm", "advantage": "grpo", "awm_advantage": "grpo", "sde_window_size": 0},
+                   "awm_oracle"),
     "grafted_gae": ({"advantage": "gae", "critic_body": "grafted"}, "plain"),
 }
 
@@ -110,6 +113,8 @@ def digits_trainer(overrides: dict, seed: int, lr: float, out: Path, args):
     from train.registry import build_trainer, load_run_config
 
     over = dict(overrides)
+    if over.get("algorithm") == "awm":  # the oracle at every (trajectory, step) row of full trajectories is too dear
+        over["timestep_fraction"] = args.awm_timestep_fraction
     over.update(seed=seed, learning_rate=lr, output_dir=str(out), progress=False, grid_every=0, checkpoint_every=0,
                 log_tensorboard=False, eval_every=0)
     run = load_run_config("digits", over)
@@ -447,6 +452,8 @@ def main(argv=None):
                    help="box: a bounded 0/1 reward (without a KL an unbounded linear reward runs away)")
     p.add_argument("--K-gmm", type=int, default=8)
     p.add_argument("--K-digits", type=int, default=2)
+    p.add_argument("--awm-timestep-fraction", type=float, default=0.25,
+                   help="digits: AWM trains on this fraction of each trajectory's steps (its oracle rows)")
     p.add_argument("--eval-per-class", type=int, default=20)
     p.add_argument("--vd-trajectories", type=int, nargs="+", default=None)
     p.add_argument("--vd-K", type=int, nargs="+", default=None)

@@ -58,7 +58,8 @@ def section_ceiling(path: Path) -> str:
         if vd:
             lines += [f"Variance decomposition ({vd['n_trajectories']} full stochastic trajectories of the base policy, "
                       f"K = {vd['K']} continuations per state, Var(R) = {_f(vd['var_R'], 4)}): explained variance of the "
-                      f"exact value per bucket of steps {', '.join(_f(x, 2) for x in vd['ev_per_bucket'])}; share of "
+                      f"exact value per bucket of steps {', '.join(_f(x, 2) for x in vd['ev_per_bucket'])}; explained "
+                      f"before the first step (prompt and initial noise) {_f(vd['ev_per_step'][0], 2)}; share of "
                       f"Var(R) resolved in each bucket {', '.join(_f(x, 2) for x in vd['share_of_var_R_resolved_per_bucket'])}"
                       " (the last bucket includes the final step, after which V = R).", "",
                       "| advantage | variance per bucket of steps (reward units²; GRPO normalised: unit) |", "|---|---|"]
