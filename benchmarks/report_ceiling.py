@@ -40,16 +40,20 @@ def section_ceiling(path: Path) -> str:
         budget = d["budget_policy_queries"].get(task) if isinstance(d["budget_policy_queries"], dict) else None
         lines += [f"### {task}" + (f" ({budget} policy reward queries per run)" if budget else ""), "",
                   "| method | final reward | chosen lr | sweep (lr: mean) | policy queries | oracle queries | "
-                  "queries to reach best baseline (per seed) | ratio |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "queries to reach the baseline's final (per seed) | baseline | ratio |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, r in s["methods"].items():
             sweep = ", ".join(f"{k}: {_f(v['mean'])}" for k, v in r["sweep"].items())
             reach = r.get("total_queries_to_reach_best_baseline") or r.get("policy_queries_to_reach_best_baseline") or []
             lines.append(f"| {name} | {_f(r['final_reward_mean'])} ± {_f(r['final_reward_std'])} "
                          f"({len(r['seeds'])} seeds) | {r['chosen_lr']:g} | {sweep} | {r['policy_queries']} | "
-                         f"{r['oracle_queries']} | {', '.join(_q(x) for x in reach)} | "
+                         f"{r['oracle_queries']} | {', '.join(_q(x) for x in reach)} | {r.get('baseline_for_queries')} | "
                          f"{_f(r.get('queries_ratio_median'), 2)} |")
-        lines += ["", f"Best critic-free method: {s.get('best_critic_free')} (final training reward "
+        lines += ["", f"Best critic-free method by final held-out reward: {s.get('best_critic_free_final_reward')}. "
+                      "Queries to reach are measured against the best critic-free method that samples the same way "
+                      "(PPO's rollouts: GRPO; NFT / AWM's full trajectories: the better of the two), as their training "
+                      "rewards come from different samplers. PPO family's baseline: "
+                      f"{s.get('best_critic_free')} (final training reward "
                       f"{_f(s.get('best_critic_free_final_train_reward'))}). **`oracle_queries_ratio` = "
                       f"{_f(s.get('oracle_queries_ratio'), 2)}**, `learned_share_of_oracle_gain` = "
                       f"{_f(s.get('learned_share_of_oracle_gain'), 2)} (best learned critic: "
@@ -115,16 +119,23 @@ def answer(results: Path) -> str:
     for task, s in d["summary"].items():
         ms = s["methods"]
         free = s.get("best_critic_free")
-        parts = [f"- **{task}**: best critic-free method {free}; a perfect critic (oracle GAE, its queries not counted) "
+        parts = [f"- **{task}**: against {free} (same sampler), a perfect critic (oracle GAE, its queries not counted) "
                  f"needs {_f(s.get('oracle_queries_ratio'), 2)} of its queries"]
         for name in ("learned_gae", "grafted_gae", "awm_oracle", "mc_counted"):
             if name in ms:
                 r = ms[name].get("queries_ratio_median")
-                parts.append(f"{name} {'does not reach it' if r is None else _f(r, 2)}")
+                vs = ms[name].get("baseline_for_queries")
+                div = "" if math.isfinite(ms[name]["final_reward_mean"]) else ", then diverged"
+                parts.append(f"{name} {'does not reach it' if r is None else _f(r, 2)}"
+                             + (f" (against {vs}{div})" if vs != free else f"{div and ' (' + div[2:] + ')'}"))
         room = s.get("oracle_queries_ratio")
         verdict = ("room for a critic" if room is not None and room <= 0.5 else
                    "no room: even a perfect critic does not halve the queries")
-        out.append(", ".join(parts) + f" — {verdict}.")
+        best = s.get("best_critic_free_final_reward")
+        out.append(", ".join(parts) + f" — {verdict}. Best final held-out reward of a critic-free method: {best} "
+                   f"{_f(ms[best]['final_reward_mean'])}; of all: " + max(
+                       ((k, v["final_reward_mean"]) for k, v in ms.items() if math.isfinite(v["final_reward_mean"])),
+                       key=lambda kv: kv[1])[0] + ".")
     if grafted.exists():
         g = json.loads(grafted.read_text())
         for task, t in g["tasks"].items():
