@@ -17,6 +17,8 @@ if str(ROOT) not in sys.path:
 from benchmarks.baselines import section as section_baselines  # noqa: E402
 from benchmarks.diversity_tradeoff import section as section_diversity_tradeoff  # noqa: E402
 from benchmarks.gpu_throughput import section as section_gpu_throughput  # noqa: E402
+from benchmarks.report_ceiling import answer as ceiling_answer  # noqa: E402
+from benchmarks.report_ceiling import section_ceiling, section_grafted  # noqa: E402
 from benchmarks.report_critic import section_critic_quality  # noqa: E402
 from benchmarks.report_perf import (  # noqa: E402
     section_critic_modes,
@@ -461,6 +463,8 @@ def section_scaleout(path: Path) -> str:
 
 
 SECTIONS = [
+    ("critic_ceiling.json", section_ceiling),
+    ("critic_grafted.json", section_grafted),
     ("main_job/summary.json", section_main_job),
     ("dit_job/summary.json", section_dit_job),
     ("critic_quality.json", section_critic_quality),
@@ -500,6 +504,7 @@ def main() -> str:
         "Every number below is rendered by `python benchmarks/report.py` from the JSON a benchmark script wrote; "
         "rerun the script named in each section to reproduce it.",
         "",
+        ceiling_answer(RESULTS),
     ]
     for name, fn in SECTIONS:
         path = RESULTS / name

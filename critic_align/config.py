@@ -236,6 +236,9 @@ class PPOConfig:
     # --- critic -------------------------------------------------------------------------------------
     critic_mode: str = "lora"
     """'lora' (own adapter on the shared frozen base), 'full' (trainable copy) or 'shared' (policy trunk)."""
+    critic_body: str = "head"
+    """'head' (the value head on the trunk's features) or 'grafted' (the reward network's own later layers read the
+    trunk's x0 prediction and a stitch of its features: critic_align/grafted.py; digit_prob only; mode 'lora')."""
     critic_lora_rank: int = 8
     critic_learning_rate: float = 1e-3
     """Learning rate of the value head and the critic's backbone weights."""
@@ -459,6 +462,11 @@ class PPOConfig:
             _err("advantage", self.advantage, f"use one of {tuple(ESTIMATORS)}", number=False)
         if self.critic_mode not in CRITIC_MODES:
             _err("critic_mode", self.critic_mode, f"use one of {CRITIC_MODES}", number=False)
+        if self.critic_body not in ("head", "grafted"):
+            _err("critic_body", self.critic_body, "use 'head' or 'grafted'", number=False)
+        if self.critic_body == "grafted" and (self.critic_mode != "lora" or self.critic_x0_reward):
+            _err("critic_body", self.critic_body, "grafted needs critic_mode: lora and critic_x0_reward: false",
+                 number=False)
         if self.value_pretrain_target not in ("mc", "td_lambda"):
             _err("value_pretrain_target", self.value_pretrain_target, "use 'mc' or 'td_lambda'", number=False)
         if self.advantage_scale not in ("advantages", "rewards"):

@@ -156,6 +156,12 @@ class Trainer:
                    None if cond0 is None else cond0.to(self.device))
         features = cfg.critic_features if isinstance(cfg.critic_features, str) else list(cfg.critic_features)
         with self.autocast():  # the probe forward runs as every later forward does (a bf16 base needs autocast)
+            if cfg.critic_body == "grafted":  # the reward network's later layers as the critic (critic_align/grafted.py)
+                from .grafted import build_grafted_critic
+
+                return build_grafted_critic(self.adapter, self.adapters, self.schedule, self.task.decode, self.rewards,
+                                            example, "critic", cfg.critic_lora_rank, None, cfg.lora_target_modules,
+                                            features)
             return build_critic(
                 self.adapter, mode=cfg.critic_mode, num_rewards=len(self.rewards.names), adapters=self.adapters,
                 lora_rank=cfg.critic_lora_rank, lora_target_modules=cfg.lora_target_modules,
