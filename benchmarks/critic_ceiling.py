@@ -152,7 +152,7 @@ def install_oracle_gae(tr, K: int, lam: float, count: bool, gen: torch.Generator
     est = GAEEstimator(tr.config.gamma, lam, tr.config.advantage_aggregation, tr.config.normalize_advantages,
                        tr.config.advantage_scale == "rewards", tr.config.gae_group_baseline)
 
-    def compute_advantages(ro):
+    def compute_advantages(ro, prompts=None):  # one process: ro is the whole batch
         from dataclasses import replace
 
         start, stop = window_of(tr, ro)
@@ -173,7 +173,8 @@ def install_oracle_gae(tr, K: int, lam: float, count: bool, gen: torch.Generator
 def install_awm_oracle(tr, K: int, gen: torch.Generator, ledger: dict) -> None:
     algo = tr.algorithm
 
-    def row_advantages(trainer, ro, rows, chunk: int = 256):
+    def row_advantages(_ctx, ro, rows, chunk: int = 256):  # AWM calls it with its UpdateContext; one process
+        trainer = tr
         start, stop = window_of(trainer, ro)
         dev = trainer.device
         cond = None if ro.cond is None else ro.cond[rows.traj.to(dev)]
