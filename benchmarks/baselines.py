@@ -39,7 +39,6 @@ import argparse
 import json
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -47,8 +46,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from digits_advantages import _machine, evaluate_policy, queries_to_reach  # noqa: E402
 
@@ -82,7 +79,7 @@ def epochs_for(budget: int, batch: int, pretrain_batches: int, needs_critic: boo
 
 
 def run_digits(method: str, seed: int, budget: int, overrides: dict, workdir: Path) -> dict:
-    from train.registry import build_trainer, load_run_config
+    from critic_align.train.registry import build_trainer, load_run_config
 
     critic = DIGITS_CRITIC if METHODS[method]["advantage"] == "gae" else {}
     over = {**critic, **overrides, **METHODS[method], "seed": seed, "output_dir": str(workdir / f"digits_{method}_seed{seed}"),

@@ -40,7 +40,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from critic_align.advantages import gae, group_ids, grpo_advantages, terminal_rewards  # noqa: E402
 from critic_align.algorithms.awm import critic_advantages  # noqa: E402
@@ -114,7 +113,7 @@ def gmm_trainer(overrides: dict, seed: int, lr: float, out: Path, args):
 
 def digits_trainer(overrides: dict, seed: int, lr: float, out: Path, args):
     from benchmarks.digits_advantages import evaluate_policy
-    from train.registry import build_trainer, load_run_config
+    from critic_align.train.registry import build_trainer, load_run_config
 
     over = dict(overrides)
     if over.get("algorithm") == "awm":  # the oracle at every (trajectory, step) row of full trajectories is too dear

@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -31,12 +30,11 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from critic_align.collect import x0_prediction_rewards  # noqa: E402
 from critic_align.oracle import explained_variance, rollout_oracle_values  # noqa: E402
 from critic_align.rollout import sample_trajectories  # noqa: E402
-from train.registry import build_trainer, load_run_config  # noqa: E402
+from critic_align.train.registry import build_trainer, load_run_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -41,9 +41,8 @@ def worker(mode: str, a) -> dict:
     import torch
 
     torch.set_num_threads(a.threads)
-    sys.path.insert(0, str(ROOT))
     from benchmarks.digits_advantages import evaluate_policy
-    from train.registry import build_trainer, load_run_config
+    from critic_align.train.registry import build_trainer, load_run_config
 
     over = dict(seed=a.seed, num_epochs=a.epochs, output_dir=str(Path(a.tmp) / f"run_{mode}"), progress=False,
                 grid_every=0, checkpoint_every=0, log_tensorboard=False)
@@ -184,7 +183,6 @@ def main(argv=None) -> dict:
     out = Path(a.out)
     out.write_text(json.dumps(data, indent=2))
     plot(runs, out.with_suffix(".png"))
-    sys.path.insert(0, str(ROOT))
     from benchmarks import report
 
     report.main()

@@ -29,7 +29,6 @@ import itertools
 import json
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -37,11 +36,10 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from critic_align.diagnostics import bucket_edges  # noqa: E402
 from critic_align.rollout import sample  # noqa: E402
-from train.registry import build_trainer, load_run_config  # noqa: E402
+from critic_align.train.registry import build_trainer, load_run_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BODIES = {"mid": {"critic_features": "mid", "critic_cond": False}, "multi": {"critic_features": "multi", "critic_cond": True},

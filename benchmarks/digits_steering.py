@@ -14,11 +14,9 @@ SMC at N ∈ {2, 4, 8}).  Writes benchmarks/results/digits_steering.{json,png} a
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from benchmarks.steering_table import TableSpec, add_table_args, run_table  # noqa: E402
 

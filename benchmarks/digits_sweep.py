@@ -10,11 +10,8 @@ The logs of the probes that chose the defaults are in benchmarks/results/digits_
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from train.registry import build_trainer, load_run_config  # noqa: E402
+from critic_align.train.registry import build_trainer, load_run_config  # noqa: E402
 
 settings = json.loads(sys.argv[1])
 n = int(sys.argv[2])

@@ -23,17 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from digits_advantages import _machine, evaluate_policy  # noqa: E402
 
-from train.registry import build_trainer, load_run_config  # noqa: E402
+from critic_align.train.registry import build_trainer, load_run_config  # noqa: E402
 
 VARIANTS = {
     "default": {},

@@ -58,8 +58,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import kill_resume  # noqa: E402  (the command, the comparison and the SIGKILL loop are shared)
 
@@ -319,7 +317,7 @@ def save_file(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
     return real(*a, **k)
 st.save_file = save_file
-from train.cli import cli
+from critic_align.train.cli import cli
 sys.argv = ["critic-align"] + sys.argv[1:]
 sys.exit(cli())
 """

@@ -38,19 +38,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from benchmarks.gmm_critic import build  # noqa: E402
 from critic_align.distances import noise_floor, sliced_wasserstein  # noqa: E402
-from steering import binary_soft_value, critic_value_fn, exp_reward_target, exp_soft_value, steer  # noqa: E402
-from steering.potentials import SoftValueFn  # noqa: E402
+from critic_align.steering import binary_soft_value, critic_value_fn, exp_reward_target, exp_soft_value, steer  # noqa: E402
+from critic_align.steering.potentials import SoftValueFn  # noqa: E402
 
 SMC_METHODS = ("smc/value/exact", "smc/value/critic", "smc/soft_value/exact", "smc/soft_value/critic",
                "smc/x0_reward")

@@ -282,7 +282,6 @@ def run_ours(model_dir: str, kind: str, mode: str, s: dict) -> dict:
     """This library's Trainer (``advantage=mode``) on the saved ``kind`` pipeline; settings ``s`` (see ``main``)."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from critic_align.config import PPOConfig
     from critic_align.rewards import FunctionReward, MultiReward
     from critic_align.tasks.sd import StableDiffusionTask, load_pipeline
@@ -520,7 +519,6 @@ def main(argv=None) -> dict:
     if a.device == "cpu" and torch.cuda.is_available() and a.in_process:
         raise SystemExit("--device cpu --in-process on a CUDA machine: torch already sees the GPU in this process; "
                          "drop --in-process")
-    sys.path.insert(0, str(ROOT))
     tiny, cuda = a.tiny, a.device == "cuda"
     out = Path(a.out) if a.out else DEFAULT_OUT
     tmp = Path(tempfile.mkdtemp(prefix="gpu_throughput_"))

@@ -51,7 +51,7 @@ PROCESSES = 1
 def command(out: Path, epochs: int, resume: bool) -> list[str]:
     launch = [sys.executable] if PROCESSES == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                       f"--nproc_per_node={PROCESSES}"]
-    cmd = launch + ["-m", "train.cli", "train", "--config", "digits", "--out", str(out)]
+    cmd = launch + ["-m", "critic_align.train.cli", "train", "--config", "digits", "--out", str(out)]
     for s in overrides(epochs) + ([f"sample_chunk_size={16 // PROCESSES}"] if PROCESSES > 1 else []):
         cmd += ["--set", s]
     return cmd + (["--resume"] if resume else [])

@@ -14,16 +14,14 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from train.cli import main as cli_main  # noqa: E402
+from critic_align.train.cli import main as cli_main  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 FILES = ("summary.json", "metrics.jsonl", "reward_curve.png", "critic_eval.png", "grid_before.png", "grid_after.png")

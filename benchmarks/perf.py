@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -83,7 +82,7 @@ def layer_costs(reps: int = 10) -> list[dict]:
 
 
 def _digits_trainer(mode: str, fused: bool, tmp: str):
-    from train.registry import build_trainer, load_run_config
+    from critic_align.train.registry import build_trainer, load_run_config
 
     run = load_run_config("digits", dict(advantage=mode, fused_lora=fused, value_pretrain_epochs=0, progress=False,
                                          log_tensorboard=False, grid_every=0, checkpoint_every=0,

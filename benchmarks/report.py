@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from benchmarks.baselines import section as section_baselines  # noqa: E402
 from benchmarks.diversity_tradeoff import section as section_diversity_tradeoff  # noqa: E402

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -27,9 +26,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from train.registry import build_rewards, build_trainer, load_run_config  # noqa: E402
+from critic_align.train.registry import build_rewards, build_trainer, load_run_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = {"single": "digits_hack_single", "joint": "digits_hack_joint"}

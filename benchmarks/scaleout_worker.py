@@ -183,7 +183,7 @@ def main(argv: list[str]) -> int:
     counts: dict = {"epochs": 0}
     install_counter(counts)
     install_recorders(out, counts)
-    from train.cli import cli
+    from critic_align.train.cli import cli
 
     try:
         rc = cli(argv)

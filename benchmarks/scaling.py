@@ -34,7 +34,6 @@ def worker(a) -> dict:
     import torch
 
     torch.set_num_threads(a.threads)
-    sys.path.insert(0, str(ROOT))
     from critic_align.config import PPOConfig
     from critic_align.rewards import FunctionReward, MultiReward
     from critic_align.tasks.sd import StableDiffusionTask, load_pipeline
@@ -109,7 +108,6 @@ def main(argv=None) -> dict:
         Path(a.result).write_text(json.dumps(res))
         return res
 
-    sys.path.insert(0, str(ROOT))
     from benchmarks.trl_ddpo_compare import build_pipeline
 
     t_start = time.time()

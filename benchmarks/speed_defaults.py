@@ -85,7 +85,7 @@ def worker_sd(a, overrides: dict) -> dict:
 
 
 def _digits(mode: str, tmp: str, **overrides):
-    from train.registry import build_trainer, load_run_config
+    from critic_align.train.registry import build_trainer, load_run_config
 
     run = load_run_config("digits", dict(advantage=mode, value_pretrain_epochs=0, progress=False, log_tensorboard=False,
                                          grid_every=0, checkpoint_every=0, output_dir=str(Path(tmp) / "digits"),
@@ -205,7 +205,6 @@ def main(argv=None) -> dict:
         Path(a.result).write_text(json.dumps(res))
         return res
 
-    sys.path.insert(0, str(ROOT))
     from benchmarks.trl_ddpo_compare import build_pipeline
 
     t_start = time.time()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from train.steer import build_steering_trainer, evaluate_samples, reads_x0_reward, steer_with_trainer
+from critic_align.train.steer import build_steering_trainer, evaluate_samples, reads_x0_reward, steer_with_trainer
 
 
 @dataclass

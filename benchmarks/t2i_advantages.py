@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -33,13 +32,12 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from benchmarks.digits_advantages import _machine, queries_to_reach  # noqa: E402
 from critic_align.rewards import CompositionCorrect, CompositionScore, MultiReward  # noqa: E402
 from critic_align.tasks.digits import ASSETS  # noqa: E402
 from critic_align.tasks.sd import read_prompts  # noqa: E402
-from train.registry import build_trainer, load_run_config  # noqa: E402
+from critic_align.train.registry import build_trainer, load_run_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # --config -> (its shipped pipeline under critic_align/assets, the pipeline class and path named in the report)

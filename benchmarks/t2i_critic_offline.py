@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -38,7 +37,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from benchmarks.digits_advantages import _machine  # noqa: E402
 from benchmarks.t2i_advantages import CONFIGS  # noqa: E402
@@ -48,8 +46,8 @@ from critic_align.rollout import Rollout  # noqa: E402
 from critic_align.tasks.composition import parse_prompt  # noqa: E402
 from critic_align.tasks.digits import ASSETS  # noqa: E402
 from critic_align.tasks.sd import read_prompts  # noqa: E402
+from critic_align.train.registry import build_trainer, load_run_config  # noqa: E402
 from critic_align.value_data import trajectory_states  # noqa: E402
-from train.registry import build_trainer, load_run_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -16,17 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from benchmarks.digits_advantages import _machine  # noqa: E402
-from train.registry import build_trainer, load_run_config  # noqa: E402
+from critic_align.train.registry import build_trainer, load_run_config  # noqa: E402
 
 VARIANTS = {
     "default": {},

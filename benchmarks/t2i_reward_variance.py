@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -23,14 +22,13 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from benchmarks.digits_advantages import _machine  # noqa: E402
 from critic_align.rewards import CompositionScore  # noqa: E402
 from critic_align.tasks.composition import parse_prompt  # noqa: E402
 from critic_align.tasks.digits import ASSETS  # noqa: E402
 from critic_align.tasks.sd import read_prompts  # noqa: E402
-from train.registry import build_trainer, load_run_config  # noqa: E402
+from critic_align.train.registry import build_trainer, load_run_config  # noqa: E402
 
 
 def variance_split(rewards: torch.Tensor) -> dict:

@@ -19,11 +19,9 @@ benchmarks/results/t2i_steering.{json,png} (``_x0`` with ``--critic-x0-reward``)
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from benchmarks.steering_table import TableSpec, add_table_args, run_table  # noqa: E402
 from benchmarks.t2i_advantages import eval_prompts  # noqa: E402

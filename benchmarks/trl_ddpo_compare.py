@@ -208,7 +208,6 @@ def _worker_ours(a) -> dict:
     import torch
 
     torch.set_num_threads(a.threads)
-    sys.path.insert(0, str(ROOT))
     from critic_align.config import PPOConfig
     from critic_align.rewards import FunctionReward, MultiReward
     from critic_align.tasks.sd import StableDiffusionTask, load_pipeline
@@ -411,7 +410,6 @@ def main(argv=None) -> dict:
     out = Path(a.out)
     out.write_text(json.dumps(data, indent=2))
     plot(summary, out.with_suffix(".png"))
-    sys.path.insert(0, str(ROOT))
     from benchmarks import report
 
     report.main()

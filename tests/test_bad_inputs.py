@@ -202,7 +202,7 @@ def test_remote_reward_server_down_during_training_keeps_the_checkpoint(tmp_path
 
 
 def test_resume_without_a_checkpoint_says_what_to_do(tmp_path):
-    from train.cli import main
+    from critic_align.train.cli import main
 
     run = tmp_path / "run"
     with pytest.raises(SystemExit, match=r"--resume: no complete checkpoint in .*checkpoints \(the run stopped before "
@@ -256,8 +256,8 @@ def test_all_nan_rewards_for_a_whole_batch_stop_the_run_naming_the_reward(tmp_pa
 
 
 def test_steering_api_checks_scale_and_particle_counts():
-    from steering.diffusers import steer_pipeline
-    from steering.samplers import best_of_n, guidance, smc
+    from critic_align.steering.diffusers import steer_pipeline
+    from critic_align.steering.samplers import best_of_n, guidance, smc
 
     x = torch.zeros(2, 1, 4, 4)
     ts = torch.tensor([3, 2, 1])
@@ -285,7 +285,7 @@ def test_steering_api_checks_scale_and_particle_counts():
 
 
 def test_sample_per_class_zero_is_refused(capsys):
-    from train.cli import cli
+    from critic_align.train.cli import cli
 
     with pytest.raises(SystemExit) as info:
         cli(["sample", "--per-class", "0"])
@@ -318,7 +318,7 @@ def test_trainer_argument_types_are_named_with_an_example(tmp_path):
 
 
 def test_yaml_ppo_that_is_not_a_mapping_is_refused(tmp_path):
-    from train.registry import load_run_config
+    from critic_align.train.registry import load_run_config
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("rewards: [digit_prob]\nppo: 5\n")
@@ -349,7 +349,7 @@ def test_an_unwritable_run_directory_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_resume_with_no_epochs_left_says_so(tmp_path, capsys):
-    from train.cli import _check_epochs_left
+    from critic_align.train.cli import _check_epochs_left
 
     tr = make_trainer(tmp_path, num_epochs=2)
     tr.train()

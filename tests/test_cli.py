@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from train.cli import main
-from train.registry import build_rewards, load_run_config
+from critic_align.train.cli import main
+from critic_align.train.registry import build_rewards, load_run_config
 
 
 def test_help_lists_subcommands():
-    out = subprocess.run([sys.executable, "-m", "train.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "critic_align.train.cli", "--help"], capture_output=True, text=True, check=True)
     for cmd in ("train", "sample", "pretrain-digits", "train-classifier", "evaluate-digits"):
         assert cmd in out.stdout
 

@@ -137,8 +137,8 @@ def _x0_trainer(tmp_path):
 def test_smc_with_an_x0_critic_equals_a_slow_reference(tmp_path):
     """steer's SMC potential for an x0-reading critic == λ·V(x_t, r(decode(x̂0(x_t)))) computed by hand per row,
     with the denoiser called again at each state (the engine reuses the step's own output)."""
-    from steering import steer
-    from steering.values import X0CriticValueFn, critic_value_fn
+    from critic_align.steering import steer
+    from critic_align.steering.values import X0CriticValueFn, critic_value_fn
 
     tr = _x0_trainer(tmp_path)
     prompts = tr.prompt_iter.batch(3, 1)
@@ -177,10 +177,10 @@ def test_smc_with_an_x0_critic_equals_a_slow_reference(tmp_path):
 
 
 def test_an_x0_critic_is_refused_where_it_cannot_get_its_x0_reward(tmp_path):
-    from steering import steer
-    from steering.diffusers import ScoreGuidedScheduler, SMCCallback
-    from steering.values import critic_value_fn
-    from train.steer import steer_with_trainer
+    from critic_align.steering import steer
+    from critic_align.steering.diffusers import ScoreGuidedScheduler, SMCCallback
+    from critic_align.steering.values import critic_value_fn
+    from critic_align.train.steer import steer_with_trainer
 
     tr = _x0_trainer(tmp_path)
     with pytest.raises(ValueError, match="needs x0_rewards"):

@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 
-from train.cli import main
-from train.registry import build_trainer, load_run_config
+from critic_align.train.cli import main
+from critic_align.train.registry import build_trainer, load_run_config
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from train.pretrain_digits_dit import main as pretrain
+    from critic_align.train.pretrain_digits_dit import main as pretrain
 
     out = tmp_path_factory.mktemp("dit")
     pretrain(["--steps", "3", "--batch-size", "8", "--warmup", "1", "--out", str(out)])
@@ -38,7 +38,7 @@ def test_pretrain_saves_a_loadable_flow_matching_dit(tiny_run):
 
 
 def test_flow_matching_loss_is_the_velocity_regression():
-    from train.pretrain_digits_dit import build_dit, flow_matching_loss
+    from critic_align.train.pretrain_digits_dit import build_dit, flow_matching_loss
 
     model = build_dit().eval()
     g = torch.Generator().manual_seed(0)
@@ -52,7 +52,7 @@ def test_flow_matching_loss_is_the_velocity_regression():
 
 
 def test_evaluate_writes_the_dit_model_card(tiny_run):
-    from train.evaluate_digits import main as evaluate
+    from critic_align.train.evaluate_digits import main as evaluate
 
     res = evaluate(["--model", str(tiny_run), "--per-class", "2", "--steps", "2", "3", "--out", str(tiny_run)])
     assert set(res) == {"euler2", "euler3"} and 0 <= res["euler3"]["accuracy"] <= 1
@@ -82,7 +82,7 @@ def test_named_config_builds_a_flow_matching_trainer(tiny_run, tmp_path):
 
 
 def test_ema_matches_a_hand_computed_average():
-    from train.pretrain_digits_dit import EMA
+    from critic_align.train.pretrain_digits_dit import EMA
 
     p = torch.nn.Parameter(torch.tensor([0.0]))
     ema = EMA([p], decay=0.5)

@@ -15,7 +15,7 @@ from tests.test_t2i import tiny_train_argv
 
 @pytest.fixture(scope="module")
 def t2i_run(tmp_path_factory):
-    from train.cli import main
+    from critic_align.train.cli import main
 
     run_dir = tmp_path_factory.mktemp("eco") / "run"
     assert main(tiny_train_argv("t2i", run_dir)) == 0
@@ -26,9 +26,9 @@ def test_sample_run_draws_the_prompts_of_the_command_line_with_the_runs_sampler(
     """`critic-align sample --run RUN --prompt ... --n 3 --seed 5`: one labelled row per prompt, the pixels the run's
     trainer (rebuilt from the run directory, its checkpoint loaded) draws from that seed with its policy."""
     from critic_align.checkpoint import latest_checkpoint
+    from critic_align.train.cli import main
+    from critic_align.train.registry import build_trainer, load_run_dir
     from critic_align.viz import make_grid
-    from train.cli import main
-    from train.registry import build_trainer, load_run_dir
 
     prompts = ["a red 3 left of a blue 7", "two green 5s"]
     argv = ["sample", "--run", str(t2i_run), "--n", "3", "--seed", "5"]
@@ -56,7 +56,7 @@ def test_sample_run_draws_the_prompts_of_the_command_line_with_the_runs_sampler(
 
 
 def test_sample_run_refuses_bad_prompts_before_loading(t2i_run, tmp_path, capsys):
-    from train.cli import cli
+    from critic_align.train.cli import cli
 
     assert cli(["sample", "--run", str(t2i_run), "--prompt", "  "]) == 2
     assert "--prompt is empty" in capsys.readouterr().err
@@ -72,8 +72,8 @@ def test_export_lora_writes_a_model_card_whose_metrics_are_the_runs(t2i_run, tmp
     from diffusers import StableDiffusionPipeline
 
     from critic_align.publish import read_card_metrics
+    from critic_align.train.cli import main
     from tests.test_t2i import _asset
-    from train.cli import main
 
     out = tmp_path / "lora"
     assert main(["export-lora", "--run", str(t2i_run), "--out", str(out)]) == 0
@@ -104,7 +104,7 @@ def test_export_lora_writes_a_model_card_whose_metrics_are_the_runs(t2i_run, tmp
 def test_export_lora_push_to_hub_with_the_client_mocked(t2i_run, tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
-    from train.cli import cli
+    from critic_align.train.cli import cli
 
     calls = []
 
@@ -140,7 +140,7 @@ def test_export_lora_push_to_hub_with_the_client_mocked(t2i_run, tmp_path, monke
 
 
 def test_export_lora_accepts_task_flux():
-    from train.cli import build_parser
+    from critic_align.train.cli import build_parser
 
     args = build_parser().parse_args(["export-lora", "--run", "r", "--out", "o", "--task", "flux"])
     assert args.task == "flux"
@@ -180,7 +180,7 @@ def test_wandb_offline_run_holds_the_metrics_and_the_grids(tmp_path, monkeypatch
     """log_with: [tensorboard, wandb] with WANDB_MODE=offline: the offline run directory (RUN/wandb/offline-run-*)
     holds every train row's metrics at step reward_queries and the before/after grids as images."""
     pytest.importorskip("wandb")
-    from train.cli import main
+    from critic_align.train.cli import main
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -227,7 +227,7 @@ def test_unknown_or_missing_tracker_is_refused_before_any_model_loads(tmp_path, 
     import importlib.util
 
     from critic_align.config import PPOConfig
-    from train.cli import cli
+    from critic_align.train.cli import cli
 
     with pytest.raises(ValueError, match=r"config field log_with=\['tensorboard', 'wandbb'\]: unknown tracker 'wandbb' "
                        r"\(did you mean 'wandb'\?\); known trackers: \[.*'tensorboard'.*'wandb'"):
@@ -242,12 +242,12 @@ def test_unknown_or_missing_tracker_is_refused_before_any_model_loads(tmp_path, 
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    import train.registry
+    import critic_align.train.registry as train_registry
 
     def no_model(run):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(train.registry, "build_trainer", no_model)
+    monkeypatch.setattr(train_registry, "build_trainer", no_model)
     assert cli(["train", "--config", "t2i", "--out", str(out), "--set", "log_with=[wandb]"]) == 2
     err = capsys.readouterr().err
     assert "needs the wandb package" in err and "pip install 'critic-align[wandb]'" in err and not out.exists()
@@ -335,7 +335,7 @@ def test_run_with_a_jsonl_prompt_file_hands_metadata_to_the_rewards(tmp_path, mo
 
     import critic_align.tasks.sd
     from critic_align.tasks.composition import parse_prompt
-    from train.registry import CONFIG_DIR, build_trainer, load_run_config
+    from critic_align.train.registry import CONFIG_DIR, build_trainer, load_run_config
 
     canonical = ["a red 3 left of a blue 7", "two green 5s", "a blue 1"]
     free = ["red three, left of a blue seven", "two green fives", "one blue one"]
@@ -372,9 +372,9 @@ def test_sample_run_on_digits_runs_with_digit_prompts(config, tmp_path, capsys):
     """The digits UNet and DiT runs: `sample --run --prompt 3 --prompt 7` draws those digits with the run's
     sampler (the pixels its rebuilt trainer draws); a prompt that is not a digit is refused before loading."""
     from critic_align.checkpoint import latest_checkpoint
+    from critic_align.train.cli import cli, main
+    from critic_align.train.registry import build_trainer, load_run_dir
     from critic_align.viz import make_grid
-    from train.cli import cli, main
-    from train.registry import build_trainer, load_run_dir
 
     run_dir = tmp_path / "run"
     sets = dict(num_epochs=1, batch_size=8, group_size=4, num_inference_steps=4, minibatch_size=16,

@@ -213,7 +213,7 @@ def test_a_bit_flipped_checkpoint_of_the_same_size_is_detected(tmp_path):
 
 
 def test_resume_walks_back_to_the_newest_checkpoint_that_verifies_and_says_so(tmp_path, capsys):
-    from train.cli import _checkpoint_to_resume
+    from critic_align.train.cli import _checkpoint_to_resume
 
     ckpts = _three_checkpoints(tmp_path)
     f = ckpts[-1] / "tensors.safetensors"
@@ -229,7 +229,7 @@ def test_resume_walks_back_to_the_newest_checkpoint_that_verifies_and_says_so(tm
 
 
 def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, capsys):
-    from train.cli import _set_aside_newer
+    from critic_align.train.cli import _set_aside_newer
 
     ckpts = _three_checkpoints(tmp_path)
     run = tmp_path / "run"
@@ -392,7 +392,7 @@ def test_config_values_that_used_to_slip_through(kw, match):
     ("rewards: [{name: digit_prob\n", r"bad.yaml is not valid YAML: "),
 ])
 def test_empty_rewardless_and_broken_yaml_are_refused_naming_the_file(tmp_path, text, match):
-    from train.registry import load_run_config
+    from critic_align.train.registry import load_run_config
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
@@ -408,7 +408,7 @@ def test_a_reward_weight_that_is_not_a_number_is_refused():
 
 
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
-    from train.cli import cli
+    from critic_align.train.cli import cli
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("rewards: [{name: digit_prob\n")
@@ -425,7 +425,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
 def test_cli_exit_code_and_traceback_only_with_debug_in_a_real_process(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("rewards: []\n")
-    cmd = [sys.executable, "-m", "train.cli", "train", "--config", str(bad)]
+    cmd = [sys.executable, "-m", "critic_align.train.cli", "train", "--config", str(bad)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     plain = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     assert plain.returncode == 2 and plain.stderr.count("\n") == 1 and "lists no rewards" in plain.stderr
@@ -441,7 +441,7 @@ def test_cli_exit_code_and_traceback_only_with_debug_in_a_real_process(tmp_path)
     (["--ess-threshold", "2"], r"argument --ess-threshold: must be a number in \[0, 1\], got 2"),
 ])
 def test_steering_arguments_are_checked_before_anything_runs(args, match, capsys):
-    from train.cli import cli
+    from critic_align.train.cli import cli
 
     with pytest.raises(SystemExit) as info:
         cli(["steer", "--config", "digits", *args])
@@ -450,7 +450,7 @@ def test_steering_arguments_are_checked_before_anything_runs(args, match, capsys
 
 
 def test_steering_entry_point_checks_its_arguments():
-    from train.steer import check_steering_args
+    from critic_align.train.steer import check_steering_args
 
     for kw, match in [(dict(particles=0, scale=0.0, lam=1.0), "particles must be an integer >= 1, got 0"),
                       (dict(particles=2, scale=math.inf, lam=1.0), "scale must be a finite number, got inf"),
@@ -460,7 +460,7 @@ def test_steering_entry_point_checks_its_arguments():
 
 
 def test_summary_after_a_resume_is_computed_from_the_whole_log(tmp_path):
-    from train.cli import run_summary
+    from critic_align.train.cli import run_summary
 
     rows = [{"phase": "value_pretrain", "iteration": 0, "time_s": 2.0},
             {"phase": "train", "epoch": 1, "time_epoch_s": 1.0, "reward/r/mean": 0.1},
@@ -482,7 +482,7 @@ def _scripted_eval(tr, values):
 
 def test_a_collapse_keeps_the_best_checkpoint_and_is_reported(tmp_path, capsys):
     from critic_align.best import best_checkpoint
-    from train.cli import run_summary
+    from critic_align.train.cli import run_summary
 
     tr = _scripted_eval(make_trainer(tmp_path, num_epochs=4, eval_every=1, keep_last=1), [0.5, 0.9, 0.8, 0.3, 0.2])
     tr.train()
@@ -523,7 +523,7 @@ def test_stop_on_collapse_stops_naming_best_and_how_to_resume(tmp_path):
 
 
 def test_resume_from_best_sets_newer_checkpoints_aside_and_keeps_the_log(tmp_path, capsys):
-    from train.cli import _set_aside_newer
+    from critic_align.train.cli import _set_aside_newer
 
     tr = _scripted_eval(make_trainer(tmp_path, num_epochs=3, eval_every=1, keep_last=3), [0.5, 0.9, 0.3, 0.2])
     tr.train()
@@ -552,7 +552,7 @@ def test_an_unknown_best_metric_is_refused_before_training(tmp_path):
 # ------------------------------------------------------- issue 30: a fallback past a corrupt checkpoint keeps the log
 @pytest.mark.parametrize("how", ["truncated tensors", "garbled header", "corrupt state.json"])
 def test_falling_back_past_a_corrupt_checkpoint_keeps_the_cut_rows(tmp_path, how, capsys):
-    from train.cli import _checkpoint_to_resume, _set_aside_newer
+    from critic_align.train.cli import _checkpoint_to_resume, _set_aside_newer
 
     ckpts = _three_checkpoints(tmp_path)
     run = tmp_path / "run"
@@ -661,7 +661,7 @@ def test_a_queue_of_stalled_uploads_is_shed_together():
 
 
 def test_resuming_from_a_best_checkpoint_of_epoch_0_does_not_log_its_evaluation_twice(tmp_path):
-    from train.cli import _set_aside_newer
+    from critic_align.train.cli import _set_aside_newer
 
     tr = _scripted_eval(make_trainer(tmp_path, num_epochs=2, eval_every=1), [0.9, 0.3, 0.2])
     tr.train()

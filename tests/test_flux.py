@@ -171,7 +171,7 @@ def test_full_size_flux_shapes_and_lora_size_on_meta():
     from diffusers import FluxTransformer2DModel
 
     from critic_align.backbones import LoraAdapters
-    from train.registry import load_run_config
+    from critic_align.train.registry import load_run_config
 
     with torch.device("meta"):
         model = FluxTransformer2DModel(guidance_embeds=True)
@@ -344,8 +344,8 @@ def test_flux_run_config_builds_and_exports(tmp_path):
     import yaml
     from diffusers import FluxPipeline
 
-    from train.cli import main
-    from train.registry import build_trainer, load_run_config
+    from critic_align.train.cli import main
+    from critic_align.train.registry import build_trainer, load_run_config
 
     run = load_run_config("flux_pickscore")
     assert run["task"] == "flux" and run["ppo"].guidance_scale == 1.0

@@ -111,7 +111,7 @@ def test_missing_bitsandbytes_is_refused_before_models_load(env):
 @pytest.mark.parametrize("name", ["sd15_pickscore", "sd15_jpeg", "sd35m_pickscore", "sd35m_jpeg", "flux_pickscore"])
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
 def test_shipped_gpu_configs_start_on_1_2_4_and_8_processes(name, n):
-    from train.registry import load_run_config
+    from critic_align.train.registry import load_run_config
 
     cfg = load_run_config(name)["ppo"]
     assert world_size_errors(cfg, n) == []
@@ -121,7 +121,7 @@ def test_shipped_gpu_configs_start_on_1_2_4_and_8_processes(name, n):
 # refused before any model loads: the loaders fail the test if they are reached
 def _no_loading(monkeypatch):
     import critic_align.tasks.sd as sd
-    import train.registry as registry
+    import critic_align.train.registry as registry
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the launch check")
@@ -137,7 +137,7 @@ def _no_loading(monkeypatch):
     ({"WORLD_SIZE": "5"}, "batch_size=(64|48) does not split over 5 processes"),
 ])
 def test_build_trainer_refuses_before_the_loader(env, config, launch_env, match):
-    from train.registry import build_trainer, load_run_config
+    from critic_align.train.registry import build_trainer, load_run_config
 
     _no_loading(env)
     for k, v in launch_env.items():
@@ -148,7 +148,7 @@ def test_build_trainer_refuses_before_the_loader(env, config, launch_env, match)
 
 
 def test_cli_train_refuses_with_nothing_in_the_run_directory(env, tmp_path, capsys):
-    from train.cli import cli
+    from critic_align.train.cli import cli
 
     _no_loading(env)
     env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
@@ -162,7 +162,7 @@ def test_cli_train_refuses_with_nothing_in_the_run_directory(env, tmp_path, caps
 def test_cli_train_refuses_a_single_process_cpu_launch_asked_for_two(env, tmp_path, capsys):
     """What `accelerate launch --cpu --num_processes 2` hands its only process: ACCELERATE_USE_CPU and a
     MASTER_PORT, no WORLD_SIZE."""
-    from train.cli import cli
+    from critic_align.train.cli import cli
 
     _no_loading(env)
     env.setenv("ACCELERATE_USE_CPU", "True")
@@ -344,7 +344,7 @@ def test_text_embedding_cache_equals_encoding_and_encodes_each_prompt_once(asset
 
 def test_text_embedding_cache_field_reaches_the_task(env):
     """ppo.text_embedding_cache in a run config -> the Stable Diffusion task caches (build_sd_task)."""
-    from train.registry import build_sd_task, load_run_config
+    from critic_align.train.registry import build_sd_task, load_run_config
 
     for flag in (False, True):
         task = build_sd_task(load_run_config("t2i", {"text_embedding_cache": flag}))

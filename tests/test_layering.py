@@ -1,5 +1,6 @@
-"""Layering: nothing in the library (critic_align/, steering/) imports train/, and no two modules import each other,
-directly or around a longer loop (imports inside functions count: they are circles deferred, not removed)."""
+"""Layering: nothing in the library (critic_align/ with critic_align.steering) imports critic_align.train (the CLI),
+no two modules import each other, directly or around a longer loop (imports inside functions count: they are circles
+deferred, not removed), the installed distribution has one top-level package, and no stage module takes the trainer."""
 
 from __future__ import annotations
 
@@ -7,16 +8,26 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("critic_align", "steering", "train")
+# repository folder -> the module prefix it installs as (steering/ and train/ are critic_align.steering / .train)
+PACKAGES = {"critic_align": "critic_align", "steering": "critic_align.steering", "train": "critic_align.train"}
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def _module_name(path: Path, folder: str) -> str:
+    parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
+    parts = PACKAGES[folder].split(".") + parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _files(folder: str):
+    """The .py files of a repository folder, not through the links to the other folders."""
+    for p in sorted((ROOT / folder).rglob("*.py")):
+        if any((ROOT / folder / other).is_symlink() and (ROOT / folder / other) in p.parents for other in PACKAGES):
+            continue
+        yield p
+
+
 def _import_graph() -> dict[str, set[str]]:
-    modules = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    modules = {_module_name(p, folder): p for folder in PACKAGES for p in _files(folder)}
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -40,9 +51,25 @@ def _import_graph() -> dict[str, set[str]]:
 
 def test_the_library_does_not_import_train():
     graph = _import_graph()
-    bad = sorted(f"{m} -> {t}" for m, ts in graph.items() if not m.startswith("train") for t in ts
-                 if t.split(".")[0] == "train")
+    cli = "critic_align.train"
+    bad = sorted(f"{m} -> {t}" for m, ts in graph.items() if not m.startswith(cli) for t in ts
+                 if t == cli or t.startswith(cli + "."))
     assert bad == []
+    assert "critic_align.steering.particles" in graph and "critic_align.train.cli" in graph  # the folders are seen
+
+
+def test_one_installed_namespace():
+    """The installed distribution's top-level packages are exactly critic_align; steering/ and train/ stay folders."""
+    from importlib.metadata import distribution
+
+    top = distribution("critic-align").read_text("top_level.txt")
+    assert top is not None and top.split() == ["critic_align"]
+    assert (ROOT / "steering").is_dir() and (ROOT / "train").is_dir()
+    import critic_align.steering
+    import critic_align.train.cli
+
+    assert Path(critic_align.train.cli.__file__).resolve() == (ROOT / "train" / "cli.py").resolve()
+    assert Path(critic_align.steering.__file__).resolve().parent == (ROOT / "steering").resolve()
 
 
 def test_no_import_circles():

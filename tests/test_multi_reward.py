@@ -256,7 +256,7 @@ def test_epoch_logs_per_reward_metrics(tmp_path):
 # ------------------------------------------------------------------------------------------------------
 # configured reward lists with weights
 def test_yaml_reward_list_with_weights_reaches_the_trainer():
-    from train.registry import build_rewards, load_run_config
+    from critic_align.train.registry import build_rewards, load_run_config
 
     run = load_run_config("digits_hack_joint")
     rewards = build_rewards(run["rewards"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from critic_align.rollout import Rollout
-from train.registry import build_trainer, load_run_config
+from critic_align.train.registry import build_trainer, load_run_config
 
 
 def _trainer(tmp_path, **over):

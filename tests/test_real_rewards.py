@@ -341,7 +341,7 @@ def test_aesthetic_head_layout_errors_and_conversion(clip_dir, tmp_path):
 
 
 def test_registry_builds_real_rewards(clip_dir, tmp_path):
-    from train.registry import build_rewards
+    from critic_align.train.registry import build_rewards
 
     write_head(tmp_path / "head.safetensors")
     multi = build_rewards([

@@ -23,7 +23,7 @@ from test_multi_reward import make_trainer as make_multi_trainer
 from test_trainer import make_trainer
 
 from critic_align.advantages import grpo_advantages
-from train.cli import main
+from critic_align.train.cli import main
 
 TINY = ["--set", "batch_size=8", "--set", "group_size=8", "--set", "num_inference_steps=3", "--set",
         "sde_window_size=2", "--set", "sample_chunk_size=8", "--set", "minibatch_size=24", "--set",
@@ -43,7 +43,7 @@ def trained_run(tmp_path_factory):
 
 # 1 ---------------------------------------------------------------------------------------------------------
 def test_steer_reuses_a_train_run_with_its_overrides(trained_run, tmp_path):
-    from train.steer import build_steering_trainer
+    from critic_align.train.steer import build_steering_trainer
 
     trainer, run = build_steering_trainer(None, str(trained_run), str(tmp_path / "steer"))
     assert trainer.config.lora_rank == 4 and trainer.config.num_inference_steps == 3
@@ -165,7 +165,7 @@ def test_sample_from_a_run_uses_its_sampler_and_writes_into_the_run(trained_run,
 def test_sample_options_have_help():
     import argparse
 
-    from train.cli import build_parser
+    from critic_align.train.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     missing = [a.option_strings[0] for a in sub.choices["sample"]._actions if a.option_strings and not a.help]

@@ -384,7 +384,7 @@ SD_CONFIGS = ("sd15_jpeg", "sd15_pickscore", "sd15_hpsv2", "sd35m_jpeg", "sd35m_
 
 @pytest.mark.parametrize("name", SD_CONFIGS)
 def test_shipped_sd_configs_load_and_name_their_missing_weights(name):
-    from train.registry import build_rewards, build_trainer, load_run_config
+    from critic_align.train.registry import build_rewards, build_trainer, load_run_config
 
     run = load_run_config(name)
     assert run["task"] in ("sd15", "sd3") and run["ppo"].guidance_scale == 1.0  # CFG-free
@@ -400,8 +400,8 @@ def test_cli_train_and_export_lora_sd15(tmp_path):
 
     from critic_align.backbones import LoraAdapters
     from critic_align.checkpoint import latest_checkpoint
-    from train.cli import main
-    from train.registry import build_trainer, load_run_config
+    from critic_align.train.cli import main
+    from critic_align.train.registry import build_trainer, load_run_config
 
     tiny_sd15_pipeline(tmp_path).save_pretrained(tmp_path / "base")
     (tmp_path / "prompts.txt").write_text("# animals\na cat\n\nowl\n")

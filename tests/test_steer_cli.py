@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from train.bench import SUITES, benchmarks_dir
-from train.cli import main
+from critic_align.train.bench import SUITES, benchmarks_dir
+from critic_align.train.cli import main
 
 
 def test_steer_cli_pretrains_a_critic_then_reuses_it(tmp_path):
@@ -34,7 +34,7 @@ def test_steer_cli_pretrains_a_critic_then_reuses_it(tmp_path):
 
 
 def test_steer_cli_default_methods_are_not_no_ops():
-    from train.steer import default_methods
+    from critic_align.train.steer import default_methods
 
     # guidance at scale 0 is the base sampler; SMC with κ·N <= 1 never resamples (it is best-of-N)
     assert default_methods(0.0, 4, 0.5) == ["base", "bon", "smc"]
@@ -48,7 +48,7 @@ def test_steer_cli_default_methods_are_not_no_ops():
 def test_steer_cli_options_all_have_help():
     import argparse
 
-    from train.steer import add_parser
+    from critic_align.train.steer import add_parser
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
@@ -75,8 +75,8 @@ def test_evaluate_samples_means_and_splits(tmp_path):
     import torch
 
     from benchmarks.steering_table import TableSpec, split_evals
-    from train.registry import build_trainer, load_run_config
-    from train.steer import evaluate_samples
+    from critic_align.train.registry import build_trainer, load_run_config
+    from critic_align.train.steer import evaluate_samples
 
     trainer = build_trainer(load_run_config("digits", {"output_dir": str(tmp_path), "batch_size": 8}))
     prompts = ["0", "1", "2", "3", "4", "5"]

@@ -11,9 +11,7 @@ from hypothesis import strategies as st
 
 from critic_align.distances import noise_floor, sliced_wasserstein
 from critic_align.rollout import sample
-from critic_align.steps import DDIMStep, NoiseSchedule, StepOutput, predict_x0_eps
-from critic_align.tasks.gmm import GMMTask, LinearReward
-from steering import (
+from critic_align.steering import (
     effective_sample_size,
     flat_ancestors,
     multinomial,
@@ -24,6 +22,8 @@ from steering import (
     stratified,
     systematic,
 )
+from critic_align.steps import DDIMStep, NoiseSchedule, StepOutput, predict_x0_eps
+from critic_align.tasks.gmm import GMMTask, LinearReward
 
 SCHEMES = {"systematic": systematic, "stratified": stratified, "residual": residual, "multinomial": multinomial}
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from test_sd_pipelines import tiny_sd15_pipeline
 
+from critic_align.steering.diffusers import ScoreGuidedScheduler, SMCCallback, check_stochastic_scheduler, steer_pipeline
 from critic_align.steps import DDIMStep, NoiseSchedule
-from steering.diffusers import ScoreGuidedScheduler, SMCCallback, check_stochastic_scheduler, steer_pipeline
 
 
 def _sched(name, **kw):
@@ -199,7 +199,7 @@ def test_scheduler_noise_level_is_the_vp_equivalent_for_every_family():
     schedule's ᾱ_t at the same timestep; flow matching maps σ to (1−σ)²/((1−σ)²+σ²)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from steering.diffusers import scheduler_noise_level
+    from critic_align.steering.diffusers import scheduler_noise_level
 
     ddim = _sched("DDIMScheduler")
     euler = _sched("EulerAncestralDiscreteScheduler")

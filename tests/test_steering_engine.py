@@ -11,9 +11,7 @@ import pytest
 import torch
 
 from critic_align.distances import noise_floor, sliced_wasserstein
-from critic_align.steps import DDIMStep
-from critic_align.tasks.gmm import BoxReward, GMMTask, LinearReward
-from steering import (
+from critic_align.steering import (
     ParticleSystem,
     binary_soft_value,
     effective_sample_size,
@@ -24,7 +22,9 @@ from steering import (
     smc,
     steer,
 )
-from steering.values import capped_guided_output
+from critic_align.steering.values import capped_guided_output
+from critic_align.steps import DDIMStep
+from critic_align.tasks.gmm import BoxReward, GMMTask, LinearReward
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,9 +10,9 @@ from test_sd_pipelines import PROMPTS, brightness, tiny_sd3_pipeline, tiny_sd15_
 
 from critic_align.cond import TextCond
 from critic_align.critic import build_critic
+from critic_align.steering import critic_value_fn
+from critic_align.steering.diffusers import steer_pipeline
 from critic_align.tasks.sd import StableDiffusionTask
-from steering import critic_value_fn
-from steering.diffusers import steer_pipeline
 
 PAIR = ["a cat", "a dog"]
 

@@ -13,7 +13,7 @@ from critic_align.tasks.composition import is_held_out, parse_prompt, vocabulary
 def test_written_tokenizer_keeps_every_grammar_word_whole(tmp_path):
     from transformers import CLIPTokenizer
 
-    from train.train_t2i import MAX_TOKENS, write_tokenizer
+    from critic_align.train.train_t2i import MAX_TOKENS, write_tokenizer
 
     tok = write_tokenizer(tmp_path / "tok")
     again = CLIPTokenizer.from_pretrained(tmp_path / "tok")  # what the pipeline loads
@@ -29,7 +29,7 @@ def test_written_tokenizer_keeps_every_grammar_word_whole(tmp_path):
 
 
 def test_composition_sampler_never_draws_held_out_prompts():
-    from train.train_t2i import CompositionSampler
+    from critic_align.train.train_t2i import CompositionSampler
 
     s = CompositionSampler(seed=0)
     images, prompts = s.batch(400)
@@ -108,11 +108,11 @@ def test_workflow_train_export_lora_reload_reproduces_and_steers(tmp_path):
     from critic_align.checkpoint import latest_checkpoint
     from critic_align.rewards import CompositionScore
     from critic_align.rollout import sample
+    from critic_align.steering import critic_value_fn
+    from critic_align.steering.diffusers import steer_pipeline
     from critic_align.steps import DDIMStep
-    from steering import critic_value_fn
-    from steering.diffusers import steer_pipeline
-    from train.cli import main
-    from train.registry import build_trainer, load_run_dir
+    from critic_align.train.cli import main
+    from critic_align.train.registry import build_trainer, load_run_dir
 
     run_dir, lora_dir = tmp_path / "run", tmp_path / "lora"
     assert main(tiny_train_argv("t2i", run_dir)) == 0
@@ -151,7 +151,7 @@ def test_workflow_train_export_lora_reload_reproduces_and_steers(tmp_path):
 def test_pretrain_t2i_never_overwrites_a_pipeline(tmp_path):
     import pytest
 
-    from train.train_t2i import main
+    from critic_align.train.train_t2i import main
 
     (tmp_path / "model_index.json").write_text("{}")
     with pytest.raises(SystemExit, match="already holds a pipeline; pass another --out"):

@@ -22,7 +22,7 @@ def _tiny_pipeline(tmp_path):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from train.train_t2i import (
+    from critic_align.train.train_t2i import (
         build_sd3_pipeline,
         flow_scheduler_config,
         load_vae,
@@ -41,7 +41,7 @@ def _tiny_pipeline(tmp_path):
 
 
 def test_rectified_flow_pair_by_hand():
-    from train.pretrain_digits_dit import rectified_flow_pair
+    from critic_align.train.pretrain_digits_dit import rectified_flow_pair
 
     x0 = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
     eps = torch.tensor([[3.0, 1.0], [-1.0, 2.0]])
@@ -55,7 +55,7 @@ def test_training_conditioning_is_encode_prompt_and_fits_the_transformer(tmp_pat
     penultimate states side by side + max_sequence_length zero T5 tokens, pooled projections side by side; and the
     gradient reaches both text encoders (they are trained jointly)."""
     from critic_align.tasks.sd import StableDiffusionTask
-    from train.train_t2i import MAX_TOKENS, sd3_conditioning
+    from critic_align.train.train_t2i import MAX_TOKENS, sd3_conditioning
 
     pipe = _tiny_pipeline(tmp_path)
     embeds, pooled = sd3_conditioning(pipe, PROMPTS, 8)
@@ -81,7 +81,7 @@ def test_training_conditioning_is_encode_prompt_and_fits_the_transformer(tmp_pat
 
 
 def test_transformer_config_refuses_bad_sizes():
-    from train.train_t2i import transformer_config
+    from critic_align.train.train_t2i import transformer_config
 
     with pytest.raises(ValueError, match="multiple of the head size 32"):
         transformer_config(width=100)
@@ -93,9 +93,9 @@ def test_pretrain_t2i_sd3_writes_a_loadable_pipeline_and_evaluates(tmp_path):
     from diffusers import AutoencoderKL, StableDiffusion3Pipeline
     from safetensors.torch import load_file
 
-    from train.evaluate_t2i import main as evaluate
-    from train.evaluate_t2i import saved_kind
-    from train.train_t2i import main
+    from critic_align.train.evaluate_t2i import main as evaluate
+    from critic_align.train.evaluate_t2i import saved_kind
+    from critic_align.train.train_t2i import main
 
     out = tmp_path / "sd3"
     main(["--kind", "sd3", "--out", str(out), "--steps", "2", "--batch-size", "4", "--width", "32", "--layers", "1",
@@ -132,7 +132,7 @@ def test_pretrain_t2i_sd3_writes_a_loadable_pipeline_and_evaluates(tmp_path):
 
 
 def test_saved_kind_names_unknown_pipelines(tmp_path):
-    from train.evaluate_t2i import saved_kind
+    from critic_align.train.evaluate_t2i import saved_kind
 
     with pytest.raises(FileNotFoundError, match="no model_index.json"):
         saved_kind(tmp_path)
@@ -165,8 +165,8 @@ def test_t2i_sd3_config_trains_through_the_sd3_path(tmp_path):
     """critic-align train --config t2i_sd3 (tiny settings, its SDE window): the SD3 task, the flow SDE step, the
     pipeline's max_sequence_length; the policy LoRA exports and loads into the shipped pipeline."""
     from critic_align.steps import FlowMatchSDEStep
-    from train.cli import main
-    from train.registry import build_trainer, load_run_config, load_run_dir
+    from critic_align.train.cli import main
+    from critic_align.train.registry import build_trainer, load_run_config, load_run_dir
 
     run = load_run_config("t2i_sd3")
     assert run["task"] == "sd3" and run["ppo"].guidance_scale == 1.0 and run["ppo"].sde_window_size == 4

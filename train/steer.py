@@ -76,7 +76,7 @@ def build_steering_trainer(config: str | None, run_dir: str | None, out: str, ov
 def steer_with_trainer(trainer, method: str, prompts: list[str], particles: int = 4, scale: float = 0.0,
                        lam: float = 10.0, seed: int = 0, **kw):
     """Run one steering method with the trainer's policy, step, critic and rewards; returns (SteerResult, eval dict)."""
-    from steering import critic_value_fn, steer
+    from critic_align.steering import critic_value_fn, steer
 
     if method not in METHODS:
         raise ValueError(f"unknown steering method {method!r}; use one of {METHODS}")
