@@ -4,6 +4,7 @@ HPSv2.1, prompt metadata.  One tiny t2i run (the shipped tiny SD1.5 pipeline, 2 
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -191,12 +192,18 @@ def test_wandb_offline_run_holds_the_metrics_and_the_grids(tmp_path, monkeypatch
     assert main(argv) == 0
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
-    records = wandb_offline_records(next(offline[0].glob("run-*.wandb")))
-    history = [{(it.key or "/".join(it.nested_key)): json.loads(it.value_json) for it in r.history.item}
-               for r in records if r.WhichOneof("record_type") == "history"]
-    by_step = {h["_step"]: h for h in history}
     logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in logged if r["phase"] == "train"]
+    # W&B's service process writes the run file after finish() returns: read it until the last step is in (bounded)
+    deadline = time.monotonic() + 60
+    while True:
+        records = wandb_offline_records(next(offline[0].glob("run-*.wandb")))
+        history = [{(it.key or "/".join(it.nested_key)): json.loads(it.value_json) for it in r.history.item}
+                   for r in records if r.WhichOneof("record_type") == "history"]
+        by_step = {h["_step"]: h for h in history}
+        if all(r["reward_queries"] in by_step for r in train) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert len(train) == 2
     for row in train:  # each train row's numbers, at its reward_queries
         h = by_step[row["reward_queries"]]
