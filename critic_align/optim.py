@@ -13,6 +13,7 @@ groups (the policy's ``learning_rate``, the critic's ``critic_learning_rate``).
 from __future__ import annotations
 
 import importlib
+import types
 
 import torch
 
@@ -35,5 +36,18 @@ def build_optimizer(param_groups, config) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(param_groups, **kwargs)
     if name == "adamw_8bit":
-        return _bitsandbytes().optim.AdamW8bit(param_groups, **kwargs)
+        opt = _bitsandbytes().optim.AdamW8bit(param_groups, **kwargs)
+        opt.state_dict = types.MethodType(_flat_state_dict, opt)  # what checkpoints can store (see below)
+        return opt
     raise ValueError(f"config field optimizer={name!r}: use 'adamw' or 'adamw_8bit'")
+
+
+def _flat_state_dict(self) -> dict:
+    """torch's flat ``Optimizer.state_dict`` for bitsandbytes' 8-bit optimisers, whose own wraps the quantisation
+    state (state1/2, qmap1/2, absmax1/2) in a nested dict of tensors that a checkpoint's JSON cannot hold; their
+    ``load_state_dict`` takes either form.  The quantisation maps (256 values) are one tensor shared by every
+    parameter: each gets a copy, since safetensors refuses tensors that share memory."""
+    sd = torch.optim.Optimizer.state_dict(self)
+    sd["state"] = {i: {k: v.clone() if k.startswith("qmap") and isinstance(v, torch.Tensor) else v
+                       for k, v in st.items()} for i, st in sd["state"].items()}
+    return sd
