@@ -11,7 +11,7 @@ import torch
 from critic_align.checkpoint import optimizer_tensors, restore_optimizer
 from critic_align.config import PPOConfig
 from critic_align.optim import build_optimizer
-from train.cli import main
+from critic_align.train.cli import main
 
 
 def test_adamw_8bit_state_round_trips_through_a_checkpoint_exactly():
