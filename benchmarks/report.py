@@ -386,6 +386,16 @@ def section_kill_resume(path: Path) -> str:
     ]
     lines += [f"| {k} | {v} |" for k, v in sorted(phases.items(), key=lambda kv: -kv[1])]
     lines += ["", f"Total wall time {_fmt(d['total_wall_s'], 0)} s.", ""]
+    multi = [(int(k.split("_")[1]), v) for k, v in d.items() if k.startswith("processes_")]
+    if multi:
+        lines += ["Several processes (`--processes N`: every command under `torchrun --nproc_per_node N` on CPU, each "
+                  "kill SIGKILLs one rank chosen at random, the resume runs on N processes):", "",
+                  "| processes | kills | verdict | ranks killed | lost |", "|---|---|---|---|---|"]
+        for n, r in sorted(multi):
+            ranks = sorted({k.get("rank_killed") for k in r["kill_log"]}, key=str)
+            lines.append(f"| {n} | {r['kills']} | {r['verdict']} | {', '.join(map(str, ranks))} | "
+                         f"{0 if r['identical'] else len(r['differences'])} |")
+        lines.append("")
     return "\n".join(lines)
 
 
