@@ -17,14 +17,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gpu_throughput import SD3_VAE, SD15_UNET, SD35M_TRANSFORMER, SD_VAE  # noqa: E402
 
