@@ -123,6 +123,21 @@ def _from_pretrained(cls, source, what: str, owner: str, local_files_only: bool,
         ) from exc
 
 
+
+def processor_and_tokenizer(source, owner: str, local_files_only: bool):
+    """The CLIP image processor and tokenizer of ``source`` (transformers' "requires torchvision, falling back to PIL"
+    notice silenced: the rewards preprocess in torch ops and use only the processor's sizes and statistics)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        processor = _from_pretrained(AutoImageProcessor, source, "image processor", owner, local_files_only)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return processor, _from_pretrained(AutoTokenizer, source, "tokenizer", owner, local_files_only)
+
 def _dtype_kwarg() -> str:
     """``from_pretrained``'s dtype argument: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
     import transformers
@@ -315,20 +330,12 @@ class _CLIPReward(Reward):
         """Load the CLIP model, image processor settings and tokenizer now (otherwise done on first call)."""
         if self._model is not None:
             return
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-        from transformers.utils import logging as hf_logging
+        from transformers import CLIPModel
 
         owner = f"reward {self._display_name!r}"
         model = _from_pretrained(CLIPModel, self.model_source, "CLIP model", owner, self.local_files_only,
                                  **{_dtype_kwarg(): self.dtype})
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # silence "CLIPImageProcessor requires torchvision, falling back to PIL"
-        try:
-            processor = _from_pretrained(AutoImageProcessor, self.processor_source, "image processor", owner,
-                                         self.local_files_only)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        tokenizer = _from_pretrained(AutoTokenizer, self.processor_source, "tokenizer", owner, self.local_files_only)
+        processor, tokenizer = processor_and_tokenizer(self.processor_source, owner, self.local_files_only)
         model.eval().requires_grad_(False)
         if self.device is not None:
             model.to(self.device)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from critic_align.rewards.clip import CLIPImageTransform, _CLIPReward, _from_pretrained
+from critic_align.rewards.clip import CLIPImageTransform, _CLIPReward, processor_and_tokenizer
 
 __all__ = ["HPSv2", "clip_config_from_open_clip", "convert_open_clip_state_dict", "load_open_clip_state_dict"]
 
@@ -166,8 +166,7 @@ class HPSv2(_CLIPReward):
     def load(self) -> None:
         if self._model is not None:
             return
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-        from transformers.utils import logging as hf_logging
+        from transformers import CLIPModel
 
         owner = f"reward {self._display_name!r}"
         state = load_open_clip_state_dict(self.model_source)
@@ -179,14 +178,7 @@ class HPSv2(_CLIPReward):
         if missing or unexpected:
             raise ValueError(f"{owner}: the converted checkpoint does not fit CLIPModel: missing {missing[:5]}, "
                              f"unexpected {list(unexpected)[:5]}")
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # "CLIPImageProcessor requires torchvision, falling back to PIL"
-        try:
-            processor = _from_pretrained(AutoImageProcessor, self.processor_source, "image processor", owner,
-                                         self.local_files_only)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        tokenizer = _from_pretrained(AutoTokenizer, self.processor_source, "tokenizer", owner, self.local_files_only)
+        processor, tokenizer = processor_and_tokenizer(self.processor_source, owner, self.local_files_only)
         model = model.to(self.dtype).eval().requires_grad_(False)
         if self.device is not None:
             model.to(self.device)
