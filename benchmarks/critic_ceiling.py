@@ -112,7 +112,8 @@ def gmm_trainer(overrides: dict, seed: int, lr: float, out: Path, args):
 
 
 def digits_trainer(overrides: dict, seed: int, lr: float, out: Path, args):
-    from benchmarks.digits_advantages import evaluate_policy
+    from digits_advantages import evaluate_policy
+
     from critic_align.train.registry import build_trainer, load_run_config
 
     over = dict(overrides)

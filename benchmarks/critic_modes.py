@@ -41,7 +41,8 @@ def worker(mode: str, a) -> dict:
     import torch
 
     torch.set_num_threads(a.threads)
-    from benchmarks.digits_advantages import evaluate_policy
+    from digits_advantages import evaluate_policy
+
     from critic_align.train.registry import build_trainer, load_run_config
 
     over = dict(seed=a.seed, num_epochs=a.epochs, output_dir=str(Path(a.tmp) / f"run_{mode}"), progress=False,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.steering_table import TableSpec, add_table_args, run_table  # noqa: E402
+from steering_table import TableSpec, add_table_args, run_table  # noqa: E402
 
 
 def main(argv=None):

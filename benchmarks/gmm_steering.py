@@ -45,7 +45,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.gmm_critic import build  # noqa: E402
+from gmm_critic import build  # noqa: E402
+
 from critic_align.distances import noise_floor, sliced_wasserstein  # noqa: E402
 from critic_align.steering import binary_soft_value, critic_value_fn, exp_reward_target, exp_soft_value, steer  # noqa: E402
 from critic_align.steering.potentials import SoftValueFn  # noqa: E402

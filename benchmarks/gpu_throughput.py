@@ -412,7 +412,7 @@ def _trl_python(a) -> tuple[Path | None, dict]:
         if not py.exists():
             raise SystemExit(f"--trl-python {py} does not exist; give a Python with trl==0.23.1 installed, or --skip-trl")
         return py, {"python": str(py), "created": False}
-    from benchmarks.trl_ddpo_compare import TRL_VENV, ensure_trl_venv
+    from trl_ddpo_compare import TRL_VENV, ensure_trl_venv
 
     info = ensure_trl_venv(RESULTS / "gpu_throughput_trl_venv.log")
     return TRL_VENV / "bin" / "python", {"python": str(TRL_VENV / "bin" / "python"), **info}

@@ -152,7 +152,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     t_start = time.time()
-    from benchmarks.trl_ddpo_compare import build_pipeline
+    from trl_ddpo_compare import build_pipeline
 
     with tempfile.TemporaryDirectory(prefix="perf_") as tmp:
         layers = layer_costs()

@@ -11,27 +11,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.baselines import section as section_baselines  # noqa: E402
-from benchmarks.diversity_tradeoff import section as section_diversity_tradeoff  # noqa: E402
-from benchmarks.gpu_throughput import section as section_gpu_throughput  # noqa: E402
-from benchmarks.report_ceiling import answer as ceiling_answer  # noqa: E402
-from benchmarks.report_ceiling import section_ceiling, section_grafted  # noqa: E402
-from benchmarks.report_critic import section_critic_quality  # noqa: E402
-from benchmarks.report_perf import (  # noqa: E402
+from baselines import section as section_baselines  # noqa: E402
+from diversity_tradeoff import section as section_diversity_tradeoff  # noqa: E402
+from gpu_throughput import section as section_gpu_throughput  # noqa: E402
+from report_ceiling import answer as ceiling_answer  # noqa: E402
+from report_ceiling import section_ceiling, section_grafted  # noqa: E402
+from report_critic import section_critic_quality  # noqa: E402
+from report_perf import (  # noqa: E402
     section_critic_modes,
     section_perf,
     section_scaling,
     section_speed_defaults,
     section_trl_compare,
 )
-from benchmarks.report_steering import (  # noqa: E402
+from report_steering import (  # noqa: E402
     section_digits_steering,
     section_gmm_steering,
     section_t2i_steering,
 )
-from benchmarks.sde_window import section as section_sde_window  # noqa: E402
-from benchmarks.t2i_advantages import section as section_t2i_advantages  # noqa: E402
-from benchmarks.t2i_critic_offline import section as section_t2i_critic_offline  # noqa: E402
+from sde_window import section as section_sde_window  # noqa: E402
+from t2i_advantages import section as section_t2i_advantages  # noqa: E402
+from t2i_critic_offline import section as section_t2i_critic_offline  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def section_critic_quality(path: Path) -> str:
-    from benchmarks.report import _fmt as _f  # report.py imports this module: take its formatter at call time
+    from report import _fmt as _f  # report.py imports this module: take its formatter at call time
 
     d = json.loads(path.read_text())
     a = d["args"]

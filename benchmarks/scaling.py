@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
         Path(a.result).write_text(json.dumps(res))
         return res
 
-    from benchmarks.trl_ddpo_compare import build_pipeline
+    from trl_ddpo_compare import build_pipeline
 
     t_start = time.time()
     points = {}

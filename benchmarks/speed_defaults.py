@@ -66,7 +66,8 @@ def _epochs(trainer, n: int) -> dict:
 
 
 def worker_sd(a, overrides: dict) -> dict:
-    from benchmarks.trl_ddpo_compare import LORA_TARGETS, PROMPTS
+    from trl_ddpo_compare import LORA_TARGETS, PROMPTS
+
     from critic_align.config import PPOConfig
     from critic_align.rewards import FunctionReward, MultiReward
     from critic_align.tasks.sd import StableDiffusionTask, load_pipeline
@@ -205,7 +206,7 @@ def main(argv=None) -> dict:
         Path(a.result).write_text(json.dumps(res))
         return res
 
-    from benchmarks.trl_ddpo_compare import build_pipeline
+    from trl_ddpo_compare import build_pipeline
 
     t_start = time.time()
     with tempfile.TemporaryDirectory(prefix="speed_defaults_") as tmp:

@@ -33,7 +33,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.digits_advantages import _machine, queries_to_reach  # noqa: E402
+from digits_advantages import _machine, queries_to_reach  # noqa: E402
+
 from critic_align.rewards import CompositionCorrect, CompositionScore, MultiReward  # noqa: E402
 from critic_align.tasks.digits import ASSETS  # noqa: E402
 from critic_align.tasks.sd import read_prompts  # noqa: E402

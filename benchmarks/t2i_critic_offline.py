@@ -38,8 +38,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.digits_advantages import _machine  # noqa: E402
-from benchmarks.t2i_advantages import CONFIGS  # noqa: E402
+from digits_advantages import _machine  # noqa: E402
+from t2i_advantages import CONFIGS  # noqa: E402
+
 from critic_align.collect import x0_prediction_rewards  # noqa: E402
 from critic_align.diagnostics import explained_variance, value_report  # noqa: E402
 from critic_align.rollout import Rollout  # noqa: E402

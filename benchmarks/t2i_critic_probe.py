@@ -23,7 +23,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.digits_advantages import _machine  # noqa: E402
+from digits_advantages import _machine  # noqa: E402
+
 from critic_align.train.registry import build_trainer, load_run_config  # noqa: E402
 
 VARIANTS = {

@@ -23,7 +23,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.digits_advantages import _machine  # noqa: E402
+from digits_advantages import _machine  # noqa: E402
+
 from critic_align.rewards import CompositionScore  # noqa: E402
 from critic_align.tasks.composition import parse_prompt  # noqa: E402
 from critic_align.tasks.digits import ASSETS  # noqa: E402

@@ -1,5 +1,12 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# the benchmark scripts import each other as siblings (they run as `python benchmarks/<script>.py`, which puts their
+# folder on sys.path); tests that import them need the same
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 @pytest.fixture(autouse=True, scope="session")
