@@ -620,6 +620,40 @@ def test_an_endless_trickle_is_cut_at_the_deadline():
     srv.close()
 
 
+def test_an_http10_trickle_without_a_length_is_cut_at_the_deadline():
+    """An HTTP/1.0 answer without Content-Length (read until the server closes) trickling one byte every 0.5 s: http.client
+    drops its reference to the socket for such an answer, so the deadline must keep its own; timeout=1 returns after
+    ~1 s, not after the server's 8 s."""
+    import socket
+    import threading
+
+    from critic_align.rewards.remote import RemoteReward
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def serve():  # one connection, at most 16 bytes (8 s): the loop ends by itself
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(1 << 20)
+            try:
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n")
+                for _ in range(16):
+                    conn.sendall(b" ")
+                    time.sleep(0.5)
+            except OSError:
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    t0 = time.perf_counter()
+    with pytest.raises(RewardError, match=r"no answer within the timeout of 1 s"):
+        RemoteReward(f"http://127.0.0.1:{srv.getsockname()[1]}/score", timeout=1, retries=0)(torch.zeros(1, 3, 4, 4),
+                                                                                            ["a"])
+    assert time.perf_counter() - t0 < 2.5
+    srv.close()
+
+
 def test_a_queue_of_stalled_uploads_is_shed_together():
     """20 uploads that never send their body fill 2 workers and a queue of 18: each connection's deadline runs from
     its arrival, so all of them are shed about one connection_timeout after they came (not 10 timeouts later, one

@@ -267,12 +267,19 @@ class RemoteReward(Reward):
         path = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
         headers = {"Content-Type": "application/json", "Accept": "application/json", **self.headers}
         expired = threading.Event()
+        held = []  # the connected socket: http.client drops conn.sock once a response will close the connection
+        # (an HTTP/1.0 server, "Connection: close"), while the response still reads from it
 
         def abort():
+            # the shutdown ends a blocked read at once, but Linux still hands a read the bytes that arrive after it
+            # (a trickling server keeps a read loop alive): a 1 ms timeout makes the next read fail, and the body is
+            # read chunk by chunk with the deadline checked between chunks (_read_before)
             expired.set()
-            sock = conn.sock
-            if sock is not None:
+            for sock in held or [conn.sock]:
+                if sock is None:
+                    continue
                 try:
+                    sock.settimeout(0.001)
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
@@ -284,6 +291,9 @@ class RemoteReward(Reward):
         try:
             try:
                 conn.connect()
+                held.append(conn.sock)
+                if expired.is_set():  # the deadline passed while connecting
+                    abort()
             except (TimeoutError, socket.timeout) as exc:
                 raise _Retryable(timeout_msg) from exc
             except OSError as exc:
@@ -296,7 +306,7 @@ class RemoteReward(Reward):
             try:
                 conn.request("POST", path, body=body, headers=headers)
                 response = conn.getresponse()
-                raw = response.read()
+                raw = _read_before(response, expired)
             except (OSError, http.client.HTTPException) as exc:
                 if expired.is_set() or isinstance(exc, (TimeoutError, socket.timeout)):
                     raise _Retryable(timeout_msg) from exc
@@ -335,6 +345,22 @@ class RemoteReward(Reward):
             else:
                 raise RewardError(f"{where}: score {i} is {s!r}; scores must be numbers (or null for 'not applicable')")
         return out
+
+
+def _read_before(response, expired: threading.Event) -> bytes:
+    """The whole body of ``response``, one system call at a time, stopping with a timeout once ``expired`` is set
+    (a body cut short by the server is a failed connection, not a short answer)."""
+    parts = []
+    while True:
+        if expired.is_set():
+            raise TimeoutError("the deadline passed while the answer was arriving")
+        chunk = response.read1(1 << 16)
+        if not chunk:
+            break
+        parts.append(chunk)
+    if response.length:  # Content-Length announced more than arrived
+        raise http.client.IncompleteRead(b"".join(parts), response.length)
+    return b"".join(parts)
 
 
 def _error_detail(body: bytes) -> str:
