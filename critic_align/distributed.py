@@ -97,6 +97,15 @@ class Processes:
         # scaling by the number of processes makes the average the global sum of parts
         self.accelerator.backward(loss * self.num_processes)
 
+    def close(self) -> None:
+        """End the process group, on every process after its last collective: a process that exits while the
+        backend's threads still run can abort at exit ("terminate called without an active exception")."""
+        import torch.distributed as dist
+
+        if self.num_processes > 1 and dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     # ------------------------------------------------------------------------------------------------
     # what crosses processes
     def shard(self, n: int) -> slice:

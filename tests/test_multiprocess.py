@@ -81,6 +81,7 @@ def _two_process_worker(rank: int, tmp: str, port: int, algo: str = "ppo") -> No
     both = [torch.empty_like(flat) for _ in range(2)]
     dist.all_gather(both, flat)
     (tmp / f"nosync_rank{rank}.json").write_text(json.dumps({"equal": bool(torch.equal(both[0], both[1]))}))
+    tr.processes.close()  # the process group ends on both ranks before the interpreters exit
 
 
 @pytest.fixture(scope="module", params=sorted(ALGORITHMS))

@@ -94,6 +94,7 @@ def cmd_train(args) -> int:
     print(json.dumps(summary, indent=2))
     trainer.log.close()  # the trackers' runs end (W&B offline: its run directory is complete)
     unlock_for(trainer)
+    trainer.processes.close()  # several processes: the process group ends together, before the interpreters exit
     return 0
 
 
