@@ -170,3 +170,27 @@ def test_only_the_main_process_writes(runs):
     assert state["num_processes"] == 2 and len(state["rng_ranks"]) == 1  # both processes' RNG states
     tensors = load_file(str(ckpts[-1] / "tensors.safetensors"))
     assert "rng.rank1.generator" in tensors and "rng.generator" in tensors
+
+
+def test_the_cli_trains_on_two_processes_and_exits_cleanly(tmp_path):
+    """`torchrun --nproc_per_node 2 -m critic_align.train.cli train ...` (the README's CPU line): both ranks train, the
+    main process writes the run, and the launcher exits 0 (every rank ends the process group before exiting)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    sets = ["sample_chunk_size=8", "num_epochs=1", "batch_size=16", "group_size=4", "num_inference_steps=4",
+            "minibatch_size=32", "value_pretrain_epochs=1", "eval_every=0", "grid_every=0", "log_tensorboard=false",
+            "progress=false"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "critic_align.train.cli", "train", "--config", "digits", "--out", str(out)]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "terminate called" not in res.stderr
+    ckpt = sorted((out / "checkpoints").glob("epoch_*"))[-1]
+    assert json.loads((ckpt / "state.json").read_text())["num_processes"] == 2
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 1

@@ -75,6 +75,7 @@ def cmd_train(args) -> int:
         raise
     trainer.save_grid(out / "grid_after.png")
     if not trainer.is_main_process:  # multi-process (torchrun): only the main process writes outputs
+        trainer.processes.close()  # waits for the main process's close below
         return 0
     names = list(trainer.rewards.names) + (list(trainer.eval_rewards.names) if trainer.eval_rewards else [])
     head_ev = [f"value_ev/{n}" for n in trainer.rewards.names] if trainer.critic is not None else []
