@@ -17,9 +17,10 @@ process, each process pinned to its own core, a byte-counting shim on torch.dist
   (``torch.testing.assert_close`` with rtol 1e-3, atol 2e-5); ``max_weight_diff`` is the largest absolute
   difference (the attention key bias compared as the test compares it);
 * ``cross_rank_bytes_per_sample`` at 2 and 4 processes: the bytes a rank receives through torch.distributed's
-  collectives during the training epochs (the most of any rank), per epoch, divided by the global batch; the
-  hand-written gradient all-reduce of today's engine is reported apart (``gradient_allreduce_bytes_per_epoch``),
-  and DDP's own bucketed all-reduce runs in C++ and is not counted (see ``scaleout_worker.py``).  The 4-process runs
+  collectives during the training epochs (the most of any rank), per epoch, divided by the global batch; a
+  hand-written gradient all-reduce (the engine before accelerate's DDP had one; 0 since) is reported apart
+  (``gradient_allreduce_bytes_per_epoch``), and DDP's own bucketed all-reduce runs in C++ and is not counted (see
+  ``scaleout_worker.py``).  The 4-process runs
   (2 epochs, more processes than cores) count bytes only; their times are not used.
 
 Writes ``benchmarks/results/scaleout.json`` (``scaleout_quick.json`` with ``--quick``), with the machine's load
