@@ -334,11 +334,12 @@ def run_ours(model_dir: str, kind: str, mode: str, s: dict) -> dict:
 
 def run_trl(model_dir: str, s: dict) -> dict:
     """TRL 0.23.1's DDPOTrainer on the saved SD1.5 pipeline (runs in TRL's venv)."""
-    cuda = s["device"] == "cuda"
-    if not cuda:
-        import accelerate
+    import accelerate
 
-        accelerate.PartialState()  # before the pipeline: TRL's CPU path needs the state to exist
+    cuda = s["device"] == "cuda"
+    # before the pipeline, on every device: DefaultDDPOStableDiffusionPipeline logs a warning through accelerate's
+    # logger when the model folder has no LoRA file, and that logger raises without a state (seen on CUDA)
+    accelerate.PartialState()
     import torch
 
     if s["threads"]:

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from baselines import section as section_baselines  # noqa: E402
 from diversity_tradeoff import section as section_diversity_tradeoff  # noqa: E402
+from gpu_check import section as section_gpu_check  # noqa: E402
 from gpu_throughput import section as section_gpu_throughput  # noqa: E402
 from report_ceiling import answer as ceiling_answer  # noqa: E402
 from report_ceiling import section_ceiling, section_grafted  # noqa: E402
@@ -519,6 +520,7 @@ def main() -> str:
         if path.exists():
             parts.append(fn(path))
     # rendered also while its JSON is missing: then it says the script is ready and has not been run on a GPU yet
+    parts.append(section_gpu_check(RESULTS / "gpu_check.json"))
     parts.append(section_gpu_throughput(RESULTS / "gpu_throughput.json"))
     notes = ROOT / "benchmarks" / "NOTES.md"
     if notes.exists():

@@ -48,7 +48,9 @@ def collect(models, task, rewards, timesteps: torch.Tensor, prompts, shard: slic
     with ChunkScorer(task, rewards, device, overlap) as scorer:
         for i in range(shard.start, shard.stop, chunk_size):
             local = slice(i - shard.start, min(i + chunk_size, shard.stop) - shard.start)
-            g = torch.Generator(device=device).manual_seed(seeds[i // chunk_size])
+            # a CPU generator on every device: the step noise is drawn on the CPU and moved (steps.step_noise), so a
+            # seed gives the same trajectories on a CPU and a GPU
+            g = torch.Generator().manual_seed(seeds[i // chunk_size])
             c_sl = None if cond is None else cond[local]
             x = x_T[i:i + (local.stop - local.start)].to(device)
             chunks.append(sample_trajectories(models.policy_output, models.step, x, ts, c_sl, mine[local],

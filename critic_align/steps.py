@@ -36,6 +36,15 @@ _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
+def step_noise(x: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal noise of ``x``'s shape on ``x``'s device, drawn from ``generator`` on the generator's own
+    device (a CPU generator drives a CUDA rollout: the same seed gives the same trajectories on every device);
+    without a generator, from the global RNG of ``x``'s device."""
+    if generator is None:
+        return torch.randn_like(x)
+    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=dtype).to(x.device)
+
+
 @dataclass(frozen=True)
 class StepOutput:
     """Result of one transition x_t -> x_{t-1}.
@@ -293,8 +302,7 @@ class DDIMStep:
             return StepOutput(prev_sample=mean.to(x_t.dtype), log_prob=None, mean=mean, std=std, x0_pred=x0,
                               eps_pred=eps)
         if prev_sample is None:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=dtype) if generator is not None \
-                else torch.randn_like(x)
+            noise = step_noise(x, generator, dtype)
             # round to the storage dtype *before* scoring, so re-scoring the stored sample is exact
             prev_sample = (mean + std * noise).to(x_t.dtype).to(dtype)
         else:
@@ -551,8 +559,7 @@ class FlowMatchSDEStep:
         mean = x * (1 + std_t**2 / (2 * sigma) * dt) + v * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
         std = std_t * (-dt).sqrt()
         if prev_sample is None:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=dtype) if generator is not None \
-                else torch.randn_like(x)
+            noise = step_noise(x, generator, dtype)
             # round to the storage dtype *before* scoring, so re-scoring the stored sample is exact
             prev_sample = (mean + std * noise).to(x_t.dtype).to(dtype)
         else:

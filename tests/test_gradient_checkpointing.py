@@ -51,7 +51,7 @@ class _TextTask(BaseTask):
 
 
 def _reward(samples, prompts):
-    target = torch.tensor([int(p) / 3 * 2 - 1 for p in prompts])
+    target = torch.tensor([int(p) / 3 * 2 - 1 for p in prompts], device=samples.device)
     return -(samples.mean(dim=(1, 2, 3)) - target).abs()
 
 
@@ -88,7 +88,7 @@ def _perturb(params, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in params:
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)  # away from the identity, so the wrong adapter shows
+            p.add_(torch.randn(p.shape, generator=g).to(p.device) * 0.05)  # away from the identity, so the wrong adapter shows
 
 
 def _gae_gradients(tmp_path, kind, checkpointing, monkeypatch, **overrides):

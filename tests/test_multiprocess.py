@@ -125,17 +125,8 @@ def test_rollouts_are_rank_local(runs):
     assert len(p0) == len(p1) == len(one) // 2 and p0 + p1 == one
 
 
-def test_two_processes_equal_one_process(runs):
-    one, two = load_file(str(runs / "one.safetensors")), load_file(str(runs / "rank0.safetensors"))
-    torch.testing.assert_close(two["latents"], one["latents"], rtol=0, atol=1e-6)  # same trajectories
-    torch.testing.assert_close(two["rewards"], one["rewards"], rtol=0, atol=1e-6)  # gathered in order
-    torch.testing.assert_close(two["advantages"], one["advantages"], rtol=0, atol=1e-6)  # whole-batch statistics
-    # both adapters trained in both runs (the critic's LoRA and head too, where there is a critic)
-    moved_one, moved_two = (json.loads((runs / f"{t}_moved.json").read_text()) for t in ("one", "rank0"))
-    assert moved_one == moved_two and "policy" in moved_two
-    assert ("critic" in moved_two) == any(k.startswith("critic.") for k in one)
-    moved = [k for k in one if k.startswith("policy.") and "lora_B" in k and one[k].abs().max() > 0]
-    assert moved, "training did not move the policy: the comparison would be vacuous"
+def assert_weights_match(one: dict, two: dict, rtol: float, atol: float) -> None:
+    """The trained weights of two runs (``_weights`` plus the first batch, as ``_run`` saves them) agree."""
     for k in one:
         if k in ("latents", "rewards", "advantages"):
             continue
@@ -149,7 +140,21 @@ def test_two_processes_equal_one_process(runs):
             a, b = torch.cat([a[:c], a[2 * c:]]), torch.cat([b[:c], b[2 * c:]])
         # float summation order differs (one sum vs two half-sums); Adam's normalised steps turn ~1e-7 gradient
         # differences into ~1e-6 weight differences after a few steps; the weights moved by ~1e-2
-        torch.testing.assert_close(b, a, rtol=1e-3, atol=2e-5, msg=k)
+        torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=k)
+
+
+def test_two_processes_equal_one_process(runs):
+    one, two = load_file(str(runs / "one.safetensors")), load_file(str(runs / "rank0.safetensors"))
+    torch.testing.assert_close(two["latents"], one["latents"], rtol=0, atol=1e-6)  # same trajectories
+    torch.testing.assert_close(two["rewards"], one["rewards"], rtol=0, atol=1e-6)  # gathered in order
+    torch.testing.assert_close(two["advantages"], one["advantages"], rtol=0, atol=1e-6)  # whole-batch statistics
+    # both adapters trained in both runs (the critic's LoRA and head too, where there is a critic)
+    moved_one, moved_two = (json.loads((runs / f"{t}_moved.json").read_text()) for t in ("one", "rank0"))
+    assert moved_one == moved_two and "policy" in moved_two
+    assert ("critic" in moved_two) == any(k.startswith("critic.") for k in one)
+    moved = [k for k in one if k.startswith("policy.") and "lora_B" in k and one[k].abs().max() > 0]
+    assert moved, "training did not move the policy: the comparison would be vacuous"
+    assert_weights_match(one, two, rtol=1e-3, atol=2e-5)
     h1, h2 = (json.loads((runs / f"{t}.json").read_text()) for t in ("one", "rank0"))
     pretraining = 8 if "critic.head.attn.in_proj_bias" in one else 0
     assert h1["reward_queries"] == h2["reward_queries"] == 8 + pretraining + 2 * 8  # first rollout + pretrain + 2 epochs

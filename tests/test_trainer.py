@@ -35,7 +35,7 @@ class TinyTask(BaseTask):
 
 def brightness_matches_label(samples, prompts):
     """A cheap reward that depends on both the sample and the prompt."""
-    target = torch.tensor([int(p) / 3 * 2 - 1 for p in prompts])
+    target = torch.tensor([int(p) / 3 * 2 - 1 for p in prompts], device=samples.device)
     return -(samples.mean(dim=(1, 2, 3)) - target).abs()
 
 
@@ -61,7 +61,7 @@ def perturb_lora(trainer, name="policy", scale=0.05, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in trainer.adapters.parameters(name):
-            p.add_(torch.randn(p.shape, generator=g) * scale)
+            p.add_(torch.randn(p.shape, generator=g).to(p.device) * scale)
 
 
 def test_on_policy_ratio_is_one(tmp_path):

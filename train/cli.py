@@ -89,6 +89,7 @@ def cmd_train(args) -> int:
                      + [f"eval/value_calib_steps_{b}" for b in buckets], title="critic on the held-out batch")
     summary = run_summary(out, names, trainer.epoch, trainer.reward_queries, cfg, trainer.rewards.names)
     summary["this_process_seconds"] = time.time() - start
+    summary["device"], summary["num_processes"] = str(trainer.device), trainer.num_processes  # where it ran
     if resume:
         summary["resumed_from"] = str(ckpt)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
