@@ -37,9 +37,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from critic_align.api import build_trainer  # noqa: E402
 from critic_align.diagnostics import bucket_edges  # noqa: E402
 from critic_align.rollout import sample  # noqa: E402
-from critic_align.train.registry import build_trainer, load_run_config  # noqa: E402
+from critic_align.train.registry import load_run_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BODIES = {"mid": {"critic_features": "mid", "critic_cond": False}, "multi": {"critic_features": "multi", "critic_cond": True},

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch  # noqa: E402
 
-from critic_align.train.registry import build_trainer, load_run_config  # noqa: E402
+from critic_align.api import build_trainer  # noqa: E402
+from critic_align.train.registry import load_run_config  # noqa: E402
 
 TINY = {"num_epochs": 2, "batch_size": 16, "group_size": 8, "num_inference_steps": 5, "sample_chunk_size": 16,
         "minibatch_size": 40, "value_pretrain_epochs": 1, "value_pretrain_passes": 1, "progress": False,

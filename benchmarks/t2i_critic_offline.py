@@ -41,13 +41,14 @@ ROOT = Path(__file__).resolve().parents[1]
 from digits_advantages import _machine  # noqa: E402
 from t2i_advantages import CONFIGS  # noqa: E402
 
+from critic_align.api import build_trainer  # noqa: E402
 from critic_align.collect import x0_prediction_rewards  # noqa: E402
 from critic_align.diagnostics import explained_variance, value_report  # noqa: E402
 from critic_align.rollout import Rollout  # noqa: E402
 from critic_align.tasks.composition import parse_prompt  # noqa: E402
 from critic_align.tasks.digits import ASSETS  # noqa: E402
 from critic_align.tasks.sd import read_prompts  # noqa: E402
-from critic_align.train.registry import build_trainer, load_run_config  # noqa: E402
+from critic_align.train.registry import load_run_config  # noqa: E402
 from critic_align.value_data import trajectory_states  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

@@ -344,8 +344,9 @@ def test_flux_run_config_builds_and_exports(tmp_path):
     import yaml
     from diffusers import FluxPipeline
 
+    from critic_align.api import build_trainer
     from critic_align.train.cli import main
-    from critic_align.train.registry import build_trainer, load_run_config
+    from critic_align.train.registry import load_run_config
 
     run = load_run_config("flux_pickscore")
     assert run["task"] == "flux" and run["ppo"].guidance_scale == 1.0

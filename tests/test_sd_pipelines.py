@@ -384,7 +384,8 @@ SD_CONFIGS = ("sd15_jpeg", "sd15_pickscore", "sd15_hpsv2", "sd35m_jpeg", "sd35m_
 
 @pytest.mark.parametrize("name", SD_CONFIGS)
 def test_shipped_sd_configs_load_and_name_their_missing_weights(name):
-    from critic_align.train.registry import build_rewards, build_trainer, load_run_config
+    from critic_align.api import build_trainer
+    from critic_align.train.registry import build_rewards, load_run_config
 
     run = load_run_config(name)
     assert run["task"] in ("sd15", "sd3") and run["ppo"].guidance_scale == 1.0  # CFG-free
@@ -398,10 +399,11 @@ def test_cli_train_and_export_lora_sd15(tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
+    from critic_align.api import build_trainer
     from critic_align.backbones import LoraAdapters
     from critic_align.checkpoint import latest_checkpoint
     from critic_align.train.cli import main
-    from critic_align.train.registry import build_trainer, load_run_config
+    from critic_align.train.registry import load_run_config
 
     tiny_sd15_pipeline(tmp_path).save_pretrained(tmp_path / "base")
     (tmp_path / "prompts.txt").write_text("# animals\na cat\n\nowl\n")

@@ -75,7 +75,8 @@ def test_evaluate_samples_means_and_splits(tmp_path):
     import torch
 
     from benchmarks.steering_table import TableSpec, split_evals
-    from critic_align.train.registry import build_trainer, load_run_config
+    from critic_align.api import build_trainer
+    from critic_align.train.registry import load_run_config
     from critic_align.train.steer import evaluate_samples
 
     trainer = build_trainer(load_run_config("digits", {"output_dir": str(tmp_path), "batch_size": 8}))

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .registry import build_trainer, load_run_config, load_run_dir, parse_overrides, write_run_dir
+from critic_align.api import build_trainer, load_run, load_run_dir, write_run_dir
+
+from .registry import load_run_config, parse_overrides
 
 METHODS = ("base", "bon", "guidance", "guidance+bon", "smc", "smc_x0")
 
@@ -60,10 +62,10 @@ def build_steering_trainer(config: str | None, run_dir: str | None, out: str, ov
     if run_dir is not None and run["ppo"].sde_window_size:
         print(f"note: {run_dir} trained its critic on SDE windows of {run['ppo'].sde_window_size} steps "
               f"(first step in {run['ppo'].sde_window_range or 'anywhere'}); steering queries it at every step")
-    trainer = build_trainer(run)
+    # a run's weights are reused under this command's sampling config
+    trainer = load_run(run_dir, overrides, ckpt) if ckpt is not None else build_trainer(run)
     Path(out).mkdir(parents=True, exist_ok=True)
     if ckpt is not None:
-        trainer.load(ckpt, resume=False)  # reuse the weights under this command's sampling config
         print(f"loaded policy + critic from {ckpt}")
     else:
         print(f"pretraining the critic on the base policy ({run['ppo'].value_pretrain_epochs} rollout batches)")
