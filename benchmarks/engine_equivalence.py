@@ -38,7 +38,7 @@ def run(config: str) -> dict:
         trainer.train()
         rows = [json.loads(line) for line in open(Path(d) / "metrics.jsonl")]
         digest = hashlib.sha256()
-        for p in trainer._trainable:
+        for p in trainer.trainable:
             digest.update(p.detach().cpu().numpy().tobytes())
     return {"rows": [{k: v for k, v in r.items() if "time" not in k} for r in rows], "weights": digest.hexdigest()[:16]}
 

@@ -291,7 +291,7 @@ def test_flux_two_epochs_lora_export_reproduces_policy_samples(tmp_path):
     assert [h["epoch"] for h in history] == [1, 2] and history[-1]["reward_queries"] == 12
     assert_only_lora_changed(trainer, pipe, "transformer", before_frozen, before_lora)
 
-    out = save_policy_lora(trainer, tmp_path / "lora")
+    out = save_policy_lora(trainer.task, trainer.models, trainer.config, tmp_path / "lora")
     assert (out / "pytorch_lora_weights.safetensors").exists()
     fresh = FluxPipeline.from_pretrained(tmp_path / "base", local_files_only=True)
     fresh.set_progress_bar_config(disable=True)

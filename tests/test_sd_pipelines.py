@@ -243,7 +243,7 @@ def test_sd15_one_epoch_only_lora_changes_and_lora_roundtrip(tmp_path):
     assert len(history) == 1 and history[0]["reward_queries"] == 8
     assert_only_lora_changed(trainer, pipe, "unet", before_frozen, before_lora)
 
-    out = save_policy_lora(trainer, tmp_path / "lora")
+    out = save_policy_lora(trainer.task, trainer.models, trainer.config, tmp_path / "lora")
     assert (out / "pytorch_lora_weights.safetensors").exists()
     fresh = StableDiffusionPipeline.from_pretrained(tmp_path / "base", local_files_only=True)
     fresh.set_progress_bar_config(disable=True)
@@ -310,7 +310,7 @@ def test_sd3_one_epoch_only_lora_changes_and_lora_roundtrip(tmp_path):
     assert len(history) == 1 and history[0]["reward_queries"] == 8
     assert_only_lora_changed(trainer, pipe, "transformer", before_frozen, before_lora)
 
-    out = save_policy_lora(trainer, tmp_path / "lora")
+    out = save_policy_lora(trainer.task, trainer.models, trainer.config, tmp_path / "lora")
     with pytest.raises(ValueError, match="drop_t5=True"):
         load_pipeline(tmp_path / "base", kind="sd3")
     fresh = load_pipeline(tmp_path / "base", kind="sd3", drop_t5=True)

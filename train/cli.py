@@ -29,7 +29,7 @@ def cmd_train(args) -> int:
     from critic_align.best import CollapseError
     from critic_align.diagnostics import bucket_edges
     from critic_align.launch import check_launch
-    from critic_align.runlock import check_free, check_writable, lock_for, unlock_for
+    from critic_align.runlock import check_free, check_writable
     from critic_align.trackers import check_trackers_installed
     from critic_align.viz import plot_metrics
 
@@ -54,7 +54,7 @@ def cmd_train(args) -> int:
     if ckpt is not None:
         _check_epochs_left(ckpt, cfg.num_epochs)
     trainer = build_trainer(run)
-    lock_for(trainer, "resume" if resume else "write to")  # held until this process exits
+    trainer.lock.take("resume" if resume else "write to")  # held until this process exits
     if trainer.is_main_process:  # what steer / sample / export-lora need to rebuild the run
         write_run_dir(out, run)
     if resume:
@@ -95,7 +95,7 @@ def cmd_train(args) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     trainer.log.close()  # the trackers' runs end (W&B offline: its run directory is complete)
-    unlock_for(trainer)
+    trainer.lock.release()
     trainer.processes.close()  # several processes: the process group ends together, before the interpreters exit
     return 0
 
