@@ -79,7 +79,8 @@ def epochs_for(budget: int, batch: int, pretrain_batches: int, needs_critic: boo
 
 
 def run_digits(method: str, seed: int, budget: int, overrides: dict, workdir: Path) -> dict:
-    from critic_align.train.registry import build_trainer, load_run_config
+    from critic_align.api import build_trainer
+    from critic_align.train.registry import load_run_config
 
     critic = DIGITS_CRITIC if METHODS[method]["advantage"] == "gae" else {}
     over = {**critic, **overrides, **METHODS[method], "seed": seed, "output_dir": str(workdir / f"digits_{method}_seed{seed}"),

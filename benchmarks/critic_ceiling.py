@@ -114,7 +114,8 @@ def gmm_trainer(overrides: dict, seed: int, lr: float, out: Path, args):
 def digits_trainer(overrides: dict, seed: int, lr: float, out: Path, args):
     from digits_advantages import evaluate_policy
 
-    from critic_align.train.registry import build_trainer, load_run_config
+    from critic_align.api import build_trainer
+    from critic_align.train.registry import load_run_config
 
     over = dict(overrides)
     if over.get("algorithm") == "awm":  # the oracle at every (trajectory, step) row of full trajectories is too dear

@@ -31,10 +31,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from critic_align.api import build_trainer  # noqa: E402
 from critic_align.collect import x0_prediction_rewards  # noqa: E402
 from critic_align.oracle import explained_variance, rollout_oracle_values  # noqa: E402
 from critic_align.rollout import sample_trajectories  # noqa: E402
-from critic_align.train.registry import build_trainer, load_run_config  # noqa: E402
+from critic_align.train.registry import load_run_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -43,7 +43,8 @@ def worker(mode: str, a) -> dict:
     torch.set_num_threads(a.threads)
     from digits_advantages import evaluate_policy
 
-    from critic_align.train.registry import build_trainer, load_run_config
+    from critic_align.api import build_trainer
+    from critic_align.train.registry import load_run_config
 
     over = dict(seed=a.seed, num_epochs=a.epochs, output_dir=str(Path(a.tmp) / f"run_{mode}"), progress=False,
                 grid_every=0, checkpoint_every=0, log_tensorboard=False)

@@ -37,9 +37,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from critic_align.api import build_trainer  # noqa: E402
+from critic_align.collect import critic_values  # noqa: E402
 from critic_align.diagnostics import bucket_edges  # noqa: E402
 from critic_align.rollout import sample  # noqa: E402
-from critic_align.train.registry import build_trainer, load_run_config  # noqa: E402
+from critic_align.train.registry import load_run_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BODIES = {"mid": {"critic_features": "mid", "critic_cond": False}, "multi": {"critic_features": "multi", "critic_cond": True},
@@ -66,7 +68,7 @@ def run_cell(body: str, data: str, recipe: str, targets: str, seed: int, args, w
     trainer.pretrain_value()
     t_fit = time.time() - t0
     ro = heldout_batch(trainer, args.heldout, seed)
-    rep = trainer.value_report(ro, trainer.compute_values(ro))
+    rep = trainer.value_report(ro, critic_values(trainer.models, ro))
     buckets = [k for k in rep if k.startswith("value_ev_steps_")]
     calib = [k for k in rep if k.startswith("value_calib_steps_")]
     return {"body": body, "data": data, "recipe": recipe, "targets": targets, "seed": seed, "ev_all": rep["value_ev"],
@@ -92,7 +94,7 @@ def ev_ceiling(seed: int, args, workdir: Path) -> dict:
         x = ro.latents[:, k].repeat_interleave(args.continuations, 0)
         cond = ro.cond.repeat_interleave(args.continuations, 0)
         final = sample(trainer.policy_output, trainer.step, x, trainer.timesteps[k:], cond,
-                       prev_timesteps=trainer.prev_timesteps[k:], generator=g)
+                       prev_timesteps=trainer.schedule.prev_timesteps(trainer.timesteps)[k:], generator=g)
         prompts = [p for p in ro.prompts for _ in range(args.continuations)]
         rc = trainer.rewards(trainer.task.decode(final), prompts)[:, 0].double().view(-1, args.continuations)
         v_hat, s2 = rc.mean(1), rc.var(1, unbiased=True)

@@ -21,8 +21,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from critic_align.api import build_trainer  # noqa: E402
 from critic_align.diagnostics import within_prompt_diversity  # noqa: E402
-from critic_align.train.registry import build_trainer, load_run_config  # noqa: E402
+from critic_align.train.registry import load_run_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -11,7 +11,8 @@ import json
 import sys
 import time
 
-from critic_align.train.registry import build_trainer, load_run_config  # noqa: E402
+from critic_align.api import build_trainer  # noqa: E402
+from critic_align.train.registry import load_run_config  # noqa: E402
 
 settings = json.loads(sys.argv[1])
 n = int(sys.argv[2])

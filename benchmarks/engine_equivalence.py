@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch  # noqa: E402
 
-from critic_align.train.registry import build_trainer, load_run_config  # noqa: E402
+from critic_align.api import build_trainer  # noqa: E402
+from critic_align.train.registry import load_run_config  # noqa: E402
 
 TINY = {"num_epochs": 2, "batch_size": 16, "group_size": 8, "num_inference_steps": 5, "sample_chunk_size": 16,
         "minibatch_size": 40, "value_pretrain_epochs": 1, "value_pretrain_passes": 1, "progress": False,
@@ -37,7 +38,7 @@ def run(config: str) -> dict:
         trainer.train()
         rows = [json.loads(line) for line in open(Path(d) / "metrics.jsonl")]
         digest = hashlib.sha256()
-        for p in trainer._trainable:
+        for p in trainer.trainable:
             digest.update(p.detach().cpu().numpy().tobytes())
     return {"rows": [{k: v for k, v in r.items() if "time" not in k} for r in rows], "weights": digest.hexdigest()[:16]}
 

@@ -69,7 +69,7 @@ def sampler_values(trainer, x_t, k, n_cont, rewards):
     b = x_t.shape[0]
     xs = x_t.repeat_interleave(n_cont, 0)
     ts = trainer.timesteps[k:]
-    prev = trainer.prev_timesteps[k:]
+    prev = trainer.schedule.prev_timesteps(trainer.timesteps)[k:]
     final = sample(trainer.reference_output, trainer.step, xs, ts, None, prev_timesteps=prev)
     vals, errs = [], []
     for r in rewards.values():

@@ -82,7 +82,8 @@ def layer_costs(reps: int = 10) -> list[dict]:
 
 
 def _digits_trainer(mode: str, fused: bool, tmp: str):
-    from critic_align.train.registry import build_trainer, load_run_config
+    from critic_align.api import build_trainer
+    from critic_align.train.registry import load_run_config
 
     run = load_run_config("digits", dict(advantage=mode, fused_lora=fused, value_pretrain_epochs=0, progress=False,
                                          log_tensorboard=False, grid_every=0, checkpoint_every=0,

@@ -27,7 +27,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from critic_align.train.registry import build_rewards, build_trainer, load_run_config  # noqa: E402
+from critic_align.api import build_trainer  # noqa: E402
+from critic_align.train.registry import build_rewards, load_run_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = {"single": "digits_hack_single", "joint": "digits_hack_joint"}

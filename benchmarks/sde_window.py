@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 from digits_advantages import _machine  # noqa: E402
 from digits_advantages import evaluate_policy as evaluate_digits  # noqa: E402
 
-from critic_align.train.registry import build_trainer, load_run_config  # noqa: E402
+from critic_align.api import build_trainer  # noqa: E402
+from critic_align.train.registry import load_run_config  # noqa: E402
 
 # per config: the trained reward's key (the metric compared), its 0/1 companion, and whether diversity is measured
 METRICS = {"digits": ("digit_prob", "digit_correct", True), "t2i": ("composition", "composition_correct", False)}

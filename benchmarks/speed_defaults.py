@@ -86,7 +86,8 @@ def worker_sd(a, overrides: dict) -> dict:
 
 
 def _digits(mode: str, tmp: str, **overrides):
-    from critic_align.train.registry import build_trainer, load_run_config
+    from critic_align.api import build_trainer
+    from critic_align.train.registry import load_run_config
 
     run = load_run_config("digits", dict(advantage=mode, value_pretrain_epochs=0, progress=False, log_tensorboard=False,
                                          grid_every=0, checkpoint_every=0, output_dir=str(Path(tmp) / "digits"),

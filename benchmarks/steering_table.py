@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from critic_align.train.steer import build_steering_trainer, evaluate_samples, reads_x0_reward, steer_with_trainer
+from critic_align.train.steer import SteeringRun, build_steering_trainer, evaluate_samples, reads_x0_reward, steer_run
 
 
 @dataclass
@@ -112,16 +112,17 @@ def run_table(spec: TableSpec, args) -> dict:
     trainer, run = build_steering_trainer(None if run_dir else spec.config, run_dir, str(critic_dir),
                                           {"critic_x0_reward": True} if x0 and not run_dir else None,
                                           critic_epochs=None if run_dir else args.critic_epochs)
-    if x0 and not reads_x0_reward(trainer):
+    if x0 and not reads_x0_reward(trainer.critic):
         raise ValueError(f"--critic-x0-reward: the critic of {run_dir} does not read r(decode(x0_pred))")
-    guided = not reads_x0_reward(trainer)  # gradient guidance needs a critic of the latent alone
+    guided = not reads_x0_reward(trainer.critic)  # gradient guidance needs a critic of the latent alone
     critic_time = time.time() - t0
+    steering = SteeringRun(trainer.models, trainer.task, trainer.timesteps, trainer.rewards, trainer.eval_rewards)
     prompts = spec.prompts
     rows = []
 
     def record(method, n, **kw):
-        res, evals = steer_with_trainer(trainer, method, prompts, particles=n, seed=args.seed,
-                                        output=args.smc_output, reward_price=args.reward_price, **kw)
+        res, evals = steer_run(steering, method, prompts, particles=n, seed=args.seed,
+                               output=args.smc_output, reward_price=args.reward_price, **kw)
         row = {"method": method, "particles": n, **{k: v for k, v in kw.items() if k in ("scale", "lam")},
                "rewards": evals, **res.cost.to_dict(),
                "resample_rate": float(res.resampled.float().mean()) if res.resampled.numel() else 0.0,
@@ -177,7 +178,7 @@ def split_evals(trainer, decoded: torch.Tensor, splits: dict[str, list[str]]) ->
     """The rewards of each prompt split's chosen samples (decoded holds one sample per prompt, splits in order)."""
     out, start = {}, 0
     for name, ps in splits.items():
-        out[name] = evaluate_samples(trainer, decoded[start:start + len(ps)], ps)
+        out[name] = evaluate_samples(trainer.rewards, trainer.eval_rewards, decoded[start:start + len(ps)], ps)
         start += len(ps)
     return out
 

@@ -35,10 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from digits_advantages import _machine, queries_to_reach  # noqa: E402
 
+from critic_align.api import build_trainer  # noqa: E402
 from critic_align.rewards import CompositionCorrect, CompositionScore, MultiReward  # noqa: E402
 from critic_align.tasks.digits import ASSETS  # noqa: E402
 from critic_align.tasks.sd import read_prompts  # noqa: E402
-from critic_align.train.registry import build_trainer, load_run_config  # noqa: E402
+from critic_align.train.registry import load_run_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # --config -> (its shipped pipeline under critic_align/assets, the pipeline class and path named in the report)

@@ -41,14 +41,16 @@ ROOT = Path(__file__).resolve().parents[1]
 from digits_advantages import _machine  # noqa: E402
 from t2i_advantages import CONFIGS  # noqa: E402
 
-from critic_align.collect import x0_prediction_rewards  # noqa: E402
+from critic_align.api import build_trainer  # noqa: E402
+from critic_align.collect import critic_values, x0_prediction_rewards  # noqa: E402
 from critic_align.diagnostics import explained_variance, value_report  # noqa: E402
 from critic_align.rollout import Rollout  # noqa: E402
 from critic_align.tasks.composition import parse_prompt  # noqa: E402
 from critic_align.tasks.digits import ASSETS  # noqa: E402
 from critic_align.tasks.sd import read_prompts  # noqa: E402
-from critic_align.train.registry import build_trainer, load_run_config  # noqa: E402
+from critic_align.train.registry import load_run_config  # noqa: E402
 from critic_align.value_data import trajectory_states  # noqa: E402
+from critic_align.value_fit import fit_values, mc_returns  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -110,8 +112,8 @@ def calibrate(train_x0r: torch.Tensor, train_ret: torch.Tensor, test_x0r: torch.
 
 
 def report(trainer, ro: Rollout) -> dict:
-    values = trainer.compute_values(ro)
-    return value_report(values, trainer.mc_returns(ro), ~torch.isnan(ro.rewards.float()), trainer.rewards.names)
+    values = critic_values(trainer.models, ro)
+    return value_report(values, mc_returns(ro, trainer.config.gamma), ~torch.isnan(ro.rewards.float()), trainer.rewards.names)
 
 
 def section(path: Path) -> str:
@@ -196,7 +198,7 @@ def main(argv=None) -> dict:
     print(f"sampled {train.batch_size} + {test.batch_size} trajectories of {train.num_steps} steps in {sample_s:.0f} s",
           flush=True)
     trainer.critic.head.set_output_scale(train.rewards)
-    vb = trajectory_states(train.latents, train.timesteps, train.cond, trainer.mc_returns(train), train.rewards,
+    vb = trajectory_states(train.latents, train.timesteps, train.cond, mc_returns(train, trainer.config.gamma), train.rewards,
                            train.x0_rewards)  # x0_rewards: recorded under --set critic_x0_reward=true
     fit_part = train.select(torch.arange(min(test.batch_size, train.batch_size)))
     refs = reference_evs(test, train, args.group)
@@ -204,14 +206,14 @@ def main(argv=None) -> dict:
     test_x0r = x0_reward_values(trainer, test)
     refs["x0_reward_seconds_per_state"] = (time.time() - t0) / test_x0r[..., 0].numel()
     mask = ~torch.isnan(test.rewards.float())
-    refs["x0_reward"] = value_report(test_x0r, trainer.mc_returns(test), mask, trainer.rewards.names)
-    calibrated = calibrate(x0_reward_values(trainer, train), trainer.mc_returns(train), test_x0r)
-    refs["x0_reward_calibrated"] = value_report(calibrated, trainer.mc_returns(test), mask, trainer.rewards.names)
+    refs["x0_reward"] = value_report(test_x0r, mc_returns(test, trainer.config.gamma), mask, trainer.rewards.names)
+    calibrated = calibrate(x0_reward_values(trainer, train), mc_returns(train, trainer.config.gamma), test_x0r)
+    refs["x0_reward_calibrated"] = value_report(calibrated, mc_returns(test, trainer.config.gamma), mask, trainer.rewards.names)
     print(f"references: {json.dumps(refs, default=float)}", flush=True)
     rows = []
     for i in range(args.rounds + 1):
         t0 = time.time()
-        stats = trainer.fit_values(vb, args.passes) if i else {}
+        stats = fit_values(trainer.context(trainer.config.batch_size), vb, args.passes) if i else {}
         row = {"round": i, "passes": i * args.passes, "fit_s": time.time() - t0,
                "test": report(trainer, test), "fit": report(trainer, fit_part),
                "value_loss": stats.get("value_loss")}

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from digits_advantages import _machine  # noqa: E402
 
-from critic_align.train.registry import build_trainer, load_run_config  # noqa: E402
+from critic_align.api import build_trainer  # noqa: E402
+from critic_align.train.registry import load_run_config  # noqa: E402
 
 VARIANTS = {
     "default": {},

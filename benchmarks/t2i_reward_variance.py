@@ -25,11 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from digits_advantages import _machine  # noqa: E402
 
+from critic_align.api import build_trainer  # noqa: E402
 from critic_align.rewards import CompositionScore  # noqa: E402
 from critic_align.tasks.composition import parse_prompt  # noqa: E402
 from critic_align.tasks.digits import ASSETS  # noqa: E402
 from critic_align.tasks.sd import read_prompts  # noqa: E402
-from critic_align.train.registry import build_trainer, load_run_config  # noqa: E402
+from critic_align.train.registry import load_run_config  # noqa: E402
 
 
 def variance_split(rewards: torch.Tensor) -> dict:

@@ -12,7 +12,7 @@ A checkpoint directory ``epoch_XXXXXX/`` holds
                          checkpoint that verifies)
 Only weights that passed the finiteness guard (:mod:`critic_align.guard`) are written, and ``state.json`` records
 the run's identity (task, prompts, rewards with their parameters and weights) next to its config, so a resume
-under anything else is refused with each difference named.
+under anything else is refused with each difference named (:class:`RunSignature`: what a run is checked against).
 It is written to a temporary directory, fsync'ed and renamed, so a half-written checkpoint is never
 picked up (``latest_checkpoint`` only matches complete ``epoch_*`` directories; temporary ``.tmp-*`` and
 ``.trash-*`` directories left by a killed run are removed at the next save); the last ``keep_last``
@@ -29,6 +29,7 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,19 +50,29 @@ class DivergenceError(RuntimeError):
     """Training produced a non-finite loss, gradient or weight; nothing non-finite was saved."""
 
 
-def nonfinite_weights(trainer) -> dict[str, list[str]]:
-    """{"policy": [names], "critic": [names]} of trainable tensors holding a NaN or inf (empty lists: all finite)."""
+def nonfinite_weights(models, params) -> dict[str, list[str]]:
+    """{"policy": [names], "critic": [names]} of trainable tensors holding a NaN or inf (empty: all finite).
+
+    models: the run's :class:`~critic_align.models.Models` (its 'policy' LoRA adapter and critic name the tensors);
+    params: every trainable parameter (one device sync checks them all; names are looked up only on a failure)."""
     with torch.no_grad():
-        params = trainer.policy_params + trainer.critic_params
         if not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # one device sync
             return {}
-        out = {}
-        policy = trainer.adapters.state_dict("policy")
-        out["policy"] = [k for k, v in policy.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if trainer.critic is not None:
-            out["critic"] = [k for k, v in trainer.critic.state_tensors().items()
-                             if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        return {k: v for k, v in out.items() if v} or {"trainable": ["(a parameter outside the saved tensors)"]}
+        tensors = {f"policy.{k}": v for k, v in models.adapters.state_dict("policy").items()}
+        if models.critic is not None:
+            tensors.update({f"critic.{k}": v for k, v in models.critic.state_tensors().items()})
+        return nonfinite_tensors(tensors) or {"trainable": ["(a parameter outside the saved tensors)"]}
+
+
+def nonfinite_tensors(tensors: dict) -> dict[str, list[str]]:
+    """{"policy": [names], "critic": [names]} of the "policy.*" / "critic.*" floating-point tensors of a checkpoint's
+    ``tensors`` holding a NaN or inf, names without the prefix (empty: all finite)."""
+    out: dict[str, list[str]] = {}
+    for key, v in tensors.items():
+        part, _, name = key.partition(".")
+        if part in ("policy", "critic") and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            out.setdefault(part, []).append(name)
+    return out
 
 
 def _fsync_dir(path: Path) -> None:
@@ -91,6 +102,21 @@ def optimizer_tensors(optimizer) -> tuple[dict, dict]:
     return tensors, meta
 
 
+def model_tensors(models) -> dict[str, torch.Tensor]:
+    """The trained networks' tensors of a checkpoint: the policy LoRA ("policy.*") and the critic ("critic.*")."""
+    tensors = {f"policy.{k}": v for k, v in models.adapters.state_dict("policy").items()}
+    if models.critic is not None:
+        tensors.update({f"critic.{k}": v for k, v in models.critic.state_tensors().items()})
+    return tensors
+
+
+def load_model_tensors(models, tensors: dict) -> None:
+    """Load a checkpoint's "policy.*" and "critic.*" tensors (:func:`model_tensors`) into ``models``."""
+    models.adapters.load_state_dict("policy", {k[7:]: v for k, v in tensors.items() if k.startswith("policy.")})
+    if models.critic is not None:
+        models.critic.load_state_tensors({k[7:]: v for k, v in tensors.items() if k.startswith("critic.")})
+
+
 def restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
     state = {}
     for idx, names in meta["state_keys"].items():
@@ -116,14 +142,15 @@ def base_digest(model) -> str:
     return h.hexdigest()[:16]
 
 
-def model_fingerprint(trainer) -> dict:
-    """Names and shapes of every trainable tensor and a digest of the base: a checkpoint must match them to load."""
-    policy = {k: list(v.shape) for k, v in trainer.adapters.state_dict("policy").items()}
-    critic = {k: list(v.shape) for k, v in trainer.critic.state_tensors().items()} if trainer.critic else {}
-    out = {"policy": policy, "critic": critic, "critic_mode": trainer.critic.mode if trainer.critic else None}
-    digest = getattr(trainer, "base_digest", None)
-    if digest is not None:
-        out["base_digest"] = digest
+def model_fingerprint(models, base_digest: str | None = None) -> dict:
+    """Names and shapes of every trainable tensor (the policy LoRA of ``models.adapters``, ``models.critic``) and
+    the base's digest (:func:`base_digest`): a checkpoint must match them to load."""
+    critic = models.critic
+    policy = {k: list(v.shape) for k, v in models.adapters.state_dict("policy").items()}
+    out = {"policy": policy, "critic": {k: list(v.shape) for k, v in critic.state_tensors().items()} if critic else {},
+           "critic_mode": critic.mode if critic else None}
+    if base_digest is not None:
+        out["base_digest"] = base_digest
     return out
 
 
@@ -153,13 +180,23 @@ def reward_identity(multi) -> list[dict] | None:
     return out
 
 
-def run_identity(trainer) -> dict:
-    """What defines a run besides its config and model: the task (class, prompts) and the rewards."""
-    task = trainer.task
+def run_identity(task, rewards, eval_rewards=None) -> dict:
+    """What defines a run besides its config and model: the task (class, prompts) and the rewards (MultiRewards)."""
     prompts = hashlib.sha256(json.dumps([str(p) for p in task.prompts]).encode()).hexdigest()[:16]
     return {"task": f"{type(task).__module__}.{type(task).__qualname__}", "prompts_digest": prompts,
             "num_prompts": len(task.prompts), "latent_shape": list(task.latent_shape),
-            "rewards": reward_identity(trainer.rewards), "eval_rewards": reward_identity(trainer.eval_rewards)}
+            "rewards": reward_identity(rewards), "eval_rewards": reward_identity(eval_rewards)}
+
+
+@dataclass(frozen=True)
+class RunSignature:
+    """What a checkpoint records of the run that wrote it, and a resume is checked against: the config
+    (a :class:`~critic_align.config.PPOConfig`), the model's :func:`model_fingerprint` and the
+    :func:`run_identity`."""
+
+    config: object
+    fingerprint: dict
+    identity: dict
 
 
 def _identity_diffs(mine: dict, theirs: dict) -> list[str]:
@@ -201,13 +238,13 @@ def _config_defaults() -> dict:
     return PPOConfig().to_dict()
 
 
-def local_rng_state(trainer) -> dict:
-    """This process's RNG states: torch (global and the trainer's generator), python, numpy."""
+def local_rng_state(generator: torch.Generator) -> dict:
+    """This process's RNG states: torch (global and the run's ``generator``), python, numpy."""
     py = random.getstate()
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "generator": trainer.generator.get_state(),
+        "generator": generator.get_state(),
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
     }
@@ -230,46 +267,47 @@ def _remove_dir(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def save_checkpoint(trainer, directory, keep_last: int = 2, rng_states: list[dict] | None = None,
-                    metrics_bytes: int | None = None) -> Path:
+def save_checkpoint(directory, tensors: dict, state: dict, signature: RunSignature, rng_states: list[dict],
+                    keep_last: int = 2, metrics_bytes: int | None = None) -> Path:
     """Write ``directory/epoch_XXXXXX`` atomically; keep the newest ``keep_last``.
 
-    rng_states: one :func:`local_rng_state` per process, in rank order (default: this process only).
-    metrics_bytes: size of the run's metrics.jsonl now (rows logged after it are dropped on resume).
+    tensors, state: the trainer's state (:meth:`Trainer.state_dict <critic_align.trainer.Trainer.state_dict>`: the
+    policy LoRA, the critic, the optimiser, and ``state["epoch"]``, the counters, ...); signature: the run's config,
+    fingerprint and identity, recorded to check a resume against; rng_states: one :func:`local_rng_state` per
+    process, in rank order; metrics_bytes: size of the run's metrics.jsonl now (rows logged after it are dropped on
+    resume).  A "policy.*" or "critic.*" tensor holding NaN/inf is refused (:class:`DivergenceError`).
     On any failure (disk full, permissions) the temporary directory is removed, nothing already saved is
     touched, and a :class:`CheckpointError` says what happened and what to do.
     """
     from safetensors.torch import save_file
 
-    directory = Path(directory)
-    bad = nonfinite_weights(trainer)
+    directory, epoch = Path(directory), int(state["epoch"])
+    bad = nonfinite_tensors(tensors)
     if bad:  # the trainer's guard stops a diverging run before this; a direct caller is refused here
-        raise DivergenceError(f"refusing to write a checkpoint of epoch {trainer.epoch} into {directory}: trainable "
+        raise DivergenceError(f"refusing to write a checkpoint of epoch {epoch} into {directory}: trainable "
                               f"tensors hold NaN/inf ({bad}); the checkpoints already there are untouched")
     directory.mkdir(parents=True, exist_ok=True)
     _cleanup_stale(directory)
-    name = f"epoch_{trainer.epoch:06d}"
+    name = f"epoch_{epoch:06d}"
     final = directory / name
     tmp = directory / f".tmp-{name}-{os.getpid()}"
-    rng_states = rng_states if rng_states is not None else [local_rng_state(trainer)]
     try:
         tmp.mkdir()
-        tensors, trainer_state = trainer.state_dict()
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         for rank, st in enumerate(rng_states):
             tensors[_rng_prefix(rank) + "torch"] = st["torch"]
             tensors[_rng_prefix(rank) + "generator"] = st["generator"]
         state = {
             "format_version": FORMAT_VERSION,
-            **trainer_state,  # epoch, reward_queries, pretrained_value, prompt_iterator, stat_tracker, optimizer
+            **state,  # epoch, reward_queries, pretrained_value, prompt_iterator, stat_tracker, optimizer
             "rng_python": rng_states[0]["python"],
             "rng_numpy": rng_states[0]["numpy"],
             "rng_ranks": [{"python": st["python"], "numpy": st["numpy"]} for st in rng_states[1:]],
             "num_processes": len(rng_states),
             "metrics_bytes": metrics_bytes,
-            "config": trainer.config.to_dict(),
-            "fingerprint": model_fingerprint(trainer),
-            "run_identity": run_identity(trainer),
+            "config": signature.config.to_dict(),
+            "fingerprint": signature.fingerprint,
+            "run_identity": signature.identity,
             "guard": "passed",  # every trainable tensor was finite (checked above)
         }
         save_file(tensors, str(tmp / "tensors.safetensors"))
@@ -289,7 +327,7 @@ def save_checkpoint(trainer, directory, keep_last: int = 2, rng_states: list[dic
         what = "the disk is full: free disk space" if full else "fix the cause"
         raise CheckpointError(
             f"could not write checkpoint {final} ({type(exc).__name__}: {exc}); nothing was saved for epoch "
-            f"{trainer.epoch} and the earlier checkpoints in {directory} are untouched — {what} (or choose "
+            f"{epoch} and the earlier checkpoints in {directory} are untouched — {what} (or choose "
             "another output_dir), then resume from the latest one"
         ) from exc
     _rotate(directory, keep_last)
@@ -448,45 +486,47 @@ def _fingerprint_diffs(mine: dict, theirs: dict) -> list[str]:
     return diffs
 
 
-def load_checkpoint(trainer, path, rank: int = 0, check_config: bool = True) -> dict:
-    """Restore everything needed for an exact resume; refuses a checkpoint of another model or base model, and
-    (``check_config``) one written with another config (fields outside ``RESUMABLE_CONFIG_CHANGES``).
-
-    ``rank``: this process's index; it restores its own RNG states (a rank the checkpoint has none for
-    takes rank 0's).  Returns the checkpoint's state dict.
-    """
+def load_checkpoint(path, signature: RunSignature, check_config: bool = True) -> tuple[dict, dict]:
+    """(tensors, state) of the checkpoint at ``path``, verified (:func:`read_checkpoint`) and checked against this
+    run's ``signature``: refuses a checkpoint of another model or base model, and (``check_config``) one written
+    with another config (fields outside ``RESUMABLE_CONFIG_CHANGES``), task or rewards.  The caller restores them
+    (``Trainer.load_state_dict``, then :func:`restore_rng_state` for an exact resume)."""
     path = Path(path)
     tensors, state = read_checkpoint(path)
-    diffs = _fingerprint_diffs(model_fingerprint(trainer), state["fingerprint"])
+    diffs = _fingerprint_diffs(signature.fingerprint, state["fingerprint"])
     if diffs:
         raise CheckpointError(f"checkpoint {path / 'state.json'} was saved from another model or config: "
                               + "; ".join(diffs) + ". Load it into the model and config it was trained with, "
                               "or start a new run")
     # a field added after the checkpoint was written (absent from its config) had its default then
-    mine, theirs = trainer.config.to_dict(), _config_defaults() | state["config"]
+    mine, theirs = signature.config.to_dict(), _config_defaults() | state["config"]
     changed = sorted(k for k in set(mine) | set(theirs) if check_config
                      and k not in RESUMABLE_CONFIG_CHANGES and _jsonish(mine.get(k)) != _jsonish(theirs.get(k)))
     diffs = [f"{k}={theirs.get(k)!r} in the checkpoint vs {mine.get(k)!r} now" for k in changed]
     if check_config and "run_identity" in state:  # checkpoints written before identities were recorded have none
-        diffs += _identity_diffs(_jsonish(run_identity(trainer)), state["run_identity"])
+        diffs += _identity_diffs(_jsonish(signature.identity), state["run_identity"])
     if diffs:
         raise CheckpointError(
             f"checkpoint {path / 'state.json'} was written with another config: " + ", ".join(diffs)
             + ". Resume with the checkpoint's config, task and rewards (only " + ", ".join(RESUMABLE_CONFIG_CHANGES)
             + " may change) or start a new run"
         )
-    trainer.load_state_dict(tensors, state)  # policy, critic, optimiser, counters, prompt iterator, estimator
+    return tensors, state
+
+
+def restore_rng_state(tensors: dict, state: dict, generator: torch.Generator, rank: int = 0) -> None:
+    """Set this process's RNG states (torch's, the run's ``generator``, python's, numpy's) to a checkpoint's.
+    ``rank``: this process's index; a rank the checkpoint has none for takes rank 0's."""
     saved = int(state.get("num_processes", 1))
     r = rank if rank < saved else 0
     torch.set_rng_state(tensors[_rng_prefix(r) + "torch"])
-    trainer.generator.set_state(tensors[_rng_prefix(r) + "generator"])
+    generator.set_state(tensors[_rng_prefix(r) + "generator"])
     py, npy = (state["rng_python"], state["rng_numpy"]) if r == 0 else \
         (state["rng_ranks"][r - 1]["python"], state["rng_ranks"][r - 1]["numpy"])
     v, keys, pos = py
     random.setstate((v, tuple(keys), pos))
     name, keys, pos, has_gauss, cached = npy
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    return state
 
 
 def _jsonish(x):

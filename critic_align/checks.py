@@ -53,3 +53,14 @@ def check_trainer_args(config, task, adapter, scheduler, rewards, eval_rewards=N
         if config.best_metric.removeprefix("eval/reward/") not in names:
             raise ValueError(f"config field best_metric={config.best_metric!r}: no such reward in this run; use one of "
                              f"{[f'eval/reward/{n}' for n in names]} (or another eval/* key)")
+
+
+def check_process_count(accelerator, world: int) -> None:
+    """The launch's process count (``WORLD_SIZE``) must be the one accelerate sees: otherwise every process would
+    train alone and write the same run directory."""
+    if world != accelerator.num_processes:
+        raise RuntimeError(
+            f"launched as {world} processes (WORLD_SIZE={world}) but accelerate sees "
+            f"{accelerator.num_processes}: every process would train alone and write the same run directory. "
+            "Create the accelerate state for the launch (on CPU: ACCELERATE_USE_CPU=1 or Accelerator(cpu=True)) "
+            "before building the Trainer, or pass it as accelerator=")

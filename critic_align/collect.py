@@ -143,3 +143,13 @@ def sample_images(models, task, timesteps: torch.Tensor, prompts, seed: int = 12
     cond = cond.to(models.device) if cond is not None else None
     den = models.policy_output if use_policy else models.reference_output
     return task.decode(sample(den, models.step, x_T, timesteps.to(models.device), cond, generator=g))
+
+
+def draw_window(config, generator: torch.Generator) -> tuple[int, int] | None:
+    """An epoch's SDE window (start, stop) over the denoising steps, or None without one (``sde_window_size`` /
+    ``sde_window_range``): the start is uniform on [lo, hi], from ``generator`` (the run's)."""
+    if not config.sde_window_size:
+        return None
+    lo, hi = config.sde_window_range or (0, config.num_inference_steps - config.sde_window_size)
+    start = int(torch.randint(lo, hi + 1, (1,), generator=generator))
+    return start, start + config.sde_window_size

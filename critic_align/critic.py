@@ -340,3 +340,29 @@ def build_critic(policy_backbone: BackboneAdapter, mode: str = "lora", num_rewar
                     setattr(module, child_name, child.get_base_layer())
     backbone.requires_grad_(True)
     return Critic(head, mode, backbone, adapters, features=which)
+
+
+def build_run_critic(config, task, models, schedule, rewards, t: torch.Tensor) -> nn.Module:
+    """The critic a run's config asks for (``critic_body``, ``critic_mode``, ``critic_features``, ...) on the policy's
+    backbone: ``models`` (:class:`~critic_align.models.Models`, no critic yet) with its LoRA adapters, one head per
+    trained reward (``rewards``); ``schedule`` and the task's decoder for a grafted body.  One input of the task's
+    shape at timestep ``t`` (1,) is probed: the critic measures its feature levels on it and puts its LoRA only on the
+    modules its feature forward reaches."""
+    cfg, device = config, models.device
+    cond0 = task.encode(list(task.prompts[:1]))
+    example = (torch.zeros((1, *task.latent_shape), device=device), t.to(device),
+               None if cond0 is None else cond0.to(device))
+    features = cfg.critic_features if isinstance(cfg.critic_features, str) else list(cfg.critic_features)
+    with models.autocast():  # the probe forward runs as every later forward does (a bf16 base needs autocast)
+        if cfg.critic_body == "grafted":  # the reward network's later layers as the critic (critic_align/grafted.py)
+            from .grafted import build_grafted_critic
+
+            return build_grafted_critic(models.adapter, models.adapters, schedule, task.decode, rewards, example,
+                                        "critic", cfg.critic_lora_rank, None, cfg.lora_target_modules, features)
+        return build_critic(
+            models.adapter, mode=cfg.critic_mode, num_rewards=len(rewards.names), adapters=models.adapters,
+            lora_rank=cfg.critic_lora_rank, lora_target_modules=cfg.lora_target_modules,
+            hidden_dim=cfg.value_head_hidden, num_heads=cfg.value_head_heads, features=features,
+            use_cond=cfg.critic_cond and cond0 is not None, width=cfg.critic_width, example=example,
+            x0_reward=cfg.critic_x0_reward,
+        ).to(device)

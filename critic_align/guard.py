@@ -16,6 +16,7 @@ checks read values the trainer computes anyway (loss floats, clip_grad_norm_'s t
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,14 +33,25 @@ from .checkpoint import DivergenceError, latest_checkpoint, nonfinite_weights  #
 MAX_ABS_REWARD = 1e15
 
 
-def _phase(trainer) -> str:
-    if trainer.critic is not None and not trainer.pretrained_value:
+@dataclass(frozen=True)
+class RunPlace:
+    """Where a run stands, for a divergence message: ``phase`` (:func:`phase`), the run directory (its newest
+    checkpoint is the last good one) and the config (its learning rates are named)."""
+
+    phase: str
+    run_dir: Path
+    config: object
+
+
+def phase(has_critic: bool, pretrained_value: bool, epoch: int) -> str:
+    """The phase a divergence message names: value pretraining (a critic not fitted yet) or the epoch in training."""
+    if has_critic and not pretrained_value:
         return "during value pretraining (before epoch 1)"
-    return f"in epoch {trainer.epoch + 1}"
+    return f"in epoch {epoch + 1}"
 
 
-def _last_good(trainer) -> str:
-    ckpt = latest_checkpoint(Path(trainer.out) / "checkpoints")
+def _last_good(run_dir: Path) -> str:
+    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
     if ckpt is None:
         return "no checkpoint was written before it (nothing saved was lost); start again once the cause is fixed"
     return (f"the last good checkpoint is {ckpt} (every checkpoint on disk passed this check: nothing non-finite "
@@ -47,16 +59,16 @@ def _last_good(trainer) -> str:
             "learning rate is another config: start a new run with it)")
 
 
-def _raise(trainer, what: str) -> None:
-    cfg, good = trainer.config, _last_good(trainer)
+def _raise(place: RunPlace, what: str) -> None:
+    cfg, good = place.config, _last_good(place.run_dir)
     raise DivergenceError(
-        f"training diverged {_phase(trainer)}: {what}. {good[0].upper()}{good[1:]}. "
+        f"training diverged {place.phase}: {what}. {good[0].upper()}{good[1:]}. "
         f"Likely causes: a learning rate too large (learning_rate={cfg.learning_rate:g}, critic_learning_rate="
         f"{cfg.critic_learning_rate:g}; try 10x smaller) or rewards of a huge scale"
     )
 
 
-def check_update(trainer, losses: list[dict], grad_norms: dict) -> None:
+def check_update(losses: list[dict], grad_norms: dict, num_processes: int, place: RunPlace) -> None:
     """Before an optimiser step: every loss of the minibatch's parts and the clipped groups' gradient norms.
 
     losses: the stats dicts of the minibatch's micro-batches (keys ending in ``loss`` are checked);
@@ -64,6 +76,7 @@ def check_update(trainer, losses: list[dict], grad_norms: dict) -> None:
     non-finite iff a gradient entry is).  Losses are checked with one process only: with several, each
     process's losses are its own, and a non-finite loss shows up in the summed gradients on every process
     anyway, so every process raises together instead of one waiting for the others forever.
+    place: where the run stands, for the message.
     """
     bad_norms = {k: v for k, v in grad_norms.items() if not math.isfinite(v)}
     bad_losses = {}
@@ -71,18 +84,19 @@ def check_update(trainer, losses: list[dict], grad_norms: dict) -> None:
         for k, v in st.items():
             if "loss" in k and isinstance(v, float) and not math.isfinite(v):
                 bad_losses.setdefault(k, v)
-    if bad_norms or (bad_losses and trainer.num_processes == 1):
+    if bad_norms or (bad_losses and num_processes == 1):
         parts = [f"the {k} is {v}" for k, v in bad_losses.items()]
         parts += [f"the gradient norm of the {k.removeprefix('grad_norm_')} is {v}" for k, v in bad_norms.items()]
-        _raise(trainer, ", ".join(parts) + " (the step was not taken)")
+        _raise(place, ", ".join(parts) + " (the step was not taken)")
 
 
-def check_weights(trainer, when: str = "after the optimiser step") -> None:
-    """Every trainable tensor (policy LoRA, critic) is finite; otherwise :class:`DivergenceError`."""
-    bad = nonfinite_weights(trainer)
+def check_weights(models, params, place: RunPlace, when: str = "after the optimiser step") -> None:
+    """Every trainable tensor (``params``: the policy LoRA and the critic of ``models``) is finite; otherwise
+    :class:`DivergenceError` (:func:`~critic_align.checkpoint.nonfinite_weights` names them)."""
+    bad = nonfinite_weights(models, params)
     if bad:
         what = "; ".join(f"{len(names)} {part} tensors hold NaN/inf (e.g. {names[:3]})" for part, names in bad.items())
-        _raise(trainer, f"{what} {when}")
+        _raise(place, f"{what} {when}")
 
 
 def check_reward_magnitude(rewards: torch.Tensor, names) -> None:

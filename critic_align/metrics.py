@@ -22,6 +22,16 @@ def column_stats(matrix: torch.Tensor, names, prefix: str = "reward/") -> dict:
     return out
 
 
+def reward_stats(ro, reward_names, eval_rewards, processes) -> dict:
+    """The trained rewards' (``ro.rewards``) and the eval rewards' (scored here, on ``ro``'s samples) mean and std
+    over the whole batch (every process's shard, gathered)."""
+    out = column_stats(processes.gather(ro.rewards), reward_names)
+    if eval_rewards is not None:
+        extra = processes.gather(eval_rewards(ro.samples, ro.prompts).to(processes.device))
+        out.update(column_stats(extra, eval_rewards.names))
+    return out
+
+
 def critic_report(values: torch.Tensor, rewards: torch.Tensor, names, gamma: float, prefix: str = "") -> dict:
     """Explained variance and calibration of the critic's values (B, T, K) against the Monte-Carlo returns of the
     rewards (B, K), per head, overall and per timestep bucket (:func:`critic_align.diagnostics.value_report`)."""

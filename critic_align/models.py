@@ -3,19 +3,20 @@
 :class:`Models` is what sampling, scoring the critic and the update need of the networks: the backbone adapter with
 its LoRA adapters (the policy's, the critic's), the critic (or None), the stochastic step, classifier-free guidance,
 mixed precision and the device.  Stages receive it with the batch and the config section they need.
+:func:`build_models` makes a run's: the policy's LoRA on the frozen base, and the critic its estimator needs.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
 from .backbones.base import BackboneAdapter
 from .backbones.lora import LoraAdapters
-from .critic import Critic
+from .critic import Critic, build_run_critic
 from .rollout import cfg_denoiser
 
 
@@ -55,3 +56,27 @@ class Models:
         """The critic's (N, K) values, under the run's autocast."""
         with self.autocast():
             return self.critic(x_t, t, cond, x0_reward)
+
+
+def build_models(config, task, adapter: BackboneAdapter, step, timesteps: torch.Tensor, rewards, needs_critic: bool,
+                 device) -> Models:
+    """A run's networks on ``device``: the task's frozen parts (e.g. a pipeline's text encoders and VAE), the frozen
+    base of ``adapter`` with the policy's LoRA adapter (active), and when the estimator ``needs_critic`` the critic the
+    config asks for (:func:`~critic_align.critic.build_run_critic`, one head per trained reward, probed at the first
+    of the run's ``timesteps``); channels-last weights and gradient checkpointing as configured."""
+    task.to(device)
+    adapter = adapter.to(device).requires_grad_(False)
+    if config.channels_last:  # 4-D weights only; before the LoRA layers and the critic's copies are made
+        adapter.model.to(memory_format=torch.channels_last)
+    adapters = LoraAdapters(adapter.model, fused=config.fused_lora)
+    adapters.add("policy", rank=config.lora_rank, alpha=config.lora_alpha, target_modules=config.lora_target_modules)
+    models = Models(adapter, adapters, None, step, config.guidance_scale, lambda n: task.null_cond(n).to(device),
+                    config.mixed_precision, device)
+    if needs_critic:
+        models = replace(models, critic=build_run_critic(config, task, models, step.schedule, rewards, timesteps[:1]))
+    adapters.activate("policy")
+    if config.gradient_checkpointing:  # after the critic: a 'full' critic's copy gets its own switch
+        adapters.enable_gradient_checkpointing()
+        if models.critic is not None and models.critic.mode == "full":
+            models.critic.backbone.model.enable_gradient_checkpointing()
+    return models

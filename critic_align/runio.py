@@ -1,6 +1,7 @@
 """A run's outputs: its log (``metrics.jsonl`` + TensorBoard), sample grids and checkpoints (main process writes).
 
-Checkpoints hold :meth:`Trainer.state_dict` plus every process's RNG states (:mod:`critic_align.checkpoint`).
+Checkpoints hold :meth:`Trainer.state_dict` plus every process's RNG states (:mod:`critic_align.checkpoint`); the
+trainer calls these functions with what each needs (the networks, the log, the engine, the run's state).
 """
 
 from __future__ import annotations
@@ -8,11 +9,15 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from .checkpoint import CheckpointError, load_checkpoint, local_rng_state, save_checkpoint
-from .guard import check_weights
-from .runlock import lock_for
+import torch
+
+from . import checkpoint
+from .checkpoint import CheckpointError, RunSignature
+from .runlock import RunLock
 
 
 class RunLog:
@@ -79,36 +84,52 @@ class RunLog:
             self.trackers.finish()
 
 
-def save_grid(trainer, path, per_prompt: int = 8, use_policy: bool = True) -> Path | None:
-    """A PNG grid of samples per prompt (main process only; the others return None)."""
+@dataclass(frozen=True)
+class RunFiles:
+    """Where a run's files go and who writes them: the run directory ``out``, its ``log`` and its ``lock``, the
+    engine (``processes``: every process takes part, the main one writes) and the run's ``generator`` (its state is
+    checkpointed, with every process's global RNG states)."""
+
+    out: Path
+    log: RunLog
+    lock: RunLock
+    processes: object
+    generator: torch.Generator
+
+
+def save_grid(models, task, timesteps, path, log: RunLog, step: int, per_prompt: int = 8,
+              use_policy: bool = True) -> Path:
+    """A PNG grid of ``per_prompt`` samples of each of the task's grid prompts (the policy's, or the base model's
+    with ``use_policy=False``), sent to ``log`` as an image at ``step`` (the run's reward queries)."""
+    from .collect import sample_images
     from .viz import save_grid as write_grid
 
-    if not trainer.is_main_process:
-        return None
-    rows = list(trainer.task.grid_prompts)  # a task may show only some prompts, unscaled (e.g. 512-pixel images)
-    images = trainer.sample([p for p in rows for _ in range(per_prompt)], use_policy=use_policy)
-    path = write_grid(images, path, nrow=per_prompt, labels=rows, scale=trainer.task.grid_scale)
-    trainer.log.image(f"grids/{Path(path).stem}", path, trainer.reward_queries)  # TensorBoard and the trackers
+    rows = list(task.grid_prompts)  # a task may show only some prompts, unscaled (e.g. 512-pixel images)
+    images = sample_images(models, task, timesteps, [p for p in rows for _ in range(per_prompt)], use_policy=use_policy)
+    path = write_grid(images, path, nrow=per_prompt, labels=rows, scale=task.grid_scale)
+    log.image(f"grids/{Path(path).stem}", path, step)  # TensorBoard and the trackers
     return path
 
 
-def save(trainer, directory=None, keep_last: int | None = None) -> Path | None:
-    """Checkpoint into ``output_dir/checkpoints`` (or ``directory``, keeping ``keep_last`` there; call it on every
-    process: RNG states are gathered; the main process writes and returns the path, the others return None).  A
-    failed write raises a :class:`CheckpointError` on every process, so none waits forever for the others."""
-    check_weights(trainer, "before writing a checkpoint")  # never checkpoint non-finite weights
-    states = trainer.processes.gather_objects(local_rng_state(trainer))
+def save(run: RunFiles, tensors: dict, state: dict, signature: RunSignature, directory=None,
+         keep_last: int | None = None) -> Path | None:
+    """Checkpoint a run's state (``tensors``, ``state``: :meth:`Trainer.state_dict`) and ``signature`` (what a
+    resume is checked against) into ``out/checkpoints`` (or ``directory``, keeping ``keep_last`` there; default: the
+    config's).  Called on every process: each one's RNG states are gathered; the main process writes and returns the
+    path, the others return None.  A failed write raises a :class:`CheckpointError` on every process, so none waits
+    forever for the others."""
+    processes, metrics = run.processes, run.out / "metrics.jsonl"
+    states = processes.gather_objects(checkpoint.local_rng_state(run.generator))
     path, error = None, None
-    if trainer.is_main_process:
-        metrics = trainer.out / "metrics.jsonl"
-        directory = trainer.out / "checkpoints" if directory is None else Path(directory)
-        keep_last = trainer.config.keep_last if keep_last is None else keep_last
+    if processes.is_main_process:
+        directory = run.out / "checkpoints" if directory is None else Path(directory)
+        keep_last = signature.config.keep_last if keep_last is None else keep_last
         try:
-            path = save_checkpoint(trainer, directory, keep_last=keep_last,
-                                   rng_states=states, metrics_bytes=metrics.stat().st_size if metrics.exists() else 0)
+            path = checkpoint.save_checkpoint(directory, tensors, state, signature, states, keep_last=keep_last,
+                                              metrics_bytes=metrics.stat().st_size if metrics.exists() else 0)
         except CheckpointError as exc:
             error = exc
-    message = trainer.processes.share_from_main(str(error) if error else None)
+    message = processes.share_from_main(str(error) if error else None)
     if message and error is None:
         raise CheckpointError(f"the main process could not write the checkpoint: {message}")
     if error is not None:
@@ -116,26 +137,61 @@ def save(trainer, directory=None, keep_last: int | None = None) -> Path | None:
     return path
 
 
-def load(trainer, path, resume: bool = True) -> None:
-    """Restore a checkpoint (call it on every process).
+def load(run: RunFiles, path, signature: RunSignature, restore: Callable[[dict, dict], None], resume: bool = True) -> None:
+    """Restore a checkpoint (call it on every process): verified against the run's ``signature``
+    (:func:`~critic_align.checkpoint.load_checkpoint`), handed to ``restore(tensors, state)`` (the trainer's
+    ``load_state_dict``), then this process's RNG states.
 
     resume=True (continue the run, exactly): the config must equal the checkpoint's except num_epochs,
     output_dir and the logging / checkpoint cadence; rows of metrics.jsonl logged after the checkpoint was
     written (by a run killed later) are cut off and tensorboard hides their events, so the resumed run's logs
-    equal an uninterrupted run's.  resume=False (reuse the trained policy and critic elsewhere, e.g. for
-    steering under another sampling config): only the model must match; the logs are left alone.
+    equal an uninterrupted run's; refused while another live process writes the run (its lock).  resume=False
+    (reuse the trained policy and critic elsewhere, e.g. for steering under another sampling config): only the
+    model must match; the logs are left alone.
     """
     if resume:  # a resume truncates the logs: refused while another live process writes this run
-        lock_for(trainer, "resume")
-    state = load_checkpoint(trainer, path, rank=trainer.rank, check_config=resume)
+        run.lock.take("resume")
+    tensors, state = checkpoint.load_checkpoint(path, signature, check_config=resume)
+    restore(tensors, state)  # policy, critic, optimiser, counters, prompt iterator, estimator
+    checkpoint.restore_rng_state(tensors, state, run.generator, run.processes.rank)
     if not resume:
         return
-    trainer.log.purge_step = trainer.reward_queries + 1
-    metrics, size = trainer.out / "metrics.jsonl", state.get("metrics_bytes")
-    if trainer.is_main_process and size is not None and metrics.exists() and metrics.stat().st_size > size:
+    run.log.purge_step = int(state["reward_queries"]) + 1
+    metrics, size = run.out / "metrics.jsonl", state.get("metrics_bytes")
+    if run.processes.is_main_process and size is not None and metrics.exists() and metrics.stat().st_size > size:
         keep_log_before_cut(metrics, size, Path(path).name)
         with open(metrics, "r+b") as f:
             f.truncate(size)
+
+
+def progress(epochs: range, config, is_main_process: bool):
+    """``epochs`` as a tqdm progress bar when ``config.progress`` (shown by the main process), else as they are."""
+    if not config.progress:
+        return epochs
+    from tqdm import tqdm
+
+    return tqdm(epochs, desc=f"{config.algorithm.upper()} ({config.advantage})", initial=epochs.start,
+                total=epochs.stop, disable=not is_main_process)
+
+
+def show_progress(bar, row: dict, eval_row: dict | None, reward_name: str) -> None:
+    """The progress bar's postfix after an epoch (a bar of :func:`progress`, shown): the first trained reward's mean
+    and the held-out explained variance (when the last evaluation measured one)."""
+    if isinstance(bar, range) or bar.disable:  # no progress bar (progress: false), or not shown on this process
+        return
+    post = {"reward": f"{row[f'reward/{reward_name}/mean']:.3f}"}
+    if eval_row is not None and "eval/value_ev" in eval_row:
+        post["heldout_ev"] = f"{eval_row['eval/value_ev']:.2f}"
+    bar.set_postfix(post)
+
+
+def begin(run: RunFiles, config) -> None:
+    """Before a run trains: its directory's lock (one writer per run directory), then its ``config.json`` (written
+    by the main process)."""
+    run.lock.take()
+    if run.processes.is_main_process:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list))
 
 
 def keep_log_before_cut(metrics: Path, size: int, ckpt_name: str = "the checkpoint") -> Path:

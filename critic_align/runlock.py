@@ -214,26 +214,34 @@ def _release_all() -> None:
     _held.clear()
 
 
-def lock_for(trainer, action: str = "write to") -> None:
-    """Take the lock of ``trainer.out`` once per trainer (main process); with several processes every process
-    raises when the main one is refused, so none waits for the others forever."""
-    if getattr(trainer, "_run_locked", False):
-        return
-    error = None
-    if trainer.is_main_process:
-        try:
-            acquire(trainer.out, action)
-        except RunLockedError as exc:
-            error = exc
-    message = trainer.processes.share_from_main(str(error) if error else None)
-    if message and error is None:
-        error = RunLockedError(message)
-    if error is not None:
-        raise error
-    trainer._run_locked = True
+class RunLock:
+    """A trainer's hold on its run directory's lock (:func:`acquire`), taken at most once: by the main process,
+    while every process learns the outcome (``processes``: :class:`~critic_align.distributed.Processes`), so when
+    the main one is refused every process raises and none waits for the others forever."""
 
+    def __init__(self, run_dir, processes):
+        self.run_dir, self.processes = Path(run_dir), processes
+        self.held = False
 
-def unlock_for(trainer) -> None:
-    if getattr(trainer, "_run_locked", False) and trainer.is_main_process:
-        release(trainer.out)
-    trainer._run_locked = False
+    def take(self, action: str = "write to") -> None:
+        """Take the lock for ``action`` ('write to', 'resume': the error message's verb), unless already held."""
+        if self.held:
+            return
+        error = None
+        if self.processes.is_main_process:
+            try:
+                acquire(self.run_dir, action)
+            except RunLockedError as exc:
+                error = exc
+        message = self.processes.share_from_main(str(error) if error else None)
+        if message and error is None:
+            error = RunLockedError(message)
+        if error is not None:
+            raise error
+        self.held = True
+
+    def release(self) -> None:
+        """Let go of the lock (the file goes with this process's last hold: :func:`release`)."""
+        if self.held and self.processes.is_main_process:
+            release(self.run_dir)
+        self.held = False

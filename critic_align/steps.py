@@ -613,3 +613,10 @@ def make_step(scheduler_or_config, eta_or_noise_level: float = 1.0, reduction: s
         return FlowMatchSDEStep(FlowMatchSchedule.from_scheduler(config), noise_level=eta_or_noise_level,
                                 reduction=reduction)
     return DDIMStep(NoiseSchedule.from_scheduler(config), eta=eta_or_noise_level, reduction=reduction)
+
+
+def step_for_run(scheduler, config):
+    """A run's stochastic step (:func:`make_step`): the config's ``sde_noise_level`` for a flow-matching scheduler,
+    its ``eta`` for a DDPM/DDIM-style one, and its ``log_prob_reduction``."""
+    noise = config.sde_noise_level if is_flow_matching(scheduler) else config.eta
+    return make_step(scheduler, noise, config.log_prob_reduction)

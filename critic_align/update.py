@@ -240,3 +240,26 @@ def combine_stats(parts: list[tuple[int, dict]]) -> dict:
         else:
             out[k] = sum(n * v for n, v in vals) / sum(n for n, _ in vals) if total else float("nan")
     return out
+
+
+def build_optimization(config, models: Models, processes: Processes, check_update: Callable[[list, dict], None],
+                       check_weights: Callable[[], None]) -> tuple[torch.optim.Optimizer, Optimization]:
+    """The run's optimiser (``config.optimizer``: :func:`~critic_align.optim.build_optimizer`) over the policy's LoRA
+    (group 0) and the critic's trainable tensors (group 1, when any), and the :class:`Optimization` around it: the
+    engine's module of every trainable tensor and the optimiser prepared (:meth:`Processes.prepare`: DDP with several
+    processes), the micro-batcher, the guards.  Returns (the optimiser as built: a checkpoint holds its state; the
+    Optimization)."""
+    from .distributed import TrainModule
+    from .optim import build_optimizer
+
+    policy_params = models.adapters.parameters("policy")
+    critic_params = models.critic.trainable_parameters() if models.critic else []
+    groups = [{"params": policy_params, "lr": config.learning_rate}]
+    if critic_params:
+        groups.append({"params": critic_params, "lr": config.critic_learning_rate})
+    optimizer = build_optimizer(groups, config)
+    prepared = processes.prepare(TrainModule(models.adapter.model, models.critic), optimizer)
+    return optimizer, Optimization(prepared, policy_params, critic_params, processes,
+                                   MicroBatcher(config.micro_batch_size, config.micro_batch_memory_mb, models.device),
+                                   config.max_grad_norm, config.gradient_accumulation_steps, check_update,
+                                   check_weights)

@@ -108,14 +108,14 @@ def fit_perturbed(ctx: UpdateContext, ro: Rollout) -> dict:
                       total_rows=ctx.batch_size * cfg.value_perturbed_per_sample)
 
 
-def pretrain_value(ctx: UpdateContext, next_rollout: Callable[[], tuple[Rollout, torch.Tensor]],
+def pretrain_value(ctx: UpdateContext, next_rollout: Callable[[], Rollout],
                    value_report: Callable[[Rollout, torch.Tensor], dict], critic_group: dict, log, progress: bool,
                    reward_queries: Callable[[], int], is_main_process: bool = True) -> list[dict]:
     """``value_pretrain_epochs`` rollout batches of the frozen policy, each fitted ``value_pretrain_passes`` times
     (Monte-Carlo or TD(λ) returns as targets, forward-perturbed states shuffled into the same minibatches); the
     heads' output scale is set from the first batch's rewards (the whole batch's: every process's).
 
-    next_rollout() -> (this process's scored rollout, the whole batch's (B, K) rewards); value_report(ro, values) ->
+    next_rollout() -> this process's scored rollout of the next batch; value_report(ro, values) ->
     the critic's explained variance before the fit; critic_group: the optimiser's critic parameter group (its lr
     decays when ``value_pretrain_lr_decay``); log(row): the run's metrics log; reward_queries(): the run's count so
     far.  Returns one row per batch."""
@@ -132,7 +132,8 @@ def pretrain_value(ctx: UpdateContext, next_rollout: Callable[[], tuple[Rollout,
         t0 = time.time()
         if cfg.value_pretrain_lr_decay:
             critic_group["lr"] = cfg.critic_learning_rate * (1 - i / cfg.value_pretrain_epochs)
-        ro, all_rewards = next_rollout()  # the states PPO's critic will be asked about
+        ro = next_rollout()  # the states PPO's critic will be asked about
+        all_rewards = ctx.opt.processes.gather(ro.rewards)  # the whole batch's (B, K)
         if i == 0:
             critic.head.set_output_scale(all_rewards)
         values = critic_values(ctx.models, ro)

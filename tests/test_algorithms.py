@@ -303,7 +303,8 @@ def test_baselines_merge_combines_parts_and_refuses_other_settings(tmp_path):
 
 @pytest.mark.parametrize("name", ["digits_dit_nft", "digits_dit_awm"])
 def test_shipped_digits_dit_trains_with_the_new_algorithms(tmp_path, name):
-    from critic_align.train.registry import build_trainer, load_run_config
+    from critic_align.api import build_trainer
+    from critic_align.train.registry import load_run_config
 
     run = load_run_config(name, dict(output_dir=str(tmp_path / "r"), num_epochs=1, batch_size=8, group_size=4,
                                      num_inference_steps=4, minibatch_size=16, progress=False, eval_every=0,

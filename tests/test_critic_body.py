@@ -307,6 +307,7 @@ def test_trajectory_states_rows_and_cat():
 
 def test_td_lambda_pretraining_targets_are_gae_returns(tmp_path, monkeypatch):
     from critic_align import value_fit
+    from critic_align.collect import critic_values
     from tests.test_trainer import make_trainer
 
     tr = make_trainer(tmp_path, value_pretrain_target="td_lambda", gae_lambda=0.5, value_pretrain_epochs=1)
@@ -322,7 +323,7 @@ def test_td_lambda_pretraining_targets_are_gae_returns(tmp_path, monkeypatch):
     state = tr.generator.get_state()
     ro = tr.rollout(tr.prompt_iter.batch(tr.config.prompts_per_epoch, tr.config.group_size))
     tr.critic.head.set_output_scale(ro.rewards)
-    values = tr.compute_values(ro)
+    values = critic_values(tr.models, ro)
     tr.generator.set_state(state)
     tr.prompt_iter.load_state_dict({"seed": tr.config.seed, "pass_index": 0, "position": 0})
     tr.reward_queries = 0

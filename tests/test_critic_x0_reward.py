@@ -13,7 +13,8 @@ import torch
 from test_trainer import make_trainer, perturb_lora
 
 from critic_align.backbones.base import Features
-from critic_align.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from critic_align.checkpoint import latest_checkpoint
+from critic_align.collect import critic_values
 from critic_align.config import PPOConfig
 from critic_align.critic import ValueHead
 
@@ -82,7 +83,7 @@ def test_recorded_x0_rewards_match_slow_reference(tmp_path, window):
     torch.testing.assert_close(ro.x0_rewards, reference_x0_rewards(tr, ro), rtol=1e-5, atol=1e-5)
     assert tr.x0_reward_rows == 8 * ro.num_steps and tr.reward_queries == 8  # counted apart from the samples'
     # batched values over the rollout == one critic call per state with its own x0 reward
-    values = tr.compute_values(ro)
+    values = critic_values(tr.models, ro)
     for b in (0, 5):
         for k in range(ro.num_steps):
             v = tr.critic(ro.latents[b:b + 1, k], ro.timesteps[k].expand(1), ro.cond[b:b + 1],
@@ -107,9 +108,9 @@ def test_training_moves_the_gate_counts_rows_and_checkpoints_them(tmp_path):
     assert not torch.equal(gate.bias.detach(), after_pretrain)  # and PPO's value loss keeps fitting it
     # one pretraining batch and one epoch of 8 trajectories x 4 states
     assert res.metrics["x0_reward_rows"] == tr.x0_reward_rows == 2 * 8 * 4
-    save_checkpoint(tr, tmp_path / "ck")
+    tr.save(tmp_path / "ck")
     fresh = make_trainer(tmp_path / "b", critic_x0_reward=True, num_inference_steps=4)
-    load_checkpoint(fresh, latest_checkpoint(tmp_path / "ck"))
+    fresh.load(latest_checkpoint(tmp_path / "ck"))
     assert fresh.x0_reward_rows == tr.x0_reward_rows
     torch.testing.assert_close(fresh.critic.head.x0_gate[1].bias, gate.bias)
 
@@ -180,7 +181,7 @@ def test_an_x0_critic_is_refused_where_it_cannot_get_its_x0_reward(tmp_path):
     from critic_align.steering import steer
     from critic_align.steering.diffusers import ScoreGuidedScheduler, SMCCallback
     from critic_align.steering.values import critic_value_fn
-    from critic_align.train.steer import steer_with_trainer
+    from critic_align.train.steer import SteeringRun, steer_run
 
     tr = _x0_trainer(tmp_path)
     with pytest.raises(ValueError, match="needs x0_rewards"):
@@ -202,7 +203,8 @@ def test_an_x0_critic_is_refused_where_it_cannot_get_its_x0_reward(tmp_path):
         SMCCallback(value_fn, num_particles=2)
     with pytest.raises(ValueError, match="ScoreGuidedScheduler: this critic reads"):
         ScoreGuidedScheduler(object(), value_fn, 1.0)
+    run = SteeringRun(tr.models, tr.task, tr.timesteps, tr.rewards, tr.eval_rewards)
     with pytest.raises(ValueError, match="--method guidance"):
-        steer_with_trainer(tr, "guidance", prompts, scale=1.0)
-    res, evals = steer_with_trainer(tr, "smc", prompts, particles=2, lam=2.0, ess_threshold=0.9)  # supplies r̂0
+        steer_run(run, "guidance", prompts, scale=1.0)
+    res, evals = steer_run(run, "smc", prompts, particles=2, lam=2.0, ess_threshold=0.9)  # supplies r̂0
     assert res.cost.decode_rows == 2 * 2 * (len(tr.timesteps) + 1) and set(evals) >= {"bright"}

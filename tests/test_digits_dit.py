@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
+from critic_align.api import build_trainer
 from critic_align.train.cli import main
-from critic_align.train.registry import build_trainer, load_run_config
+from critic_align.train.registry import load_run_config
 
 
 @pytest.fixture(scope="module")

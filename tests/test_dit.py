@@ -217,6 +217,7 @@ def test_trainer_runs_ppo_gae_on_a_flow_matching_dit(tmp_path):
     from critic_align.rewards import FunctionReward, MultiReward
     from critic_align.steps import FlowMatchSDEStep
     from critic_align.trainer import Trainer
+    from tests.test_trainer import pair_loss, train_pairs
 
     def bright(samples, prompts):
         target = torch.tensor([int(p) / 3 * 2 - 1 for p in prompts])
@@ -238,7 +239,7 @@ def test_trainer_runs_ppo_gae_on_a_flow_matching_dit(tmp_path):
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     ro = tr.compute_advantages(tr.rollout(tr.prompt_iter.batch(2, 4)))
     assert torch.isfinite(ro.log_probs).all() and torch.isfinite(ro.advantages).all()
-    _, stats = tr.loss_on_pairs(ro, tr._pairs(ro))
+    _, stats = pair_loss(tr, ro, train_pairs(tr, ro))
     assert abs(stats["ratio_max"] - 1) < 1e-5 and abs(stats["ratio_min"] - 1) < 1e-5
     base = {k: v.clone() for k, v in model.state_dict().items() if "lora" not in k}
     before = [p.clone() for p in tr.adapters.parameters("policy")]

@@ -26,9 +26,9 @@ def t2i_run(tmp_path_factory):
 def test_sample_run_draws_the_prompts_of_the_command_line_with_the_runs_sampler(t2i_run, tmp_path):
     """`critic-align sample --run RUN --prompt ... --n 3 --seed 5`: one labelled row per prompt, the pixels the run's
     trainer (rebuilt from the run directory, its checkpoint loaded) draws from that seed with its policy."""
+    from critic_align.api import build_trainer, load_run_dir
     from critic_align.checkpoint import latest_checkpoint
     from critic_align.train.cli import main
-    from critic_align.train.registry import build_trainer, load_run_dir
     from critic_align.viz import make_grid
 
     prompts = ["a red 3 left of a blue 7", "two green 5s"]
@@ -249,12 +249,12 @@ def test_unknown_or_missing_tracker_is_refused_before_any_model_loads(tmp_path, 
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    import critic_align.train.registry as train_registry
+    import critic_align.api as api
 
     def no_model(run):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(train_registry, "build_trainer", no_model)
+    monkeypatch.setattr(api, "build_trainer", no_model)
     assert cli(["train", "--config", "t2i", "--out", str(out), "--set", "log_with=[wandb]"]) == 2
     err = capsys.readouterr().err
     assert "needs the wandb package" in err and "pip install 'critic-align[wandb]'" in err and not out.exists()
@@ -341,8 +341,9 @@ def test_run_with_a_jsonl_prompt_file_hands_metadata_to_the_rewards(tmp_path, mo
     import yaml
 
     import critic_align.tasks.sd
+    from critic_align.api import build_trainer
     from critic_align.tasks.composition import parse_prompt
-    from critic_align.train.registry import CONFIG_DIR, build_trainer, load_run_config
+    from critic_align.train.registry import CONFIG_DIR, load_run_config
 
     canonical = ["a red 3 left of a blue 7", "two green 5s", "a blue 1"]
     free = ["red three, left of a blue seven", "two green fives", "one blue one"]
@@ -378,9 +379,9 @@ def test_run_with_a_jsonl_prompt_file_hands_metadata_to_the_rewards(tmp_path, mo
 def test_sample_run_on_digits_runs_with_digit_prompts(config, tmp_path, capsys):
     """The digits UNet and DiT runs: `sample --run --prompt 3 --prompt 7` draws those digits with the run's
     sampler (the pixels its rebuilt trainer draws); a prompt that is not a digit is refused before loading."""
+    from critic_align.api import build_trainer, load_run_dir
     from critic_align.checkpoint import latest_checkpoint
     from critic_align.train.cli import cli, main
-    from critic_align.train.registry import build_trainer, load_run_dir
     from critic_align.viz import make_grid
 
     run_dir = tmp_path / "run"

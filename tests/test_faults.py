@@ -153,8 +153,7 @@ def test_a_second_writer_and_a_resume_of_a_live_run_are_refused(tmp_path):
     tr.train(num_epochs=1)
     saved = latest_checkpoint(run / "checkpoints")
     before = (run / "metrics.jsonl").read_bytes()
-    release(run)  # this process lets go; another process takes the run
-    tr._run_locked = False
+    tr.lock.release()  # this process lets go; another process takes the run
     proc = _hold_in_other_process(run)
     try:
         other = make_trainer(tmp_path)

@@ -291,7 +291,7 @@ def test_flux_two_epochs_lora_export_reproduces_policy_samples(tmp_path):
     assert [h["epoch"] for h in history] == [1, 2] and history[-1]["reward_queries"] == 12
     assert_only_lora_changed(trainer, pipe, "transformer", before_frozen, before_lora)
 
-    out = save_policy_lora(trainer, tmp_path / "lora")
+    out = save_policy_lora(trainer.task, trainer.models, trainer.config, tmp_path / "lora")
     assert (out / "pytorch_lora_weights.safetensors").exists()
     fresh = FluxPipeline.from_pretrained(tmp_path / "base", local_files_only=True)
     fresh.set_progress_bar_config(disable=True)
@@ -344,8 +344,9 @@ def test_flux_run_config_builds_and_exports(tmp_path):
     import yaml
     from diffusers import FluxPipeline
 
+    from critic_align.api import build_trainer
     from critic_align.train.cli import main
-    from critic_align.train.registry import build_trainer, load_run_config
+    from critic_align.train.registry import load_run_config
 
     run = load_run_config("flux_pickscore")
     assert run["task"] == "flux" and run["ppo"].guidance_scale == 1.0

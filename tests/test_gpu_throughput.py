@@ -98,6 +98,7 @@ def _gae_gradients(pipe_dir, tmp_path, checkpointing: str):
     from critic_align.rewards import FunctionReward, MultiReward
     from critic_align.tasks.sd import StableDiffusionTask, load_pipeline
     from critic_align.trainer import Trainer
+    from tests.test_trainer import pair_loss
 
     pipe = load_pipeline(pipe_dir, kind="sd15")
     pipe.set_progress_bar_config(disable=True)
@@ -117,7 +118,7 @@ def _gae_gradients(pipe_dir, tmp_path, checkpointing: str):
     ro = tr.rollout(tr.prompt_iter.batch(2, 2), generator=torch.Generator().manual_seed(0))
     tr.critic.head.set_output_scale(ro.rewards)
     ro = tr.compute_advantages(ro)
-    loss, _ = tr.loss_on_pairs(ro, torch.tensor([[b, k] for b in range(4) for k in range(3)]))
+    loss, _ = pair_loss(tr, ro, torch.tensor([[b, k] for b in range(4) for k in range(3)]))
     loss.backward()
     return {n: torch.cat([p.grad.flatten() for p in tr.adapters.parameters(n)]) for n in ("policy", "critic")}
 

@@ -24,7 +24,7 @@ from tests.test_critic_body import tiny_cond_unet
 from tests.test_dit import sd3_cond, tiny_dit, tiny_sd3
 from tests.test_flux import text_cond as flux_text_cond
 from tests.test_flux import tiny_flux_transformer
-from tests.test_trainer import TinyTask, tiny_unet
+from tests.test_trainer import TinyTask, pair_loss, tiny_unet
 
 ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -108,7 +108,7 @@ def _gae_gradients(tmp_path, kind, checkpointing, monkeypatch, **overrides):
     tr.critic.head.set_output_scale(ro.rewards)
     ro = tr.compute_advantages(ro)
     assert not calls  # rollouts run without gradients: nothing is checkpointed there
-    loss, stats = tr.loss_on_pairs(ro, torch.tensor([[b, k] for b in range(4) for k in range(3)]))
+    loss, stats = pair_loss(tr, ro, torch.tensor([[b, k] for b in range(4) for k in range(3)]))
     assert stats["kl_to_ref"] > 0
     loss.backward()
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", real)

@@ -97,8 +97,9 @@ def test_starts_as_the_x0_reward_and_trains_only_its_own_parameters(parts):
 
 
 def test_trainer_builds_and_trains_it_from_the_config(tmp_path):
+    from critic_align.api import build_trainer
     from critic_align.grafted import GraftedCritic
-    from critic_align.train.registry import build_trainer, load_run_config
+    from critic_align.train.registry import load_run_config
 
     run = load_run_config("digits", {"critic_body": "grafted", "batch_size": 16, "group_size": 8,
                                      "value_pretrain_epochs": 1, "value_pretrain_passes": 1, "num_epochs": 1,

@@ -137,7 +137,8 @@ def _no_loading(monkeypatch):
     ({"WORLD_SIZE": "5"}, "batch_size=(64|48) does not split over 5 processes"),
 ])
 def test_build_trainer_refuses_before_the_loader(env, config, launch_env, match):
-    from critic_align.train.registry import build_trainer, load_run_config
+    from critic_align.api import build_trainer
+    from critic_align.train.registry import load_run_config
 
     _no_loading(env)
     for k, v in launch_env.items():
@@ -344,7 +345,8 @@ def test_text_embedding_cache_equals_encoding_and_encodes_each_prompt_once(asset
 
 def test_text_embedding_cache_field_reaches_the_task(env):
     """ppo.text_embedding_cache in a run config -> the Stable Diffusion task caches (build_sd_task)."""
-    from critic_align.train.registry import build_sd_task, load_run_config
+    from critic_align.api import build_sd_task
+    from critic_align.train.registry import load_run_config
 
     for flag in (False, True):
         task = build_sd_task(load_run_config("t2i", {"text_embedding_cache": flag}))

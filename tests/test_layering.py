@@ -26,8 +26,9 @@ def _files(folder: str):
         yield p
 
 
-def _import_graph() -> dict[str, set[str]]:
-    modules = {_module_name(p, folder): p for folder in PACKAGES for p in _files(folder)}
+def _import_graph(modules: dict[str, Path] | None = None) -> dict[str, set[str]]:
+    """module -> the modules it imports (``modules``: name -> file; default: every module of the three folders)."""
+    modules = modules or {_module_name(p, folder): p for folder in PACKAGES for p in _files(folder)}
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -104,3 +105,78 @@ def test_no_import_circles():
         if v not in index:
             visit(v)
     assert cycles == []
+
+
+# ------------------------------------------------------------------------------------------------ one loop
+# The modules that may hold the trainer itself: the trainer, the library's entry points and the command line.
+KNOWS_THE_TRAINER = {"critic_align.trainer", "critic_align.api", "critic_align.train.cli"}
+TRAINER_MAX_LINES = 250
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of critic_align/, steering/ and train/ once (the critic_align/steering and critic_align/train links
+    are not followed: their folders are scanned as themselves)."""
+    return {_module_name(p, folder): p for folder in PACKAGES for p in _files(folder)}
+
+
+def trainer_leaks(modules: dict[str, Path]) -> list[str]:
+    """Where a module other than :data:`KNOWS_THE_TRAINER` takes the trainer: a function (or lambda) parameter named
+    ``trainer``, an import of ``Trainer`` or of ``critic_align.trainer`` (absolute or relative), or a read of a private
+    attribute of something named ``trainer``."""
+    graph = _import_graph(modules)
+    found = []
+    for name, path in modules.items():
+        if name in KNOWS_THE_TRAINER:
+            continue
+        where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        if "critic_align.trainer" in graph[name]:
+            found.append(f"{where}: imports critic_align.trainer")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                a = node.args
+                params = a.posonlyargs + a.args + a.kwonlyargs + [p for p in (a.vararg, a.kwarg) if p is not None]
+                if any(p.arg == "trainer" for p in params):
+                    found.append(f"{where}:{node.lineno}: {getattr(node, 'name', 'lambda')}() takes a trainer")
+            elif isinstance(node, (ast.Import, ast.ImportFrom)) and any(a.name.split(".")[-1] == "Trainer"
+                                                                        for a in node.names):
+                found.append(f"{where}:{node.lineno}: imports Trainer")
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "trainer"
+                  and node.attr.startswith("_")):
+                found.append(f"{where}:{node.lineno}: reads trainer.{node.attr}")
+    return found
+
+
+def test_only_the_trainer_and_the_entry_points_know_the_trainer():
+    modules = _modules()
+    assert {"critic_align.trainer", "critic_align.api", "critic_align.train.cli", "critic_align.train.steer",
+            "critic_align.steering.particles", "critic_align.runio"} <= set(modules)  # every folder is seen
+    assert trainer_leaks(modules) == []
+
+
+def test_the_leak_check_finds_each_kind_of_leak(tmp_path):
+    """The check fails on a planted module with a violation of each kind (parameters, the imports, a private read),
+    and not on the same code as an exempt module."""
+    planted = tmp_path / "planted.py"
+    planted.write_text("from .trainer import Trainer\n"
+                       "from critic_align import trainer as t\n\n\n"
+                       "def save_everything(trainer, path):\n"
+                       "    return trainer._secret\n\n\n"
+                       "def keyword_only(*, trainer=None):\n"
+                       "    return trainer\n\n\n"
+                       "later = lambda trainer: trainer\n")
+    modules = _modules()
+    leaks = trainer_leaks({**modules, "critic_align.planted": planted})
+    assert len(leaks) == 6 and all(x.startswith(str(planted)) for x in leaks), leaks
+    assert any("imports critic_align.trainer" in x for x in leaks)  # the module, absolute or relative
+    assert any("save_everything() takes a trainer" in x for x in leaks)
+    assert any("keyword_only() takes a trainer" in x for x in leaks)
+    assert any("lambda() takes a trainer" in x for x in leaks)
+    assert any("imports Trainer" in x for x in leaks)
+    assert any("reads trainer._secret" in x for x in leaks)
+    assert trainer_leaks({**modules, "critic_align.api": planted}) == []
+
+
+def test_the_trainer_module_stays_short():
+    """One loop that reads top to bottom: trainer.py holds the state and the loop, the stages live elsewhere."""
+    lines = len((ROOT / "critic_align" / "trainer.py").read_text().splitlines())
+    assert lines < TRAINER_MAX_LINES, f"critic_align/trainer.py has {lines} lines: move a helper into its stage module"

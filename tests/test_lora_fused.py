@@ -113,8 +113,9 @@ def test_fused_falls_back_to_peft_under_autocast_and_for_dropout():
 
 
 def test_trainer_config_switch(tmp_path):
+    from critic_align.api import build_trainer
     from critic_align.config import PPOConfig
-    from critic_align.train.registry import build_trainer, load_run_config
+    from critic_align.train.registry import load_run_config
 
     with pytest.raises(ValueError, match="fused_lora"):
         PPOConfig(fused_lora="yes")

@@ -9,14 +9,17 @@ from dataclasses import replace
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from test_trainer import pair_loss, train_pairs
 
 from critic_align.advantages import combine_advantages, masked_grpo_advantages
 from critic_align.backbones import UNetAdapter
 from critic_align.config import PPOConfig
+from critic_align.estimators import estimate
 from critic_align.losses import value_loss, value_loss_per_head
 from critic_align.rewards import FunctionReward, MultiReward
 from critic_align.tasks.base import BaseTask
 from critic_align.trainer import Trainer
+from critic_align.value_fit import mc_returns
 
 S101 = math.sqrt(101.0)
 
@@ -147,11 +150,10 @@ def make_trainer(tmp_path, **overrides):
     return Trainer(PPOConfig(**cfg), TinyTask(), UNetAdapter(tiny_unet()), sched, rewards)
 
 
-def _hand_rollout(tr, rewards, values=None):
+def _hand_advantages(tr, rewards, values):
+    """The trainer's estimate stage on a rollout with these rewards (B, K) and these critic values (B, T, K)."""
     ro = replace(tr.rollout([str(i % 4) for i in range(rewards.shape[0])]), rewards=rewards)
-    if values is not None:
-        tr.compute_values = lambda _ro: values
-    return ro
+    return estimate(tr.estimator, ro, values, tr.reward_weights, tr.processes, tr.config.adv_clip_max)
 
 
 @pytest.mark.parametrize("mode", ["normalize_then_sum", "sum_then_normalize"])
@@ -162,7 +164,7 @@ def test_trainer_gae_per_head_with_weights_by_hand(tmp_path, mode):
     rewards = torch.tensor([[2.0, 10.0], [0.0, 20.0]])
     values = torch.zeros(2, 2, 2)
     values[..., 0] = torch.tensor([[1.0, 3.0], [-1.0, 1.0]])  # A1 = [[1, -1], [1, -1]]: already whitened
-    ro = tr.compute_advantages(_hand_rollout(tr, rewards, values))  # head 2: V = 0, A2 = [[10, 10], [20, 20]]
+    ro = _hand_advantages(tr, rewards, values)  # head 2: V = 0, A2 = [[10, 10], [20, 20]]
     if mode == "normalize_then_sum":
         expected = torch.tensor([[1.0, -1.0], [1.0, -1.0]]) + 2 * torch.tensor([[-1.0, -1.0], [1.0, 1.0]])
     else:  # A1 + 2·A2 = [[21, 19], [41, 39]]: mean 30, variance 101
@@ -176,7 +178,7 @@ def test_trainer_gae_nan_reward_masks_its_head(tmp_path):
     rewards = torch.tensor([[2.0, 10.0], [0.0, 20.0], [1.0, math.nan]])
     values = torch.zeros(3, 2, 2)
     values[..., 0] = torch.tensor([[1.0, 3.0], [-1.0, 1.0], [2.0, 0.0]])  # A1 rows [1, -1]: mean 0, std 1
-    ro = tr.compute_advantages(_hand_rollout(tr, rewards, values))
+    ro = _hand_advantages(tr, rewards, values)
     # reward 2 whitened over samples 0, 1 -> [[-1, -1], [1, 1]]; sample 2 keeps only w1·Â1, not rescaled
     expected = torch.tensor([[-1.0, -3.0], [3.0, 1.0], [-1.0, 1.0]])
     torch.testing.assert_close(ro.advantages, expected)
@@ -199,7 +201,7 @@ def test_ddpo_needs_sum_then_normalize_for_several_rewards(tmp_path):
 
 def _head_grads(tr, ro, pairs, k):
     tr.optimizer.zero_grad(set_to_none=True)
-    loss, stats = tr.loss_on_pairs(ro, pairs, train_policy=False)
+    loss, stats = pair_loss(tr, ro, pairs, train_policy=False)
     loss.backward()
     head = tr.critic.head
     grads = [p.grad.clone() for p in head.heads[k].parameters()] + [head.queries.grad[k].clone()]
@@ -213,7 +215,7 @@ def test_value_loss_of_a_head_only_sees_its_own_reward(tmp_path):
             p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
     ro = tr.compute_advantages(tr.rollout([str(i % 4) for i in range(8)]))
     assert torch.isnan(ro.rewards[:, 1]).sum() == 4  # even prompts: reward 2 not applicable
-    pairs = tr._pairs(ro)
+    pairs = train_pairs(tr, ro)
     g0, s0 = _head_grads(tr, ro, pairs, 0)
     g1, s1 = _head_grads(tr, ro, pairs, 1)
     # perturb reward 2's targets, and mask two more of its samples
@@ -233,7 +235,7 @@ def test_value_loss_of_a_head_only_sees_its_own_reward(tmp_path):
 def test_per_head_explained_variance_ignores_nan_rewards(tmp_path):
     tr = make_trainer(tmp_path)
     ro = tr.rollout([str(i % 4) for i in range(8)])
-    target = tr.mc_returns(ro)
+    target = mc_returns(ro, tr.config.gamma)
     values = target.clone()
     values[..., 0] += 0.1 * torch.randn(values[..., 0].shape, generator=torch.Generator().manual_seed(0))
     values[torch.isnan(ro.rewards[:, 1]), :, 1] = 1e6  # garbage where reward 2 is not applicable

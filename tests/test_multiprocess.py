@@ -77,7 +77,7 @@ def _two_process_worker(rank: int, tmp: str, port: int, algo: str = "ppo") -> No
     ro = tr.compute_advantages(tr.rollout(tr.prompt_iter.batch(2, 4)))
     with tr.processes.module.no_sync():
         tr.update(ro)
-    flat = torch.cat([p.detach().reshape(-1) for p in tr._trainable])
+    flat = torch.cat([p.detach().reshape(-1) for p in tr.trainable])
     both = [torch.empty_like(flat) for _ in range(2)]
     dist.all_gather(both, flat)
     (tmp / f"nosync_rank{rank}.json").write_text(json.dumps({"equal": bool(torch.equal(both[0], both[1]))}))

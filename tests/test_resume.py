@@ -38,7 +38,7 @@ def test_rows_logged_after_the_checkpoint_are_cut_on_resume(tmp_path):
     resumed = make_trainer(tmp_path, num_epochs=3)
     resumed.load(latest_checkpoint(run / "checkpoints"))
     assert (run / "metrics.jsonl").read_text() == good
-    assert resumed._purge_step == resumed.reward_queries + 1  # tensorboard hides the killed run's later events
+    assert resumed.log.purge_step == resumed.reward_queries + 1  # tensorboard hides the killed run's later events
 
 
 def test_stale_temporary_directories_are_ignored_then_removed(tmp_path):

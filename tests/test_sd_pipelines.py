@@ -243,7 +243,7 @@ def test_sd15_one_epoch_only_lora_changes_and_lora_roundtrip(tmp_path):
     assert len(history) == 1 and history[0]["reward_queries"] == 8
     assert_only_lora_changed(trainer, pipe, "unet", before_frozen, before_lora)
 
-    out = save_policy_lora(trainer, tmp_path / "lora")
+    out = save_policy_lora(trainer.task, trainer.models, trainer.config, tmp_path / "lora")
     assert (out / "pytorch_lora_weights.safetensors").exists()
     fresh = StableDiffusionPipeline.from_pretrained(tmp_path / "base", local_files_only=True)
     fresh.set_progress_bar_config(disable=True)
@@ -310,7 +310,7 @@ def test_sd3_one_epoch_only_lora_changes_and_lora_roundtrip(tmp_path):
     assert len(history) == 1 and history[0]["reward_queries"] == 8
     assert_only_lora_changed(trainer, pipe, "transformer", before_frozen, before_lora)
 
-    out = save_policy_lora(trainer, tmp_path / "lora")
+    out = save_policy_lora(trainer.task, trainer.models, trainer.config, tmp_path / "lora")
     with pytest.raises(ValueError, match="drop_t5=True"):
         load_pipeline(tmp_path / "base", kind="sd3")
     fresh = load_pipeline(tmp_path / "base", kind="sd3", drop_t5=True)
@@ -384,7 +384,8 @@ SD_CONFIGS = ("sd15_jpeg", "sd15_pickscore", "sd15_hpsv2", "sd35m_jpeg", "sd35m_
 
 @pytest.mark.parametrize("name", SD_CONFIGS)
 def test_shipped_sd_configs_load_and_name_their_missing_weights(name):
-    from critic_align.train.registry import build_rewards, build_trainer, load_run_config
+    from critic_align.api import build_trainer
+    from critic_align.train.registry import build_rewards, load_run_config
 
     run = load_run_config(name)
     assert run["task"] in ("sd15", "sd3") and run["ppo"].guidance_scale == 1.0  # CFG-free
@@ -398,10 +399,11 @@ def test_cli_train_and_export_lora_sd15(tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
+    from critic_align.api import build_trainer
     from critic_align.backbones import LoraAdapters
     from critic_align.checkpoint import latest_checkpoint
     from critic_align.train.cli import main
-    from critic_align.train.registry import build_trainer, load_run_config
+    from critic_align.train.registry import load_run_config
 
     tiny_sd15_pipeline(tmp_path).save_pretrained(tmp_path / "base")
     (tmp_path / "prompts.txt").write_text("# animals\na cat\n\nowl\n")

@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 from test_rollout import lin_denoiser, make_step
-from test_trainer import make_trainer, perturb_lora
+from test_trainer import make_trainer, pair_loss, perturb_lora, train_pairs
 
+from critic_align.collect import draw_window
 from critic_align.config import PPOConfig
 from critic_align.rollout import sample, sample_trajectories, sample_window
 from critic_align.steps import FlowMatchSchedule, FlowMatchSDEStep
@@ -105,14 +106,14 @@ def test_config_checks_the_window():
 def test_trainer_trains_only_the_window(tmp_path):
     tr = make_trainer(tmp_path, sde_window_size=2, sde_window_range=[1, 2], num_inference_steps=4)
     perturb_lora(tr)
-    starts = {tr.draw_window()[0] for _ in range(40)}
+    starts = {draw_window(tr.config, tr.generator)[0] for _ in range(40)}
     assert starts == {1, 2}
-    win = tr.draw_window()
+    win = draw_window(tr.config, tr.generator)
     ro = tr.compute_advantages(tr.rollout(tr.prompt_iter.batch(2, 4), window=win))
     assert ro.num_steps == 2 and ro.values.shape[:2] == (8, 2) and ro.advantages.shape == (8, 2)
     assert torch.equal(ro.timesteps, tr.timesteps[win[0]:win[1]])
-    assert len(tr._pairs(ro)) == 8 * 2
-    _, stats = tr.loss_on_pairs(ro, tr._pairs(ro))
+    assert len(train_pairs(tr, ro)) == 8 * 2
+    _, stats = pair_loss(tr, ro, train_pairs(tr, ro))
     assert abs(stats["ratio_max"] - 1) < 1e-5 and abs(stats["ratio_min"] - 1) < 1e-5
     row = tr.train_epoch().metrics
     assert row["sde_window_start"] in (1, 2)

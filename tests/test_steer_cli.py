@@ -75,14 +75,15 @@ def test_evaluate_samples_means_and_splits(tmp_path):
     import torch
 
     from benchmarks.steering_table import TableSpec, split_evals
-    from critic_align.train.registry import build_trainer, load_run_config
+    from critic_align.api import build_trainer
+    from critic_align.train.registry import load_run_config
     from critic_align.train.steer import evaluate_samples
 
     trainer = build_trainer(load_run_config("digits", {"output_dir": str(tmp_path), "batch_size": 8}))
     prompts = ["0", "1", "2", "3", "4", "5"]
     decoded = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     mat = trainer.rewards(decoded, prompts)[:, trainer.rewards.names.index("digit_prob")].double()
-    ev = evaluate_samples(trainer, decoded, prompts)
+    ev = evaluate_samples(trainer.rewards, trainer.eval_rewards, decoded, prompts)
     assert ev["digit_prob"] == pytest.approx(float(mat.mean()))
     assert ev["digit_prob_se"] == pytest.approx(float(mat.std(unbiased=True)) / 6 ** 0.5)
     assert "digit_correct" in ev  # the config's eval reward

@@ -105,6 +105,7 @@ def test_workflow_train_export_lora_reload_reproduces_and_steers(tmp_path):
     eta 0 and 1), and steer_pipeline runs SMC on that pipeline with the run's trained critic."""
     from diffusers import StableDiffusionPipeline
 
+    from critic_align.api import build_trainer, load_run_dir
     from critic_align.checkpoint import latest_checkpoint
     from critic_align.rewards import CompositionScore
     from critic_align.rollout import sample
@@ -112,7 +113,6 @@ def test_workflow_train_export_lora_reload_reproduces_and_steers(tmp_path):
     from critic_align.steering.diffusers import steer_pipeline
     from critic_align.steps import DDIMStep
     from critic_align.train.cli import main
-    from critic_align.train.registry import build_trainer, load_run_dir
 
     run_dir, lora_dir = tmp_path / "run", tmp_path / "lora"
     assert main(tiny_train_argv("t2i", run_dir)) == 0

@@ -164,9 +164,10 @@ def test_shipped_sd3_pipeline_loads_offline_generates_and_has_its_card():
 def test_t2i_sd3_config_trains_through_the_sd3_path(tmp_path):
     """critic-align train --config t2i_sd3 (tiny settings, its SDE window): the SD3 task, the flow SDE step, the
     pipeline's max_sequence_length; the policy LoRA exports and loads into the shipped pipeline."""
+    from critic_align.api import build_trainer, load_run_dir
     from critic_align.steps import FlowMatchSDEStep
     from critic_align.train.cli import main
-    from critic_align.train.registry import build_trainer, load_run_config, load_run_dir
+    from critic_align.train.registry import load_run_config
 
     run = load_run_config("t2i_sd3")
     assert run["task"] == "sd3" and run["ppo"].guidance_scale == 1.0 and run["ppo"].sde_window_size == 4

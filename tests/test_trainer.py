@@ -10,12 +10,14 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from critic_align.algorithms.ppo import loss_on_pairs
 from critic_align.backbones import UNetAdapter
 from critic_align.checkpoint import CheckpointError, latest_checkpoint
 from critic_align.config import PPOConfig
 from critic_align.rewards import FunctionReward, MultiReward
 from critic_align.tasks.base import BaseTask
 from critic_align.trainer import Trainer
+from critic_align.update import pairs as draw_pairs
 
 
 class TinyTask(BaseTask):
@@ -57,6 +59,16 @@ def make_trainer(tmp_path, accelerator=None, **overrides):
     return Trainer(PPOConfig(**cfg), TinyTask(), UNetAdapter(tiny_unet()), sched, rewards, accelerator=accelerator)
 
 
+def train_pairs(tr, ro):
+    """The (trajectory, step) pairs an update of ``ro`` trains on, drawn from the run's generator."""
+    return draw_pairs(tr.generator, ro.batch_size, ro.num_steps, tr.config.timestep_fraction)
+
+
+def pair_loss(tr, ro, part, train_policy=True):
+    """The PPO loss (and statistics) on ``part`` of ``ro``'s pairs, as an update of the run computes it."""
+    return loss_on_pairs(tr.context(ro.batch_size), ro, part, train_policy)
+
+
 def perturb_lora(trainer, name="policy", scale=0.05, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -68,8 +80,8 @@ def test_on_policy_ratio_is_one(tmp_path):
     tr = make_trainer(tmp_path)
     perturb_lora(tr)  # a non-trivial policy
     ro = tr.compute_advantages(tr.rollout(tr.prompt_iter.batch(2, 4)))
-    pairs = tr._pairs(ro)
-    _, stats = tr.loss_on_pairs(ro, pairs)
+    drawn = train_pairs(tr, ro)
+    _, stats = pair_loss(tr, ro, drawn)
     assert abs(stats["ratio_max"] - 1) < 1e-5 and abs(stats["ratio_min"] - 1) < 1e-5
     assert stats["clip_fraction"] == 0.0
 
@@ -80,12 +92,12 @@ def _grads_after_update(tmp_path, accumulation):
     perturb_lora(tr, "critic", seed=2)
     torch.manual_seed(0)
     ro = tr.compute_advantages(tr.rollout(tr.prompt_iter.batch(2, 4)))
-    pairs = tr._pairs(ro)[:32]
+    pairs = train_pairs(tr, ro)[:32]
     tr.optimizer.zero_grad()
     micro = 32 // accumulation
     for j in range(0, 32, micro):
         part = pairs[j:j + micro]
-        loss, _ = tr.loss_on_pairs(ro, part)
+        loss, _ = pair_loss(tr, ro, part)
         (loss * (len(part) / len(pairs))).backward()
     return {n: p.grad.clone() for n, p in tr.adapter.model.named_parameters() if p.grad is not None}
 
@@ -233,11 +245,11 @@ def test_reward_weights_must_match_rewards(tmp_path):
 def test_kl_to_reference_is_zero_at_init_and_grows(tmp_path):
     tr = make_trainer(tmp_path, kl_coef=0.1)
     ro = tr.compute_advantages(tr.rollout(tr.prompt_iter.batch(2, 4)))
-    pairs = tr._pairs(ro)
-    _, stats = tr.loss_on_pairs(ro, pairs)
+    pairs = train_pairs(tr, ro)
+    _, stats = pair_loss(tr, ro, pairs)
     assert stats["kl_to_ref"] == pytest.approx(0.0, abs=1e-10)  # fresh LoRA (B = 0) == the reference
     perturb_lora(tr)
-    _, stats = tr.loss_on_pairs(ro, pairs)
+    _, stats = pair_loss(tr, ro, pairs)
     assert stats["kl_to_ref"] > 0
 
 

@@ -25,14 +25,15 @@ from pathlib import Path
 
 
 def cmd_train(args) -> int:
+    from critic_align.api import build_trainer, write_run_dir
     from critic_align.best import CollapseError
     from critic_align.diagnostics import bucket_edges
     from critic_align.launch import check_launch
-    from critic_align.runlock import check_free, check_writable, lock_for, unlock_for
+    from critic_align.runlock import check_free, check_writable
     from critic_align.trackers import check_trackers_installed
     from critic_align.viz import plot_metrics
 
-    from .registry import build_trainer, load_run_config, parse_overrides, write_run_dir
+    from .registry import load_run_config, parse_overrides
 
     overrides = parse_overrides(args.set)
     if args.out:
@@ -53,7 +54,7 @@ def cmd_train(args) -> int:
     if ckpt is not None:
         _check_epochs_left(ckpt, cfg.num_epochs)
     trainer = build_trainer(run)
-    lock_for(trainer, "resume" if resume else "write to")  # held until this process exits
+    trainer.lock.take("resume" if resume else "write to")  # held until this process exits
     if trainer.is_main_process:  # what steer / sample / export-lora need to rebuild the run
         write_run_dir(out, run)
     if resume:
@@ -95,7 +96,7 @@ def cmd_train(args) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     trainer.log.close()  # the trackers' runs end (W&B offline: its run directory is complete)
-    unlock_for(trainer)
+    trainer.lock.release()
     trainer.processes.close()  # several processes: the process group ends together, before the interpreters exit
     return 0
 
@@ -234,11 +235,10 @@ def _sample_run(args) -> int:
     """``sample --run``: the run's trainer rebuilt from its directory (run.json + config.json, the command line's
     sampler overrides applied), its newest checkpoint's policy loaded, ``--n`` samples per prompt drawn with the
     trainer's own sampler from noise seeded by ``--seed``, written as a grid with one labelled row per prompt."""
+    from critic_align.api import load_run, load_run_dir
     from critic_align.checkpoint import find_resumable
     from critic_align.registry import DIGITS_TASKS, SD_TASKS
     from critic_align.viz import save_grid
-
-    from .registry import build_trainer, load_run_dir
 
     if args.model:
         raise SystemExit("--model and --run exclude each other: a run's policy LoRA belongs to the run's base model")
@@ -271,8 +271,7 @@ def _sample_run(args) -> int:
 
         prompts_to_labels(prompts)  # a digits run's prompts are '0'..'9': refused before the model loads
     # the trainer writes nothing unless asked (its log is lazy); its output_dir stays the run's
-    trainer = build_trainer(run)
-    trainer.load(ckpt, resume=False)
+    trainer = load_run(run_dir, overrides, ckpt)
     print(f"loaded the policy LoRA of {ckpt}")
     cfg = trainer.config
     rows = prompts or list(trainer.task.grid_prompts)

@@ -13,11 +13,19 @@ import argparse
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .registry import build_trainer, load_run_config, load_run_dir, parse_overrides, write_run_dir
+from critic_align.api import build_trainer, load_run, load_run_dir, write_run_dir
+
+from .registry import load_run_config, parse_overrides
+
+if TYPE_CHECKING:  # annotations only: the command line starts without loading the library's networks
+    from critic_align.models import Models
+    from critic_align.rewards.base import MultiReward
 
 METHODS = ("base", "bon", "guidance", "guidance+bon", "smc", "smc_x0")
 
@@ -60,10 +68,10 @@ def build_steering_trainer(config: str | None, run_dir: str | None, out: str, ov
     if run_dir is not None and run["ppo"].sde_window_size:
         print(f"note: {run_dir} trained its critic on SDE windows of {run['ppo'].sde_window_size} steps "
               f"(first step in {run['ppo'].sde_window_range or 'anywhere'}); steering queries it at every step")
-    trainer = build_trainer(run)
+    # a run's weights are reused under this command's sampling config
+    trainer = load_run(run_dir, overrides, ckpt) if ckpt is not None else build_trainer(run)
     Path(out).mkdir(parents=True, exist_ok=True)
     if ckpt is not None:
-        trainer.load(ckpt, resume=False)  # reuse the weights under this command's sampling config
         print(f"loaded policy + critic from {ckpt}")
     else:
         print(f"pretraining the critic on the base policy ({run['ppo'].value_pretrain_epochs} rollout batches)")
@@ -73,30 +81,42 @@ def build_steering_trainer(config: str | None, run_dir: str | None, out: str, ov
     return trainer, run
 
 
-def steer_with_trainer(trainer, method: str, prompts: list[str], particles: int = 4, scale: float = 0.0,
-                       lam: float = 10.0, seed: int = 0, **kw):
-    """Run one steering method with the trainer's policy, step, critic and rewards; returns (SteerResult, eval dict)."""
+@dataclass(frozen=True)
+class SteeringRun:
+    """What steering reads of a run: its networks (``models``: the policy, the stochastic step, classifier-free
+    guidance, the critic or None), the task (encode, decode, latent shape), the sampler's ``timesteps``, the trained
+    ``rewards`` (their weighted sum is what best-of-N and SMC maximise) and the ``eval_rewards`` (reported only)."""
+
+    models: Models
+    task: object
+    timesteps: torch.Tensor
+    rewards: MultiReward
+    eval_rewards: MultiReward | None = None
+
+
+def steer_run(run: SteeringRun, method: str, prompts: list[str], particles: int = 4, scale: float = 0.0,
+              lam: float = 10.0, seed: int = 0, **kw):
+    """Run one steering method with the run's policy, step, critic and rewards; returns (SteerResult, eval dict)."""
     from critic_align.steering import critic_value_fn, steer
 
     if method not in METHODS:
         raise ValueError(f"unknown steering method {method!r}; use one of {METHODS}")
     check_steering_args(particles, scale, lam)
-    task = trainer.task
+    models, task, rewards = run.models, run.task, run.rewards
     gen = torch.Generator().manual_seed(seed)
     n = 1 if method in ("base",) or (method == "guidance") else particles
-    x_T = torch.randn((len(prompts) * n, *task.latent_shape), generator=gen).to(trainer.device)
+    x_T = torch.randn((len(prompts) * n, *task.latent_shape), generator=gen).to(models.device)
     cond = task.encode(prompts)
-    weights = trainer.reward_weights
 
     def reward_fn(samples, ps):
-        return trainer.rewards.weighted_sum(trainer.rewards(samples, ps))
+        return rewards.weighted_sum(rewards(samples, ps))
 
     value_fn = None
-    if trainer.critic is not None:
+    if models.critic is not None:
         # a critic trained with critic_x0_reward scores the step's x0 predictions with the rewards it was trained on
-        x0_rewards = trainer.rewards if reads_x0_reward(trainer) else None
-        value_fn = critic_value_fn(trainer.critic, weights=weights.tolist(), x0_rewards=x0_rewards)
-    if method in ("guidance", "guidance+bon") and reads_x0_reward(trainer):
+        x0_rewards = rewards if reads_x0_reward(models.critic) else None
+        value_fn = critic_value_fn(models.critic, weights=rewards.weights.float().tolist(), x0_rewards=x0_rewards)
+    if method in ("guidance", "guidance+bon") and reads_x0_reward(models.critic):
         raise ValueError(f"--method {method}: this run's critic reads r(decode(x0_pred)) (critic_x0_reward), which "
                          "has no gradient in x_t here; steer it with bon, smc or smc_x0, or pretrain a fresh critic "
                          "(--config, critic_x0_reward false by default)")
@@ -112,30 +132,30 @@ def steer_with_trainer(trainer, method: str, prompts: list[str], particles: int 
         # best-of-N and guidance have no weights (their choice is the best reward) and no proposal correction
         opts.pop("output", None)
         opts.pop("guidance_max_kl", None)
-    cfg = trainer.config
-    rows_per_call = 2 if cfg.guidance_scale != 1.0 else 1  # the CFG denoiser runs two rows per sample
-    res = steer(trainer.policy_output, trainer.step, x_T, trainer.timesteps.to(trainer.device), cond, prompts,
+    rows_per_call = 2 if models.guidance_scale != 1.0 else 1  # the CFG denoiser runs two rows per sample
+    res = steer(models.policy_output, models.step, x_T, run.timesteps.to(models.device), cond, prompts,
                 backbone_rows_per_call=rows_per_call, **opts)
-    return res, evaluate_samples(trainer, res.decoded, prompts)
+    return res, evaluate_samples(rewards, run.eval_rewards, res.decoded, prompts)
 
 
-def reads_x0_reward(trainer) -> bool:
-    """Whether the trainer's critic reads r(decode(x0_pred)) next to the latent (``critic_x0_reward``)."""
-    return bool(getattr(getattr(trainer.critic, "head", None), "reads_x0_reward", False))
+def reads_x0_reward(critic) -> bool:
+    """Whether ``critic`` (or None) reads r(decode(x0_pred)) next to the latent (``critic_x0_reward``)."""
+    return bool(getattr(getattr(critic, "head", None), "reads_x0_reward", False))
 
 
 @torch.no_grad()
-def evaluate_samples(trainer, decoded: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+def evaluate_samples(rewards: MultiReward, eval_rewards: MultiReward | None, decoded: torch.Tensor,
+                     prompts: list[str]) -> dict[str, float]:
     """The mean of each trained reward (and its standard error over prompts: differences below ~2 SE are noise)
     and of each eval reward (NaN-skipping) over decoded samples, one per prompt."""
     evals = {}
-    mat = trainer.rewards(decoded, prompts)
-    for k, name in enumerate(trainer.rewards.names):
+    mat = rewards(decoded, prompts)
+    for k, name in enumerate(rewards.names):
         evals[name] = float(mat[:, k].double().mean())
         evals[f"{name}_se"] = float(mat[:, k].double().std() / max(len(prompts), 1) ** 0.5)
-    if trainer.eval_rewards is not None:
-        emat = trainer.eval_rewards(decoded, prompts)
-        for k, name in enumerate(trainer.eval_rewards.names):
+    if eval_rewards is not None:
+        emat = eval_rewards(decoded, prompts)
+        for k, name in enumerate(eval_rewards.names):
             evals[name] = float(emat[:, k].double().nanmean())
     return evals
 
@@ -155,12 +175,13 @@ def cmd_steer(args) -> int:
     prompts = [p for p in unique_prompts for _ in range(args.per_prompt)]  # grid: one row per prompt
     results_path = out / "steer_results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
+    steering = SteeringRun(trainer.models, trainer.task, trainer.timesteps, trainer.rewards, trainer.eval_rewards)
     for method in methods:
         t0 = time.time()
-        res, evals = steer_with_trainer(trainer, method, prompts, particles=args.particles, scale=args.scale,
-                                        lam=args.lam, seed=args.seed, ess_threshold=args.ess_threshold,
-                                        resample_every=args.resample_every, scheme=args.scheme, output=args.output,
-                                        guidance_max_kl=args.guidance_max_kl, progress=True)
+        res, evals = steer_run(steering, method, prompts, particles=args.particles, scale=args.scale,
+                               lam=args.lam, seed=args.seed, ess_threshold=args.ess_threshold,
+                               resample_every=args.resample_every, scheme=args.scheme, output=args.output,
+                               guidance_max_kl=args.guidance_max_kl, progress=True)
         grid = save_grid(res.decoded.clamp(-1, 1), out / f"steer_{method}_N{args.particles}.png",
                          nrow=args.per_prompt, labels=unique_prompts)
         row = {"method": method, "particles": args.particles, "scale": args.scale, "lam": args.lam,

@@ -5,6 +5,6 @@ An estimator is an object with ``compute(batch, values) -> (advantages (B, T), r
 :data:`critic_align.registry.ESTIMATORS`; the trainer builds a critic when the estimator ``needs_values``.
 """
 
-from .base import Estimator, ScoredBatch, build_estimator, estimator_class
+from .base import Estimator, ScoredBatch, build_estimator, estimate, estimator_class
 
-__all__ = ["Estimator", "ScoredBatch", "build_estimator", "estimator_class"]
+__all__ = ["Estimator", "ScoredBatch", "build_estimator", "estimate", "estimator_class"]

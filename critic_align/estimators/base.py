@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -62,3 +62,19 @@ def estimator_class(name: str):
 def build_estimator(config) -> Estimator:
     """The estimator ``config.advantage`` names, built from the config's fields."""
     return estimator_class(config.advantage).from_config(config)
+
+
+def estimate(estimator: Estimator, ro, values: torch.Tensor | None, reward_weights: torch.Tensor, processes,
+             clip: float, prompts=None):
+    """A new :class:`~critic_align.rollout.Rollout` with ``advantages`` (B, T) clipped to ±``clip`` and, with
+    ``values`` (this process's (B, T, K) critic values), ``values`` and ``returns`` (B, T, K), from ``estimator`` on
+    the whole batch's rewards and values (its group statistics and whitening are the whole batch's); this process
+    keeps its rows.  prompts: the whole batch's prompts (every process holds them; default: gathered)."""
+    if prompts is None:
+        prompts = [p for part in processes.gather_objects(list(ro.prompts)) for p in part]
+    prompts = tuple(prompts)
+    scored = ScoredBatch(processes.gather(ro.rewards).float(), reward_weights, prompts, ro.num_steps)
+    adv, returns = estimator.compute(scored, None if values is None else processes.gather(values))
+    mine = processes.shard(len(prompts))
+    return replace(ro, values=values if values is not None else ro.values,
+                   returns=None if returns is None else returns[mine], advantages=adv[mine].clamp(-clip, clip))

@@ -11,7 +11,7 @@ latents are the unpacked (B, 16, H/8, W/8) ones.
     task = FluxTask(pipe, prompts, resolution=512, max_sequence_length=128)
     trainer = Trainer(config, task, task.backbone(), task.scheduler, rewards)
     ...
-    save_policy_lora(trainer, "runs/flux/lora")          # FluxPipeline.load_lora_weights("runs/flux/lora")
+    save_policy_lora(task, trainer.models, config, "runs/flux/lora")   # FluxPipeline.load_lora_weights("runs/flux/lora")
 
 The sampler's sigmas
 --------------------

@@ -10,7 +10,7 @@ are frozen and in eval mode.
     task = StableDiffusionTask(pipe, prompts=["a photo of a cat", ...])
     trainer = Trainer(config, task, task.backbone(), task.scheduler, rewards)
     ...
-    save_policy_lora(trainer, "runs/sd15/lora")          # pipe.load_lora_weights("runs/sd15/lora")
+    save_policy_lora(task, trainer.models, config, "runs/sd15/lora")   # pipe.load_lora_weights("runs/sd15/lora")
 
 Conditioning: SD1.5 gives the text encoder's hidden states (B, 77, 768), a plain tensor; SD3 gives a
 :class:`~critic_align.cond.TextCond` (prompt embeddings (B, 77 + T5 length, 4096) and pooled projections
@@ -313,14 +313,14 @@ def save_lora(state_dict: dict[str, torch.Tensor], kind: str, out_dir, rank: int
     return out
 
 
-def save_policy_lora(trainer, out_dir) -> Path:
-    """Export a trainer's policy LoRA for its Stable Diffusion (or FLUX) task (see :func:`save_lora`)."""
-    task = trainer.task
+def save_policy_lora(task, models, config, out_dir) -> Path:
+    """Export a run's policy LoRA (the 'policy' adapter of ``models``, a :class:`~critic_align.models.Models`; rank,
+    alpha and target modules from ``config``) for its Stable Diffusion (or FLUX) ``task`` (see :func:`save_lora`):
+    ``save_policy_lora(trainer.task, trainer.models, trainer.config, out_dir)``."""
     if not isinstance(task, StableDiffusionTask):
-        raise TypeError(f"save_policy_lora exports Stable Diffusion runs; this trainer's task is {type(task).__name__}")
-    cfg = trainer.config
-    return save_lora(trainer.export_policy_lora(), task.kind, out_dir, cfg.lora_rank, cfg.lora_alpha,
-                     cfg.lora_target_modules)
+        raise TypeError(f"save_policy_lora exports Stable Diffusion runs; this run's task is {type(task).__name__}")
+    return save_lora(models.adapters.state_dict("policy"), task.kind, out_dir, config.lora_rank, config.lora_alpha,
+                     config.lora_target_modules)
 
 
 def read_prompts(path) -> list[str]:
