@@ -353,7 +353,7 @@ class Method:
 METHODS: Mapping[str, Method] = MappingProxyType({
     "base": Method(base, "plain sampling, one sample per prompt"),
     "bon": Method(best_of_n, "best-of-N: N samples per prompt, keep the highest reward"),
-    "guidance": Method(guidance, "critic gradient guidance (score += w·∇V), one sample per prompt"),
+    "guidance": Method(guidance, "critic gradient guidance, score += w·∇V, one sample per prompt"),
     "guidance+bon": Method(guidance_best_of_n, "gradient guidance on N samples per prompt, keep the highest reward"),
     "smc": Method(smc, "SMC toward p·exp(λ r) with the critic's value as potential, optionally guided"),
     "smc_x0": Method(smc_x0, "FK steering: SMC with potential λ·r(decode(x̂0)), a decode + reward call per step"),
@@ -400,9 +400,11 @@ def _check(where: str, step, num_particles: int, scale: float | None, guide: _Gu
     check_steering_numbers(num_particles, scale, None if twist is None else twist.lam, where=where)
     if twist is not None and twist.output not in OUTPUTS:
         raise ValueError(f"{where}: output must be one of {OUTPUTS}, got {twist.output!r}")
-    value_fns = [fn for fn, needed in ((None if guide is None else guide.value_fn, guide is not None),
-                                       (None if twist is None else twist.value_fn,
-                                        twist is not None and twist.potential in POTENTIALS)) if needed]
+    value_fns = []  # the value functions this run calls
+    if guide is not None:
+        value_fns.append(guide.value_fn)
+    if twist is not None and twist.potential in POTENTIALS:
+        value_fns.append(twist.value_fn)
     if any(fn is None for fn in value_fns):
         raise ValueError(f"{where}: guidance and value / soft_value potentials need a value_fn (e.g. "
                          "critic_value_fn(critic))")
