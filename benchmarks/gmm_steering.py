@@ -48,7 +48,15 @@ ROOT = Path(__file__).resolve().parents[1]
 from gmm_critic import build  # noqa: E402
 
 from critic_align.distances import noise_floor, sliced_wasserstein  # noqa: E402
-from critic_align.steering import binary_soft_value, critic_value_fn, exp_reward_target, exp_soft_value, steer  # noqa: E402
+from critic_align.steering import (  # noqa: E402
+    Resampling,
+    base,
+    binary_soft_value,
+    critic_value_fn,
+    exp_reward_target,
+    exp_soft_value,
+    steer,
+)
 from critic_align.steering.potentials import SoftValueFn  # noqa: E402
 
 SMC_METHODS = ("smc/value/exact", "smc/value/critic", "smc/soft_value/exact", "smc/soft_value/critic",
@@ -132,20 +140,25 @@ def main(argv=None):
                    "soft_value/critic": critic_soft}
 
         def run(method, n, steps=None, **extra):
-            kw = dict(num_particles=n, reward_fn=reward_fn, generator=gen)
+            # method: this benchmark's row label; steering: the steering method (a key of steering.METHODS) it runs
             if method.startswith("smc/"):
                 potential = method.split("/")[1]
-                kw.update(potential=potential, lam=lam, output="sample", ess_threshold=0.5)
-                if potential != "x0_reward":
-                    kw["value_fn"] = sources[method[len("smc/"):]]
-            elif method == "guidance/exact":
-                kw.update(value_fn=exact_soft, guidance_scale=1.0)  # ∇ log E[exp(λr)|x_t]: the tilted score
+                kw = dict(num_particles=n, lam=lam, output="sample", resampling=Resampling(ess_threshold=0.5))
+                if potential == "x0_reward":
+                    steering = "smc_x0"
+                else:
+                    steering = "smc"
+                    kw.update(potential=potential, value_fn=sources[method[len("smc/"):]])
+            elif method == "guidance/exact":  # ∇ log E[exp(λr)|x_t]: the tilted score
+                steering, kw = "guidance", dict(value_fn=exact_soft, scale=1.0)
             elif method == "guidance/critic":
-                kw.update(value_fn=critic_value, guidance_scale=lam)
+                steering, kw = "guidance", dict(value_fn=critic_value, scale=lam)
+            else:
+                steering, kw = method, ({} if method == "base" else dict(num_particles=n))
             kw.update(extra)
             x_T = torch.randn(g * n, *task.latent_shape, generator=gen)
             timesteps = ts if steps is None else step.schedule.timesteps(steps)
-            res = steer(den, step, x_T, timesteps, **kw)
+            res = steer(steering, den, step, x_T, timesteps, reward_fn=reward_fn, generator=gen, **kw)
             d = sliced_wasserstein(res.samples.double(), target)
             row = {"method": method, "particles": n, "steps": len(timesteps), "sliced_w2": d,
                    "mean_reward": float(res.rewards.double().mean()),
@@ -169,10 +182,10 @@ def main(argv=None):
             guided.append(row)
         # the T-step sampler is not the exact model's law: SMC's weights target the *sampler's* final law tilted by
         # exp(λr), so its distance to the exact target cannot go below the sampler's own discretisation error
-        base = steer(den, step, torch.randn(g, *task.latent_shape, generator=gen), ts, reward_fn=reward_fn,
+        plain = base(den, step, torch.randn(g, *task.latent_shape, generator=gen), ts, reward_fn=reward_fn,
                      generator=gen).samples.double()
         reference = task.sample_reference(g, torch.Generator().manual_seed(8)).double()
-        sampler_bias = sliced_wasserstein(base, reference)
+        sampler_bias = sliced_wasserstein(plain, reference)
         reference_floor = noise_floor(lambda n, gg: task.sample_reference(n, gg).double(), g, sliced_wasserstein,
                                       repeats=5)
         discretisation = max(0.0, sampler_bias - reference_floor["mean"])

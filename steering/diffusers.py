@@ -9,7 +9,7 @@ Two hooks, no forked pipelines:
   ancestors.  :func:`steer_pipeline` then multiplies in exp(λ·r) of the decoded images and draws one image per
   prompt (or takes the best).  The weights, resampling and final choice are :mod:`steering.particles`' engine.
   Latents-only means no transition densities: guidance is not allowed together with SMC here (the proposal
-  correction needs the step's mean) — use :func:`steering.samplers.steer` with an adapter for that.
+  correction needs the step's mean) — use :func:`steering.samplers.smc` with an adapter for that.
 * :class:`ScoreGuidedScheduler` — wraps ``pipe.scheduler``; its ``step`` shifts the (CFG-combined) model output
   so that its implied score is the model's score plus w·∇V before delegating to the real scheduler, with
   :func:`critic_align.steps.score_guided_output` (the one guidance formula): VP schedulers (DDPM, DDIM, ...),
@@ -33,6 +33,7 @@ cannot re-index (second-order ancestral KDPM2, DPM-Solver SDE's Brownian tree) a
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Sequence
 
 import torch
@@ -40,6 +41,7 @@ import torch
 from critic_align.steps import score_guided_output
 
 from .particles import ParticleSystem, check_log_potential, check_steering_numbers, choose
+from .samplers import SteerCost, SteerResult
 from .values import NoiseLevel, value_and_grad
 
 STOCHASTIC_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler (eta > 0)", "EulerAncestralDiscreteScheduler", "LCMScheduler",
@@ -142,7 +144,7 @@ def _refuse_x0_critic(value_fn, where: str) -> None:
     """A callback sees a state, not the denoiser's output at it, so it has no x0 prediction to score."""
     if getattr(value_fn, "needs_x0_reward", False):
         raise ValueError(f"{where}: this critic reads r(decode(x0_pred)) (critic_x0_reward), which a diffusers "
-                         "callback cannot supply; use steering.steer's SMC, potential='x0_reward', or a critic "
+                         "callback cannot supply; use steering.smc (potential='value'), steering.smc_x0, or a critic "
                          "trained with critic_x0_reward: false")
 
 
@@ -162,7 +164,7 @@ class SMCCallback:
                  embed_keys: Sequence[str] | None = None, eta: float | None = None, potential: str = "value"):
         if potential not in ("value", "soft_value"):
             raise ValueError(f"SMCCallback potential must be 'value' or 'soft_value', got {potential!r} "
-                             "(x0_reward needs the step's x0 prediction: use steering.steer)")
+                             "(x0_reward needs the step's x0 prediction: use steering.smc_x0)")
         if potential == "soft_value" and getattr(value_fn, "lam", lam) != lam:
             raise ValueError(f"the soft value was built for λ={value_fn.lam}, but SMC runs with lam={lam}")
         _refuse_x0_critic(value_fn, "SMCCallback")
@@ -321,6 +323,7 @@ class ScoreGuidedScheduler:
         object.__setattr__(self, "value_fn", value_fn)
         object.__setattr__(self, "scale", scale)
         object.__setattr__(self, "rows", 0)
+        object.__setattr__(self, "factors", [])  # per step call: 1.0 guided (uncapped), NaN not guided
         kind = _scheduler_kind(scheduler)
         if kind == "sigma" and scheduler.config.get("prediction_type", "epsilon") != "epsilon":
             raise ValueError(f"{type(scheduler).__name__}: value guidance for σ-parameterised schedulers supports "
@@ -343,11 +346,13 @@ class ScoreGuidedScheduler:
 
     def step(self, model_output, timestep, sample, *args, **kwargs):
         if self.scale == 0:
+            self.factors.append(float("nan"))
             return self._scheduler.step(model_output, timestep, sample, *args, **kwargs)
         b = sample.shape[0]
         level = scheduler_noise_level(self._scheduler, timestep, kind=self.kind)
         if self.kind == "flow" and float(level.sigma) >= 1.0:
             # σ = 1: pure noise carries no information about x0 (the velocity correction is infinite): no guidance
+            self.factors.append(float("nan"))
             return self._scheduler.step(model_output, timestep, sample, *args, **kwargs)
         t = torch.as_tensor(timestep, device=sample.device).expand(b)
         c_in = _model_input_scale(self._scheduler, timestep, kind=self.kind).to(sample.device, torch.float32)
@@ -359,6 +364,7 @@ class ScoreGuidedScheduler:
             fn = lambda x, t_, c: self.value_fn(cap.unpack(self._pipe, x), t_, c)  # noqa: E731
         _, grad_in = value_and_grad(fn, sample.detach().float() * c_in, t, cond)
         object.__setattr__(self, "rows", self.rows + b)
+        self.factors.append(1.0)
         dev = sample.device
         if self.kind == "flow":
             out = score_guided_output(model_output, self.scale * grad_in, "flow", sigma=level.sigma.to(dev))
@@ -372,7 +378,7 @@ def steer_pipeline(pipe, prompt: str | list[str], *, num_particles: int, reward_
                    potential: str = "value", ess_threshold: float = 0.5, resample_every: int = 1,
                    scheme: str = "systematic", output: str | None = None, guidance_value_fn=None,
                    guidance_scale_value: float = 0.0, generator: torch.Generator | None = None, eta: float | None = None,
-                   **pipe_kwargs):
+                   reward_price: float = 1.0, **pipe_kwargs) -> SteerResult:
     """Best-of-N (``value_fn=None``) or SMC (``value_fn`` given, ``potential`` "value" or "soft_value") on any
     diffusers pipeline; value guidance through :class:`ScoreGuidedScheduler` when ``guidance_value_fn`` is given
     (best-of-N only: see the module doc).
@@ -381,14 +387,24 @@ def steer_pipeline(pipe, prompt: str | list[str], *, num_particles: int, reward_
     :class:`~critic_align.rewards.Reward` works; −inf marks a violated hard constraint).
     output: "sample" (SMC's default: one image per prompt drawn ∝ its final weight, a sample of p·exp(λ r)) or
         "argmax" (the best reward; best-of-N's only choice).
-    Returns (images in [0, 1] (G, C, H, W), info dict: rewards, particle_rewards, pick, log_weights, resampled,
-    final_ess, value_rows, guidance_rows).
+    reward_price: backbone-call price of one reward row in ``cost.equivalent_nfe`` (see :class:`SteerCost`).
+
+    Returns a :class:`~steering.samplers.SteerResult` over the pipeline's T steps, G prompts and N particles:
+    ``samples`` (G, C, H, W) the chosen images in [0, 1] (``output_type="pt"``), ``decoded`` the same in [-1, 1]
+    (what ``reward_fn`` saw), ``particles`` (G·N, C, H, W) every image in [0, 1], ``rewards`` / ``particle_rewards``,
+    ``chosen`` (G,) rows of ``particles``; ``log_weights`` (G, N) (zeros without SMC); ``ess`` (T + 1, G) with
+    row i + 1 the ESS of the latents after step i (the callback sees no x_T: row 0 is NaN; the last row is the final
+    ESS; all NaN without SMC) and ``resampled`` (T, G) likewise; ``guidance_factor`` (T,) 1 at the steps the
+    scheduler wrapper guided (uncapped), NaN elsewhere.  ``cost``: backbone rows counted at the pipeline's UNet /
+    transformer (a CFG batch counts both halves), critic rows (SMC potentials: forwards; guidance: a forward and a
+    backward per row), one decode and one reward row per image.
     """
+    t0 = time.perf_counter()
     check_steering_numbers(num_particles, guidance_scale_value, lam, where="steer_pipeline")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if guidance_value_fn is not None and value_fn is not None:
         raise ValueError("value guidance inside a pipeline cannot be combined with SMC weights (the callback sees "
-                         "latents only, not the guided proposal's density); use steering.steer with an adapter")
+                         "latents only, not the guided proposal's density); use steering.smc with an adapter")
     if output is None:
         output = "argmax" if value_fn is None else "sample"
     kwargs = dict(pipe_kwargs)
@@ -396,6 +412,7 @@ def steer_pipeline(pipe, prompt: str | list[str], *, num_particles: int, reward_
         kwargs["eta"] = eta
     original = pipe.scheduler
     cb = guided = None
+    counter = _RowCounter(_denoiser_of(pipe))
     try:
         if guidance_value_fn is not None and guidance_scale_value != 0:
             guided = ScoreGuidedScheduler(original, guidance_value_fn, guidance_scale_value, pipe=pipe)
@@ -408,21 +425,62 @@ def steer_pipeline(pipe, prompt: str | list[str], *, num_particles: int, reward_
         result = pipe(prompts, num_images_per_prompt=num_particles, generator=generator, output_type="pt", **kwargs)
     finally:
         pipe.scheduler = original
+        counter.remove()
         if guided is not None:
             guided.close()
         if cb is not None:
             cb.close()
     images = result.images
+    m, g = images.shape[0], len(prompts)
     flat_prompts = [p for p in prompts for _ in range(num_particles)]
-    rewards = check_log_potential(reward_fn(images * 2 - 1, flat_prompts), images.shape[0], "reward_fn")
+    decoded = images * 2 - 1
+    rewards = check_log_potential(reward_fn(decoded, flat_prompts), m, "reward_fn")
     if cb is not None:
         pick = cb.final_choice(rewards, output)
     else:
         pick = choose(rewards, num_particles, output).cpu()
-    info = {"rewards": rewards[pick], "particle_rewards": rewards, "pick": pick,
-            "log_weights": cb.log_w if cb is not None else None,
-            "resampled": torch.stack(cb.resampled_history) if cb is not None and cb.resampled_history else None,
-            "final_ess": cb.particles.final_ess if cb is not None else None,
-            "value_rows": cb.value_rows if cb is not None else 0,
-            "guidance_rows": guided.rows if guided is not None else 0}
-    return images[pick], info
+    num_steps = len(original.timesteps)
+    ess = torch.full((num_steps + 1, g), float("nan"))
+    resampled = torch.zeros(num_steps, g, dtype=torch.bool)
+    log_weights = torch.zeros(g, num_particles, dtype=torch.float64)
+    if cb is not None:
+        # the callback after step i weighs the latents step i + 1 starts from: SteerResult's row i + 1
+        for i, (e, r) in enumerate(zip(cb.ess_history, cb.resampled_history)):
+            ess[i + 1], resampled[i + 1] = e, r
+        ess[num_steps] = cb.particles.final_ess.cpu()
+        log_weights = cb.log_w
+    factor = torch.full((num_steps,), float("nan"))
+    if guided is not None:
+        factor = torch.tensor(guided.factors, dtype=torch.float32)
+    guide_rows = guided.rows if guided is not None else 0
+    cost = SteerCost(backbone_rows=counter.rows, critic_forward_rows=(cb.value_rows if cb is not None else 0) + guide_rows,
+                     critic_backward_rows=guide_rows, reward_rows=m, decode_rows=m, num_outputs=g,
+                     reward_price=reward_price)
+    cost.wall_time_s = time.perf_counter() - t0
+    return SteerResult(samples=images[pick], decoded=decoded[pick], rewards=rewards[pick], particles=images,
+                       particle_rewards=rewards, log_weights=log_weights, ess=ess, resampled=resampled,
+                       guidance_factor=factor, chosen=pick, cost=cost)
+
+
+def _denoiser_of(pipe):
+    """The pipeline's UNet or transformer (None for a pipeline with neither)."""
+    return getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+
+
+class _RowCounter:
+    """A forward pre-hook counting the rows of every batch the pipeline's denoiser runs (``backbone_rows``); it
+    reads the sample (``sample`` / ``hidden_states``, or the first positional argument) and changes nothing."""
+
+    def __init__(self, denoiser):
+        self.rows = 0
+        self.handle = None if denoiser is None else denoiser.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        if isinstance(x, torch.Tensor):
+            self.rows += x.shape[0]
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None

@@ -1,6 +1,6 @@
 """The one particle engine: log-weights, effective sample size, resampling and the final choice.
 
-Used by :func:`steering.samplers.steer` (plain samplers) and :class:`steering.diffusers.SMCCallback` (any
+Used by :mod:`steering.samplers` (plain samplers) and :class:`steering.diffusers.SMCCallback` (any
 diffusers pipeline); neither implements a weight update, a resampling scheme or a final choice of its own.
 
 Layout: G groups (one per prompt) of N particles, flat batches **groups contiguous** (rows g·N … g·N+N−1

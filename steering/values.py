@@ -1,7 +1,7 @@
 """Value functions and value guidance: the one input convention, the noise-level mapping, ∇V, a guided proposal.
 
-The value-function convention (every path: :func:`steering.steer`, :class:`steering.diffusers.SMCCallback`,
-:class:`steering.diffusers.ScoreGuidedScheduler`)::
+The value-function convention (every path: the methods of :mod:`steering.samplers`,
+:class:`steering.diffusers.SMCCallback`, :class:`steering.diffusers.ScoreGuidedScheduler`)::
 
     value_fn(x, t, cond) -> (B,)
 
@@ -78,7 +78,7 @@ class X0CriticValueFn:
     """V(x_t) = Σ_k w_k · V_k(x_t, r̂_0) of a critic trained with ``critic_x0_reward``: its head also reads
     r̂_0 = r(decode(x̂0(x_t))), the (B, K) rewards it was trained on, of the sampler's x0 prediction at x_t.
 
-    Called as ``value_fn(x, t, cond, x0_reward)``; :func:`steering.steer` supplies ``x0_reward`` for SMC potentials
+    Called as ``value_fn(x, t, cond, x0_reward)``; :func:`steering.smc` supplies ``x0_reward`` for SMC potentials
     (``potential="value"``) from the step's own x0 prediction — one decode + ``x0_rewards`` call per particle and
     step, counted in the cost.  Gradient guidance cannot use it (∇_x r̂_0 would need a differentiable decode and
     reward), nor can the diffusers callbacks, which see a state without the denoiser's output at it."""
@@ -94,7 +94,7 @@ class X0CriticValueFn:
     def __call__(self, x_t, t, cond, x0_reward=None):
         if x0_reward is None:
             raise ValueError("this critic reads r(decode(x0_pred)) next to the latent (critic_x0_reward): only "
-                             "steering.steer's SMC (potential='value') supplies it; guidance, soft-value potentials "
+                             "steering.smc (potential='value') supplies it; guidance, soft-value potentials "
                              "and the diffusers callbacks need a critic trained with critic_x0_reward: false")
         return _combine_heads(self.critic(x_t, t, cond, x0_reward=x0_reward), self.weights)
 

@@ -257,7 +257,7 @@ def test_all_nan_rewards_for_a_whole_batch_stop_the_run_naming_the_reward(tmp_pa
 
 def test_steering_api_checks_scale_and_particle_counts():
     from critic_align.steering.diffusers import steer_pipeline
-    from critic_align.steering.samplers import best_of_n, guidance, smc
+    from critic_align.steering.samplers import SteerOptions, best_of_n, guidance, guidance_best_of_n, smc, smc_x0
 
     x = torch.zeros(2, 1, 4, 4)
     ts = torch.tensor([3, 2, 1])
@@ -277,6 +277,14 @@ def test_steering_api_checks_scale_and_particle_counts():
         best_of_n(None, None, x, ts, num_particles=0, reward_fn=reward)
     with pytest.raises(ValueError, match=r"the guidance lam must be a finite number, got inf"):
         smc(None, None, x, ts, num_particles=2, reward_fn=reward, value_fn=value, lam=math.inf)
+    with pytest.raises(ValueError, match=r"^smc_x0: the guidance lam must be a finite number, got nan"):
+        smc_x0(None, None, x, ts, num_particles=2, reward_fn=reward, lam=math.nan)
+    with pytest.raises(ValueError, match=r"^guidance_best_of_n: num_particles must be an integer >= 1"):
+        guidance_best_of_n(None, None, x, ts, num_particles=True, value_fn=value, scale=1.0, reward_fn=reward)
+    with pytest.raises(ValueError, match=r"SteerOptions.backbone_rows_per_call must be an int >= 1"):
+        SteerOptions(backbone_rows_per_call=0)
+    with pytest.raises(ValueError, match=r"SteerOptions.reward_price must be a finite number >= 0"):
+        SteerOptions(reward_price=-1.0)
     with pytest.raises(ValueError, match=r"steer_pipeline: num_particles must be an integer >= 1 .*got 0"):
         steer_pipeline(None, "a cat", num_particles=0, reward_fn=reward)
     with pytest.raises(ValueError, match=r"steer_pipeline: the guidance scale must be a finite number >= 0, got nan"):

@@ -136,9 +136,9 @@ def _x0_trainer(tmp_path):
 
 
 def test_smc_with_an_x0_critic_equals_a_slow_reference(tmp_path):
-    """steer's SMC potential for an x0-reading critic == λ·V(x_t, r(decode(x̂0(x_t)))) computed by hand per row,
+    """smc's potential for an x0-reading critic == λ·V(x_t, r(decode(x̂0(x_t)))) computed by hand per row,
     with the denoiser called again at each state (the engine reuses the step's own output)."""
-    from critic_align.steering import steer
+    from critic_align.steering import Resampling, SteerOptions, smc
     from critic_align.steering.values import X0CriticValueFn, critic_value_fn
 
     tr = _x0_trainer(tmp_path)
@@ -162,10 +162,10 @@ def test_smc_with_an_x0_critic_equals_a_slow_reference(tmp_path):
     def run(fn):
         x_T = torch.randn((3 * n, *tr.task.latent_shape), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            return steer(tr.policy_output, tr.step, x_T, tr.timesteps, cond, prompts, num_particles=n,
-                         reward_fn=lambda s, ps: tr.rewards.weighted_sum(tr.rewards(s, ps)), decode=tr.task.decode,
-                         value_fn=fn, potential="value", lam=lam, ess_threshold=1.0,
-                         generator=torch.Generator().manual_seed(1))
+            return smc(tr.policy_output, tr.step, x_T, tr.timesteps, cond, prompts, num_particles=n,
+                       reward_fn=lambda s, ps: tr.rewards.weighted_sum(tr.rewards(s, ps)),
+                       options=SteerOptions(decode=tr.task.decode), value_fn=fn, potential="value", lam=lam,
+                       resampling=Resampling(ess_threshold=1.0), generator=torch.Generator().manual_seed(1))
 
     got, ref = run(value_fn), run(reference)
     assert got.resampled.any()  # the potentials did act
@@ -178,7 +178,7 @@ def test_smc_with_an_x0_critic_equals_a_slow_reference(tmp_path):
 
 
 def test_an_x0_critic_is_refused_where_it_cannot_get_its_x0_reward(tmp_path):
-    from critic_align.steering import steer
+    from critic_align.steering import SteerOptions, steer
     from critic_align.steering.diffusers import ScoreGuidedScheduler, SMCCallback
     from critic_align.steering.values import critic_value_fn
     from critic_align.train.steer import SteeringRun, steer_run
@@ -190,15 +190,17 @@ def test_an_x0_critic_is_refused_where_it_cannot_get_its_x0_reward(tmp_path):
         critic_value_fn(make_trainer(tmp_path / "plain").critic, x0_rewards=tr.rewards)
     value_fn = critic_value_fn(tr.critic, x0_rewards=tr.rewards)
     x = torch.randn(2, *tr.task.latent_shape)
-    with pytest.raises(ValueError, match="only steering.steer's SMC"):
+    with pytest.raises(ValueError, match="only steering.smc"):
         value_fn(x, tr.timesteps[:1].repeat(2), None)
     x_T = torch.randn(4, *tr.task.latent_shape)
     prompts = tr.prompt_iter.batch(2, 1)
-    common = dict(num_particles=2, reward_fn=lambda s, ps: s.mean((1, 2, 3)), decode=tr.task.decode, value_fn=value_fn)
-    for kw in ({"guidance_scale": 1.0}, {"potential": "soft_value", "lam": 1.0},
-               {"potential": "value", "guidance_scale": 1.0}):
+    common = dict(num_particles=2, reward_fn=lambda s, ps: s.mean((1, 2, 3)),
+                  options=SteerOptions(decode=tr.task.decode), value_fn=value_fn)
+    for method, kw in (("guidance+bon", {"scale": 1.0}), ("smc", {"potential": "soft_value", "lam": 1.0}),
+                       ("smc", {"potential": "value", "guidance_scale": 1.0})):
         with pytest.raises(ValueError, match="only as an SMC potential"):
-            steer(tr.policy_output, tr.step, x_T, tr.timesteps, tr.task.encode(prompts), prompts, **common, **kw)
+            steer(method, tr.policy_output, tr.step, x_T, tr.timesteps, tr.task.encode(prompts), prompts, **common,
+                  **kw)
     with pytest.raises(ValueError, match="SMCCallback: this critic reads"):
         SMCCallback(value_fn, num_particles=2)
     with pytest.raises(ValueError, match="ScoreGuidedScheduler: this critic reads"):

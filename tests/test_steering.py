@@ -12,13 +12,17 @@ from hypothesis import strategies as st
 from critic_align.distances import noise_floor, sliced_wasserstein
 from critic_align.rollout import sample
 from critic_align.steering import (
+    Resampling,
+    SteerOptions,
+    best_of_n,
     effective_sample_size,
     flat_ancestors,
+    guidance,
+    guidance_best_of_n,
     multinomial,
     resample,
     residual,
     smc,
-    steer,
     stratified,
     systematic,
 )
@@ -144,8 +148,8 @@ def test_constant_critic_smc_equals_plain_sampling():
     x_T = torch.randn(12, 2, generator=torch.Generator().manual_seed(0))
     plain = sample(den, step, x_T, ts, generator=torch.Generator().manual_seed(5))
     res = smc(den, step, x_T, ts, num_particles=4, reward_fn=lambda s, p: s[:, 0],
-              value_fn=lambda x, t, c: torch.full((x.shape[0],), 0.7), lam=3.0, ess_threshold=0.99,
-              generator=torch.Generator().manual_seed(5))
+              value_fn=lambda x, t, c: torch.full((x.shape[0],), 0.7), lam=3.0,
+              resampling=Resampling(ess_threshold=0.99), generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(res.particles, plain)
     assert not res.resampled.any()
     # the increments telescope from the initial weight λ·V(x_T) to the final λ·r(x0): log w = λ·r exactly
@@ -160,9 +164,9 @@ def test_guided_proposal_weight_matches_brute_force_density_ratio():
     a_vec = torch.tensor([0.8, -0.5])
     value_fn = lambda x, t, c: (x.float() ** 2) @ a_vec  # non-linear: the gradient differs per particle
     lam, w = 1.7, 0.9
-    res = steer(den, step, x_T, ts, num_particles=3, reward_fn=lambda s, p: s.sum(1), value_fn=value_fn,
-                guidance_scale=w, potential="value", lam=lam, ess_threshold=0.0, prev_timesteps=prev,
-                generator=torch.Generator().manual_seed(2))
+    res = smc(den, step, x_T, ts, num_particles=3, reward_fn=lambda s, p: s.sum(1), value_fn=value_fn,
+              guidance_scale=w, guidance_max_kl=None, lam=lam, resampling=Resampling(ess_threshold=0.0),
+              options=SteerOptions(prev_timesteps=prev), generator=torch.Generator().manual_seed(2))
     x1 = res.particles.double()
     t = ts.expand(6)
     out = den(x_T, t, None)
@@ -215,7 +219,7 @@ def test_resampling_keeps_particles_conditioning_and_prompts_aligned():
         return samples[:, 1]
 
     res = smc(den, _TagStep(), x_T, torch.arange(10, 0, -1), cond, [str(i) for i in range(g)], num_particles=n,
-              reward_fn=reward_fn, value_fn=value_fn, lam=1.0, ess_threshold=0.9, scheme="multinomial",
+              reward_fn=reward_fn, value_fn=value_fn, lam=1.0, resampling=Resampling(0.9, scheme="multinomial"),
               generator=torch.Generator().manual_seed(0))
     assert res.resampled.any() and len(seen) == 10
     assert torch.equal(res.particles[:, 0], x_T[:, 0])  # every particle stayed in its group
@@ -233,27 +237,36 @@ def test_steer_rejects_bad_inputs():
     task, den, step = _gmm()
     ts = task.schedule.timesteps(3)
     with pytest.raises(ValueError, match="multiple of num_particles"):
-        steer(den, step, torch.randn(5, 2), ts, num_particles=2, reward_fn=lambda s, p: s[:, 0])
-    with pytest.raises(ValueError, match="value_fn"):
-        steer(den, step, torch.randn(4, 2), ts, num_particles=2, reward_fn=lambda s, p: s[:, 0], guidance_scale=1.0)
+        best_of_n(den, step, torch.randn(5, 2), ts, num_particles=2, reward_fn=lambda s, p: s[:, 0])
+    with pytest.raises(ValueError, match="guidance: guidance .*need a value_fn"):
+        guidance(den, step, torch.randn(4, 2), ts, value_fn=None, scale=1.0, reward_fn=lambda s, p: s[:, 0])
     with pytest.raises(ValueError, match="non-finite"):
-        steer(den, step, torch.randn(4, 2), ts, num_particles=2, reward_fn=lambda s, p: s[:, 0] * float("nan"))
+        best_of_n(den, step, torch.randn(4, 2), ts, num_particles=2, reward_fn=lambda s, p: s[:, 0] * float("nan"))
     with pytest.raises(ValueError, match=r"\(batch,\)"):
         smc(den, step, torch.randn(4, 2), ts, num_particles=2, reward_fn=lambda s, p: s[:, 0],
-            value_fn=lambda x, t, c: x, ess_threshold=0.9)
+            value_fn=lambda x, t, c: x, resampling=Resampling(0.9))
     # κ·N <= 1: ESS >= 1 so SMC could never resample (it would silently be best-of-N / importance sampling)
     with pytest.raises(ValueError, match="never resample"):
         smc(den, step, torch.randn(4, 2), ts, num_particles=2, reward_fn=lambda s, p: s[:, 0],
-            value_fn=lambda x, t, c: x[:, 0], ess_threshold=0.5)
+            value_fn=lambda x, t, c: x[:, 0], resampling=Resampling(0.5))
     with pytest.raises(ValueError, match=r"\+inf|non-finite"):
-        steer(den, step, torch.randn(4, 2), ts, num_particles=2, reward_fn=lambda s, p: s[:, 0] + float("inf"))
+        best_of_n(den, step, torch.randn(4, 2), ts, num_particles=2, reward_fn=lambda s, p: s[:, 0] + float("inf"))
+    with pytest.raises(ValueError, match="smc: potential must be one of .*its own method, smc_x0"):
+        smc(den, step, torch.randn(4, 2), ts, num_particles=2, reward_fn=lambda s, p: s[:, 0],
+            value_fn=lambda x, t, c: x[:, 0], potential="x0_reward")
+    with pytest.raises(ValueError, match="smc: output must be one of"):
+        smc(den, step, torch.randn(4, 2), ts, num_particles=2, reward_fn=lambda s, p: s[:, 0],
+            value_fn=lambda x, t, c: x[:, 0], output="best", resampling=Resampling(0.9))
 
 
 def test_best_of_n_picks_the_highest_reward_per_group():
     task, den, step = _gmm()
-    res = steer(den, step, torch.randn(12, 2, generator=torch.Generator().manual_seed(0)), task.schedule.timesteps(5),
-                num_particles=4, reward_fn=lambda s, p: s[:, 0], generator=torch.Generator().manual_seed(0))
+    res = best_of_n(den, step, torch.randn(12, 2, generator=torch.Generator().manual_seed(0)),
+                    task.schedule.timesteps(5), num_particles=4, reward_fn=lambda s, p: s[:, 0],
+                    generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(res.rewards, res.particle_rewards.view(3, 4).max(1).values)
+    assert torch.equal(res.samples, res.particles[res.chosen])
+    assert torch.equal(res.chosen, res.particle_rewards.view(3, 4).argmax(1) + torch.tensor([0, 4, 8]))
     assert res.cost.nfe == 4 * 5 and res.cost.critic_forward_rows == 0 and res.cost.reward_rows == 12
 
 
@@ -269,7 +282,7 @@ def test_smc_with_the_exact_value_reproduces_the_tilted_target():
     x_T = torch.randn(g * n, 2, generator=gen)
     value_fn = lambda x, t, c: task.soft_value(lin, x.double(), t, alpha).float()
     res = smc(den, step, x_T, ts, num_particles=n, reward_fn=lambda s, p: lin(s), value_fn=value_fn, lam=1 / alpha,
-              ess_threshold=0.5, output="sample", generator=gen)
+              resampling=Resampling(ess_threshold=0.5), output="sample", generator=gen)
     target = lin.tilt(task.final_mixture, alpha)
     d = sliced_wasserstein(res.samples.double(), target.sample(g, torch.Generator().manual_seed(1)).double())
     floor = noise_floor(lambda m, gg: target.sample(m, gg).double(), g, sliced_wasserstein, repeats=5)
@@ -294,12 +307,12 @@ def test_guidance_and_smc_on_a_flow_matching_step_skip_sigma_one():
     value_fn = lambda x, t, c: x[:, 0]  # noqa: E731
     x_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
     kw = dict(num_particles=2, reward_fn=lambda s, p: s[:, 0])
-    plain = steer(den, step, x_T, ts, generator=torch.Generator().manual_seed(1), **kw)
-    guided = steer(den, step, x_T, ts, value_fn=value_fn, guidance_scale=0.5, generator=torch.Generator().manual_seed(1),
-                   **kw)
+    plain = best_of_n(den, step, x_T, ts, generator=torch.Generator().manual_seed(1), **kw)
+    guided = guidance_best_of_n(den, step, x_T, ts, value_fn=value_fn, scale=0.5,
+                                generator=torch.Generator().manual_seed(1), **kw)
     assert guided.cost.critic_backward_rows == 8 * (len(ts) - 1)  # every step but σ = 1
     assert float(guided.particles[:, 0].mean()) > float(plain.particles[:, 0].mean())
-    res = smc(den, step, x_T, ts, value_fn=value_fn, lam=2.0, guidance_scale=0.5, ess_threshold=0.9,
+    res = smc(den, step, x_T, ts, value_fn=value_fn, lam=2.0, guidance_scale=0.5, resampling=Resampling(0.9),
               generator=torch.Generator(), **kw)
     assert torch.isfinite(res.log_weights).all()
 
@@ -307,16 +320,23 @@ def test_guidance_and_smc_on_a_flow_matching_step_skip_sigma_one():
 def test_resampling_schedule_every_k_and_window():
     task, den, step = _gmm()
     ts = task.schedule.timesteps(10)
-    kw = dict(num_particles=4, reward_fn=lambda s, p: s[:, 0], value_fn=lambda x, t, c: 5 * x[:, 0], lam=1.0,
-              ess_threshold=1.0)
+    kw = dict(num_particles=4, reward_fn=lambda s, p: s[:, 0], value_fn=lambda x, t, c: 5 * x[:, 0], lam=1.0)
     x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
-    every3 = smc(den, step, x_T, ts, generator=torch.Generator().manual_seed(1), resample_every=3, **kw)
+    every3 = smc(den, step, x_T, ts, generator=torch.Generator().manual_seed(1), resampling=Resampling(1.0, every=3),
+                 **kw)
     steps = every3.resampled.any(1).nonzero().flatten().tolist()
     assert steps and all(k % 3 == 0 for k in steps)
     # potentials are only evaluated where resampling may happen: 4 of 10 steps
     assert every3.cost.critic_forward_rows == 16 * 4
-    window = smc(den, step, x_T, ts, generator=torch.Generator().manual_seed(1), resample_window=(0.5, 1.0), **kw)
+    window = smc(den, step, x_T, ts, generator=torch.Generator().manual_seed(1),
+                 resampling=Resampling(1.0, window=(0.5, 1.0)), **kw)
     steps = window.resampled.any(1).nonzero().flatten().tolist()
     assert steps and min(steps) >= 5
-    with pytest.raises(ValueError, match="resample_window"):
-        smc(den, step, x_T, ts, resample_window=(0.8, 0.2), **kw)
+    with pytest.raises(ValueError, match=r"Resampling.window must be \(start, end\) fractions"):
+        Resampling(1.0, window=(0.8, 0.2))
+    with pytest.raises(ValueError, match="Resampling.every .* positive int"):
+        Resampling(every=0)
+    with pytest.raises(ValueError, match="ess_threshold κ must be in"):
+        Resampling(ess_threshold=1.5)
+    with pytest.raises(ValueError, match="unknown resampling scheme 'best'"):
+        Resampling(scheme="best")

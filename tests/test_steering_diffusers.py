@@ -6,6 +6,7 @@ import pytest
 import torch
 from test_sd_pipelines import tiny_sd15_pipeline
 
+from critic_align.steering import SteerResult, effective_sample_size
 from critic_align.steering.diffusers import ScoreGuidedScheduler, SMCCallback, check_stochastic_scheduler, steer_pipeline
 from critic_align.steps import DDIMStep, NoiseSchedule
 
@@ -100,17 +101,35 @@ def test_steer_pipeline_best_of_n_and_smc(pipe):
     pipe.scheduler = _sched("DDIMScheduler")
     reward = lambda images, prompts: images.mean(dim=(1, 2, 3))  # noqa: E731
     try:
-        imgs, info = steer_pipeline(pipe, ["a cat", "a dog"], num_particles=3, reward_fn=reward, num_inference_steps=4,
-                                    guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
-        assert imgs.shape[0] == 2
-        torch.testing.assert_close(info["rewards"], info["particle_rewards"].view(2, 3).max(1).values)
+        bon = steer_pipeline(pipe, ["a cat", "a dog"], num_particles=3, reward_fn=reward, num_inference_steps=4,
+                             guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+        assert isinstance(bon, SteerResult) and bon.samples.shape == (2, 3, 16, 16)
+        torch.testing.assert_close(bon.rewards, bon.particle_rewards.view(2, 3).max(1).values)
+        # the chosen images are particles; decoded is what the reward saw ([-1, 1]); best-of-N has no weights
+        assert torch.equal(bon.samples, bon.particles[bon.chosen]) and torch.equal(bon.decoded, bon.samples * 2 - 1)
+        assert torch.equal(bon.rewards, reward(bon.decoded, None))
+        assert torch.equal(bon.log_weights, torch.zeros(2, 3, dtype=torch.float64))
+        assert bon.ess.shape == (5, 2) and bon.ess.isnan().all() and not bon.resampled.any()
+        # 4 steps of 6 rows through the UNet (guidance_scale=1: no CFG batch), 6 decodes and reward rows, no critic
+        c = bon.cost
+        assert (c.backbone_rows, c.reward_rows, c.decode_rows, c.critic_forward_rows, c.num_outputs) == (24, 6, 6, 0, 2)
+        assert c.nfe == 12
         with pytest.raises(ValueError, match="eta=0"):
             steer_pipeline(pipe, "a cat", num_particles=2, reward_fn=reward, value_fn=lambda x, t, c: x.mean((1, 2, 3)),
                            num_inference_steps=3, guidance_scale=1.0, eta=0.0)
-        imgs, info = steer_pipeline(pipe, "a cat", num_particles=3, reward_fn=reward, eta=1.0, lam=50.0,
-                                    value_fn=lambda x, t, c: x.flatten(1).mean(1), ess_threshold=0.99,
-                                    num_inference_steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
-        assert imgs.shape[0] == 1 and info["log_weights"].shape == (1, 3)
+        res = steer_pipeline(pipe, "a cat", num_particles=3, reward_fn=reward, eta=1.0, lam=50.0,
+                             value_fn=lambda x, t, c: x.flatten(1).mean(1), ess_threshold=0.99,
+                             num_inference_steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+        assert res.samples.shape[0] == 1 and res.log_weights.shape == (1, 3)
+        # rows 1..3: the callback's ESS after steps 0..2 (the last step is not weighed), row 4 the final ESS
+        assert res.ess.shape == (5, 1) and res.ess[0].isnan().all() and not res.ess[1:].isnan().any()
+        torch.testing.assert_close(res.final_ess, effective_sample_size(res.log_weights).float())
+        assert res.resampled.shape == (4, 1) and not res.resampled[0].any()
+        # the value ran on 3 rows after each step but the last; CFG at guidance_scale 1 is off (one row per sample)
+        assert res.cost.critic_forward_rows == 3 * 3 and res.cost.backbone_rows == 3 * 4
+        cfg = steer_pipeline(pipe, "a cat", num_particles=2, reward_fn=reward, num_inference_steps=3, guidance_scale=3.0,
+                             generator=torch.Generator().manual_seed(0))
+        assert cfg.cost.backbone_rows == 2 * 2 * 3  # CFG: the unconditional and conditional rows of every sample
     finally:
         pipe.scheduler = original
     assert pipe.scheduler is original

@@ -13,6 +13,9 @@ import torch
 from critic_align.distances import noise_floor, sliced_wasserstein
 from critic_align.steering import (
     ParticleSystem,
+    Resampling,
+    SteerOptions,
+    best_of_n,
     binary_soft_value,
     effective_sample_size,
     exp_reward_target,
@@ -20,7 +23,7 @@ from critic_align.steering import (
     noise_level,
     residual,
     smc,
-    steer,
+    smc_x0,
 )
 from critic_align.steering.values import capped_guided_output
 from critic_align.steps import DDIMStep
@@ -78,11 +81,11 @@ def test_steer_accepts_minus_inf_rewards_as_a_hard_constraint():
     x_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
     # constraint: x_0 > -0.5 (reward −inf outside), objective x_1
     reward_fn = lambda s, p: torch.where(s[:, 0] > -0.5, s[:, 1], torch.full_like(s[:, 1], -math.inf))  # noqa: E731
-    res = smc(den, step, x_T, task.schedule.timesteps(8), num_particles=16, reward_fn=reward_fn, potential="x0_reward",
-              lam=1.0, generator=torch.Generator().manual_seed(1))
+    res = smc_x0(den, step, x_T, task.schedule.timesteps(8), num_particles=16, reward_fn=reward_fn, lam=1.0,
+                 generator=torch.Generator().manual_seed(1))
     assert torch.isfinite(res.rewards).all() and (res.samples[:, 0] > -0.5).all()
-    bon = steer(den, step, x_T, task.schedule.timesteps(8), num_particles=16, reward_fn=reward_fn,
-                generator=torch.Generator().manual_seed(1))
+    bon = best_of_n(den, step, x_T, task.schedule.timesteps(8), num_particles=16, reward_fn=reward_fn,
+                    generator=torch.Generator().manual_seed(1))
     assert torch.isfinite(bon.rewards).all()
 
 
@@ -90,16 +93,16 @@ def test_final_ess_includes_the_final_reweighting_and_cost_counts_reward_calls()
     task, den, step = _gmm()
     g, n, t = 6, 8, 5
     x_T = torch.randn(g * n, 2, generator=torch.Generator().manual_seed(0))
-    res = smc(den, step, x_T, task.schedule.timesteps(t), num_particles=n, reward_fn=lambda s, p: 3 * s[:, 0],
-              potential="x0_reward", lam=1.0, ess_threshold=0.5, generator=torch.Generator().manual_seed(1))
+    res = smc_x0(den, step, x_T, task.schedule.timesteps(t), num_particles=n, reward_fn=lambda s, p: 3 * s[:, 0],
+                 lam=1.0, resampling=Resampling(ess_threshold=0.5), generator=torch.Generator().manual_seed(1))
     assert res.ess.shape == (t + 1, g)
     torch.testing.assert_close(res.final_ess, effective_sample_size(res.log_weights))
     # x0-reward SMC: a decode + reward call per particle per step, and N at the end: N·(T+1) per output
     c = res.cost
     assert c.reward_rows == g * n * (t + 1) and c.to_dict()["reward_rows_per_output"] == n * (t + 1)
     assert c.equivalent_nfe == pytest.approx(n * t + 1.0 * n * (t + 1))
-    cheap = smc(den, step, x_T, task.schedule.timesteps(t), num_particles=n, reward_fn=lambda s, p: 3 * s[:, 0],
-                potential="x0_reward", lam=1.0, reward_price=0.25, generator=torch.Generator().manual_seed(1)).cost
+    cheap = smc_x0(den, step, x_T, task.schedule.timesteps(t), num_particles=n, reward_fn=lambda s, p: 3 * s[:, 0],
+                   lam=1.0, options=SteerOptions(reward_price=0.25), generator=torch.Generator().manual_seed(1)).cost
     assert cheap.equivalent_nfe == pytest.approx(n * t + 0.25 * n * (t + 1))
 
 
@@ -140,7 +143,7 @@ def test_soft_value_potential_checks_lambda_and_keeps_the_exact_sampler_weights_
     ts = task.schedule.timesteps(20)
     x_T = torch.randn(g * n, 2, generator=torch.Generator().manual_seed(0))
     prob = lambda x, t, c: task.value(box, x.double(), t).float()  # noqa: E731
-    kw = dict(num_particles=n, reward_fn=lambda s, p: box(s), lam=lam, ess_threshold=0.5)
+    kw = dict(num_particles=n, reward_fn=lambda s, p: box(s), lam=lam, resampling=Resampling(ess_threshold=0.5))
     with pytest.raises(ValueError, match="built for λ=2"):
         smc(den, step, x_T, ts, value_fn=binary_soft_value(prob, 2.0), potential="soft_value", **kw)
     soft = smc(den, step, x_T, ts, value_fn=binary_soft_value(prob, lam), potential="soft_value",

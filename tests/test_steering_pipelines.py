@@ -60,20 +60,21 @@ def test_smc_on_a_pipeline_with_its_critic(kind, tmp_path):
         return value(x, t, cond)
 
     n = 3
-    imgs, info = steer_pipeline(pipe, PAIR, num_particles=n, reward_fn=brightness, value_fn=value_fn, lam=20.0,
-                                ess_threshold=0.9, num_inference_steps=4, guidance_scale=2.0,
-                                generator=torch.Generator().manual_seed(0), **extra)
-    assert imgs.shape == (2, 3, 16, 16) and info["log_weights"].shape == (2, n)
-    assert info["final_ess"].shape == (2,) and bool(((info["final_ess"] >= 1) & (info["final_ess"] <= n)).all())
-    assert len(seen) == 3 and info["value_rows"] == 3 * 2 * n  # every step but the last (replaced by λ·r)
+    res = steer_pipeline(pipe, PAIR, num_particles=n, reward_fn=brightness, value_fn=value_fn, lam=20.0,
+                         ess_threshold=0.9, num_inference_steps=4, guidance_scale=2.0,
+                         generator=torch.Generator().manual_seed(0), **extra)
+    assert res.samples.shape == (2, 3, 16, 16) and res.log_weights.shape == (2, n)
+    assert res.final_ess.shape == (2,) and bool(((res.final_ess >= 1) & (res.final_ess <= n)).all())
+    assert len(seen) == 3 and res.cost.critic_forward_rows == 3 * 2 * n  # every step but the last (replaced by λ·r)
+    assert res.cost.backbone_rows == 4 * 2 * (2 * n)  # CFG (guidance_scale 2): two rows per sample and step
     ts = pipe.scheduler.timesteps
     for k, (shape, t, cond) in enumerate(seen):
         assert shape == (2 * n, 4, 8, 8)
         torch.testing.assert_close(t, ts[k + 1].expand(2 * n).to(t.dtype))  # the next step's denoiser timestep
         _check_cond(kind, task, cond, 2 * n, n)
     # SMC's default output draws ∝ the final weights: the picked rows are particles with positive weight
-    lw = info["log_weights"].flatten()
-    assert torch.isfinite(lw[info["pick"]]).all()
+    lw = res.log_weights.flatten()
+    assert torch.isfinite(lw[res.chosen]).all()
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sd3"])
@@ -88,12 +89,15 @@ def test_score_guided_scheduler_on_a_pipeline_with_its_critic(kind, tmp_path):
 
     n = 2
     kw = dict(num_particles=n, reward_fn=brightness, num_inference_steps=3, guidance_scale=2.0, **extra)
-    plain, _ = steer_pipeline(pipe, PAIR, generator=torch.Generator().manual_seed(0), **kw)
-    guided, info = steer_pipeline(pipe, PAIR, guidance_value_fn=value_fn, guidance_scale_value=50.0,
-                                  generator=torch.Generator().manual_seed(0), **kw)
+    plain = steer_pipeline(pipe, PAIR, generator=torch.Generator().manual_seed(0), **kw).samples
+    res = steer_pipeline(pipe, PAIR, guidance_value_fn=value_fn, guidance_scale_value=50.0,
+                         generator=torch.Generator().manual_seed(0), **kw)
+    guided = res.samples
     # flow matching skips σ = 1 (the first step): no guidance is defined there
     steps_guided = 3 if kind == "sd15" else 2
-    assert len(seen) == steps_guided and info["guidance_rows"] == steps_guided * 2 * n
+    assert len(seen) == steps_guided and res.cost.critic_backward_rows == steps_guided * 2 * n
+    assert res.cost.critic_forward_rows == res.cost.critic_backward_rows  # a forward and a backward per guided row
+    assert res.guidance_factor.isnan().tolist() == ([False] * 3 if kind == "sd15" else [True, False, False])
     for cond in seen:
         _check_cond(kind, task, cond, 2 * n, n)
     assert not torch.allclose(plain, guided)  # the guidance moved the samples
@@ -112,16 +116,15 @@ def test_smc_on_a_pipeline_with_a_plain_value_function_and_a_hard_constraint(kin
         r = brightness(images, prompts)
         return torch.where(r > r.min(), r, torch.full_like(r, float("-inf")))
 
-    imgs, info = steer_pipeline(pipe, PAIR, num_particles=n, reward_fn=reward_fn,
-                                value_fn=lambda x, t, c: x.flatten(1).mean(1), lam=30.0, ess_threshold=0.9,
-                                num_inference_steps=3, guidance_scale=1.0, generator=torch.Generator().manual_seed(1),
-                                **extra)
-    assert torch.isfinite(info["rewards"]).all()
-    best, info_best = steer_pipeline(pipe, PAIR, num_particles=n, reward_fn=reward_fn,
-                                     value_fn=lambda x, t, c: x.flatten(1).mean(1), lam=30.0, ess_threshold=0.9,
-                                     output="argmax", num_inference_steps=3, guidance_scale=1.0,
-                                     generator=torch.Generator().manual_seed(1), **extra)
-    torch.testing.assert_close(info_best["rewards"], info_best["particle_rewards"].view(2, n).max(1).values)
+    res = steer_pipeline(pipe, PAIR, num_particles=n, reward_fn=reward_fn,
+                         value_fn=lambda x, t, c: x.flatten(1).mean(1), lam=30.0, ess_threshold=0.9,
+                         num_inference_steps=3, guidance_scale=1.0, generator=torch.Generator().manual_seed(1), **extra)
+    assert torch.isfinite(res.rewards).all()
+    best = steer_pipeline(pipe, PAIR, num_particles=n, reward_fn=reward_fn,
+                          value_fn=lambda x, t, c: x.flatten(1).mean(1), lam=30.0, ess_threshold=0.9,
+                          output="argmax", num_inference_steps=3, guidance_scale=1.0,
+                          generator=torch.Generator().manual_seed(1), **extra)
+    torch.testing.assert_close(best.rewards, best.particle_rewards.view(2, n).max(1).values)
 
 
 def test_flux_pipeline_value_functions_get_the_adapters_layout_and_conditioning(tmp_path):
@@ -146,9 +149,10 @@ def test_flux_pipeline_value_functions_get_the_adapters_layout_and_conditioning(
 
     n = 2
     kw = dict(height=16, width=16, max_sequence_length=8, num_inference_steps=3)
-    imgs, info = steer_pipeline(pipe, PAIR, num_particles=n, reward_fn=brightness, value_fn=value_fn, lam=20.0,
-                                ess_threshold=0.9, generator=torch.Generator().manual_seed(0), **kw)
-    assert imgs.shape[0] == 2 and info["value_rows"] == 2 * 2 * n
+    res = steer_pipeline(pipe, PAIR, num_particles=n, reward_fn=brightness, value_fn=value_fn, lam=20.0,
+                         ess_threshold=0.9, generator=torch.Generator().manual_seed(0), **kw)
+    assert res.samples.shape[0] == 2 and res.cost.critic_forward_rows == 2 * 2 * n
+    assert res.cost.backbone_rows == 3 * 2 * n  # FLUX's transformer runs the packed tokens, one row per sample
     ref = task.encode(PAIR)
     for shape, cond in seen:
         assert shape == (2 * n, *task.latent_shape)
@@ -157,10 +161,10 @@ def test_flux_pipeline_value_functions_get_the_adapters_layout_and_conditioning(
         torch.testing.assert_close(cond.pooled, ref.pooled.repeat_interleave(n, 0))
     # value guidance: the gradient is taken through the unpacking, back to the packed latents the scheduler steps
     seen.clear()
-    plain, _ = steer_pipeline(pipe, PAIR, num_particles=n, reward_fn=brightness,
-                              generator=torch.Generator().manual_seed(0), **kw)
-    guided, ginfo = steer_pipeline(pipe, PAIR, num_particles=n, reward_fn=brightness, guidance_value_fn=value_fn,
-                                   guidance_scale_value=50.0, generator=torch.Generator().manual_seed(0), **kw)
-    assert ginfo["guidance_rows"] > 0 and all(shape == (2 * n, *task.latent_shape) for shape, _ in seen)
-    assert not torch.allclose(plain, guided)
+    plain = steer_pipeline(pipe, PAIR, num_particles=n, reward_fn=brightness,
+                           generator=torch.Generator().manual_seed(0), **kw).samples
+    res = steer_pipeline(pipe, PAIR, num_particles=n, reward_fn=brightness, guidance_value_fn=value_fn,
+                         guidance_scale_value=50.0, generator=torch.Generator().manual_seed(0), **kw)
+    assert res.cost.critic_backward_rows > 0 and all(shape == (2 * n, *task.latent_shape) for shape, _ in seen)
+    assert not torch.allclose(plain, res.samples)
     assert not pipe.transformer._forward_pre_hooks  # both hooks removed

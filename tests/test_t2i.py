@@ -141,11 +141,11 @@ def test_workflow_train_export_lora_reload_reproduces_and_steers(tmp_path):
 
     # test-time steering of this pipeline with the run's trained critic (SMC, potentials from the critic)
     value_fn = critic_value_fn(trainer.critic)
-    imgs, info = steer_pipeline(pipe, prompts, num_particles=3, reward_fn=CompositionScore(), value_fn=value_fn,
-                                lam=5.0, eta=1.0, num_inference_steps=4, guidance_scale=1.0,
-                                generator=torch.Generator().manual_seed(0))
-    assert imgs.shape == (2, 3, 32, 32) and info["log_weights"].shape == (2, 3)
-    assert torch.isfinite(info["particle_rewards"]).all()
+    res = steer_pipeline(pipe, prompts, num_particles=3, reward_fn=CompositionScore(), value_fn=value_fn,
+                         lam=5.0, eta=1.0, num_inference_steps=4, guidance_scale=1.0,
+                         generator=torch.Generator().manual_seed(0))
+    assert res.samples.shape == (2, 3, 32, 32) and res.log_weights.shape == (2, 3)
+    assert torch.isfinite(res.particle_rewards).all()
 
 
 def test_pretrain_t2i_never_overwrites_a_pipeline(tmp_path):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from critic_align.api import build_trainer, load_run, load_run_dir, write_run_dir
+from critic_align.steering import METHODS
 
 from .registry import load_run_config, parse_overrides
 
@@ -27,7 +28,6 @@ if TYPE_CHECKING:  # annotations only: the command line starts without loading t
     from critic_align.models import Models
     from critic_align.rewards.base import MultiReward
 
-METHODS = ("base", "bon", "guidance", "guidance+bon", "smc", "smc_x0")
 
 
 def build_steering_trainer(config: str | None, run_dir: str | None, out: str, overrides: dict | None = None,
@@ -96,15 +96,17 @@ class SteeringRun:
 
 def steer_run(run: SteeringRun, method: str, prompts: list[str], particles: int = 4, scale: float = 0.0,
               lam: float = 10.0, seed: int = 0, **kw):
-    """Run one steering method with the run's policy, step, critic and rewards; returns (SteerResult, eval dict)."""
-    from critic_align.steering import critic_value_fn, steer
+    """Run one steering method (a key of ``steering.METHODS``) with the run's policy, step, critic and rewards;
+    returns (SteerResult, eval dict).  ``kw``: ess_threshold, resample_every, scheme (SMC's :class:`Resampling`),
+    output, guidance_max_kl (SMC's), reward_price, progress (:class:`SteerOptions`); each method gets the settings
+    it takes."""
+    from critic_align.steering import Resampling, SteerOptions, critic_value_fn, method_named, steer
 
-    if method not in METHODS:
-        raise ValueError(f"unknown steering method {method!r}; use one of {METHODS}")
+    spec = method_named(method)
     check_steering_args(particles, scale, lam)
     models, task, rewards = run.models, run.task, run.rewards
     gen = torch.Generator().manual_seed(seed)
-    n = 1 if method in ("base",) or (method == "guidance") else particles
+    n = particles if "num_particles" in spec.parameters else 1  # base and guidance: one sample per prompt
     x_T = torch.randn((len(prompts) * n, *task.latent_shape), generator=gen).to(models.device)
     cond = task.encode(prompts)
 
@@ -116,25 +118,28 @@ def steer_run(run: SteeringRun, method: str, prompts: list[str], particles: int 
         # a critic trained with critic_x0_reward scores the step's x0 predictions with the rewards it was trained on
         x0_rewards = rewards if reads_x0_reward(models.critic) else None
         value_fn = critic_value_fn(models.critic, weights=rewards.weights.float().tolist(), x0_rewards=x0_rewards)
-    if method in ("guidance", "guidance+bon") and reads_x0_reward(models.critic):
+    if "scale" in spec.parameters and reads_x0_reward(models.critic):
+        unguided = ", ".join(m for m, s in METHODS.items() if "scale" not in s.parameters)
         raise ValueError(f"--method {method}: this run's critic reads r(decode(x0_pred)) (critic_x0_reward), which "
-                         "has no gradient in x_t here; steer it with bon, smc or smc_x0, or pretrain a fresh critic "
+                         f"has no gradient in x_t here; steer it with one of {unguided}, or pretrain a fresh critic "
                          "(--config, critic_x0_reward false by default)")
-    opts = dict(num_particles=n, reward_fn=reward_fn, decode=task.decode, generator=gen, **kw)
-    if method in ("guidance", "guidance+bon"):
-        opts.update(value_fn=value_fn, guidance_scale=scale)
-    elif method == "smc":
-        opts.setdefault("guidance_max_kl", 1.0)  # smc()'s default: the guided proposal cannot collapse the weights
-        opts.update(value_fn=value_fn, potential="value", lam=lam, guidance_scale=scale)
-    elif method == "smc_x0":
-        opts.update(potential="x0_reward", lam=lam)
-    if method not in ("smc", "smc_x0"):
-        # best-of-N and guidance have no weights (their choice is the best reward) and no proposal correction
-        opts.pop("output", None)
-        opts.pop("guidance_max_kl", None)
+    settings = dict(kw)
+    resampling = Resampling(**{field: settings.pop(name) for name, field in
+                               (("ess_threshold", "ess_threshold"), ("resample_every", "every"), ("scheme", "scheme"))
+                               if name in settings})
     rows_per_call = 2 if models.guidance_scale != 1.0 else 1  # the CFG denoiser runs two rows per sample
-    res = steer(models.policy_output, models.step, x_T, run.timesteps.to(models.device), cond, prompts,
-                backbone_rows_per_call=rows_per_call, **opts)
+    options = SteerOptions(decode=task.decode, backbone_rows_per_call=rows_per_call,
+                           reward_price=settings.pop("reward_price", 1.0), progress=settings.pop("progress", False))
+    # every setting this command has, by the parameter name the methods use; each method takes its own subset
+    # (best-of-N and guidance have no weights, so no output, resampling or proposal cap; guidance's own max_kl
+    # is left uncapped; SMC's guided proposal is capped at 1 nat per step unless guidance_max_kl says otherwise)
+    available = dict(num_particles=n, reward_fn=reward_fn, generator=gen, options=options, value_fn=value_fn,
+                     scale=scale, guidance_scale=scale, lam=lam, resampling=resampling,
+                     output=settings.pop("output", "sample"), guidance_max_kl=settings.pop("guidance_max_kl", 1.0))
+    if settings:
+        raise TypeError(f"steer_run got unknown setting(s) {sorted(settings)}")
+    res = steer(method, models.policy_output, models.step, x_T, run.timesteps.to(models.device), cond, prompts,
+                **{k: v for k, v in available.items() if k in spec.parameters})
     return res, evaluate_samples(rewards, run.eval_rewards, res.decoded, prompts)
 
 
@@ -185,7 +190,7 @@ def cmd_steer(args) -> int:
         grid = save_grid(res.decoded.clamp(-1, 1), out / f"steer_{method}_N{args.particles}.png",
                          nrow=args.per_prompt, labels=unique_prompts)
         row = {"method": method, "particles": args.particles, "scale": args.scale, "lam": args.lam,
-               "output": args.output if method.startswith("smc") else "argmax",
+               "output": args.output if "output" in METHODS[method].parameters else "argmax",
                "final_ess_per_particle": float(res.final_ess.nanmean()) / res.log_weights.shape[1],
                "seed": args.seed, "num_prompts": len(prompts), "rewards": evals, "cost": res.cost.to_dict(),
                "grid": str(grid), "seconds": time.time() - t0}
@@ -246,12 +251,11 @@ def add_parser(sub) -> None:
     p.add_argument("--config", help="a gae run config: pretrain a critic on its base policy (saved under --out)")
     p.add_argument("--run", help="a run directory (from `train` or `steer`): its policy and critic checkpoint")
     p.add_argument("--out", default="runs/steer", help="where grids, results JSON (and a fresh critic) go")
-    p.add_argument("--method", nargs="+", choices=METHODS,
-                   help="methods to run: base (plain sampling), bon (best-of-N by the reward), guidance (critic "
-                        "gradient guidance, N = 1, needs --scale), guidance+bon, smc (SMC with the critic's value as "
-                        "potential, guided by --scale if > 0), smc_x0 (SMC with potential λ·r(x̂0): a decode + reward "
-                        "call per step).  Default: base bon, plus guidance guidance+bon if --scale > 0, plus smc if "
-                        "it can resample (--ess-threshold × --particles > 1)")
+    p.add_argument("--method", nargs="+", choices=list(METHODS),
+                   help="methods to run: " + "; ".join(f"{name} ({m.summary})" for name, m in METHODS.items())
+                        + ".  guidance needs --scale > 0; smc is guided by --scale if > 0.  Default: base bon, plus "
+                        "guidance guidance+bon if --scale > 0, plus smc if it can resample (--ess-threshold × "
+                        "--particles > 1)")
     p.add_argument("--particles", type=_int_at_least(1), default=4,
                    help="N: particles (SMC) / candidates (best-of-N) per prompt")
     p.add_argument("--scale", type=_finite(), default=0.0,
