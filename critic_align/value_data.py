@@ -59,9 +59,11 @@ class ValueBatch:
 
     def rows(self, index: torch.Tensor):
         """(x, t, cond, returns, mask, x0_reward) of the rows ``index``."""
-        cond = None if self.cond is None else self.cond[self.cond_index[index].to(self.cond.device)]
-        x0r = None if self.x0_reward is None else self.x0_reward[index.to(self.x0_reward.device)]
-        return self.x[index], self.t[index], cond, self.returns[index], self.mask[index], x0r
+        # each field indexed on its own device (the index may live on the model's device, cond_index on the CPU)
+        take = lambda v: v[index.to(v.device)]  # noqa: E731
+        cond = None if self.cond is None else self.cond[take(self.cond_index).to(self.cond.device)]
+        x0r = None if self.x0_reward is None else take(self.x0_reward)
+        return take(self.x), take(self.t), cond, take(self.returns), take(self.mask), x0r
 
     @staticmethod
     def cat(batches: list["ValueBatch"]) -> "ValueBatch":
