@@ -52,7 +52,7 @@ def build_sd_task(run: dict):
         raise ValueError(f"unknown sd: option(s) {unknown}; allowed: {sorted(SD_OPTIONS)}")
     if "guidance" in opts and SD_TASKS[task_name] != "flux":
         raise ValueError(f"sd: guidance is FLUX's embedded guidance (task: flux), not an option of task {task_name!r}; "
-                         "classifier-free guidance is ppo: guidance_scale")
+                         "classifier-free guidance is sampling: guidance_scale")
     prompts, metadata = run.get("prompts"), None
     if isinstance(prompts, str):
         path = Path(prompts)

@@ -587,7 +587,7 @@ class PPOConfig:
                 "set advantage_aggregation: sum_then_normalize (or use 'gae' / 'grpo', which also support "
                 "normalize_then_sum)")
         if base_dtype != "float32" and self.mixed_precision != "bf16":
-            raise ValueError(f"sd.torch_dtype={base_dtype!r} needs ppo.mixed_precision: bf16 (a half-precision base "
+            raise ValueError(f"sd.torch_dtype={base_dtype!r} needs optimization: mixed_precision: bf16 (a half-precision base "
                              "is run under autocast; LoRA weights, optimiser and log-probs stay float32)")
         from .launch import LaunchError, world_size_errors  # the process-count checks live with the launch checks
 

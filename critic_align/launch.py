@@ -174,7 +174,7 @@ def launch_errors(config, state: LaunchState) -> list[str]:
                    "with train/configs/accelerate/multi_gpu_ddp.yaml (docs/distributed.md: what FSDP still needs)")
     mp = state.mixed_precision
     if mp not in ("no", "bf16"):
-        out.append(f"accelerate launch --mixed_precision {mp} is not supported: use bf16 (set ppo mixed_precision: bf16) "
+        out.append(f"accelerate launch --mixed_precision {mp} is not supported: use bf16 (set optimization: mixed_precision: bf16) "
                    "or no; fp16 would need loss scaling undone before the gradient clip, and the PPO ratio is too "
                    "sensitive to fp16 rounding")
     elif mp == "bf16" and config.mixed_precision != "bf16":

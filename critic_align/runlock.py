@@ -47,7 +47,7 @@ class RunDirNotWritable(RunLockedError):
 def _not_writable(run_dir: Path, action: str, exc: OSError) -> RunDirNotWritable:
     why = f"{type(exc).__name__}: {exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
     return RunDirNotWritable(f"cannot {action} {run_dir}: the run directory is not writable ({why}); use a writable "
-                             "--out (ppo.output_dir) or fix its permissions (nothing was written)")
+                             "--out (run: output_dir) or fix its permissions (nothing was written)")
 
 
 def _start_ticks(pid: int) -> str | None:

@@ -325,13 +325,13 @@ def test_trainer_argument_types_are_named_with_an_example(tmp_path):
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
-def test_yaml_ppo_that_is_not_a_mapping_is_refused(tmp_path):
+def test_yaml_section_that_is_not_a_mapping_is_refused(tmp_path):
     from critic_align.train.registry import load_run_config
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text("rewards: [digit_prob]\nppo: 5\n")
-    with pytest.raises(ValueError, match=r"bad.yaml: ppo: must be a mapping of PPOConfig fields, e.g. ppo: "
-                                         r"\{num_epochs: 10, learning_rate: 3.0e-4\}, got int 5"):
+    bad.write_text("rewards: [digit_prob]\nrun: 5\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: run: must be a mapping of fields, e.g. run: "
+                                         r"\{output_dir: ...\}, got int 5"):
         load_run_config(str(bad))
 
 

@@ -82,10 +82,10 @@ def test_run_config_errors(tmp_path):
     bad.write_text("task: digits\nrewardz: []\n")
     with pytest.raises(ValueError, match="unknown top-level keys.*rewardz"):
         load_run_config(str(bad))
-    bad.write_text("ppo:\n  learning_rat: 0.1\n")
-    with pytest.raises(ValueError, match="did you mean 'learning_rate'"):
+    bad.write_text("optimization:\n  learning_rat: 0.1\n")
+    with pytest.raises(ValueError, match="did you mean 'learning_rate', under optimization:"):
         load_run_config(str(bad))
-    bad.write_text("ppo:\n  eta: 0\n")
+    bad.write_text("sampling:\n  eta: 0\n")
     with pytest.raises(ValueError, match="eta"):
         load_run_config(str(bad))
     with pytest.raises(FileNotFoundError, match="named configs"):

@@ -343,6 +343,7 @@ def test_run_with_a_jsonl_prompt_file_hands_metadata_to_the_rewards(tmp_path, mo
     import critic_align.tasks.sd
     from critic_align.api import build_trainer
     from critic_align.tasks.composition import parse_prompt
+    from critic_align.config_sections import ORDER, flat_fields, sectioned
     from critic_align.train.registry import CONFIG_DIR, load_run_config
 
     canonical = ["a red 3 left of a blue 7", "two green 5s", "a blue 1"]
@@ -352,8 +353,10 @@ def test_run_with_a_jsonl_prompt_file_hands_metadata_to_the_rewards(tmp_path, mo
                                for f, c in zip(free, canonical)))
     config = yaml.safe_load((CONFIG_DIR / "t2i.yaml").read_text())
     config.update(model_path=str((CONFIG_DIR / config["model_path"]).resolve()), prompts=str(prompts))
-    config["ppo"].update(output_dir=str(tmp_path / "run"), batch_size=8, group_size=2, num_inference_steps=4,
-                         sde_window_size=2, sde_window_range=[0, 2], progress=False, eval_prompts=2, eval_per_prompt=2)
+    flat = flat_fields({s: config.pop(s) for s in ORDER if s in config})
+    flat.update(output_dir=str(tmp_path / "run"), batch_size=8, group_size=2, num_inference_steps=4,
+                sde_window_size=2, sde_window_range=[0, 2], progress=False, eval_prompts=2, eval_per_prompt=2)
+    config.update(sectioned(flat))
     cfg_file = tmp_path / "geneval.yaml"
     cfg_file.write_text(yaml.safe_dump(config))
     trainer = build_trainer(load_run_config(str(cfg_file)))

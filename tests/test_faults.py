@@ -386,7 +386,7 @@ def test_config_values_that_used_to_slip_through(kw, match):
 
 @pytest.mark.parametrize("text,match", [
     ("", r"bad.yaml is empty: a run config needs at least its rewards"),
-    ("ppo:\n  num_epochs: 2\n", r"bad.yaml lists no rewards"),
+    ("run:\n  num_epochs: 2\n", r"bad.yaml lists no rewards"),
     ("rewards: []\n", r"bad.yaml lists no rewards"),
     ("rewards: [{name: digit_prob\n", r"bad.yaml is not valid YAML: "),
 ])

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from critic_align.config_sections import sectioned
 from test_sd_pipelines import (
     _clip_text_config,
     assert_only_lora_changed,
@@ -360,7 +362,7 @@ def test_flux_run_config_builds_and_exports(tmp_path):
                lora_target_modules=list(FLUX_LORA_TARGETS))
     config = {"task": "flux", "model_path": str(tmp_path / "base"), "prompts": ["a cat", "owl"],
               "sd": {"resolution": 16, "max_sequence_length": 8, "guidance": 2.5}, "rewards": ["jpeg_compressibility"],
-              "ppo": ppo}
+              **sectioned(ppo)}
     cfg_file = tmp_path / "flux_tiny.yaml"
     cfg_file.write_text(yaml.safe_dump(config))
     trainer = build_trainer(load_run_config(str(cfg_file)))

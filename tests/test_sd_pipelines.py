@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from critic_align.cond import TextCond, cat_cond
+from critic_align.config_sections import sectioned
 from critic_align.config import PPOConfig
 from critic_align.rewards import FunctionReward, JpegCompressibility, MultiReward
 from critic_align.rollout import Rollout, cfg_denoiser, sample
@@ -412,7 +413,7 @@ def test_cli_train_and_export_lora_sd15(tmp_path):
                lora_rank=2, critic_lora_rank=2, value_head_hidden=16, value_head_heads=2, clip_range=0.2,
                learning_rate=1e-2)
     config = {"task": "sd15", "model_path": str(tmp_path / "base"), "prompts": "prompts.txt",
-              "sd": {"decode_chunk_size": 3}, "rewards": ["jpeg_compressibility"], "ppo": ppo}
+              "sd": {"decode_chunk_size": 3}, "rewards": ["jpeg_compressibility"], **sectioned(ppo)}
     cfg_file = tmp_path / "sd15_tiny.yaml"
     cfg_file.write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "run"

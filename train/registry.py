@@ -13,10 +13,11 @@ import yaml
 
 from critic_align.api import RUN_SPEC_KEYS, SD_OPTIONS, build_sd_task, build_trainer, load_run_dir, write_run_dir  # noqa: F401
 from critic_align.config import PPOConfig
+from critic_align.config_sections import ORDER, flat_fields, old_layout_error
 from critic_align.registry import PIPELINE_TASKS, SD_TASKS, build_rewards, digits_task, resolve, reward_by_name  # noqa: F401 (re-exported)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-RUN_KEYS = set(RUN_SPEC_KEYS) | {"ppo"}  # a run YAML's top-level keys
+RUN_KEYS = set(RUN_SPEC_KEYS) | set(ORDER)  # a run YAML's top-level keys: the run spec and the config's sections
 
 
 def parse_overrides(items) -> dict:
@@ -42,7 +43,9 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 
 def load_run_config(name_or_path: str, overrides: dict | None = None) -> dict:
-    """Read a run YAML: {task, base_model, rewards, eval_rewards, ppo: {PPOConfig fields}}; strict keys."""
+    """Read a run YAML: {task, base_model, rewards, eval_rewards, the config's sections (run, sampling,
+    optimization, critic, algorithm, advanced: :mod:`critic_align.config_sections`)}; strict keys.  The returned run
+    dict holds the config as one flat :class:`PPOConfig` under ``"ppo"``."""
     path = resolve_config_path(name_or_path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -53,16 +56,15 @@ def load_run_config(name_or_path: str, overrides: dict | None = None) -> dict:
                          "temperature: 6.0}] (see train/configs/digits.yaml)")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a run config must be a mapping, got {type(data).__name__}")
+    if "ppo" in data:
+        raise ValueError(old_layout_error(data["ppo"], str(path)))
     unknown = set(data) - RUN_KEYS
     if unknown:
         raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(RUN_KEYS)}")
-    if data.get("ppo") is not None and not isinstance(data["ppo"], dict):
-        raise ValueError(f"{path}: ppo: must be a mapping of PPOConfig fields, e.g. ppo: {{num_epochs: 10, "
-                         f"learning_rate: 3.0e-4}}, got {type(data['ppo']).__name__} {data['ppo']!r}")
-    ppo = dict(data.get("ppo") or {})
-    ppo.update(overrides or {})
+    fields = flat_fields({s: data.pop(s) for s in ORDER if s in data}, str(path))
+    fields.update(overrides or {})
     try:
-        data["ppo"] = PPOConfig.from_dict(ppo)
+        data["ppo"] = PPOConfig.from_dict(fields)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: {exc}") from exc
     if not data.get("rewards"):
