@@ -10,9 +10,9 @@ import torch
 from test_rollout import lin_denoiser, make_step
 from test_trainer import make_trainer, pair_loss, perturb_lora, train_pairs
 
-from critic_align.collect import draw_window
 from critic_align.config import PPOConfig
-from critic_align.rollout import sample, sample_trajectories, sample_window
+from critic_align.rollout import sample, sample_trajectories
+from critic_align.sde_window import draw_window, sample_window
 from critic_align.steps import FlowMatchSchedule, FlowMatchSDEStep
 
 
