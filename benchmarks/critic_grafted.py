@@ -32,10 +32,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 from critic_align.api import build_trainer  # noqa: E402
-from critic_align.collect import x0_prediction_rewards  # noqa: E402
 from critic_align.oracle import explained_variance, rollout_oracle_values  # noqa: E402
 from critic_align.rollout import sample_trajectories  # noqa: E402
 from critic_align.train.registry import load_run_config  # noqa: E402
+from critic_align.x0_reward import x0_prediction_rewards  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -63,7 +63,7 @@ def heldout_set(tr, n: int, K: int, seed: int = 4242) -> dict:
                              record_x0=True)
     rf = (lambda final, p: tr.rewards(tr.task.decode(final), p).float())
     R = rf(ro.latents[:, -1], prompts)
-    x0r = x0_prediction_rewards(tr, ro.x0_preds, prompts)
+    x0r = x0_prediction_rewards(tr.task, tr.rewards, ro.x0_preds, prompts, tr.device)
     t0 = time.time()
     ov = rollout_oracle_values(tr.policy_output, tr.step, ro.latents, 0, tr.timesteps, cond, rf, K, gen, prompts,
                                chunk=512)

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from critic_align.train.steer import SteeringRun, build_steering_trainer, evaluate_samples, reads_x0_reward, steer_run
+from critic_align.train.steer import SteeringRun, build_steering_trainer, evaluate_samples, steer_run
+from critic_align.x0_reward import reads_x0_reward
 
 
 @dataclass

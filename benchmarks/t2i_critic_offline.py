@@ -42,7 +42,7 @@ from digits_advantages import _machine  # noqa: E402
 from t2i_advantages import CONFIGS  # noqa: E402
 
 from critic_align.api import build_trainer  # noqa: E402
-from critic_align.collect import critic_values, x0_prediction_rewards  # noqa: E402
+from critic_align.collect import critic_values  # noqa: E402
 from critic_align.diagnostics import explained_variance, value_report  # noqa: E402
 from critic_align.rollout import Rollout  # noqa: E402
 from critic_align.tasks.composition import parse_prompt  # noqa: E402
@@ -51,6 +51,7 @@ from critic_align.tasks.sd import read_prompts  # noqa: E402
 from critic_align.train.registry import load_run_config  # noqa: E402
 from critic_align.value_data import trajectory_states  # noqa: E402
 from critic_align.value_fit import fit_values, mc_returns  # noqa: E402
+from critic_align.x0_reward import x0_prediction_rewards  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -87,7 +88,7 @@ def reference_evs(test: Rollout, train: Rollout, group: int) -> dict:
 def x0_reward_values(trainer, ro: Rollout, chunk: int = 256) -> torch.Tensor:
     """(B, T, K) r(decode(x̂0(x_t))) at every recorded state: the policy's x0 prediction at the state (one more
     denoiser call: these rollouts did not record it), decoded and scored by the trained rewards
-    (:func:`critic_align.collect.x0_prediction_rewards`, as ``critic_x0_reward`` does)."""
+    (:func:`critic_align.x0_reward.x0_prediction_rewards`, as ``critic_x0_reward`` does)."""
     b, t = ro.latents.shape[0], ro.num_steps
     x = ro.latents[:, :-1].reshape(b * t, *ro.latents.shape[2:])
     ts, tp = ro.timesteps.repeat(b), ro.prev_timesteps.repeat(b)

@@ -6,9 +6,11 @@ only its own contiguous shard of the batch, in whole ``sample_chunk_size`` chunk
 holds that shard; nothing but rewards, values and statistics crosses processes (the trainer gathers those).
 
 Each chunk is decoded and scored on its own as soon as it is sampled, in a background thread while the next chunk
-samples when ``overlap_rewards`` is on (:class:`ChunkScorer`); the rewards are the same either way.  With
-``critic_x0_reward`` the scorer also decodes and scores the policy's x0 prediction at every recorded state (the value
-head's extra input); those rows are not reward queries (the trainer counts them apart).
+samples when ``overlap_rewards`` is on (:class:`ChunkScorer`); the rewards are the same either way.  When the
+value head reads r(decode(x̂0)) (an :class:`~critic_align.x0_reward.X0Readout` that reads) the scorer also decodes and
+scores the policy's x0 prediction at every recorded state (the head's extra input); those rows are not reward queries
+(the trainer counts them apart).  Which steps are recorded is the epoch's SDE window's
+(:class:`~critic_align.sde_window.Window`).
 """
 
 from __future__ import annotations
@@ -19,20 +21,22 @@ from dataclasses import replace
 
 import torch
 
-from .rollout import Rollout, sample, sample_trajectories, sample_window
+from .rollout import Rollout, sample
+from .sde_window import EVERY_STEP, Window
+from .x0_reward import LATENT_ONLY, X0Readout, head_input_rows
 
 
 @torch.no_grad()
 def collect(models, task, rewards, timesteps: torch.Tensor, prompts, shard: slice, generator: torch.Generator,
-            chunk_size: int, overlap: bool = True, record_x0: bool = False, x_T: torch.Tensor | None = None,
-            window: tuple[int, int] | None = None) -> Rollout:
+            chunk_size: int, overlap: bool = True, readout: X0Readout = LATENT_ONLY, x_T: torch.Tensor | None = None,
+            window: Window = EVERY_STEP) -> Rollout:
     """Sample this process's ``shard`` of the trajectories for ``prompts`` (the whole batch's list) with the policy
     of ``models`` and score them with ``rewards`` (a :class:`~critic_align.rewards.base.MultiReward`).
 
     generator: the source of the whole batch's initial noise and per-chunk noise seeds (the same on every process);
-    x_T: the whole batch's initial noise instead; window: (start, stop) = only those steps stochastic and recorded,
-    the rest the ODE (:func:`sample_window`); None = every step stochastic.  record_x0: score the step's x0
-    prediction at every recorded state too (``x0_rewards``)."""
+    x_T: the whole batch's initial noise instead; window: the steps stochastic and recorded, the rest the ODE
+    (:class:`~critic_align.sde_window.Window`; ``EVERY_STEP``: all).  readout: whether the value head reads
+    r(decode(x̂0)): then the step's x0 prediction at every recorded state is scored too (``x0_rewards``)."""
     prompts = list(prompts)
     device = models.device
     if x_T is None:
@@ -45,7 +49,7 @@ def collect(models, task, rewards, timesteps: torch.Tensor, prompts, shard: slic
     cond = cond.to(device) if cond is not None else None  # None: an unconditional task
     ts = timesteps.to(device)
     chunks = []
-    with ChunkScorer(task, rewards, device, overlap) as scorer:
+    with ChunkScorer(task, rewards, device, overlap, readout) as scorer:
         for i in range(shard.start, shard.stop, chunk_size):
             local = slice(i - shard.start, min(i + chunk_size, shard.stop) - shard.start)
             # a CPU generator on every device: the step noise is drawn on the CPU and moved (steps.step_noise), so a
@@ -53,10 +57,8 @@ def collect(models, task, rewards, timesteps: torch.Tensor, prompts, shard: slic
             g = torch.Generator().manual_seed(seeds[i // chunk_size])
             c_sl = None if cond is None else cond[local]
             x = x_T[i:i + (local.stop - local.start)].to(device)
-            chunks.append(sample_trajectories(models.policy_output, models.step, x, ts, c_sl, mine[local],
-                                              generator=g, record_x0=record_x0) if window is None else
-                          sample_window(models.policy_output, models.step, x, ts, window, c_sl, mine[local],
-                                        generator=g, record_x0=record_x0))
+            chunks.append(window.sample(models.policy_output, models.step, x, ts, c_sl, mine[local], generator=g,
+                                        record_x0=readout.reads))
             scorer.submit(chunks[-1])
         ro = Rollout.cat(chunks)
         samples, scores, x0_rewards = scorer.results()
@@ -67,10 +69,11 @@ def collect(models, task, rewards, timesteps: torch.Tensor, prompts, shard: slic
 class ChunkScorer:
     """Decodes and scores sampled chunks (``task.decode`` then ``rewards``), each on its own, in chunk order: in one
     background thread when ``overlap`` is on (the next chunk samples meanwhile), else at once in the caller's thread.
-    A context manager: leaving it waits for the thread (an error in a chunk's scoring is raised by :meth:`results`)."""
+    A context manager: leaving it waits for the thread (an error in a chunk's scoring is raised by :meth:`results`).
+    ``readout``: the x0 predictions a chunk recorded are scored too when the value head reads them."""
 
-    def __init__(self, task, rewards, device, overlap: bool):
-        self.task, self.rewards, self.device = task, rewards, device
+    def __init__(self, task, rewards, device, overlap: bool, readout: X0Readout = LATENT_ONLY):
+        self.task, self.rewards, self.device, self.readout = task, rewards, device, readout
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="rewards") if overlap else None
         self.pending: list[Future] = []
 
@@ -78,8 +81,7 @@ class ChunkScorer:
         with torch.no_grad():  # grad mode is per thread: the worker does not inherit the caller's no_grad
             samples = self.task.decode(final)
             scores = self.rewards(samples, prompts).to(self.device)
-            x0_rewards = (None if x0_preds is None else
-                          x0_prediction_rewards(self.task, self.rewards, x0_preds, prompts, self.device))
+            x0_rewards = self.readout.score(self.task, self.rewards, x0_preds, prompts, self.device)
             return samples, scores, x0_rewards
 
     def submit(self, chunk: Rollout) -> None:
@@ -107,17 +109,6 @@ class ChunkScorer:
         return False
 
 
-def x0_prediction_rewards(task, rewards, x0_preds: torch.Tensor, prompts: list, device, chunk: int = 256) -> torch.Tensor:
-    """(B, T, K) the rewards of decode(x̂0) for x0_preds (B, T, *S), each trajectory's prompt repeated over its steps,
-    in chunks of ``chunk`` rows."""
-    b, t = x0_preds.shape[:2]
-    flat = x0_preds.reshape(b * t, *x0_preds.shape[2:])
-    rows = [p for p in prompts for _ in range(t)]
-    out = [rewards(task.decode(flat[i:i + chunk]), rows[i:i + chunk]).to(device).float()
-           for i in range(0, b * t, chunk)]
-    return torch.cat(out).view(b, t, -1)
-
-
 @torch.no_grad()
 def critic_values(models, ro: Rollout, chunk: int = 512) -> torch.Tensor:
     """(B, T, K) critic values at every state of ``ro`` before a step, batched over (trajectory, step) pairs."""
@@ -126,7 +117,7 @@ def critic_values(models, ro: Rollout, chunk: int = 512) -> torch.Tensor:
     x = ro.latents[:, :-1].reshape(b * t, *ro.latents.shape[2:]).to(device)
     ts = ro.timesteps.to(device).repeat(b)
     cond = ro.cond.repeat_interleave(t, dim=0) if ro.cond is not None else None
-    x0r = ro.x0_rewards.reshape(b * t, -1).to(device) if ro.x0_rewards is not None else None
+    x0r = head_input_rows(ro.x0_rewards, device)  # None: the head reads the latent alone
     out = [models.values(x[i:i + chunk], ts[i:i + chunk], None if cond is None else cond[i:i + chunk],
                          None if x0r is None else x0r[i:i + chunk])
            for i in range(0, b * t, chunk)]
@@ -144,12 +135,3 @@ def sample_images(models, task, timesteps: torch.Tensor, prompts, seed: int = 12
     den = models.policy_output if use_policy else models.reference_output
     return task.decode(sample(den, models.step, x_T, timesteps.to(models.device), cond, generator=g))
 
-
-def draw_window(config, generator: torch.Generator) -> tuple[int, int] | None:
-    """An epoch's SDE window (start, stop) over the denoising steps, or None without one (``sde_window_size`` /
-    ``sde_window_range``): the start is uniform on [lo, hi], from ``generator`` (the run's)."""
-    if not config.sde_window_size:
-        return None
-    lo, hi = config.sde_window_range or (0, config.num_inference_steps - config.sde_window_size)
-    start = int(torch.randint(lo, hi + 1, (1,), generator=generator))
-    return start, start + config.sde_window_size

@@ -14,7 +14,7 @@ The AdaLN projection starts at zero (identity modulation).  ``critic_features: m
 blocks and mid block (a DiT's hidden states at three depths): the mid block of a small UNet is a 4x4 map,
 too coarse to tell how clearly a nearly finished sample shows its digit.
 
-With ``reads_x0_reward`` (config ``critic_x0_reward``) the head also reads r̂_0 = r(decode(x̂0(x_t))), the trained
+With ``reads_x0_reward`` (:mod:`critic_align.x0_reward`) the head also reads r̂_0 = r(decode(x̂0(x_t))), the trained
 rewards of the policy's one-step prediction at the state (FK steering's potential), through a gate a(e) per reward
 computed from the same modulation embedding and starting at zero:
 
@@ -43,6 +43,7 @@ from torch import nn
 
 from .backbones.base import BackboneAdapter, Features
 from .backbones.lora import LoraAdapters
+from .x0_reward import X0Readout, check_head_input
 
 CRITIC_MODES = ("lora", "full", "shared")
 
@@ -138,10 +139,7 @@ class ValueHead(nn.Module):
 
     def forward(self, features: Features, x0_reward: torch.Tensor | None = None) -> torch.Tensor:
         """(B, K) values; ``x0_reward`` (B, K): r(decode(x̂0(x_t))), required exactly when the head reads it."""
-        if self.reads_x0_reward != (x0_reward is not None):
-            raise ValueError("this value head reads r(decode(x0_pred)) (critic_x0_reward): pass x0_reward"
-                             if self.reads_x0_reward else
-                             "x0_reward given to a value head built without critic_x0_reward")
+        check_head_input(self.reads_x0_reward, x0_reward)
         tokens = self.tokens(features)
         mod = self.modulation(features)
         scale, shift = self.adaln(mod).unsqueeze(1).chunk(2, dim=-1)
@@ -151,8 +149,7 @@ class ValueHead(nn.Module):
         pooled = pooled + q  # residual on the query keeps a path that ignores bad attention early on
         raw = torch.cat([head(pooled[:, k]) for k, head in enumerate(self.heads)], dim=-1)  # (B, K)
         if x0_reward is not None:
-            if x0_reward.shape != raw.shape:
-                raise ValueError(f"x0_reward must be (B, K) = {tuple(raw.shape)}, got {tuple(x0_reward.shape)}")
+            check_head_input(True, x0_reward, raw.shape)
             # a reward that does not apply (NaN) contributes nothing; its head's loss is masked anyway
             r0 = torch.nan_to_num(self.standardize(x0_reward.to(raw.dtype)))
             raw = raw + self.x0_gate(mod) * r0
@@ -364,5 +361,5 @@ def build_run_critic(config, task, models, schedule, rewards, t: torch.Tensor) -
             lora_rank=cfg.critic_lora_rank, lora_target_modules=cfg.lora_target_modules,
             hidden_dim=cfg.value_head_hidden, num_heads=cfg.value_head_heads, features=features,
             use_cond=cfg.critic_cond and cond0 is not None, width=cfg.critic_width, example=example,
-            x0_reward=cfg.critic_x0_reward,
+            x0_reward=X0Readout.from_config(cfg).reads,
         ).to(device)

@@ -9,6 +9,7 @@ import torch
 from .collect import collect, critic_values
 from .diagnostics import value_report, within_prompt_diversity
 from .value_fit import discounted_returns
+from .x0_reward import X0Readout
 
 
 def column_stats(matrix: torch.Tensor, names, prefix: str = "reward/") -> dict:
@@ -40,11 +41,12 @@ def critic_report(values: torch.Tensor, rewards: torch.Tensor, names, gamma: flo
 
 
 @torch.no_grad()
-def evaluate(models, task, rewards, eval_rewards, timesteps: torch.Tensor, config, processes) -> dict:
+def evaluate(models, task, rewards, eval_rewards, timesteps: torch.Tensor, config, processes, readout: X0Readout) -> dict:
     """Metrics on a fixed held-out batch: ``eval_prompts`` prompts x ``eval_per_prompt`` samples from noise seeded by
     the run's seed alone (the same batch at every call, never trained on, not counted in ``reward_queries``):
     rewards, within-prompt diversity and, with a critic, its explained variance and calibration per timestep bucket.
-    Each process samples and scores its shard; the rewards, values and (few) samples are gathered."""
+    Each process samples and scores its shard; the rewards, values and (few) samples are gathered.  ``readout``: the
+    value head's x0 read-out (its x0 predictions are scored for the critic's values)."""
     cfg, procs = config, processes
     prompts = [p for p in list(task.prompts)[:cfg.eval_prompts] for _ in range(cfg.eval_per_prompt)]
     n = len(prompts)
@@ -53,7 +55,7 @@ def evaluate(models, task, rewards, eval_rewards, timesteps: torch.Tensor, confi
                          f"sample_chunk_size={cfg.sample_chunk_size}: choose eval_prompts x eval_per_prompt to fit")
     ro = collect(models, task, rewards, timesteps, prompts, procs.shard(n),
                  torch.Generator().manual_seed(cfg.seed + 7_919_000), cfg.sample_chunk_size, cfg.overlap_rewards,
-                 cfg.critic_x0_reward)
+                 readout)
     scores = procs.gather(ro.rewards)
     out = {f"eval/reward/{name}": float(torch.nanmean(scores[:, k].float())) for k, name in enumerate(rewards.names)}
     if eval_rewards is not None:

@@ -6,7 +6,7 @@ A pure function of a denoiser callable ``denoiser(x_t, t (B,), cond) -> model ou
 
 From a state at index ``j`` of the schedule's ``timesteps`` each of the K continuations runs the remaining steps
 ``j .. n-1`` with ``step`` (the stochastic sampler) up to ``stochastic_stop`` and its ODE form (``step.ode()``) after
-it: with an SDE window (:func:`critic_align.rollout.sample_window`) the policy's sampler is stochastic only inside the
+it: with an SDE window (:func:`critic_align.sde_window.sample_window`) the policy's sampler is stochastic only inside the
 window, so a state at or past the window's end has a deterministic future and needs one continuation, not K.  The
 estimate is the mean of the K rewards; ``stderr`` is their standard deviation / √K (0 where the future is
 deterministic).  The reward queries and the backbone calls (NFE) the continuations cost are returned in

@@ -20,7 +20,7 @@ Shapes (B = trajectories, T = denoising steps, S = latent shape, K = rewards):
     x0_rewards      (B, T, K)     r(decode(x̂0(latents[:, k]))): the trained rewards of those predictions, the value
                                   head's extra input under ``critic_x0_reward`` (NaN where a reward does not apply)
 
-With an SDE window (:func:`sample_window`) T is the window's W steps: latents[:, 0] is the deterministic state at
+With an SDE window (:mod:`critic_align.sde_window`) T is the window's W steps: latents[:, 0] is the deterministic state at
 the window's start, timesteps are the window's, and the sample is ``final`` (= x0).
 """
 
@@ -223,26 +223,3 @@ def sample(denoiser: Denoiser, step: DDIMStep, x_T: torch.Tensor, timesteps: tor
             x = step(denoiser(x, t, cond), x, t, prev_timesteps[k].to(x.device), generator=generator).prev_sample
     return x
 
-
-def sample_window(denoiser: Denoiser, step: DDIMStep, x_T: torch.Tensor, timesteps: torch.Tensor,
-                  window: tuple[int, int], cond=None, prompts=None, generator: torch.Generator | None = None,
-                  record_x0: bool = False) -> Rollout:
-    """A trajectory whose steps ``window = (start, stop)`` (Python slice bounds into ``timesteps``) are the stochastic
-    ``step`` and the rest its deterministic ODE form (``step.ode()``): Flow-GRPO-Fast's / MixGRPO's SDE window.
-
-    Returns the window's :class:`Rollout` (T = stop − start transitions with their log-probs; latents[:, 0] is the
-    ODE state at the window's start) with ``x0`` = the ODE's continuation of its last state to the final sample.
-    The whole trajectory costs the same backbone calls as :func:`sample_trajectories`; the noise is drawn only inside
-    the window.  (0, len(timesteps)) is exactly :func:`sample_trajectories`'s rollout with ``x0`` set."""
-    start, stop = window
-    n = len(timesteps)
-    if not 0 <= start < stop <= n:
-        raise ValueError(f"window {window} must satisfy 0 <= start < stop <= {n} (the number of timesteps)")
-    prev = step.schedule.prev_timesteps(timesteps)
-    ode = step.ode()
-    x_s = sample(denoiser, ode, x_T, timesteps[:start], cond, prev_timesteps=prev[:start]) if start else x_T
-    ro = sample_trajectories(denoiser, step, x_s, timesteps[start:stop], cond, prompts, generator=generator,
-                             prev_timesteps=prev[start:stop], record_x0=record_x0)
-    x0 = sample(denoiser, ode, ro.latents[:, -1], timesteps[stop:], cond, prev_timesteps=prev[stop:]) \
-        if stop < n else ro.latents[:, -1]
-    return replace(ro, x0=x0).validate()

@@ -28,10 +28,12 @@ from .prompts import PromptIterator
 from .rewards.base import MultiReward
 from .rollout import Rollout
 from .runlock import RunLock
+from .sde_window import Window, draw_window
 from .steps import step_for_run
 from .tasks.base import check_task
 from .update import UpdateContext, build_optimization
 from .value_data import ForwardProcess
+from .x0_reward import X0Readout
 
 
 @dataclass
@@ -61,7 +63,7 @@ class Trainer:
         self.schedule, self.timesteps = self.step.schedule, self.step.schedule.timesteps(config.num_inference_steps)
         check_task(task)
         self.prompt_iter = PromptIterator(task.prompts, seed=config.seed)  # checks the prompts before they are used
-        self.estimator = build_estimator(config)
+        self.estimator, self.x0 = build_estimator(config), X0Readout.from_config(config)  # x0: the value head's read-out
         self.models = build_models(config, task, adapter, self.step, self.timesteps, self.rewards,
                                    self.estimator.needs_values, self.device)  # on the device, with the LoRA and critic
         self.adapter, self.adapters, self.critic = self.models.adapter, self.models.adapters, self.models.critic
@@ -73,7 +75,7 @@ class Trainer:
             lambda losses, norms: check_update(losses, norms, self.num_processes, self.place()),
             lambda: check_weights(self.models, self.trainable, self.place()))
         self.policy_params, self.critic_params = self.opt.policy_params, self.opt.critic_params
-        self.epoch, self.reward_queries, self.pretrained_value, self.x0_reward_rows = 0, 0, False, 0  # x0: critic_x0_reward's
+        self.epoch, self.reward_queries, self.pretrained_value, self.x0_reward_rows = 0, 0, False, 0  # x0: the read-out's
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.out = Path(config.output_dir)
         self.log = runio.RunLog(self.out, config.log_tensorboard, enabled=self.is_main_process, log_with=config.log_with,
@@ -104,16 +106,16 @@ class Trainer:
 
     # ---------------------------------------------------------------- the stages, called with what they need
     def rollout(self, prompts, x_T=None, generator: torch.Generator | None = None, count: bool = True,
-                window: tuple[int, int] | None = None) -> Rollout:
+                window: Window | tuple[int, int] | None = None) -> Rollout:
         """This process's shard of trajectories of the current policy for ``prompts`` (the whole batch), scored
-        (``count``: add the whole batch to reward_queries); ``window``: an SDE window (:func:`collect.draw_window`)."""
+        (``count``: add the whole batch to reward_queries); ``window``: an SDE window (:func:`sde_window.draw_window`)."""
         cfg, prompts = self.config, list(prompts)
         ro = collect.collect(self.models, self.task, self.rewards, self.timesteps, prompts,
                              self.processes.shard(len(prompts)), self.generator if generator is None else generator,
-                             cfg.sample_chunk_size, cfg.overlap_rewards, cfg.critic_x0_reward, x_T, window)
+                             cfg.sample_chunk_size, cfg.overlap_rewards, self.x0, x_T, Window.of(window))
         check_reward_magnitude(self.processes.gather(ro.rewards), self.rewards.names)  # every process raises together
         self.reward_queries += len(prompts) if count else 0
-        self.x0_reward_rows += 0 if ro.x0_rewards is None else ro.x0_rewards.shape[:2].numel() * self.num_processes
+        self.x0_reward_rows += self.x0.rows(ro.batch_size, ro.num_steps) * self.num_processes
         return ro
 
     def compute_advantages(self, ro: Rollout, prompts=None) -> Rollout:
@@ -132,7 +134,7 @@ class Trainer:
         if self.critic is None or cfg.value_pretrain_epochs == 0:
             return []
         batches = (lambda: self.rollout(self.prompt_iter.batch(cfg.prompts_per_epoch, cfg.group_size),
-                                        window=collect.draw_window(cfg, self.generator)))
+                                        window=draw_window(cfg, self.generator)))
         critic_group = self.optimizer.param_groups[-1]  # its learning rate decays during pretraining (if configured)
         logs = value_fit.pretrain_value(self.context(cfg.batch_size), batches, self.value_report, critic_group, self.log,
                                         cfg.progress, lambda: self.reward_queries, self.is_main_process)
@@ -150,7 +152,7 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     def train_epoch(self) -> EpochResult:
         cfg, t0 = self.config, time.time()
-        window = collect.draw_window(cfg, self.generator)  # the epoch's SDE window, or None
+        window = draw_window(cfg, self.generator)  # the epoch's SDE window (sde_window.py), or EVERY_STEP
         prompts = self.prompt_iter.batch(cfg.prompts_per_epoch, cfg.group_size)
         ro = self.rollout(prompts, window=window)  # collect
         t_rollout = time.time() - t0
@@ -165,10 +167,7 @@ class Trainer:
         self.epoch += 1  # log
         row = {"phase": "train", "epoch": self.epoch, "reward_queries": self.reward_queries,
                "time_rollout_s": t_rollout, "time_update_s": t_update, "time_epoch_s": time.time() - t0}
-        if window is not None:
-            row["sde_window_start"] = window[0]
-        if cfg.critic_x0_reward:
-            row["x0_reward_rows"] = self.x0_reward_rows
+        row.update(window.metrics() | self.x0.metrics(self.x0_reward_rows))  # sde_window_start, x0_reward_rows
         row.update(metrics.reward_stats(ro, self.rewards.names, self.eval_rewards, self.processes))
         if ro.values is not None:
             row.update(self.value_report(ro, ro.values))
@@ -201,9 +200,10 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Metrics on the fixed held-out batch (:func:`metrics.evaluate`)."""
-        cfg = self.config  # with critic_x0_reward the held-out batch's x0 predictions are scored too:
-        self.x0_reward_rows += cfg.eval_prompts * cfg.eval_per_prompt * len(self.timesteps) if cfg.critic_x0_reward else 0
-        return metrics.evaluate(self.models, self.task, self.rewards, self.eval_rewards, self.timesteps, cfg, self.processes)
+        cfg = self.config  # with the x0 read-out the held-out batch's x0 predictions are scored too:
+        self.x0_reward_rows += self.x0.rows(cfg.eval_prompts * cfg.eval_per_prompt, len(self.timesteps))
+        return metrics.evaluate(self.models, self.task, self.rewards, self.eval_rewards, self.timesteps, cfg, self.processes,
+                                self.x0)
 
     def log_eval(self, best: BestKeeper | None = None) -> dict:
         """The held-out evaluation, logged; with ``best``, the best checkpoint kept and a collapse stopped (best.py)."""
@@ -243,7 +243,7 @@ class Trainer:
         checkpoint.restore_optimizer(self.optimizer, tensors, state["optimizer"])
         self.epoch, self.reward_queries = int(state["epoch"]), int(state["reward_queries"])
         self.pretrained_value = bool(state["pretrained_value"])
-        self.x0_reward_rows = int(state.get("x0_reward_rows", 0))  # absent in checkpoints before critic_x0_reward
+        self.x0_reward_rows = int(state.get("x0_reward_rows", 0))  # absent in checkpoints before the x0 read-out
         self.prompt_iter.load_state_dict(state["prompt_iterator"])
         self.estimator.load_state_dict(state["stat_tracker"])
         self.opt.batcher.bytes_per_row = {k: float(v) for k, v in state.get("micro_batch_bytes_per_row", {}).items()}

@@ -22,6 +22,7 @@ import torch
 
 from .cond import TextCond
 from .steps import FlowMatchSchedule
+from .x0_reward import head_input_rows
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,8 @@ class ValueBatch:
     cond_index: (N,) long, row i's conditioning is cond[cond_index[i]] (no copy of large text embeddings)
     returns:    (N, K) value targets, NaN-free (a missing reward's target is 0 and masked)
     mask:       (N, K) bool, False where reward k does not apply to the row
-    x0_reward:  (N, K) r(decode(x̂0(x))) of each row, the value head's extra input under ``critic_x0_reward``
-                (None without it)
+    x0_reward:  (N, K) r(decode(x̂0(x))) of each row, the value head's extra input when it reads one
+                (:mod:`critic_align.x0_reward`; None without it)
     ids:        (N,) long, each row's index among the whole batch's rows (every process's): with rank-local rollouts
                 a process holds some of them, and the value fit's shuffle runs over all of them
                 (:func:`critic_align.value_fit.fit_values`); ``arange(N)`` for one process's batch
@@ -90,7 +91,7 @@ def trajectory_states(latents: torch.Tensor, timesteps: torch.Tensor, cond, retu
     mask = (~torch.isnan(rewards.float()))[:, None, :].expand(b, t, -1).reshape(b * t, -1)
     return ValueBatch(x, timesteps.to(x.device).repeat(b), cond, torch.arange(b).repeat_interleave(t),
                       returns.reshape(b * t, -1).float(), mask,
-                      None if x0_rewards is None else x0_rewards.reshape(b * t, -1).to(x.device),
+                      head_input_rows(x0_rewards, x.device),
                       torch.arange(first * t, (first + b) * t))
 
 

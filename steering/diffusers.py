@@ -39,6 +39,7 @@ from typing import Callable, Sequence
 import torch
 
 from critic_align.steps import score_guided_output
+from critic_align.x0_reward import refuse_in_callback
 
 from .particles import ParticleSystem, check_log_potential, check_steering_numbers, choose
 from .samplers import SteerCost, SteerResult
@@ -140,14 +141,6 @@ def positive_cond(embeds: torch.Tensor | None, pooled: torch.Tensor | None, m: i
     return TextCond(embeds, pooled)
 
 
-def _refuse_x0_critic(value_fn, where: str) -> None:
-    """A callback sees a state, not the denoiser's output at it, so it has no x0 prediction to score."""
-    if getattr(value_fn, "needs_x0_reward", False):
-        raise ValueError(f"{where}: this critic reads r(decode(x0_pred)) (critic_x0_reward), which a diffusers "
-                         "callback cannot supply; use steering.smc (potential='value'), steering.smc_x0, or a critic "
-                         "trained with critic_x0_reward: false")
-
-
 class SMCCallback:
     """Feynman–Kac SMC for ``pipe(..., callback_on_step_end=cb, callback_on_step_end_tensor_inputs=cb.tensor_inputs)``.
 
@@ -167,7 +160,7 @@ class SMCCallback:
                              "(x0_reward needs the step's x0 prediction: use steering.smc_x0)")
         if potential == "soft_value" and getattr(value_fn, "lam", lam) != lam:
             raise ValueError(f"the soft value was built for λ={value_fn.lam}, but SMC runs with lam={lam}")
-        _refuse_x0_critic(value_fn, "SMCCallback")
+        refuse_in_callback(value_fn, "SMCCallback")
         if not isinstance(resample_every, int) or resample_every < 1:
             raise ValueError(f"resample_every must be a positive int, got {resample_every!r}")
         # validates num_particles, κ and the scheme now, not at the first step
@@ -318,7 +311,7 @@ class ScoreGuidedScheduler:
     """
 
     def __init__(self, scheduler, value_fn: Callable, scale: float, pipe=None):
-        _refuse_x0_critic(value_fn, "ScoreGuidedScheduler")
+        refuse_in_callback(value_fn, "ScoreGuidedScheduler")
         object.__setattr__(self, "_scheduler", scheduler)
         object.__setattr__(self, "value_fn", value_fn)
         object.__setattr__(self, "scale", scale)

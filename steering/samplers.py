@@ -69,6 +69,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from critic_align.steps import gaussian_log_prob
+from critic_align.x0_reward import needs_x0_reward, refuse_unless_smc_value
 
 from .particles import OUTPUTS, RESAMPLING_SCHEMES, ParticleSystem, check_log_potential, check_steering_numbers, choose
 from .values import ValueFn, capped_guided_output, critic_value_fn, guidance_defined, value_and_grad
@@ -408,11 +409,7 @@ def _check(where: str, step, num_particles: int, scale: float | None, guide: _Gu
     if any(fn is None for fn in value_fns):
         raise ValueError(f"{where}: guidance and value / soft_value potentials need a value_fn (e.g. "
                          "critic_value_fn(critic))")
-    if any(getattr(fn, "needs_x0_reward", False) for fn in value_fns) and (
-            guide is not None or twist.potential != "value"):
-        raise ValueError(f"{where}: this value_fn's critic reads r(decode(x0_pred)) (critic_x0_reward): steering can "
-                         "use it only as an SMC potential (smc with potential='value', guidance_scale=0); for "
-                         "guidance use a critic trained with critic_x0_reward: false")
+    refuse_unless_smc_value(value_fns, where, guide is not None, None if twist is None else twist.potential)
     if twist is not None and twist.potential == "soft_value" and getattr(twist.value_fn, "lam", twist.lam) != twist.lam:
         raise ValueError(f"{where}: the soft value was built for λ={twist.value_fn.lam}, but SMC runs with "
                          f"lam={twist.lam}: build it with the same λ (the potential must be log E[exp(λ·r) | x_t] of "
@@ -476,8 +473,7 @@ def _run(denoiser, step, x_T: torch.Tensor, timesteps: torch.Tensor, cond, promp
         v = v_guidance if shares_value else None
         if v is None:
             # a critic trained with critic_x0_reward also reads r̂_0, the (G·N, K) rewards of the step's x0 prediction
-            extra = ((rewards_of_x0(value_fn.x0_rewards, x, t, out, t_prev),)
-                     if getattr(value_fn, "needs_x0_reward", False) else ())
+            extra = ((rewards_of_x0(value_fn.x0_rewards, x, t, out, t_prev),) if needs_x0_reward(value_fn) else ())
             with torch.no_grad():
                 v = check_log_potential(value_fn(x, t, cond_p, *extra), total, "value_fn")
             cost.critic_forward_rows += total

@@ -29,6 +29,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from critic_align.x0_reward import reads_x0_reward
+
 from .particles import check_log_potential
 
 ValueFn = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
@@ -81,7 +83,8 @@ class X0CriticValueFn:
     Called as ``value_fn(x, t, cond, x0_reward)``; :func:`steering.smc` supplies ``x0_reward`` for SMC potentials
     (``potential="value"``) from the step's own x0 prediction — one decode + ``x0_rewards`` call per particle and
     step, counted in the cost.  Gradient guidance cannot use it (∇_x r̂_0 would need a differentiable decode and
-    reward), nor can the diffusers callbacks, which see a state without the denoiser's output at it."""
+    reward), nor can the diffusers callbacks, which see a state without the denoiser's output at it.  The steering
+    code asks :func:`critic_align.x0_reward.needs_x0_reward`, which reads ``needs_x0_reward``."""
 
     needs_x0_reward = True
 
@@ -106,7 +109,7 @@ def critic_value_fn(critic, weights: Sequence[float] | torch.Tensor | None = Non
     A critic trained with ``critic_x0_reward`` gives an :class:`X0CriticValueFn` and needs ``x0_rewards``
     (``fn(decoded, prompts) -> (B, K)``, the rewards its heads were trained on).
     """
-    if getattr(getattr(critic, "head", None), "reads_x0_reward", False):
+    if reads_x0_reward(critic):
         return X0CriticValueFn(critic, weights, x0_rewards)
     if x0_rewards is not None:
         raise ValueError("x0_rewards is only for a critic trained with critic_x0_reward; this one reads the latent only")

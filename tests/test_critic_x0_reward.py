@@ -210,3 +210,29 @@ def test_an_x0_critic_is_refused_where_it_cannot_get_its_x0_reward(tmp_path):
         steer_run(run, "guidance", prompts, scale=1.0)
     res, evals = steer_run(run, "smc", prompts, particles=2, lam=2.0, ess_threshold=0.9)  # supplies r̂0
     assert res.cost.decode_rows == 2 * 2 * (len(tr.timesteps) + 1) and set(evals) >= {"bright"}
+
+
+def test_the_readout_record(tmp_path):
+    """X0Readout: from the config and from a built critic; what it scores, counts and reports; the head's inputs."""
+    from critic_align.x0_reward import LATENT_ONLY, WITH_X0_REWARD, X0Readout, head_input_at, head_input_rows, reads_x0_reward
+
+    assert X0Readout.from_config(PPOConfig()) is LATENT_ONLY
+    assert X0Readout.from_config(PPOConfig(critic_x0_reward=True)) is WITH_X0_REWARD
+    tr = make_trainer(tmp_path, critic_x0_reward=True)
+    assert X0Readout.of_critic(tr.critic) is WITH_X0_REWARD and reads_x0_reward(tr.critic)
+    assert X0Readout.of_critic(None) is LATENT_ONLY and not reads_x0_reward(object())
+    assert WITH_X0_REWARD.rows(8, 4) == 32 and LATENT_ONLY.rows(8, 4) == 0
+    assert WITH_X0_REWARD.metrics(32) == {"x0_reward_rows": 32} and LATENT_ONLY.metrics(32) == {}
+    preds = torch.randn(2, 3, *tr.task.latent_shape)
+    prompts = tr.prompt_iter.batch(2, 1)
+    assert LATENT_ONLY.score(tr.task, tr.rewards, preds, prompts, "cpu") is None
+    with pytest.raises(ValueError, match="record_x0=True"):
+        WITH_X0_REWARD.score(tr.task, tr.rewards, None, prompts, "cpu")
+    got = WITH_X0_REWARD.score(tr.task, tr.rewards, preds, prompts, "cpu")
+    for b in range(2):  # each trajectory's prompt, every step's prediction scored alone
+        for k in range(3):
+            torch.testing.assert_close(got[b, k], tr.rewards(tr.task.decode(preds[b, k:k + 1]), [prompts[b]])[0].float())
+    x0r = torch.arange(12.0).view(2, 3, 2)
+    assert head_input_rows(None, "cpu") is None and head_input_at(None, torch.tensor([0]), torch.tensor([1]), "cpu") is None
+    assert torch.equal(head_input_rows(x0r, "cpu")[4], x0r[1, 1])  # row b·T + k is trajectory b's state k
+    assert torch.equal(head_input_at(x0r, torch.tensor([1, 0]), torch.tensor([2, 0]), "cpu"), x0r[[1, 0], [2, 0]])

@@ -180,3 +180,61 @@ def test_the_trainer_module_stays_short():
     """One loop that reads top to bottom: trainer.py holds the state and the loop, the stages live elsewhere."""
     lines = len((ROOT / "critic_align" / "trainer.py").read_text().splitlines())
     assert lines < TRAINER_MAX_LINES, f"critic_align/trainer.py has {lines} lines: move a helper into its stage module"
+
+
+# ------------------------------------------------------------------------------------------------ research flags
+# The research flags' config names and the modules that may read them: the config (which checks them), the one module
+# each flag lives in, and the entry points (the library's api and the command line, which set and report them).  The
+# rest of the library reaches them through their module's record (x0_reward.X0Readout, sde_window.Window).
+FLAG_HOMES = {"critic_x0_reward": "critic_align.x0_reward", "sde_window_size": "critic_align.sde_window",
+              "sde_window_range": "critic_align.sde_window"}
+READ_FLAGS_ANYWHERE = {"critic_align.config", "critic_align.api"}  # and the command line, critic_align.train.*
+
+
+def flag_reads(modules: dict[str, Path]) -> list[str]:
+    """Where a module other than a flag's home, :data:`READ_FLAGS_ANYWHERE` and the command line reads one of
+    :data:`FLAG_HOMES`: as an attribute (``cfg.critic_x0_reward``), through ``getattr(cfg, "critic_x0_reward")`` or
+    as a string key (``d["sde_window_size"]``).  A docstring or an error message naming the option is not a read."""
+    found = []
+    for name, path in modules.items():
+        if name in READ_FLAGS_ANYWHERE or name == "critic_align.train" or name.startswith("critic_align.train."):
+            continue
+        where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        for node in ast.walk(ast.parse(path.read_text())):
+            read = None
+            if isinstance(node, ast.Attribute):
+                read = node.attr
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
+                  and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)):
+                read = node.args[1].value
+            elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+                read = node.slice.value
+            if read in FLAG_HOMES and FLAG_HOMES[read] != name:
+                found.append(f"{where}:{node.lineno}: reads {read}")
+    return found
+
+
+def test_the_research_flags_are_read_only_in_their_modules():
+    modules = _modules()
+    assert set(FLAG_HOMES.values()) | READ_FLAGS_ANYWHERE <= set(modules)
+    assert flag_reads(modules) == []
+    # the rule is not vacuous: the homes do read their flags (moved elsewhere, they would be caught)
+    homes = {f"{m}.elsewhere": p for m, p in modules.items() if m in set(FLAG_HOMES.values())}
+    assert {x.split(": reads ")[1] for x in flag_reads(homes)} == set(FLAG_HOMES)
+
+
+def test_the_flag_check_finds_each_kind_of_read(tmp_path):
+    """A planted module reading the flags as an attribute, through getattr and as a key is caught, line by line;
+    the same code as a flag's home, as the config or as the command line is not (for the flag that lives there)."""
+    planted = tmp_path / "planted.py"
+    planted.write_text("def f(cfg, d):\n"
+                       "    a = cfg.critic_x0_reward\n"
+                       "    b = getattr(cfg, 'sde_window_size', 0)\n"
+                       "    c = d['sde_window_range']\n"
+                       "    '''critic_x0_reward: a docstring naming it is no read'''\n"
+                       "    raise ValueError('set sde_window_size: 0')\n")
+    leaks = flag_reads({"critic_align.planted": planted})
+    assert leaks == [f"{planted}:2: reads critic_x0_reward", f"{planted}:3: reads sde_window_size",
+                     f"{planted}:4: reads sde_window_range"], leaks
+    assert flag_reads({"critic_align.config": planted}) == flag_reads({"critic_align.train.steer": planted}) == []
+    assert flag_reads({"critic_align.sde_window": planted}) == [f"{planted}:2: reads critic_x0_reward"]

@@ -4,7 +4,8 @@ sampler for its continuations, and its reward queries and backbone calls counted
 import torch
 
 from critic_align.oracle import explained_variance, oracle_values, oracle_values_at, rollout_oracle_values
-from critic_align.rollout import sample, sample_window
+from critic_align.rollout import sample
+from critic_align.sde_window import sample_window
 from critic_align.steps import make_step
 from critic_align.tasks.gmm import GaussianMixture, GMMTask, LinearReward, default_mixture
 

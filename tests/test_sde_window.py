@@ -10,9 +10,9 @@ import torch
 from test_rollout import lin_denoiser, make_step
 from test_trainer import make_trainer, pair_loss, perturb_lora, train_pairs
 
-from critic_align.collect import draw_window
 from critic_align.config import PPOConfig
-from critic_align.rollout import sample, sample_trajectories, sample_window
+from critic_align.rollout import sample, sample_trajectories
+from critic_align.sde_window import draw_window, sample_window
 from critic_align.steps import FlowMatchSchedule, FlowMatchSDEStep
 
 
@@ -136,3 +136,38 @@ def test_window_resume_equals_uninterrupted(tmp_path):
     assert [{k: v for k, v in r.items() if k not in drop} for r in hist_a] == \
         [{k: v for k, v in r.items() if k not in drop} for r in hist_b]
     assert len({r["sde_window_start"] for r in hist_a if "sde_window_start" in r}) >= 1
+
+
+def test_window_record_names_every_step_or_a_span():
+    """Window: EVERY_STEP (no window) or (start, stop); of() takes what callers name; its sampler and metrics row."""
+    from critic_align.sde_window import EVERY_STEP, Window
+
+    assert Window.of(None) is EVERY_STEP and EVERY_STEP.every_step and EVERY_STEP.metrics() == {}
+    w = Window.of((1, 3))
+    assert w == Window(1, 3) and tuple(w) == (1, 3) and w[0] == 1 and not w.every_step
+    assert Window.of(w) == w and w.metrics() == {"sde_window_start": 1}
+    for bad in ((3, 3), (-1, 2), (None, 2), (2, 1)):
+        with pytest.raises(ValueError, match="0 <= start < stop, or None"):
+            Window.of(bad)
+    step = make_step()
+    ts = step.schedule.timesteps(5)
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    full = EVERY_STEP.sample(lin_denoiser, step, x_T, ts, generator=torch.Generator().manual_seed(4))
+    ref = sample_trajectories(lin_denoiser, step, x_T, ts, generator=torch.Generator().manual_seed(4))
+    assert full.x0 is None and torch.equal(full.latents, ref.latents) and torch.equal(full.log_probs, ref.log_probs)
+    win = w.sample(lin_denoiser, step, x_T, ts, generator=torch.Generator().manual_seed(4))
+    direct = sample_window(lin_denoiser, step, x_T, ts, (1, 3), generator=torch.Generator().manual_seed(4))
+    assert win.num_steps == 2 and torch.equal(win.latents, direct.latents) and torch.equal(win.final, direct.final)
+
+
+def test_draw_window_leaves_the_generator_alone_without_a_window():
+    from critic_align.sde_window import EVERY_STEP
+
+    g = torch.Generator().manual_seed(3)
+    state = g.get_state()
+    assert draw_window(PPOConfig(num_inference_steps=10), g) is EVERY_STEP
+    assert torch.equal(g.get_state(), state)  # a run without a window draws the same noise as before windows existed
+    cfg = PPOConfig(sde_window_size=3, num_inference_steps=10)  # starts anywhere in [0, 10 - 3]
+    starts = {draw_window(cfg, g).start for _ in range(200)}
+    assert starts == set(range(8))
+    assert {tuple(draw_window(cfg, g)) for _ in range(20)} <= {(s, s + 3) for s in range(8)}

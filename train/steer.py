@@ -21,6 +21,7 @@ import torch
 
 from critic_align.api import build_trainer, load_run, load_run_dir, write_run_dir
 from critic_align.steering import METHODS
+from critic_align.x0_reward import reads_x0_reward, refuse_guidance
 
 from .registry import load_run_config, parse_overrides
 
@@ -115,14 +116,11 @@ def steer_run(run: SteeringRun, method: str, prompts: list[str], particles: int 
 
     value_fn = None
     if models.critic is not None:
-        # a critic trained with critic_x0_reward scores the step's x0 predictions with the rewards it was trained on
+        # a critic that reads r(decode(x0_pred)) scores the step's x0 predictions with the rewards it was trained on
         x0_rewards = rewards if reads_x0_reward(models.critic) else None
         value_fn = critic_value_fn(models.critic, weights=rewards.weights.float().tolist(), x0_rewards=x0_rewards)
-    if "scale" in spec.parameters and reads_x0_reward(models.critic):
-        unguided = ", ".join(m for m, s in METHODS.items() if "scale" not in s.parameters)
-        raise ValueError(f"--method {method}: this run's critic reads r(decode(x0_pred)) (critic_x0_reward), which "
-                         f"has no gradient in x_t here; steer it with one of {unguided}, or pretrain a fresh critic "
-                         "(--config, critic_x0_reward false by default)")
+    if "scale" in spec.parameters:
+        refuse_guidance(models.critic, method, ", ".join(m for m, s in METHODS.items() if "scale" not in s.parameters))
     settings = dict(kw)
     resampling = Resampling(**{field: settings.pop(name) for name, field in
                                (("ess_threshold", "ess_threshold"), ("resample_every", "every"), ("scheme", "scheme"))
@@ -141,11 +139,6 @@ def steer_run(run: SteeringRun, method: str, prompts: list[str], particles: int 
     res = steer(method, models.policy_output, models.step, x_T, run.timesteps.to(models.device), cond, prompts,
                 **{k: v for k, v in available.items() if k in spec.parameters})
     return res, evaluate_samples(rewards, run.eval_rewards, res.decoded, prompts)
-
-
-def reads_x0_reward(critic) -> bool:
-    """Whether ``critic`` (or None) reads r(decode(x0_pred)) next to the latent (``critic_x0_reward``)."""
-    return bool(getattr(getattr(critic, "head", None), "reads_x0_reward", False))
 
 
 @torch.no_grad()

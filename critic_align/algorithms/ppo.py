@@ -17,6 +17,7 @@ from ..rollout import Rollout
 from ..steps import gaussian_kl
 from ..update import UpdateContext, local_pairs, minibatch_steps, pairs
 from ..value_fit import value_loss, values_for_value_step
+from ..x0_reward import head_input_at
 
 
 def loss_on_pairs(ctx: UpdateContext, ro: Rollout, pairs_: torch.Tensor, train_policy: bool = True):
@@ -29,7 +30,7 @@ def loss_on_pairs(ctx: UpdateContext, ro: Rollout, pairs_: torch.Tensor, train_p
     t = ro.timesteps.to(dev)[ki]
     t_prev = ro.prev_timesteps.to(dev)[ki]
     cond = ro.cond[bi] if ro.cond is not None else None
-    x0r = ro.x0_rewards[bi, ki].to(dev) if ro.x0_rewards is not None else None
+    x0r = head_input_at(ro.x0_rewards, bi, ki, dev)  # None: the head reads the latent alone
     stats: dict = {}
     total = x_t.new_zeros(())
     shared_feats = None
