@@ -51,16 +51,19 @@ class DivergenceError(RuntimeError):
 
 def nonfinite_weights(trainer) -> dict[str, list[str]]:
     """{"policy": [names], "critic": [names]} of trainable tensors holding a NaN or inf (empty lists: all finite)."""
+    def finite(t):  # this process's shard of a DTensor (FSDP2): no collective, so the main process alone may call it
+        return torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all()
+
     with torch.no_grad():
         params = trainer.policy_params + trainer.critic_params
-        if not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # one device sync
+        if not params or bool(torch.stack([finite(p) for p in params]).all()):  # one device sync
             return {}
         out = {}
         policy = trainer.adapters.state_dict("policy")
-        out["policy"] = [k for k, v in policy.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        out["policy"] = [k for k, v in policy.items() if v.is_floating_point() and not bool(finite(v))]
         if trainer.critic is not None:
             out["critic"] = [k for k, v in trainer.critic.state_tensors().items()
-                             if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+                             if v.is_floating_point() and not bool(finite(v))]
         return {k: v for k, v in out.items() if v} or {"trainable": ["(a parameter outside the saved tensors)"]}
 
 
@@ -231,11 +234,13 @@ def _remove_dir(path: Path) -> None:
 
 
 def save_checkpoint(trainer, directory, keep_last: int = 2, rng_states: list[dict] | None = None,
-                    metrics_bytes: int | None = None) -> Path:
+                    metrics_bytes: int | None = None, snapshot: tuple[dict, dict] | None = None) -> Path:
     """Write ``directory/epoch_XXXXXX`` atomically; keep the newest ``keep_last``.
 
     rng_states: one :func:`local_rng_state` per process, in rank order (default: this process only).
     metrics_bytes: size of the run's metrics.jsonl now (rows logged after it are dropped on resume).
+    snapshot: ``trainer.state_dict()`` with full tensors, when the parameters are sharded (FSDP2: gathered by every
+    process before the main one writes); default: ``trainer.state_dict()`` here.
     On any failure (disk full, permissions) the temporary directory is removed, nothing already saved is
     touched, and a :class:`CheckpointError` says what happened and what to do.
     """
@@ -254,7 +259,7 @@ def save_checkpoint(trainer, directory, keep_last: int = 2, rng_states: list[dic
     rng_states = rng_states if rng_states is not None else [local_rng_state(trainer)]
     try:
         tmp.mkdir()
-        tensors, trainer_state = trainer.state_dict()
+        tensors, trainer_state = trainer.state_dict() if snapshot is None else snapshot
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         for rank, st in enumerate(rng_states):
             tensors[_rng_prefix(rank) + "torch"] = st["torch"]

@@ -83,10 +83,13 @@ def save_grid(trainer, path, per_prompt: int = 8, use_policy: bool = True) -> Pa
     """A PNG grid of samples per prompt (main process only; the others return None)."""
     from .viz import save_grid as write_grid
 
-    if not trainer.is_main_process:
+    if not trainer.is_main_process and not trainer.processes.sharded:
         return None
     rows = list(trainer.task.grid_prompts)  # a task may show only some prompts, unscaled (e.g. 512-pixel images)
+    # under FSDP every process samples the grid too: each forward all-gathers the sharded weights with the others
     images = trainer.sample([p for p in rows for _ in range(per_prompt)], use_policy=use_policy)
+    if not trainer.is_main_process:
+        return None
     path = write_grid(images, path, nrow=per_prompt, labels=rows, scale=trainer.task.grid_scale)
     trainer.log.image(f"grids/{Path(path).stem}", path, trainer.reward_queries)  # TensorBoard and the trackers
     return path
@@ -98,6 +101,10 @@ def save(trainer, directory=None, keep_last: int | None = None) -> Path | None:
     failed write raises a :class:`CheckpointError` on every process, so none waits forever for the others."""
     check_weights(trainer, "before writing a checkpoint")  # never checkpoint non-finite weights
     states = trainer.processes.gather_objects(local_rng_state(trainer))
+    snapshot = None
+    if trainer.processes.sharded:  # FSDP2: every process gathers the shards with the others, the main one keeps them
+        tensors, state = trainer.state_dict()
+        snapshot = (trainer.processes.full_tensors(tensors), state)
     path, error = None, None
     if trainer.is_main_process:
         metrics = trainer.out / "metrics.jsonl"
@@ -105,7 +112,8 @@ def save(trainer, directory=None, keep_last: int | None = None) -> Path | None:
         keep_last = trainer.config.keep_last if keep_last is None else keep_last
         try:
             path = save_checkpoint(trainer, directory, keep_last=keep_last,
-                                   rng_states=states, metrics_bytes=metrics.stat().st_size if metrics.exists() else 0)
+                                   rng_states=states, metrics_bytes=metrics.stat().st_size if metrics.exists() else 0,
+                                   snapshot=snapshot)
         except CheckpointError as exc:
             error = exc
     message = trainer.processes.share_from_main(str(error) if error else None)

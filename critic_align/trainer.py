@@ -129,8 +129,16 @@ class Trainer:
         if self.critic_params:
             groups.append({"params": self.critic_params, "lr": config.critic_learning_rate})
         self.optimizer = build_optimizer(groups, config)  # adamw | adamw_8bit: critic_align/optim.py
+        self.base_digest = base_digest(self.adapter.model)  # before the engine: FSDP shards the base
         # the engine: one module holding every trainable tensor, and the optimiser (DDP with several processes)
         prepared = self.processes.prepare(TrainModule(self.adapter.model, self.critic), self.optimizer)
+        if self.processes.sharded:  # FSDP2 replaced the parameters by DTensor shards (the optimiser holds those)
+            self.adapters.refresh_parameters()
+            self.policy_params = self.adapters.parameters("policy")
+            self.critic_params = self.critic.trainable_parameters() if self.critic else []
+            for a in (self.adapter, getattr(self.critic, "backbone", None)):  # see BackboneAdapter.stop_early
+                if isinstance(a, BackboneAdapter):
+                    a.stop_early = False
         self.opt = Optimization(prepared, self.policy_params, self.critic_params, self.processes,
                                 MicroBatcher(config.micro_batch_size, config.micro_batch_memory_mb, self.device),
                                 config.max_grad_norm, config.gradient_accumulation_steps,
@@ -141,7 +149,6 @@ class Trainer:
         self.out = Path(config.output_dir)
         self.log = RunLog(self.out, config.log_tensorboard, enabled=self.is_main_process, log_with=config.log_with,
                           config=config.to_dict())
-        self.base_digest = base_digest(self.adapter.model)
 
     def _models(self, critic) -> Models:
         return Models(self.adapter, self.adapters, critic, self.step, self.config.guidance_scale,
@@ -386,6 +393,8 @@ class Trainer:
         return tensors | opt_tensors, state
 
     def load_state_dict(self, tensors: dict, state: dict) -> None:
+        if self.processes.sharded:  # a checkpoint's tensors are full: shard them as the parameters are (FSDP2)
+            tensors = self.processes.local_tensors(tensors, self.state_dict()[0], self.optimizer)
         self.adapters.load_state_dict("policy", {k[7:]: v for k, v in tensors.items() if k.startswith("policy.")})
         if self.critic is not None:
             self.critic.load_state_tensors({k[7:]: v for k, v in tensors.items() if k.startswith("critic.")})

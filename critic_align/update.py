@@ -165,9 +165,10 @@ def local_rows(owner: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def optimizer_step(opt: Optimization, losses: list[dict] = ()) -> dict:
     """Clip the policy's and the critic's gradients separately, check them, step, check the weights."""
-    norms = {"grad_norm_policy": float(torch.nn.utils.clip_grad_norm_(opt.policy_params, opt.max_grad_norm))}
+    value = opt.processes.value  # a DTensor norm (FSDP2) is gathered; every process gets the same global norm
+    norms = {"grad_norm_policy": value(torch.nn.utils.clip_grad_norm_(opt.policy_params, opt.max_grad_norm))}
     if opt.critic_params:
-        norms["grad_norm_critic"] = float(torch.nn.utils.clip_grad_norm_(opt.critic_params, opt.max_grad_norm))
+        norms["grad_norm_critic"] = value(torch.nn.utils.clip_grad_norm_(opt.critic_params, opt.max_grad_norm))
     opt.check_update(losses, norms)  # a non-finite loss or gradient stops the run before the step
     opt.optimizer.step()
     opt.optimizer.zero_grad(set_to_none=True)

@@ -9,6 +9,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` / ``@pytest.mark.gpu(n)``: skipped unless CUDA has at least n (default 1) devices."""
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for item in items:
+        mark = item.get_closest_marker("gpu")
+        if mark is not None:
+            need = int(mark.args[0]) if mark.args else 1
+            if have < need:
+                item.add_marker(pytest.mark.skip(reason=f"needs {need} CUDA device(s), this machine has {have}"))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """The suite's models are tiny: intra-op threads only add overhead (~100x on a busy 2-core machine)."""
