@@ -59,7 +59,7 @@ def nonfinite_weights(trainer) -> dict[str, list[str]]:
         if not params or bool(torch.stack([finite(p) for p in params]).all()):  # one device sync
             return {}
         out = {}
-        policy = trainer.adapters.state_dict("policy")
+        policy = trainer.policy_tensors()
         out["policy"] = [k for k, v in policy.items() if v.is_floating_point() and not bool(finite(v))]
         if trainer.critic is not None:
             out["critic"] = [k for k, v in trainer.critic.state_tensors().items()
@@ -121,7 +121,7 @@ def base_digest(model) -> str:
 
 def model_fingerprint(trainer) -> dict:
     """Names and shapes of every trainable tensor and a digest of the base: a checkpoint must match them to load."""
-    policy = {k: list(v.shape) for k, v in trainer.adapters.state_dict("policy").items()}
+    policy = {k: list(v.shape) for k, v in trainer.policy_tensors().items()}
     critic = {k: list(v.shape) for k, v in trainer.critic.state_tensors().items()} if trainer.critic else {}
     out = {"policy": policy, "critic": critic, "critic_mode": trainer.critic.mode if trainer.critic else None}
     digest = getattr(trainer, "base_digest", None)

@@ -34,6 +34,8 @@ class Models:
     null_cond: Callable[[int], object]
     mixed_precision: str
     device: torch.device
+    policy: str = "lora"
+    """'lora': the policy is the base with the 'policy' adapter; 'full': the backbone itself (no frozen copy kept)."""
 
     def autocast(self):
         """bf16 autocast for forwards when ``mixed_precision='bf16'``; otherwise a no-op."""
@@ -43,11 +45,14 @@ class Models:
 
     def policy_output(self, x_t, t, cond):
         """The policy's model output (CFG-combined when guidance_scale != 1)."""
-        with self.adapters.using("policy"), self.autocast():
+        with self.adapters.using("policy") if self.policy == "lora" else contextlib.nullcontext(), self.autocast():
             return cfg_denoiser(self.adapter.predict, self.guidance_scale, self.null_cond)(x_t, t, cond)
 
     def reference_output(self, x_t, t, cond):
         """The frozen base model's output (the KL reference, the 'before' grid)."""
+        if self.policy == "full":
+            raise ValueError("policy: full trains the base weights and keeps no frozen copy of them: there is no "
+                             "reference output (the config refuses kl_coef > 0 with it)")
         with self.adapters.disabled(), self.autocast():
             return cfg_denoiser(self.adapter.predict, self.guidance_scale, self.null_cond)(x_t, t, cond)
 

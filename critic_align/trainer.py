@@ -108,8 +108,9 @@ class Trainer:
         if config.channels_last:  # 4-D weights only; before the LoRA layers and the critic's copies are made
             self.adapter.model.to(memory_format=torch.channels_last)
         self.adapters = LoraAdapters(adapter.model, fused=config.fused_lora)
-        self.adapters.add("policy", rank=config.lora_rank, alpha=config.lora_alpha,
-                          target_modules=config.lora_target_modules)
+        if config.policy == "lora":
+            self.adapters.add("policy", rank=config.lora_rank, alpha=config.lora_alpha,
+                              target_modules=config.lora_target_modules)
         self.prompt_iter = PromptIterator(task.prompts, seed=config.seed)  # checks the prompts before they are used
         self.estimator = build_estimator(config)
         self.models = self._models(None)
@@ -118,12 +119,15 @@ class Trainer:
         self.forward_process = (ForwardProcess(scheduler, config.num_inference_steps)
                                 if self.critic is not None and config.value_perturbed_per_sample else None)
         self.algorithm = build_algorithm(config.algorithm, self.schedule, scheduler, config)  # algorithms/, by name
-        self.adapters.activate("policy")
+        if config.policy == "lora":
+            self.adapters.activate("policy")
+        else:  # policy: full: every backbone weight trains (a 'full' critic has its own copy, made above)
+            self.adapter.model.requires_grad_(True)
         if config.gradient_checkpointing:  # after the critic: a 'full' critic's copy gets its own switch
             self.adapters.enable_gradient_checkpointing()
             if self.critic is not None and self.critic.mode == "full":
                 self.critic.backbone.model.enable_gradient_checkpointing()
-        self.policy_params = self.adapters.parameters("policy")
+        self.policy_params = self._policy_parameters()
         self.critic_params = self.critic.trainable_parameters() if self.critic else []
         groups = [{"params": self.policy_params, "lr": config.learning_rate}]
         if self.critic_params:
@@ -134,7 +138,7 @@ class Trainer:
         prepared = self.processes.prepare(TrainModule(self.adapter.model, self.critic), self.optimizer)
         if self.processes.sharded:  # FSDP2 replaced the parameters by DTensor shards (the optimiser holds those)
             self.adapters.refresh_parameters()
-            self.policy_params = self.adapters.parameters("policy")
+            self.policy_params = self._policy_parameters()
             self.critic_params = self.critic.trainable_parameters() if self.critic else []
             for a in (self.adapter, getattr(self.critic, "backbone", None)):  # see BackboneAdapter.stop_early
                 if isinstance(a, BackboneAdapter):
@@ -152,7 +156,25 @@ class Trainer:
 
     def _models(self, critic) -> Models:
         return Models(self.adapter, self.adapters, critic, self.step, self.config.guidance_scale,
-                      lambda n: self.task.null_cond(n).to(self.device), self.config.mixed_precision, self.device)
+                      lambda n: self.task.null_cond(n).to(self.device), self.config.mixed_precision, self.device,
+                      self.config.policy)
+
+    def _policy_parameters(self) -> list:
+        """What the policy trains: its LoRA adapter's tensors, or every backbone weight (``policy: full``)."""
+        return self.adapters.parameters("policy") if self.config.policy == "lora" else list(self.adapter.model.parameters())
+
+    def policy_tensors(self) -> dict:
+        """The policy's tensors as a checkpoint holds them (without the "policy." prefix): the LoRA adapter's
+        (peft's names), or the backbone's whole state dict (``policy: full``)."""
+        if self.config.policy == "lora":
+            return self.adapters.state_dict("policy")
+        return {k: v.detach() for k, v in self.adapter.model.state_dict().items()}
+
+    def load_policy_tensors(self, tensors: dict) -> None:
+        if self.config.policy == "lora":
+            self.adapters.load_state_dict("policy", tensors)
+        else:
+            self.adapter.model.load_state_dict(tensors)
 
     def _build_critic(self) -> Critic:
         cfg, task = self.config, self.task
@@ -283,6 +305,11 @@ class Trainer:
                                 self.processes)
 
     def sample(self, prompts, seed: int = 1234, use_policy: bool = True) -> torch.Tensor:
+        if not use_policy and self.config.policy == "full":
+            if self.epoch > 0:
+                raise ValueError("policy: full keeps no frozen copy of the base: the base model cannot be sampled "
+                                 "after training started (use_policy=True)")
+            use_policy = True  # before the first update the policy is the base (value pretraining does not move it)
         return collect.sample_images(self.models, self.task, self.timesteps, prompts, seed, use_policy)
 
     def mc_returns(self, ro: Rollout) -> torch.Tensor:
@@ -381,7 +408,7 @@ class Trainer:
         """(tensors, state): the policy LoRA, the critic and the optimiser's tensors; the counters, the prompt
         iterator, the estimator's state (DDPO's buffers) and the optimiser's groups.  A checkpoint adds the RNG
         states of every process, the config and the model's fingerprint."""
-        tensors = {f"policy.{k}": v for k, v in self.adapters.state_dict("policy").items()}
+        tensors = {f"policy.{k}": v for k, v in self.policy_tensors().items()}
         if self.critic is not None:
             tensors.update({f"critic.{k}": v for k, v in self.critic.state_tensors().items()})
         opt_tensors, opt_meta = optimizer_tensors(self.optimizer)
@@ -395,7 +422,7 @@ class Trainer:
     def load_state_dict(self, tensors: dict, state: dict) -> None:
         if self.processes.sharded:  # a checkpoint's tensors are full: shard them as the parameters are (FSDP2)
             tensors = self.processes.local_tensors(tensors, self.state_dict()[0], self.optimizer)
-        self.adapters.load_state_dict("policy", {k[7:]: v for k, v in tensors.items() if k.startswith("policy.")})
+        self.load_policy_tensors({k[7:]: v for k, v in tensors.items() if k.startswith("policy.")})
         if self.critic is not None:
             self.critic.load_state_tensors({k[7:]: v for k, v in tensors.items() if k.startswith("critic.")})
         restore_optimizer(self.optimizer, tensors, state["optimizer"])
@@ -408,4 +435,7 @@ class Trainer:
                                           state.get("micro_batch_bytes_per_row", {}).items()}
 
     def export_policy_lora(self) -> dict[str, torch.Tensor]:
+        if self.config.policy != "lora":
+            raise ValueError("policy: full has no LoRA adapter to export: the checkpoint's policy.* tensors are the "
+                             "backbone's full weights (load them with the model's load_state_dict)")
         return self.adapters.state_dict("policy")

@@ -32,6 +32,8 @@ from safetensors.torch import load_file, save_file
 from test_trainer import make_trainer
 
 CFG = dict(num_epochs=2, sample_chunk_size=4, batch_size=8, group_size=4, minibatch_size=16)
+# policy: full (every backbone weight trains) with a 'full' critic (its own copy of the base): both sharded
+FULL = dict(CFG, num_epochs=1, policy="full", critic_mode="full")
 
 
 def fsdp_accelerator():
@@ -50,7 +52,7 @@ def fsdp_accelerator():
 
 
 def _weights(tr) -> dict:
-    out = {f"policy.{k}": v for k, v in tr.adapters.state_dict("policy").items()}
+    out = {f"policy.{k}": v for k, v in tr.policy_tensors().items()}
     if tr.critic is not None:
         out.update({f"critic.{k}": v for k, v in tr.critic.state_tensors().items()})
     return tr.processes.full_tensors(out) if tr.processes.sharded else {k: v.clone() for k, v in out.items()}
@@ -63,7 +65,7 @@ def _run(tr, tmp: Path, tag: str) -> None:
     tr.train()
     weights = _weights(tr)
     if tr.is_main_process:
-        save_file({**{k: v.contiguous() for k, v in first.items()}, **weights}, str(tmp / f"{tag}.safetensors"))
+        save_file({k: v.contiguous() for k, v in {**first, **weights}.items()}, str(tmp / f"{tag}.safetensors"))
 
 
 def _worker(rank: int, tmp: str, port: int) -> None:
@@ -99,6 +101,13 @@ def _worker(rank: int, tmp: str, port: int) -> None:
     if rank == 0:
         facts["reload_exact"] = all(torch.equal(before[k], after[k]) for k in before)
         facts["checkpoint"] = str(ckpt)
+    # policy: full under FSDP: the whole backbone is the policy, sharded and trained; the critic's copy too
+    full = make_trainer(tmp / f"full{rank}", accelerator=tr.accelerator, **FULL)
+    w = full.adapter.model.conv_in.weight
+    facts["full_base_sharded_and_trained"] = (isinstance(w, DTensor) and w.requires_grad
+                                              and w.to_local().shape[0] * 2 == w.shape[0])
+    facts["full_critic_copy_sharded"] = isinstance(full.critic.backbone.model.conv_in.weight, DTensor)
+    _run(full, tmp, "fsdp_full")
     (tmp / f"facts_rank{rank}.json").write_text(json.dumps(facts))
     tr.processes.close()
 
@@ -112,6 +121,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
     one = make_trainer(tmp / "one", **CFG)
     _run(one, tmp, "one")
+    _run(make_trainer(tmp / "one_full", **FULL), tmp, "one_full")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -137,13 +147,21 @@ def test_the_frozen_base_is_sharded_and_the_adapters_train_as_shards(runs):
         assert f["optimizer_params"]  # the optimiser steps the shards the trainer clips and checks
 
 
-def test_fsdp_equals_one_process(runs):
-    one, two = load_file(str(runs / "one.safetensors")), load_file(str(runs / "fsdp.safetensors"))
+@pytest.mark.parametrize("tag", ["", "_full"])
+def test_fsdp_equals_one_process(runs, tag):
+    one, two = load_file(str(runs / f"one{tag}.safetensors")), load_file(str(runs / f"fsdp{tag}.safetensors"))
     assert one.keys() == two.keys()
     for k in ("latents", "rewards", "advantages"):
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-6, msg=k)
-    moved = [k for k in one if k.startswith("policy.") and "lora_B" in k and one[k].abs().max() > 0]
-    assert moved, "training did not move the policy: the comparison would be vacuous"
+    if tag:  # policy: full: the base weights themselves trained
+        base = load_file(str(sorted((runs / "one_full" / "run" / "checkpoints").glob("epoch_000000"))[0]
+                             / "tensors.safetensors"))
+        assert any(not torch.equal(base[k], one[k]) for k in one if k.startswith("policy."))
+        f = json.loads((runs / "facts_rank1.json").read_text())
+        assert f["full_base_sharded_and_trained"] and f["full_critic_copy_sharded"]
+    else:
+        moved = [k for k in one if k.startswith("policy.") and "lora_B" in k and one[k].abs().max() > 0]
+        assert moved, "training did not move the policy: the comparison would be vacuous"
     for k in one:
         if k in ("latents", "rewards", "advantages"):
             continue
@@ -151,6 +169,11 @@ def test_fsdp_equals_one_process(runs):
         if k == "critic.head.attn.in_proj_bias":  # the key bias's gradient is exactly 0: noise (see test_multiprocess)
             c = a.numel() // 3
             a, b = torch.cat([a[:c], a[2 * c:]]), torch.cat([b[:c], b[2 * c:]])
+        if tag and k.endswith("to_k.bias"):
+            # the same for an attention's key bias when the whole base trains: an exactly zero gradient, whose float
+            # noise Adam turns into small steps in either run; both stay at noise level, far below the trained moves
+            assert (a - base[k]).abs().max() < 1e-4 and (b - base[k]).abs().max() < 1e-4, k
+            continue
         torch.testing.assert_close(b, a, rtol=1e-3, atol=2e-5, msg=k)
 
 
