@@ -53,15 +53,19 @@ class DivergenceError(RuntimeError):
 def nonfinite_weights(models, params) -> dict[str, list[str]]:
     """{"policy": [names], "critic": [names]} of trainable tensors holding a NaN or inf (empty: all finite).
 
-    models: the run's :class:`~critic_align.models.Models` (its 'policy' LoRA adapter and critic name the tensors);
-    params: every trainable parameter (one device sync checks them all; names are looked up only on a failure)."""
+    models: the run's :class:`~critic_align.models.Models` (its policy's tensors and critic name the tensors);
+    params: every trainable parameter (one device sync checks them all; names are looked up only on a failure).
+    Sharded parameters (FSDP2's DTensors) are checked on this process's shard: no collective, so the main process
+    alone may call it."""
     with torch.no_grad():
-        if not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # one device sync
+        if not params or bool(torch.stack([_finite(p) for p in params]).all()):  # one device sync
             return {}
-        tensors = {f"policy.{k}": v for k, v in models.adapters.state_dict("policy").items()}
-        if models.critic is not None:
-            tensors.update({f"critic.{k}": v for k, v in models.critic.state_tensors().items()})
-        return nonfinite_tensors(tensors) or {"trainable": ["(a parameter outside the saved tensors)"]}
+        return nonfinite_tensors(model_tensors(models)) or {"trainable": ["(a parameter outside the saved tensors)"]}
+
+
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    """Whether ``t`` is all finite (a 0-d bool tensor); of a DTensor (FSDP2), this process's shard."""
+    return torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all()
 
 
 def nonfinite_tensors(tensors: dict) -> dict[str, list[str]]:
@@ -70,7 +74,7 @@ def nonfinite_tensors(tensors: dict) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for key, v in tensors.items():
         part, _, name = key.partition(".")
-        if part in ("policy", "critic") and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+        if part in ("policy", "critic") and v.is_floating_point() and not bool(_finite(v)):
             out.setdefault(part, []).append(name)
     return out
 
@@ -103,8 +107,9 @@ def optimizer_tensors(optimizer) -> tuple[dict, dict]:
 
 
 def model_tensors(models) -> dict[str, torch.Tensor]:
-    """The trained networks' tensors of a checkpoint: the policy LoRA ("policy.*") and the critic ("critic.*")."""
-    tensors = {f"policy.{k}": v for k, v in models.adapters.state_dict("policy").items()}
+    """The trained networks' tensors of a checkpoint: the policy's ("policy.*": its LoRA, or the backbone's state dict
+    with ``policy: full``, :meth:`~critic_align.models.Models.policy_tensors`) and the critic's ("critic.*")."""
+    tensors = {f"policy.{k}": v for k, v in models.policy_tensors().items()}
     if models.critic is not None:
         tensors.update({f"critic.{k}": v for k, v in models.critic.state_tensors().items()})
     return tensors
@@ -112,9 +117,19 @@ def model_tensors(models) -> dict[str, torch.Tensor]:
 
 def load_model_tensors(models, tensors: dict) -> None:
     """Load a checkpoint's "policy.*" and "critic.*" tensors (:func:`model_tensors`) into ``models``."""
-    models.adapters.load_state_dict("policy", {k[7:]: v for k, v in tensors.items() if k.startswith("policy.")})
+    models.load_policy_tensors({k[7:]: v for k, v in tensors.items() if k.startswith("policy.")})
     if models.critic is not None:
         models.critic.load_state_tensors({k[7:]: v for k, v in tensors.items() if k.startswith("critic.")})
+
+
+def load_run_tensors(models, optimizer, tensors: dict, optimizer_meta: dict, processes) -> None:
+    """Load a checkpoint's tensors into ``models`` (:func:`load_model_tensors`) and ``optimizer``
+    (:func:`restore_optimizer`, ``optimizer_meta``: its state's "optimizer").  When ``processes`` holds the parameters
+    sharded (FSDP2) the checkpoint's full tensors are cut into the same shards first (every process calls it)."""
+    if processes.sharded:
+        tensors = processes.local_tensors(tensors, model_tensors(models) | optimizer_tensors(optimizer)[0], optimizer)
+    load_model_tensors(models, tensors)
+    restore_optimizer(optimizer, tensors, optimizer_meta)
 
 
 def restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
@@ -143,10 +158,10 @@ def base_digest(model) -> str:
 
 
 def model_fingerprint(models, base_digest: str | None = None) -> dict:
-    """Names and shapes of every trainable tensor (the policy LoRA of ``models.adapters``, ``models.critic``) and
-    the base's digest (:func:`base_digest`): a checkpoint must match them to load."""
+    """Names and shapes of every trainable tensor (the policy's, :meth:`~critic_align.models.Models.policy_tensors`;
+    ``models.critic``'s) and the base's digest (:func:`base_digest`): a checkpoint must match them to load."""
     critic = models.critic
-    policy = {k: list(v.shape) for k, v in models.adapters.state_dict("policy").items()}
+    policy = {k: list(v.shape) for k, v in models.policy_tensors().items()}
     out = {"policy": policy, "critic": {k: list(v.shape) for k, v in critic.state_tensors().items()} if critic else {},
            "critic_mode": critic.mode if critic else None}
     if base_digest is not None:
@@ -272,7 +287,8 @@ def save_checkpoint(directory, tensors: dict, state: dict, signature: RunSignatu
     """Write ``directory/epoch_XXXXXX`` atomically; keep the newest ``keep_last``.
 
     tensors, state: the trainer's state (:meth:`Trainer.state_dict <critic_align.trainer.Trainer.state_dict>`: the
-    policy LoRA, the critic, the optimiser, and ``state["epoch"]``, the counters, ...); signature: the run's config,
+    policy, the critic, the optimiser, and ``state["epoch"]``, the counters, ...; full tensors: under FSDP2
+    :func:`~critic_align.runio.save` gathers the shards first); signature: the run's config,
     fingerprint and identity, recorded to check a resume against; rng_states: one :func:`local_rng_state` per
     process, in rank order; metrics_bytes: size of the run's metrics.jsonl now (rows logged after it are dropped on
     resume).  A "policy.*" or "critic.*" tensor holding NaN/inf is refused (:class:`DivergenceError`).

@@ -209,6 +209,11 @@ class PPOConfig:
     digits, 16384 for SD1.5's 4×64×64 latents; Flow-GRPO's KL 0.01 is per dimension, i.e. 'mean')."""
 
     # --- policy LoRA --------------------------------------------------------------------------------
+    policy: str = "lora"
+    """What the policy trains: 'lora' (a LoRA adapter on the frozen base: lora_rank, lora_alpha,
+    lora_target_modules) or 'full' (every weight of the backbone; the memory case FSDP shards).  'full' keeps no
+    frozen copy of the base, so it needs kl_coef: 0, and a critic of its own backbone (critic_mode: full) when the
+    estimator has one: a 'lora' or 'shared' critic would read the base the policy trains (docs/distributed.md)."""
     lora_rank: int = 8
     lora_alpha: float | None = None
     """LoRA scale numerator (default: = rank)."""
@@ -462,6 +467,20 @@ class PPOConfig:
             _err("advantage", self.advantage, f"use one of {tuple(ESTIMATORS)}", number=False)
         if self.critic_mode not in CRITIC_MODES:
             _err("critic_mode", self.critic_mode, f"use one of {CRITIC_MODES}", number=False)
+        if self.policy not in ("lora", "full"):
+            _err("policy", self.policy, "use 'lora' (a LoRA adapter on the frozen base) or 'full' (every weight of the "
+                 "backbone)", number=False)
+        if self.policy == "full":
+            if self.kl_coef > 0:
+                _err("kl_coef", self.kl_coef, "policy: full trains the base weights, and the KL reference is the frozen "
+                     "base, of which no copy is kept: set kl_coef: 0 (or policy: lora)")
+            from .registry import resolve
+
+            if resolve(ESTIMATORS[self.advantage]).needs_values and self.critic_mode != "full":
+                _err("critic_mode", self.critic_mode, f"policy: full trains the base weights that a '{self.critic_mode}' "
+                     "critic reads (its features would move with the policy, and its value loss would train the "
+                     "policy's weights): use critic_mode: full (the critic's own copy of the base) or an advantage "
+                     f"without a critic (grpo, ddpo) instead of {self.advantage}", number=False)
         if self.critic_body not in ("head", "grafted"):
             _err("critic_body", self.critic_body, "use 'head' or 'grafted'", number=False)
         if self.critic_body == "grafted" and (self.critic_mode != "lora" or self.critic_x0_reward):

@@ -25,7 +25,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "sampling": ("num_inference_steps", "eta", "sde_noise_level", "guidance_scale", "batch_size", "group_size",
                  "sde_window_size"),
     "optimization": ("learning_rate", "minibatch_size", "ppo_epochs", "lora_rank", "mixed_precision",
-                     "gradient_checkpointing"),
+                     "gradient_checkpointing", "policy"),
     "critic": ("critic_mode", "value_pretrain_epochs", "critic_learning_rate"),
     "algorithm": ("algorithm", "advantage", "clip_range", "kl_coef", "gae_lambda", "nft_beta", "awm_advantage"),
 }

@@ -6,8 +6,11 @@ A launcher tells its processes what it set up through environment variables (``W
 creating a process group or a model, and :func:`check_launch` refuses, with one line naming the setting and the fix,
 what the engine cannot honour:
 
-* DeepSpeed, Megatron-LM and FSDP (the engine runs DDP; FSDP is not built yet: docs/distributed.md says what it
-  needs);
+* DeepSpeed and Megatron-LM (the engine runs DDP, or FSDP2);
+* FSDP in a form the engine does not run (:func:`fsdp_errors`): FSDP1, a sharded state dict, accelerate's own
+  activation checkpointing, CPU-RAM-efficient loading or parameter offload, a size-based or no-wrap policy, a bf16
+  launch precision, 8-bit Adam, and FSDP on a CPU-only launch (accelerate turns FSDP on for GPU launches only; on
+  CPU it would train with DDP, silently);
 * ``mixed_precision: fp16`` / ``fp8`` (bf16 or no: fp16 would need a gradient scaler unscaling before the clip)
   and a launch precision the run config does not agree with (one mechanism: the run's ``mixed_precision``);
 * ``accelerate launch --cpu --num_processes N`` (N > 1), which starts one process (see :func:`launch_errors`);
@@ -27,7 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-SUPPORTED = "DDP (accelerate launch --multi_gpu, train/configs/accelerate/multi_gpu_ddp.yaml, or torchrun)"
+SUPPORTED = ("DDP (accelerate launch --multi_gpu, train/configs/accelerate/multi_gpu_ddp.yaml, or torchrun) or FSDP2 "
+             "(train/configs/accelerate/fsdp.yaml)")
+FSDP_RECIPE = "train/configs/accelerate/fsdp.yaml"
 
 
 class LaunchError(ValueError):
@@ -62,6 +67,14 @@ class LaunchState:
     deepspeed: bool = False
     fsdp: bool = False
     fsdp_version: int = 2
+    fsdp_active: bool = False
+    """accelerate's state in this process already runs FSDP (an ``Accelerator`` made with it exists)."""
+    fsdp_state_dict_type: str = ""
+    """FSDP_STATE_DICT_TYPE as the launch set it ('' when it did not)."""
+    fsdp_auto_wrap_policy: str = ""
+    fsdp_activation_checkpointing: bool = False
+    fsdp_cpu_ram_efficient_loading: bool = False
+    fsdp_offload_params: bool = False
     megatron_lm: bool = False
     use_cpu: bool = False
     """``accelerate launch --cpu`` (ACCELERATE_USE_CPU)."""
@@ -96,6 +109,11 @@ def read_launch_state(environ=None) -> LaunchState:
         deepspeed=_flag(env, "ACCELERATE_USE_DEEPSPEED"), fsdp=_flag(env, "ACCELERATE_USE_FSDP"),
         fsdp_version=_int(env, ("FSDP_VERSION",), 1 if _flag(env, "ACCELERATE_USE_FSDP") else 2),
         megatron_lm=_flag(env, "ACCELERATE_USE_MEGATRON_LM"), use_cpu=_flag(env, "ACCELERATE_USE_CPU"),
+        fsdp_state_dict_type=str(env.get("FSDP_STATE_DICT_TYPE", "") or "").upper(),
+        fsdp_auto_wrap_policy=str(env.get("FSDP_AUTO_WRAP_POLICY", "") or "").upper(),
+        fsdp_activation_checkpointing=_flag(env, "FSDP_ACTIVATION_CHECKPOINTING"),
+        fsdp_cpu_ram_efficient_loading=_flag(env, "FSDP_CPU_RAM_EFFICIENT_LOADING"),
+        fsdp_offload_params=_flag(env, "FSDP_OFFLOAD_PARAMS"),
         cpu_launch_without_world=_flag(env, "ACCELERATE_USE_CPU") and "MASTER_PORT" in env
         and not any(k in env for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")))
     if environ is None:
@@ -123,7 +141,14 @@ def _accelerate_state() -> dict:
                    fsdp=kind == "FSDP", megatron_lm=kind == "MEGATRON_LM")
         plugin = getattr(st, "fsdp_plugin", None)
         if kind == "FSDP" and plugin is not None and getattr(plugin, "fsdp_version", None) is not None:
-            out["fsdp_version"] = int(plugin.fsdp_version)
+            sdt = plugin.state_dict_type
+            out.update(fsdp_version=int(plugin.fsdp_version), fsdp_active=True,
+                       fsdp_state_dict_type=str(getattr(sdt, "name", sdt) or "").upper(),
+                       fsdp_activation_checkpointing=bool(plugin.activation_checkpointing),
+                       fsdp_cpu_ram_efficient_loading=bool(plugin.cpu_ram_efficient_loading),
+                       # FSDP2 holds an OffloadPolicy either way (CPUOffloadPolicy when it offloads), FSDP1 a CPUOffload
+                       fsdp_offload_params=type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy"
+                       or bool(getattr(plugin.cpu_offload, "offload_params", False)))
     return out
 
 
@@ -169,9 +194,7 @@ def launch_errors(config, state: LaunchState) -> list[str]:
     if state.megatron_lm:
         out.append(f"accelerate launch with Megatron-LM is not supported: the engine runs {SUPPORTED}")
     if state.fsdp:
-        out.append(f"accelerate launch with FSDP (version {state.fsdp_version}) is not supported yet: the engine runs "
-                   f"{SUPPORTED}, which replicates the frozen base on every GPU and trains the LoRA adapters; launch "
-                   "with train/configs/accelerate/multi_gpu_ddp.yaml (docs/distributed.md: what FSDP still needs)")
+        out += fsdp_errors(config, state)
     mp = state.mixed_precision
     if mp not in ("no", "bf16"):
         out.append(f"accelerate launch --mixed_precision {mp} is not supported: use bf16 (set optimization: mixed_precision: bf16) "
@@ -188,6 +211,46 @@ def launch_errors(config, state: LaunchState) -> list[str]:
                    "train/configs/accelerate/cpu_2proc.yaml (README: Scaling out)")
     out += world_size_errors(config, state.num_processes)
     out += dependency_errors(config)
+    return out
+
+
+def fsdp_errors(config, state: LaunchState) -> list[str]:
+    """Why an FSDP launch ``state`` cannot run ``config`` (empty: it can).  The engine runs FSDP2 with the full
+    state gathered to the main process for checkpoints (docs/distributed.md, "FSDP")."""
+    out = []
+    if state.fsdp_version != 2:
+        return [f"accelerate launch with FSDP version {state.fsdp_version} is not supported: the engine shards with "
+                f"FSDP2; set fsdp_version: 2 (launch with {FSDP_RECIPE})"]
+    if not state.fsdp_active and (state.use_cpu or not torch.cuda.is_available()):
+        out.append("accelerate launch with FSDP on CPU: accelerate turns FSDP on for GPU launches only, so the run would "
+                   "train with DDP without saying so; on CPU launch with train/configs/accelerate/cpu_2proc.yaml (DDP), "
+                   f"on GPUs with {FSDP_RECIPE}")
+    if state.fsdp_state_dict_type == "SHARDED_STATE_DICT":
+        out.append("accelerate launch with fsdp_state_dict_type: SHARDED_STATE_DICT: checkpoints here are full "
+                   "safetensors gathered by the main process (a DDP or 1-process run loads them); set "
+                   "fsdp_state_dict_type: FULL_STATE_DICT")
+    if state.fsdp_auto_wrap_policy in ("SIZE_BASED_WRAP", "NO_WRAP"):
+        out.append(f"accelerate launch with fsdp_auto_wrap_policy: {state.fsdp_auto_wrap_policy}: the engine shards "
+                   "the backbone's blocks, the backbone and the critic's head as units (sampling calls them outside "
+                   "the training forward); set fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP")
+    if state.fsdp_activation_checkpointing:
+        out.append("accelerate launch with fsdp_activation_checkpointing: true: use the run config's "
+                   "gradient_checkpointing: true instead (it recomputes under the LoRA adapter of the forward); set "
+                   "fsdp_activation_checkpointing: false")
+    if state.fsdp_cpu_ram_efficient_loading:
+        out.append("accelerate launch with fsdp_cpu_ram_efficient_loading: true: every process loads the pipeline "
+                   "(VAE, text encoders, rewards) itself; set fsdp_cpu_ram_efficient_loading: false")
+    if state.fsdp_offload_params:
+        out.append("accelerate launch with fsdp_offload_params: true is not supported (the sampling forwards and the "
+                   "optimiser step run on the GPU); set fsdp_offload_params: false")
+    if state.mixed_precision not in ("no", "fp16", "fp8"):  # fp16 / fp8 have their own message
+        out.append(f"accelerate launch with FSDP and --mixed_precision {state.mixed_precision}: under FSDP it would "
+                   "cast the sharded parameters and reduce the gradients in bf16; the run config's "
+                   "mixed_precision: bf16 is the autocast (weights, gradients and optimiser in fp32): launch with "
+                   "mixed_precision: 'no'")
+    if getattr(config, "optimizer", "adamw") == "adamw_8bit":
+        out.append("config field optimizer='adamw_8bit' with FSDP: bitsandbytes' 8-bit state does not shard with the "
+                   "parameters; set optimizer: adamw")
     return out
 
 

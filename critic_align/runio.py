@@ -97,15 +97,21 @@ class RunFiles:
     generator: torch.Generator
 
 
-def save_grid(models, task, timesteps, path, log: RunLog, step: int, per_prompt: int = 8,
-              use_policy: bool = True) -> Path:
+def save_grid(models, task, timesteps, path, log: RunLog, step: int, processes, per_prompt: int = 8,
+              use_policy: bool = True) -> Path | None:
     """A PNG grid of ``per_prompt`` samples of each of the task's grid prompts (the policy's, or the base model's
-    with ``use_policy=False``), sent to ``log`` as an image at ``step`` (the run's reward queries)."""
+    with ``use_policy=False``), sent to ``log`` as an image at ``step`` (the run's reward queries).  Call it on every
+    process (``processes``, the engine): the main process writes it and returns the path, the others return None;
+    under FSDP2 every process samples it too, since each forward all-gathers the sharded weights with the others."""
     from .collect import sample_images
     from .viz import save_grid as write_grid
 
+    if not processes.is_main_process and not processes.sharded:
+        return None
     rows = list(task.grid_prompts)  # a task may show only some prompts, unscaled (e.g. 512-pixel images)
     images = sample_images(models, task, timesteps, [p for p in rows for _ in range(per_prompt)], use_policy=use_policy)
+    if not processes.is_main_process:
+        return None
     path = write_grid(images, path, nrow=per_prompt, labels=rows, scale=task.grid_scale)
     log.image(f"grids/{Path(path).stem}", path, step)  # TensorBoard and the trackers
     return path
@@ -116,10 +122,12 @@ def save(run: RunFiles, tensors: dict, state: dict, signature: RunSignature, dir
     """Checkpoint a run's state (``tensors``, ``state``: :meth:`Trainer.state_dict`) and ``signature`` (what a
     resume is checked against) into ``out/checkpoints`` (or ``directory``, keeping ``keep_last`` there; default: the
     config's).  Called on every process: each one's RNG states are gathered; the main process writes and returns the
-    path, the others return None.  A failed write raises a :class:`CheckpointError` on every process, so none waits
-    forever for the others."""
+    path, the others return None; sharded tensors (FSDP2) are gathered into full ones here, every process taking
+    part.  A failed write raises a :class:`CheckpointError` on every process, so none waits forever for the others."""
     processes, metrics = run.processes, run.out / "metrics.jsonl"
     states = processes.gather_objects(checkpoint.local_rng_state(run.generator))
+    if processes.sharded:  # FSDP2: every process gathers the shards with the others, the main one keeps them
+        tensors = processes.full_tensors(tensors)
     path, error = None, None
     if processes.is_main_process:
         directory = run.out / "checkpoints" if directory is None else Path(directory)

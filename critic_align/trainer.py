@@ -70,6 +70,7 @@ class Trainer:
         self.forward_process = (ForwardProcess(scheduler, config.num_inference_steps)
                                 if self.critic is not None and config.value_perturbed_per_sample else None)
         self.algorithm = build_algorithm(config.algorithm, self.schedule, scheduler, config)  # algorithms/, by name
+        self.base_digest = checkpoint.base_digest(self.adapter.model)  # before the engine: FSDP shards the base
         self.optimizer, self.opt = build_optimization(  # the optimiser and the engine (DDP with several processes)
             config, self.models, self.processes,
             lambda losses, norms: check_update(losses, norms, self.num_processes, self.place()),
@@ -82,7 +83,6 @@ class Trainer:
                                 config=config.to_dict())
         self.lock = RunLock(self.out, self.processes)  # one writer per run directory (critic_align/runlock.py)
         self.files = runio.RunFiles(self.out, self.log, self.lock, self.processes, self.generator)  # saving, loading
-        self.base_digest = checkpoint.base_digest(self.adapter.model)
 
     num_processes = property(lambda self: self.processes.num_processes)
     is_main_process = property(lambda self: self.processes.is_main_process)
@@ -147,6 +147,7 @@ class Trainer:
         return metrics.critic_report(gather(values), gather(ro.rewards), self.rewards.names, self.config.gamma, prefix)
 
     def sample(self, prompts, seed: int = 1234, use_policy: bool = True) -> torch.Tensor:
+        use_policy = self.models.sampled_policy(use_policy, trained=self.epoch > 0)  # policy: full has no base
         return collect.sample_images(self.models, self.task, self.timesteps, prompts, seed, use_policy)
 
     # ---------------------------------------------------------------- the loop
@@ -215,9 +216,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- state and outputs
     def save_grid(self, path, per_prompt: int = 8, use_policy: bool = True) -> Path | None:
-        """A PNG grid of samples per prompt (main process only; the others return None)."""
-        return runio.save_grid(self.models, self.task, self.timesteps, path, self.log, self.reward_queries, per_prompt,
-                               use_policy) if self.is_main_process else None
+        """A PNG grid of samples per prompt, written by the main process (the others return None; :func:`runio.save_grid`)."""
+        return runio.save_grid(self.models, self.task, self.timesteps, path, self.log, self.reward_queries, self.processes,
+                               per_prompt, self.models.sampled_policy(use_policy, trained=self.epoch > 0))
 
     def save(self, directory=None, keep_last: int | None = None) -> Path | None:
         """Checkpoint on every process (:func:`runio.save`): only weights that pass the finiteness guard are written."""
@@ -239,8 +240,7 @@ class Trainer:
         return checkpoint.model_tensors(self.models) | opt_tensors, state
 
     def load_state_dict(self, tensors: dict, state: dict) -> None:
-        checkpoint.load_model_tensors(self.models, tensors)
-        checkpoint.restore_optimizer(self.optimizer, tensors, state["optimizer"])
+        checkpoint.load_run_tensors(self.models, self.optimizer, tensors, state["optimizer"], self.processes)
         self.epoch, self.reward_queries = int(state["epoch"]), int(state["reward_queries"])
         self.pretrained_value = bool(state["pretrained_value"])
         self.x0_reward_rows = int(state.get("x0_reward_rows", 0))  # absent in checkpoints before the x0 read-out

@@ -165,9 +165,10 @@ def local_rows(owner: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def optimizer_step(opt: Optimization, losses: list[dict] = ()) -> dict:
     """Clip the policy's and the critic's gradients separately, check them, step, check the weights."""
-    norms = {"grad_norm_policy": float(torch.nn.utils.clip_grad_norm_(opt.policy_params, opt.max_grad_norm))}
+    value = opt.processes.value  # a DTensor norm (FSDP2) is gathered; every process gets the same global norm
+    norms = {"grad_norm_policy": value(torch.nn.utils.clip_grad_norm_(opt.policy_params, opt.max_grad_norm))}
     if opt.critic_params:
-        norms["grad_norm_critic"] = float(torch.nn.utils.clip_grad_norm_(opt.critic_params, opt.max_grad_norm))
+        norms["grad_norm_critic"] = value(torch.nn.utils.clip_grad_norm_(opt.critic_params, opt.max_grad_norm))
     opt.check_update(losses, norms)  # a non-finite loss or gradient stops the run before the step
     opt.optimizer.step()
     opt.optimizer.zero_grad(set_to_none=True)
@@ -244,21 +245,29 @@ def combine_stats(parts: list[tuple[int, dict]]) -> dict:
 
 def build_optimization(config, models: Models, processes: Processes, check_update: Callable[[list, dict], None],
                        check_weights: Callable[[], None]) -> tuple[torch.optim.Optimizer, Optimization]:
-    """The run's optimiser (``config.optimizer``: :func:`~critic_align.optim.build_optimizer`) over the policy's LoRA
-    (group 0) and the critic's trainable tensors (group 1, when any), and the :class:`Optimization` around it: the
-    engine's module of every trainable tensor and the optimiser prepared (:meth:`Processes.prepare`: DDP with several
-    processes), the micro-batcher, the guards.  Returns (the optimiser as built: a checkpoint holds its state; the
-    Optimization)."""
+    """The run's optimiser (``config.optimizer``: :func:`~critic_align.optim.build_optimizer`) over the policy's
+    trainable tensors (group 0: :meth:`Models.policy_parameters`, its LoRA or the whole backbone) and the critic's
+    (group 1, when any), and the :class:`Optimization` around it: the engine's module of every trainable tensor and
+    the optimiser prepared (:meth:`Processes.prepare`: DDP with several processes, FSDP2 shards), the micro-batcher,
+    the guards.  Returns (the optimiser as built: a checkpoint holds its state; the Optimization)."""
+    from .backbones.base import BackboneAdapter
     from .distributed import TrainModule
     from .optim import build_optimizer
 
-    policy_params = models.adapters.parameters("policy")
+    policy_params = models.policy_parameters()
     critic_params = models.critic.trainable_parameters() if models.critic else []
     groups = [{"params": policy_params, "lr": config.learning_rate}]
     if critic_params:
         groups.append({"params": critic_params, "lr": config.critic_learning_rate})
     optimizer = build_optimizer(groups, config)
     prepared = processes.prepare(TrainModule(models.adapter.model, models.critic), optimizer)
+    if processes.sharded:  # FSDP2 replaced the parameters by DTensor shards (the optimiser holds those): read them again
+        models.adapters.refresh_parameters()
+        policy_params = models.policy_parameters()
+        critic_params = models.critic.trainable_parameters() if models.critic else []
+        for a in (models.adapter, getattr(models.critic, "backbone", None)):  # see BackboneAdapter.stop_early
+            if isinstance(a, BackboneAdapter):
+                a.stop_early = False
     return optimizer, Optimization(prepared, policy_params, critic_params, processes,
                                    MicroBatcher(config.micro_batch_size, config.micro_batch_memory_mb, models.device),
                                    config.max_grad_norm, config.gradient_accumulation_steps, check_update,

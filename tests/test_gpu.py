@@ -36,7 +36,7 @@ elif os.environ.get("CRITIC_ALIGN_GPU_REHEARSAL") == "1":
     DEVICE = "cpu"
 else:
     DEVICE = None
-pytestmark = [pytest.mark.gpu,
+pytestmark = [pytest.mark.gpu(rehearse=True),
               pytest.mark.skipif(DEVICE is None, reason="needs CUDA (CRITIC_ALIGN_GPU_REHEARSAL=1 rehearses on the CPU)")]
 
 MAIN_JOB_ATOL = 0.02  # digit_prob / digit_correct means over 64 samples, CUDA vs CPU

@@ -21,7 +21,8 @@ from critic_align.launch import LaunchError, LaunchState, check_launch, rank_dev
 CONFIGS = Path(__file__).resolve().parents[1] / "train" / "configs"
 LAUNCH_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_DEEPSPEED",
               "ACCELERATE_USE_FSDP", "FSDP_VERSION", "ACCELERATE_USE_MEGATRON_LM", "ACCELERATE_USE_CPU", "MASTER_PORT",
-              "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+              "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "FSDP_STATE_DICT_TYPE", "FSDP_AUTO_WRAP_POLICY",
+              "FSDP_ACTIVATION_CHECKPOINTING", "FSDP_CPU_RAM_EFFICIENT_LOADING", "FSDP_OFFLOAD_PARAMS")
 
 
 @pytest.fixture
@@ -43,6 +44,12 @@ def test_reads_accelerate_launch_environment():
     assert read_launch_state({}) == LaunchState()
     # accelerate's FSDP launcher without FSDP_VERSION means version 1 (its default)
     assert read_launch_state({"ACCELERATE_USE_FSDP": "true"}).fsdp_version == 1
+    st = read_launch_state({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_STATE_DICT_TYPE": "sharded_state_dict",
+                            "FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP", "FSDP_OFFLOAD_PARAMS": "false",
+                            "FSDP_ACTIVATION_CHECKPOINTING": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "True"})
+    assert (st.fsdp_state_dict_type, st.fsdp_auto_wrap_policy) == ("SHARDED_STATE_DICT", "SIZE_BASED_WRAP")
+    assert st.fsdp_activation_checkpointing and st.fsdp_cpu_ram_efficient_loading and not st.fsdp_offload_params
+    assert not st.fsdp_active  # only an accelerate state made with FSDP says that it runs
 
 
 def test_existing_accelerate_state_wins_for_precision_and_counts(env):
@@ -57,9 +64,22 @@ def test_existing_accelerate_state_wins_for_precision_and_counts(env):
 @pytest.mark.parametrize("state,cfg,match", [
     (LaunchState(deepspeed=True), {}, r"DeepSpeed .* not supported: the engine runs DDP .*multi_gpu_ddp.yaml"),
     (LaunchState(megatron_lm=True), {}, r"Megatron-LM is not supported"),
-    (LaunchState(fsdp=True, fsdp_version=1), {}, r"FSDP \(version 1\) is not supported yet: the engine runs DDP"),
-    (LaunchState(num_processes=2, fsdp=True, fsdp_version=2), {"sample_chunk_size": 8},
-     r"FSDP \(version 2\) is not supported yet.*docs/distributed.md"),
+    (LaunchState(fsdp=True, fsdp_version=1), {}, r"FSDP version 1 is not supported: the engine shards with FSDP2; set "
+                                                 r"fsdp_version: 2 \(launch with train/configs/accelerate/fsdp.yaml\)"),
+    (LaunchState(num_processes=2, fsdp=True, use_cpu=True), {"sample_chunk_size": 8},
+     r"FSDP on CPU: accelerate turns FSDP on for GPU launches only.*cpu_2proc.yaml"),
+    (LaunchState(fsdp=True, fsdp_active=True, fsdp_state_dict_type="SHARDED_STATE_DICT"), {},
+     r"SHARDED_STATE_DICT: checkpoints here are full safetensors .*set fsdp_state_dict_type: FULL_STATE_DICT"),
+    (LaunchState(fsdp=True, fsdp_active=True, fsdp_auto_wrap_policy="NO_WRAP"), {},
+     r"fsdp_auto_wrap_policy: NO_WRAP.*set fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP"),
+    (LaunchState(fsdp=True, fsdp_active=True, fsdp_activation_checkpointing=True), {},
+     r"fsdp_activation_checkpointing: true: use the run config's gradient_checkpointing: true"),
+    (LaunchState(fsdp=True, fsdp_active=True, fsdp_cpu_ram_efficient_loading=True), {},
+     r"set fsdp_cpu_ram_efficient_loading: false"),
+    (LaunchState(fsdp=True, fsdp_active=True, fsdp_offload_params=True), {}, r"set fsdp_offload_params: false"),
+    (LaunchState(fsdp=True, fsdp_active=True, mixed_precision="bf16"), {"mixed_precision": "bf16"},
+     r"FSDP and --mixed_precision bf16: .*launch with mixed_precision: 'no'"),
+    (LaunchState(fsdp=True, fsdp_active=True), {"optimizer": "adamw_8bit"}, r"adamw_8bit' with FSDP.*optimizer: adamw"),
     (LaunchState(mixed_precision="fp16"), {}, r"--mixed_precision fp16 is not supported: use bf16 .* or no"),
     (LaunchState(mixed_precision="fp8"), {"mixed_precision": "bf16"}, r"--mixed_precision fp8 is not supported"),
     (LaunchState(mixed_precision="bf16"), {}, r"--mixed_precision bf16 but config field mixed_precision='no'.*"
@@ -77,6 +97,8 @@ def test_unsupported_launch_settings_are_refused(state, cfg, match):
     (LaunchState(mixed_precision="bf16"), {"mixed_precision": "bf16"}),
     (LaunchState(mixed_precision="no"), {"mixed_precision": "bf16"}),  # accelerate's default: the run config decides
     (LaunchState(num_processes=2), {"sample_chunk_size": 8}),
+    (LaunchState(num_processes=2, fsdp=True, fsdp_active=True, fsdp_state_dict_type="FULL_STATE_DICT"),
+     {"sample_chunk_size": 8, "mixed_precision": "bf16"}),
 ])
 def test_supported_launches_pass(state, cfg):
     assert check_launch(PPOConfig(**cfg), state) is state
@@ -135,6 +157,7 @@ def _no_loading(monkeypatch):
     ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed"),
     ({"ACCELERATE_MIXED_PRECISION": "fp16"}, "fp16 is not supported"),
     ({"WORLD_SIZE": "5"}, "batch_size=(64|48) does not split over 5 processes"),
+    ({"ACCELERATE_USE_FSDP": "true"}, "FSDP version 1 is not supported"),
 ])
 def test_build_trainer_refuses_before_the_loader(env, config, launch_env, match):
     from critic_align.api import build_trainer
@@ -188,6 +211,25 @@ def test_accelerate_recipes_load_with_accelerates_parser_and_pass_the_checks(nam
     assert c.mixed_precision == "no"  # the run config decides the precision
     state = LaunchState(num_processes=c.num_processes)
     assert launch.launch_errors(PPOConfig(sample_chunk_size=4, eval_prompts=8, minibatch_size=64), state) == []
+
+
+def test_the_fsdp_recipe_launches_fsdp2_and_passes_the_checks(env):
+    """train/configs/accelerate/fsdp.yaml through accelerate's own launcher code (the environment `accelerate launch`
+    hands each process), read by the launch checks: FSDP2, a full state dict, nothing the engine refuses (on a GPU
+    machine: here CUDA is reported present, as it would be there)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / "accelerate" / "fsdp.yaml"), "x.py"])
+    args, _, _ = _validate_launch_command(args)
+    launched = {**prepare_multi_gpu_env(args), "WORLD_SIZE": "8"}
+    st = read_launch_state(launched)
+    assert (st.fsdp, st.fsdp_version, st.fsdp_state_dict_type, st.num_processes) == (True, 2, "FULL_STATE_DICT", 8)
+    cfg = PPOConfig(sample_chunk_size=4, eval_prompts=8, minibatch_size=64)
+    env.setattr(launch.torch.cuda, "is_available", lambda: True)
+    assert launch.launch_errors(cfg, st) == []
+    env.setattr(launch.torch.cuda, "is_available", lambda: False)  # a CPU-only machine: refused, not DDP in silence
+    assert "FSDP on CPU" in launch.launch_errors(cfg, st)[0]
 
 
 # ----------------------------------------------------------------------------------------------------

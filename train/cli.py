@@ -323,6 +323,10 @@ def cmd_export_lora(args) -> int:
                          f"this run's task is {task!r} (use `critic-align sample --run` for digits runs)")
     tensors, state = read_checkpoint(ckpt)
     cfg = state["config"]
+    if cfg.get("policy", "lora") != "lora":
+        raise SystemExit(f"{ckpt} is a policy: {cfg['policy']} run: its policy.* tensors are the backbone's full "
+                         "weights, not a LoRA adapter, so there is nothing for export-lora to write (load them with the "
+                         "model's load_state_dict)")
     policy = {k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")}
     out = save_lora(policy, SD_TASKS[task], args.out, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_target_modules"])
     card = write_model_card(out, run_dir, info, state, task, ckpt)

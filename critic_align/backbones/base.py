@@ -55,6 +55,11 @@ class BackboneAdapter(nn.Module):
     modules a critic's forward reaches, and the critic's LoRA goes only there).
     """
 
+    stop_early = True
+    """``features`` skips the rest of the forward (an exception out of the deepest feature module's hook).  False
+    under FSDP: the exception would leave the enclosing sharded unit without its post-forward hook, so the critic's
+    gradients there would never be reduced; the forward then runs to the end and its output is dropped."""
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
@@ -170,7 +175,7 @@ class BackboneAdapter(nn.Module):
 
     def features(self, x_t: torch.Tensor, t, cond=None, which="mid") -> Features:
         """Feature levels, timestep and conditioning embeddings at (x_t, t, cond); skips the rest of the network."""
-        return self._run_with_hooks(x_t, t, cond, stop_early=True, which=which)[1]
+        return self._run_with_hooks(x_t, t, cond, stop_early=self.stop_early, which=which)[1]
 
     def predict_and_features(self, x_t: torch.Tensor, t, cond=None, which="mid"):
         """One full forward returning (model_output, Features) — the shared-trunk critic's path."""

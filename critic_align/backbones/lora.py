@@ -151,10 +151,14 @@ class LoraAdapters:
         self.activate(self._active or name, force=True)  # peft's injection may have switched the layers
 
     def _apply_requires_grad(self) -> None:
-        for name in self.names:
-            flag = name in self.trainable
-            for p in self.parameters(name):
-                p.requires_grad_(flag)
+        # undo peft's switch (set_adapter / enable_adapters set requires_grad per adapter) on the tensors the layers
+        # hold now, walking the same module dicts peft walks: under FSDP2 a unit holds its all-gathered parameters
+        # between its forward and its backward, not the sharded ones a cached parameter list would name
+        for layer in self._layers():
+            for attr in layer.adapter_layer_names:
+                for key, sub in getattr(layer, attr).items():
+                    if key in self.names:
+                        sub.requires_grad_(key in self.trainable)
 
     def activate(self, name: str, force: bool = False) -> None:
         """Make ``name`` the adapter every LoRA layer uses.  A no-op when it already is (and adapters are
@@ -249,6 +253,11 @@ class LoraAdapters:
             key = f".{name}."
             self._param_cache[name] = [(n, p) for n, p in self.model.named_parameters() if "lora_" in n and key in n]
         return self._param_cache[name]
+
+    def refresh_parameters(self) -> None:
+        """Forget the cached parameter lists: the engine may replace the parameters (FSDP2 shards them into new
+        DTensor parameters)."""
+        self._param_cache = {}
 
     def parameters(self, name: str) -> list[torch.nn.Parameter]:
         return [p for _, p in self.named_parameters(name)]

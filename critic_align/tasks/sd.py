@@ -317,9 +317,10 @@ def save_policy_lora(task, models, config, out_dir) -> Path:
     """Export a run's policy LoRA (the 'policy' adapter of ``models``, a :class:`~critic_align.models.Models`; rank,
     alpha and target modules from ``config``) for its Stable Diffusion (or FLUX) ``task`` (see :func:`save_lora`):
     ``save_policy_lora(trainer.task, trainer.models, trainer.config, out_dir)``."""
+    policy = models.policy_lora()  # policy: full has no adapter (refused first, whatever the task)
     if not isinstance(task, StableDiffusionTask):
         raise TypeError(f"save_policy_lora exports Stable Diffusion runs; this run's task is {type(task).__name__}")
-    return save_lora(models.adapters.state_dict("policy"), task.kind, out_dir, config.lora_rank, config.lora_alpha,
+    return save_lora(policy, task.kind, out_dir, config.lora_rank, config.lora_alpha,
                      config.lora_target_modules)
 
 
