@@ -46,8 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import random
 import re
 import shutil
@@ -56,6 +54,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from harness import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -592,7 +592,6 @@ def main(argv=None) -> dict:
     faults += [fault_trickle(work, args.epochs), fault_stalled_uploads()]
     faults += fault_sigkill(work, args.kills, args.kill_epochs)
 
-    import torch
 
     result = {
         "data_lost_count": sum(f["data_lost"] for f in faults),
@@ -607,8 +606,7 @@ def main(argv=None) -> dict:
         "how_loss_is_detected": __doc__.split("How loss is detected, per fault (\"data_lost\"):")[1].split(
             "Writes")[0].strip(),
         "total_wall_s": round(time.time() - t0, 1),
-        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": 1,
-                    "python": platform.python_version()},
+        "machine": machine_info(threads=1),  # threads: the training subprocesses'
     }
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"data_lost_count = {result['data_lost_count']} of {len(faults)} faults; clear errors "

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import signal
@@ -33,6 +32,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from harness import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -240,7 +241,6 @@ def main(argv=None) -> dict:
     diffs = compare(ref, run)
     identical = not diffs
     verdict = f"{len(kills)}/{len(kills)} identical" if identical else f"{len(kills)} kills: {len(diffs)} differences"
-    import torch
 
     result = {
         "processes": PROCESSES,
@@ -259,8 +259,8 @@ def main(argv=None) -> dict:
         "first_row_s": round(first_row_s, 1),
         "epoch_with_checkpoint_s": round(epoch_s, 2),
         "total_wall_s": round(time.time() - t0, 1),
-        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": 1,
-                    "python": platform.python_version(), "load_average_at_end": os.getloadavg()[0]},
+        # threads: the training subprocesses' (this process only waits on them)
+        "machine": machine_info(threads=1, load_average_at_end=os.getloadavg()[0]),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
