@@ -10,7 +10,8 @@
    safetensors tensor bit for bit: policy LoRA, critic, optimiser state, RNG states; and state.json) with the
    uninterrupted run.
 
-Prints and writes benchmarks/results/kill_resume.json: "10/10 identical" or exactly what differed.  Each kill is
+Prints and writes benchmarks/results/kill_resume.json (re-rendering benchmarks/results/reliability.md): "10/10
+identical" or exactly what differed.  Each kill is
 recorded with where it landed (process start-up, value pretraining, an epoch, between logging and checkpointing,
 inside a checkpoint write).
 
@@ -33,10 +34,11 @@ import sys
 import time
 from pathlib import Path
 
-from harness import machine_info
+from harness import machine_info, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_OUT = RESULTS / "kill_resume.json"
 TIME_KEYS = {"time_s", "time_rollout_s", "time_update_s", "time_epoch_s"}
 
 
@@ -168,7 +170,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--workdir", default="/tmp/critic_align_kill_resume")
-    ap.add_argument("--out", default=str(RESULTS / "kill_resume.json"))
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--processes", type=int, default=1, help="processes per run (torchrun on CPU when > 1)")
     args = ap.parse_args(argv)
     global PROCESSES
@@ -271,7 +273,8 @@ def main(argv=None) -> dict:
     else:
         whole = json.loads(out.read_text()) if out.exists() else {}
         result_to_write = {**result, **{k: v for k, v in whole.items() if k.startswith("processes_")}}
-    out.write_text(json.dumps(result_to_write, indent=2))
+    # the committed result re-renders its page; fault_injection.py's scratch runs only write
+    write_result(out, result_to_write, topic="reliability" if out.resolve() == DEFAULT_OUT.resolve() else None)
     print(verdict)
     for d in diffs:
         print("  " + d)

@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import machine_info
+from harness import machine_info, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -238,7 +238,7 @@ def main() -> int:
             if job not in result["jobs"]:
                 result["jobs"][job] = {**row, "earlier_invocation_other_cpu_share_at_start":
                                        old.get("other_processes_cpu_share_at_start")}
-    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(RESULTS / name, result, topic="perf" if name == "scaleout.json" else None)
     print(f"wrote {RESULTS / name}")
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
