@@ -47,7 +47,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from digits_advantages import _machine, evaluate_policy, queries_to_reach  # noqa: E402
+from digits_advantages import evaluate_policy, queries_to_reach  # noqa: E402
+from harness import machine_info  # noqa: E402
 
 from critic_align.backbones import MLP_LORA_TARGETS, MLPAdapter, MLPDenoiser, ResidualMLP  # noqa: E402
 from critic_align.checkpoint import DivergenceError  # noqa: E402
@@ -175,45 +176,6 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def section(path: Path) -> str:
-    """The BENCHMARKS.md section (benchmarks/report.py) rendered from ``baselines.json``."""
-    d = json.loads(Path(path).read_text())
-    a = d["args"]
-
-    def fmt(x, digits=3, none="n/a"):
-        return none if x is None else f"{x:.{digits}f}"
-
-    lines = ["## Strongest baselines: GRPO, DiffusionNFT, AWM and the latent critic at an equal reward-query budget", "",
-             f"Command: `python benchmarks/baselines.py` (writes `benchmarks/results/baselines.json`; {d['time_s']:.0f} s"
-             + (f" of runs, made in {len(d['merged_from'])} parts on one core each and combined with `--merge`"
-                if d.get("merged_from") else "") + "); "
-             f"seeds {a['seeds']}; budgets: digits DiT {a['budget_digits']} reward queries (overrides "
-             f"{d['digits_overrides'] or 'none'}), mixture {a['budget_gmm']}. Value pretraining counts against the "
-             "budget. 'Queries to reach' = the median over seeds of the reward queries at which a run's training "
-             "reward (3-epoch moving average) first reaches the best baseline's (grpo / nft / awm) final training "
-             "reward, as a fraction of that baseline's budget (the goal for a critic method: ≤ 0.5). On the mixture the "
-             f"reward is linear (unbounded) and the PPO runs carry gmm_finetune's KL (kl_coef {a['gmm_kl']}, the "
-             f"per-step Gaussian KL) while nft / awm carry kl_coef {a['gmm_kl_forward']} (on the outputs' squared "
-             "difference): a less regularised method moves further, so compare the mixture rows with that in mind.",
-             ""]
-    for task, s in d["summary"].items():
-        best = s.get("best_baseline", {})
-        lines += [f"**{task}** (best baseline: {best.get('method', 'n/a')}, final training reward "
-                  f"{fmt(best.get('final_train_reward'))})", "",
-                  "| method | base reward | final reward (mean ± std) | queries to reach the best baseline "
-                  "(fraction of its budget) |", "|---|---|---|---|"]
-        for m, r in s.items():
-            if m == "best_baseline":
-                continue
-            reach = fmt(r.get("queries_fraction_of_best_baseline_budget"), 2, "not reached")
-            div = r.get("diverged_seeds") or []
-            final = (f"{fmt(r['final_reward_mean'])} ± {fmt(r['final_reward_std'])}" if r["final_reward_mean"] is not None
-                     else "—")
-            if div:
-                final += f" (diverged in {len(div)} of {len(r['seeds'])} seeds: {div})"
-            lines.append(f"| {m} | {fmt(r['base_reward_mean'])} | {final} | {reach} |")
-        lines.append("")
-    return "\n".join(lines)
 
 
 # per task, the settings that make two runs comparable: resume and merge refuse a file whose runs of a task were
@@ -255,7 +217,7 @@ def _result(args, overrides: dict, runs: list[dict]) -> dict:
     return {"benchmark": "baselines", "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                                if k not in ("resume", "merge")},
             "digits_overrides": overrides, "methods": METHODS, "summary": summarize(runs), "runs": runs,
-            "machine": _machine(), "time_s": float(sum(r["seconds"] for r in runs))}
+            "machine": machine_info(), "time_s": float(sum(r["seconds"] for r in runs))}
 
 
 def main(argv=None) -> dict:

@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shutil
 import sys
 import time
@@ -38,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -496,9 +495,7 @@ def main(argv=None):
     t0 = time.time()
     result = {"benchmark": "critic_ceiling", "args": {k: v for k, v in vars(args).items() if k != "K"}, "K": args.K,
               "budget_policy_queries": budgets, "reduction_vs_issue": args.reduction,
-              "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "platform": platform.platform(), "torch": torch.__version__,
-                          "note": "shared machine, 2 cores, contended by other agents; pinned to one core"},
+              "machine": machine_info(note="shared machine, 2 cores, contended by other agents; pinned to one core"),
               "variance_decomposition": {}, "runs": []}
 
     if args.merge and out.exists():  # keep the other tasks' runs (each task is run by its own invocation)

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from harness import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,9 +109,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     t0 = time.time()
     result = {"benchmark": "critic_grafted", "args": vars(args), "reduction_vs_issue": args.reduction,
-              "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "platform": platform.platform(), "torch": torch.__version__,
-                          "note": "shared machine, 2 cores, contended by other agents; pinned to one core"},
+              "machine": machine_info(note="shared machine, 2 cores, contended by other agents; pinned to one core"),
               "tasks": {}}
     out = Path(args.out)
     res = result["tasks"][args.task] = {"critics": {}}

@@ -10,7 +10,7 @@ peak RSS is its own): value pretraining, then ``--epochs`` PPO epochs.  A GRPO r
 value-pretraining seconds, peak RSS, parameters trained (policy LoRA, critic), the critic's explained
 variance after pretraining (first epoch) and at the end (mean of the last 5 epochs), the training reward
 of the last 3 epochs, and the policy's reward on a fixed evaluation set (20 samples per digit, fixed noise)
-before and after.  Writes ``benchmarks/results/critic_modes.json`` and ``.png``, then re-renders BENCHMARKS.md.
+before and after.  Writes ``benchmarks/results/critic_modes.json`` and ``.png``, then re-renders benchmarks/results/perf.md.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -26,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from harness import machine_info, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -168,7 +169,6 @@ def main(argv=None) -> dict:
             if proc.returncode != 0:
                 raise RuntimeError(f"the {name} run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
             runs.append(json.loads(result.read_text()))
-    import torch
 
     base = next((r for r in runs if r["mode"] == "grpo"), None)
     for r in runs:
@@ -177,17 +177,13 @@ def main(argv=None) -> dict:
     data = {
         "recommendation": data_rec,
         "command": "python benchmarks/critic_modes.py" + "".join(f" {x}" for x in (argv if argv is not None else sys.argv[1:])),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "torch_threads": a.threads, "torch": torch.__version__},
+        "machine": machine_info(torch_threads=a.threads),
         "epochs": a.epochs, "seed": a.seed, "config": "train/configs/digits.yaml",
         "runs": runs, "time_s": time.time() - t_start,
     }
     out = Path(a.out)
-    out.write_text(json.dumps(data, indent=2))
+    write_result(out, data, topic="perf")
     plot(runs, out.with_suffix(".png"))
-    from benchmarks import report
-
-    report.main()
     for r in runs:
         print(r["mode"], f"{r['seconds_per_epoch']:.2f} s/epoch", f"{r['peak_rss_mb']:.0f} MB",
               f"EV {r['value_ev_final']}", f"reward {r['train_reward_last3']:.3f}")

@@ -27,13 +27,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from harness import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,7 +202,7 @@ def main(argv=None):
         print("ceiling per bucket:", [round(e, 3) for e in result["ev_ceiling_buckets"]], flush=True)
     best = result["best"]
     result["goal"] = {"ev_all_ge_0.6": best["ev_all"] >= 0.6, "every_bucket_ge_0.3": min(best["ev_buckets"]) >= 0.3}
-    result["machine"] = {"cpu_count": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__}
+    result["machine"] = machine_info()
     result["seconds"] = time.time() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from harness import evaluate, machine_info, per_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,19 +28,13 @@ from critic_align.train.registry import load_run_config  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-@torch.no_grad()
 def evaluate_policy(trainer, per_class: int = 20, seed: int = 999) -> dict:
-    """Mean rewards of the policy on a fixed set of noises and prompts (stochastic sampler, eta as trained), and
-    the within-prompt diversity of those samples (``diversity_pairwise_l2``, ``diversity_pixel_std``)."""
-    prompts = [p for p in trainer.task.prompts for _ in range(per_class)]
-    samples = trainer.sample(prompts, seed=seed)
-    out = {f"diversity_{k}": v for k, v in within_prompt_diversity(samples, prompts).items()}
-    for k, name in enumerate(trainer.rewards.names):
-        out[name] = trainer.rewards(samples, prompts)[:, k].mean().item()
-    if trainer.eval_rewards is not None:
-        for k, name in enumerate(trainer.eval_rewards.names):
-            out[name] = trainer.eval_rewards(samples, prompts)[:, k].mean().item()
-    return out
+    """Mean rewards (trained and evaluation-only) of the policy on a fixed set of noises and prompts (stochastic
+    sampler, eta as trained), and the within-prompt diversity of those samples (``diversity_pairwise_l2``,
+    ``diversity_pixel_std``)."""
+    prompts = per_prompt(trainer.task.prompts, per_class)
+    ev = evaluate(trainer, prompts, [trainer.rewards, trainer.eval_rewards], seed=seed)
+    return {**{f"diversity_{k}": v for k, v in within_prompt_diversity(ev.samples, prompts).items()}, **ev.means}
 
 
 def run_one(mode: str, seed: int, budget: int, overrides: dict, workdir: Path, config: str = "digits") -> dict:
@@ -180,19 +174,11 @@ def main(argv=None) -> dict:
             summary = summarize(runs)
             result = {"budget_reward_queries": args.budget, "overrides": overrides, "gae_config": args.gae_config,
                       "queries_ratio_median": summary.get("queries_ratio_median"), "summary": summary,
-                      "runs": runs, "machine": _machine()}
+                      "runs": runs, "machine": machine_info()}
             out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
     plot(runs, out.with_suffix(".png"))
     print(json.dumps(result["summary"], indent=2, default=float))
     return result
-
-
-def _machine() -> dict:
-    import os
-    import platform
-
-    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "torch": torch.__version__}
 
 
 if __name__ == "__main__":

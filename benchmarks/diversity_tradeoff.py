@@ -28,7 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from digits_advantages import _machine, evaluate_policy  # noqa: E402
+from digits_advantages import evaluate_policy  # noqa: E402
+from harness import machine_info  # noqa: E402
 
 from critic_align.api import build_trainer  # noqa: E402
 from critic_align.train.registry import load_run_config  # noqa: E402
@@ -125,41 +126,6 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def section(path: Path) -> str:
-    """The BENCHMARKS.md section (benchmarks/report.py) rendered from ``diversity_tradeoff.json``."""
-    d = json.loads(Path(path).read_text())
-    a = d["args"]
-
-    def fmt(x, digits=3):
-        return "n/a" if x is None else f"{x:.{digits}f}"
-
-    lines = ["## Reward vs diversity: KL, early stopping, the critic recipe, and a 3x-budget run (digits main job)", "",
-             f"Command: `python benchmarks/diversity_tradeoff.py` (writes `benchmarks/results/diversity_tradeoff.json` "
-             f"and `.png`; {d['time_s']:.0f} s). Each variant = `train/configs/digits.yaml` (or the named preset) with "
-             f"its overrides, {a['epochs']} epochs, seed {a['seed']}, common overrides {d['extra'] or 'none'}; held-out "
-             f"evaluation every {a['eval_every']} epochs (200 samples on fixed noises, full stochastic sampler). "
-             "'Diversity kept' = within-prompt pairwise L2 / the base model's. 'Early stop ≥ 80 %' = the best "
-             "evaluation on the run's curve that keeps ≥ 80 % of the base diversity (stopping there needs no other "
-             "run).", "",
-             "| variant | overrides | final digit_prob (gain) | diversity kept | early stop ≥ 80 %: epoch, digit_prob "
-             "(gain) | mean KL to ref |", "|---|---|---|---|---|---|"]
-    for r in d["runs"]:
-        es = r["early_stop_keep80"]
-        es_s = "none keeps 80 %" if es is None else \
-            f"{es['epoch']}, {fmt(es['digit_prob'])} ({es['reward_gain']:+.3f}), kept {fmt(es['diversity_kept'], 2)}"
-        over = r["overrides"] if r["overrides"] else ("preset " + r["config"] if r["config"] != "digits" else "—")
-        lines.append(f"| {r['variant']} | {over} | {fmt(r['final_digit_prob'])} ({r['final_reward_gain']:+.3f}) | "
-                     f"{fmt(r['final_diversity_kept'], 2)} | {es_s} | {fmt(r['kl_to_ref_mean'], 4)} |")
-    lr = d.get("long_run")
-    if lr:
-        mult = lr["epochs"] / a["epochs"]
-        lines += ["", f"**Long run** ({lr['variant']}, {lr['epochs']} epochs = {mult:.0f}x the budget above): "
-                  "held-out digit_prob "
-                  f"{fmt(lr['base_digit_prob'])} → peak {fmt(lr['peak']['digit_prob'])} at epoch {lr['peak']['epoch']} → "
-                  f"final {fmt(lr['final_digit_prob'])}; diversity kept at the end {fmt(lr['final_diversity_kept'], 2)}; "
-                  f"rise then collapse: {'yes' if lr['rise_then_collapse'] else 'no'}."]
-    lines += ["", "![reward vs diversity](benchmarks/results/diversity_tradeoff.png)", ""]
-    return "\n".join(lines)
 
 
 def merge(paths: list[Path], out: Path) -> dict:
@@ -208,7 +174,7 @@ def main(argv=None) -> dict:
     workdir = ROOT / "benchmarks" / "results" / "tmp" / "diversity_tradeoff"
     t0 = time.time()
     result = {"benchmark": "diversity_tradeoff", "args": vars(args), "extra": extra, "runs": [], "long_run": None,
-              "machine": _machine()}
+              "machine": machine_info()}
 
     def save():
         result["time_s"] = time.time() - t0

@@ -38,7 +38,8 @@ fault must name (a warning another library logs at import, bitsandbytes' kernel 
 For the faults where no error is expected ("expects_error": false: SIGKILL, a reported collapse, 20 stalled
 uploads), clear_error says the recovery or report was what it should be (see each entry's note).
 
-Writes benchmarks/results/fault_injection.json with one entry per fault and "data_lost_count".
+Writes benchmarks/results/fault_injection.json with one entry per fault and "data_lost_count", and re-renders
+benchmarks/results/reliability.md (with the default --out).
 """
 
 from __future__ import annotations
@@ -46,8 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import random
 import re
 import shutil
@@ -57,11 +56,14 @@ import threading
 import time
 from pathlib import Path
 
+from harness import machine_info, write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 
 import kill_resume  # noqa: E402  (the command, the comparison and the SIGKILL loop are shared)
 
 RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_OUT = RESULTS / "fault_injection.json"
 
 
 def cmd(out: Path, epochs: int, extra=(), resume=False, resume_from=None, config="digits") -> list[str]:
@@ -568,7 +570,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--kills", type=int, default=4)
     ap.add_argument("--kill-epochs", type=int, default=6)
     ap.add_argument("--workdir", default="/tmp/critic_align_fault_injection")
-    ap.add_argument("--out", default=str(RESULTS / "fault_injection.json"))
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
     args = ap.parse_args(argv)
     work = Path(args.workdir)
     if (work / "disk_full_mnt").is_mount():
@@ -592,7 +594,6 @@ def main(argv=None) -> dict:
     faults += [fault_trickle(work, args.epochs), fault_stalled_uploads()]
     faults += fault_sigkill(work, args.kills, args.kill_epochs)
 
-    import torch
 
     result = {
         "data_lost_count": sum(f["data_lost"] for f in faults),
@@ -607,10 +608,10 @@ def main(argv=None) -> dict:
         "how_loss_is_detected": __doc__.split("How loss is detected, per fault (\"data_lost\"):")[1].split(
             "Writes")[0].strip(),
         "total_wall_s": round(time.time() - t0, 1),
-        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": 1,
-                    "python": platform.python_version()},
+        "machine": machine_info(threads=1),  # threads: the training subprocesses'
     }
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    out = Path(args.out)
+    write_result(out, result, topic="reliability" if out.resolve() == DEFAULT_OUT.resolve() else None)
     print(f"data_lost_count = {result['data_lost_count']} of {len(faults)} faults; clear errors "
           f"{result['clear_error_count']}/{len(faults)}")
     return result

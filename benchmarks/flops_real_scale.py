@@ -15,11 +15,10 @@ Writes ``benchmarks/results/flops_real_scale.json``.
 from __future__ import annotations
 
 import json
-import os
-import platform
 from pathlib import Path
 
 import torch
+from harness import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,8 +89,7 @@ def _rows(backbone, decode, reward, critic) -> dict:
 def main():
     res = {"benchmark": "flops_real_scale", "counted_with": "torch.utils.flop_counter.FlopCounterMode, meta device, "
            "batch 1, no CFG; backward priced at 2 forwards",
-           "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                       "note": "shared machine, 2 cores, contended; counts do not depend on it"},
+           "machine": machine_info(note="shared machine, 2 cores, contended; counts do not depend on it"),
            **measure()}
     path = ROOT / "benchmarks" / "results" / "flops_real_scale.json"
     path.write_text(json.dumps(res, indent=1))

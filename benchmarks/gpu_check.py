@@ -21,7 +21,8 @@ every part, so a run cut short keeps what it measured):
    (sampling + one optimiser step) fits, its peak memory and time.
 
 Writes ``benchmarks/results/gpu_check.json`` (``--out`` elsewhere; ``--tiny`` needs ``--out``), beside it
-``gpu_throughput.json`` (part 2's whole record), and re-renders BENCHMARKS.md unless ``--no-report``.
+``gpu_throughput.json`` (part 2's whole record), and re-renders its page (benchmarks/results/perf.md) and
+BENCHMARKS.md unless ``--no-report``.
 Timing: every number comes from the one GPU with nothing else running on it; wall times include model loading.
 """
 
@@ -38,6 +39,9 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from types import SimpleNamespace
+
+from harness import Budget, run_parts, write_result
+from report_gpu import GOALS  # noqa: F401  (the goals the section marks; tests read them here)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -165,10 +169,10 @@ def run_sd3(a, tmp: Path, deadline: float) -> dict:
 def _flux_pipeline(tiny: bool, device: str, tmp: Path):
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from test_flux import FLUX_DEV_SCHEDULER, tiny_flux_pipeline, tiny_t5_tokenizer
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from critic_align.tokenizer import byte_clip_tokenizer
-    from test_flux import FLUX_DEV_SCHEDULER, tiny_flux_pipeline, tiny_t5_tokenizer
 
     if tiny:
         return tiny_flux_pipeline(tmp)
@@ -197,9 +201,9 @@ def _flux_pipeline(tiny: bool, device: str, tmp: Path):
 
 
 def flux_worker(s: dict) -> dict:
+    import gpu_throughput as gt
     import torch
 
-    import gpu_throughput as gt
     from critic_align.config import PPOConfig
     from critic_align.rewards import FunctionReward, MultiReward
     from critic_align.tasks.flux import FluxTask
@@ -365,7 +369,7 @@ def main(argv=None) -> dict:
     if a.device == "cpu" and not a.tiny:
         raise SystemExit("--device cpu runs only with --tiny (the full-size models take hours on a CPU)")
     t_start = time.time()
-    deadline = t_start + a.budget_s
+    budget = Budget.starting_now(a.budget_s)
     import gpu_throughput as gt
 
     data = {"command": "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -388,115 +392,34 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
 
-    def write():
+    def write(topic=None):
         data["wall_time_s"] = time.time() - t_start + sum(m.get("wall_time_s") or 0 for m in data.get("merged_from", []))
         summarize(data)
-        out.write_text(json.dumps(data, indent=2))
+        write_result(out, data, topic=topic)
 
-    for part in a.parts:
-        left = deadline - time.time()
-        if not a.tiny and left < PART_MIN_S[part]:
-            data["parts"][part] = {"skipped": f"{left:.0f} s of the {a.budget_s:.0f} s budget left"}
-            write()
-            continue
-        print(f"[gpu_check] {part} ({left:.0f} s left)", file=sys.stderr, flush=True)
-        t0 = time.time()
-        try:
-            if part == "tests":
-                res = run_tests(a.device, tmp, timeout=max(left, 60))
-            elif part == "sd15":
-                res = run_sd15(a, out.parent)
-            elif part == "sd3":
-                res = run_sd3(a, tmp, deadline)
-            else:
-                res = run_flux(a, tmp, timeout=max(left, 30))
-        except Exception as e:  # one broken part must not lose the others' numbers
-            import traceback
+    def run_part(part: str, left: float) -> dict:
+        if part == "tests":
+            return run_tests(a.device, tmp, timeout=max(left, 60))
+        if part == "sd15":
+            return run_sd15(a, out.parent)
+        if part == "sd3":
+            return run_sd3(a, tmp, budget.deadline)
+        return run_flux(a, tmp, timeout=max(left, 30))
 
-            res = {"error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-3000:]}
-        res["part_s"] = time.time() - t0
+    def done(part: str, res: dict) -> None:
         data["parts"][part] = res
         write()
-        print(f"[gpu_check] {part} done in {res['part_s']:.0f} s", file=sys.stderr, flush=True)
-    write()
-    if not a.no_report and out.resolve() == DEFAULT_OUT.resolve():
-        import report
 
-        report.main()
+    # the tiny rehearsal runs every part whatever the budget; the full check skips a part it cannot finish
+    run_parts(a.parts, budget, run_part, min_seconds=None if a.tiny else PART_MIN_S, on_done=done,
+              log=lambda msg: print(f"[gpu_check] {msg}", file=sys.stderr, flush=True))
+    write(topic="perf" if not a.no_report and out.resolve() == DEFAULT_OUT.resolve() else None)
     print(json.dumps({k: v for k, v in data.items() if k != "parts"}, indent=1))
     return data
 
 
-# ------------------------------------------------------------------------------------------------------
-# BENCHMARKS.md
-def _error_line(msg: str | None) -> str:
-    """The line of a failure message that names the error (pytest's messages start with the assertion)."""
-    lines = [ln.strip() for ln in (msg or "").splitlines() if ln.strip()]
-    return next((ln for ln in lines if re.search(r"(\w+Error|error): ", ln)), lines[0] if lines else "")
 
 
-GOALS = {"sd15_vs_trl": (">=", 1.5), "sd15_peak_mem_vs_trl": ("<=", 1.0), "gae_vs_grpo_epoch": ("<=", 1.15),
-         "cuda_tests_failed": ("<=", 0)}
-
-
-def section(path: Path) -> str:
-    head = ["## The GPU check (CUDA tests, full-size throughput and memory)", ""]
-    path = Path(path)
-    if not path.exists():
-        return "\n".join(head + ["`benchmarks/gpu_check.py` has not run on a GPU yet (no GPU was lent where this "
-                                 "project was built); its `--tiny --device cpu` rehearsal is tested.", ""])
-    d = json.loads(path.read_text())
-    dev = d["device"]
-    lines = head + [f"Command: `{d['command']}` on **{dev['name']}**, {d['wall_time_s'] / 60:.1f} min in all "
-                    f"(torch {d['versions']['torch']}, diffusers {d['versions']['diffusers']}).", ""]
-    if d.get("tiny"):
-        lines += ["*Tiny models: a rehearsal of the script, not a measurement.*", ""]
-    lines += ["| measure | value | goal |", "|---|---|---|"]
-    for k in ("cuda_tests_passed", "cuda_tests_failed", "sd15_vs_trl", "sd15_peak_mem_vs_trl", "gae_vs_grpo_epoch",
-              "flux_step_fits", "flux_step_error", "flux_step_peak_memory_mb"):
-        if k in d:
-            v = d[k]
-            goal = GOALS.get(k)
-            met = "" if goal is None else (" ✓" if (v >= goal[1] if goal[0] == ">=" else v <= goal[1]) else " ✗ (missed)")
-            val = f"{v:.2f}" if isinstance(v, float) else str(v)
-            lines.append(f"| `{k}` | {val} | {'' if goal is None else goal[0] + ' ' + str(goal[1]) + met} |")
-    for res, row in sorted(d.get("sd35m_img_per_s", {}).items(), key=lambda kv: int(kv[0])):
-        lines.append(f"| SD3.5-M images/s (GRPO epoch) at {res}² | "
-                     + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in sorted(row.items())) + " | — |")
-    lines.append("")
-    p = d["parts"]
-    if p.get("tests", {}).get("failures"):
-        lines += ["Failed CUDA tests:", ""] + [f"- `{k}`: {_error_line(v)[:300]}"
-                                               for k, v in p["tests"]["failures"].items()] + [""]
-    ep = p.get("sd15", {}).get("epoch", {})
-    gt_file = path.parent / p.get("sd15", {}).get("gpu_throughput", "gpu_throughput.json")
-    if {"trl", "ddpo", "grpo", "gae"} <= ep.keys() and gt_file.exists():
-        ph = {k: v["phases"] for k, v in json.loads(gt_file.read_text())["models"]["sd15"]["sides"].items()}
-        t, o, g = ph["trl"], ph["ddpo"], ph["gae"]
-        lines += [
-            f"Why (the phases in `{gt_file.name}`): our update takes {o['update']['seconds']:.1f} s at a "
-            f"{o['update']['peak_memory_mb'] / 1024:.1f} GB peak against TRL's {t['update']['seconds']:.1f} s at "
-            f"{t['update']['peak_memory_mb'] / 1024:.1f} GB; rollouts are level ({o['rollout']['seconds']:.2f} s vs "
-            f"{t['rollout']['seconds']:.2f} s). Our `micro_batch_size: auto` sizes micro-batches from half the GPU's "
-            "free memory on CUDA, so on a 141 GB card it forwards many pairs at once: faster, and more memory than "
-            "TRL's fixed `train_batch_size`. A run at TRL's memory sets `micro_batch_memory_mb` (not measured here). "
-            f"GAE over GRPO: the critic's values add {g['rollout']['seconds'] - ph['grpo']['rollout']['seconds']:.2f} s "
-            f"to the rollout and its value loss {g['update']['seconds'] - ph['grpo']['update']['seconds']:.2f} s to the "
-            "update (the critic LoRA's forward and backward on every pair).", ""]
-    for part, r in p.items():
-        if r.get("skipped") or r.get("error"):
-            lines.append(f"- part `{part}`: {(r.get('skipped') or r['error']).splitlines()[0][:300]}")
-    if "sd3" in p and "runs" in p["sd3"]:
-        lines += ["", "SD3.5-medium (GRPO, batch {batch}, {steps} steps, CFG {guidance}, T5 zeros):".format(
-            **p["sd3"]["settings"]), "", "| run | images/s | peak GB | rollout s | update s |", "|---|---|---|---|---|"]
-        for name, r in p["sd3"]["runs"].items():
-            if "img_per_s" in r:
-                lines.append(f"| {name} | {r['img_per_s']:.2f} | {r['peak_memory_mb'] / 1024:.1f} | "
-                             f"{r['rollout_s']:.1f} | {r['update_s']:.1f} |")
-            else:
-                lines.append(f"| {name} | {(r.get('skipped') or r.get('failed', ''))[-120:]} | | | |")
-    lines.append("")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

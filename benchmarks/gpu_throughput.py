@@ -53,7 +53,8 @@ wheel (PyPI's Linux default) — or pass ``--trl-python`` pointing at a Python t
 Without network access, or if TRL cannot be installed, run with ``--skip-trl`` (the JSON records why TRL is absent).
 
 Writes ``benchmarks/results/gpu_throughput.json`` (device name, versions, settings, per-model per-side numbers,
-ratios vs TRL) and re-renders BENCHMARKS.md (``section`` below, called by ``benchmarks/report.py``).  Each run
+ratios vs TRL) and re-renders benchmarks/results/perf.md and BENCHMARKS.md (the section is
+``report_gpu.section_gpu_throughput``).  Each run
 writes the whole file (the models it ran): where one command may run only minutes, start it detached
 (``setsid nohup ... &``) or lower ``--epochs`` rather than splitting it by model.  Not yet run on a GPU: try
 ``--tiny --device cuda --out /tmp/smoke.json`` first.
@@ -75,6 +76,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from harness import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -493,7 +496,7 @@ def main(argv=None) -> dict:
     p.add_argument("--stat-min", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-report", action="store_true", help="do not re-render BENCHMARKS.md")
+    p.add_argument("--no-report", action="store_true", help="do not re-render the benchmark pages")
     p.add_argument("--worker", choices=("trl",) + MODES, help=argparse.SUPPRESS)
     p.add_argument("--worker-model", choices=MODELS, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -583,12 +586,7 @@ def main(argv=None) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     data["time_s"] = time.time() - t_start
     check_numbers(data)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=2))
-    if not a.no_report and out.resolve() == DEFAULT_OUT.resolve():
-        from benchmarks import report
-
-        report.main()
+    write_result(out, data, topic="perf" if not a.no_report and out.resolve() == DEFAULT_OUT.resolve() else None)
     print(json.dumps({k: {s: v["phases"]["epoch"] for s, v in e["sides"].items()} for k, e in data["models"].items()},
                      indent=1))
     return data
@@ -603,53 +601,6 @@ def check_numbers(data: dict) -> None:
                 for key, v in vals.items():
                     if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                         raise RuntimeError(f"{kind} {side} {phase} {key} = {v!r}: not a finite positive number")
-
-
-# ------------------------------------------------------------------------------------------------------
-# BENCHMARKS.md
-def section(path: Path) -> str:
-    """The BENCHMARKS.md section (benchmarks/report.py): the table from ``gpu_throughput.json`` or, while that file
-    does not exist, a note that the script is ready and has not been run on a GPU yet."""
-    head = ["## Throughput and GPU memory at full size (SD1.5 UNet, SD3.5-medium transformer)", ""]
-    path = Path(path)
-    if not path.exists():
-        return "\n".join(head + [
-            "`benchmarks/gpu_throughput.py` is ready and has **not been run on a GPU yet** (no GPU was available "
-            "where this project was built; its `--tiny --device cpu` path is tested). On a CUDA machine, "
-            "`python benchmarks/gpu_throughput.py` writes `benchmarks/results/gpu_throughput.json` (samples/s and "
-            "peak GPU memory per phase for ddpo / grpo / gae and TRL's DDPOTrainer, bf16, LoRA, gradient "
-            "checkpointing, random weights from the published configs) and this section renders it.", ""])
-    d = json.loads(path.read_text())
-    s = d["settings"]
-    dev = d["device"]
-    if d.get("tiny"):
-        head += ["*Tiny configs (`--tiny`): a check that the script runs, not a measurement of the full-size models.*",
-                 ""]
-    lines = head + [
-        f"Command: `{d['command']}` on **{dev['name']}** ({d['time_s'] / 60:.0f} min in all). Random weights from the "
-        f"published configs (SD1.5 UNet / VAE / CLIP-L; SD3.5-medium transformer / VAE / CLIP-L / CLIP-G, T5 dropped), "
-        f"{s['dtype']} base, LoRA rank {s['lora_rank']}, gradient checkpointing "
-        f"{'on' if s['gradient_checkpointing'] else 'off'}; {s['batch']} samples per epoch in groups of "
-        f"{s['group_size']}, {s['steps']} steps, {s['ours_minibatch_pairs']} pairs per optimiser step, median of "
-        f"{s['epochs']} epochs after {s['warmup']} warm-up. Peak memory: {d['memory_measure']}.", ""]
-    for kind, e in d["models"].items():
-        m = s["models"][kind]
-        lines += [f"**{kind}** ({m['resolution']} px, CFG {m['guidance']}):", "",
-                  "| side | rollout samples/s | update samples/s | epoch samples/s | peak MB rollout | peak MB update "
-                  "| vs TRL (epoch samples/s, peak memory) |",
-                  "|---|---|---|---|---|---|---|"]
-        for side, r in e["sides"].items():
-            ph = r["phases"]
-            vs = e.get("vs_trl", {}).get(side)
-            rel = f"{vs['epoch_samples_per_s']:.2f}×, {vs['peak_memory']:.2f}×" if vs else "—"
-            name = "TRL DDPOTrainer" if side == "trl" else f"critic_align {side}"
-            lines.append(f"| {name} | {ph['rollout']['samples_per_s']:.2f} | {ph['update']['samples_per_s']:.2f} | "
-                         f"{ph['epoch']['samples_per_s']:.2f} | {ph['rollout']['peak_memory_mb']:.0f} | "
-                         f"{ph['update']['peak_memory_mb']:.0f} | {rel} |")
-        lines.append("")
-    if d.get("trl", {}) and d["trl"].get("skipped"):
-        lines += [f"TRL not run: {d['trl']['skipped']}.", ""]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@
    safetensors tensor bit for bit: policy LoRA, critic, optimiser state, RNG states; and state.json) with the
    uninterrupted run.
 
-Prints and writes benchmarks/results/kill_resume.json: "10/10 identical" or exactly what differed.  Each kill is
+Prints and writes benchmarks/results/kill_resume.json (re-rendering benchmarks/results/reliability.md): "10/10
+identical" or exactly what differed.  Each kill is
 recorded with where it landed (process start-up, value pretraining, an epoch, between logging and checkpointing,
 inside a checkpoint write).
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import signal
@@ -34,8 +34,11 @@ import sys
 import time
 from pathlib import Path
 
+from harness import machine_info, write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_OUT = RESULTS / "kill_resume.json"
 TIME_KEYS = {"time_s", "time_rollout_s", "time_update_s", "time_epoch_s"}
 
 
@@ -167,7 +170,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--workdir", default="/tmp/critic_align_kill_resume")
-    ap.add_argument("--out", default=str(RESULTS / "kill_resume.json"))
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--processes", type=int, default=1, help="processes per run (torchrun on CPU when > 1)")
     args = ap.parse_args(argv)
     global PROCESSES
@@ -240,7 +243,6 @@ def main(argv=None) -> dict:
     diffs = compare(ref, run)
     identical = not diffs
     verdict = f"{len(kills)}/{len(kills)} identical" if identical else f"{len(kills)} kills: {len(diffs)} differences"
-    import torch
 
     result = {
         "processes": PROCESSES,
@@ -259,8 +261,8 @@ def main(argv=None) -> dict:
         "first_row_s": round(first_row_s, 1),
         "epoch_with_checkpoint_s": round(epoch_s, 2),
         "total_wall_s": round(time.time() - t0, 1),
-        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": 1,
-                    "python": platform.python_version(), "load_average_at_end": os.getloadavg()[0]},
+        # threads: the training subprocesses' (this process only waits on them)
+        "machine": machine_info(threads=1, load_average_at_end=os.getloadavg()[0]),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -271,7 +273,8 @@ def main(argv=None) -> dict:
     else:
         whole = json.loads(out.read_text()) if out.exists() else {}
         result_to_write = {**result, **{k: v for k, v in whole.items() if k.startswith("processes_")}}
-    out.write_text(json.dumps(result_to_write, indent=2))
+    # the committed result re-renders its page; fault_injection.py's scratch runs only write
+    write_result(out, result_to_write, topic="reliability" if out.resolve() == DEFAULT_OUT.resolve() else None)
     print(verdict)
     for d in diffs:
         print("  " + d)

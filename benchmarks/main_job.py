@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
+from harness import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,8 +49,7 @@ def main(argv=None) -> dict:
     # the run's scratch directory, relative to the checkout (an absolute path would name this machine's layout)
     summary["run_dir"] = f"{run_dir.relative_to(ROOT)} (scratch; the listed files are copied here)"
     # where it ran: the README quotes this time, so the summary says on how many cores and threads it was taken
-    summary["machine"] = {"cpu_count": os.cpu_count(), "cores_used": len(os.sched_getaffinity(0)),
-                          "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    summary["machine"] = machine_info(cores_used=len(os.sched_getaffinity(0)))
     summary["command"] = f"critic-align train --config {args.config}" + "".join(f" --set {s}" for s in args.set)
     summary["wall_seconds_with_startup"] = time.time() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

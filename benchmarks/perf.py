@@ -12,15 +12,13 @@
 4. Rollouts under ``torch.no_grad`` (what the trainer uses: its tensors feed autograd later) vs
    ``torch.inference_mode``, digits policy, 64 trajectories × 20 steps.
 
-Writes ``benchmarks/results/perf.json`` (re-rendered into BENCHMARKS.md).
+Writes ``benchmarks/results/perf.json`` (re-rendered into benchmarks/results/perf.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from harness import machine_info, write_result
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,18 +166,14 @@ def main(argv=None) -> dict:
         grad_modes = rollout_grad_modes(tmp)
     data = {
         "command": "python benchmarks/perf.py" + "".join(f" {x}" for x in (argv if argv is not None else sys.argv[1:])),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "torch_threads": a.threads, "torch": torch.__version__},
+        "machine": machine_info(torch_threads=a.threads),
         "rounds": a.rounds, "epochs": a.epochs,
         "lora_layer": layers, "digits_epoch": digits, "sd_epoch": sd, "sd_unet_params": info["unet_params"],
         "rollout_no_grad_vs_inference_mode_s": grad_modes,
         "time_s": time.time() - t_start,
     }
     out = Path(a.out)
-    out.write_text(json.dumps(data, indent=2))
-    from benchmarks import report
-
-    report.main()
+    write_result(out, data, topic="perf")
     return data
 
 

@@ -1,4 +1,4 @@
-"""BENCHMARKS.md sections for the oracle ceiling (benchmarks/critic_ceiling.py) and the grafted critic
+"""Critic-page sections for the oracle ceiling (benchmarks/critic_ceiling.py) and the grafted critic
 (benchmarks/critic_grafted.py), rendered from their JSON; ``answer`` is the short opening verdict."""
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def section_grafted(path: Path) -> str:
 
 
 def answer(results: Path) -> str:
-    """The short, plain verdict BENCHMARKS.md opens with: per task, how many of the best critic-free method's queries a
+    """The short, plain verdict the critic page opens with: per task, how many of the best critic-free method's queries a
     perfect critic and the learned ones need to reach its final reward, and the grafted critic's held-out EV."""
     ceiling, grafted = results / "critic_ceiling.json", results / "critic_grafted.json"
     if not ceiling.exists():

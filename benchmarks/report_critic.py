@@ -1,14 +1,15 @@
-"""BENCHMARKS.md section for the critic-quality ablation (benchmarks/critic_quality.py), rendered from its JSON."""
+"""Critic-page sections (benchmarks/results/critic.md): the critic-quality ablation (benchmarks/critic_quality.py) and
+the exact mixture critic (benchmarks/gmm_critic.py), rendered from their JSON."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from report_fmt import fmt as _f
+
 
 def section_critic_quality(path: Path) -> str:
-    from report import _fmt as _f  # report.py imports this module: take its formatter at call time
-
     d = json.loads(path.read_text())
     a = d["args"]
     table = d["table"]
@@ -72,4 +73,30 @@ def section_critic_quality(path: Path) -> str:
             + ("above" if ceil[0] < 0.3 else "within") + " what any critic can reach.",
         ]
     lines += ["", "![critic quality](benchmarks/results/critic_quality.png)", ""]
+    return "\n".join(lines)
+
+
+def section_gmm_critic(path: Path) -> str:
+    d = json.loads(path.read_text())
+    a = d["args"]
+    lines = [
+        "## Exact mixture task: critic accuracy after value pretraining",
+        "",
+        f"Command: `python benchmarks/gmm_critic.py` (writes `benchmarks/results/gmm_critic.json` and `.png`; "
+        f"{d['time_s']:.0f} s). {a['epochs']} pretraining batches of {a['batch']} trajectories, {a['steps']} steps, "
+        f"critic mode '{a['critic_mode']}'. RMSE of the critic to the exact E[r(x0) | x_t], relative to the "
+        "reward's std (goal: ≤ 5 % at every t). 'Sampler bias' is how far the T-step sampler's own value "
+        "(Monte Carlo continuations) is from the exact one: a critic fitted to sampler returns cannot beat it.",
+        "",
+        "| reward | max RMSE / std (vs exact) | mean RMSE / std | max sampler bias / std | max RMSE / std vs the "
+        "sampler's own value | goal (≤ 5 % vs the sampler's value at every t) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in d["summary"].items():
+        vs = r.get("max_critic_vs_sampler_debiased_rel")
+        goal = r.get("goal_met_5pct_vs_sampler")
+        lines.append(f"| {name} | {_f(r['max_rmse_rel'])} | {_f(r['mean_rmse_rel'])} | "
+                     f"{_f(r['max_sampler_bias_debiased_rel'])} | {_f(vs)} | "
+                     f"{'n/a' if goal is None else ('met' if goal else 'not met')} |")
+    lines += ["", "![critic accuracy per timestep](benchmarks/results/gmm_critic.png)", ""]
     return "\n".join(lines)

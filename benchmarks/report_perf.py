@@ -1,9 +1,11 @@
-"""BENCHMARKS.md sections for the performance benchmarks (rendered by benchmarks/report.py)."""
+"""Perf-page sections (benchmarks/results/perf.md) for the performance and scale-out benchmarks, rendered from their JSON."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from report_fmt import fmt as _fmt
 
 
 def _f(x, d=2):
@@ -311,4 +313,38 @@ def section_speed_defaults(path: Path) -> str:
         "rounds away), and bf16 rollouts against an fp32 update would make the on-policy ratio differ from 1.",
         "",
     ]
+    return "\n".join(lines)
+
+
+def section_scaleout(path: Path) -> str:
+    d = json.loads(path.read_text())
+    m = d["machine"]
+    lines = [
+        "## Scaling out: 1 vs 2 CPU processes, bytes across ranks",
+        "",
+        f"Command: `python {d['what']}` (writes `benchmarks/results/{path.name}`). `critic-align train` on 1, 2 and 4 "
+        f"processes (torchrun, gloo), one torch thread each, each process pinned to its own core, at the same global "
+        f"batch and seed; throughput from the epochs after the first; bytes are what a rank receives through "
+        f"torch.distributed's collectives during the training epochs (the most of any rank; the old engine's hand-written "
+        f"gradient all-reduce apart, 0 since DDP; DDP's C++ all-reduce not counted). Equal to one process: the first "
+        f"epoch's rewards and "
+        f"advantages within {d['row_atol']:g}, the weights after 2 epochs within rtol {d['weight_rtol']:g} / atol "
+        f"{d['weight_atol']:g}. Machine: {m['cores_usable']} usable cores, torch {m['torch']}. The last column is the "
+        f"CPU other processes used during the timed runs (a share of the cores): throughput compares only where it "
+        f"is near 0.",
+        "",
+        "| job | global batch | samples/s, 1 process | 2 processes | scaling_efficiency_2 | bytes/sample, 2 procs "
+        "| 4 procs | gradient all-reduce / epoch, 2 procs | identical_to_single | max_weight_diff | other processes' CPU "
+        "share, 1 / 2 procs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for job, j in d["jobs"].items():
+        b = j["cross_rank_bytes_per_sample"]
+        load = " / ".join(_fmt(j["runs"][n].get("other_processes_cpu_share"), 2) for n in ("1", "2"))
+        lines.append(
+            f"| {job} | {j['global_batch']} | {_fmt(j['samples_per_s_1'], 2)} | {_fmt(j['samples_per_s_2'], 2)} | "
+            f"{_fmt(j['scaling_efficiency_2'], 3)} | {b['2']:,.0f} B | {b['4']:,.0f} B | "
+            f"{j['gradient_allreduce_bytes_per_epoch']['2'] / 1e6:.2f} MB | {j.get('identical_to_single')} | "
+            f"{'–' if j.get('max_weight_diff') is None else format(j['max_weight_diff'], '.2e')} | {load} |")
+    lines.append("")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""BENCHMARKS.md sections for the steering benchmarks (rendered by benchmarks/report.py)."""
+"""Steering sections (benchmarks/results/steering.md and t2i.md), rendered from the steering benchmarks' JSON."""
 
 from __future__ import annotations
 

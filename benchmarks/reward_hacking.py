@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import evaluate, machine_info, per_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,18 +37,17 @@ EVAL_SPEC = [{"name": "boldness"}, {"name": "digit_prob", "temperature": 6.0}, {
 CURVE_KEYS = ("boldness", "digit_prob", "digit_correct")
 
 
-@torch.no_grad()
-def evaluate(trainer, rewards, per_class: int = 20, seed: int = 999, use_policy: bool = True, grid=None) -> dict:
+def evaluate_rewards(trainer, rewards, per_class: int = 20, seed: int = 999, use_policy: bool = True,
+                     grid=None) -> dict:
     """Mean of every evaluation reward on a fixed set of prompts and noises; optionally save an 8-per-row grid."""
-    prompts = [p for p in trainer.task.prompts for _ in range(per_class)]
-    samples = trainer.sample(prompts, seed=seed, use_policy=use_policy)
-    values = rewards(samples, prompts)
+    prompts = per_prompt(trainer.task.prompts, per_class)
+    ev = evaluate(trainer, prompts, [rewards], seed=seed, use_policy=use_policy)
     if grid is not None:
         from critic_align.viz import save_grid
 
         keep = torch.tensor([i for i in range(len(prompts)) if i % per_class < 8])
-        save_grid(samples[keep], grid, nrow=8, labels=list(trainer.task.prompts))
-    return {name: values[:, k].mean().item() for k, name in enumerate(rewards.names)}
+        save_grid(ev.samples[keep], grid, nrow=8, labels=list(trainer.task.prompts))
+    return ev.means
 
 
 def run_one(variant: str, seed: int, overrides: dict, workdir: Path, grids: Path | None) -> dict:
@@ -60,7 +60,7 @@ def run_one(variant: str, seed: int, overrides: dict, workdir: Path, grids: Path
     t0 = time.time()
     trainer = build_trainer(run)
     eval_rewards = build_rewards(EVAL_SPEC)
-    base = evaluate(trainer, eval_rewards, use_policy=False,
+    base = evaluate_rewards(trainer, eval_rewards, use_policy=False,
                     grid=grids / f"grid_base_seed{seed}.png" if grids else None)
     pre_logs = trainer.pretrain_value()
     history = []
@@ -68,7 +68,7 @@ def run_one(variant: str, seed: int, overrides: dict, workdir: Path, grids: Path
         res = trainer.train_epoch()
         trainer.log(res.metrics)
         history.append(res.metrics)
-    final = evaluate(trainer, eval_rewards, grid=grids / f"grid_{variant}_seed{seed}.png" if grids else None)
+    final = evaluate_rewards(trainer, eval_rewards, grid=grids / f"grid_{variant}_seed{seed}.png" if grids else None)
     curve = [{"epoch": r["epoch"], "reward_queries": r["reward_queries"],
               **{k: r.get(f"reward/{k}/mean") for k in CURVE_KEYS},
               **{k: v for k, v in r.items() if k.startswith("value_ev/")}} for r in history]
@@ -159,19 +159,11 @@ def main(argv=None) -> dict:
         runs.append(r)
         result = {"overrides": overrides, "configs": {v: f"train/configs/{CONFIGS[v]}.yaml" for v in args.variants},
                   "eval_set": "20 samples per digit, noise seed 999, stochastic sampler (eta as trained)",
-                  "summary": summarize(runs), "runs": runs, "machine": _machine()}
+                  "summary": summarize(runs), "runs": runs, "machine": machine_info()}
         out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
     plot(runs, result["summary"]["base"], out.with_suffix(".png"))
     print(json.dumps(result["summary"], indent=2, default=float))
     return result
-
-
-def _machine() -> dict:
-    import os
-    import platform
-
-    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "torch": torch.__version__}
 
 
 if __name__ == "__main__":

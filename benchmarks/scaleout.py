@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -42,6 +41,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from harness import machine_info, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -205,14 +206,11 @@ def main() -> int:
         raise SystemExit("--epochs must be >= 2 (the weights are compared after 2 epochs)")
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="scaleout_"))
     result = {"what": "benchmarks/scaleout.py" + (" --quick" if args.quick else ""), "quick": args.quick,
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "cores_usable": len(os.sched_getaffinity(0)), "python": platform.python_version()},
+              "machine": machine_info(cpus=os.cpu_count(), cores_usable=len(os.sched_getaffinity(0))),
               "other_processes_cpu_share_at_start": round(other_cpu_share(), 3),
               "threads_per_process": 1, "row_atol": ROW_ATOL, "weight_rtol": WEIGHT_RTOL, "weight_atol": WEIGHT_ATOL,
               "jobs": {}}
-    import torch
 
-    result["machine"]["torch"] = torch.__version__
     for job in args.jobs:
         runs = {}
         for n, e in ((1, epochs), (2, epochs), (4, 2)):
@@ -240,7 +238,7 @@ def main() -> int:
             if job not in result["jobs"]:
                 result["jobs"][job] = {**row, "earlier_invocation_other_cpu_share_at_start":
                                        old.get("other_processes_cpu_share_at_start")}
-    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(RESULTS / name, result, topic="perf" if name == "scaleout.json" else None)
     print(f"wrote {RESULTS / name}")
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)

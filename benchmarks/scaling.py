@@ -7,7 +7,7 @@ at latent sizes 8, 16 and 32, trained by this library in GAE mode (the default L
 CFG-free, ``minibatch_size`` 160 pairs).  One axis varies at a time around batch 8, 8 steps, 16×16 latents.
 Every point runs in its own process: one warm-up epoch, then ``--epochs`` timed; peak RSS is the process's.
 Memory per sample is the least-squares slope of peak RSS against batch size.  Writes
-``benchmarks/results/scaling.json`` and ``.png``, then re-renders BENCHMARKS.md.
+``benchmarks/results/scaling.json`` and ``.png``, then re-renders benchmarks/results/perf.md.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -23,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from harness import machine_info, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -136,7 +137,6 @@ def main(argv=None) -> dict:
                 raise RuntimeError(f"point {(batch, steps, latent)} failed:\n{proc.stderr[-4000:]}")
             points[(batch, steps, latent)] = {"batch": batch, "steps": steps, "latent": latent,
                                               **json.loads(result.read_text())}
-    import torch
 
     axes = {}
     for axis, values in AXES.items():
@@ -145,19 +145,15 @@ def main(argv=None) -> dict:
     bs = axes["batch"]
     data = {
         "command": "python benchmarks/scaling.py" + "".join(f" {x}" for x in (argv if argv is not None else sys.argv[1:])),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "torch_threads": a.threads, "torch": torch.__version__},
+        "machine": machine_info(torch_threads=a.threads),
         "base": BASE, "unet_params": info["unet_params"], "axes": axes,
         "memory_per_sample_mb": _slope([p["batch"] for p in bs], [p["peak_rss_mb"] for p in bs]),
         "seconds_per_sample": _slope([p["batch"] for p in bs], [p["epoch_s"] for p in bs]),
         "time_s": time.time() - t_start,
     }
     out = Path(a.out)
-    out.write_text(json.dumps(data, indent=2))
+    write_result(out, data, topic="perf")
     plot(data, out.with_suffix(".png"))
-    from benchmarks import report
-
-    report.main()
     return data
 
 

@@ -32,14 +32,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from digits_advantages import _machine  # noqa: E402
 from digits_advantages import evaluate_policy as evaluate_digits  # noqa: E402
+from harness import machine_info  # noqa: E402
+from report_training import METRICS, _describe  # noqa: E402
 
 from critic_align.api import build_trainer  # noqa: E402
 from critic_align.train.registry import load_run_config  # noqa: E402
 
 # per config: the trained reward's key (the metric compared), its 0/1 companion, and whether diversity is measured
-METRICS = {"digits": ("digit_prob", "digit_correct", True), "t2i": ("composition", "composition_correct", False)}
 
 
 def evaluator(config: str, eval_prompts: int):
@@ -133,47 +133,8 @@ def summarize(runs: list[dict], seconds: float, eval_every_s: float, config: str
     return out
 
 
-def _describe(config: str) -> tuple[str, str]:
-    """(the task's name in titles, what its evaluation is) for the section and the plot."""
-    if config == "t2i":
-        return "tiny text-to-image", ("the held-out composition (dense clause probability, trained) of one sample per "
-                                      "held-out prompt on fixed noises from the full stochastic sampler (eta = 1) for "
-                                      "every run; composition_correct = all clauses right (GenEval's metric)")
-    return "digits", ("the held-out digit_prob of 200 samples on fixed noises from the full stochastic sampler (eta = 1) "
-                      "for every run; diversity kept = final / base within-prompt pairwise L2")
 
 
-def section(path: Path) -> str:
-    """The BENCHMARKS.md section (benchmarks/report.py) rendered from ``sde_window.json`` or ``sde_window_t2i.json``."""
-    path = Path(path)
-    d = json.loads(path.read_text())
-    a = d["args"]
-    metric, correct, _ = METRICS.get(a["config"], METRICS["digits"])
-    task, evaluation = _describe(a["config"])
-    extra = f" --config {a['config']} --windows {' '.join(map(str, a['windows']))} --seconds {a['seconds']:g}" \
-        if a["config"] != "digits" else ""
-
-    def fmt(x, digits=3):
-        return "n/a" if x is None else f"{x:.{digits}f}"
-
-    lines = [f"## SDE window vs full trajectories at equal wall-clock ({task})", "",
-             f"Command: `python benchmarks/sde_window.py{extra}` (writes `benchmarks/results/{path.name}` and `.png`; "
-             f"{d['time_s']:.0f} s in all on {d['machine'].get('cpu_count')} CPU cores). Config `{a['config']}` "
-             f"(overrides {d['overrides'] or 'none'}), seeds {a['seeds']}, {a['seconds']:.0f} s of training per run "
-             f"(value pretraining included, evaluations not), the configurations of each seed back to back. The reward "
-             f"is {evaluation}.", "",
-             f"| trajectories | final {metric} (mean ± std) | − full | {correct} | diversity kept | epochs in "
-             "the budget | s / epoch | value pretraining s |", "|---|---|---|---|---|---|---|---|"]
-    for _w, r in d["summary"].items():
-        lines.append(f"| {r['label']} | {fmt(r[f'final_{metric}_mean'])} ± {fmt(r[f'final_{metric}_std'])} | "
-                     f"{fmt(r.get('final_minus_full'))} | {fmt(r[f'final_{correct}_mean'])} | "
-                     f"{fmt(r['final_diversity_kept_mean'], 2)} | {r['epochs_mean']:.0f} | "
-                     f"{fmt(r['seconds_per_epoch_mean'], 2)} | {fmt(r['value_pretrain_seconds_mean'], 0)} |")
-    base = [r.get(f"base_{metric}_mean") for r in d["summary"].values()]
-    if base[0] is not None:
-        lines += ["", f"Base model ({metric} at 0 s): {fmt(float(np.mean(base)))}."]
-    lines += ["", f"![reward vs wall-clock](benchmarks/results/{path.with_suffix('.png').name})", ""]
-    return "\n".join(lines)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -228,7 +189,7 @@ def main(argv=None) -> dict:
                   f"in {r['epochs']} epochs ({r['train_seconds']:.0f} s)", flush=True)
             result = {"benchmark": "sde_window", "args": vars(args), "overrides": overrides,
                       "summary": summarize(runs, args.seconds, args.eval_every_s, args.config), "runs": runs,
-                      "machine": _machine(), "time_s": time.time() - t0}
+                      "machine": machine_info(), "time_s": time.time() - t0}
             out.write_text(json.dumps(result, indent=1, default=float))
             plot(result, out.with_suffix(".png"))
     print(json.dumps(result["summary"], indent=1, default=float))

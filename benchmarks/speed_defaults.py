@@ -19,7 +19,7 @@ background rewards and torch.compile, measured on this CPU.
 
 Per configuration and round: one warm-up epoch, then ``--epochs`` timed; ``--rounds`` passes over all
 configurations in alternating order (other work on the machine hits every configuration alike); medians.  Writes
-``benchmarks/results/speed_defaults.json`` (re-rendered into BENCHMARKS.md).
+``benchmarks/results/speed_defaults.json`` (re-rendered into benchmarks/results/perf.md).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -35,6 +34,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from harness import machine_info, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -228,9 +229,7 @@ def main(argv=None) -> dict:
     data = {
         "command": "python benchmarks/speed_defaults.py" + "".join(
             f" {x}" for x in (argv if argv is not None else sys.argv[1:])),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "torch_threads": a.threads, "torch": torch.__version__,
-                    "cpu_affinity": sorted(os.sched_getaffinity(0))},
+        "machine": machine_info(torch_threads=a.threads, cpu_affinity=sorted(os.sched_getaffinity(0))),
         "epochs": a.epochs, "rounds": a.rounds, "sd_model": model,
         "sd": sd, "digits": digits,
         "digits_gae_vs_grpo_epoch": dflt["gae"]["epoch"] / dflt["grpo"]["epoch"],
@@ -238,10 +237,7 @@ def main(argv=None) -> dict:
         "time_s": time.time() - t_start,
     }
     out = Path(a.out)
-    out.write_text(json.dumps(data, indent=2))
-    from benchmarks import report
-
-    report.main()
+    write_result(out, data, topic="perf")
     return data
 
 

@@ -29,11 +29,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from digits_advantages import _machine, queries_to_reach  # noqa: E402
+from digits_advantages import queries_to_reach  # noqa: E402
+from harness import evaluate, machine_info  # noqa: E402
+from report_t2i import CONFIGS, CRITIC_MODES, MODES  # noqa: E402,F401  (CONFIGS: t2i_critic_offline imports it from here)
 
 from critic_align.api import build_trainer  # noqa: E402
 from critic_align.rewards import CompositionCorrect, CompositionScore, MultiReward  # noqa: E402
@@ -43,15 +44,7 @@ from critic_align.train.registry import load_run_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # --config -> (its shipped pipeline under critic_align/assets, the pipeline class and path named in the report)
-CONFIGS = {"t2i": ("tiny_t2i", "Stable Diffusion"), "t2i_sd3": ("tiny_t2i_sd3", "Stable Diffusion 3")}
 # mode -> PPOConfig overrides on top of train/configs/<config>.yaml (the only difference between modes)
-MODES = {"gae": {"advantage": "gae", "gae_group_baseline": False, "critic_x0_reward": False},
-         "gae_group": {"advantage": "gae", "gae_group_baseline": True, "critic_x0_reward": False},
-         "grpo": {"advantage": "grpo", "gae_group_baseline": False, "critic_x0_reward": False},
-         "ddpo": {"advantage": "ddpo", "gae_group_baseline": False, "critic_x0_reward": False},
-         "gae_x0": {"advantage": "gae", "gae_group_baseline": False, "critic_x0_reward": True},
-         "gae_group_x0": {"advantage": "gae", "gae_group_baseline": True, "critic_x0_reward": True}}
-CRITIC_MODES = ("gae", "gae_group", "gae_x0", "gae_group_x0")
 
 
 def eval_prompts(n: int, config: str = "t2i", seed: int = 0) -> dict[str, list[str]]:
@@ -64,16 +57,11 @@ def eval_prompts(n: int, config: str = "t2i", seed: int = 0) -> dict[str, list[s
     return out
 
 
-@torch.no_grad()
 def evaluate_policy(trainer, prompts: dict[str, list[str]], seed: int = 999) -> dict:
     """composition / composition_correct means of the policy's samples (the trained stochastic sampler, fixed
     noise) on each prompt set."""
     judge = MultiReward([CompositionScore(), CompositionCorrect()])
-    out = {}
-    for split, ps in prompts.items():
-        r = judge(trainer.sample(ps, seed=seed), ps)
-        out[split] = {"composition": r[:, 0].mean().item(), "composition_correct": r[:, 1].mean().item()}
-    return out
+    return {split: evaluate(trainer, ps, [judge], seed=seed).means for split, ps in prompts.items()}
 
 
 def run_one(mode: str, seed: int, budget: int, overrides: dict, prompts: dict, workdir: Path,
@@ -183,89 +171,6 @@ def plot(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def section(path: Path) -> str:
-    """The BENCHMARKS.md section of this benchmark's JSON (rendered by benchmarks/report.py)."""
-    import math
-
-    data = json.loads(path.read_text())
-    s, m = data["summary"], data["machine"]
-    config = data.get("config", "t2i")
-    asset, family = CONFIGS[config]
-    seeds = " ".join(str(x) for x in sorted({r["seed"] for r in data["runs"]}))
-    modes = [mode for mode in MODES if mode in s]
-    sets = " ".join(f"--set {k}={v}" for k, v in data["overrides"].items())
-    n_eval = len(data["eval_prompts"]["train"])
-    how = (f"{len(data['merged_from'])} files of runs combined with `--merge`; " if data.get("merged_from") else "")
-
-    def f(x, d=3):
-        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
-
-    def ev_cell(r):
-        return f"{f(r.get('value_ev_second_half_median'), 2)} ({f(r.get('value_ev_second_half_mean'), 2)})"
-
-    lines = [
-        "## GAE vs GRPO vs DDPO on the tiny text-to-image task (`composition`), equal reward-query budget"
-        + ("" if config == "t2i" else f" (`{config}`: the flow-matching twin)"),
-        "",
-        f"Command: `python benchmarks/t2i_advantages.py{'' if config == 't2i' else ' --config ' + config} "
-        f"--seeds {seeds} --modes {' '.join(modes)} --budget "
-        f"{data['budget_reward_queries']} --eval-prompts {n_eval}{' ' + sets if sets else ''}` ({how}writes "
-        f"`benchmarks/results/{config}_advantages.json` and `.png`). Machine: "
-        f"{m['cpu_count']} CPU cores, torch {m['torch']}, {m['torch_threads']} threads. The shipped "
-        f"`critic_align/assets/{asset}` pipeline through the {family} path (`train/configs/{config}.yaml`); "
-        f"before and after training the policy samples {n_eval} training and {n_eval} held-out prompts (fixed "
-        "noise); *all clauses* = `composition_correct` (GenEval's metric), mean ± std over seeds.",
-        "",
-        "| advantage | seeds | train: all clauses before → after | held-out: all clauses before → after "
-        "| train: composition before → after | held-out: composition before → after | s / epoch "
-        "| critic EV (2nd half): median (mean) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for mode in modes:
-        r = s[mode]
-        cells = []
-        for key in ("composition_correct", "composition"):
-            for split in ("train", "heldout"):
-                cells.append(f"{f(r[f'base_{split}_{key}_mean'])} → {f(r[f'final_{split}_{key}_mean'])} ± "
-                             f"{f(r[f'final_{split}_{key}_std'])}")
-        lines.append(f"| {mode} | {len(r['seeds'])} | " + " | ".join(cells) + f" | {f(r['mean_epoch_seconds'], 1)} | "
-                     f"{ev_cell(r) if mode in CRITIC_MODES else '—'} |")
-    x0_modes = [mode for mode in modes if s[mode].get("x0_reward_rows")]
-    if x0_modes:
-        lines += ["", "Modes ending in `_x0` train with `critic_x0_reward` (the value head also reads the reward of the "
-                      "policy's one-step x0 prediction at each recorded state). Those reward calls are outside the "
-                      "budget above: per run " + ", ".join(f"{mode} {s[mode]['x0_reward_rows']:.0f}" for mode in x0_modes)
-                  + " decoded and scored x0 predictions, next to the budget's "
-                  + f"{data['budget_reward_queries']} samples."]
-    for mode in CRITIC_MODES:
-        reach = s.get(f"{mode}_queries_to_reach_grpo_final")
-        if not reach:
-            continue
-        per_seed = ", ".join("not reached" if math.isinf(x) else str(int(x)) for x in reach["per_seed"])
-        frac = reach["median_fraction_of_budget"]
-        lines += ["", f"Reward queries {mode} needs to reach GRPO's final training reward "
-                      f"({f(reach['grpo_final_train_reward'])}, {reach.get('smoothing_epochs', 3)}-epoch moving average"
-                      f"): per seed {per_seed}; median: "
-                      + ("not reached within the budget" if math.isinf(frac) else f"{f(frac, 2)} × the budget")
-                      + " (goal: ≤ 0.5×)."]
-    if "grpo" in s and any(f"{mode}_queries_to_reach_grpo_final" in s for mode in CRITIC_MODES):
-        g = s["grpo"]
-        grpo_first = g.get("first_train_reward_smoothed_mean", float(np.mean(
-            [r["curve"][0]["reward"] for r in data["runs"] if r["mode"] == "grpo"])))
-        grpo_last = g.get("final_train_reward_smoothed_mean", g.get("last3_train_reward_mean"))
-        # the noise of one smoothed window: the epoch-to-epoch std of GRPO's training reward / sqrt(window)
-        smooth = next(iter(s[f"{m}_queries_to_reach_grpo_final"] for m in CRITIC_MODES
-                           if f"{m}_queries_to_reach_grpo_final" in s)).get("smoothing_epochs", 3)
-        epoch_std = float(np.mean([np.std([c["reward"] for c in r["curve"]]) for r in data["runs"]
-                                   if r["mode"] == "grpo"]))
-        noise = epoch_std / math.sqrt(smooth)
-        if grpo_last - grpo_first <= 2 * noise:
-            lines += ["", f"Caveat: GRPO's smoothed training reward rose from {f(grpo_first)} (first {smooth} epochs) to "
-                          f"{f(grpo_last)} (last {smooth}), within twice the noise of one such average "
-                          f"({f(noise)}: an epoch's reward varies by {f(epoch_std)} with the prompts drawn), so "
-                          "reaching it says little about GAE's efficiency; compare the evaluations above."]
-    lines += ["", f"![{config} advantages](benchmarks/results/{config}_advantages.png)", ""]
-    return "\n".join(lines)
 
 
 def merge(paths: list[Path]) -> dict:
@@ -320,7 +225,7 @@ def main(argv=None) -> dict:
             print(f"{mode} seed {seed}: base {r['base_eval']} final {r['final_eval']} ({r['seconds']:.0f} s)", flush=True)
             runs.append(r)
             result = {"config": args.config, "budget_reward_queries": args.budget, "overrides": overrides,
-                      "eval_prompts": prompts, "summary": summarize(runs), "runs": runs, "machine": _machine()}
+                      "eval_prompts": prompts, "summary": summarize(runs), "runs": runs, "machine": machine_info()}
             out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
     plot(runs, out.with_suffix(".png"))
     print(json.dumps(result["summary"], indent=2, default=float))

@@ -38,7 +38,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from digits_advantages import _machine  # noqa: E402
+from harness import machine_info  # noqa: E402
 from t2i_advantages import CONFIGS  # noqa: E402
 
 from critic_align.api import build_trainer  # noqa: E402
@@ -117,50 +117,6 @@ def report(trainer, ro: Rollout) -> dict:
     return value_report(values, mc_returns(ro, trainer.config.gamma), ~torch.isnan(ro.rewards.float()), trainer.rewards.names)
 
 
-def section(path: Path) -> str:
-    """The BENCHMARKS.md section of this benchmark's JSON (rendered by benchmarks/report.py)."""
-    data = json.loads(path.read_text())
-    a, refs, rows, m = data["args"], data["reference_ev"], data["rounds"], data["machine"]
-    config = data.get("config", "t2i")
-    blocks = [k for k in rows[0]["test"] if k.startswith("value_ev_steps_")]
-
-    def cells(report: dict) -> str:
-        return " | ".join(f"{report[k]:.2f}" for k in ["value_ev", *blocks])
-
-    critic = "latent critic" + (" reading r(decode(x̂0))" if data.get("overrides", {}).get("critic_x0_reward") else "")
-    best = max(rows[1:], key=lambda r: r["test"]["value_ev"]) if len(rows) > 1 else rows[0]
-    sets = "".join(f" --set {k}={v}" for k, v in data.get("overrides", {}).items())
-    lines = [
-        f"## Can the text-to-image critic learn? An offline fit (`{config}`"
-        + (", `critic_x0_reward`)" if data.get("overrides", {}).get("critic_x0_reward") else ")"),
-        "",
-        f"Command: `python benchmarks/t2i_critic_offline.py --config {config} --train-prompts {a['train_prompts']} "
-        f"--test-prompts {a['test_prompts']} --group {a['group']} --rounds {a['rounds']} --passes {a['passes']}"
-        f"{sets}` (writes `benchmarks/results/{path.name}`). Machine: {m['cpu_count']} CPU cores, "
-        f"torch {m['torch']}, {m['torch_threads']} threads. The frozen base policy's {data['train_samples']} "
-        f"training trajectories ({a['train_prompts']} prompts × {a['group']}) and {data['test_samples']} held-out ones "
-        f"({a['test_prompts']} other prompts × {a['group']}), {data['num_steps']} stochastic steps each; the config's "
-        "critic is fitted "
-        "on every training state with Monte-Carlo targets. Explained variance (EV) of the return on the **held-out "
-        "prompts' states**, overall and per block of steps (step 0 = pure noise); *fit* = on its own training "
-        "states.",
-        "",
-        "| predictor of the return | EV | " + " | ".join(b.replace("value_ev_steps_", "steps ") for b in blocks) + " |",
-        "|---|---|" + "---|" * len(blocks),
-        f"| {critic}, best round ({best['passes']} passes; fit EV {best['fit']['value_ev']:.2f}) | "
-        f"{cells(best['test'])} |",
-        f"| {critic}, last round ({rows[-1]['passes']} passes; fit EV {rows[-1]['fit']['value_ev']:.2f}) | "
-        f"{cells(rows[-1]['test'])} |",
-        f"| r(decode(x̂0(x_t))), as is | {cells(refs['x0_reward'])} |",
-        f"| r(decode(x̂0(x_t))), calibrated per step on the training states | {cells(refs['x0_reward_calibrated'])} |",
-        "",
-        f"Prompt-level predictors of the same held-out samples (every step alike): the mean of the prompt's "
-        f"{a['group'] - 1} other samples, EV {refs['prompt_loo']:.2f}; the mean training reward of the prompt's "
-        f"arrangement (one / two / three digits, left of / right of / above / below), EV {refs['arrangement']:.2f}. "
-        f"Scoring one x0 prediction costs {1000 * refs['x0_reward_seconds_per_state']:.1f} ms (decode + reward).",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
@@ -229,7 +185,7 @@ def main(argv=None) -> dict:
               "test_reward_mean": float(r.mean()), "test_reward_std": float(r.std()),
               "reference_ev": refs, "rounds": rows,
               "final_test_value_ev": rows[-1]["test"]["value_ev"], "final_fit_value_ev": rows[-1]["fit"]["value_ev"],
-              "machine": _machine(), "time_s": time.time() - t_start}
+              "machine": machine_info(), "time_s": time.time() - t_start}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=float))
     shutil.rmtree(workdir, ignore_errors=True)

@@ -23,7 +23,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from digits_advantages import _machine  # noqa: E402
+from harness import machine_info  # noqa: E402
 
 from critic_align.api import build_trainer  # noqa: E402
 from critic_align.train.registry import load_run_config  # noqa: E402
@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
     for name in args.variants:
         rows.append(probe(name, VARIANTS[name], args.epochs, workdir))
         print(f"{name}: pre_value_ev by 5 epochs {[round(x, 3) for x in rows[-1]['pre_value_ev_by_5']]}", flush=True)
-    result = {"benchmark": "t2i_critic_probe", "args": vars(args), "rows": rows, "machine": _machine(),
+    result = {"benchmark": "t2i_critic_probe", "args": vars(args), "rows": rows, "machine": machine_info(),
               "time_s": time.time() - t0}
     Path(args.out).write_text(json.dumps(result, indent=1))
     return result

@@ -23,7 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from digits_advantages import _machine  # noqa: E402
+from harness import machine_info  # noqa: E402
 
 from critic_align.api import build_trainer  # noqa: E402
 from critic_align.rewards import CompositionScore  # noqa: E402
@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
               "mean_reward_relation_prompts": float(rewards[relation].mean()) if relation.any() else None,
               "mean_reward_count_prompts": float(rewards[~relation].mean()) if (~relation).any() else None,
               "relation_prompts_only": variance_split(rewards[relation]) if relation.sum() > 1 else None,
-              "machine": _machine(), "time_s": time.time() - t0}
+              "machine": machine_info(), "time_s": time.time() - t0}
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "args")}, indent=1))
     return result

@@ -42,7 +42,7 @@ steps per epoch.  GAE mode skips value pretraining here (it is a one-off cost, n
 
 Writes ``benchmarks/results/trl_compare.json`` (top-level ``overall_vs_trl`` and ``rss_vs_trl``: median ratios
 ours / TRL by mode; ``gae_vs_grpo_epoch``: the median GAE / GRPO epoch time; ``machine.cpu_affinity``: the cores
-it ran on) and ``.png``, then re-renders BENCHMARKS.md.  On a shared machine, pin it:
+it ran on) and ``.png``, then re-renders benchmarks/results/perf.md.  On a shared machine, pin it:
 ``taskset -c 1 python benchmarks/trl_ddpo_compare.py --threads 1``.
 """
 
@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -60,6 +59,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from harness import machine_info, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -383,17 +384,14 @@ def main(argv=None) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    import torch
 
     summary = _summarise(rounds, a.batch)
     data = {
         "command": "python benchmarks/trl_ddpo_compare.py" + "".join(
             f" {x}" for x in (argv if argv is not None else sys.argv[1:])),
         **headline(summary),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "torch_threads": a.threads, "torch": torch.__version__,
-                    # every side runs with the same affinity: ratios are taken within a round, so they stay fair
-                    "cpu_affinity": sorted(os.sched_getaffinity(0))},
+        # every side runs with the same affinity: ratios are taken within a round, so they stay fair
+        "machine": machine_info(torch_threads=a.threads, cpu_affinity=sorted(os.sched_getaffinity(0))),
         "versions": {"ours": rounds[0]["ddpo"]["versions"], "trl_env": rounds[0]["trl"]["versions"]},
         "trl_venv": venv_info,
         "model": model_info,
@@ -408,11 +406,8 @@ def main(argv=None) -> dict:
         "time_s": time.time() - t_start,
     }
     out = Path(a.out)
-    out.write_text(json.dumps(data, indent=2))
+    write_result(out, data, topic="perf")
     plot(summary, out.with_suffix(".png"))
-    from benchmarks import report
-
-    report.main()
     print(json.dumps(headline(summary), indent=1))
     return data
 

@@ -99,11 +99,7 @@ def test_ema_matches_a_hand_computed_average():
 
 
 def test_report_renders_the_dit_job_next_to_the_unet_job(tmp_path):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from report import section_dit_job
+    from report_training import section_dit_job  # benchmarks/ is on sys.path (conftest.py)
 
     for name, first, last, minutes in (("main_job", 0.6, 0.7, 2.0), ("dit_job", 0.5, 0.8, 3.0)):
         d = tmp_path / name

@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.py without a GPU: its rehearsal (``--tiny --device cpu``) runs a part end to end, records
-merge as documented (an earlier file's part wins unless it was skipped; other devices refused), and the BENCHMARKS.md
-section renders the committed H200 record with its missed goals marked."""
+merge as documented (an earlier file's part wins unless it was skipped; other devices refused), and its section
+(benchmarks/results/perf.md) renders the committed H200 record with its missed goals marked."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 
 import gpu_check
 import pytest
+from report_gpu import section_gpu_check
 
 
 def test_rehearsal_runs_the_flux_part_and_merges(tmp_path):
@@ -46,7 +47,7 @@ def test_bad_arguments_are_refused(tmp_path):
 def test_the_committed_record_renders_with_its_goals():
     path = gpu_check.DEFAULT_OUT
     d = json.loads(path.read_text())
-    text = gpu_check.section(path)
+    text = section_gpu_check(path)
     assert d["device"]["name"] in text
     for key in ("cuda_tests_passed", "cuda_tests_failed", "sd15_vs_trl", "sd15_peak_mem_vs_trl", "gae_vs_grpo_epoch"):
         assert f"`{key}`" in text

@@ -1,6 +1,6 @@
 """benchmarks/gpu_throughput.py without a GPU: its --tiny --device cpu path end to end (structure, finite positive
 numbers, consistent arithmetic), its refusals (no CUDA, tiny without --out), the full-size configs' parameter counts
-on the meta device, and the BENCHMARKS.md section (table, or 'not run on a GPU yet')."""
+on the meta device, and its section of benchmarks/results/perf.md (table, or 'not run on a GPU yet')."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from benchmarks import gpu_throughput as gt
+from benchmarks.report_gpu import section_gpu_throughput
 
 
 def test_tiny_cpu_end_to_end(tmp_path):
@@ -45,7 +46,7 @@ def test_tiny_cpu_end_to_end(tmp_path):
         # the critic's LoRA and head are trained in gae mode only
         assert entry["sides"]["gae"]["trainable_params"] > entry["sides"]["grpo"]["trainable_params"] == \
             entry["sides"]["ddpo"]["trainable_params"] > 0
-    text = gt.section(out)
+    text = section_gpu_throughput(out)
     assert "critic_align gae" in text and "TRL not run: --skip-trl" in text
 
     bad = json.loads(out.read_text())
@@ -88,7 +89,7 @@ def test_full_size_configs_on_meta():
 
 
 def test_section_without_results(tmp_path):
-    text = gt.section(tmp_path / "missing.json")
+    text = section_gpu_throughput(tmp_path / "missing.json")
     assert "not been run on a GPU yet" in text and "gpu_throughput.py" in text
 
 
