@@ -137,8 +137,9 @@ class PPOConfig:
     """GAE mode: what the centred advantages are divided by.  'advantages': their own std over the batch's
     (trajectory, step) pairs (PPO's whitening).  'rewards': the std of the batch's rewards (GRPO's unit), so a
     reward deviation of one σ_R gives an advantage of about 1 in both modes.  Whitening divides by the std of
-    R − V, which shrinks as the critic improves (≈ 0.6 σ_R on the mixture), so at an equal learning rate it
-    pushes the policy harder than GRPO does; 'rewards' compares the estimators at the same step size."""
+    R − V, which shrinks as the critic improves (benchmarks/results/training.md measures it on the mixture), so at
+    an equal learning rate it pushes the policy harder than GRPO does; 'rewards' compares the estimators at the same
+    step size."""
     adv_clip_max: float = 5.0
     """Clip advantages to [-adv_clip_max, adv_clip_max] (DDPO)."""
     stat_buffer_size: int = 32
