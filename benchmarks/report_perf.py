@@ -347,4 +347,9 @@ def section_scaleout(path: Path) -> str:
             f"{j['gradient_allreduce_bytes_per_epoch']['2'] / 1e6:.2f} MB | {j.get('identical_to_single')} | "
             f"{'–' if j.get('max_weight_diff') is None else format(j['max_weight_diff'], '.2e')} | {load} |")
     lines.append("")
+    gpu = d.get("gpu")
+    if gpu:
+        lines += [f"On a GPU ({gpu['device']}, from `{gpu['source']}`): "
+                  + "; ".join(f"`{name}` {r['status']}" + (f" ({r['error']})" if r.get("error") else "")
+                              for name, r in gpu["tests"].items()) + ".", ""]
     return "\n".join(lines)

@@ -188,6 +188,27 @@ def _critic_moved(run_dir: Path) -> bool | None:
     return None if not keys else any(not bool((c1[k] == c2[k]).all()) for k in keys)
 
 
+def gpu_rows(path: Path) -> dict | None:
+    """The multi-process rows of the GPU check (benchmarks/gpu_check.py), when a GPU session ran it: its device and
+    the outcome of each multi-process CUDA test (2 processes on one GPU over gloo; FSDP), with the error of a failed
+    one.  None without a GPU check."""
+    if not path.exists():
+        return None
+    d = json.loads(path.read_text())
+    tests = d.get("parts", {}).get("tests", {})
+    failures = tests.get("failures", {})
+    rows = {t["name"].split("::")[-1]: {"status": t["status"], **({"error": _error_line(failures.get(t["name"]))}
+                                                                     if t["status"] == "failed" else {})}
+            for t in tests.get("tests", []) if "process" in t["name"] or "fsdp" in t["name"]}
+    return {"source": path.name, "device": d.get("device", {}).get("name"), "command": d.get("command"),
+            "tests": rows}
+
+
+def _error_line(msg: str | None) -> str:
+    lines = [ln.strip() for ln in (msg or "").splitlines() if ln.strip()]
+    return next((ln for ln in lines if "Error" in ln), lines[0] if lines else "")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small batches and 2 epochs: a smoke test")
@@ -238,6 +259,7 @@ def main() -> int:
             if job not in result["jobs"]:
                 result["jobs"][job] = {**row, "earlier_invocation_other_cpu_share_at_start":
                                        old.get("other_processes_cpu_share_at_start")}
+    result["gpu"] = gpu_rows(RESULTS / "gpu_check.json")
     write_result(RESULTS / name, result, topic="perf" if name == "scaleout.json" else None)
     print(f"wrote {RESULTS / name}")
     if not args.keep:
