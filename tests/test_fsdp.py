@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_multiprocess import spawn_two
 from test_trainer import make_trainer
 
 CFG = dict(num_epochs=2, sample_chunk_size=4, batch_size=8, group_size=4, minibatch_size=16)
@@ -114,26 +115,11 @@ def _worker(rank: int, tmp: str, port: int) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    import socket
-
-    import torch.multiprocessing as tmp_mp
-
     tmp = tmp_path_factory.mktemp("fsdp")
     one = make_trainer(tmp / "one", **CFG)
     _run(one, tmp, "one")
     _run(make_trainer(tmp / "one_full", **FULL), tmp, "one_full")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        tmp_mp.start_processes(_worker, args=(str(tmp), port), nprocs=2, start_method="spawn")
-    finally:
-        if old is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = old
+    spawn_two(_worker, str(tmp))
     return tmp
 
 

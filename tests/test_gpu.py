@@ -150,21 +150,15 @@ def _gloo_worker(rank: int, tmp: str, port: int) -> None:
 
 
 def test_two_processes_on_one_device_over_gloo(tmp_path):
-    import socket
-
-    import torch.multiprocessing as tmp_mp
     from safetensors.torch import load_file
 
-    from tests.test_multiprocess import ALGORITHMS, CFG, _run, assert_weights_match
+    from tests.test_multiprocess import ALGORITHMS, CFG, _run, assert_weights_match, spawn_two
     from tests.test_trainer import make_trainer
 
     one = make_trainer(tmp_path / "one", **CFG, **ALGORITHMS["ppo"])
     assert one.num_processes == 1 and one.device.type == DEVICE
     _run(one, tmp_path, "one")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    tmp_mp.start_processes(_gloo_worker, args=(str(tmp_path), port), nprocs=2, start_method="spawn")
+    spawn_two(_gloo_worker, str(tmp_path))
     r0, r1, ref = (load_file(str(tmp_path / f"{t}.safetensors")) for t in ("rank0", "rank1", "one"))
     assert r0.keys() == r1.keys() == ref.keys()
     for k in ("rewards", "advantages"):

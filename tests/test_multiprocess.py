@@ -86,28 +86,34 @@ def _two_process_worker(rank: int, tmp: str, port: int, algo: str = "ppo") -> No
 
 @pytest.fixture(scope="module", params=sorted(ALGORITHMS))
 def runs(tmp_path_factory, request):
+    tmp = tmp_path_factory.mktemp(f"mp_{request.param}")
+    one = make_trainer(tmp / "one", **CFG, **ALGORITHMS[request.param])
+    assert one.num_processes == 1
+    _run(one, tmp, "one")
+    spawn_two(_two_process_worker, str(tmp), request.param)
+    return tmp
+
+
+def spawn_two(worker, tmp: str, *args) -> None:
+    """Run ``worker(rank, tmp, port, *args)`` in two spawned interpreters (rank 0 and 1, one torch thread each) on a
+    free local port, and wait for both."""
     import os
     import socket
 
     import torch.multiprocessing as tmp_mp
 
-    tmp = tmp_path_factory.mktemp(f"mp_{request.param}")
-    one = make_trainer(tmp / "one", **CFG, **ALGORITHMS[request.param])
-    assert one.num_processes == 1
-    _run(one, tmp, "one")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # the spawned interpreters read it at start-up
     try:
-        tmp_mp.start_processes(_two_process_worker, args=(str(tmp), port, request.param), nprocs=2, start_method="spawn")
+        tmp_mp.start_processes(worker, args=(tmp, port, *args), nprocs=2, start_method="spawn")
     finally:
         if old is None:
             os.environ.pop("OMP_NUM_THREADS")
         else:
             os.environ["OMP_NUM_THREADS"] = old
-    return tmp
 
 
 def test_two_process_weights_identical_across_ranks(runs):
