@@ -52,7 +52,7 @@ from harness import machine_info  # noqa: E402
 
 from critic_align.backbones import MLP_LORA_TARGETS, MLPAdapter, MLPDenoiser, ResidualMLP  # noqa: E402
 from critic_align.checkpoint import DivergenceError  # noqa: E402
-from critic_align.config import PPOConfig  # noqa: E402
+from critic_align.config import PPOConfig, not_applicable  # noqa: E402
 from critic_align.rewards import FunctionReward, MultiReward  # noqa: E402
 from critic_align.tasks.gmm import GMMTask, LinearReward  # noqa: E402
 from critic_align.trainer import Trainer  # noqa: E402
@@ -112,6 +112,7 @@ def run_gmm(method: str, seed: int, budget: int, args, workdir: Path) -> dict:
     fields["kl_coef"] = args.gmm_kl if fields["algorithm"] == "ppo" else args.gmm_kl_forward
     fields["num_epochs"], pre = epochs_for(budget, args.gmm_batch, args.gmm_value_pretrain, fields["advantage"] == "gae")
     lin = LinearReward(GMM_W)
+    fields = {k: v for k, v in fields.items() if k not in not_applicable(fields)}  # one set of settings, every method
     trainer = Trainer(PPOConfig(**fields), task, MLPAdapter(model), task.scheduler,
                       rewards=MultiReward([FunctionReward(lin, "linear")]))
     trainer.out.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,7 @@ def gmm_reward(args):
 
 def gmm_trainer(overrides: dict, seed: int, lr: float, out: Path, args):
     from critic_align.backbones import MLP_LORA_TARGETS, MLPAdapter, MLPDenoiser, ResidualMLP
-    from critic_align.config import PPOConfig
+    from critic_align.config import PPOConfig, not_applicable
     from critic_align.rewards import FunctionReward, MultiReward
     from critic_align.tasks.gmm import GMMTask
     from critic_align.trainer import Trainer
@@ -99,7 +99,8 @@ def gmm_trainer(overrides: dict, seed: int, lr: float, out: Path, args):
               value_pretrain_passes=4, output_dir=str(out), log_tensorboard=False, progress=False, grid_every=0,
               checkpoint_every=0)
     kw.update(overrides)
-    cfg = PPOConfig(**kw)
+    # one set of settings for every method: each method's config leaves out what its algorithm does not read
+    cfg = PPOConfig(**{k: v for k, v in kw.items() if k not in not_applicable(kw)})
     lin = gmm_reward(args)
     tr = Trainer(cfg, task, MLPAdapter(model), task.scheduler, rewards=MultiReward([FunctionReward(lin, lin.name)]))
 

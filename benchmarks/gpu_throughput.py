@@ -312,7 +312,8 @@ def run_ours(model_dir: str, kind: str, mode: str, s: dict) -> dict:
         ppo_epochs=s["inner_epochs"], minibatch_size=s["train_batch"] * s["grad_accum"] * s["steps"],
         learning_rate=s["lr"], clip_range=s["clip"], adv_clip_max=5.0, max_grad_norm=1.0, lora_rank=s["lora_rank"],
         lora_alpha=s["lora_rank"], lora_target_modules=m["lora_targets"], critic_lora_rank=s["lora_rank"],
-        stat_buffer_size=s["stat_buffer"], stat_min_count=s["stat_min"], value_pretrain_epochs=0,
+        **({"stat_buffer_size": s["stat_buffer"], "stat_min_count": s["stat_min"]} if mode == "ddpo" else {}),
+        value_pretrain_epochs=0,
         mixed_precision="bf16" if bf16 else "no", gradient_checkpointing=s["gradient_checkpointing"], progress=False,
         log_tensorboard=False, grid_every=0, checkpoint_every=0, eval_every=0, **extra)
     # Workaround: with a critic, Trainer.__init__ probes the backbone with a float32 example outside autocast

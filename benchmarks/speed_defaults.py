@@ -69,18 +69,19 @@ def _epochs(trainer, n: int) -> dict:
 def worker_sd(a, overrides: dict) -> dict:
     from trl_ddpo_compare import LORA_TARGETS, PROMPTS
 
-    from critic_align.config import PPOConfig
+    from critic_align.config import PPOConfig, not_applicable
     from critic_align.rewards import FunctionReward, MultiReward
     from critic_align.tasks.sd import StableDiffusionTask, load_pipeline
     from critic_align.trainer import Trainer
 
     task = StableDiffusionTask(load_pipeline(a.model_dir, kind="sd15"), PROMPTS)
-    cfg = PPOConfig(**{**dict(
+    fields = {**dict(
         advantage="ddpo", num_epochs=10, output_dir=str(Path(a.tmp) / "sd"), num_inference_steps=8, eta=1.0,
         guidance_scale=5.0, batch_size=8, group_size=4, sample_chunk_size=8, minibatch_size=32, learning_rate=3e-4,
         clip_range=1e-4, lora_rank=4, lora_alpha=4, lora_target_modules=LORA_TARGETS, stat_buffer_size=16,
         stat_min_count=16, value_pretrain_epochs=0, progress=False, log_tensorboard=False, grid_every=0,
-        checkpoint_every=0), **overrides})
+        checkpoint_every=0), **overrides}
+    cfg = PPOConfig(**{k: v for k, v in fields.items() if k not in not_applicable(fields)})  # ddpo's stats: ddpo only
     rw = MultiReward([FunctionReward(lambda s, p: ((s.float() + 1) / 2).mean(dim=(1, 2, 3)), name="brightness")])
     trainer = Trainer(cfg, task, task.backbone(), task.scheduler, rw)
     return {**_epochs(trainer, a.epochs), "peak_rss_mb": _rss_mb()}

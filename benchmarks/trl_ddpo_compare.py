@@ -225,7 +225,8 @@ def _worker_ours(a) -> dict:
         sample_chunk_size=a.batch, ppo_epochs=a.inner_epochs, minibatch_size=a.train_batch * a.grad_accum * a.steps,
         gradient_accumulation_steps=a.ours_grad_accum, learning_rate=a.lr, clip_range=a.clip, adv_clip_max=5.0,
         max_grad_norm=1.0, lora_rank=4, lora_alpha=4, lora_target_modules=LORA_TARGETS, critic_lora_rank=4,
-        stat_buffer_size=a.stat_buffer, stat_min_count=a.stat_min, value_pretrain_epochs=0, progress=False,
+        **({"stat_buffer_size": a.stat_buffer, "stat_min_count": a.stat_min} if a.worker == "ddpo" else {}),
+        value_pretrain_epochs=0, progress=False,
         log_tensorboard=False, grid_every=0, checkpoint_every=0)
     trainer = Trainer(cfg, task, task.backbone(), task.scheduler, MultiReward([FunctionReward(brightness, name="brightness")]))
     rss_loaded = _rss_mb()

@@ -43,6 +43,29 @@ def _positive_number(v) -> bool:
     return _number(v) and v > 0
 
 
+def _foreign_arguments(algorithm: str, advantage: str) -> list[tuple[str, str, list[str]]]:
+    """(selector, field, the algorithms or estimators that read it) for each field that only algorithms or estimators
+    other than ``algorithm`` / ``advantage`` read (each class's ``arguments``, in its own file)."""
+    from .registry import resolve
+
+    out = []
+    for selector, table, chosen in (("algorithm", ALGORITHMS, algorithm), ("advantage", ESTIMATORS, advantage)):
+        owners: dict[str, list[str]] = {}
+        for name, target in table.items():
+            for arg in getattr(resolve(target), "arguments", ()):  # a class without the attribute reads none
+                owners.setdefault(arg, []).append(name)
+        out += [(selector, arg, names) for arg, names in owners.items() if chosen not in names]
+    return out
+
+
+def not_applicable(fields: dict) -> set[str]:
+    """The names among ``fields`` (PPOConfig fields) that the algorithm and estimator they choose do not read: for a
+    caller that builds one set of settings for several methods and drops, explicitly, what a method would refuse."""
+    algorithm = fields.get("algorithm", PPOConfig.algorithm)
+    advantage = fields.get("advantage", PPOConfig.advantage)
+    return {arg for _, arg, _ in _foreign_arguments(algorithm, advantage)} & set(fields)
+
+
 @dataclass
 class PPOConfig:
     """Latent actor-critic PPO (and its GRPO / DDPO baselines) over the denoising MDP.
@@ -576,6 +599,18 @@ class PPOConfig:
             self.log_with = list(self.log_with)
         if not isinstance(self.extra, dict):
             _err("extra", self.extra, "must be a mapping (free-form notes)", number=False)
+        self._check_arguments()
+
+    def _check_arguments(self) -> None:
+        """A field that only another algorithm or estimator reads (its class's ``arguments``), set away from its
+        default, is an error: it would be silently ignored."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for selector, arg, names in _foreign_arguments(self.algorithm, self.advantage):
+            value = getattr(self, arg)
+            if value != defaults[arg]:
+                raise ValueError(f"config field {arg}={value!r} applies to {selector}: {' / '.join(names)}, not "
+                                 f"{selector}: {getattr(self, selector)}, which would ignore it; remove it from the "
+                                 "config")
 
     def check_run(self, reward_names, num_processes: int = 1, base_dtype: str = "float32", model=None) -> None:
         """The checks that need the run besides the config: its rewards, its number of processes, the base

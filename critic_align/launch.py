@@ -197,9 +197,9 @@ def launch_errors(config, state: LaunchState) -> list[str]:
         out += fsdp_errors(config, state)
     mp = state.mixed_precision
     if mp not in ("no", "bf16"):
-        out.append(f"accelerate launch --mixed_precision {mp} is not supported: use bf16 (set optimization: mixed_precision: bf16) "
-                   "or no; fp16 would need loss scaling undone before the gradient clip, and the PPO ratio is too "
-                   "sensitive to fp16 rounding")
+        out.append(f"accelerate launch --mixed_precision {mp} is not supported: use bf16 (set optimization: "
+                   "mixed_precision: bf16) or no; fp16 would need loss scaling undone before the gradient clip, "
+                   "and the PPO ratio is too sensitive to fp16 rounding")
     elif mp == "bf16" and config.mixed_precision != "bf16":
         out.append(f"accelerate launch --mixed_precision bf16 but config field mixed_precision={config.mixed_precision!r}:"
                    " the run config decides the precision; set mixed_precision: bf16 (--set mixed_precision=bf16) or "

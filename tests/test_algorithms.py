@@ -15,7 +15,7 @@ from critic_align.algorithms.base import OutputParam
 from critic_align.algorithms.nft import nft_loss, optimality
 from critic_align.backbones import DiTAdapter
 from critic_align.checkpoint import latest_checkpoint
-from critic_align.config import PPOConfig
+from critic_align.config import PPOConfig, not_applicable
 from critic_align.rewards import FunctionReward, MultiReward
 from critic_align.steps import FlowMatchSchedule, NoiseSchedule
 from critic_align.trainer import Trainer
@@ -130,6 +130,7 @@ def dit_trainer(path, **overrides):
                critic_lora_rank=2, value_head_hidden=16, value_head_heads=2, clip_range=0.2, learning_rate=1e-3,
                lora_target_modules=("to_q", "to_k", "to_v", "to_out.0"))
     cfg.update(overrides)
+    cfg = {k: v for k, v in cfg.items() if k in overrides or k not in not_applicable(cfg)}
     rewards = MultiReward([FunctionReward(brightness_matches_label, name="bright", differentiable=True)])
     return Trainer(PPOConfig(**cfg), TinyTask(), DiTAdapter(tiny_dit()), FlowMatchEulerDiscreteScheduler(shift=3.0),
                    rewards)

@@ -64,3 +64,21 @@ def test_overrides_name_fields_alone(tmp_path):
     cfg = load_run_config("digits", {"eta": 0.5, "micro_batch_size": 4, "output_dir": str(tmp_path)})["ppo"]
     assert (cfg.eta, cfg.micro_batch_size, cfg.output_dir) == (0.5, 4, str(tmp_path))
     assert SECTIONS["sampling"][0] == "num_inference_steps"
+
+
+def test_a_field_only_another_algorithm_reads_is_refused():
+    from critic_align.algorithms.nft import NFT
+    from critic_align.algorithms.ppo import PPO
+    from critic_align.config import not_applicable
+
+    assert "clip_range" in PPO.arguments and "nft_beta" in NFT.arguments
+    with pytest.raises(ValueError, match=r"clip_range=0.2 applies to algorithm: ppo / awm, not algorithm: nft"):
+        PPOConfig(algorithm="nft", advantage="grpo", clip_range=0.2)
+    with pytest.raises(ValueError, match=r"nft_beta=2.0 applies to algorithm: nft, not algorithm: ppo"):
+        PPOConfig(nft_beta=2.0)
+    with pytest.raises(ValueError, match=r"stat_min_count=1 applies to advantage: ddpo, not advantage: gae"):
+        PPOConfig(stat_min_count=1)
+    PPOConfig(algorithm="nft", advantage="grpo", clip_range=PPOConfig.clip_range)  # the default is not a setting
+    shared = dict(algorithm="nft", advantage="grpo", clip_range=0.2, nft_beta=2.0, stat_min_count=1, learning_rate=1e-3)
+    assert not_applicable(shared) == {"clip_range", "stat_min_count"}
+    PPOConfig(**{k: v for k, v in shared.items() if k not in not_applicable(shared)})

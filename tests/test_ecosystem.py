@@ -342,8 +342,8 @@ def test_run_with_a_jsonl_prompt_file_hands_metadata_to_the_rewards(tmp_path, mo
 
     import critic_align.tasks.sd
     from critic_align.api import build_trainer
-    from critic_align.tasks.composition import parse_prompt
     from critic_align.config_sections import ORDER, flat_fields, sectioned
+    from critic_align.tasks.composition import parse_prompt
     from critic_align.train.registry import CONFIG_DIR, load_run_config
 
     canonical = ["a red 3 left of a blue 7", "two green 5s", "a blue 1"]

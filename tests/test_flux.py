@@ -11,8 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from critic_align.config_sections import sectioned
 from test_sd_pipelines import (
     _clip_text_config,
     assert_only_lora_changed,
@@ -24,6 +22,7 @@ from test_sd_pipelines import (
 
 from critic_align.backbones import FluxAdapter
 from critic_align.cond import TextCond
+from critic_align.config_sections import sectioned
 from critic_align.rewards import FunctionReward, JpegCompressibility, MultiReward
 from critic_align.rollout import cfg_denoiser, sample
 from critic_align.steps import FlowMatchSchedule, FlowMatchSDEStep, make_step

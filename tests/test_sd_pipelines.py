@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from critic_align.cond import TextCond, cat_cond
-from critic_align.config_sections import sectioned
 from critic_align.config import PPOConfig
+from critic_align.config_sections import sectioned
 from critic_align.rewards import FunctionReward, JpegCompressibility, MultiReward
 from critic_align.rollout import Rollout, cfg_denoiser, sample
 from critic_align.steps import DDIMStep, FlowMatchSDEStep

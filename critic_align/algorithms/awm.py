@@ -46,6 +46,9 @@ def awm_loss(out: torch.Tensor, old: torch.Tensor, target: torch.Tensor, advanta
 
 
 class AWM:
+    # the config fields only this one reads (config.py refuses them, set, with another: never silently ignored)
+    arguments = ("awm_advantage", "clip_range")
+
     def __init__(self, schedule, scheduler, config):
         self.forward = forward_process_for(schedule, scheduler, config.num_inference_steps)
         self.param = OutputParam(schedule)

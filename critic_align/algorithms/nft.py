@@ -67,6 +67,9 @@ def nft_loss(out: torch.Tensor, old: torch.Tensor, x_t: torch.Tensor, x0: torch.
 class NFT:
     """The glue: rows of forward-noised final samples, their r, and the loss through the shared update loop."""
 
+    # the config fields only this one reads (config.py refuses them, set, with another: never silently ignored)
+    arguments = ("nft_beta",)
+
     def __init__(self, schedule, scheduler, config):
         self.forward = forward_process_for(schedule, scheduler, config.num_inference_steps)
         self.param = OutputParam(schedule)

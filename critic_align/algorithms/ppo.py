@@ -107,6 +107,9 @@ def ppo_update(ctx: UpdateContext, ro: Rollout, train_policy: bool = True, passe
 
 
 class PPO:
+    # the config fields only this one reads (config.py refuses them, set, with another: never silently ignored)
+    arguments = ("clip_range", "log_prob_reduction")
+
     def __init__(self, schedule, scheduler, config):
         pass
 

@@ -12,6 +12,8 @@ class DDPOEstimator:
     ``min_count``); the same advantage for every step.  The tracker's buffers are checkpointed."""
 
     needs_values = False
+    # the config fields only this one reads (config.py refuses them, set, with another: never silently ignored)
+    arguments = ("stat_buffer_size", "stat_min_count")
 
     def __init__(self, buffer_size: int, min_count: int):
         self.tracker = PerPromptStatTracker(buffer_size, min_count)

@@ -15,6 +15,8 @@ class GAEEstimator:
     divided by each reward's std).  Returns the per-head λ-returns as targets."""
 
     needs_values = True
+    # the config fields only this one reads (config.py refuses them, set, with another: never silently ignored)
+    arguments = ("gae_lambda", "gae_group_baseline", "advantage_scale")
 
     def __init__(self, gamma: float, lam: float, aggregation: str, normalize: bool, scale_by_rewards: bool,
                  group_baseline: bool = False):

@@ -13,6 +13,8 @@ class GRPOEstimator:
     'sum_then_normalize': Σ_k w_k r_k (a missing r_k filled with its group's mean, so it adds 0), normalised."""
 
     needs_values = False
+    # the config fields only this one reads (config.py refuses them, set, with another: never silently ignored)
+    arguments = ()
 
     def __init__(self, aggregation: str):
         self.aggregation = aggregation
