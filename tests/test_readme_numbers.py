@@ -20,3 +20,14 @@ def test_readme_quotes_the_measured_main_job():
     assert m, "the README must state the main job's held-out reward before and after"
     assert float(m.group(1)) == round(summary["eval/reward/digit_prob_base"], 3)
     assert float(m.group(2)) == round(summary["eval/reward/digit_prob_final"], 3)
+
+
+def test_readme_quotes_the_gpu_check():
+    d = json.loads((ROOT / "benchmarks" / "results" / "gpu_check.json").read_text())
+    text = " ".join((ROOT / "README.md").read_text().split())
+    m = re.search(r"([\d.]+)× TRL's samples/s on SD1.5 at ([\d.]+)× its peak memory", text)
+    assert m, "the README must quote the GPU check's SD1.5 comparison with TRL"
+    assert float(m.group(1)) == round(d["sd15_vs_trl"], 2) and float(m.group(2)) == round(d["sd15_peak_mem_vs_trl"], 1)
+    m = re.search(r"(\d+) of (\d+) CUDA tests failed", text)
+    assert m and int(m.group(1)) == d["cuda_tests_failed"]
+    assert int(m.group(2)) == d["cuda_tests_failed"] + d["cuda_tests_passed"]
