@@ -210,6 +210,8 @@ def flux_worker(s: dict) -> dict:
     from critic_align.trainer import Trainer
 
     tmp, cuda = Path(s["tmp"]), s["device"] == "cuda"
+    if cuda and not s.get("cudnn_sdpa", True):
+        torch.backends.cuda.enable_cudnn_sdp(False)  # flash / memory-efficient attention instead
     meter = gt.Meter(cuda)
     t0 = time.time()
     pipe = _flux_pipeline(s["tiny"], s["device"], tmp)
@@ -233,7 +235,8 @@ def flux_worker(s: dict) -> dict:
     inner = trainer.update
     trainer.update = lambda ro: clock.around_update(inner, ro)
     res = {"transformer_params": params, "build_s": build_s, "memory_after_load_mb": loaded_mb,
-           "settings": {k: s[k] for k in ("resolution", "batch", "steps", "max_sequence_length", "micro_batch_size")}
+           "settings": {k: s[k] for k in ("resolution", "batch", "steps", "max_sequence_length", "micro_batch_size",
+                                          "cudnn_sdpa")}
            | {"lora_rank": 8, "gradient_checkpointing": True, "text_encoders": "1 layer at CLIP-L / T5-XXL widths"}}
     try:
         row = clock.epochs(trainer.train_epoch, 1)[0]
@@ -244,8 +247,12 @@ def flux_worker(s: dict) -> dict:
     return res
 
 
-FLUX_VARIANTS = (  # (name, resolution, micro_batch_size, CUDA_LAUNCH_BLOCKING): the first that fits ends the part
-    ("1024_auto", 1024, "auto", "1"), ("1024_mb1", 1024, 1, "0"), ("512_auto", 512, "auto", "0"))
+# (name, resolution, micro_batch_size, CUDA_LAUNCH_BLOCKING, cuDNN attention): the first that fits ends the part.
+# The H200 run stopped on a CUDA illegal memory access in the 1024² update; the variants after the first narrow it
+# down: without cuDNN's SDPA kernels (PyTorch 2.11 has open cuDNN SDPA backward bugs on sm90), one row per
+# micro-batch, then 512².
+FLUX_VARIANTS = (("1024_auto", 1024, "auto", "1", True), ("1024_auto_no_cudnn_sdpa", 1024, "auto", "0", False),
+                 ("1024_mb1", 1024, 1, "0", True), ("512_auto", 512, "auto", "0", True))
 
 
 def run_flux(a, tmp: Path, timeout: float) -> dict:
@@ -258,13 +265,13 @@ def run_flux(a, tmp: Path, timeout: float) -> dict:
         env["CUDA_VISIBLE_DEVICES"] = ""
     deadline = time.time() + timeout
     res = {"variants": {}}
-    for name, resolution, micro, blocking in FLUX_VARIANTS[:1] if a.tiny else FLUX_VARIANTS:
+    for name, resolution, micro, blocking, cudnn_sdpa in FLUX_VARIANTS[:1] if a.tiny else FLUX_VARIANTS:
         if time.time() > deadline - 20:
             res["variants"][name] = {"skipped": "out of the time budget"}
             continue
         spec = dict(device=a.device, tiny=a.tiny, tmp=str(tmp), resolution=16 if a.tiny else resolution,
                     batch=2, steps=2 if a.tiny else a.flux_steps, max_sequence_length=8 if a.tiny else 512,
-                    micro_batch_size=micro)
+                    micro_batch_size=micro, cudnn_sdpa=cudnn_sdpa)
         spec_file, result = tmp / f"flux_{name}.json", tmp / f"flux_{name}_result.json"
         spec_file.write_text(json.dumps(spec))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--flux-worker", str(spec_file), "--result", str(result)]
