@@ -1,6 +1,11 @@
 """What a perfect critic buys (issue #29): the oracle ceiling per task at an equal number of *policy* reward queries.
 
     python benchmarks/critic_ceiling.py --tasks gmm digits --seeds 0 1 2
+    python benchmarks/critic_ceiling.py --tasks digits_dit --merge   # the flow-matching twin, added to the same file
+
+Tasks: ``gmm`` (the 2-D mixture), ``digits`` (the shipped digits DDPM, train/configs/digits.yaml) and ``digits_dit``
+(the shipped rectified-flow digits DiT with Flow-GRPO's SDE step: digits_dit.yaml for the PPO methods,
+digits_dit_nft.yaml / digits_dit_awm.yaml for NFT / AWM; the oracle continues with that SDE step).
 
 Methods (every one the same trainer, model, LoRA, rollout batch and update settings of its task; only the advantage
 differs):
@@ -392,7 +397,7 @@ def summarize(runs: list[dict]) -> dict:
         rt = [r for r in runs if r["task"] == task]
         methods = {m: _method_summary(m, [r for r in rt if r["method"] == m]) for m in METHODS
                    if any(r["method"] == m for r in rt)}
-        summ = {"methods": methods}
+        summ = {"methods": methods, "sampler_families": [[m for m in f if m in methods] for f in families(task)]}
         free_all = [m for m in CRITIC_FREE if m in methods]
         if free_all:
             summ["best_critic_free_final_reward"] = max(free_all, key=lambda m: methods[m]["final_reward_mean"])

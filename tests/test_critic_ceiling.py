@@ -82,16 +82,39 @@ def _run(task, method, train, final, base=0.5):
             "curve": curve, "reward_queries": 256, "oracle_queries": 0, "oracle_nfe": 0, "diverged": None}
 
 
+def _four_runs(task):
+    return [_run(task, "grpo", [0.5, 0.5, 0.6, 0.6], 0.60), _run(task, "awm", [0.5, 0.6, 0.7, 0.7], 0.70),
+            _run(task, "oracle_gae", [0.6, 0.7, 0.8, 0.8], 0.80), _run(task, "learned_gae", [0.5, 0.5, 0.6, 0.7], 0.65)]
+
+
 def test_digits_dit_queries_ratio_is_against_the_best_critic_free_method_of_all():
     # digits_dit's PPO, NFT and AWM sample the same full SDE trajectories: the baseline is the best of all three (AWM
     # here, final training reward (0.6 + 0.7 + 0.7) / 3), where digits' split measures PPO methods against GRPO's
-    def runs(task):
-        return [_run(task, "grpo", [0.5, 0.5, 0.6, 0.6], 0.60), _run(task, "awm", [0.5, 0.6, 0.7, 0.7], 0.70),
-                _run(task, "oracle_gae", [0.6, 0.7, 0.8, 0.8], 0.80), _run(task, "learned_gae", [0.5, 0.5, 0.6, 0.7], 0.65)]
-
-    dit = cc.summarize(runs("digits_dit"))["digits_dit"]
+    dit = cc.summarize(_four_runs("digits_dit"))["digits_dit"]
     assert dit["best_critic_free"] == "awm" and abs(dit["best_critic_free_final_train_reward"] - 2.0 / 3) < 1e-12
     assert dit["oracle_queries_ratio"] == 192 / 256     # the 3-epoch mean first reaches 2/3 at 192 queries (0.7)
     assert abs(dit["learned_share_of_oracle_gain"] - (0.65 - 0.5) / (0.80 - 0.5)) < 1e-12
-    digits = cc.summarize(runs("digits"))["digits"]
+    digits = cc.summarize(_four_runs("digits"))["digits"]
     assert digits["best_critic_free"] == "grpo" and digits["oracle_queries_ratio"] == 64 / 256  # 0.6 >= 1.7 / 3
+
+
+def test_report_renders_digits_dit(tmp_path):
+    import json
+
+    from report_ceiling import answer, section_ceiling
+
+    runs = _four_runs("digits_dit") + _four_runs("digits")
+    d = {"machine": {"cpu_count": 2, "torch": "x", "torch_threads": 1, "note": "n"}, "variance_decomposition": {},
+         "budget_policy_queries": {"digits_dit": 256, "digits": 256}, "runs": runs, "summary": cc.summarize(runs),
+         "invocations": [{"tasks": ["digits_dit"], "reduction_vs_issue": "one core"}]}
+    (tmp_path / "critic_ceiling.json").write_text(json.dumps(d))
+    text = section_ceiling(tmp_path / "critic_ceiling.json")
+    assert "### digits_dit (256 policy reward queries per run)" in text
+    assert "Reduced versus the issue (digits_dit): one core" in text
+    dit = text.split("### digits_dit")[1]
+    assert "of all (PPO, NFT and AWM all sample full trajectories of the same SDE step here). Baseline: awm" in dit
+    assert "**`oracle_queries_ratio` = 0.75**, `learned_share_of_oracle_gain` = 0.50" in dit
+    assert "| oracle_gae | 0.800 ± 0.000 (1 seeds) |" in dit
+    assert "PPO family's baseline: grpo" in text.split("### digits_dit")[0]  # digits keeps its two families
+    assert "- **digits_dit**: against awm (same sampler), a perfect critic (oracle GAE, its queries not counted) needs 0.75" \
+        in answer(tmp_path)
