@@ -1,6 +1,11 @@
 """What a perfect critic buys (issue #29): the oracle ceiling per task at an equal number of *policy* reward queries.
 
     python benchmarks/critic_ceiling.py --tasks gmm digits --seeds 0 1 2
+    python benchmarks/critic_ceiling.py --tasks digits_dit --merge   # the flow-matching twin, added to the same file
+
+Tasks: ``gmm`` (the 2-D mixture), ``digits`` (the shipped digits DDPM, train/configs/digits.yaml) and ``digits_dit``
+(the shipped rectified-flow digits DiT with Flow-GRPO's SDE step: digits_dit.yaml for the PPO methods,
+digits_dit_nft.yaml / digits_dit_awm.yaml for NFT / AWM; the oracle continues with that SDE step).
 
 Methods (every one the same trainer, model, LoRA, rollout batch and update settings of its task; only the advantage
 differs):
@@ -56,6 +61,13 @@ CRITIC_FREE = ("grpo", "nft", "awm")
 # stochastic trajectories), so that "queries to reach the baseline's final training reward" compares like with like
 FAMILIES = (("grpo", "learned_gae", "grafted_gae", "oracle_gae", "oracle_gae_lam1", "mc_counted"),
             ("nft", "awm", "awm_oracle"))
+# digits_dit has no SDE window: PPO, NFT and AWM all sample full trajectories of the same SDE step (noise level 0.7),
+# so its methods form one family and the baseline is the best critic-free method of all three
+ONE_SAMPLER_TASKS = ("digits_dit",)
+
+
+def families(task: str) -> tuple[tuple[str, ...], ...]:
+    return (sum(FAMILIES, ()),) if task in ONE_SAMPLER_TASKS else FAMILIES
 
 # method -> (config overrides, kind)
 METHODS = {
@@ -111,7 +123,9 @@ def gmm_trainer(overrides: dict, seed: int, lr: float, out: Path, args):
     return tr, evaluate
 
 
-def digits_trainer(overrides: dict, seed: int, lr: float, out: Path, args):
+def digits_trainer(overrides: dict, seed: int, lr: float, out: Path, args, configs: dict | None = None):
+    """The digits DDPM (``configs`` None: train/configs/digits.yaml for every method) or another shipped digits job:
+    ``configs`` maps an algorithm ("ppo", "nft", "awm") to the run config it starts from."""
     from digits_advantages import evaluate_policy
 
     from critic_align.api import build_trainer
@@ -122,7 +136,7 @@ def digits_trainer(overrides: dict, seed: int, lr: float, out: Path, args):
         over["timestep_fraction"] = args.awm_timestep_fraction
     over.update(seed=seed, learning_rate=lr, output_dir=str(out), progress=False, grid_every=0, checkpoint_every=0,
                 log_tensorboard=False, eval_every=0)
-    run = load_run_config("digits", over)
+    run = load_run_config((configs or {}).get(over.get("algorithm", "ppo"), "digits"), over)
     tr = build_trainer(run)
 
     def evaluate(tr=tr):
@@ -132,7 +146,18 @@ def digits_trainer(overrides: dict, seed: int, lr: float, out: Path, args):
     return tr, evaluate
 
 
-TASKS = {"gmm": (gmm_trainer, (1e-3, 3e-3, 1e-2)), "digits": (digits_trainer, (3e-4, 1e-3, 3e-3))}
+# the flow-matching twin: the shipped digits DiT with its SDE step (Flow-GRPO's, noise level 0.7), each algorithm from
+# its own shipped config (the overrides of METHODS still apply on top)
+DIGITS_DIT_CONFIGS = {"ppo": "digits_dit", "nft": "digits_dit_nft", "awm": "digits_dit_awm"}
+
+
+def digits_dit_trainer(overrides: dict, seed: int, lr: float, out: Path, args):
+    return digits_trainer(overrides, seed, lr, out, args, configs=DIGITS_DIT_CONFIGS)
+
+
+# task -> (trainer, learning-rate sweep; its middle value is the one unswept methods run at: the configs' own 1e-3)
+TASKS = {"gmm": (gmm_trainer, (1e-3, 3e-3, 1e-2)), "digits": (digits_trainer, (3e-4, 1e-3, 3e-3)),
+         "digits_dit": (digits_dit_trainer, (3e-4, 1e-3, 3e-3))}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -372,11 +397,11 @@ def summarize(runs: list[dict]) -> dict:
         rt = [r for r in runs if r["task"] == task]
         methods = {m: _method_summary(m, [r for r in rt if r["method"] == m]) for m in METHODS
                    if any(r["method"] == m for r in rt)}
-        summ = {"methods": methods}
+        summ = {"methods": methods, "sampler_families": [[m for m in f if m in methods] for f in families(task)]}
         free_all = [m for m in CRITIC_FREE if m in methods]
         if free_all:
             summ["best_critic_free_final_reward"] = max(free_all, key=lambda m: methods[m]["final_reward_mean"])
-        for family in FAMILIES:  # queries to reach: against the best critic-free method sampling the same way
+        for family in families(task):  # queries to reach: against the best critic-free method sampling the same way
             free = [m for m in family if m in CRITIC_FREE and m in methods]
             if not free:
                 continue
@@ -452,7 +477,7 @@ def plot(runs, summary, path: Path) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", nargs="+", default=["gmm", "digits"])
+    p.add_argument("--tasks", nargs="+", default=["gmm", "digits"], choices=list(TASKS))
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--lrs", nargs="+", type=float, default=None, help="the sweep (default: 3 values per task)")
@@ -465,6 +490,7 @@ def main(argv=None):
                    help="box: a bounded 0/1 reward (without a KL an unbounded linear reward runs away)")
     p.add_argument("--K-gmm", type=int, default=8)
     p.add_argument("--K-digits", type=int, default=2)
+    p.add_argument("--K-digits-dit", type=int, default=2)
     p.add_argument("--awm-timestep-fraction", type=float, default=0.25,
                    help="digits: AWM trains on this fraction of each trajectory's steps (its oracle rows)")
     p.add_argument("--eval-per-class", type=int, default=20)
@@ -481,11 +507,13 @@ def main(argv=None):
                    help="with --merge: keep this task's runs and decomposition too (e.g. to extend a sweep)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    args.K = {"gmm": args.K_gmm, "digits": args.K_digits}
+    args.K = {"gmm": args.K_gmm, "digits": args.K_digits, "digits_dit": args.K_digits_dit}
     args.vd_cache = dict(item.split("=", 1) for item in args.vd_cache)
-    budgets = dict(zip(args.tasks, args.budget or [{"gmm": 2560, "digits": 960}[t] for t in args.tasks]))
-    vd_n = dict(zip(args.tasks, args.vd_trajectories or [{"gmm": 512, "digits": 80}[t] for t in args.tasks]))
-    vd_k = dict(zip(args.tasks, args.vd_K or [{"gmm": 32, "digits": 4}[t] for t in args.tasks]))
+    budgets = dict(zip(args.tasks, args.budget or [{"gmm": 2560, "digits": 960, "digits_dit": 960}[t]
+                                                     for t in args.tasks]))
+    vd_n = dict(zip(args.tasks, args.vd_trajectories or [{"gmm": 512, "digits": 80, "digits_dit": 80}[t]
+                                                                    for t in args.tasks]))
+    vd_k = dict(zip(args.tasks, args.vd_K or [{"gmm": 32, "digits": 4, "digits_dit": 4}[t] for t in args.tasks]))
     out = Path(args.out)
     if args.resummarize:
         result = json.loads(out.read_text())

@@ -49,11 +49,15 @@ def section_ceiling(path: Path) -> str:
                          f"({len(r['seeds'])} seeds) | {r['chosen_lr']:g} | {sweep} | {r['policy_queries']} | "
                          f"{r['oracle_queries']} | {', '.join(_q(x) for x in reach)} | {r.get('baseline_for_queries')} | "
                          f"{_f(r.get('queries_ratio_median'), 2)} |")
-        lines += ["", f"Best critic-free method by final held-out reward: {s.get('best_critic_free_final_reward')}. "
-                      "Queries to reach are measured against the best critic-free method that samples the same way "
+        if len(s.get("sampler_families", [[], []])) == 1:  # e.g. digits_dit: no SDE window, one sampler for all
+            family = ("Queries to reach are measured against the best critic-free method of all (PPO, NFT and AWM all "
+                      "sample full trajectories of the same SDE step here). Baseline: ")
+        else:
+            family = ("Queries to reach are measured against the best critic-free method that samples the same way "
                       "(PPO's rollouts: GRPO; NFT / AWM's full trajectories: the better of the two), as their training "
-                      "rewards come from different samplers. PPO family's baseline: "
-                      f"{s.get('best_critic_free')} (final training reward "
+                      "rewards come from different samplers. PPO family's baseline: ")
+        lines += ["", f"Best critic-free method by final held-out reward: {s.get('best_critic_free_final_reward')}. "
+                      + family + f"{s.get('best_critic_free')} (final training reward "
                       f"{_f(s.get('best_critic_free_final_train_reward'))}). **`oracle_queries_ratio` = "
                       f"{_f(s.get('oracle_queries_ratio'), 2)}**, `learned_share_of_oracle_gain` = "
                       f"{_f(s.get('learned_share_of_oracle_gain'), 2)} (best learned critic: "

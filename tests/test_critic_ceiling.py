@@ -46,3 +46,75 @@ def test_awm_oracle_counts_apart_and_queries_to_reach(tmp_path):
     assert tr.reward_queries == 16 and ledger["oracle_queries"] == 16 * 5 * 2  # one row per (trajectory, step)
     curve = [{"policy_queries": q, "reward": r} for q, r in ((10, 0.1), (20, 0.5), (30, 0.9), (40, 0.9))]
     assert cc.queries_to_reach(curve, 0.75) == 40 and cc.queries_to_reach(curve, 0.5, smooth=1) == 20
+
+
+def test_digits_dit_oracle_runs_on_the_flow_step(tmp_path, monkeypatch):
+    # the flow-matching twin: each algorithm from its own shipped config, and the oracle's continuations on the
+    # rectified-flow SDE step over full stochastic trajectories (digits_dit.yaml has no SDE window)
+    from critic_align.steps import FlowMatchSDEStep
+    from critic_align.train import registry
+
+    loaded, load = [], registry.load_run_config
+    monkeypatch.setattr(registry, "load_run_config", lambda name, over: loaded.append(name) or load(name, over))
+
+    args = argparse.Namespace(awm_timestep_fraction=0.25, eval_per_class=2)
+    small = {"batch_size": 8, "group_size": 4, "num_inference_steps": 4, "sample_chunk_size": 8, "minibatch_size": 8}
+    tr, evaluate = cc.digits_dit_trainer({"advantage": "grpo", **small}, 0, 1e-3, tmp_path / "d", args)
+    assert isinstance(tr.step, FlowMatchSDEStep) and tr.step.noise_level == 0.7
+    ledger = {"oracle_queries": 0, "oracle_nfe": 0}
+    cc.install_oracle_gae(tr, 2, 0.95, count=False, gen=torch.Generator().manual_seed(0), ledger=ledger)
+    tr.train_epoch()
+    assert tr.reward_queries == 8                       # the policy's own rollout only
+    assert ledger["oracle_queries"] == 8 * 2 * 4        # K = 2 continuations at each of the 4 states
+    assert ledger["oracle_nfe"] == 8 * 2 * (4 + 3 + 2 + 1)
+    assert 0.0 <= evaluate()["reward"] <= 1.0           # digit_prob of the 10 prompts, two samples each
+    nft, _ = cc.digits_dit_trainer({**cc.METHODS["nft"][0], **small}, 0, 1e-3, tmp_path / "n", args)
+    awm, _ = cc.digits_dit_trainer({**cc.METHODS["awm"][0], **small}, 0, 1e-3, tmp_path / "a", args)
+    assert loaded == ["digits_dit", "digits_dit_nft", "digits_dit_awm"]
+    assert nft.config.algorithm == "nft" and awm.config.algorithm == "awm" and awm.config.timestep_fraction == 0.25
+    assert isinstance(nft.step, FlowMatchSDEStep) and isinstance(awm.step, FlowMatchSDEStep)
+
+
+def _run(task, method, train, final, base=0.5):
+    curve = [{"policy_queries": 64 * (i + 1), "reward_queries": 64 * (i + 1), "reward": r, "epoch_s": 1.0}
+             for i, r in enumerate(train)]
+    return {"task": task, "method": method, "seed": 0, "lr": 1e-3, "final": {"reward": final}, "base": {"reward": base},
+            "curve": curve, "reward_queries": 256, "oracle_queries": 0, "oracle_nfe": 0, "diverged": None}
+
+
+def _four_runs(task):
+    return [_run(task, "grpo", [0.5, 0.5, 0.6, 0.6], 0.60), _run(task, "awm", [0.5, 0.6, 0.7, 0.7], 0.70),
+            _run(task, "oracle_gae", [0.6, 0.7, 0.8, 0.8], 0.80), _run(task, "learned_gae", [0.5, 0.5, 0.6, 0.7], 0.65)]
+
+
+def test_digits_dit_queries_ratio_is_against_the_best_critic_free_method_of_all():
+    # digits_dit's PPO, NFT and AWM sample the same full SDE trajectories: the baseline is the best of all three (AWM
+    # here, final training reward (0.6 + 0.7 + 0.7) / 3), where digits' split measures PPO methods against GRPO's
+    dit = cc.summarize(_four_runs("digits_dit"))["digits_dit"]
+    assert dit["best_critic_free"] == "awm" and abs(dit["best_critic_free_final_train_reward"] - 2.0 / 3) < 1e-12
+    assert dit["oracle_queries_ratio"] == 192 / 256     # the 3-epoch mean first reaches 2/3 at 192 queries (0.7)
+    assert abs(dit["learned_share_of_oracle_gain"] - (0.65 - 0.5) / (0.80 - 0.5)) < 1e-12
+    digits = cc.summarize(_four_runs("digits"))["digits"]
+    assert digits["best_critic_free"] == "grpo" and digits["oracle_queries_ratio"] == 64 / 256  # 0.6 >= 1.7 / 3
+
+
+def test_report_renders_digits_dit(tmp_path):
+    import json
+
+    from report_ceiling import answer, section_ceiling
+
+    runs = _four_runs("digits_dit") + _four_runs("digits")
+    d = {"machine": {"cpu_count": 2, "torch": "x", "torch_threads": 1, "note": "n"}, "variance_decomposition": {},
+         "budget_policy_queries": {"digits_dit": 256, "digits": 256}, "runs": runs, "summary": cc.summarize(runs),
+         "invocations": [{"tasks": ["digits_dit"], "reduction_vs_issue": "one core"}]}
+    (tmp_path / "critic_ceiling.json").write_text(json.dumps(d))
+    text = section_ceiling(tmp_path / "critic_ceiling.json")
+    assert "### digits_dit (256 policy reward queries per run)" in text
+    assert "Reduced versus the issue (digits_dit): one core" in text
+    dit = text.split("### digits_dit")[1]
+    assert "of all (PPO, NFT and AWM all sample full trajectories of the same SDE step here). Baseline: awm" in dit
+    assert "**`oracle_queries_ratio` = 0.75**, `learned_share_of_oracle_gain` = 0.50" in dit
+    assert "| oracle_gae | 0.800 ± 0.000 (1 seeds) |" in dit
+    assert "PPO family's baseline: grpo" in text.split("### digits_dit")[0]  # digits keeps its two families
+    assert "- **digits_dit**: against awm (same sampler), a perfect critic (oracle GAE, its queries not counted) needs 0.75" \
+        in answer(tmp_path)

@@ -128,3 +128,57 @@ def test_explained_variance_subtracts_mc_noise():
     assert abs(explained_variance(v, r) - 0.5) < 0.02
     assert explained_variance(noisy, r) < 0.4
     assert abs(explained_variance(noisy, r, torch.full((20000,), 0.25)) - 0.5) < 0.03
+
+
+def _flow_setup(n=6):
+    from critic_align.steps import FlowMatchSchedule, FlowMatchSDEStep
+
+    schedule = FlowMatchSchedule()
+    m = torch.tensor([1.0, -0.5])
+    # an affine velocity field: each SDE step's mean is then affine in x, so E[final | x_t] is the chain of step means
+    return FlowMatchSDEStep(schedule, noise_level=0.7), schedule.timesteps(n), (lambda x, t, c: 0.8 * x - m)
+
+
+def test_flow_match_sde_value_is_the_mean_of_k_continuations():
+    # the rectified-flow SDE step (digits_dit's): the estimate is the mean of exactly the K continuations the step
+    # draws from the generator, stderr their sample std / sqrt(K)
+    step, ts, den = _flow_setup()
+    lin = LinearReward(W)
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(6))
+    ov = oracle_values(den, step, x, 2, ts, None, lambda f, p: lin(f)[:, None], 3, torch.Generator().manual_seed(7))
+    g, xr = torch.Generator().manual_seed(7), x.repeat_interleave(3, dim=0)
+    prev = torch.cat([ts[1:], torch.zeros(1)])
+    for j in range(2, 6):
+        t = ts[j].expand(12)
+        xr = step(den(xr, t, None), xr, t, prev[j].expand(12), generator=g).prev_sample
+    r = lin(xr).view(4, 3)
+    torch.testing.assert_close(ov.values[:, 0], r.mean(1))
+    torch.testing.assert_close(ov.stderr[:, 0], r.std(1) / 3**0.5)
+    assert ov.counts.reward_queries == 12 and ov.counts.nfe == 12 * 4
+
+
+def test_flow_match_sde_value_of_a_linear_reward_is_the_chain_of_step_means():
+    step, ts, den = _flow_setup()
+    lin = LinearReward(W)
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(8))
+    ov = oracle_values(den, step, x, 1, ts, None, lambda f, p: lin(f)[:, None], 4000, torch.Generator().manual_seed(9))
+    prev, xm = torch.cat([ts[1:], torch.zeros(1)]), x.double()
+    for j in range(1, 6):  # zero-mean Gaussian noise on an affine map: the expectation follows the means
+        t = ts[j].expand(3)
+        xm = step(den(xm, t, None), xm, t, prev[j].expand(3), generator=torch.Generator()).mean
+    err = (ov.values[:, 0].double() - lin(xm).double()).abs()
+    assert (ov.stderr > 0).all() and (err < 4.5 * ov.stderr[:, 0].double()).all(), (err, ov.stderr)
+
+
+def test_flow_match_future_past_the_window_is_the_euler_ode():
+    # from the window's end on, the policy's sampler is the Euler ODE x + (σ' − σ)·v: one continuation, by hand
+    step, ts, den = _flow_setup()
+    lin = LinearReward(W)
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(10))
+    ov = oracle_values(den, step, x, 3, ts, None, lambda f, p: lin(f)[:, None], 7, torch.Generator(), stochastic_stop=3)
+    sig = torch.cat([ts / 1000, torch.zeros(1)]).double()
+    xe = x.double()
+    for j in range(3, 6):
+        xe = xe + (sig[j + 1] - sig[j]) * den(xe, None, None)
+    assert ov.counts.reward_queries == 5 and ov.counts.nfe == 5 * 3 and (ov.stderr == 0).all()
+    torch.testing.assert_close(ov.values[:, 0].double(), lin(xe).double(), rtol=1e-5, atol=1e-5)
