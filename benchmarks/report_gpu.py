@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 
-def _error_line(msg: str | None) -> str:
+def error_line(msg: str | None) -> str:
     """The line of a failure message that names the error (pytest's messages start with the assertion)."""
     lines = [ln.strip() for ln in (msg or "").splitlines() if ln.strip()]
     return next((ln for ln in lines if re.search(r"(\w+Error|error): ", ln)), lines[0] if lines else "")
@@ -45,7 +45,7 @@ def section_gpu_check(path: Path) -> str:
     lines.append("")
     p = d["parts"]
     if p.get("tests", {}).get("failures"):
-        lines += ["Failed CUDA tests:", ""] + [f"- `{k}`: {_error_line(v)[:300]}"
+        lines += ["Failed CUDA tests:", ""] + [f"- `{k}`: {error_line(v)[:300]}"
                                                for k, v in p["tests"]["failures"].items()] + [""]
     ep = p.get("sd15", {}).get("epoch", {})
     gt_file = path.parent / p.get("sd15", {}).get("gpu_throughput", "gpu_throughput.json")

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 from harness import machine_info, write_result
+from report_gpu import error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -197,16 +198,11 @@ def gpu_rows(path: Path) -> dict | None:
     d = json.loads(path.read_text())
     tests = d.get("parts", {}).get("tests", {})
     failures = tests.get("failures", {})
-    rows = {t["name"].split("::")[-1]: {"status": t["status"], **({"error": _error_line(failures.get(t["name"]))}
+    rows = {t["name"].split("::")[-1]: {"status": t["status"], **({"error": error_line(failures.get(t["name"]))}
                                                                      if t["status"] == "failed" else {})}
             for t in tests.get("tests", []) if "process" in t["name"] or "fsdp" in t["name"]}
     return {"source": path.name, "device": d.get("device", {}).get("name"), "command": d.get("command"),
             "tests": rows}
-
-
-def _error_line(msg: str | None) -> str:
-    lines = [ln.strip() for ln in (msg or "").splitlines() if ln.strip()]
-    return next((ln for ln in lines if "Error" in ln), lines[0] if lines else "")
 
 
 def main() -> int:
