@@ -30,7 +30,7 @@ from report_perf import (
     section_trl_compare,
 )
 from report_reliability import section_engine_equivalence, section_fault_injection, section_kill_resume
-from report_steering import section_digits_steering, section_gmm_steering, section_t2i_steering
+from report_steering import section_digits_steering, section_gmm_steering, section_t2i_steering, section_t2i_steering_flops
 from report_t2i import section_t2i_advantages, section_t2i_critic_offline
 from report_training import (
     section_advantages,
@@ -93,6 +93,7 @@ TOPICS = {t.name: t for t in (
            ("t2i_sd3_critic_offline.json", section_t2i_critic_offline),
            ("t2i_sd3_critic_offline_x0.json", section_t2i_critic_offline),
            ("t2i_steering.json", section_t2i_steering), ("t2i_steering_x0.json", section_t2i_steering),
+           ("t2i_steering_flops.json", section_t2i_steering_flops),
            ("sde_window_t2i.json", section_sde_window))),
     Topic("perf", "Performance: speed, memory, scale-out and the GPU",
           "Throughput and memory against TRL, the speed defaults, critic modes, where the time went, scaling with batch "

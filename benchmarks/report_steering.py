@@ -240,3 +240,55 @@ def section_t2i_steering(path: Path) -> str:
               "",
               f"![reward vs NFE](benchmarks/results/{name}.png)", ""]
     return "\n".join(lines)
+
+
+def section_t2i_steering_flops(path: Path) -> str:
+    """The FLOP-matched rows (t2i_steering.py --flops-matched): the critic against FK's x0-reward SMC at equal FLOPs
+    counted at real scale."""
+    d = json.loads(path.read_text())
+    a, key = d["args"], d["reward_key"]
+    n_split = {s: len(ps) for s, ps in d["splits"].items()}
+    names = {"smc": "critic SMC", "guidance+bon": "critic guidance + BoN", "bon": "best-of-N (no critic)"}
+    prices = "; ".join(f"{s}: " + ", ".join(f"{m} {v:,.0f}" for m, v in p.items())
+                       for s, p in d["per_particle_step_gflops"].items())
+    lines = [
+        "## Steering the tiny text-to-image pipeline at equal FLOPs counted at real scale",
+        "",
+        f"Command: `python benchmarks/t2i_steering.py --flops-matched {d['flops_source']} --prompts-per-split "
+        f"{a['prompts_per_split']} --particles {' '.join(str(n) for n in a['particles'])} --lam "
+        f"{' '.join(f'{x:g}' for x in a['lam'])}` (writes `benchmarks/results/{d['benchmark']}.json`; "
+        f"{d['time_s'] / 60:.1f} min). {d['stand_in'][0].upper() + d['stand_in'][1:]}. GFLOPs per particle-step "
+        f"({d['flops_source']}): {prices}. Matched particle counts: {d['rounding']}; {d['matched_on']}. "
+        f"{n_split['train']} training + {n_split['heldout']} held-out prompts, one noise seed; guidance scale "
+        f"w = {d['best_guidance_scale']:g} (best of {a['scales']} at N = 1); each SMC at its best λ of {a['lam']}. "
+        f"{d['ties_or_beats_rule'][0].upper() + d['ties_or_beats_rule'][1:]}."
+        + (f" Reduced: {d['reduction_vs_issue']}." if d.get("reduction_vs_issue") else "")
+        + (f" {d['grafted'][0].upper() + d['grafted'][1:]}." if d.get("grafted") else ""),
+        "",
+        f"| scale | FK N | FK {key} | method | N' | FLOPs / FK's (per step, whole sample) | {key} | − FK ± s.e. "
+        "| ties or beats |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for scale, by_n in d["critic_vs_fk_equal_flops"].items():
+        for n, e in by_n.items():
+            for m, label in names.items():
+                r = e[m]
+                if r is None:
+                    lines.append(f"| {scale} | {n} | {_f(e['fk_reward'])} | {label} | 0 | one particle exceeds FK's "
+                                 "budget | | | no |")
+                    continue
+                knob = f" (λ={r['lam']:g})" if "lam" in r else (f" (w={r['scale']:g})" if "scale" in r else "")
+                lines.append(f"| {scale} | {n} | {_f(e['fk_reward'])} | {label}{knob} | {r['particles']} | "
+                             f"{_f(r['flop_ratio_per_step'], 2)}, {_f(r['flop_ratio_whole_sample'], 2)} | "
+                             f"{_f(r['reward'])} | {r['difference']:+.3f} ± {r['se']:.3f} | "
+                             f"{'yes' if r['ties_or_beats'] else 'no'} |")
+    lines += ["", "`critic_vs_fk_equal_flops` (the best critic method against FK):", ""]
+    for scale, by_n in d["critic_vs_fk_equal_flops"].items():
+        for n, e in by_n.items():
+            if e["best_critic_method"] is None:
+                lines.append(f"- {scale}, N = {n}: no critic method fits FK's budget")
+                continue
+            lines.append(f"- {scale}, N = {n}: {names[e['best_critic_method']]} at N' = {e['best_critic_particles']} "
+                         f"{_f(e['best_critic_reward'])} vs FK {_f(e['fk_reward'])}: {e['difference']:+.3f} ± "
+                         f"{e['se']:.3f}, {'ties or beats' if e['ties_or_beats'] else 'loses'}")
+    return "\n".join(lines + [""])

@@ -29,6 +29,8 @@ import torch
 from critic_align.train.steer import SteeringRun, build_steering_trainer, evaluate_samples, steer_run
 from critic_align.x0_reward import reads_x0_reward
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @dataclass
 class TableSpec:
@@ -74,6 +76,14 @@ def add_table_args(p, *, particles, scales, bon_only, lam, critic_epochs, thread
     p.add_argument("--critic-x0-reward", action="store_true",
                    help="pretrain a critic with critic_x0_reward (its head also reads r(decode(x0_pred))): SMC can use "
                         "it, guidance cannot, so the guidance rows are left out; writes <name>_x0.json")
+    p.add_argument("--flops-matched", metavar="FLOPS_JSON",
+                   help="instead of the equal-NFE table: FLOP-matched rows against FK's x0-reward SMC at each N of "
+                        "--particles, priced by this file (benchmarks/results/flops_real_scale.json); writes "
+                        "<name>_flops.json")
+    p.add_argument("--flops-scales", nargs="+", default=["sd15_512", "sd35m_1024"],
+                   help="the real scales of the FLOP table whose prices set the matched particle counts")
+    p.add_argument("--flops-rounding", choices=["floor", "nearest"], default="floor",
+                   help="N' = floor (never more FLOPs than FK) or nearest of N × FK's cost / the method's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=out)
     p.add_argument("--threads", type=int, default=threads)
@@ -96,28 +106,43 @@ def pretrain_summary(critic_dir: Path) -> dict | None:
             **{k: v for k, v in rows[-1].items() if k.startswith("pre_value_ev")}}
 
 
-def run_table(spec: TableSpec, args) -> dict:
-    """Build (or load) the critic, run every method, write ``<name>.json``, ``.png`` and the grids at N = 4
-    under ``args.out``."""
+def load_critic(spec: TableSpec, args):
+    """The table's trainer (policy, critic, rewards) and its SteeringRun: a trained run's (``--run``), the cached
+    value-pretrained critic under ``<out>/tmp/<name>`` when its settings match this command's, else a fresh one.
+    Returns (trainer, steering, name, critic_dir, run_dir or None, seconds spent building or loading it)."""
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
     x0 = getattr(args, "critic_x0_reward", False)
     name = spec.name + ("_x0" if x0 else "")
     critic_dir = out / "tmp" / name
     run_dir = args.run
     if run_dir is None and not args.fresh_critic and (critic_dir / "checkpoints").exists():
-        run_dir = str(critic_dir)
+        stale = critic_cache_mismatch(critic_dir, spec.config, args.critic_epochs, x0)
+        if stale:
+            print(f"not reusing the cached critic under {critic_dir}: {stale}; pretraining a fresh one")
+        else:
+            run_dir = str(critic_dir)
     t0 = time.time()
-    trainer, run = build_steering_trainer(None if run_dir else spec.config, run_dir, str(critic_dir),
-                                          {"critic_x0_reward": True} if x0 and not run_dir else None,
-                                          critic_epochs=None if run_dir else args.critic_epochs)
+    trainer, _ = build_steering_trainer(None if run_dir else spec.config, run_dir, str(critic_dir),
+                                        {"critic_x0_reward": True} if x0 and not run_dir else None,
+                                        critic_epochs=None if run_dir else args.critic_epochs)
     if x0 and not reads_x0_reward(trainer.critic):
         raise ValueError(f"--critic-x0-reward: the critic of {run_dir} does not read r(decode(x0_pred))")
-    guided = not reads_x0_reward(trainer.critic)  # gradient guidance needs a critic of the latent alone
-    critic_time = time.time() - t0
     steering = SteeringRun(trainer.models, trainer.task, trainer.timesteps, trainer.rewards, trainer.eval_rewards)
+    return trainer, steering, name, critic_dir, run_dir, time.time() - t0
+
+
+def run_table(spec: TableSpec, args) -> dict:
+    """Build (or load) the critic, run every method, write ``<name>.json``, ``.png`` and the grids at N = 4
+    under ``args.out``."""
+    if getattr(args, "flops_matched", None):
+        return run_flops_matched(spec, args)
+    out = Path(args.out)
+    t_start = time.time()
+    trainer, steering, name, critic_dir, run_dir, critic_time = load_critic(spec, args)
+    guided = not reads_x0_reward(trainer.critic)  # gradient guidance needs a critic of the latent alone
+    x0 = getattr(args, "critic_x0_reward", False)
     prompts = spec.prompts
     rows = []
 
@@ -212,3 +237,216 @@ def plot(result, path, reward_key: str, title: str):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def critic_cache_mismatch(critic_dir: Path, config: str, critic_epochs: int, x0: bool) -> str | None:
+    """Why the critic cached under ``critic_dir`` is not the one this command would pretrain (None when it is): the
+    cache key is its run.json (task, model, rewards, ...) and config.json (PPO settings) against ``config``'s
+    today, plus the value-pretraining batches and the x0-reward switch asked for."""
+    from critic_align.api import RUN_SPEC_KEYS
+    from critic_align.train.registry import load_run_config
+
+    try:
+        info = json.loads((critic_dir / "run.json").read_text())
+        ppo = json.loads((critic_dir / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"its run.json / config.json cannot be read ({exc})"
+    if ppo.get("value_pretrain_epochs") != critic_epochs:
+        return f"it was pretrained for {ppo.get('value_pretrain_epochs')} batches, --critic-epochs asks {critic_epochs}"
+    if bool(ppo.get("critic_x0_reward")) != x0:
+        return f"its critic_x0_reward is {ppo.get('critic_x0_reward')}, this command asks {x0}"
+    fresh = load_run_config(config, {})
+    spec_now = json.loads(json.dumps({k: fresh.get(k) for k in RUN_SPEC_KEYS}, default=list))
+    changed = [k for k in RUN_SPEC_KEYS if info.get(k) != spec_now[k]]
+    ppo_now = json.loads(json.dumps(fresh["ppo"].to_dict(), default=list))
+    # what build_steering_trainer sets for every fresh critic (or is checked above) is not compared with the YAML
+    fixed = {"output_dir", "value_pretrain_epochs", "sde_window_size", "sde_window_range", "critic_x0_reward"}
+    changed += sorted(k for k in ppo_now if k not in fixed and ppo.get(k) != ppo_now[k])
+    return f"{', '.join(changed)} differ from train/configs/{config}'s today" if changed else None
+
+
+# which row of flops_real_scale.json's per_particle_step_gflops prices one particle-step of each method
+FLOP_PRICE_OF = {"smc_x0": "fk_x0_reward_smc", "smc": "critic_smc", "guidance+bon": "critic_guidance",
+                 "bon": "plain_sampling"}
+MATCHED_METHODS = ("smc", "guidance+bon", "bon")  # the critic's two methods and the critic-free control
+CRITIC_METHODS = ("smc", "guidance+bon")
+TIES_OR_BEATS_RULE = ("difference = best critic method's mean reward − FK x0-reward SMC's (each at its best λ), over "
+                      "the same prompts and noise seed; ± the standard error of the per-prompt paired difference; "
+                      "ties_or_beats = difference >= −1 standard error")
+
+
+def flops_matched_plan(flops: dict, particles: list[int], scales: list[str], rounding: str = "floor") -> dict:
+    """{scale: {N: {method: {particles, flop_ratio_per_step}}}}: for FK's x0-reward SMC at N particles, each of
+    MATCHED_METHODS gets the particle count whose FLOPs per step at that scale (``flops[scale]
+    ["per_particle_step_gflops"]``, written by benchmarks/flops_real_scale.py) match FK's
+    (:func:`critic_align.flops.matched_particles`), and the ratio of the pair's FLOPs per step (method / FK)."""
+    from critic_align.flops import matched_particles
+
+    plan = {}
+    for scale in scales:
+        if scale not in flops or "per_particle_step_gflops" not in flops[scale]:
+            have = [k for k, v in flops.items() if isinstance(v, dict) and "per_particle_step_gflops" in v]
+            raise ValueError(f"--flops-scales: {scale!r} has no per_particle_step_gflops in the FLOP table (it has "
+                             f"{have}); rerun benchmarks/flops_real_scale.py or pick one of those")
+        price = flops[scale]["per_particle_step_gflops"]
+        missing = [v for v in FLOP_PRICE_OF.values() if v not in price]
+        if missing:
+            raise ValueError(f"the FLOP table's {scale}.per_particle_step_gflops lacks {missing}")
+        fk = price[FLOP_PRICE_OF["smc_x0"]]
+        plan[scale] = {}
+        for n in particles:
+            plan[scale][n] = {}
+            for m in MATCHED_METHODS:
+                k = matched_particles(n, fk, price[FLOP_PRICE_OF[m]], rounding)
+                plan[scale][n][m] = {"particles": k, "flop_ratio_per_step": k * price[FLOP_PRICE_OF[m]] / (n * fk)}
+    return plan
+
+
+def whole_sample_flop_ratio(flops: dict, scale: str, method: str, n_method: int, n_fk: int, steps: int) -> float:
+    """A matched pair's FLOP ratio (method / FK) over a whole sample of ``steps`` steps: every particle-step at its
+    price, plus the final decode + reward call on each particle (best-of-N and SMC's argmax score their final
+    particles; FK's potential also scores them: its N·(T+1)-th decodes)."""
+    price, g = flops[scale]["per_particle_step_gflops"], flops[scale]["gflops"]
+    final = g["vae_decode"] + g["reward_model"]
+    return (n_method * (steps * price[FLOP_PRICE_OF[method]] + final)
+            / (n_fk * (steps * price[FLOP_PRICE_OF["smc_x0"]] + final)))
+
+
+def equal_flops_verdict(plan: dict, rows: list[dict], flops: dict, steps: int) -> dict:
+    """``critic_vs_fk_equal_flops``: per scale and FK's N, FK's reward (its best λ), each matched method's at its N'
+    (its best λ), the best critic method, its paired difference with FK ± standard error over prompts, and
+    ties_or_beats (TIES_OR_BEATS_RULE); the best-of-N control the same way. ``rows`` carry ``per_prompt``."""
+
+    def best(method, n):
+        cands = [r for r in rows if r["method"] == method and r["particles"] == n]
+        return max(cands, key=lambda r: r["reward"]) if cands else None
+
+    def versus(r, fk):
+        d = torch.tensor(r["per_prompt"], dtype=torch.float64) - torch.tensor(fk["per_prompt"], dtype=torch.float64)
+        diff, se = float(d.mean()), float(d.std() / len(d) ** 0.5)
+        return {"difference": diff, "se": se, "ties_or_beats": diff >= -se}
+
+    out = {}
+    for scale, by_n in plan.items():
+        out[scale] = {}
+        for n, matched in by_n.items():
+            fk = best("smc_x0", n)
+            entry = {"fk_particles": n, "fk_lam": fk.get("lam"), "fk_reward": fk["reward"]}
+            for m in MATCHED_METHODS:
+                k = matched[m]["particles"]
+                r = best(m, k) if k >= 1 else None
+                entry[m] = None if r is None else {
+                    "particles": k, **{p: r[p] for p in ("lam", "scale") if p in r}, "reward": r["reward"],
+                    "flop_ratio_per_step": matched[m]["flop_ratio_per_step"],
+                    "flop_ratio_whole_sample": whole_sample_flop_ratio(flops, scale, m, k, n, steps), **versus(r, fk)}
+            entry["critic_smc_particles"] = matched["smc"]["particles"]
+            entry["critic_smc_reward"] = entry["smc"]["reward"] if entry["smc"] else None
+            fitted = [m for m in CRITIC_METHODS if entry[m] is not None]
+            if fitted:
+                top = max(fitted, key=lambda m: entry[m]["reward"])
+                entry.update(best_critic_method=top, best_critic_particles=entry[top]["particles"],
+                             best_critic_reward=entry[top]["reward"], difference=entry[top]["difference"],
+                             se=entry[top]["se"], ties_or_beats=entry[top]["ties_or_beats"])
+            else:  # no critic method fits FK's budget at this scale: it cannot tie
+                entry.update(best_critic_method=None, best_critic_particles=0, best_critic_reward=None,
+                             difference=None, se=None, ties_or_beats=False)
+            out[scale][str(n)] = entry
+    return out
+
+
+def run_flops_matched(spec: TableSpec, args, reduction: str | None = None) -> dict:
+    """FLOP-matched rows: FK's x0-reward SMC at each N of ``--particles`` (every λ), and critic SMC (every λ),
+    guidance + best-of-N and plain best-of-N at the particle counts whose FLOPs per step at each real scale of
+    ``--flops-scales`` match FK's (``--flops-matched``: benchmarks/flops_real_scale.py's JSON; rounding
+    ``--flops-rounding``); guidance's scale is the best of ``--scales`` at N = 1.  The tiny task stands in for the
+    real model: only the particle counts come from the real-scale prices.  Writes ``<name>_flops.json``."""
+    from harness import machine_info
+
+    flops_path = Path(args.flops_matched)
+    if not flops_path.exists():
+        raise FileNotFoundError(f"--flops-matched {flops_path}: no such file; write it with "
+                                "`python benchmarks/flops_real_scale.py`")
+    flops = json.loads(flops_path.read_text())
+    plan = flops_matched_plan(flops, args.particles, args.flops_scales, args.flops_rounding)
+    if getattr(args, "critic_x0_reward", False):
+        raise ValueError("--flops-matched runs the latent critic (guidance needs its gradient): drop --critic-x0-reward")
+    out = Path(args.out)
+    t_start = time.time()
+    trainer, steering, name, critic_dir, run_dir, critic_time = load_critic(spec, args)
+    steps = len(trainer.timesteps)
+    col = trainer.rewards.names.index(spec.reward_key)
+    prompts, rows, done = spec.prompts, [], set()
+
+    def record(method, n, **kw):
+        key = (method, n, tuple(sorted(kw.items())))
+        if key in done:  # a matched count shared by two scales (or by FK's N) runs once
+            return None
+        done.add(key)
+        res, evals = steer_run(steering, method, prompts, particles=n, seed=args.seed, output=args.smc_output,
+                               reward_price=args.reward_price, **kw)
+        with torch.no_grad():
+            per_prompt = trainer.rewards(res.decoded, prompts)[:, col].double()
+        row = {"method": method, "particles": n, **{k: v for k, v in kw.items() if k in ("scale", "lam")},
+               "reward": float(per_prompt.mean()), "rewards": evals, **res.cost.to_dict(),
+               "resample_rate": float(res.resampled.float().mean()) if res.resampled.numel() else 0.0,
+               "per_prompt": [round(float(v), 6) for v in per_prompt]}
+        if spec.splits:
+            row["rewards_by_split"] = split_evals(trainer, res.decoded, spec.splits)
+        rows.append(row)
+        print(f"{method:13s} N={n} {kw}  {spec.reward_key}={row['reward']:.4f}  {row['wall_time_s']:.1f}s", flush=True)
+        return row
+
+    record("base", 1)
+    best_scale, best = None, -1.0
+    for w in args.scales:  # the scale guidance + best-of-N uses, chosen as in the equal-NFE table
+        row = record("guidance", 1, scale=w)
+        if row is not None and row["reward"] > best:
+            best, best_scale = row["reward"], w
+    for n in args.particles:
+        for lam in args.lam:
+            record("smc_x0", n, lam=lam, ess_threshold=args.ess_threshold)
+    for scale in plan:
+        for n in args.particles:
+            k = plan[scale][n]
+            if k["smc"]["particles"] >= 1:
+                for lam in args.lam:
+                    record("smc", k["smc"]["particles"], lam=lam, ess_threshold=args.ess_threshold)
+            if k["guidance+bon"]["particles"] >= 1:
+                record("guidance+bon", k["guidance+bon"]["particles"], scale=best_scale)
+            if k["bon"]["particles"] >= 1:
+                record("bon", k["bon"]["particles"])
+    verdict = equal_flops_verdict(plan, rows, flops, steps)
+    result = {
+        "benchmark": f"{name}_flops", "args": vars(args),
+        "stand_in": "the tiny t2i pipeline stands in for the real models: only the particle counts come from the "
+                    "real-scale FLOP prices (flops_real_scale.json); the rewards are the tiny task's",
+        "reduction_vs_issue": reduction,
+        "grafted": "grafted critic rows not run (branch graft not merged into main when this ran)",
+        "flops_source": str(flops_path.resolve().relative_to(ROOT) if flops_path.resolve().is_relative_to(ROOT)
+                            else flops_path),
+        "per_particle_step_gflops": {s: {m: flops[s]["per_particle_step_gflops"][FLOP_PRICE_OF[m]]
+                                         for m in FLOP_PRICE_OF} for s in plan},
+        "rounding": f"{args.flops_rounding}: N' = {args.flops_rounding}(N × FK's FLOPs per particle-step / the "
+                    "method's)" + (" — the method never gets more FLOPs per step than FK; N' = 0 means one particle "
+                                   "already costs more than FK's budget (row not run, cannot tie)"
+                                   if args.flops_rounding == "floor" else ""),
+        "matched_on": "FLOPs per particle-step (backbone, critic forward, backward priced at 2 forwards, decode + reward "
+                      "model for FK); flop_ratio_whole_sample adds each particle's final decode + reward call, over "
+                      f"T = {steps} steps",
+        "steps": steps, "plan": {s: {str(n): v for n, v in by_n.items()} for s, by_n in plan.items()},
+        "best_guidance_scale": best_scale, "critic_source": run_dir or "fresh", "critic_pretrain_s": critic_time,
+        "config": spec.config, "reward_key": spec.reward_key, "splits": spec.splits,
+        "critic_value_pretrain": pretrain_summary(critic_dir) if run_dir in (None, str(critic_dir)) else None,
+        "ties_or_beats_rule": TIES_OR_BEATS_RULE, "critic_vs_fk_equal_flops": verdict, "rows": rows,
+        "machine": machine_info(note="shared machine, one core of 2 (taskset), others' jobs on the other core; wall "
+                                     "times are indicative only"),
+    }
+    result["time_s"] = time.time() - t_start
+    (out / f"{name}_flops.json").write_text(json.dumps(result, indent=2))
+    for scale, by_n in verdict.items():
+        for n, e in by_n.items():
+            print(f"{scale} N={n}: FK {e['fk_reward']:.4f}; best critic {e['best_critic_method']} "
+                  f"N'={e['best_critic_particles']} {e['best_critic_reward']}; diff {e['difference']} ± {e['se']} "
+                  f"ties_or_beats={e['ties_or_beats']}")
+    print(f"wrote {out / f'{name}_flops.json'} ({result['time_s']:.0f} s)")
+    return result

@@ -3,6 +3,8 @@ critic SMC, guidance + best-of-N and FK-style x0-reward SMC at equal backbone NF
 
     python benchmarks/t2i_steering.py       # ≈ 16 min on one CPU core (3.3 of them pretraining the critic)
     python benchmarks/t2i_steering.py --critic-x0-reward   # a critic that also reads r(decode(x̂0)): SMC rows only
+    python benchmarks/t2i_steering.py --flops-matched benchmarks/results/flops_real_scale.json --prompts-per-split 50
+        # FLOP-matched rows against FK's x0-reward SMC at real-scale prices: t2i_steering_flops.json
 
 The policy is the shipped pipeline ``critic_align/assets/tiny_t2i`` sampled through the Stable Diffusion path
 of ``train/configs/t2i.yaml`` (20 stochastic DDIM steps, eta = 1, CFG-free).  The critic is that config's LoRA
@@ -23,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from steering_table import TableSpec, add_table_args, run_table  # noqa: E402
+from steering_table import TableSpec, add_table_args, run_flops_matched, run_table  # noqa: E402
 from t2i_advantages import eval_prompts  # noqa: E402
 
 
@@ -40,7 +42,14 @@ def main(argv=None):
                      prompts=prompts, splits=splits, grid_nrow=12,
                      title=f"Steering the tiny text-to-image pipeline with its critic ({len(splits['train'])} training "
                            f"+ {len(splits['heldout'])} held-out prompts, T = 20)")
-    run_table(spec, args)
+    if args.flops_matched:
+        full = p.get_default("prompts_per_split")
+        reduction = (f"{len(splits['train'])} training + {len(splits['heldout'])} held-out prompts instead of the "
+                     f"equal-NFE table's {full} + {full}, so that every FLOP-matched row runs in one invocation of "
+                     "about 20 min on one shared CPU core" if args.prompts_per_split < full else None)
+        run_flops_matched(spec, args, reduction)
+    else:
+        run_table(spec, args)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@ of one (:func:`count_flops_meta` moves a module and its inputs to ``meta`` first
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_flops", "flops_by_module", "count_flops_meta", "linear_flops", "conv2d_flops"]
+__all__ = ["count_flops", "flops_by_module", "count_flops_meta", "linear_flops", "conv2d_flops", "matched_particles"]
 
 
 def count_flops(fn, *args, **kwargs) -> int:
@@ -52,3 +54,19 @@ def linear_flops(batch: int, in_features: int, out_features: int) -> int:
 def conv2d_flops(batch: int, c_in: int, c_out: int, h_out: int, w_out: int, kernel: int, groups: int = 1) -> int:
     """The hand count of a Conv2d: 2·B·C_out·H_out·W_out·(C_in/groups)·k²."""
     return 2 * batch * c_out * h_out * w_out * (c_in // groups) * kernel * kernel
+
+
+def matched_particles(n_ref: int, cost_ref: float, cost: float, rounding: str = "floor") -> int:
+    """The particle count whose FLOPs equal ``n_ref`` particles at ``cost_ref`` each when one particle costs ``cost``:
+    n_ref·cost_ref/cost rounded down (``floor``: never more FLOPs than the reference; 0 when one particle already
+    costs more than the whole reference budget) or to the nearest integer (``nearest``, halves up)."""
+    if isinstance(n_ref, bool) or not isinstance(n_ref, int) or n_ref < 1:
+        raise ValueError(f"n_ref must be an integer >= 1, got {n_ref!r}")
+    if not (cost_ref > 0 and cost > 0):
+        raise ValueError(f"cost_ref and cost must be positive FLOP counts, got {cost_ref!r} and {cost!r}")
+    exact = n_ref * cost_ref / cost
+    if rounding == "floor":
+        return math.floor(exact + 1e-9)  # an exact multiple computed as 3.9999999 is still 4
+    if rounding == "nearest":
+        return math.floor(exact + 0.5)
+    raise ValueError(f"rounding must be 'floor' or 'nearest', got {rounding!r}")

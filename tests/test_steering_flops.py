@@ -1,0 +1,65 @@
+"""FLOP-matched steering rows (benchmarks/steering_table.py --flops-matched): the particle counts, the pair's FLOP
+ratios and the verdict against FK's x0-reward SMC, from a hand-made FLOP table and hand-made per-prompt rewards."""
+
+import math
+
+import pytest
+from steering_table import equal_flops_verdict, flops_matched_plan, whole_sample_flop_ratio
+
+FLOPS = {
+    # FK 10 GFLOPs per particle-step, critic SMC 4, critic guidance 6, plain sampling 3; decode 5 + reward 1
+    "cheap_critic": {"gflops": {"vae_decode": 5.0, "reward_model": 1.0},
+                     "per_particle_step_gflops": {"fk_x0_reward_smc": 10.0, "critic_smc": 4.0, "critic_guidance": 6.0,
+                                                  "plain_sampling": 3.0}},
+    # a critic that costs more per step than FK's decode + reward: at N = 2 guidance does not fit at all
+    "dear_critic": {"gflops": {"vae_decode": 5.0, "reward_model": 1.0},
+                    "per_particle_step_gflops": {"fk_x0_reward_smc": 10.0, "critic_smc": 12.0, "critic_guidance": 25.0,
+                                                 "plain_sampling": 3.0}},
+}
+
+
+def test_matched_counts_and_ratios_by_hand():
+    plan = flops_matched_plan(FLOPS, [2, 4], ["cheap_critic", "dear_critic"])
+    got = {s: {n: {m: v["particles"] for m, v in by_m.items()} for n, by_m in by_n.items()} for s, by_n in plan.items()}
+    assert got == {"cheap_critic": {2: {"smc": 5, "guidance+bon": 3, "bon": 6}, 4: {"smc": 10, "guidance+bon": 6, "bon": 13}},
+                   "dear_critic": {2: {"smc": 1, "guidance+bon": 0, "bon": 6}, 4: {"smc": 3, "guidance+bon": 1, "bon": 13}}}
+    c = plan["cheap_critic"]
+    assert c[2]["smc"]["flop_ratio_per_step"] == pytest.approx(20 / 20)
+    assert c[2]["guidance+bon"]["flop_ratio_per_step"] == pytest.approx(18 / 20)
+    assert c[4]["bon"]["flop_ratio_per_step"] == pytest.approx(39 / 40)
+    assert plan["dear_critic"][4]["smc"]["flop_ratio_per_step"] == pytest.approx(36 / 40)
+    near = flops_matched_plan(FLOPS, [4], ["cheap_critic"], rounding="nearest")["cheap_critic"][4]
+    assert near["guidance+bon"]["particles"] == 7 and near["guidance+bon"]["flop_ratio_per_step"] == pytest.approx(42 / 40)
+    # whole sample of T = 10 steps: 3 guided particles (10·6 + 6) against 2 FK particles (10·10 + 6)
+    assert whole_sample_flop_ratio(FLOPS, "cheap_critic", "guidance+bon", 3, 2, 10) == pytest.approx(3 * 66 / (2 * 106))
+
+
+def test_unknown_scale_is_named():
+    with pytest.raises(ValueError, match="sd99"):
+        flops_matched_plan(FLOPS, [2], ["sd99"])
+
+
+def test_verdict_pairs_prompts_and_takes_each_methods_best_lambda():
+    plan = flops_matched_plan(FLOPS, [2], ["cheap_critic", "dear_critic"])
+
+    def row(method, n, per_prompt, **kw):
+        return {"method": method, "particles": n, **kw, "reward": sum(per_prompt) / len(per_prompt),
+                "per_prompt": per_prompt}
+
+    rows = [row("smc_x0", 2, [0.5, 0.6, 0.7], lam=10.0), row("smc_x0", 2, [0.6, 0.7, 0.8], lam=30.0),  # FK: λ=30, 0.7
+            row("smc", 5, [0.6, 0.8, 0.7], lam=10.0), row("smc", 5, [0.1, 0.1, 0.1], lam=30.0),
+            row("guidance+bon", 3, [0.5, 0.6, 0.7], scale=30.0), row("bon", 6, [0.9, 0.9, 0.9]),
+            row("smc", 1, [0.4, 0.5, 0.6], lam=10.0)]
+    v = equal_flops_verdict(plan, rows, FLOPS, steps=10)
+    e = v["cheap_critic"]["2"]
+    assert e["fk_reward"] == pytest.approx(0.7) and e["fk_lam"] == 30.0
+    assert e["best_critic_method"] == "smc" and e["best_critic_particles"] == 5 and e["smc"]["lam"] == 10.0
+    # paired differences 0, +0.1, −0.1: mean 0, sample std 0.1, s.e. 0.1/√3
+    assert e["difference"] == pytest.approx(0.0, abs=1e-12) and e["se"] == pytest.approx(0.1 / math.sqrt(3))
+    assert e["ties_or_beats"] is True
+    assert e["guidance+bon"]["difference"] == pytest.approx(-0.1) and e["guidance+bon"]["ties_or_beats"] is False
+    assert e["bon"]["difference"] == pytest.approx(0.2) and e["bon"]["flop_ratio_per_step"] == pytest.approx(0.9)
+    d = v["dear_critic"]["2"]  # guidance does not fit (N' = 0); SMC at 1 particle loses by 0.2 with no spread
+    assert d["guidance+bon"] is None and d["best_critic_method"] == "smc" and d["best_critic_particles"] == 1
+    assert d["difference"] == pytest.approx(-0.2) and d["ties_or_beats"] is False
+    assert d["smc"]["flop_ratio_per_step"] == pytest.approx(12 / 20)
