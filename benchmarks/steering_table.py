@@ -82,8 +82,9 @@ def add_table_args(p, *, particles, scales, bon_only, lam, critic_epochs, thread
                         "<name>_flops.json")
     p.add_argument("--flops-scales", nargs="+", default=["sd15_512", "sd35m_1024"],
                    help="the real scales of the FLOP table whose prices set the matched particle counts")
-    p.add_argument("--flops-rounding", choices=["floor", "nearest"], default="floor",
-                   help="N' = floor (never more FLOPs than FK) or nearest of N × FK's cost / the method's")
+    p.add_argument("--flops-rounding", choices=["floor", "nearest"], nargs="+", default=["floor"],
+                   help="N' = floor (never more FLOPs than FK) or nearest of N × FK's cost / the method's (the first "
+                        "gives critic_vs_fk_equal_flops, another critic_vs_fk_equal_flops_<rounding>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=out)
     p.add_argument("--threads", type=int, default=threads)
@@ -358,8 +359,11 @@ def run_flops_matched(spec: TableSpec, args, reduction: str | None = None) -> di
     """FLOP-matched rows: FK's x0-reward SMC at each N of ``--particles`` (every λ), and critic SMC (every λ),
     guidance + best-of-N and plain best-of-N at the particle counts whose FLOPs per step at each real scale of
     ``--flops-scales`` match FK's (``--flops-matched``: benchmarks/flops_real_scale.py's JSON; rounding
-    ``--flops-rounding``); guidance's scale is the best of ``--scales`` at N = 1.  The tiny task stands in for the
-    real model: only the particle counts come from the real-scale prices.  Writes ``<name>_flops.json``."""
+    ``--flops-rounding``: the first one gives ``critic_vs_fk_equal_flops``, any other ``critic_vs_fk_equal_flops_
+    <rounding>``); guidance's scale is the best of ``--scales`` at N = 1.  The tiny task stands in for the real
+    model: only the particle counts come from the real-scale prices.  Each finished row is kept under
+    ``<out>/tmp/<name>_flops_rows.json`` and reused by a later run with the same prompts, seed, SMC settings and
+    critic (so a run cut short, or one adding a rounding, resumes).  Writes ``<name>_flops.json``."""
     from harness import machine_info
 
     flops_path = Path(args.flops_matched)
@@ -367,7 +371,7 @@ def run_flops_matched(spec: TableSpec, args, reduction: str | None = None) -> di
         raise FileNotFoundError(f"--flops-matched {flops_path}: no such file; write it with "
                                 "`python benchmarks/flops_real_scale.py`")
     flops = json.loads(flops_path.read_text())
-    plan = flops_matched_plan(flops, args.particles, args.flops_scales, args.flops_rounding)
+    plans = {r: flops_matched_plan(flops, args.particles, args.flops_scales, r) for r in args.flops_rounding}
     if getattr(args, "critic_x0_reward", False):
         raise ValueError("--flops-matched runs the latent critic (guidance needs its gradient): drop --critic-x0-reward")
     out = Path(args.out)
@@ -375,24 +379,39 @@ def run_flops_matched(spec: TableSpec, args, reduction: str | None = None) -> di
     trainer, steering, name, critic_dir, run_dir, critic_time = load_critic(spec, args)
     steps = len(trainer.timesteps)
     col = trainer.rewards.names.index(spec.reward_key)
-    prompts, rows, done = spec.prompts, [], set()
+    prompts = spec.prompts
+    cache = out / "tmp" / f"{name}_flops_rows.json"
+    cache_key = {"prompts": prompts, "seed": args.seed, "smc_output": args.smc_output,
+                 "ess_threshold": args.ess_threshold, "reward_price": args.reward_price, "critic_source": run_dir,
+                 "critic_value_pretrain": pretrain_summary(critic_dir) if run_dir == str(critic_dir) else None}
+    rows = []
+    if run_dir is not None and cache.exists():  # a fresh critic is a new critic: nothing earlier is reused
+        kept = json.loads(cache.read_text())
+        if kept.get("key") == json.loads(json.dumps(cache_key)):
+            rows = kept["rows"]
+            print(f"reusing {len(rows)} rows of {cache}")
+    reused = len(rows)
+
+    def row_key(method, n, kw):
+        return method, n, tuple(sorted((k, float(v)) for k, v in kw.items()))
 
     def record(method, n, **kw):
-        key = (method, n, tuple(sorted(kw.items())))
-        if key in done:  # a matched count shared by two scales (or by FK's N) runs once
-            return None
-        done.add(key)
+        key = row_key(method, n, kw)
+        earlier = next((r for r in rows if row_key(r["method"], r["particles"], r["settings"]) == key), None)
+        if earlier is not None:  # a matched count shared by two scales or roundings (or an earlier run's) runs once
+            return earlier
         res, evals = steer_run(steering, method, prompts, particles=n, seed=args.seed, output=args.smc_output,
                                reward_price=args.reward_price, **kw)
         with torch.no_grad():
             per_prompt = trainer.rewards(res.decoded, prompts)[:, col].double()
         row = {"method": method, "particles": n, **{k: v for k, v in kw.items() if k in ("scale", "lam")},
-               "reward": float(per_prompt.mean()), "rewards": evals, **res.cost.to_dict(),
+               "settings": kw, "reward": float(per_prompt.mean()), "rewards": evals, **res.cost.to_dict(),
                "resample_rate": float(res.resampled.float().mean()) if res.resampled.numel() else 0.0,
                "per_prompt": [round(float(v), 6) for v in per_prompt]}
         if spec.splits:
             row["rewards_by_split"] = split_evals(trainer, res.decoded, spec.splits)
         rows.append(row)
+        cache.write_text(json.dumps({"key": cache_key, "rows": rows}))
         print(f"{method:13s} N={n} {kw}  {spec.reward_key}={row['reward']:.4f}  {row['wall_time_s']:.1f}s", flush=True)
         return row
 
@@ -400,22 +419,26 @@ def run_flops_matched(spec: TableSpec, args, reduction: str | None = None) -> di
     best_scale, best = None, -1.0
     for w in args.scales:  # the scale guidance + best-of-N uses, chosen as in the equal-NFE table
         row = record("guidance", 1, scale=w)
-        if row is not None and row["reward"] > best:
+        if row["reward"] > best:
             best, best_scale = row["reward"], w
     for n in args.particles:
         for lam in args.lam:
             record("smc_x0", n, lam=lam, ess_threshold=args.ess_threshold)
-    for scale in plan:
-        for n in args.particles:
-            k = plan[scale][n]
-            if k["smc"]["particles"] >= 1:
-                for lam in args.lam:
-                    record("smc", k["smc"]["particles"], lam=lam, ess_threshold=args.ess_threshold)
-            if k["guidance+bon"]["particles"] >= 1:
-                record("guidance+bon", k["guidance+bon"]["particles"], scale=best_scale)
-            if k["bon"]["particles"] >= 1:
-                record("bon", k["bon"]["particles"])
-    verdict = equal_flops_verdict(plan, rows, flops, steps)
+    for plan in plans.values():
+        for scale in plan:
+            for n in args.particles:
+                k = plan[scale][n]
+                if k["smc"]["particles"] >= 1:
+                    for lam in args.lam:
+                        record("smc", k["smc"]["particles"], lam=lam, ess_threshold=args.ess_threshold)
+                if k["guidance+bon"]["particles"] >= 1:
+                    record("guidance+bon", k["guidance+bon"]["particles"], scale=best_scale)
+                if k["bon"]["particles"] >= 1:
+                    record("bon", k["bon"]["particles"])
+    rows = [r for r in rows if r["method"] != "guidance+bon" or r["scale"] == best_scale]
+    verdicts = {r: equal_flops_verdict(plan, rows, flops, steps) for r, plan in plans.items()}
+    first = args.flops_rounding[0]
+    verdict = verdicts[first]
     result = {
         "benchmark": f"{name}_flops", "args": vars(args),
         "stand_in": "the tiny t2i pipeline stands in for the real models: only the particle counts come from the "
@@ -425,19 +448,24 @@ def run_flops_matched(spec: TableSpec, args, reduction: str | None = None) -> di
         "flops_source": str(flops_path.resolve().relative_to(ROOT) if flops_path.resolve().is_relative_to(ROOT)
                             else flops_path),
         "per_particle_step_gflops": {s: {m: flops[s]["per_particle_step_gflops"][FLOP_PRICE_OF[m]]
-                                         for m in FLOP_PRICE_OF} for s in plan},
-        "rounding": f"{args.flops_rounding}: N' = {args.flops_rounding}(N × FK's FLOPs per particle-step / the "
-                    "method's)" + (" — the method never gets more FLOPs per step than FK; N' = 0 means one particle "
-                                   "already costs more than FK's budget (row not run, cannot tie)"
-                                   if args.flops_rounding == "floor" else ""),
+                                         for m in FLOP_PRICE_OF} for s in args.flops_scales},
+        "rounding": f"{first}: N' = {first}(N × FK's FLOPs per particle-step / the method's)"
+                    + (" — the method never gets more FLOPs per step than FK; N' = 0 means one particle already costs "
+                       "more than FK's budget (row not run, cannot tie)" if first == "floor" else "")
+                    + "".join(f"; critic_vs_fk_equal_flops_{r}: the same with N' = {r}(...)"
+                              for r in args.flops_rounding[1:]),
         "matched_on": "FLOPs per particle-step (backbone, critic forward, backward priced at 2 forwards, decode + reward "
                       "model for FK); flop_ratio_whole_sample adds each particle's final decode + reward call, over "
                       f"T = {steps} steps",
-        "steps": steps, "plan": {s: {str(n): v for n, v in by_n.items()} for s, by_n in plan.items()},
+        "steps": steps, "plan": {r: {s: {str(n): v for n, v in by_n.items()} for s, by_n in plan.items()}
+                                 for r, plan in plans.items()},
         "best_guidance_scale": best_scale, "critic_source": run_dir or "fresh", "critic_pretrain_s": critic_time,
         "config": spec.config, "reward_key": spec.reward_key, "splits": spec.splits,
         "critic_value_pretrain": pretrain_summary(critic_dir) if run_dir in (None, str(critic_dir)) else None,
-        "ties_or_beats_rule": TIES_OR_BEATS_RULE, "critic_vs_fk_equal_flops": verdict, "rows": rows,
+        "ties_or_beats_rule": TIES_OR_BEATS_RULE, "critic_vs_fk_equal_flops": verdict,
+        **{f"critic_vs_fk_equal_flops_{r}": verdicts[r] for r in args.flops_rounding[1:]},
+        "rows_reused_from_an_earlier_run": reused, "rows_wall_time_s": sum(r["wall_time_s"] for r in rows),
+        "rows": rows,
         "machine": machine_info(note="shared machine, one core of 2 (taskset), others' jobs on the other core; wall "
                                      "times are indicative only"),
     }

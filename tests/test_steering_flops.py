@@ -1,6 +1,7 @@
 """FLOP-matched steering rows (benchmarks/steering_table.py --flops-matched): the particle counts, the pair's FLOP
 ratios and the verdict against FK's x0-reward SMC, from a hand-made FLOP table and hand-made per-prompt rewards."""
 
+import json
 import math
 
 import pytest
@@ -63,3 +64,22 @@ def test_verdict_pairs_prompts_and_takes_each_methods_best_lambda():
     assert d["guidance+bon"] is None and d["best_critic_method"] == "smc" and d["best_critic_particles"] == 1
     assert d["difference"] == pytest.approx(-0.2) and d["ties_or_beats"] is False
     assert d["smc"]["flop_ratio_per_step"] == pytest.approx(12 / 20)
+
+
+def test_critic_cache_key(tmp_path):
+    from steering_table import critic_cache_mismatch
+
+    from critic_align.api import write_run_dir
+    from critic_align.train.registry import load_run_config
+
+    # what build_steering_trainer writes for a fresh critic of the t2i config, pretrained for 20 batches
+    write_run_dir(tmp_path, load_run_config("t2i", {"value_pretrain_epochs": 20, "sde_window_size": 0,
+                                                    "sde_window_range": None, "critic_x0_reward": False,
+                                                    "output_dir": str(tmp_path)}))
+    assert critic_cache_mismatch(tmp_path, "t2i", 20, False) is None
+    assert "20 batches" in critic_cache_mismatch(tmp_path, "t2i", 5, False)
+    assert "critic_x0_reward" in critic_cache_mismatch(tmp_path, "t2i", 20, True)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"critic_learning_rate": cfg["critic_learning_rate"] * 2}))
+    assert "critic_learning_rate" in critic_cache_mismatch(tmp_path, "t2i", 20, False)
+    assert "digits" in critic_cache_mismatch(tmp_path, "digits", 20, False)
