@@ -273,9 +273,9 @@ def section_t2i_steering_flops(path: Path) -> str:
         for n, e in by_n.items():
             for m, label in names.items():
                 r = e[m]
-                if r is None:
-                    lines.append(f"| {scale} | {n} | {_f(e['fk_reward'])} | {label} | 0 | one particle exceeds FK's "
-                                 "budget | | | no |")
+                if "reward" not in r:
+                    lines.append(f"| {scale} | {n} | {_f(e['fk_reward'])} | {label} | {r['particles']} | not run: "
+                                 f"{r['not_run']} | | | no |")
                     continue
                 knob = f" (λ={r['lam']:g})" if "lam" in r else (f" (w={r['scale']:g})" if "scale" in r else "")
                 lines.append(f"| {scale} | {n} | {_f(e['fk_reward'])} | {label}{knob} | {r['particles']} | "

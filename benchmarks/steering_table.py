@@ -271,6 +271,18 @@ FLOP_PRICE_OF = {"smc_x0": "fk_x0_reward_smc", "smc": "critic_smc", "guidance+bo
                  "bon": "plain_sampling"}
 MATCHED_METHODS = ("smc", "guidance+bon", "bon")  # the critic's two methods and the critic-free control
 CRITIC_METHODS = ("smc", "guidance+bon")
+# fewest particles a method runs with: SMC resamples only with ESS < κ·N, so at one particle it never does (the
+# library refuses it) and is the base sampler plus wasted critic calls
+MIN_PARTICLES = {"smc": 2, "guidance+bon": 1, "bon": 1}
+
+
+def not_run_reason(method: str, k: int) -> str | None:
+    """Why a FLOP-matched count of ``k`` particles is not run for ``method`` (None when it is)."""
+    if k < 1:
+        return "one particle costs more FLOPs than FK's whole budget"
+    if k < MIN_PARTICLES[method]:
+        return f"{method} needs at least {MIN_PARTICLES[method]} particles (at 1 it never resamples)"
+    return None
 TIES_OR_BEATS_RULE = ("difference = best critic method's mean reward − FK x0-reward SMC's (each at its best λ), over "
                       "the same prompts and noise seed; ± the standard error of the per-prompt paired difference; "
                       "ties_or_beats = difference >= −1 standard error")
@@ -335,14 +347,15 @@ def equal_flops_verdict(plan: dict, rows: list[dict], flops: dict, steps: int) -
             entry = {"fk_particles": n, "fk_lam": fk.get("lam"), "fk_reward": fk["reward"]}
             for m in MATCHED_METHODS:
                 k = matched[m]["particles"]
-                r = best(m, k) if k >= 1 else None
-                entry[m] = None if r is None else {
+                why = not_run_reason(m, k)
+                r = best(m, k) if why is None else None
+                entry[m] = {"particles": k, "not_run": why or "no row"} if r is None else {
                     "particles": k, **{p: r[p] for p in ("lam", "scale") if p in r}, "reward": r["reward"],
                     "flop_ratio_per_step": matched[m]["flop_ratio_per_step"],
                     "flop_ratio_whole_sample": whole_sample_flop_ratio(flops, scale, m, k, n, steps), **versus(r, fk)}
             entry["critic_smc_particles"] = matched["smc"]["particles"]
-            entry["critic_smc_reward"] = entry["smc"]["reward"] if entry["smc"] else None
-            fitted = [m for m in CRITIC_METHODS if entry[m] is not None]
+            entry["critic_smc_reward"] = entry["smc"].get("reward")
+            fitted = [m for m in CRITIC_METHODS if "reward" in entry[m]]
             if fitted:
                 top = max(fitted, key=lambda m: entry[m]["reward"])
                 entry.update(best_critic_method=top, best_critic_particles=entry[top]["particles"],
@@ -428,12 +441,12 @@ def run_flops_matched(spec: TableSpec, args, reduction: str | None = None) -> di
         for scale in plan:
             for n in args.particles:
                 k = plan[scale][n]
-                if k["smc"]["particles"] >= 1:
+                if not_run_reason("smc", k["smc"]["particles"]) is None:
                     for lam in args.lam:
                         record("smc", k["smc"]["particles"], lam=lam, ess_threshold=args.ess_threshold)
-                if k["guidance+bon"]["particles"] >= 1:
+                if not_run_reason("guidance+bon", k["guidance+bon"]["particles"]) is None:
                     record("guidance+bon", k["guidance+bon"]["particles"], scale=best_scale)
-                if k["bon"]["particles"] >= 1:
+                if not_run_reason("bon", k["bon"]["particles"]) is None:
                     record("bon", k["bon"]["particles"])
     rows = [r for r in rows if r["method"] != "guidance+bon" or r["scale"] == best_scale]
     verdicts = {r: equal_flops_verdict(plan, rows, flops, steps) for r, plan in plans.items()}
@@ -452,6 +465,7 @@ def run_flops_matched(spec: TableSpec, args, reduction: str | None = None) -> di
         "rounding": f"{first}: N' = {first}(N × FK's FLOPs per particle-step / the method's)"
                     + (" — the method never gets more FLOPs per step than FK; N' = 0 means one particle already costs "
                        "more than FK's budget (row not run, cannot tie)" if first == "floor" else "")
+                    + "; SMC at N' = 1 is not run (it cannot resample: the base sampler plus critic calls)"
                     + "".join(f"; critic_vs_fk_equal_flops_{r}: the same with N' = {r}(...)"
                               for r in args.flops_rounding[1:]),
         "matched_on": "FLOPs per particle-step (backbone, critic forward, backward priced at 2 forwards, decode + reward "

@@ -60,10 +60,21 @@ def test_verdict_pairs_prompts_and_takes_each_methods_best_lambda():
     assert e["ties_or_beats"] is True
     assert e["guidance+bon"]["difference"] == pytest.approx(-0.1) and e["guidance+bon"]["ties_or_beats"] is False
     assert e["bon"]["difference"] == pytest.approx(0.2) and e["bon"]["flop_ratio_per_step"] == pytest.approx(0.9)
-    d = v["dear_critic"]["2"]  # guidance does not fit (N' = 0); SMC at 1 particle loses by 0.2 with no spread
-    assert d["guidance+bon"] is None and d["best_critic_method"] == "smc" and d["best_critic_particles"] == 1
-    assert d["difference"] == pytest.approx(-0.2) and d["ties_or_beats"] is False
-    assert d["smc"]["flop_ratio_per_step"] == pytest.approx(12 / 20)
+    d = v["dear_critic"]["2"]  # guidance does not fit (N' = 0), SMC cannot resample at N' = 1: no critic row
+    assert "costs more" in d["guidance+bon"]["not_run"] and "at least 2" in d["smc"]["not_run"]
+    assert d["best_critic_method"] is None and d["ties_or_beats"] is False and d["critic_smc_reward"] is None
+    assert d["bon"]["particles"] == 6 and d["bon"]["difference"] == pytest.approx(0.2)
+    rows.append(row("guidance+bon", 1, [0.6, 0.8, 0.9], scale=30.0))  # at N = 4 guidance fits with 1 particle
+    rows += [row("smc_x0", 4, [0.7, 0.8, 0.9], lam=30.0), row("smc", 3, [0.75, 0.7, 0.9], lam=10.0),
+             row("bon", 13, [0.9, 0.9, 0.9]), row("smc", 10, [0.9, 0.9, 0.9], lam=10.0),
+             row("guidance+bon", 6, [0.9, 0.9, 0.9], scale=30.0)]
+    d4 = equal_flops_verdict(flops_matched_plan(FLOPS, [4], ["dear_critic"]), rows, FLOPS, steps=10)["dear_critic"]["4"]
+    assert d4["best_critic_method"] == "smc" and d4["critic_smc_particles"] == 3
+    # paired differences (+0.05, −0.1, 0): mean −0.05/3, sample std √(Σ(d − mean)²/2), s.e. that over √3
+    m = -0.05 / 3
+    se = math.sqrt(((0.05 - m) ** 2 + (-0.1 - m) ** 2 + m ** 2) / 2) / math.sqrt(3)
+    assert d4["difference"] == pytest.approx(m) and d4["se"] == pytest.approx(se) and se > 0.04
+    assert d4["ties_or_beats"] is True and d4["smc"]["flop_ratio_per_step"] == pytest.approx(36 / 40)
 
 
 def test_critic_cache_key(tmp_path):
