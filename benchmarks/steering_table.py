@@ -82,9 +82,10 @@ def add_table_args(p, *, particles, scales, bon_only, lam, critic_epochs, thread
                         "<name>_flops.json")
     p.add_argument("--flops-scales", nargs="+", default=["sd15_512", "sd35m_1024"],
                    help="the real scales of the FLOP table whose prices set the matched particle counts")
-    p.add_argument("--flops-rounding", choices=["floor", "nearest"], nargs="+", default=["floor"],
-                   help="N' = floor (never more FLOPs than FK) or nearest of N × FK's cost / the method's (the first "
-                        "gives critic_vs_fk_equal_flops, another critic_vs_fk_equal_flops_<rounding>)")
+    p.add_argument("--flops-rounding", choices=list(MATCHINGS), nargs="+", default=["floor"],
+                   help="N' = floor (never more FLOPs than FK) or nearest of N × FK's FLOPs per particle-step / the "
+                        "method's; sample_floor: floor on the FLOPs of a whole sample (T steps + the final decode and "
+                        "reward call); the first gives critic_vs_fk_equal_flops, another critic_vs_fk_equal_flops_<it>")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=out)
     p.add_argument("--threads", type=int, default=threads)
@@ -271,6 +272,8 @@ FLOP_PRICE_OF = {"smc_x0": "fk_x0_reward_smc", "smc": "critic_smc", "guidance+bo
                  "bon": "plain_sampling"}
 MATCHED_METHODS = ("smc", "guidance+bon", "bon")  # the critic's two methods and the critic-free control
 CRITIC_METHODS = ("smc", "guidance+bon")
+# --flops-rounding: what is matched (FLOPs per particle-step, or per whole sample) and how N' is rounded
+MATCHINGS = {"floor": ("step", "floor"), "nearest": ("step", "nearest"), "sample_floor": ("sample", "floor")}
 # fewest particles a method runs with: SMC resamples only with ESS < κ·N, so at one particle it never does (the
 # library refuses it) and is the base sampler plus wasted critic calls
 MIN_PARTICLES = {"smc": 2, "guidance+bon": 1, "bon": 1}
@@ -288,12 +291,21 @@ TIES_OR_BEATS_RULE = ("difference = best critic method's mean reward − FK x0-r
                       "ties_or_beats = difference >= −1 standard error")
 
 
-def flops_matched_plan(flops: dict, particles: list[int], scales: list[str], rounding: str = "floor") -> dict:
+def flops_matched_plan(flops: dict, particles: list[int], scales: list[str], rounding: str = "floor",
+                       steps: int | None = None) -> dict:
     """{scale: {N: {method: {particles, flop_ratio_per_step}}}}: for FK's x0-reward SMC at N particles, each of
     MATCHED_METHODS gets the particle count whose FLOPs per step at that scale (``flops[scale]
     ["per_particle_step_gflops"]``, written by benchmarks/flops_real_scale.py) match FK's
-    (:func:`critic_align.flops.matched_particles`), and the ratio of the pair's FLOPs per step (method / FK)."""
+    (:func:`critic_align.flops.matched_particles`, rounding ``floor`` or ``nearest``), or with ``sample_floor``
+    whose FLOPs per whole sample of ``steps`` steps do (:func:`particle_sample_gflops`); and the ratio of the pair's
+    FLOPs per step (method / FK)."""
     from critic_align.flops import matched_particles
+
+    if rounding not in MATCHINGS:
+        raise ValueError(f"rounding must be one of {list(MATCHINGS)}, got {rounding!r}")
+    basis, how = MATCHINGS[rounding]
+    if basis == "sample" and not steps:
+        raise ValueError(f"rounding {rounding!r} matches whole samples: pass steps (the sampler's T)")
 
     plan = {}
     for scale in scales:
@@ -306,23 +318,29 @@ def flops_matched_plan(flops: dict, particles: list[int], scales: list[str], rou
         if missing:
             raise ValueError(f"the FLOP table's {scale}.per_particle_step_gflops lacks {missing}")
         fk = price[FLOP_PRICE_OF["smc_x0"]]
+        cost = {m: particle_sample_gflops(flops, scale, m, steps) if basis == "sample" else price[FLOP_PRICE_OF[m]]
+                for m in FLOP_PRICE_OF}
         plan[scale] = {}
         for n in particles:
             plan[scale][n] = {}
             for m in MATCHED_METHODS:
-                k = matched_particles(n, fk, price[FLOP_PRICE_OF[m]], rounding)
+                k = matched_particles(n, cost["smc_x0"], cost[m], how)
                 plan[scale][n][m] = {"particles": k, "flop_ratio_per_step": k * price[FLOP_PRICE_OF[m]] / (n * fk)}
     return plan
 
 
+def particle_sample_gflops(flops: dict, scale: str, method: str, steps: int) -> float:
+    """GFLOPs of one particle over a whole sample of ``steps`` steps: every particle-step at its price, plus the final
+    decode + reward call (best-of-N and SMC's argmax score their final particles; FK's potential also scores them:
+    its N·(T+1)-th decodes)."""
+    g = flops[scale]["gflops"]
+    return steps * flops[scale]["per_particle_step_gflops"][FLOP_PRICE_OF[method]] + g["vae_decode"] + g["reward_model"]
+
+
 def whole_sample_flop_ratio(flops: dict, scale: str, method: str, n_method: int, n_fk: int, steps: int) -> float:
-    """A matched pair's FLOP ratio (method / FK) over a whole sample of ``steps`` steps: every particle-step at its
-    price, plus the final decode + reward call on each particle (best-of-N and SMC's argmax score their final
-    particles; FK's potential also scores them: its N·(T+1)-th decodes)."""
-    price, g = flops[scale]["per_particle_step_gflops"], flops[scale]["gflops"]
-    final = g["vae_decode"] + g["reward_model"]
-    return (n_method * (steps * price[FLOP_PRICE_OF[method]] + final)
-            / (n_fk * (steps * price[FLOP_PRICE_OF["smc_x0"]] + final)))
+    """A matched pair's FLOP ratio (method / FK) over a whole sample of ``steps`` steps."""
+    return (n_method * particle_sample_gflops(flops, scale, method, steps)
+            / (n_fk * particle_sample_gflops(flops, scale, "smc_x0", steps)))
 
 
 def equal_flops_verdict(plan: dict, rows: list[dict], flops: dict, steps: int) -> dict:
@@ -384,13 +402,15 @@ def run_flops_matched(spec: TableSpec, args, reduction: str | None = None) -> di
         raise FileNotFoundError(f"--flops-matched {flops_path}: no such file; write it with "
                                 "`python benchmarks/flops_real_scale.py`")
     flops = json.loads(flops_path.read_text())
-    plans = {r: flops_matched_plan(flops, args.particles, args.flops_scales, r) for r in args.flops_rounding}
+    for r in args.flops_rounding:  # a bad scale or table fails here, before the critic is built
+        flops_matched_plan(flops, args.particles, args.flops_scales, r, steps=1)
     if getattr(args, "critic_x0_reward", False):
         raise ValueError("--flops-matched runs the latent critic (guidance needs its gradient): drop --critic-x0-reward")
     out = Path(args.out)
     t_start = time.time()
     trainer, steering, name, critic_dir, run_dir, critic_time = load_critic(spec, args)
     steps = len(trainer.timesteps)
+    plans = {r: flops_matched_plan(flops, args.particles, args.flops_scales, r, steps) for r in args.flops_rounding}
     col = trainer.rewards.names.index(spec.reward_key)
     prompts = spec.prompts
     cache = out / "tmp" / f"{name}_flops_rows.json"
@@ -462,15 +482,18 @@ def run_flops_matched(spec: TableSpec, args, reduction: str | None = None) -> di
                             else flops_path),
         "per_particle_step_gflops": {s: {m: flops[s]["per_particle_step_gflops"][FLOP_PRICE_OF[m]]
                                          for m in FLOP_PRICE_OF} for s in args.flops_scales},
-        "rounding": f"{first}: N' = {first}(N × FK's FLOPs per particle-step / the method's)"
+        "rounding": f"{first}: N' = {MATCHINGS[first][1]}(N × FK's FLOPs per "
+                    f"{'particle-step' if MATCHINGS[first][0] == 'step' else 'particle over a whole sample'} / the "
+                    "method's)"
                     + (" — the method never gets more FLOPs per step than FK; N' = 0 means one particle already costs "
                        "more than FK's budget (row not run, cannot tie)" if first == "floor" else "")
                     + "; SMC at N' = 1 is not run (it cannot resample: the base sampler plus critic calls)"
-                    + "".join(f"; critic_vs_fk_equal_flops_{r}: the same with N' = {r}(...)"
+                    + "".join(f"; critic_vs_fk_equal_flops_{r}: the same with N' = {MATCHINGS[r][1]}(...) of the "
+                              f"FLOPs per {'particle-step' if MATCHINGS[r][0] == 'step' else 'whole sample'}"
                               for r in args.flops_rounding[1:]),
-        "matched_on": "FLOPs per particle-step (backbone, critic forward, backward priced at 2 forwards, decode + reward "
-                      "model for FK); flop_ratio_whole_sample adds each particle's final decode + reward call, over "
-                      f"T = {steps} steps",
+        "matched_on": "FLOPs per particle-step: backbone, critic forward (a backward priced at 2 forwards), decode + "
+                      "reward model for FK; a whole sample (flop_ratio_whole_sample, and sample_floor's matching) adds "
+                      f"each particle's final decode + reward call, over the tiny task's T = {steps} steps",
         "steps": steps, "plan": {r: {s: {str(n): v for n, v in by_n.items()} for s, by_n in plan.items()}
                                  for r, plan in plans.items()},
         "best_guidance_scale": best_scale, "critic_source": run_dir or "fresh", "critic_pretrain_s": critic_time,

@@ -31,6 +31,13 @@ def test_matched_counts_and_ratios_by_hand():
     assert plan["dear_critic"][4]["smc"]["flop_ratio_per_step"] == pytest.approx(36 / 40)
     near = flops_matched_plan(FLOPS, [4], ["cheap_critic"], rounding="nearest")["cheap_critic"][4]
     assert near["guidance+bon"]["particles"] == 7 and near["guidance+bon"]["flop_ratio_per_step"] == pytest.approx(42 / 40)
+    # matched on whole samples of T = 10 steps: FK 4·(10·10 + 6) = 424 GFLOPs; SMC 46 a particle → 9, guidance 66
+    # → 6, plain 36 → 11
+    whole = flops_matched_plan(FLOPS, [4], ["cheap_critic"], rounding="sample_floor", steps=10)["cheap_critic"][4]
+    assert {m: v["particles"] for m, v in whole.items()} == {"smc": 9, "guidance+bon": 6, "bon": 11}
+    assert whole["smc"]["flop_ratio_per_step"] == pytest.approx(36 / 40)
+    with pytest.raises(ValueError, match="steps"):
+        flops_matched_plan(FLOPS, [4], ["cheap_critic"], rounding="sample_floor")
     # whole sample of T = 10 steps: 3 guided particles (10·6 + 6) against 2 FK particles (10·10 + 6)
     assert whole_sample_flop_ratio(FLOPS, "cheap_critic", "guidance+bon", 3, 2, 10) == pytest.approx(3 * 66 / (2 * 106))
 
