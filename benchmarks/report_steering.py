@@ -282,13 +282,20 @@ def section_t2i_steering_flops(path: Path) -> str:
                              f"{_f(r['flop_ratio_per_step'], 2)}, {_f(r['flop_ratio_whole_sample'], 2)} | "
                              f"{_f(r['reward'])} | {r['difference']:+.3f} ± {r['se']:.3f} | "
                              f"{'yes' if r['ties_or_beats'] else 'no'} |")
-    lines += ["", "`critic_vs_fk_equal_flops` (the best critic method against FK):", ""]
-    for scale, by_n in d["critic_vs_fk_equal_flops"].items():
-        for n, e in by_n.items():
-            if e["best_critic_method"] is None:
-                lines.append(f"- {scale}, N = {n}: no critic method fits FK's budget")
-                continue
-            lines.append(f"- {scale}, N = {n}: {names[e['best_critic_method']]} at N' = {e['best_critic_particles']} "
-                         f"{_f(e['best_critic_reward'])} vs FK {_f(e['fk_reward'])}: {e['difference']:+.3f} ± "
-                         f"{e['se']:.3f}, {'ties or beats' if e['ties_or_beats'] else 'loses'}")
+    keys = [k for k in d if k.startswith("critic_vs_fk_equal_flops")]  # the first rounding's, then the others'
+    for key_v in keys:
+        what = "" if key_v == "critic_vs_fk_equal_flops" else " (another matching: see the rounding above)"
+        lines += ["", f"`{key_v}`{what}: the best critic method against FK, and best-of-N without a critic:", ""]
+        for scale, by_n in d[key_v].items():
+            for n, e in by_n.items():
+                b = e["bon"]
+                control = (f"; best-of-N at N' = {b['particles']}: {b['difference']:+.3f} ± {b['se']:.3f}"
+                           if "reward" in b else "")
+                if e["best_critic_method"] is None:
+                    lines.append(f"- {scale}, N = {n}: no critic method fits FK's budget{control}")
+                    continue
+                lines.append(f"- {scale}, N = {n}: {names[e['best_critic_method']]} at N' = "
+                             f"{e['best_critic_particles']} {_f(e['best_critic_reward'])} vs FK {_f(e['fk_reward'])}: "
+                             f"{e['difference']:+.3f} ± {e['se']:.3f}, "
+                             f"{'ties or beats' if e['ties_or_beats'] else 'loses'}{control}")
     return "\n".join(lines + [""])
