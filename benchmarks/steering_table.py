@@ -86,6 +86,8 @@ def add_table_args(p, *, particles, scales, bon_only, lam, critic_epochs, thread
                    help="N' = floor (never more FLOPs than FK) or nearest of N × FK's FLOPs per particle-step / the "
                         "method's; sample_floor: floor on the FLOPs of a whole sample (T steps + the final decode and "
                         "reward call); the first gives critic_vs_fk_equal_flops, another critic_vs_fk_equal_flops_<it>")
+    p.add_argument("--later-matchings-lam", type=float, nargs="+",
+                   help="critic SMC's λ values for the --flops-rounding matchings after the first (default: --lam)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=out)
     p.add_argument("--threads", type=int, default=threads)
@@ -395,7 +397,6 @@ def run_flops_matched(spec: TableSpec, args, reduction: str | None = None) -> di
     model: only the particle counts come from the real-scale prices.  Each finished row is kept under
     ``<out>/tmp/<name>_flops_rows.json`` and reused by a later run with the same prompts, seed, SMC settings and
     critic (so a run cut short, or one adding a rounding, resumes).  Writes ``<name>_flops.json``."""
-    from harness import machine_info
 
     flops_path = Path(args.flops_matched)
     if not flops_path.exists():
@@ -457,22 +458,44 @@ def run_flops_matched(spec: TableSpec, args, reduction: str | None = None) -> di
     for n in args.particles:
         for lam in args.lam:
             record("smc_x0", n, lam=lam, ess_threshold=args.ess_threshold)
-    for plan in plans.values():
+    first = args.flops_rounding[0]
+    later_lam = args.later_matchings_lam or args.lam
+    for rounding, plan in plans.items():
         for scale in plan:
             for n in args.particles:
                 k = plan[scale][n]
                 if not_run_reason("smc", k["smc"]["particles"]) is None:
-                    for lam in args.lam:
+                    for lam in args.lam if rounding == first else later_lam:
                         record("smc", k["smc"]["particles"], lam=lam, ess_threshold=args.ess_threshold)
                 if not_run_reason("guidance+bon", k["guidance+bon"]["particles"]) is None:
                     record("guidance+bon", k["guidance+bon"]["particles"], scale=best_scale)
                 if not_run_reason("bon", k["bon"]["particles"]) is None:
                     record("bon", k["bon"]["particles"])
+        # written after each matching: a run cut short keeps the matchings it finished
+        result = _flops_result(spec, args, rows, plans, list(plans)[:list(plans).index(rounding) + 1], flops, steps,
+                               best_scale, reduction, flops_path, run_dir, critic_dir, critic_time, reused, name)
+        result["time_s"] = time.time() - t_start
+        (out / f"{name}_flops.json").write_text(json.dumps(result, indent=2))
+    for scale, by_n in result["critic_vs_fk_equal_flops"].items():
+        for n, e in by_n.items():
+            print(f"{scale} N={n}: FK {e['fk_reward']:.4f}; best critic {e['best_critic_method']} "
+                  f"N'={e['best_critic_particles']} {e['best_critic_reward']}; diff {e['difference']} ± {e['se']} "
+                  f"ties_or_beats={e['ties_or_beats']}")
+    print(f"wrote {out / f'{name}_flops.json'} ({result['time_s']:.0f} s)")
+    return result
+
+
+def _flops_result(spec, args, rows, plans, finished, flops, steps, best_scale, reduction, flops_path, run_dir,
+                  critic_dir, critic_time, reused, name) -> dict:
+    """run_flops_matched's JSON, with the verdicts of the matchings in ``finished`` (the first one's always)."""
+    from harness import machine_info
+
     rows = [r for r in rows if r["method"] != "guidance+bon" or r["scale"] == best_scale]
-    verdicts = {r: equal_flops_verdict(plan, rows, flops, steps) for r, plan in plans.items()}
+    verdicts = {r: equal_flops_verdict(plans[r], rows, flops, steps) for r in finished}
     first = args.flops_rounding[0]
     verdict = verdicts[first]
-    result = {
+    later = [r for r in args.flops_rounding[1:] if r in finished]
+    return {
         "benchmark": f"{name}_flops", "args": vars(args),
         "stand_in": "the tiny t2i pipeline stands in for the real models: only the particle counts come from the "
                     "real-scale FLOP prices (flops_real_scale.json); the rewards are the tiny task's",
@@ -490,7 +513,9 @@ def run_flops_matched(spec: TableSpec, args, reduction: str | None = None) -> di
                     + "; SMC at N' = 1 is not run (it cannot resample: the base sampler plus critic calls)"
                     + "".join(f"; critic_vs_fk_equal_flops_{r}: the same with N' = {MATCHINGS[r][1]}(...) of the "
                               f"FLOPs per {'particle-step' if MATCHINGS[r][0] == 'step' else 'whole sample'}"
-                              for r in args.flops_rounding[1:]),
+                              for r in later)
+                    + (f" (critic SMC there at λ in {args.later_matchings_lam} only)"
+                       if later and args.later_matchings_lam else ""),
         "matched_on": "FLOPs per particle-step: backbone, critic forward (a backward priced at 2 forwards), decode + "
                       "reward model for FK; a whole sample (flop_ratio_whole_sample, and sample_floor's matching) adds "
                       f"each particle's final decode + reward call, over the tiny task's T = {steps} steps",
@@ -500,18 +525,10 @@ def run_flops_matched(spec: TableSpec, args, reduction: str | None = None) -> di
         "config": spec.config, "reward_key": spec.reward_key, "splits": spec.splits,
         "critic_value_pretrain": pretrain_summary(critic_dir) if run_dir in (None, str(critic_dir)) else None,
         "ties_or_beats_rule": TIES_OR_BEATS_RULE, "critic_vs_fk_equal_flops": verdict,
-        **{f"critic_vs_fk_equal_flops_{r}": verdicts[r] for r in args.flops_rounding[1:]},
+        **{f"critic_vs_fk_equal_flops_{r}": verdicts[r] for r in later},
+        "matchings_not_finished": [r for r in args.flops_rounding if r not in finished],
         "rows_reused_from_an_earlier_run": reused, "rows_wall_time_s": sum(r["wall_time_s"] for r in rows),
         "rows": rows,
         "machine": machine_info(note="shared machine, one core of 2 (taskset), others' jobs on the other core; wall "
                                      "times are indicative only"),
     }
-    result["time_s"] = time.time() - t_start
-    (out / f"{name}_flops.json").write_text(json.dumps(result, indent=2))
-    for scale, by_n in verdict.items():
-        for n, e in by_n.items():
-            print(f"{scale} N={n}: FK {e['fk_reward']:.4f}; best critic {e['best_critic_method']} "
-                  f"N'={e['best_critic_particles']} {e['best_critic_reward']}; diff {e['difference']} ± {e['se']} "
-                  f"ties_or_beats={e['ties_or_beats']}")
-    print(f"wrote {out / f'{name}_flops.json'} ({result['time_s']:.0f} s)")
-    return result
