@@ -256,8 +256,12 @@ def section_t2i_steering_flops(path: Path) -> str:
         "",
         f"Command: `python benchmarks/t2i_steering.py --flops-matched {d['flops_source']} --prompts-per-split "
         f"{a['prompts_per_split']} --particles {' '.join(str(n) for n in a['particles'])} --lam "
-        f"{' '.join(f'{x:g}' for x in a['lam'])}` (writes `benchmarks/results/{d['benchmark']}.json`; "
-        f"{d['time_s'] / 60:.1f} min). {d['stand_in'][0].upper() + d['stand_in'][1:]}. GFLOPs per particle-step "
+        f"{' '.join(f'{x:g}' for x in a['lam'])} --flops-rounding {' '.join(a['flops_rounding'])}"
+        + (f" --later-matchings-lam {' '.join(f'{x:g}' for x in a['later_matchings_lam'])}"
+           if a.get("later_matchings_lam") else "")
+        + f"` (writes `benchmarks/results/{d['benchmark']}.json`; {d['rows_wall_time_s'] / 60:.0f} min of steering "
+        f"rows, the last run {d['time_s'] / 60:.0f} min with {d['rows_reused_from_an_earlier_run']} rows reused from "
+        f"an earlier, cut-short run). {d['stand_in'][0].upper() + d['stand_in'][1:]}. GFLOPs per particle-step "
         f"({d['flops_source']}): {prices}. Matched particle counts: {d['rounding']}; {d['matched_on']}. "
         f"{n_split['train']} training + {n_split['heldout']} held-out prompts, one noise seed; guidance scale "
         f"w = {d['best_guidance_scale']:g} (best of {a['scales']} at N = 1); each SMC at its best λ of {a['lam']}. "
