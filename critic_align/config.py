@@ -261,6 +261,12 @@ class PPOConfig:
     spans the policy's and a 'lora' critic's forwards.  With critic_mode 'full' the critic's own copy is
     checkpointed too.  Needs a diffusers model with gradient checkpointing (UNets, DiT / SD3 / FLUX
     transformers; not the MLP denoiser)."""
+    cudnn_attention: bool = False
+    """Let PyTorch's scaled-dot-product attention use cuDNN's kernels on a CUDA device.  Off by default: on an H200
+    with PyTorch 2.11 the backward of a FLUX.1-dev-size training step stopped on a CUDA illegal memory access with
+    cuDNN's attention on and ran with it off (flash / memory-efficient attention instead;
+    ``benchmarks/results/gpu_check.json``, part ``flux``).  A process-wide switch, set when the run's models are
+    built on CUDA; no effect on a CPU."""
 
     # --- critic -------------------------------------------------------------------------------------
     critic_mode: str = "lora"
@@ -441,7 +447,7 @@ class PPOConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
                 _err(name, v, "must be in [0, 1]")
-        for name in ("fused_lora", "channels_last", "overlap_rewards", "gradient_checkpointing"):
+        for name in ("fused_lora", "channels_last", "overlap_rewards", "gradient_checkpointing", "cudnn_attention"):
             if not isinstance(getattr(self, name), bool):
                 _err(name, getattr(self, name), "must be true or false (unquoted in YAML)", number=False)
         if self.timestep_fraction == 0:
