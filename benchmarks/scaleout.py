@@ -103,8 +103,8 @@ def _command(job: str, nproc: int, epochs: int, quick: bool, out: Path, extra=()
     for s in sets:
         argv += ["--set", s]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
-    if nproc == 1:  # the worker pins itself to the core of LOCAL_RANK (an independent pair's second run: core 1)
-        env["LOCAL_RANK"] = str(local_rank)
+    if nproc == 1:  # the worker pins itself to core SCALEOUT_CORE (an independent pair's second run: core 1)
+        env["SCALEOUT_CORE"] = str(local_rank)
         cmd = [sys.executable, str(WORKER), str(out), *argv]
     else:
         env["ACCELERATE_USE_CPU"] = "1"

@@ -274,6 +274,18 @@ class PPOConfig:
     critic_body: str = "head"
     """'head' (the value head on the trunk's features) or 'grafted' (the reward network's own later layers read the
     trunk's x0 prediction and a stitch of its features: critic_align/grafted.py; digit_prob only; mode 'lora')."""
+    value_source: str = "critic"
+    """Where GAE's values V(x_t) come from: 'critic' (the learned critic) or 'oracle' (E[R | x_t] estimated at every
+    recorded state by ``oracle_continuations`` continuations of the current policy's own sampler, scored by the
+    rewards: :mod:`critic_align.oracle`).  The oracle is a research ceiling, not a method: no critic is built or
+    trained, and its reward queries and backbone calls are logged apart (``oracle_reward_queries``, ``oracle_nfe``)
+    and left out of ``reward_queries`` unless ``oracle_counted``.  PPO with ``advantage: gae`` only."""
+    oracle_continuations: int = 4
+    """K, the continuations per state of ``value_source: oracle`` (a state whose future is deterministic, past an SDE
+    window's end, needs one)."""
+    oracle_counted: bool = False
+    """Count the oracle's reward queries in ``reward_queries`` (step-level Monte-Carlo advantages as a method of its
+    own, as TreeGRPO / VGPO do), instead of apart."""
     critic_lora_rank: int = 8
     critic_learning_rate: float = 1e-3
     """Learning rate of the value head and the critic's backbone weights."""
@@ -447,7 +459,8 @@ class PPOConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
                 _err(name, v, "must be in [0, 1]")
-        for name in ("fused_lora", "channels_last", "overlap_rewards", "gradient_checkpointing", "cudnn_attention"):
+        for name in ("fused_lora", "channels_last", "overlap_rewards", "gradient_checkpointing", "cudnn_attention",
+                     "oracle_counted"):
             if not isinstance(getattr(self, name), bool):
                 _err(name, getattr(self, name), "must be true or false (unquoted in YAML)", number=False)
         if self.timestep_fraction == 0:
@@ -511,6 +524,17 @@ class PPOConfig:
                      "critic reads (its features would move with the policy, and its value loss would train the "
                      "policy's weights): use critic_mode: full (the critic's own copy of the base) or an advantage "
                      f"without a critic (grpo, ddpo) instead of {self.advantage}", number=False)
+        if self.value_source not in ("critic", "oracle"):
+            _err("value_source", self.value_source, "use 'critic' or 'oracle'", number=False)
+        from .registry import resolve
+
+        if self.value_source == "oracle" and (self.algorithm != "ppo"
+                                              or not resolve(ESTIMATORS[self.advantage]).needs_values):
+            _err("value_source", self.value_source, "the oracle feeds GAE's values: use algorithm: ppo with advantage: "
+                 f"gae (got algorithm: {self.algorithm}, advantage: {self.advantage})", number=False)
+        if isinstance(self.oracle_continuations, bool) or not isinstance(self.oracle_continuations, int) or \
+                self.oracle_continuations < 1:
+            _err("oracle_continuations", self.oracle_continuations, "must be an integer >= 1")
         if self.critic_body not in ("head", "grafted"):
             _err("critic_body", self.critic_body, "use 'head' or 'grafted'", number=False)
         if self.critic_body == "grafted" and (self.critic_mode != "lora" or self.critic_x0_reward):
