@@ -121,6 +121,10 @@ class PPOConfig:
     nft_beta: float = 1.0
     """nft: the mixing β of the implicit policies v± (v⁺ = β·v_θ + (1−β)·v_old); DiffusionNFT's ``config.beta``
     (1.0 in their base config, 0.1 in their SD3 runs).  Must be > 0 (the loss divides by it)."""
+    nft_advantage: str = "grpo"
+    """nft: 'grpo' (the estimator's advantage of the trajectory, the paper's; needs advantage: grpo or ddpo) or 'critic'
+    (per-timestep A = R − V(x_t, t) on the forward-noised state; needs advantage: gae, which builds and trains the
+    critic)."""
     awm_advantage: str = "grpo"
     """awm: 'grpo' (the estimator's advantage of the trajectory; needs advantage: grpo or ddpo) or 'critic'
     (per-timestep A = R − V(x_t, t) on the forward-noised state; needs advantage: gae, which builds and trains the
@@ -497,9 +501,15 @@ class PPOConfig:
             _err("nft_beta", self.nft_beta, "must be a finite number > 0 (the NFT loss divides by it)")
         if self.awm_advantage not in ("grpo", "critic"):
             _err("awm_advantage", self.awm_advantage, "use 'grpo' or 'critic'", number=False)
-        if self.algorithm == "nft" and self.advantage not in ("grpo", "ddpo"):
+        if self.nft_advantage not in ("grpo", "critic"):
+            _err("nft_advantage", self.nft_advantage, "use 'grpo' or 'critic'", number=False)
+        if self.algorithm == "nft" and self.nft_advantage == "grpo" and self.advantage not in ("grpo", "ddpo"):
             _err("advantage", self.advantage, "algorithm: nft turns each trajectory's reward into one optimality "
-                 "probability: use advantage: grpo (the paper's group-normalised reward) or ddpo", number=False)
+                 "probability: use advantage: grpo (the paper's group-normalised reward) or ddpo, or nft_advantage: "
+                 "critic with advantage: gae (a per-timestep advantage from the critic)", number=False)
+        if self.algorithm == "nft" and self.nft_advantage == "critic" and self.advantage != "gae":
+            _err("advantage", self.advantage, "nft_advantage: critic needs advantage: gae (the estimator that builds "
+                 "and trains the critic)", number=False)
         if self.algorithm == "awm":
             need = ("grpo", "ddpo") if self.awm_advantage == "grpo" else ("gae",)
             if self.advantage not in need:
