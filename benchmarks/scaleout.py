@@ -60,7 +60,7 @@ WEIGHT_RTOL, WEIGHT_ATOL = 1e-3, 2e-5
 
 # per job: the run config and the overrides that make it fit 1, 2 and 4 processes (chunks of 8 trajectories; no
 # held-out evaluation, grids or TensorBoard; a short value pretraining, which is not timed)
-JOBS = {"digits": "digits", "t2i": "t2i"}
+JOBS = {"digits": "digits", "t2i": "t2i", "digits_grpo": "digits_grpo"}  # digits_grpo: the 0.975 baseline job
 COMMON = ["sample_chunk_size=8", "eval_every=0", "grid_every=0", "log_tensorboard=false", "progress=false",
           "checkpoint_every=1", "seed=0", "value_pretrain_epochs=2", "value_pretrain_passes=1"]
 QUICK = ["batch_size=16", "group_size=4", "sample_chunk_size=4", "minibatch_size=32", "value_pretrain_epochs=1",
@@ -257,7 +257,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small batches and 2 epochs: a smoke test")
     ap.add_argument("--epochs", type=int, default=None, help="epochs of the 1- and 2-process runs (default 6; quick 2)")
-    ap.add_argument("--jobs", nargs="+", default=sorted(JOBS), choices=sorted(JOBS))
+    ap.add_argument("--jobs", nargs="+", default=["digits", "t2i"], choices=sorted(JOBS),
+                    help="digits_grpo (no critic) shows what the critic's update adds to the cost of splitting")
     ap.add_argument("--keep", default=None, help="keep the run directories here (default: a temporary directory)")
     ap.add_argument("--merge", action="store_true", help="keep the other jobs of an existing JSON (rerun some jobs)")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="MINUTES",
