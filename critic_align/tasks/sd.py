@@ -262,6 +262,10 @@ class StableDiffusionTask(BaseTask):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE-decode final latents to float32 images (B, 3, H, W) in [-1, 1]."""
+        return self.decode_differentiable(latents)
+
+    def decode_differentiable(self, latents: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` with autograd on (the grafted critic's path from x_t to the reward network)."""
         vae = self.pipe.vae
         scale = vae.config.scaling_factor
         shift = getattr(vae.config, "shift_factor", None) or 0.0
