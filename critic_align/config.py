@@ -267,8 +267,8 @@ class PPOConfig:
     """'lora' (own adapter on the shared frozen base), 'full' (trainable copy) or 'shared' (policy trunk)."""
     critic_body: str = "head"
     """'head' (the value head on the trunk's features) or 'grafted' (the reward network's own later layers read the
-    trunk's x0 prediction and a stitch of its features: critic_align/grafted.py; digit_prob and composition; mode
-    'lora')."""
+    trunk's x0 prediction and a stitch of its features: critic_align/grafted.py; digit_prob, composition and the
+    CLIP-family rewards (critic_align/grafted_clip.py); mode 'lora')."""
     critic_lora_rank: int = 8
     critic_learning_rate: float = 1e-3
     """Learning rate of the value head and the critic's backbone weights."""

@@ -31,30 +31,16 @@ remaining layers and the projection; read-out = the reward's own score from the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .reward_graft import RewardGraft  # its own module: grafted_clip builds one and graft_for dispatches to it
 from .steps import predict_x0
 
 __all__ = ["RewardGraft", "digit_graft", "composition_graft", "PromptTable", "GraftedCritic", "build_grafted_critic",
            "graft_for"]
-
-
-@dataclass
-class RewardGraft:
-    """A reward network split at its graft layer.  ``early``: image -> graft activations (B, C, H, W); ``late``:
-    graft activations -> logits; ``readout(logits, cond, image) -> (B,)`` the reward's value from the logits, the
-    task's conditioning and the decoded image x̂0 itself (for what the reward computes from pixels, not from the
-    network); ``channels``, ``size``: the graft layer's C and (H, W)."""
-
-    early: nn.Module
-    late: nn.Module
-    readout: Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor]
-    channels: int
-    size: tuple[int, int]
 
 
 def digit_graft(reward, split: int = 7) -> RewardGraft:

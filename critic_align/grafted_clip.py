@@ -39,6 +39,7 @@ import inspect
 import torch
 from torch import nn
 
+from .reward_graft import RewardGraft
 from .rewards.clip import _CLIPReward, l2_normalized, unit_rgb
 
 __all__ = ["clip_graft"]
@@ -93,11 +94,11 @@ class _CLIPLate(nn.Module):
         self.score_modules = nn.ModuleList(reward.score_modules())  # held for device / dtype moves
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(_dtype(self.post_layernorm))
         d = x.shape[1] // 2
         patches = x[:, :d].flatten(2).transpose(1, 2)
-        cls = x[:, d:].mean(dim=(2, 3))
-        h = _run_layers(self.layers, torch.cat([cls[:, None], patches], dim=1))
+        cls = x[:, d:].mean(dim=(2, 3))  # in the stitched map's dtype, before a cast to a half-precision tower's
+        tokens = torch.cat([cls[:, None], patches], dim=1).to(_dtype(self.post_layernorm))
+        h = _run_layers(self.layers, tokens)
         emb = self.visual_projection(self.post_layernorm(h[:, 0]))
         return l2_normalized(emb.to(torch.promote_types(emb.dtype, torch.float32)))
 
@@ -121,8 +122,6 @@ def clip_graft(reward: _CLIPReward, prompts=None, split: int | None = None):
     """A CLIP-family reward's graft (module docstring): its image tower split after encoder layer ``split`` (default:
     half of the layers, rounded down); ``prompts``: the :class:`~critic_align.grafted.PromptTable` from conditioning
     rows to prompts, needed when the reward reads prompts (all but the aesthetic predictor)."""
-    from .grafted import RewardGraft
-
     if not isinstance(reward, _CLIPReward):
         raise TypeError(f"clip_graft grafts the CLIP-family rewards (CLIPScore, PickScore, LaionAesthetic, HPSv2), got "
                         f"{type(reward).__name__}")

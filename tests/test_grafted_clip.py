@@ -89,7 +89,7 @@ def test_graft_split_reproduces_the_reward(ref, model_dirs, kind):
         hidden = reward.model.config.vision_config.hidden_size
         side = reward.model.config.vision_config.image_size // reward.model.config.vision_config.patch_size
         assert (g.channels, g.size) == (2 * hidden, (side, side))
-        for name, x in ref["images"].items():
+        for x in ref["images"].values():
             with torch.no_grad():
                 h = g.early(x)
                 v = g.readout(g.late(h), cond, x)
@@ -99,6 +99,24 @@ def test_graft_split_reproduces_the_reward(ref, model_dirs, kind):
             r = reward(x, prompts)
             torch.testing.assert_close(v, r, rtol=1e-5, atol=1e-5 * float(r.abs().max()))
     assert graft_for(reward, table).channels == 2 * hidden
+
+
+def test_graft_of_a_bfloat16_reward_reproduces_it(ref, model_dirs):
+    """dtype="bfloat16" (the tower's weights and inputs in bfloat16, embeddings compared in float32): the graft casts
+    the map to the tower's dtype and the embedding back to float32 as the reward does; a float32 stitch map added to
+    the bfloat16 activations (the grafted critic's) is cast back before the later layers."""
+    reward = CLIPScore(model_dirs / "clip", dtype="bfloat16")
+    prompts = ref["prompts"]
+    g = clip_graft(reward, PromptTable(crc_encode, prompts))
+    x = ref["images"]["rgb32"]
+    with torch.no_grad():
+        h = g.early(x)
+        assert h.dtype == torch.bfloat16
+        e = g.late(h + torch.zeros(h.shape))  # a float32 stitch of zeros
+        v = g.readout(e, crc_encode(prompts), x)
+    assert e.dtype == torch.float32
+    r = reward(x, prompts)
+    torch.testing.assert_close(v, r, rtol=1e-3, atol=1e-3 * float(r.abs().max()))
 
 
 def test_layout_patches_on_their_grid_and_the_cls_token_in_every_position(ref, model_dirs):
@@ -145,7 +163,7 @@ def test_graft_gradient_in_the_image_matches_finite_differences(ref, model_dirs,
             with torch.no_grad():
                 s = torch.randn(g.early(x).shape, generator=gen, dtype=torch.float64) * 0.05
 
-            def f(x):
+            def f(x, s=s):
                 return g.readout(g.late(g.early(x) + s), crc_encode(prompts), x)
 
             v = f(x)

@@ -29,6 +29,10 @@ All three share one loader and one image pipeline:
 
 Prompts are tokenised with padding and truncation to the text model's maximum length (77 for the
 released CLIP models); the embeddings of repeated prompts in a batch are computed once.
+
+Each reward is ``score_embeds(image_embeds(x), text_embeds(prompts))``: the score from the L2-normalised
+embeddings is one method per reward, which the reward-grafted critic calls too
+(:mod:`critic_align.grafted_clip`).
 """
 
 from __future__ import annotations
