@@ -34,6 +34,7 @@ embedding: it scales the cosine (CLIP score, PickScore, HPSv2) or the aesthetic 
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -45,12 +46,16 @@ from .rewards.clip import _CLIPReward, l2_normalized, unit_rgb
 __all__ = ["clip_graft"]
 
 
+@functools.cache
+def _takes_causal_mask(layer_type: type) -> bool:
+    return "causal_attention_mask" in inspect.signature(layer_type.forward).parameters
+
+
 def _run_layers(layers, h: torch.Tensor) -> torch.Tensor:
     """CLIP encoder layers, no attention mask (the image tower has none).  transformers 4's layer takes a causal mask
     too and returns a tuple; 5's returns the tensor."""
     for layer in layers:
-        takes_causal = "causal_attention_mask" in inspect.signature(layer.forward).parameters
-        out = layer(h, None, None) if takes_causal else layer(h, None)
+        out = layer(h, None, None) if _takes_causal_mask(type(layer)) else layer(h, None)
         h = out[0] if isinstance(out, tuple) else out
     return h
 

@@ -248,6 +248,26 @@ def test_sd15_grafted_clip_critic_at_t0_reads_the_reward(t2i_clip):
     assert r.std() > 0.05  # the samples' rewards differ: the match is not a constant
 
 
+def test_sd15_grafted_clip_critic_starts_as_the_reward_of_its_x0_prediction(t2i_clip):
+    """At the start (zero stitch, logit scale and shrinkage) the value at a noisy step is the reward of the decoded
+    one-step prediction x̂0 of the critic's own (zero) LoRA: the graft adds nothing and loses nothing."""
+    from critic_align.steps import predict_x0
+
+    tr, prompts, cond, latents = t2i_clip
+    critic = tr.critic
+    k = 6
+    x, t = latents[:, k], tr.timesteps[k].repeat(len(prompts))
+    with torch.no_grad():
+        v = critic(x, t, cond)[:, 0]
+        tt = critic.trunk._timesteps(t, x)
+        with critic.adapters.using(critic.adapter_name):
+            out = critic.trunk.predict_and_features(x, tt, cond, which=critic.feature_layers)[0]
+        image = critic.decode(predict_x0(critic.schedule, out, x, tt))
+    r = tr.rewards(image, prompts)[:, 0]
+    torch.testing.assert_close(v, r, rtol=1e-5, atol=1e-4)  # float32 rounding of the CLS token's mean (PickScore ~5)
+    assert r.std() > 0.05
+
+
 def test_sd15_grafted_clip_critic_gradient_in_x_t_matches_finite_differences(t2i_clip):
     tr, prompts, cond, latents = t2i_clip
     critic, vae = tr.critic, tr.task.pipe.vae
