@@ -189,6 +189,10 @@ def test_bad_split_and_missing_prompt_table_are_clear_errors(model_dirs):
     clip_graft(make_reward("aesthetic", model_dirs), None)  # reads no prompt: no table needed
     with pytest.raises(TypeError, match="CLIP-family"):
         clip_graft(object(), None)
+    from critic_align.rewards import JpegCompressibility
+
+    with pytest.raises(ValueError, match="no grafted critic for reward 'jpeg_compressibility'.*CLIP-family"):
+        graft_for(JpegCompressibility())
 
 
 def test_text_embeddings_are_cached_per_prompt(ref, model_dirs, monkeypatch):
