@@ -277,8 +277,8 @@ class PPOConfig:
     """'lora' (own adapter on the shared frozen base), 'full' (trainable copy) or 'shared' (policy trunk)."""
     critic_body: str = "head"
     """'head' (the value head on the trunk's features) or 'grafted' (the reward network's own later layers read the
-    trunk's x0 prediction and a stitch of its features: critic_align/grafted.py; digit_prob and composition; mode
-    'lora')."""
+    trunk's x0 prediction and a stitch of its features: critic_align/grafted.py; digit_prob, composition and the
+    CLIP-family rewards (critic_align/grafted_clip.py); mode 'lora')."""
     value_source: str = "critic"
     """Where GAE's values V(x_t) come from: 'critic' (the learned critic) or 'oracle' (E[R | x_t] estimated at every
     recorded state by ``oracle_continuations`` continuations of the current policy's own sampler, scored by the

@@ -23,37 +23,24 @@ the scale; the reward network stays frozen.  The whole path is differentiable in
 Reward networks: :func:`digit_graft` splits the shipped digit classifier (``digit_prob``); :func:`composition_graft`
 grafts the tiny text-to-image tasks' dense ``composition`` reward through the same digit classifier, applied to each of
 the canvas's 4 cells (its read-out is the reward's own clause read-out,
-:func:`critic_align.rewards.composition.judge_cells`).  The CLIP-family rewards would split their image tower the same
-way (early = patch embedding + first blocks on the decoded image, late = the remaining blocks, the projection and the
-cosine with the prompt's text embedding as read-out); not built here.
+:func:`critic_align.rewards.composition.judge_cells`).  The CLIP-family rewards (CLIP score, PickScore, the LAION
+aesthetic predictor, HPSv2) split their image tower (:func:`critic_align.grafted_clip.clip_graft`: early = the reward's
+preprocessing, the patch embedding and the first half of the encoder layers on the decoded image; late = the
+remaining layers and the projection; read-out = the reward's own score from the image and text embeddings).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .reward_graft import RewardGraft  # its own module: grafted_clip builds one and graft_for dispatches to it
 from .steps import predict_x0
 
 __all__ = ["RewardGraft", "digit_graft", "composition_graft", "PromptTable", "GraftedCritic", "build_grafted_critic",
            "graft_for"]
-
-
-@dataclass
-class RewardGraft:
-    """A reward network split at its graft layer.  ``early``: image -> graft activations (B, C, H, W); ``late``:
-    graft activations -> logits; ``readout(logits, cond, image) -> (B,)`` the reward's value from the logits, the
-    task's conditioning and the decoded image x̂0 itself (for what the reward computes from pixels, not from the
-    network); ``channels``, ``size``: the graft layer's C and (H, W)."""
-
-    early: nn.Module
-    late: nn.Module
-    readout: Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor]
-    channels: int
-    size: tuple[int, int]
 
 
 def digit_graft(reward, split: int = 7) -> RewardGraft:
@@ -306,8 +293,15 @@ class GraftedCritic(nn.Module):
 
 
 def graft_for(reward, prompts: PromptTable | None = None) -> RewardGraft:
-    """The graft of one trained reward: ``digit_prob`` (:func:`digit_graft`) or ``composition``
-    (:func:`composition_graft`, which needs the task's ``prompts`` table)."""
+    """The graft of one trained reward: ``digit_prob`` (:func:`digit_graft`), ``composition``
+    (:func:`composition_graft`, which needs the task's ``prompts`` table) or a CLIP-family reward
+    (:func:`critic_align.grafted_clip.clip_graft`; the table for those that read prompts)."""
+    from .rewards.clip import _CLIPReward
+
+    if isinstance(reward, _CLIPReward):
+        from .grafted_clip import clip_graft
+
+        return clip_graft(reward, prompts)
     name = getattr(reward, "name", None)
     if name == "digit_prob":
         return digit_graft(reward)
@@ -316,8 +310,8 @@ def graft_for(reward, prompts: PromptTable | None = None) -> RewardGraft:
             raise ValueError("the composition graft reads each prompt's clauses: build_grafted_critic needs the task "
                              "(task=...) to map conditioning rows back to its prompts")
         return composition_graft(reward, prompts)
-    raise ValueError(f"no grafted critic for reward {name or reward!r}: digit_prob and composition are built "
-                     "(see critic_align/grafted.py for what the CLIP rewards need)")
+    raise ValueError(f"no grafted critic for reward {name or reward!r}: digit_prob, composition and the CLIP-family "
+                     "rewards (CLIPScore, PickScore, LaionAesthetic, HPSv2) are built")
 
 
 def build_grafted_critic(adapter, adapters, schedule, decode, rewards, example, adapter_name: str = "critic",
@@ -332,7 +326,8 @@ def build_grafted_critic(adapter, adapters, schedule, decode, rewards, example, 
     with torch.no_grad():
         feats = adapter.features(*example, which=which)
     adapters.add(adapter_name, rank=lora_rank, alpha=lora_alpha, target_modules=lora_target_modules)
-    needs_prompts = any(getattr(r, "name", None) == "composition" for r in rewards.rewards)
+    needs_prompts = any(getattr(r, "name", None) == "composition" or getattr(r, "reads_prompts", False)
+                        for r in rewards.rewards)
     table = PromptTable(task.encode, task.prompts) if needs_prompts and task is not None else None
     grafts = [graft_for(r, table) for r in rewards.rewards]
     device = example[0].device
