@@ -1,6 +1,7 @@
 """Held-out explained variance per bucket of steps: today's head, the x0-reward gate, the grafted critic, the oracle.
 
     python benchmarks/critic_grafted.py --task digits
+    python benchmarks/critic_grafted.py --task t2i --heldout 48 --K 2 --pretrain-epochs 2    # merges into the JSON
 
 On a held-out set of the base policy's full stochastic trajectories (fresh noise, never trained on), every state's
 value is compared with the trajectory's reward R:
@@ -13,7 +14,9 @@ value is compared with the trajectory's reward R:
   corrected for its own Monte-Carlo noise (stderr² subtracted from the squared error): the ceiling.
 
 EV = 1 − E[(R − V)²] / Var(R) per step, averaged per bucket of steps.  ``grafted_over_oracle_min_bucket``: the
-smallest per-bucket ratio EV(grafted) / EV(oracle).  Writes ``benchmarks/results/critic_grafted.json``.
+smallest per-bucket ratio EV(grafted) / EV(oracle).  Writes ``benchmarks/results/critic_grafted.json``, merged: a
+run replaces its own task's entry and keeps the other tasks' (each entry holds its own args, reduction, machine and
+seconds; a file from before entries held them gets its top-level ones moved into its single task's entry).
 """
 
 from __future__ import annotations
@@ -55,7 +58,10 @@ def heldout_set(tr, n: int, K: int, seed: int = 4242) -> dict:
     at every state and the oracle's values (K continuations) at every state."""
     gen = torch.Generator().manual_seed(seed)
     names = list(tr.task.prompts)
-    prompts = [names[i % len(names)] for i in range(n)]
+    if len(names) >= n:  # a large prompt list (t2i: 5670, ordered by kind): a uniform draw, not its first n
+        prompts = [names[i] for i in torch.randperm(len(names), generator=gen)[:n].tolist()]
+    else:  # a few prompts (digits: the 10 classes): each in turn
+        prompts = [names[i % len(names)] for i in range(n)]
     cond = tr.task.encode(prompts)
     x_T = torch.randn((n, *tr.task.latent_shape), generator=gen)
     ro = sample_trajectories(tr.policy_output, tr.step, x_T, tr.timesteps, cond, prompts, generator=gen,
@@ -95,12 +101,28 @@ def ev_report(values: torch.Tensor, R: torch.Tensor, buckets: int, noise_var: to
                                              None if noise_var is None else noise_var[:, :, 0])}
 
 
+def load_merged(out: Path) -> dict:
+    """The results file as far as it exists, with the per-task layout (see the module docstring)."""
+    if not out.exists():
+        return {"benchmark": "critic_grafted", "tasks": {}, "grafted_over_oracle_min_bucket": {}}
+    old = json.loads(out.read_text())
+    legacy = {k: old.pop(k) for k in ("args", "reduction_vs_issue", "machine", "seconds") if k in old}
+    if legacy and len(old["tasks"]) == 1:  # written by a one-task run before entries held their own run details
+        (only,) = old["tasks"].values()
+        for k, v in legacy.items():
+            only.setdefault(k, v)
+    old.setdefault("grafted_over_oracle_min_bucket", {})
+    return old
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="digits", help="run config (digits)")
+    p.add_argument("--task", default="digits", help="run config (digits, t2i, t2i_sd3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heldout", type=int, default=80, help="held-out trajectories")
     p.add_argument("--K", type=int, default=4, help="oracle continuations per state")
+    p.add_argument("--pretrain-epochs", type=int, default=None,
+                   help="value-pretraining epochs of every critic (default: the config's value_pretrain_epochs)")
     p.add_argument("--buckets", type=int, default=4)
     p.add_argument("--reduction", default="")
     p.add_argument("--reuse-heldout", action="store_true", help="load the held-out oracle set an earlier run saved")
@@ -108,17 +130,23 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.time()
-    result = {"benchmark": "critic_grafted", "args": vars(args), "reduction_vs_issue": args.reduction,
-              "machine": machine_info(note="shared machine, 2 cores, contended by other agents; pinned to one core"),
-              "tasks": {}}
     out = Path(args.out)
-    res = result["tasks"][args.task] = {"critics": {}}
+    over = {} if args.pretrain_epochs is None else {"value_pretrain_epochs": args.pretrain_epochs}
+    res = {"args": vars(args), "reduction_vs_issue": args.reduction,
+           "machine": machine_info(note="shared machine, 2 cores, contended by other agents; pinned to one core"),
+           "critics": {}}
 
     def save():
-        result["seconds"] = time.time() - t0
+        res["seconds"] = time.time() - t0
+        result = load_merged(out)  # re-read: another task's run may have written it meanwhile
+        result["tasks"][args.task] = res
+        if "grafted_over_oracle_min_bucket" in res:
+            result["grafted_over_oracle_min_bucket"][args.task] = res["grafted_over_oracle_min_bucket"]
         out.write_text(json.dumps(result, indent=1, default=float))
 
-    tr = make_trainer(args.task, args.seed, "head")
+    tr = make_trainer(args.task, args.seed, "head", **over)
+    res["value_pretraining"] = {"epochs": tr.config.value_pretrain_epochs, "passes": tr.config.value_pretrain_passes,
+                                "batch_size": tr.config.batch_size}
     cache = RESULTS / "tmp" / "critic_grafted" / f"{args.task}_heldout.pt"
     if args.reuse_heldout and cache.exists():  # the same base policy's held-out set, drawn by an earlier run
         data = torch.load(cache, weights_only=False)
@@ -135,23 +163,26 @@ def main(argv=None):
     res["critics"]["oracle"] = ev_report(data["oracle"], R, args.buckets, data["oracle_stderr"] ** 2)
     res["critics"]["oracle_uncorrected"] = ev_report(data["oracle"], R, args.buckets)
     res["critics"]["x0_reward_raw"] = ev_report(data["x0_rewards"], R, args.buckets)
-    print("oracle", res["critics"]["oracle"]["ev_per_bucket"], flush=True)
+    print("oracle", res["critics"]["oracle"]["ev_per_bucket"], f"({time.time() - t0:.0f} s)", flush=True)
     save()
 
     def fit(name, tr, x0_reward=False):
         t1 = time.time()
         q0 = tr.reward_queries
         tr.pretrain_value()
+        t2 = time.time()
         v = critic_values(tr, data, x0_reward)
         res["critics"][name] = ev_report(v, R, args.buckets) | {"pretrain_queries": tr.reward_queries - q0,
-                                                                "seconds": time.time() - t1}
+                                                                "seconds": time.time() - t1,
+                                                                "pretrain_seconds": t2 - t1}
         print(name, res["critics"][name]["ev_per_bucket"], f"({time.time() - t1:.0f} s)", flush=True)
         save()
 
     fit("head", tr)
-    fit("x0_gate", make_trainer(args.task, args.seed, "x0_gate", critic_x0_reward=True), x0_reward=True)
-    trg = make_trainer(args.task, args.seed, "grafted", critic_body="grafted")
-    res["critics"]["grafted_init"] = ev_report(critic_values(trg, data), R, args.buckets)
+    fit("x0_gate", make_trainer(args.task, args.seed, "x0_gate", critic_x0_reward=True, **over), x0_reward=True)
+    trg = make_trainer(args.task, args.seed, "grafted", critic_body="grafted", **over)
+    t1 = time.time()
+    res["critics"]["grafted_init"] = ev_report(critic_values(trg, data), R, args.buckets) | {"seconds": time.time() - t1}
     print("grafted_init", res["critics"]["grafted_init"]["ev_per_bucket"], flush=True)
     fit("grafted", trg)
     orc = res["critics"]["oracle"]["ev_per_bucket"]
@@ -159,7 +190,6 @@ def main(argv=None):
         ratios = [g / o if o > 0 else None for g, o in zip(res["critics"][name]["ev_per_bucket"], orc)]
         res[f"{name}_over_oracle_per_bucket"] = ratios
     res["grafted_over_oracle_min_bucket"] = min(r for r in res["grafted_over_oracle_per_bucket"] if r is not None)
-    result["grafted_over_oracle_min_bucket"] = {args.task: res["grafted_over_oracle_min_bucket"]}
     save()
     print(json.dumps({k: v for k, v in res.items() if k.endswith("bucket")}, indent=1, default=float))
 

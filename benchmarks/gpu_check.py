@@ -14,6 +14,9 @@ every part, so a run cut short keeps what it measured):
    ``DDPOTrainer`` on the same saved pipeline.  ``sd15_vs_trl`` = our ddpo epoch samples/s over TRL's (the same
    algorithm); ``sd15_peak_mem_vs_trl`` its peak memory over TRL's; ``gae_vs_grpo_epoch`` = GAE's epoch seconds
    over GRPO's (the critic's overhead: its values in the rollout, its loss in the update).
+   ``sd15_mem``: our ddpo side alone under ``--sd15-memory-mb`` activation budgets per micro-batch (the
+   ``micro_batch_memory_mb`` field), against the TRL row of the ``sd15`` part (this run's or a merged one on the same
+   kind of device): ``sd15_at_trl_memory`` is the fastest budget whose peak memory is at most TRL's.
 3. ``sd3``: the SD3.5-medium transformer (2.24 B, T5 dropped: zeros of its shape) at 512² and 1024², with and
    without gradient checkpointing: GRPO epoch samples/s (``sd35m_img_per_s``) and peak memory.
 4. ``flux``: the FLUX.1-dev transformer at full size (12 B, random weights, bf16, LoRA on the attention, gradient
@@ -46,9 +49,9 @@ from report_gpu import GOALS  # noqa: F401  (the goals the section marks; tests 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_OUT = RESULTS / "gpu_check.json"
-PARTS = ("tests", "sd15", "sd3", "flux")
+PARTS = ("tests", "sd15", "sd15_mem", "sd3", "flux")
 # the least time each part needs to be worth starting (seconds, on an H200; tiny mode ignores them)
-PART_MIN_S = {"tests": 60, "sd15": 90, "sd3": 60, "flux": 45}
+PART_MIN_S = {"tests": 60, "sd15": 90, "sd15_mem": 60, "sd3": 60, "flux": 45}
 
 # FLUX.1-dev's transformer/config.json and vae/config.json (black-forest-labs/FLUX.1-dev)
 FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -120,6 +123,29 @@ def run_sd15(a, out_dir: Path) -> dict:
     else:
         res["trl"] = d["trl"]
     res["settings"] = d["settings"]
+    return res
+
+
+def run_sd15_mem(a, tmp: Path, sd15: dict | None) -> dict:
+    """Our ddpo side under each activation budget; TRL's row comes from the sd15 part (``sd15``), not rerun."""
+    import gpu_throughput
+
+    trl = (sd15 or {}).get("epoch", {}).get("trl")
+    res = {"budgets": {}, "trl": trl, "trl_from": "the sd15 part of this record" if trl else None}
+    for mb in a.sd15_memory_mb:
+        argv = ["--models", "sd15", "--modes", "ddpo", "--epochs", str(a.sd15_epochs), "--warmup", "1", "--skip-trl",
+                "--micro-batch-memory-mb", str(mb), "--out", str(tmp / f"gpu_throughput_mem{mb}.json"), "--no-report",
+                "--device", a.device] + (["--tiny"] if a.tiny else [])
+        ep = gpu_throughput.main(argv)["models"]["sd15"]["sides"]["ddpo"]["phases"]["epoch"]
+        row = {"samples_per_s": ep["samples_per_s"], "peak_memory_mb": ep["peak_memory_mb"], "seconds": ep["seconds"]}
+        if trl and trl.get("peak_memory_mb") and ep.get("peak_memory_mb") is not None:
+            row["vs_trl"] = ep["samples_per_s"] / trl["samples_per_s"]
+            row["peak_mem_vs_trl"] = ep["peak_memory_mb"] / trl["peak_memory_mb"]
+        res["budgets"][str(mb)] = row
+    fits = [(r["vs_trl"], mb) for mb, r in res["budgets"].items() if r.get("peak_mem_vs_trl", 2.0) <= 1.0]
+    if fits:
+        best = max(fits)[1]
+        res["sd15_at_trl_memory"] = {"micro_batch_memory_mb": float(best), **res["budgets"][best]}
     return res
 
 
@@ -210,8 +236,6 @@ def flux_worker(s: dict) -> dict:
     from critic_align.trainer import Trainer
 
     tmp, cuda = Path(s["tmp"]), s["device"] == "cuda"
-    if cuda and not s.get("cudnn_sdpa", True):
-        torch.backends.cuda.enable_cudnn_sdp(False)  # flash / memory-efficient attention instead
     meter = gt.Meter(cuda)
     t0 = time.time()
     pipe = _flux_pipeline(s["tiny"], s["device"], tmp)
@@ -227,7 +251,8 @@ def flux_worker(s: dict) -> dict:
                     sample_chunk_size=s["batch"], minibatch_size=s["batch"] * s["steps"], learning_rate=1e-4,
                     clip_range=1e-4, lora_rank=8, lora_alpha=8, lora_target_modules=list(FLUX_LORA_TARGETS),
                     value_pretrain_epochs=0, mixed_precision="bf16" if cuda else "no", gradient_checkpointing=True,
-                    progress=False, log_tensorboard=False, grid_every=0, checkpoint_every=0, eval_every=0)
+                    cudnn_attention=s.get("cudnn_sdpa", True), progress=False, log_tensorboard=False, grid_every=0,
+                    checkpoint_every=0, eval_every=0)
     trainer = Trainer(cfg, task, task.backbone(), task.scheduler, MultiReward([FunctionReward(brightness, name="b")]))
     loaded_mb = meter.allocated_mb()
     build_s = time.time() - t0
@@ -307,6 +332,8 @@ def summarize(data: dict) -> None:
         for k in ("sd15_vs_trl", "sd15_peak_mem_vs_trl"):
             if k in p["sd15"]:
                 data[k] = p["sd15"][k]
+    if "sd15_mem" in p and "budgets" in p["sd15_mem"]:
+        data["sd15_at_trl_memory"] = p["sd15_mem"].get("sd15_at_trl_memory")
     if "sd3" in p and "runs" in p["sd3"]:
         out = {}
         for name, r in p["sd3"]["runs"].items():
@@ -337,6 +364,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--trl-python", help="the Python with trl==0.23.1 for TRL's side (default: this one)")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--sd15-epochs", type=int, default=2, help="timed epochs per side after one warm-up")
+    ap.add_argument("--sd15-memory-mb", type=lambda x: [int(v) for v in x.split(",")], default=[1024, 4096],
+                    help="sd15_mem: our activation budgets per micro-batch (MB), comma-separated")
     ap.add_argument("--sd3-resolutions", type=lambda x: [int(v) for v in x.split(",")], default=[512, 1024])
     ap.add_argument("--sd3-batch", type=int, default=8)
     ap.add_argument("--sd3-group", type=int, default=4)
@@ -409,6 +438,8 @@ def main(argv=None) -> dict:
             return run_tests(a.device, tmp, timeout=max(left, 60))
         if part == "sd15":
             return run_sd15(a, out.parent)
+        if part == "sd15_mem":
+            return run_sd15_mem(a, tmp, data["parts"].get("sd15"))
         if part == "sd3":
             return run_sd3(a, tmp, budget.deadline)
         return run_flux(a, tmp, timeout=max(left, 30))

@@ -85,20 +85,27 @@ def section_ceiling(path: Path) -> str:
 
 def section_grafted(path: Path) -> str:
     d = json.loads(path.read_text())
-    m = d["machine"]
     lines = ["## A critic grafted onto the reward model: held-out explained variance per bucket of steps", "",
-             "Command: `python benchmarks/critic_grafted.py` (writes `benchmarks/results/critic_grafted.json`). Held-out "
-             "set: the base policy's full stochastic trajectories on fresh noise; EV = 1 − E[(R − V)²]/Var(R) per step, "
-             "averaged per bucket of steps (the oracle's corrected for its own Monte-Carlo noise). `grafted_init` is "
-             "the grafted critic before training (r(decode(x̂0)) of the base prediction); `x0_reward_raw` the raw "
-             "x0-prediction reward with no calibration. Machine: "
-             f"{m['cpu_count']} CPU cores, torch {m['torch']}, {m['torch_threads']} thread ({m['note']}).", ""]
-    if d.get("reduction_vs_issue"):
+             "Command: `python benchmarks/critic_grafted.py --task TASK` (merges its task into "
+             "`benchmarks/results/critic_grafted.json`). Held-out set: the base policy's full stochastic trajectories "
+             "on fresh noise; EV = 1 − E[(R − V)²]/Var(R) per step, averaged per bucket of steps (the oracle's "
+             "corrected for its own Monte-Carlo noise). `grafted_init` is the grafted critic before training "
+             "(r(decode(x̂0)) of the base prediction); `x0_reward_raw` the raw x0-prediction reward with no "
+             "calibration. On t2i and t2i_sd3 the graft is `composition`'s: the digit classifier's later layers per "
+             "cell, the non-neural clauses (count, colour, position) read from decode(x̂0)'s pixels.", ""]
+    if d.get("reduction_vs_issue"):  # a file written before entries held their own run details
         lines += [f"Reduced versus the issue: {d['reduction_vs_issue']}.", ""]
     for task, t in d["tasks"].items():
         h = t["heldout"]
-        lines += [f"### {task} ({h['n_trajectories']} held-out trajectories, oracle K = {h['K']})", "",
-                  "| critic | EV per bucket of steps (noisiest first) | EV overall | value-pretraining queries |",
+        lines += [f"### {task} ({h['n_trajectories']} held-out trajectories, oracle K = {h['K']}; reward mean "
+                  f"{_f(h['mean_R'], 3)}, variance {_f(h['var_R'], 4)})", ""]
+        m = t.get("machine", d.get("machine"))
+        if m:
+            lines += [f"Machine: {m['cpu_count']} CPU cores, torch {m['torch']}, {m['torch_threads']} thread "
+                      f"({m['note']})" + (f"; {t['seconds'] / 60:.0f} min." if "seconds" in t else "."), ""]
+        if t.get("reduction_vs_issue"):
+            lines += [f"Reduced versus the issue: {t['reduction_vs_issue']}.", ""]
+        lines += ["| critic | EV per bucket of steps (noisiest first) | EV overall | value-pretraining queries |",
                   "|---|---|---|---|"]
         for name, r in t["critics"].items():
             lines.append(f"| {name} | {', '.join(_f(x, 2) for x in r['ev_per_bucket'])} | {_f(r['ev_overall'], 2)} | "

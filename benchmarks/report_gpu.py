@@ -31,8 +31,12 @@ def section_gpu_check(path: Path) -> str:
     if d.get("tiny"):
         lines += ["*Tiny models: a rehearsal of the script, not a measurement.*", ""]
     lines += ["| measure | value | goal |", "|---|---|---|"]
-    for k in ("cuda_tests_passed", "cuda_tests_failed", "sd15_vs_trl", "sd15_peak_mem_vs_trl", "gae_vs_grpo_epoch",
-              "flux_step_fits", "flux_step_error", "flux_step_peak_memory_mb"):
+    at_trl = d.get("sd15_at_trl_memory") or {}
+    extra = {f"sd15_at_trl_memory.{k}": at_trl[k] for k in ("micro_batch_memory_mb", "vs_trl", "peak_mem_vs_trl")
+             if k in at_trl}
+    d = {**d, **extra}
+    for k in ("cuda_tests_passed", "cuda_tests_failed", "sd15_vs_trl", "sd15_peak_mem_vs_trl", *extra,
+              "gae_vs_grpo_epoch", "flux_step_fits", "flux_step_variant", "flux_step_error", "flux_step_peak_memory_mb"):
         if k in d:
             v = d[k]
             goal = GOALS.get(k)
@@ -58,10 +62,30 @@ def section_gpu_check(path: Path) -> str:
             f"{t['update']['peak_memory_mb'] / 1024:.1f} GB; rollouts are level ({o['rollout']['seconds']:.2f} s vs "
             f"{t['rollout']['seconds']:.2f} s). Our `micro_batch_size: auto` sizes micro-batches from half the GPU's "
             "free memory on CUDA, so on a 141 GB card it forwards many pairs at once: faster, and more memory than "
-            "TRL's fixed `train_batch_size`. A run at TRL's memory sets `micro_batch_memory_mb` (not measured here). "
+            "TRL's fixed `train_batch_size`; `micro_batch_memory_mb` bounds it (the next table). "
             f"GAE over GRPO: the critic's values add {g['rollout']['seconds'] - ph['grpo']['rollout']['seconds']:.2f} s "
             f"to the rollout and its value loss {g['update']['seconds'] - ph['grpo']['update']['seconds']:.2f} s to the "
             "update (the critic LoRA's forward and backward on every pair).", ""]
+    mem = p.get("sd15_mem", {})
+    if mem.get("budgets") and mem.get("trl"):
+        trl = mem["trl"]
+        lines += [f"Our ddpo side under an activation budget per micro-batch (`micro_batch_memory_mb`), against TRL's "
+                  f"row above ({trl['samples_per_s']:.2f} samples/s at {trl['peak_memory_mb'] / 1024:.1f} GB; "
+                  "measured in an earlier lease of the same kind of GPU):", "",
+                  "| micro_batch_memory_mb | samples/s | peak GB | × TRL's samples/s | × TRL's peak memory |",
+                  "|---|---|---|---|---|"]
+        for mb, r in sorted(mem["budgets"].items(), key=lambda kv: float(kv[0])):
+            lines.append(f"| {mb} | {r['samples_per_s']:.2f} | {r['peak_memory_mb'] / 1024:.1f} | "
+                         f"{r.get('vs_trl', float('nan')):.2f} | {r.get('peak_mem_vs_trl', float('nan')):.2f} |")
+        lines.append("")
+    fl = p.get("flux", {})
+    if fl.get("variants"):
+        lines += ["FLUX.1-dev-size step, each variant in its own process until one fits:", ""]
+        for name, r in fl["variants"].items():
+            what = (f"fits: {r['epoch_s_including_warmup']:.1f} s epoch, {r['peak_memory_mb'] / 1024:.1f} GB peak"
+                    if r.get("fits") else r.get("skipped") or error_line(r.get("failed"))[:200])
+            lines.append(f"- `{name}`: {what}")
+        lines.append("")
     for part, r in p.items():
         if r.get("skipped") or r.get("error"):
             lines.append(f"- part `{part}`: {(r.get('skipped') or r['error']).splitlines()[0][:300]}")

@@ -144,6 +144,10 @@ def perf(results: Path) -> list[str]:
             rows.append((f"{job}: scaling efficiency at 2 CPU processes; equal to one process",
                          f"{fmt(j['scaling_efficiency_2'], 2)}; {'yes' if j.get('identical_to_single') else 'no'}",
                          "scaleout.json"))
+            if "engine_efficiency_2" in j:
+                rows.append((f"{job}: of which the machine (two independent half-batch processes) / the engine",
+                             f"{fmt(j['machine_efficiency_2'], 2)} / {fmt(j['engine_efficiency_2'], 2)}",
+                             "scaleout.json"))
     return _table(rows)
 
 

@@ -347,6 +347,21 @@ def section_scaleout(path: Path) -> str:
             f"{j['gradient_allreduce_bytes_per_epoch']['2'] / 1e6:.2f} MB | {j.get('identical_to_single')} | "
             f"{'–' if j.get('max_weight_diff') is None else format(j['max_weight_diff'], '.2e')} | {load} |")
     lines.append("")
+    pairs = {job: j for job, j in d["jobs"].items() if "independent_pair" in j}
+    if pairs:
+        lines += ["Where the missing throughput goes: an *independent pair* is two single-process runs started together, "
+                  "one per core, each doing one rank's share (half the trajectories and half the minibatch, so the "
+                  "same micro-batches a rank forwards) with no process group. `machine_efficiency_2` = the pair's "
+                  "summed throughput / (2 × one process): what splitting the batch costs on this machine without any "
+                  "engine; `engine_efficiency_2` = 2 processes / the pair: what DDP, the collectives and rank-local "
+                  "sampling cost on top.", "",
+                  "| job | pair samples/s | machine_efficiency_2 | engine_efficiency_2 | other processes' CPU share, pair |",
+                  "|---|---|---|---|---|"]
+        for job, j in pairs.items():
+            pr = j["independent_pair"]
+            lines.append(f"| {job} | {_fmt(pr['samples_per_s'], 2)} | {_fmt(j['machine_efficiency_2'], 3)} | "
+                         f"{_fmt(j['engine_efficiency_2'], 3)} | {_fmt(pr.get('other_processes_cpu_share'), 2)} |")
+        lines.append("")
     gpu = d.get("gpu")
     if gpu:
         lines += [f"On a GPU ({gpu['device']}, from `{gpu['source']}`): "

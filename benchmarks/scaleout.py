@@ -16,6 +16,12 @@ process, each process pinned to its own core, a byte-counting shim on torch.dist
   epoch-2 checkpoint's policy LoRA and critic) agree to the tolerance ``tests/test_multiprocess.py`` states
   (``torch.testing.assert_close`` with rtol 1e-3, atol 2e-5); ``max_weight_diff`` is the largest absolute
   difference (the attention key bias compared as the test compares it);
+* ``independent_pair``: the machine's own ceiling for the same split, without the engine: two single-process runs
+  started together, each pinned to its own core, each doing one rank's share of the 2-process run (half the
+  trajectories, half the minibatch: the same micro-batches a rank forwards) with no process group at all.
+  ``machine_efficiency_2`` = their summed throughput / (2 × 1-process throughput): what splitting the batch costs on
+  this machine (smaller forwards, two busy cores sharing caches and memory bandwidth); ``engine_efficiency_2`` =
+  2-process throughput / the pair's: what the engine (DDP, collectives, rank-local sampling) costs on top;
 * ``cross_rank_bytes_per_sample`` at 2 and 4 processes: the bytes a rank receives through torch.distributed's
   collectives during the training epochs (the most of any rank), per epoch, divided by the global batch; a
   hand-written gradient all-reduce (the engine before accelerate's DDP had one; 0 since) is reported apart
@@ -54,7 +60,7 @@ WEIGHT_RTOL, WEIGHT_ATOL = 1e-3, 2e-5
 
 # per job: the run config and the overrides that make it fit 1, 2 and 4 processes (chunks of 8 trajectories; no
 # held-out evaluation, grids or TensorBoard; a short value pretraining, which is not timed)
-JOBS = {"digits": "digits", "t2i": "t2i"}
+JOBS = {"digits": "digits", "t2i": "t2i", "digits_grpo": "digits_grpo"}  # digits_grpo: the issue's 0.975 baseline job
 COMMON = ["sample_chunk_size=8", "eval_every=0", "grid_every=0", "log_tensorboard=false", "progress=false",
           "checkpoint_every=1", "seed=0", "value_pretrain_epochs=2", "value_pretrain_passes=1"]
 QUICK = ["batch_size=16", "group_size=4", "sample_chunk_size=4", "minibatch_size=32", "value_pretrain_epochs=1",
@@ -91,19 +97,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(job: str, nproc: int, epochs: int, quick: bool, out: Path) -> dict:
-    """One ``critic-align train`` run of ``job`` on ``nproc`` processes; returns what it measured."""
-    sets = COMMON + (QUICK if quick else []) + [f"num_epochs={epochs}", f"keep_last={epochs + 1}"]
+def _command(job: str, nproc: int, epochs: int, quick: bool, out: Path, extra=(), local_rank: int = 0):
+    sets = COMMON + (QUICK if quick else []) + [f"num_epochs={epochs}", f"keep_last={epochs + 1}", *extra]
     argv = ["train", "--config", JOBS[job], "--out", str(out / "run")]
     for s in sets:
         argv += ["--set", s]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
-    if nproc == 1:
+    if nproc == 1:  # the worker pins itself to core SCALEOUT_CORE (an independent pair's second run: core 1)
+        env["SCALEOUT_CORE"] = str(local_rank)
         cmd = [sys.executable, str(WORKER), str(out), *argv]
     else:
         env["ACCELERATE_USE_CPU"] = "1"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                str(_free_port()), str(WORKER), str(out), *argv]
+    return cmd, env
+
+
+def run(job: str, nproc: int, epochs: int, quick: bool, out: Path) -> dict:
+    """One ``critic-align train`` run of ``job`` on ``nproc`` processes; returns what it measured."""
+    cmd, env = _command(job, nproc, epochs, quick, out)
     load_before = os.getloadavg()
     busy0, ours0, t0 = _busy_cpu_s(), _children_cpu_s(), time.time()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -129,6 +141,42 @@ def run(job: str, nproc: int, epochs: int, quick: bool, out: Path) -> dict:
             "cores": [r.get("core") for r in ranks], "other_processes_cpu_share": round(others, 3),
             "load_avg_before": [round(x, 2) for x in load_before],
             "load_avg_after": [round(x, 2) for x in os.getloadavg()]}
+
+
+def run_independent_pair(job: str, epochs: int, quick: bool, base: Path, one: dict, one_dir: Path) -> dict:
+    """Two single-process runs at once, one per core, each with one rank's share of the 2-process run's work (half
+    the batch and half the minibatch of the 1-process run ``one``, whose resolved config is in ``one_dir``)."""
+    cfg = json.loads((one_dir / "run" / "config.json").read_text())
+    half = [f"batch_size={cfg['batch_size'] // 2}", f"minibatch_size={cfg['minibatch_size'] // 2}",
+            f"group_size={min(cfg['group_size'], cfg['batch_size'] // 2)}"]
+    procs, outs = [], []
+    busy0, ours0, t0 = _busy_cpu_s(), _children_cpu_s(), time.time()
+    for core in (0, 1):
+        out = base / f"{job}_independent{core}"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd, env = _command(job, 1, epochs, quick, out, half, local_rank=core)
+        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+        outs.append(out)
+    for pr in procs:
+        o, e = pr.communicate()
+        if pr.returncode:
+            sys.stderr.write(o[-4000:] + e[-4000:])
+            raise SystemExit(f"{job}: an independent half-batch run failed (exit {pr.returncode}); see above")
+    wall = time.time() - t0
+    others = max(0.0, (_busy_cpu_s() - busy0) - (_children_cpu_s() - ours0)) / (wall * len(os.sched_getaffinity(0)))
+    per = []
+    for out in outs:
+        rows = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        train = [r for r in rows if r.get("phase") == "train"]
+        times = [r["time_epoch_s"] for r in train[1:]] or [r["time_epoch_s"] for r in train]
+        batch = int(json.loads((out / "run" / "config.json").read_text())["batch_size"])
+        per.append({"batch": batch, "epoch_s": [round(t, 3) for t in times],
+                    "samples_per_s": batch * len(times) / sum(times)})
+    total = sum(r["samples_per_s"] for r in per)
+    return {"overrides": half, "runs": per, "samples_per_s": total, "wall_s": round(wall, 1),
+            "other_processes_cpu_share": round(others, 3),
+            "machine_efficiency_2": total / (2 * one["samples_per_s"])}
 
 
 def _by_op(ranks: list[dict], epochs: int) -> dict:
@@ -209,12 +257,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small batches and 2 epochs: a smoke test")
     ap.add_argument("--epochs", type=int, default=None, help="epochs of the 1- and 2-process runs (default 6; quick 2)")
-    ap.add_argument("--jobs", nargs="+", default=sorted(JOBS), choices=sorted(JOBS))
+    ap.add_argument("--jobs", nargs="+", default=["digits", "t2i"], choices=sorted(JOBS),
+                    help="digits_grpo (no critic) shows what the critic's update adds to the cost of splitting")
     ap.add_argument("--keep", default=None, help="keep the run directories here (default: a temporary directory)")
     ap.add_argument("--merge", action="store_true", help="keep the other jobs of an existing JSON (rerun some jobs)")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="MINUTES",
                     help="first wait (up to MINUTES) until other processes use under 10%% of the cores")
+    ap.add_argument("--gpu-rows-only", action="store_true",
+                    help="run nothing: refresh the JSON's GPU rows from gpu_check.json (after a GPU session)")
     args = ap.parse_args()
+    if args.gpu_rows_only:
+        result = json.loads((RESULTS / "scaleout.json").read_text())
+        result["gpu"] = gpu_rows(RESULTS / "gpu_check.json")
+        write_result(RESULTS / "scaleout.json", result, topic="perf")
+        print(json.dumps(result["gpu"], indent=1))
+        return 0
     deadline = time.time() + 60 * args.wait_quiet
     while args.wait_quiet and other_cpu_share() > 0.10 and time.time() < deadline:
         time.sleep(25)
@@ -237,12 +294,16 @@ def main() -> int:
             runs[n] = run(job, n, e, args.quick, out)
             print(f"  {runs[n]['samples_per_s']:.2f} samples/s, {runs[n]['bytes_received_per_epoch_max_rank']:.0f} B "
                   "received per epoch (max rank)", flush=True)
+        print(f"{job}: an independent pair of half-batch single processes, {epochs} epochs ...", flush=True)
+        pair = run_independent_pair(job, epochs, args.quick, base, runs[1], base / f"{job}_1")
         eq = compare(base / f"{job}_1", base / f"{job}_2")
         batch = runs[1]["global_batch"]
         result["jobs"][job] = {
             "config": JOBS[job], "global_batch": batch,
             "samples_per_s_1": runs[1]["samples_per_s"], "samples_per_s_2": runs[2]["samples_per_s"],
             "scaling_efficiency_2": runs[2]["samples_per_s"] / (2 * runs[1]["samples_per_s"]),
+            "machine_efficiency_2": pair["machine_efficiency_2"],
+            "engine_efficiency_2": runs[2]["samples_per_s"] / pair["samples_per_s"], "independent_pair": pair,
             "cross_rank_bytes_per_sample": {str(n): runs[n]["bytes_received_per_epoch_max_rank"] / batch for n in (2, 4)},
             "gradient_allreduce_bytes_per_epoch": {str(n): runs[n]["gradient_allreduce_bytes_per_epoch"] for n in (2, 4)},
             **eq, "runs": {str(n): r for n, r in runs.items()}}

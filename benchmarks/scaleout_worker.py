@@ -173,7 +173,7 @@ def install_recorders(out: Path, counts: dict) -> None:
 def main(argv: list[str]) -> int:
     out, argv = Path(argv[0]), argv[1:]
     out.mkdir(parents=True, exist_ok=True)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local = int(os.environ.get("SCALEOUT_CORE", os.environ.get("LOCAL_RANK", "0")))  # SCALEOUT_CORE: a 1-process run's
     cores = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cores[local % len(cores)]})
     os.environ["OMP_NUM_THREADS"] = "1"

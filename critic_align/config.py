@@ -121,6 +121,10 @@ class PPOConfig:
     nft_beta: float = 1.0
     """nft: the mixing β of the implicit policies v± (v⁺ = β·v_θ + (1−β)·v_old); DiffusionNFT's ``config.beta``
     (1.0 in their base config, 0.1 in their SD3 runs).  Must be > 0 (the loss divides by it)."""
+    nft_advantage: str = "grpo"
+    """nft: 'grpo' (the estimator's advantage of the trajectory, the paper's; needs advantage: grpo or ddpo) or 'critic'
+    (per-timestep A = R − V(x_t, t) on the forward-noised state; needs advantage: gae, which builds and trains the
+    critic)."""
     awm_advantage: str = "grpo"
     """awm: 'grpo' (the estimator's advantage of the trajectory; needs advantage: grpo or ddpo) or 'critic'
     (per-timestep A = R − V(x_t, t) on the forward-noised state; needs advantage: gae, which builds and trains the
@@ -261,13 +265,32 @@ class PPOConfig:
     spans the policy's and a 'lora' critic's forwards.  With critic_mode 'full' the critic's own copy is
     checkpointed too.  Needs a diffusers model with gradient checkpointing (UNets, DiT / SD3 / FLUX
     transformers; not the MLP denoiser)."""
+    cudnn_attention: bool = False
+    """Let PyTorch's scaled-dot-product attention use cuDNN's kernels on a CUDA device.  Off by default: on an H200
+    with PyTorch 2.11 the backward of a FLUX.1-dev-size training step stopped on a CUDA illegal memory access with
+    cuDNN's attention on and ran with it off (flash / memory-efficient attention instead;
+    ``benchmarks/results/gpu_check.json``, part ``flux``).  A process-wide switch, set when the run's models are
+    built on CUDA; no effect on a CPU."""
 
     # --- critic -------------------------------------------------------------------------------------
     critic_mode: str = "lora"
     """'lora' (own adapter on the shared frozen base), 'full' (trainable copy) or 'shared' (policy trunk)."""
     critic_body: str = "head"
     """'head' (the value head on the trunk's features) or 'grafted' (the reward network's own later layers read the
-    trunk's x0 prediction and a stitch of its features: critic_align/grafted.py; digit_prob only; mode 'lora')."""
+    trunk's x0 prediction and a stitch of its features: critic_align/grafted.py; digit_prob, composition and the
+    CLIP-family rewards (critic_align/grafted_clip.py); mode 'lora')."""
+    value_source: str = "critic"
+    """Where GAE's values V(x_t) come from: 'critic' (the learned critic) or 'oracle' (E[R | x_t] estimated at every
+    recorded state by ``oracle_continuations`` continuations of the current policy's own sampler, scored by the
+    rewards: :mod:`critic_align.oracle`).  The oracle is a research ceiling, not a method: no critic is built or
+    trained, and its reward queries and backbone calls are logged apart (``oracle_reward_queries``, ``oracle_nfe``)
+    and left out of ``reward_queries`` unless ``oracle_counted``.  PPO with ``advantage: gae`` only."""
+    oracle_continuations: int = 4
+    """K, the continuations per state of ``value_source: oracle`` (a state whose future is deterministic, past an SDE
+    window's end, needs one)."""
+    oracle_counted: bool = False
+    """Count the oracle's reward queries in ``reward_queries`` (step-level Monte-Carlo advantages as a method of its
+    own, as TreeGRPO / VGPO do), instead of apart."""
     critic_lora_rank: int = 8
     critic_learning_rate: float = 1e-3
     """Learning rate of the value head and the critic's backbone weights."""
@@ -441,7 +464,8 @@ class PPOConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
                 _err(name, v, "must be in [0, 1]")
-        for name in ("fused_lora", "channels_last", "overlap_rewards", "gradient_checkpointing"):
+        for name in ("fused_lora", "channels_last", "overlap_rewards", "gradient_checkpointing", "cudnn_attention",
+                     "oracle_counted"):
             if not isinstance(getattr(self, name), bool):
                 _err(name, getattr(self, name), "must be true or false (unquoted in YAML)", number=False)
         if self.timestep_fraction == 0:
@@ -478,9 +502,15 @@ class PPOConfig:
             _err("nft_beta", self.nft_beta, "must be a finite number > 0 (the NFT loss divides by it)")
         if self.awm_advantage not in ("grpo", "critic"):
             _err("awm_advantage", self.awm_advantage, "use 'grpo' or 'critic'", number=False)
-        if self.algorithm == "nft" and self.advantage not in ("grpo", "ddpo"):
+        if self.nft_advantage not in ("grpo", "critic"):
+            _err("nft_advantage", self.nft_advantage, "use 'grpo' or 'critic'", number=False)
+        if self.algorithm == "nft" and self.nft_advantage == "grpo" and self.advantage not in ("grpo", "ddpo"):
             _err("advantage", self.advantage, "algorithm: nft turns each trajectory's reward into one optimality "
-                 "probability: use advantage: grpo (the paper's group-normalised reward) or ddpo", number=False)
+                 "probability: use advantage: grpo (the paper's group-normalised reward) or ddpo, or nft_advantage: "
+                 "critic with advantage: gae (a per-timestep advantage from the critic)", number=False)
+        if self.algorithm == "nft" and self.nft_advantage == "critic" and self.advantage != "gae":
+            _err("advantage", self.advantage, "nft_advantage: critic needs advantage: gae (the estimator that builds "
+                 "and trains the critic)", number=False)
         if self.algorithm == "awm":
             need = ("grpo", "ddpo") if self.awm_advantage == "grpo" else ("gae",)
             if self.advantage not in need:
@@ -505,6 +535,17 @@ class PPOConfig:
                      "critic reads (its features would move with the policy, and its value loss would train the "
                      "policy's weights): use critic_mode: full (the critic's own copy of the base) or an advantage "
                      f"without a critic (grpo, ddpo) instead of {self.advantage}", number=False)
+        if self.value_source not in ("critic", "oracle"):
+            _err("value_source", self.value_source, "use 'critic' or 'oracle'", number=False)
+        from .registry import resolve
+
+        if self.value_source == "oracle" and (self.algorithm != "ppo"
+                                              or not resolve(ESTIMATORS[self.advantage]).needs_values):
+            _err("value_source", self.value_source, "the oracle feeds GAE's values: use algorithm: ppo with advantage: "
+                 f"gae (got algorithm: {self.algorithm}, advantage: {self.advantage})", number=False)
+        if isinstance(self.oracle_continuations, bool) or not isinstance(self.oracle_continuations, int) or \
+                self.oracle_continuations < 1:
+            _err("oracle_continuations", self.oracle_continuations, "must be an integer >= 1")
         if self.critic_body not in ("head", "grafted"):
             _err("critic_body", self.critic_body, "use 'head' or 'grafted'", number=False)
         if self.critic_body == "grafted" and (self.critic_mode != "lora" or self.critic_x0_reward):

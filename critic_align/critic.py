@@ -354,8 +354,10 @@ def build_run_critic(config, task, models, schedule, rewards, t: torch.Tensor) -
         if cfg.critic_body == "grafted":  # the reward network's later layers as the critic (critic_align/grafted.py)
             from .grafted import build_grafted_critic
 
-            return build_grafted_critic(models.adapter, models.adapters, schedule, task.decode, rewards, example,
-                                        "critic", cfg.critic_lora_rank, None, cfg.lora_target_modules, features)
+            decode = getattr(task, "decode_differentiable", task.decode)  # a Task protocol object may lack it
+            return build_grafted_critic(models.adapter, models.adapters, schedule, decode, rewards, example,
+                                        "critic", cfg.critic_lora_rank, None, cfg.lora_target_modules, features,
+                                        task=task)
         return build_critic(
             models.adapter, mode=cfg.critic_mode, num_rewards=len(rewards.names), adapters=models.adapters,
             lora_rank=cfg.critic_lora_rank, lora_target_modules=cfg.lora_target_modules,

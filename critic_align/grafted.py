@@ -6,12 +6,12 @@ judgement scores noisy latents.  Here, for a reward network split at an intermed
 
     out, F = trunk(x_t, t, c)                        one forward through the critic's own LoRA on the shared base:
                                                      the model output and the feature level(s) F
-    x̂0    = x0_from_output(out, x_t, t)             the trunk's one-step prediction (the sampler's formula)
+    x̂0    = predict_x0(out, x_t, t)                 the trunk's one-step prediction (the sampler's formula)
     h      = early(decode(x̂0)) + stitch(F)          the stitching layer: upsample + 1x1 conv into the graft layer's
                                                      channels, zero at the start
     logits = late(h) · exp(a(e_t))                  the reward network's own later layers (frozen), then a learned
                                                      per-noise-level logit scale (a = 0 at the start)
-    r̂      = readout(logits, c)                     the reward's own read-out (e.g. softmax(logits / T)[label])
+    r̂      = readout(logits, c, decode(x̂0))         the reward's own read-out (e.g. softmax(logits / T)[label])
     V      = r̂ + α(e_t)·(μ(e_t) − r̂)               a learned per-noise-level shrinkage towards a mean μ (α = 0 at the
                                                      start): a softmax read-out cannot express "uncertain, on average
                                                      0.7" by its logits alone (E[softmax] ≠ softmax of any logits)
@@ -20,39 +20,27 @@ At the start (critic LoRA = 0, stitch = 0, a = 0) V(x_t, t) = r(decode(x̂0_base
 it reads r(x0) of a clean sample.  Value pretraining and the PPO value loss train the critic's LoRA, the stitch and
 the scale; the reward network stays frozen.  The whole path is differentiable in x_t (gradient guidance can use it).
 
-Reward networks: :func:`digit_graft` splits the shipped digit classifier (``digit_prob``).  The CLIP-family rewards
-would split their image tower the same way (early = patch embedding + first blocks on the decoded image, late = the
-remaining blocks, the projection and the cosine with the prompt's text embedding as read-out); not built here.
-``composition``'s digit clause grafts through the digit classifier as ``digit_prob`` does; its non-neural clauses
-(counts, positions, colours computed from thresholded pixels) have no intermediate layer to stitch into and no
-gradient, so a grafted critic for them would keep those clauses as r(decode(x̂0)) (the x0-reward read-out) or learn
-them in a separate head.
+Reward networks: :func:`digit_graft` splits the shipped digit classifier (``digit_prob``); :func:`composition_graft`
+grafts the tiny text-to-image tasks' dense ``composition`` reward through the same digit classifier, applied to each of
+the canvas's 4 cells (its read-out is the reward's own clause read-out,
+:func:`critic_align.rewards.composition.judge_cells`).  The CLIP-family rewards (CLIP score, PickScore, the LAION
+aesthetic predictor, HPSv2) split their image tower (:func:`critic_align.grafted_clip.clip_graft`: early = the reward's
+preprocessing, the patch embedding and the first half of the encoder layers on the decoded image; late = the
+remaining layers and the projection; read-out = the reward's own score from the image and text embeddings).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .steps import predict_x0_eps
+from .reward_graft import RewardGraft  # its own module: grafted_clip builds one and graft_for dispatches to it
+from .steps import predict_x0
 
-__all__ = ["RewardGraft", "digit_graft", "GraftedCritic", "build_grafted_critic", "graft_for"]
-
-
-@dataclass
-class RewardGraft:
-    """A reward network split at its graft layer.  ``early``: image -> graft activations (B, C, H, W); ``late``:
-    graft activations -> logits; ``readout(logits, cond) -> (B,)`` the reward's value from the logits and the task's
-    conditioning; ``channels``, ``size``: the graft layer's C and (H, W)."""
-
-    early: nn.Module
-    late: nn.Module
-    readout: Callable[[torch.Tensor, object], torch.Tensor]
-    channels: int
-    size: tuple[int, int]
+__all__ = ["RewardGraft", "digit_graft", "composition_graft", "PromptTable", "GraftedCritic", "build_grafted_critic",
+           "graft_for"]
 
 
 def digit_graft(reward, split: int = 7) -> RewardGraft:
@@ -66,12 +54,131 @@ def digit_graft(reward, split: int = 7) -> RewardGraft:
         probe = early(torch.zeros(1, 1, 16, 16, dtype=next(clf.parameters()).dtype))
     temperature = float(getattr(reward, "temperature", 1.0))
 
-    def readout(logits, cond):
+    def readout(logits, cond, image=None):
         labels = torch.as_tensor(cond, device=logits.device).long()
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return (logits / temperature).softmax(-1).gather(1, labels[:, None]).squeeze(1)
 
     return RewardGraft(early, late, readout, int(probe.shape[1]), tuple(probe.shape[-2:]))
+
+
+class PromptTable:
+    """The prompts behind rows of a task's conditioning: the critic is called with (x_t, t, cond), and the trainer's
+    value rows carry the conditioning, not the prompt strings, while the composition read-out needs each prompt's
+    clauses.  Each known prompt's conditioning (``encode``, the task's) is kept as a fixed random projection of the
+    flattened row (a fingerprint, float64); a row is resolved to the prompt with the nearest fingerprint, and refused
+    when that one is not within ``tol`` (relative) of it, i.e. the row is none of the known prompts' conditioning.
+    ``add(prompts)`` makes more prompts known (e.g. held-out ones before steering on them)."""
+
+    def __init__(self, encode, prompts, dim: int = 32, tol: float = 1e-3, chunk: int = 512):
+        self.encode, self.dim, self.tol, self.chunk = encode, int(dim), float(tol), int(chunk)
+        self.prompts: list[str] = []
+        self._index: dict[str, int] = {}
+        self._keys = torch.zeros(0, self.dim, dtype=torch.float64)
+        self._proj: torch.Tensor | None = None
+        self.add(prompts)
+
+    @staticmethod
+    def _flat(cond) -> torch.Tensor:
+        if isinstance(cond, torch.Tensor):
+            return cond.flatten(1)
+        if hasattr(cond, "embeds") and hasattr(cond, "pooled"):  # a TextCond
+            return torch.cat([cond.embeds.flatten(1), cond.pooled.flatten(1)], dim=1)
+        raise TypeError(f"PromptTable reads tensor or TextCond conditioning, got {type(cond).__name__}")
+
+    def _key(self, cond) -> torch.Tensor:
+        flat = self._flat(cond).detach().to("cpu", torch.float64)
+        if self._proj is None:
+            g = torch.Generator().manual_seed(0)
+            self._proj = torch.randn(flat.shape[1], self.dim, generator=g, dtype=torch.float64) / flat.shape[1] ** 0.5
+        if flat.shape[1] != self._proj.shape[0]:
+            raise ValueError(f"conditioning rows have {flat.shape[1]} values, the table's {self._proj.shape[0]}")
+        return flat @ self._proj
+
+    def add(self, prompts) -> None:
+        new = [p for p in dict.fromkeys(prompts) if p not in self._index]
+        for s in range(0, len(new), self.chunk):
+            part = new[s:s + self.chunk]
+            self._keys = torch.cat([self._keys, self._key(self.encode(part))])
+            for p in part:
+                self._index[p] = len(self.prompts)
+                self.prompts.append(p)
+
+    def __call__(self, cond) -> list[str]:
+        key = self._key(cond)
+        dist = torch.cdist(key, self._keys)
+        best, idx = dist.min(dim=1)
+        bad = (best > self.tol * key.norm(dim=1).clamp_min(1e-12)).nonzero().flatten()
+        if len(bad):
+            raise ValueError(f"conditioning row {int(bad[0])} is none of the {len(self.prompts)} prompts the grafted "
+                             "critic knows (its composition read-out needs each prompt's clauses): add them with "
+                             "critic.prompt_table.add(prompts)")
+        return [self.prompts[i] for i in idx.tolist()]
+
+
+class _Cells(nn.Module):
+    """The 4 cells' activations (B·4, C, h, w) tiled back into the canvas's 2x2 grid (B, C, 2h, 2w) (``inverse``:
+    untiled), in ``CELLS`` order (row-major, as :func:`~critic_align.tasks.composition.cell_views`)."""
+
+    def __init__(self, inner: nn.Module, inverse: bool = False):
+        super().__init__()
+        self.inner, self.inverse = inner, inverse
+
+    def forward(self, x):
+        if self.inverse:  # (B, C, 2h, 2w) -> (B·4, C, h, w) -> the classifier's later layers -> (B, 4, 10)
+            b, c, hh, ww = x.shape
+            cells = x.reshape(b, c, 2, hh // 2, 2, ww // 2).permute(0, 2, 4, 1, 3, 5).reshape(b * 4, c, hh // 2, ww // 2)
+            return self.inner(cells).reshape(b, 4, -1)
+        b = x.shape[0]  # x: (B, 4, 1, 16, 16), the classifier's input per cell
+        h = self.inner(x.reshape(b * 4, *x.shape[2:]))
+        c, hh, ww = h.shape[1:]
+        return h.reshape(b, 2, 2, c, hh, ww).permute(0, 3, 1, 4, 2, 5).reshape(b, c, 2 * hh, 2 * ww)
+
+
+def composition_graft(reward, prompts: PromptTable, split: int = 7) -> RewardGraft:
+    """The ``composition`` reward's digit clause grafted through its digit classifier, split as :func:`digit_graft`.
+
+    early: the classifier's first layers on each cell's ink (the reward's own classifier input, from
+    :func:`~critic_align.rewards.composition.pixel_features`), the 4 cells' 8x8 maps tiled back into the canvas's 2x2
+    grid: a (B, 32, 16, 16) map in which every position lies over the canvas region it describes, so the stitch (a 1x1
+    conv of the backbone's feature map resampled to 16x16) adds, at each canvas position, into the cell there, with one
+    set of weights for every cell, as the classifier's own.  late: untiled, the classifier's later layers -> (B, 4, 10)
+    digit logits.  Read-out: the reward's clause read-out (:func:`~critic_align.rewards.composition.judge_cells`, the
+    mean clause probability) on those logits with the non-neural clauses (occupancy and count, colour, centroid and
+    position) measured from the pixels of decode(x̂0) itself: the x0-reward read-out for them (they have no layer to
+    stitch into; they are differentiable in the pixels almost everywhere).  The prompts' clauses: ``prompts`` maps
+    the conditioning rows back to prompts, whose clauses the reward reads (``reward.compositions``)."""
+    from .rewards.composition import judge_cells, pixel_features, with_digit_logits
+
+    clf = reward.classifier
+    early, late = _Cells(clf.net[:split]), _Cells(clf.net[split:], inverse=True)
+    opts = reward.opts
+    with torch.no_grad():
+        probe = early(torch.zeros(1, 4, 1, 16, 16, dtype=next(clf.parameters()).dtype))
+    pixel_opts = {k: opts[k] for k in ("ink_threshold", "ink_scale", "colour_scale")}
+
+    def cell_input(image):
+        return pixel_features(image, **pixel_opts)[1]
+
+    def readout(logits, cond, image):
+        dtype = torch.promote_types(image.dtype, torch.float32)
+        f, _ = pixel_features(image.to(dtype), **pixel_opts)
+        f = with_digit_logits(f, logits, opts["temperature"])
+        comps = reward.compositions(prompts(cond))
+        return judge_cells(f, comps, opts["ink_threshold"], opts["position_scale"]).score
+
+    return RewardGraft(_ImageTo(cell_input, early), late, readout, int(probe.shape[1]), tuple(probe.shape[-2:]))
+
+
+class _ImageTo(nn.Module):
+    """early(image) = net(prepare(image)): the reward's own input preparation (not a module) before its layers."""
+
+    def __init__(self, prepare: Callable[[torch.Tensor], torch.Tensor], net: nn.Module):
+        super().__init__()
+        self.prepare, self.net = prepare, net
+
+    def forward(self, image):
+        return self.net(self.prepare(image))
 
 
 class _OutputScale(nn.Module):
@@ -132,8 +239,20 @@ class GraftedCritic(nn.Module):
     def trunk(self):
         return self._trunk
 
+    @staticmethod
+    def _as_map(level: torch.Tensor) -> torch.Tensor:
+        """A feature level as a (B, C, h, w) map: a convolutional map as it is; transformer tokens (B, N, C) of a
+        square patch grid (N = h·w, row-major, as the DiT patchifies) laid back onto it."""
+        if level.ndim == 4:
+            return level
+        b, n, c = level.shape
+        side = int(round(n ** 0.5))
+        if side * side != n:
+            raise ValueError(f"the grafted critic lays transformer tokens back onto a square patch grid; got {n} tokens")
+        return level.transpose(1, 2).reshape(b, c, side, side)
+
     def _stitched(self, feats, graft: RewardGraft, conv: nn.Conv2d) -> torch.Tensor:
-        maps = [nn.functional.interpolate(f.to(conv.weight.dtype), size=graft.size, mode="bilinear",
+        maps = [nn.functional.interpolate(self._as_map(f).to(conv.weight.dtype), size=graft.size, mode="bilinear",
                                           align_corners=False) for f in feats.levels]
         return conv(torch.cat(maps, dim=1))
 
@@ -143,9 +262,7 @@ class GraftedCritic(nn.Module):
         t = self._trunk._timesteps(t, x_t)
         with self.adapters.using(self.adapter_name):
             out, feats = self._trunk.predict_and_features(x_t, t, cond, which=self.feature_layers)
-        dtype = torch.promote_types(x_t.dtype, torch.float32)  # float32, or float64 for a float64 input
-        abar = self.schedule.alpha_bar(t.cpu()).to(device=x_t.device, dtype=dtype).view(-1, *[1] * (x_t.ndim - 1))
-        x0_hat, _ = predict_x0_eps(self.schedule, out.to(dtype), x_t.to(dtype), abar)
+        x0_hat = predict_x0(self.schedule, out, x_t, t)  # float32, or float64 for a float64 input
         image = self.decode(x0_hat)
         temb = feats.temb.to(self.stitch[0].weight.dtype)
         values = []
@@ -153,8 +270,9 @@ class GraftedCritic(nn.Module):
                                                                      self.logit_scale, self.shrink)):
             early, late = nets
             h = early(image.to(conv.weight.dtype)) + self._stitched(feats, graft, conv)
-            logits = late(h) * scale(temb).exp()
-            r_hat = graft.readout(logits, cond)
+            logits = late(h)
+            logits = logits * scale(temb).exp().view(-1, *[1] * (logits.ndim - 1))
+            r_hat = graft.readout(logits, cond, image)
             alpha, d_mu = shrink(temb).to(r_hat.dtype).unbind(-1)
             mu = self.head.out_mean[k].to(r_hat.dtype) + self.head.out_scale[k].to(r_hat.dtype) * d_mu
             values.append(r_hat + alpha * (mu - r_hat))
@@ -174,28 +292,49 @@ class GraftedCritic(nn.Module):
         self.adapters.load_state_dict(self.adapter_name, {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
 
 
-def graft_for(reward) -> RewardGraft:
-    """The graft of one trained reward (only the digit classifier's ``digit_prob`` is built)."""
-    if getattr(reward, "name", None) == "digit_prob":
+def graft_for(reward, prompts: PromptTable | None = None) -> RewardGraft:
+    """The graft of one trained reward: ``digit_prob`` (:func:`digit_graft`), ``composition``
+    (:func:`composition_graft`, which needs the task's ``prompts`` table) or a CLIP-family reward
+    (:func:`critic_align.grafted_clip.clip_graft`; the table for those that read prompts)."""
+    from .rewards.clip import _CLIPReward
+
+    if isinstance(reward, _CLIPReward):
+        from .grafted_clip import clip_graft
+
+        return clip_graft(reward, prompts)
+    name = getattr(reward, "name", None)
+    if name == "digit_prob":
         return digit_graft(reward)
-    raise ValueError(f"no grafted critic for reward {getattr(reward, 'name', reward)!r}: only digit_prob is built "
-                     "(see critic_align/grafted.py for what the CLIP rewards and composition need)")
+    if name == "composition":
+        if prompts is None:
+            raise ValueError("the composition graft reads each prompt's clauses: build_grafted_critic needs the task "
+                             "(task=...) to map conditioning rows back to its prompts")
+        return composition_graft(reward, prompts)
+    raise ValueError(f"no grafted critic for reward {name or reward!r}: digit_prob, composition and the CLIP-family "
+                     "rewards (CLIPScore, PickScore, LaionAesthetic, HPSv2) are built")
 
 
 def build_grafted_critic(adapter, adapters, schedule, decode, rewards, example, adapter_name: str = "critic",
                          lora_rank: int = 8, lora_alpha: float | None = None, lora_target_modules=None,
-                         features="mid") -> GraftedCritic:
+                         features="mid", task=None) -> GraftedCritic:
     """A grafted critic on the policy's backbone ``adapter`` (its LoraAdapters ``adapters`` get the critic's LoRA on
     every target module: the critic runs the whole trunk).  rewards: a MultiReward (one graft per reward);
-    example: one (x_t, t, cond) input of the task's shape (the feature levels' channels are measured on it)."""
+    example: one (x_t, t, cond) input of the task's shape (the feature levels' channels are measured on it);
+    decode: the task's latents -> reward input, differentiable (``task.decode_differentiable``); task: needed by a
+    prompt-conditioned read-out (``composition``): its ``encode`` and ``prompts`` make the :class:`PromptTable`."""
     which = adapter._check_layers(features)
     with torch.no_grad():
         feats = adapter.features(*example, which=which)
     adapters.add(adapter_name, rank=lora_rank, alpha=lora_alpha, target_modules=lora_target_modules)
-    grafts = [graft_for(r) for r in rewards.rewards]
+    needs_prompts = any(getattr(r, "name", None) == "composition" or getattr(r, "reads_prompts", False)
+                        for r in rewards.rewards)
+    table = PromptTable(task.encode, task.prompts) if needs_prompts and task is not None else None
+    grafts = [graft_for(r, table) for r in rewards.rewards]
     device = example[0].device
     for g in grafts:
         g.early.to(device)
         g.late.to(device)
-    return GraftedCritic(adapter, adapters, adapter_name, schedule, decode, grafts, which,
-                         [int(f.shape[1]) for f in feats.levels], int(feats.temb.shape[-1])).to(device)
+    critic = GraftedCritic(adapter, adapters, adapter_name, schedule, decode, grafts, which,
+                           [int(GraftedCritic._as_map(f).shape[1]) for f in feats.levels], int(feats.temb.shape[-1])).to(device)
+    critic.prompt_table = table
+    return critic

@@ -107,6 +107,8 @@ def build_models(config, task, adapter: BackboneAdapter, step, timesteps: torch.
     trains), and when the estimator ``needs_critic`` the critic the config asks for
     (:func:`~critic_align.critic.build_run_critic`, one head per trained reward, probed at the first of the run's
     ``timesteps``); channels-last weights and gradient checkpointing as configured."""
+    if torch.device(device).type == "cuda":  # process-wide; see the config field's note
+        torch.backends.cuda.enable_cudnn_sdp(config.cudnn_attention)
     task.to(device)
     adapter = adapter.to(device).requires_grad_(False)
     if config.channels_last:  # 4-D weights only; before the LoRA layers and the critic's copies are made

@@ -484,6 +484,22 @@ class FlowMatchSchedule:
         return torch.as_tensor(t).to(torch.float64) / self.num_train_timesteps
 
 
+def predict_x0_flow(velocity, x_t, sigma):
+    """The rectified flow's x0 prediction x_t − σ·v (x_σ = (1 − σ)·x0 + σ·ε, v = ε − x0; ``sigma`` broadcastable)."""
+    return x_t - sigma * velocity
+
+
+def predict_x0(schedule, model_output, x_t, t):
+    """x̂0 of a model output at timesteps ``t`` (B,) under either family's schedule: :func:`predict_x0_flow` for a
+    :class:`FlowMatchSchedule`, else :func:`predict_x0_eps` (with its clipping).  Computed in float32 at least."""
+    dtype = torch.promote_types(x_t.dtype, torch.float32)
+    x, out = x_t.to(dtype), model_output.to(dtype)
+    t = torch.as_tensor(t).cpu()
+    if isinstance(schedule, FlowMatchSchedule):
+        return predict_x0_flow(out, x, _per_sample(schedule.sigma(t), x))
+    return predict_x0_eps(schedule, out, x, _per_sample(schedule.alpha_bar(t), x))[0]
+
+
 @dataclass(frozen=True)
 class FlowMatchSDEStep:
     """The SDE form of the rectified-flow sampler with Gaussian transitions (Flow-GRPO, Liu et al. 2025, eq. 9).
@@ -548,7 +564,7 @@ class FlowMatchSDEStep:
         v = model_output.to(dtype)
         sigma, sigma_prev = self._sigmas(t, t_prev, x)
         dt = sigma_prev - sigma
-        x0 = x - sigma * v
+        x0 = predict_x0_flow(v, x, sigma)
         eps = x + (1 - sigma) * v
         if not self.is_stochastic:  # the Euler ODE step, as diffusers' FlowMatchEulerDiscreteScheduler.step
             mean = x + dt * v

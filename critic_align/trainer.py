@@ -33,6 +33,7 @@ from .steps import step_for_run
 from .tasks.base import check_task
 from .update import UpdateContext, build_optimization
 from .value_data import ForwardProcess
+from .value_source import ValueSource
 from .x0_reward import X0Readout
 
 
@@ -64,8 +65,9 @@ class Trainer:
         check_task(task)
         self.prompt_iter = PromptIterator(task.prompts, seed=config.seed)  # checks the prompts before they are used
         self.estimator, self.x0 = build_estimator(config), X0Readout.from_config(config)  # x0: the value head's read-out
+        self.values_from = ValueSource.from_config(config, self.estimator, self.processes)  # none / critic / oracle
         self.models = build_models(config, task, adapter, self.step, self.timesteps, self.rewards,
-                                   self.estimator.needs_values, self.device)  # on the device, with the LoRA and critic
+                                   self.values_from.builds_critic, self.device)  # on the device, with the LoRA and critic
         self.adapter, self.adapters, self.critic = self.models.adapter, self.models.adapters, self.models.critic
         self.forward_process = (ForwardProcess(scheduler, config.num_inference_steps)
                                 if self.critic is not None and config.value_perturbed_per_sample else None)
@@ -120,9 +122,9 @@ class Trainer:
 
     def compute_advantages(self, ro: Rollout, prompts=None) -> Rollout:
         """``ro`` with advantages (with a critic: values, returns) from the whole batch (:func:`estimators.estimate`)."""
-        values = collect.critic_values(self.models, ro) if self.estimator.needs_values else None
-        return estimate(self.estimator, ro, values, self.reward_weights, self.processes, self.config.adv_clip_max,
-                        prompts)
+        values, queries = self.values_from.values(self.models, self.task, self.rewards, self.timesteps, ro, self.generator)
+        self.reward_queries += queries  # value_source: oracle with oracle_counted
+        return estimate(self.estimator, ro, values, self.reward_weights, self.processes, self.config.adv_clip_max, prompts)
 
     def update(self, ro: Rollout) -> dict:
         """The configured algorithm's update (``config.algorithm``: ppo / nft / awm) on a rollout with advantages."""
@@ -164,11 +166,10 @@ class Trainer:
         stats = self.update(ro)  # update
         if self.forward_process is not None and cfg.value_perturbed_coef > 0:
             stats.update(value_fit.fit_perturbed(self.context(cfg.batch_size), ro))
-        t_update = time.time() - t1
         self.epoch += 1  # log
         row = {"phase": "train", "epoch": self.epoch, "reward_queries": self.reward_queries,
-               "time_rollout_s": t_rollout, "time_update_s": t_update, "time_epoch_s": time.time() - t0}
-        row.update(window.metrics() | self.x0.metrics(self.x0_reward_rows))  # sde_window_start, x0_reward_rows
+               "time_rollout_s": t_rollout, "time_update_s": time.time() - t1, "time_epoch_s": time.time() - t0}
+        row.update(window.metrics() | self.x0.metrics(self.x0_reward_rows) | self.values_from.metrics())
         row.update(metrics.reward_stats(ro, self.rewards.names, self.eval_rewards, self.processes))
         if ro.values is not None:
             row.update(self.value_report(ro, ro.values))
@@ -183,8 +184,7 @@ class Trainer:
                 self.save()  # epoch 0: a kill during epoch 1 does not repeat value pretraining
         n = num_epochs if num_epochs is not None else cfg.num_epochs
         it = runio.progress(range(self.epoch, n), cfg, self.is_main_process)
-        best = BestKeeper.for_run(cfg, self.rewards.names, self.out, self.processes.share_from_main,
-                                  self.is_main_process)  # best.py: best/ checkpoint and collapse guard
+        best = BestKeeper.for_run(cfg, self.rewards.names, self.out, self.processes.share_from_main, self.is_main_process)
         eval_row = self.log_eval(best) if cfg.eval_every and self.epoch == 0 and best.needs_eval(0) else None
         for _ in it:
             res = self.train_epoch()
@@ -235,15 +235,15 @@ class Trainer:
         opt_tensors, opt_meta = checkpoint.optimizer_tensors(self.optimizer)
         state = {"epoch": self.epoch, "reward_queries": self.reward_queries, "pretrained_value": self.pretrained_value,
                  "prompt_iterator": self.prompt_iter.state_dict(), "stat_tracker": self.estimator.state_dict(),
-                 "optimizer": opt_meta, "x0_reward_rows": self.x0_reward_rows,  # and the measured activation bytes
-                 "micro_batch_bytes_per_row": dict(self.opt.batcher.bytes_per_row)}  # (a resume splits minibatches alike)
+                 "optimizer": opt_meta, "x0_reward_rows": self.x0_reward_rows, "value_source": self.values_from.state_dict(),
+                 "micro_batch_bytes_per_row": dict(self.opt.batcher.bytes_per_row)}  # a resume splits minibatches alike
         return checkpoint.model_tensors(self.models) | opt_tensors, state
 
     def load_state_dict(self, tensors: dict, state: dict) -> None:
         checkpoint.load_run_tensors(self.models, self.optimizer, tensors, state["optimizer"], self.processes)
         self.epoch, self.reward_queries = int(state["epoch"]), int(state["reward_queries"])
-        self.pretrained_value = bool(state["pretrained_value"])
-        self.x0_reward_rows = int(state.get("x0_reward_rows", 0))  # absent in checkpoints before the x0 read-out
+        self.pretrained_value, self.x0_reward_rows = bool(state["pretrained_value"]), int(state.get("x0_reward_rows", 0))
         self.prompt_iter.load_state_dict(state["prompt_iterator"])
+        self.values_from.load_state_dict(state.get("value_source"))  # both absent in older checkpoints
         self.estimator.load_state_dict(state["stat_tracker"])
         self.opt.batcher.bytes_per_row = {k: float(v) for k, v in state.get("micro_batch_bytes_per_row", {}).items()}

@@ -138,7 +138,8 @@ def dit_trainer(path, **overrides):
 
 ALGOS = {"nft": dict(algorithm="nft", advantage="grpo", nft_beta=0.5),
          "awm": dict(algorithm="awm", advantage="grpo"),
-         "awm_critic": dict(algorithm="awm", advantage="gae", awm_advantage="critic")}
+         "awm_critic": dict(algorithm="awm", advantage="gae", awm_advantage="critic"),
+         "nft_critic": dict(algorithm="nft", advantage="gae", nft_advantage="critic", nft_beta=0.5)}
 
 
 def _grads(path, algo, accumulation):
@@ -181,7 +182,7 @@ def test_two_epochs_change_only_the_trained_weights_and_resume_exactly(tmp_path,
     for k, v in straight.adapter.model.state_dict().items():
         if k in base:
             assert torch.equal(v, base[k]), k  # the base model never moves
-    if algo == "awm_critic":
+    if algo.endswith("_critic"):
         assert any(not torch.equal(a, b) for a, b in zip(critic0, straight.critic_params))
         assert "value_loss" in hist_a[0]
     else:
@@ -217,6 +218,8 @@ def test_nft_on_an_epsilon_unet_trains(tmp_path):
     (dict(algorithm="awm", advantage="gae"), "awm_advantage: grpo needs advantage: grpo or ddpo"),
     (dict(algorithm="awm", advantage="grpo", awm_advantage="critic"), "needs advantage: gae"),
     (dict(awm_advantage="value"), "awm_advantage"),
+    (dict(algorithm="nft", advantage="grpo", nft_advantage="critic"), "nft_advantage: critic needs advantage: gae"),
+    (dict(nft_advantage="value"), "nft_advantage='value': use 'grpo' or 'critic'"),
     (dict(nft_beta=0.0), "nft_beta"),
 ])
 def test_algorithm_config_errors_name_the_field(overrides, match):
@@ -319,3 +322,32 @@ def test_shipped_digits_dit_trains_with_the_new_algorithms(tmp_path, name):
     assert len(hist) == 1 and torch.isfinite(torch.tensor(hist[0]["policy_loss"]))
     assert any(not torch.equal(a, b) for a, b in zip(before, tr.adapters.parameters("policy")))
     assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items() if k in base)
+
+
+def test_nft_critic_weights_rows_by_the_critics_advantage_at_the_noised_state(tmp_path, monkeypatch):
+    """nft_advantage: critic: each row's optimality r = optimality(A) with A = (R − V(x_t, t)) / std over rows, V the
+    critic at that row's forward-noised state (a reference computed row by row)."""
+    import critic_align.algorithms.nft as nft_module
+
+    tr = dit_trainer(tmp_path, **ALGOS["nft_critic"])
+    perturb_lora(tr, name="critic", seed=5)  # a critic whose values differ between states
+    ro = tr.compute_advantages(tr.rollout(tr.prompt_iter.batch(2, 4)))
+    captured = {}
+
+    def spy(out, old, x_t, x0, a, b, r, beta, scale):
+        captured["r"] = r
+        return nft_loss(out, old, x_t, x0, a, b, r, beta, scale)
+
+    monkeypatch.setattr(nft_module, "nft_loss", spy)
+    rows, loss_fn = tr.algorithm.prepare(tr.context(ro.batch_size), ro)
+    loss_fn(torch.arange(len(rows)))
+    with torch.no_grad():
+        v = torch.stack([tr.models.values(rows.x_t[i:i + 1], rows.t[i:i + 1],
+                                          None if ro.cond is None else ro.cond[rows.traj[i:i + 1]])[0, 0]
+                         for i in range(len(rows))])
+    d = ro.rewards[rows.traj, 0].float() - v.float()
+    clip = tr.config.adv_clip_max
+    ref = optimality((d / (d.std() + 1e-8)).clamp(-clip, clip), clip)
+    torch.testing.assert_close(captured["r"], ref, rtol=1e-4, atol=1e-5)
+    same_traj = rows.traj == rows.traj[0]
+    assert same_traj.sum() > 1 and ref[same_traj].std() > 0  # one trajectory's rows differ: a per-timestep weight

@@ -158,6 +158,7 @@ def test_a_launch_accelerate_does_not_see_is_refused(tmp_path, monkeypatch):
     ({"batch_size": 64.0}, r"batch_size=64.0: must be an integer"),
     ({"gamma": [1.0]}, r"gamma=\[1.0\]: must be in \[0, 1\] \(got a list\)"),
     ({"progress": "yes"}, r"progress='yes': must be true or false"),
+    ({"cudnn_attention": 1}, r"cudnn_attention=1: must be true or false"),
     ({"keep_last": 0}, r"keep_last=0: must be an integer >= 1"),
 ])
 def test_config_values_of_the_wrong_type_or_range(kw, match):

@@ -218,7 +218,8 @@ def test_accelerate_launch_with_the_fsdp_recipe_trains_on_gpus(tmp_path):
     for s in sets:
         cmd += ["--set", s]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=root,
-                         env={**os.environ, "PYTHONPATH": str(root)})
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                             [str(root), os.environ.get("PYTHONPATH", "")])})
     assert res.returncode == 0, res.stderr[-4000:]
     ckpt = sorted((out / "checkpoints").glob("epoch_*"))[-1]
     tensors, state = read_checkpoint(ckpt)

@@ -128,19 +128,34 @@ def test_gradient_checkpointing_on_the_device(tmp_path, monkeypatch, kind, overr
 
 # ----------------------------------------------------------------------------------------------------------------
 # two processes on one GPU over gloo
+def _no_tf32() -> None:
+    """fp32 convolutions and matmuls without TF32 (PyTorch's default lets cuDNN's convolutions use it): with TF32 the
+    2-process weights drifted past ``MP_RTOL`` from the 1-process run's on the H200 (one per-rank batch of half the
+    rows rounds differently), so the comparison runs both sides at full fp32 precision."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def _gloo_worker(rank: int, tmp: str, port: int) -> None:
     import torch.distributed as dist
+    from accelerate import PartialState
 
     from tests.test_multiprocess import ALGORITHMS, CFG, _run
     from tests.test_trainer import make_trainer
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    # LOCAL_RANK 0 on both: accelerate puts a process on cuda:LOCAL_RANK and DDP on device_ids=[LOCAL_RANK], and this
+    # machine has one GPU for the two ranks (on N GPUs each rank has its own, as `accelerate launch` sets it)
+    os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if DEVICE == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "1"
     torch.set_num_threads(1)
-    # gloo, not accelerate's default NCCL: both ranks share cuda:0 (accelerate maps LOCAL_RANK % device_count)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    _no_tf32()
+    # gloo, not accelerate's default NCCL: both ranks share cuda:0 (NCCL refuses two ranks on one device).  The
+    # group is made through accelerate's state, not dist.init_process_group: accelerate picks its gather collective
+    # by the backend it knows (a group it did not make reads as NCCL, and gloo has no all_gather_into_tensor for
+    # 2-D CUDA tensors)
+    PartialState(cpu=DEVICE == "cpu", backend="gloo")
+    assert dist.get_backend() == "gloo"
     tmp = Path(tmp)
     tr = make_trainer(tmp / f"dir{rank}", **CFG, **ALGORITHMS["ppo"])
     assert tr.num_processes == 2 and tr.device.type == DEVICE
@@ -155,9 +170,14 @@ def test_two_processes_on_one_device_over_gloo(tmp_path):
     from tests.test_multiprocess import ALGORITHMS, CFG, _run, assert_weights_match, spawn_two
     from tests.test_trainer import make_trainer
 
-    one = make_trainer(tmp_path / "one", **CFG, **ALGORITHMS["ppo"])
-    assert one.num_processes == 1 and one.device.type == DEVICE
-    _run(one, tmp_path, "one")
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    _no_tf32()
+    try:
+        one = make_trainer(tmp_path / "one", **CFG, **ALGORITHMS["ppo"])
+        assert one.num_processes == 1 and one.device.type == DEVICE
+        _run(one, tmp_path, "one")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     spawn_two(_gloo_worker, str(tmp_path))
     r0, r1, ref = (load_file(str(tmp_path / f"{t}.safetensors")) for t in ("rank0", "rank1", "one"))
     assert r0.keys() == r1.keys() == ref.keys()

@@ -28,6 +28,11 @@ def test_readme_quotes_the_gpu_check():
     m = re.search(r"([\d.]+)× TRL's samples/s on SD1.5 at ([\d.]+)× its peak memory", text)
     assert m, "the README must quote the GPU check's SD1.5 comparison with TRL"
     assert float(m.group(1)) == round(d["sd15_vs_trl"], 2) and float(m.group(2)) == round(d["sd15_peak_mem_vs_trl"], 1)
-    m = re.search(r"(\d+) of (\d+) CUDA tests failed", text)
-    assert m and int(m.group(1)) == d["cuda_tests_failed"]
+    m = re.search(r"([\d.]+)× TRL's samples/s at ([\d.]+)× its peak memory with `micro_batch_memory_mb: (\d+)`", text)
+    at = d["sd15_at_trl_memory"]
+    assert m, "the README must quote the SD1.5 comparison at TRL's memory"
+    assert (float(m.group(1)), float(m.group(2)), int(m.group(3))) == \
+        (round(at["vs_trl"], 2), round(at["peak_mem_vs_trl"], 2), int(at["micro_batch_memory_mb"]))
+    m = re.search(r"(\d+) of (\d+) CUDA tests pass", text)
+    assert m and int(m.group(1)) == d["cuda_tests_passed"]
     assert int(m.group(2)) == d["cuda_tests_failed"] + d["cuda_tests_passed"]

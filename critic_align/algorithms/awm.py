@@ -22,8 +22,7 @@ import torch
 
 from ..estimators.row_critic import critic_advantages
 from ..losses import ppo_policy_loss
-from ..value_fit import fit_values, rollout_value_data
-from .base import OutputParam, forward_process_for, forward_update, noised_rows, policy_and_kl, row_cond
+from .base import OutputParam, fit_critic_after, forward_process_for, forward_update, noised_rows, policy_and_kl, row_advantages
 
 __all__ = ["AWM", "awm_loss", "critic_advantages", "matching_log_prob"]
 
@@ -53,16 +52,8 @@ class AWM:
         self.forward = forward_process_for(schedule, scheduler, config.num_inference_steps)
         self.param = OutputParam(schedule)
 
-    @torch.no_grad()
-    def _row_advantages(self, ctx, ro, rows, chunk: int = 256) -> torch.Tensor:
-        dev = ctx.device
-        if ctx.config.awm_advantage == "grpo":
-            return ro.advantages[rows.traj.to(ro.advantages.device), rows.step.to(ro.advantages.device)].to(dev)
-        values = [ctx.models.values(rows.x_t[s:s + chunk], rows.t[s:s + chunk], row_cond(ro, rows.traj[s:s + chunk], dev))
-                  .float() for s in range(0, len(rows), chunk)]
-        values = torch.cat(values) if values else rows.x_t.new_zeros((0, len(ctx.reward_names)))
-        return critic_advantages(values, ro.rewards[rows.traj.to(ro.rewards.device)].to(dev), ctx.reward_weights,
-                                 ctx.config.adv_clip_max, ctx.opt.processes.gather_uneven)
+    def _row_advantages(self, ctx, ro, rows) -> torch.Tensor:  # an instance method: a benchmark can replace it
+        return row_advantages(ctx, ro, rows, ctx.config.awm_advantage)
 
     def prepare(self, ctx, ro):
         """(rows, loss_fn(row indices) -> (mean loss, stats), row advantages) for one rollout (this process's)."""
@@ -79,12 +70,8 @@ class AWM:
         return rows, loss_fn, adv
 
     def update(self, ctx, ro) -> dict:
-        cfg = ctx.config
         rows, loss_fn, adv = self.prepare(ctx, ro)
         stats = forward_update(ctx, rows, loss_fn)
         every = ctx.opt.processes.gather_uneven(adv)
         stats["awm_advantage_abs_mean"] = every.abs().mean().item()
-        if ctx.models.critic is not None and ro.returns is not None:  # the critic learns as in a GAE run
-            vb, total = rollout_value_data(ctx, ro, ro.returns)
-            stats.update(fit_values(ctx, vb, cfg.ppo_epochs, total_rows=total))
-        return stats
+        return fit_critic_after(ctx, ro, stats)  # the critic learns as in a GAE run

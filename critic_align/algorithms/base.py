@@ -126,6 +126,34 @@ def row_cond(ro, traj: torch.Tensor, device):
     return None if ro.cond is None else ro.cond[traj.to(device)]
 
 
+@torch.no_grad()
+def row_advantages(ctx: UpdateContext, ro, rows: NoisedRows, source: str, chunk: int = 256) -> torch.Tensor:
+    """(N,) the advantage of each forward-noised row (NFT's ``nft_advantage``, AWM's ``awm_advantage``): 'grpo', the
+    configured estimator's advantage of the row's trajectory; 'critic', the critic's per-row advantage on the very
+    state the loss is taken at (:func:`critic_align.estimators.row_critic.critic_advantages`)."""
+    from ..estimators.row_critic import critic_advantages
+
+    dev = ctx.device
+    if source == "grpo":
+        return ro.advantages[rows.traj.to(ro.advantages.device), rows.step.to(ro.advantages.device)].to(dev)
+    values = [ctx.models.values(rows.x_t[s:s + chunk], rows.t[s:s + chunk], row_cond(ro, rows.traj[s:s + chunk], dev))
+              .float() for s in range(0, len(rows), chunk)]
+    values = torch.cat(values) if values else rows.x_t.new_zeros((0, len(ctx.reward_names)))
+    return critic_advantages(values, ro.rewards[rows.traj.to(ro.rewards.device)].to(dev), ctx.reward_weights,
+                             ctx.config.adv_clip_max, ctx.opt.processes.gather_uneven)
+
+
+def fit_critic_after(ctx: UpdateContext, ro, stats: dict) -> dict:
+    """A forward-process algorithm's value step after its policy update, when it reads a critic (as in a GAE run:
+    the rollout's states and returns, ``ppo_epochs`` passes)."""
+    from ..value_fit import fit_values, rollout_value_data
+
+    if ctx.models.critic is not None and ro.returns is not None:
+        vb, total = rollout_value_data(ctx, ro, ro.returns)
+        stats.update(fit_values(ctx, vb, ctx.config.ppo_epochs, total_rows=total))
+    return stats
+
+
 def policy_and_kl(ctx: UpdateContext, rows: NoisedRows, part: torch.Tensor, ro) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(the policy's output on rows ``part`` (with gradient), the KL penalty term (0 without ``kl_coef``), stats).
 

@@ -12,8 +12,13 @@ mean |x̂_0 − x_0|), and mixed by r:
 
     L = adv_clip_max · mean_rows[ (r·L⁺ + (1−r)·L⁻) / β ]
 
-r = clip(A / adv_clip_max / 2 + 1/2, 0, 1) from the configured estimator's advantage A (GRPO's group-normalised
-reward, clipped to ±adv_clip_max): the paper's normalised reward.  Since v⁺ + v⁻ = 2·v_old, fitting v⁺ to the good
+r = clip(A / adv_clip_max / 2 + 1/2, 0, 1) from the row's advantage A, clipped to ±adv_clip_max.  ``nft_advantage``:
+'grpo', the configured estimator's advantage of the row's trajectory (GRPO's group-normalised reward: the paper's
+normalised reward); 'critic', the critic's per-row advantage on the forward-noised state the loss is taken at,
+A = Σ_k w_k (R_k − V_k(x_t, t)) / its std over the batch's rows (as AWM's ``awm_advantage: critic``; needs
+advantage: gae, which builds the critic; the critic then takes a value step after each update).  NFT's r is a
+per-row weight, so it admits a per-timestep advantage: r then says how much better than expected *from this noisy
+state* the sample turned out, not how it ranks in its group.  Since v⁺ + v⁻ = 2·v_old, fitting v⁺ to the good
 samples and v⁻ to the bad ones moves v_θ towards good and away from bad; at v_θ = v_old both equal v_old.
 
 Model outputs: velocity (flow matching) as in the paper; the ε-, v- and x_0-prediction UNets carry over exactly,
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import OutputParam, forward_process_for, forward_update, noised_rows, policy_and_kl
+from .base import OutputParam, fit_critic_after, forward_process_for, forward_update, noised_rows, policy_and_kl, row_advantages
 
 
 def optimality(advantages: torch.Tensor, adv_clip_max: float) -> torch.Tensor:
@@ -68,7 +73,7 @@ class NFT:
     """The glue: rows of forward-noised final samples, their r, and the loss through the shared update loop."""
 
     # the config fields only this one reads (config.py refuses them, set, with another: never silently ignored)
-    arguments = ("nft_beta",)
+    arguments = ("nft_beta", "nft_advantage")
 
     def __init__(self, schedule, scheduler, config):
         self.forward = forward_process_for(schedule, scheduler, config.num_inference_steps)
@@ -78,8 +83,7 @@ class NFT:
         """(rows, loss_fn(row indices) -> (mean loss, stats)) for one rollout (this process's shard)."""
         cfg = ctx.config
         rows = noised_rows(ctx, ro, self.forward, cfg.ppo_epochs)
-        r = optimality(ro.advantages[rows.traj.to(ro.advantages.device), rows.step.to(ro.advantages.device)],
-                       cfg.adv_clip_max).to(ctx.device)
+        r = optimality(row_advantages(ctx, ro, rows, cfg.nft_advantage), cfg.adv_clip_max).to(ctx.device)
 
         def loss_fn(part):
             out, kl, stats = policy_and_kl(ctx, rows, part, ro)
@@ -91,4 +95,4 @@ class NFT:
         return rows, loss_fn
 
     def update(self, ctx, ro) -> dict:
-        return forward_update(ctx, *self.prepare(ctx, ro))
+        return fit_critic_after(ctx, ro, forward_update(ctx, *self.prepare(ctx, ro)))

@@ -16,7 +16,8 @@ class GAEEstimator:
 
     needs_values = True
     # the config fields only this one reads (config.py refuses them, set, with another: never silently ignored)
-    arguments = ("gae_lambda", "gae_group_baseline", "advantage_scale")
+    arguments = ("gae_lambda", "gae_group_baseline", "advantage_scale", "value_source", "oracle_continuations",
+                 "oracle_counted")
 
     def __init__(self, gamma: float, lam: float, aggregation: str, normalize: bool, scale_by_rewards: bool,
                  group_baseline: bool = False):

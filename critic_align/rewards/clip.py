@@ -29,6 +29,10 @@ All three share one loader and one image pipeline:
 
 Prompts are tokenised with padding and truncation to the text model's maximum length (77 for the
 released CLIP models); the embeddings of repeated prompts in a batch are computed once.
+
+Each reward is ``score_embeds(image_embeds(x), text_embeds(prompts))``: the score from the L2-normalised
+embeddings is one method per reward, which the reward-grafted critic calls too
+(:mod:`critic_align.grafted_clip`).
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ __all__ = [
     "LaionAesthetic",
     "PickScore",
     "convert_aesthetic_head",
+    "l2_normalized",
+    "unit_rgb",
 ]
 
 _DTYPES = {
@@ -275,12 +281,25 @@ def _features(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
+def unit_rgb(samples: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Samples in ``[-1, 1]`` as RGB in ``[0, 1]`` (``clamp((x + 1) / 2, 0, 1)``, grayscale repeated), in ``dtype``
+    (the rewards: float32; the grafted critic keeps float64 inputs float64)."""
+    x = ((samples.to(dtype) + 1) / 2).clamp(0, 1)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def l2_normalized(embeds: torch.Tensor) -> torch.Tensor:
+    """Embeddings divided by their L2 norm (CLIP's image and text embeddings before the cosine)."""
+    return embeds / embeds.norm(dim=-1, keepdim=True)
+
+
 class _CLIPReward(Reward):
     """Shared loading, preprocessing and embedding of the CLIP-based rewards (see the module docstring)."""
 
     name = "clip"
     default_model: str = ""
     default_processor: str | None = None
+    reads_prompts = True  # whether score_embeds reads the prompts' text embeddings (the aesthetic predictor does not)
 
     def __init__(
         self,
@@ -379,8 +398,7 @@ class _CLIPReward(Reward):
             raise TypeError(f"expects float samples in [-1, 1], got dtype {samples.dtype}")
         if not bool(torch.isfinite(samples.detach()).all()):
             raise ValueError("got non-finite (NaN/inf) pixel values")
-        x = ((samples.float() + 1) / 2).clamp(0, 1)
-        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        return unit_rgb(samples)
 
     def image_embeds(self, samples: torch.Tensor) -> torch.Tensor:
         """L2-normalised CLIP image embeddings ``(B, D)`` (float32) of samples in ``[-1, 1]``."""
@@ -390,7 +408,7 @@ class _CLIPReward(Reward):
         for i in range(0, x.shape[0], self.batch_size):
             pixels = self._transform(x[i : i + self.batch_size].to(device))
             emb = _features(model.get_image_features(pixel_values=pixels.to(self.dtype))).float()
-            out.append(emb / emb.norm(dim=-1, keepdim=True))
+            out.append(l2_normalized(emb))
         return torch.cat(out)
 
     def text_embeds(self, prompts: Sequence[str], device=None) -> torch.Tensor:
@@ -412,16 +430,28 @@ class _CLIPReward(Reward):
                                       max_length=max_len, return_tensors="pt")
                 emb = _features(model.get_text_features(input_ids=tok["input_ids"].to(device),
                                                         attention_mask=tok["attention_mask"].to(device))).float()
-                out.append(emb / emb.norm(dim=-1, keepdim=True))
+                out.append(l2_normalized(emb))
         table = torch.cat(out)
         position = {p: i for i, p in enumerate(unique)}
         index = torch.tensor([position[p] for p in prompts], device=table.device)
         return table[index]
 
-    def _cosine(self, samples, prompts) -> torch.Tensor:
+    def score_embeds(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor | None) -> torch.Tensor:
+        """The reward from the L2-normalised image embeddings ``(B, D)`` and the prompts' L2-normalised text embeddings
+        ``(B, D)`` (``None`` when the reward reads no prompt, ``reads_prompts = False``): here their cosine.  The
+        reward (:meth:`compute`) and its grafted critic (:func:`critic_align.grafted_clip.clip_graft`) both score
+        through this one function."""
+        return (image_embeds * text_embeds).sum(dim=-1)
+
+    def score_modules(self) -> list[torch.nn.Module]:
+        """The modules :meth:`score_embeds` runs besides the CLIP model (the aesthetic head), for the grafted critic
+        to hold (device and dtype moves)."""
+        return []
+
+    def compute(self, samples, prompts):
         img = self.image_embeds(samples)
-        txt = self.text_embeds(prompts, device=img.device)
-        return (img * txt).sum(dim=-1)
+        txt = self.text_embeds(prompts, device=img.device) if self.reads_prompts else None
+        return self.score_embeds(img, txt).to(samples.device)
 
     def __repr__(self) -> str:
         return (
@@ -455,11 +485,11 @@ class CLIPScore(_CLIPReward):
         self.scale = scale
         self.clip_at_zero = bool(clip_at_zero)
 
-    def compute(self, samples, prompts):
-        cos = self._cosine(samples, prompts)
+    def score_embeds(self, image_embeds, text_embeds):
+        cos = super().score_embeds(image_embeds, text_embeds)
         if self.clip_at_zero:
             cos = cos.clamp_min(0)
-        return (self.scale * cos).to(samples.device)
+        return self.scale * cos
 
 
 class PickScore(_CLIPReward):
@@ -479,9 +509,9 @@ class PickScore(_CLIPReward):
     default_model = "yuvalkirstain/PickScore_v1"
     default_processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
-    def compute(self, samples, prompts):
-        cos = self._cosine(samples, prompts)
-        return (self.model.logit_scale.detach().float().exp().to(cos.device) * cos).to(samples.device)
+    def score_embeds(self, image_embeds, text_embeds):
+        cos = super().score_embeds(image_embeds, text_embeds)
+        return self.model.logit_scale.detach().float().exp().to(cos.device) * cos
 
 
 # ------------------------------------------------------------------------------------------ aesthetic
@@ -603,6 +633,7 @@ class LaionAesthetic(_CLIPReward):
 
     name = "aesthetic"
     default_model = "openai/clip-vit-large-patch14"
+    reads_prompts = False
 
     def __init__(self, head: str | Path, model=None, processor=None, **kwargs):
         if not isinstance(head, (str, Path)) or not str(head):
@@ -625,6 +656,9 @@ class LaionAesthetic(_CLIPReward):
     def _on_move(self, device) -> None:
         self._head.to(device)
 
-    def compute(self, samples, prompts):
-        emb = self.image_embeds(samples)
-        return self._head(emb).squeeze(-1).to(samples.device)
+    def score_embeds(self, image_embeds, text_embeds=None):
+        return self._head(image_embeds).squeeze(-1)
+
+    def score_modules(self):
+        self.load()
+        return [self._head]

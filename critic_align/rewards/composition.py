@@ -29,13 +29,17 @@ Clauses of a prompt and how each is judged:
 ``composition`` (:class:`CompositionScore`) is the mean of the clause probabilities (dense, for training);
 ``composition_correct`` (:class:`CompositionCorrect`) is 1 when every clause is right (GenEval's metric).
 :func:`judge_compositions` returns the per-clause results (what the model card's per-attribute accuracy
-counts).  Neither reward is differentiable (the cell assignment is discrete).
+counts).  It is :func:`pixel_features` (the non-neural measurements), the digit classifier on each cell's ink, and
+:func:`judge_cells` (the clause read-out from those cell features and the prompts' clauses): the grafted critic
+(``critic_align.grafted.composition_graft``) calls the same two functions around its own digit logits.
+``composition_correct`` is not differentiable; ``composition``'s score is, almost everywhere, in the cell features
+(the cell assignment is discrete: piecewise constant).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -51,7 +55,8 @@ from critic_align.tasks.composition import (
     parse_prompt,
 )
 
-__all__ = ["ATTRIBUTES", "CompositionCorrect", "CompositionScore", "Judgement", "judge_compositions"]
+__all__ = ["ATTRIBUTES", "CellFeatures", "CompositionCorrect", "CompositionScore", "Judgement", "cell_features",
+           "judge_cells", "judge_compositions", "pixel_features", "with_digit_logits"]
 
 ATTRIBUTES = ("count", "digit", "colour", "position")
 
@@ -77,27 +82,27 @@ class Judgement:
 class CellFeatures:
     """Per-cell measurements of B images (4 cells in ``CELLS`` order).
 
-    ink: (B, 4) mean ink; occ: (B, 4) soft occupancy; digit_prob: (B, 4, 10); colour_prob: (B, 4, K) over
+    ink: (B, 4) mean ink; occ: (B, 4) soft occupancy; digit_prob: (B, 4, 10) (None from :func:`pixel_features`,
+    before the digit classifier ran); colour_prob: (B, 4, K) over
     ``COLOURS``; centroid: (B, 4, 2) ink centroid (x, y) in canvas pixels."""
 
     ink: torch.Tensor
     occ: torch.Tensor
-    digit_prob: torch.Tensor
+    digit_prob: torch.Tensor | None
     colour_prob: torch.Tensor
     centroid: torch.Tensor
 
 
-def cell_features(images: torch.Tensor, classifier: torch.nn.Module, temperature: float = 1.0,
-                  ink_threshold: float = 0.09, ink_scale: float = 0.02, colour_scale: float = 0.05) -> CellFeatures:
-    """Measure each cell of ``images`` (B, 3, 32, 32) in [-1, 1] (see the module docstring)."""
-    cells = (cell_views(images.float()) + 1) / 2  # (B, 4, 3, 16, 16) in [0, 1]
+def pixel_features(images: torch.Tensor, ink_threshold: float = 0.09, ink_scale: float = 0.02,
+                   colour_scale: float = 0.05) -> tuple[CellFeatures, torch.Tensor]:
+    """The non-neural measurements of each cell of ``images`` (B, 3, 32, 32) in [-1, 1], computed in the images'
+    dtype: a :class:`CellFeatures` whose ``digit_prob`` is None, and the digit classifier's input of every cell
+    (B, 4, 1, 16, 16) (the cell's ink ``2 * ink - 1``)."""
+    cells = (cell_views(images) + 1) / 2  # (B, 4, 3, 16, 16) in [0, 1]
     cells = cells.clamp(0, 1)
-    b = cells.shape[0]
     intensity = cells.amax(dim=2)  # (B, 4, 16, 16)
     ink = intensity.mean(dim=(2, 3))
     occ = torch.sigmoid((ink - ink_threshold) / ink_scale)
-    logits = classifier((intensity * 2 - 1).reshape(b * 4, 1, CELL, CELL)).float().reshape(b, 4, -1)
-    digit_prob = (logits / temperature).softmax(dim=-1)
     w = intensity.unsqueeze(2)  # ink-weighted mean colour
     mean_rgb = (cells * w).sum(dim=(3, 4)) / w.sum(dim=(3, 4)).clamp_min(1e-6)  # (B, 4, 3)
     chroma = mean_rgb / mean_rgb.amax(dim=-1, keepdim=True).clamp_min(1e-6)
@@ -110,7 +115,23 @@ def cell_features(images: torch.Tensor, classifier: torch.nn.Module, temperature
     cy = (intensity.sum(dim=3) * coords).sum(-1) / mass
     offsets = torch.tensor([(c * CELL, r * CELL) for r, c in CELLS], dtype=cx.dtype, device=cx.device)  # (4, 2) x, y
     centroid = torch.stack([cx, cy], dim=-1) + offsets
-    return CellFeatures(ink, occ, digit_prob, colour_prob, centroid)
+    return CellFeatures(ink, occ, None, colour_prob, centroid), (intensity * 2 - 1).unsqueeze(2)
+
+
+def with_digit_logits(f: CellFeatures, logits: torch.Tensor, temperature: float = 1.0) -> CellFeatures:
+    """``f`` with its ``digit_prob`` = softmax(logits / temperature) of the cells' digit logits (B, 4, 10) (computed
+    in float32 at least)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return replace(f, digit_prob=(logits / temperature).softmax(dim=-1))
+
+
+def cell_features(images: torch.Tensor, classifier: torch.nn.Module, temperature: float = 1.0,
+                  ink_threshold: float = 0.09, ink_scale: float = 0.02, colour_scale: float = 0.05) -> CellFeatures:
+    """Measure each cell of ``images`` (B, 3, 32, 32) in [-1, 1] (see the module docstring), in float32."""
+    f, digit_input = pixel_features(images.float(), ink_threshold, ink_scale, colour_scale)
+    b = images.shape[0]
+    logits = classifier(digit_input.reshape(b * 4, 1, CELL, CELL)).reshape(b, 4, -1)
+    return with_digit_logits(f, logits, temperature)
 
 
 def exactly_k_prob(p: torch.Tensor, k: int) -> torch.Tensor:
@@ -146,6 +167,16 @@ def judge_compositions(images: torch.Tensor, prompts: Sequence[str], classifier:
         raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images")
     comps = list(compositions) if compositions is not None else [parse_prompt(p) for p in prompts]
     f = cell_features(images, classifier, temperature, ink_threshold, ink_scale, colour_scale)
+    return judge_cells(f, comps, ink_threshold, position_scale)
+
+
+def judge_cells(f: CellFeatures, comps: Sequence[Composition], ink_threshold: float = 0.09,
+                position_scale: float = 2.0) -> Judgement:
+    """The clause read-out: judge each composition ``comps[i]`` on the cells ``f`` of image i (see the module
+    docstring).  Probabilities in ``f``'s dtype, differentiable in ``f`` (the cell assignment is not)."""
+    if len(comps) != f.ink.shape[0]:
+        raise ValueError(f"got {len(comps)} compositions for {f.ink.shape[0]} images")
+    dtype = f.occ.dtype
     colour_index = {c: k for k, c in enumerate(COLOURS)}
     nan = float("nan")
     prob = {a: [] for a in ATTRIBUTES}
@@ -171,7 +202,8 @@ def judge_compositions(images: torch.Tensor, prompts: Sequence[str], classifier:
             along, across = _direction(comp.relation, f.centroid[i, cells[1]] - f.centroid[i, cells[0]])
             prob["position"].append(torch.sigmoid((along - across) / position_scale))
             correct["position"].append(float(bool(along > across)))
-    prob_t = {a: torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in vals]).float() for a, vals in prob.items()}
+    prob_t = {a: torch.stack([torch.as_tensor(v, dtype=dtype, device=f.occ.device) for v in vals])
+              for a, vals in prob.items()}
     correct_t = {a: torch.tensor(vals, dtype=torch.float32) for a, vals in correct.items()}
     stacked_p = torch.stack([prob_t[a] for a in ATTRIBUTES], dim=1)
     stacked_c = torch.stack([correct_t[a] for a in ATTRIBUTES], dim=1)
@@ -210,19 +242,25 @@ class _CompositionReward(_DigitClassifierReward):
                 raise ValueError(f"{self.name}: {k} must be a number > 0, got {v!r}")
         self.opts = {k: float(v) for k, v in opts.items()}
 
+    def compositions(self, prompts: Sequence[str]) -> list[Composition]:
+        """The clauses of each prompt: a JSONL prompt file's GenEval-style metadata when it has them, else the
+        prompt's parse."""
+        prompts = list(prompts)
+        metas = self.metadata(prompts)
+        if metas is None:
+            return [parse_prompt(p) for p in prompts]
+        comps = []
+        for p, m in zip(prompts, metas):
+            c = composition_from_metadata(m, p) if m is not None else None
+            comps.append(c if c is not None else parse_prompt(p))
+        return comps
+
     def judge(self, samples, prompts) -> Judgement:
         if not isinstance(samples, torch.Tensor):
             raise TypeError(f"composition rewards expect a (B, 3, 32, 32) tensor, got {type(samples).__name__}")
         prompts = list(prompts)
-        metas = self.metadata(prompts)  # a JSONL prompt file's GenEval-style metadata: its clauses, not a parse
-        comps = None
-        if metas is not None:
-            comps = []
-            for p, m in zip(prompts, metas):
-                c = composition_from_metadata(m, p) if m is not None else None
-                comps.append(c if c is not None else parse_prompt(p))
         return judge_compositions(samples, prompts, self._classifier_for(samples.float()), **self.opts,
-                                  compositions=comps)
+                                  compositions=self.compositions(prompts))
 
 
 class CompositionScore(_CompositionReward):

@@ -185,6 +185,4 @@ class HPSv2(_CLIPReward):
         self._transform = CLIPImageTransform.from_processor(processor)
         self._tokenizer = tokenizer
         self._model = model
-
-    def compute(self, samples, prompts):
-        return self._cosine(samples, prompts).to(samples.device)
+    # the score is the base class's: the cosine of the image and text embeddings (score_embeds)

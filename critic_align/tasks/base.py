@@ -46,6 +46,11 @@ class BaseTask:
 
     grid_scale = 4
 
+    def decode_differentiable(self, latents):
+        """:meth:`decode` with autograd on (the grafted critic's path from x_t to the reward network); a task whose
+        ``decode`` runs under ``torch.no_grad`` overrides this."""
+        return self.decode(latents)
+
     @property
     def grid_prompts(self) -> tuple[str, ...]:
         return tuple(self.prompts)

@@ -261,14 +261,19 @@ class StableDiffusionTask(BaseTask):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE-decode final latents to float32 images (B, 3, H, W) in [-1, 1]."""
+        """VAE-decode final latents to float32 images (B, 3, H, W) in [-1, 1] (float64 from a float64 VAE)."""
+        return self.decode_differentiable(latents)
+
+    def decode_differentiable(self, latents: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` with autograd on (the grafted critic's path from x_t to the reward network)."""
         vae = self.pipe.vae
         scale = vae.config.scaling_factor
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         out = []
         for i in range(0, latents.shape[0], self.decode_chunk_size):
             z = latents[i:i + self.decode_chunk_size].to(device=vae.device, dtype=vae.dtype)
-            out.append(vae.decode(z / scale + shift, return_dict=False)[0].float().clamp(-1, 1))
+            img = vae.decode(z / scale + shift, return_dict=False)[0]
+            out.append(img.to(torch.promote_types(img.dtype, torch.float32)).clamp(-1, 1))  # float64 VAE: float64
         return torch.cat(out).to(latents.device)
 
 
