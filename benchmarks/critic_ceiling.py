@@ -458,6 +458,13 @@ def summarize(runs: list[dict]) -> dict:
             if "grpo" in family:
                 summ["best_critic_free"] = best_free
                 summ["best_critic_free_final_train_reward"] = target
+                # the same method's first 3 epochs (about the base policy): a final training reward no higher than that
+                # means the epoch-to-epoch swing of the training reward (which prompts an epoch drew) exceeds what the
+                # run gained, and "queries to reach it" (and oracle_queries_ratio) read that swing, not speed
+                first3 = float(np.mean([np.mean([c["reward"] for c in r["curve"][:3]])
+                                        for r in methods[best_free]["_runs"] if r["curve"]]))
+                summ["best_critic_free_first3_train_reward"] = first3
+                summ["queries_to_reach_informative"] = target > first3
             for m in family:
                 if m not in methods:
                     continue

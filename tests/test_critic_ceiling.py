@@ -154,3 +154,25 @@ def test_report_renders_digits_dit(tmp_path):
     assert "PPO family's baseline: grpo" in text.split("### digits_dit")[0]  # digits keeps its two families
     assert "- **digits_dit**: against awm (same sampler), a perfect critic (oracle GAE, its queries not counted) needs 0.75" \
         in answer(tmp_path)
+
+
+def test_a_training_reward_that_ends_below_its_start_makes_queries_to_reach_uninformative(tmp_path):
+    # t2i_sd3's training reward swings with the 8 prompts each epoch draws more than a run gains: GRPO's last three
+    # epochs here (0.6, 0.5, 0.4) average below its first three (0.7, 0.8, 0.6), so everything "reaches" it at once
+    import json
+
+    from report_ceiling import answer, section_ceiling
+
+    runs = [_run("t2i_sd3", "grpo", [0.7, 0.8, 0.6, 0.6, 0.5, 0.4], 0.62),
+            _run("t2i_sd3", "oracle_gae", [0.7, 0.8, 0.6, 0.6, 0.5, 0.5], 0.61)]
+    s = cc.summarize(runs)["t2i_sd3"]
+    assert abs(s["best_critic_free_final_train_reward"] - 0.5) < 1e-12
+    assert abs(s["best_critic_free_first3_train_reward"] - 0.7) < 1e-12 and s["queries_to_reach_informative"] is False
+    assert s["oracle_queries_ratio"] == 64 / 384        # computed as on every task, and flagged
+    assert cc.summarize(_four_runs("digits"))["digits"]["queries_to_reach_informative"] is True  # 1.7 / 3 > 1.6 / 3
+    d = {"machine": {"cpu_count": 2, "torch": "x", "torch_threads": 1, "note": "n"}, "variance_decomposition": {},
+         "budget_policy_queries": {"t2i_sd3": 384}, "runs": runs, "summary": cc.summarize(runs), "invocations": []}
+    (tmp_path / "critic_ceiling.json").write_text(json.dumps(d))
+    assert "**Here queries to reach say nothing**: grpo's final training reward is below its own first three epochs' " \
+           "(0.700)" in section_ceiling(tmp_path / "critic_ceiling.json")
+    assert "queries to reach not measurable" in answer(tmp_path) and "room for a critic" not in answer(tmp_path)
