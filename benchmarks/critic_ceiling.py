@@ -555,7 +555,8 @@ def main(argv=None):
     p.add_argument("--reduction", default="", help="a note on what was reduced versus the issue, stored in the JSON")
     p.add_argument("--out", default=str(RESULTS / "critic_ceiling.json"))
     p.add_argument("--resummarize", action="store_true",
-                   help="recompute the summary and the plot of --out from its stored runs (no training)")
+                   help="recompute the summary and the plot of --out from its stored runs (no training); with "
+                   "--reduction, add that note for --tasks")
     p.add_argument("--merge", action="store_true", help="keep the other tasks' results already in --out")
     p.add_argument("--add-runs", action="store_true",
                    help="with --merge: keep this task's runs and decomposition too (e.g. to extend a sweep)")
@@ -572,6 +573,10 @@ def main(argv=None):
     out = Path(args.out)
     if args.resummarize:
         result = json.loads(out.read_text())
+        if args.reduction:  # a note on runs already stored (e.g. the seeds each method ended with), no training
+            result.setdefault("invocations", []).append({"tasks": args.tasks, "argv": sys.argv[1:] if argv is None
+                                                         else argv, "reduction_vs_issue": args.reduction})
+            result["reduction_vs_issue"] = args.reduction
         result["summary"] = summarize(result["runs"])
         out.write_text(json.dumps(result, indent=1, default=float))
         plot(result["runs"], result["summary"], out.with_suffix(".png"))
