@@ -155,9 +155,49 @@ def digits_dit_trainer(overrides: dict, seed: int, lr: float, out: Path, args):
     return digits_trainer(overrides, seed, lr, out, args, configs=DIGITS_DIT_CONFIGS)
 
 
+def t2i_sd3_trainer(overrides: dict, seed: int, lr: float, out: Path, args):
+    """The SD3 twin: the shipped tiny SD3-style pipeline (critic_align/assets/tiny_t2i_sd3) through the SD3 path with
+    train/configs/t2i_sd3.yaml for every method (PPO in its SDE window of 4 steps; NFT / AWM on full trajectories of the
+    same flow SDE step), on the dense composition reward.  Final reward: ``composition`` on a fixed draw of held-out
+    prompts (never trained on) with fixed noise, as benchmarks/t2i_advantages.py evaluates."""
+    from t2i_advantages import eval_prompts, evaluate_policy
+
+    from critic_align.api import build_trainer
+    from critic_align.train.registry import load_run_config
+
+    over = dict(overrides)
+    if over.get("advantage", "gae") != "gae":  # the config's GAE-only setting: the other estimators refuse it
+        over.setdefault("gae_group_baseline", False)
+    if over.get("sde_window_size") == 0:  # NFT / AWM: no SDE window, so no range for its first step
+        over.setdefault("sde_window_range", None)
+    if over.get("algorithm") == "awm":  # as on digits: the oracle at every (trajectory, step) row is too dear
+        over["timestep_fraction"] = args.awm_timestep_fraction
+    over.update(seed=seed, learning_rate=lr, output_dir=str(out), progress=False, grid_every=0, checkpoint_every=0,
+                log_tensorboard=False, eval_every=0)
+    tr = build_trainer(load_run_config("t2i_sd3", over))
+    prompts = eval_prompts(args.t2i_eval_prompts, "t2i_sd3")
+
+    def evaluate(tr=tr):
+        ev = evaluate_policy(tr, prompts)
+        return {"reward": ev["heldout"]["composition"], "composition_correct": ev["heldout"]["composition_correct"],
+                "train": ev["train"]}
+
+    return tr, evaluate
+
+
+def config_gae_group_baseline(task: str) -> bool | None:
+    """The per-prompt GAE baseline of the task's learned GAE, for the oracle's GAE (the oracle runs on a GRPO
+    trainer, whose config leaves GAE-only settings at their defaults); None: the trainer's own."""
+    if task != "t2i_sd3":
+        return None
+    from critic_align.train.registry import load_run_config
+
+    return load_run_config("t2i_sd3")["ppo"].gae_group_baseline
+
+
 # task -> (trainer, learning-rate sweep; its middle value is the one unswept methods run at: the configs' own 1e-3)
 TASKS = {"gmm": (gmm_trainer, (1e-3, 3e-3, 1e-2)), "digits": (digits_trainer, (3e-4, 1e-3, 3e-3)),
-         "digits_dit": (digits_dit_trainer, (3e-4, 1e-3, 3e-3))}
+         "digits_dit": (digits_dit_trainer, (3e-4, 1e-3, 3e-3)), "t2i_sd3": (t2i_sd3_trainer, (3e-4, 1e-3, 3e-3))}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,9 +214,12 @@ def window_of(tr, ro) -> tuple[int, int | None]:
     return start, (start + ro.num_steps if ro.x0 is not None else None)
 
 
-def install_oracle_gae(tr, K: int, lam: float, count: bool, gen: torch.Generator, ledger: dict) -> None:
+def install_oracle_gae(tr, K: int, lam: float, count: bool, gen: torch.Generator, ledger: dict,
+                       group_baseline: bool | None = None) -> None:
+    """``group_baseline`` None: the trainer's gae_group_baseline (see :func:`config_gae_group_baseline`)."""
     est = GAEEstimator(tr.config.gamma, lam, tr.config.advantage_aggregation, tr.config.normalize_advantages,
-                       tr.config.advantage_scale == "rewards", tr.config.gae_group_baseline)
+                       tr.config.advantage_scale == "rewards",
+                       tr.config.gae_group_baseline if group_baseline is None else group_baseline)
 
     def compute_advantages(ro, prompts=None):  # one process: ro is the whole batch
         from dataclasses import replace
@@ -232,7 +275,8 @@ def run_one(task: str, method: str, seed: int, lr: float, budget: int, args) -> 
     K = args.K[task]
     if kind == "oracle_gae":
         lam = {"oracle_gae": tr.config.gae_lambda, "oracle_gae_lam1": 1.0, "mc_counted": 0.0}[method]
-        install_oracle_gae(tr, K, lam, count=method == "mc_counted", gen=gen, ledger=ledger)
+        install_oracle_gae(tr, K, lam, count=method == "mc_counted", gen=gen, ledger=ledger,
+                           group_baseline=config_gae_group_baseline(task))
     elif kind == "awm_oracle":
         install_awm_oracle(tr, K, gen, ledger)
     base = evaluate()
@@ -414,6 +458,13 @@ def summarize(runs: list[dict]) -> dict:
             if "grpo" in family:
                 summ["best_critic_free"] = best_free
                 summ["best_critic_free_final_train_reward"] = target
+                # the same method's first 3 epochs (about the base policy): a final training reward no higher than that
+                # means the epoch-to-epoch swing of the training reward (which prompts an epoch drew) exceeds what the
+                # run gained, and "queries to reach it" (and oracle_queries_ratio) read that swing, not speed
+                first3 = float(np.mean([np.mean([c["reward"] for c in r["curve"][:3]])
+                                        for r in methods[best_free]["_runs"] if r["curve"]]))
+                summ["best_critic_free_first3_train_reward"] = first3
+                summ["queries_to_reach_informative"] = target > first3
             for m in family:
                 if m not in methods:
                     continue
@@ -491,9 +542,12 @@ def main(argv=None):
     p.add_argument("--K-gmm", type=int, default=8)
     p.add_argument("--K-digits", type=int, default=2)
     p.add_argument("--K-digits-dit", type=int, default=2)
+    p.add_argument("--K-t2i-sd3", type=int, default=2)
     p.add_argument("--awm-timestep-fraction", type=float, default=0.25,
                    help="digits: AWM trains on this fraction of each trajectory's steps (its oracle rows)")
     p.add_argument("--eval-per-class", type=int, default=20)
+    p.add_argument("--t2i-eval-prompts", type=int, default=64,
+                   help="t2i_sd3: held-out (and training) prompts evaluated, as benchmarks/t2i_advantages.py")
     p.add_argument("--vd-trajectories", type=int, nargs="+", default=None)
     p.add_argument("--vd-K", type=int, nargs="+", default=None)
     p.add_argument("--vd-cache", nargs="*", default=[], metavar="TASK=PATH",
@@ -501,22 +555,28 @@ def main(argv=None):
     p.add_argument("--reduction", default="", help="a note on what was reduced versus the issue, stored in the JSON")
     p.add_argument("--out", default=str(RESULTS / "critic_ceiling.json"))
     p.add_argument("--resummarize", action="store_true",
-                   help="recompute the summary and the plot of --out from its stored runs (no training)")
+                   help="recompute the summary and the plot of --out from its stored runs (no training); with "
+                   "--reduction, add that note for --tasks")
     p.add_argument("--merge", action="store_true", help="keep the other tasks' results already in --out")
     p.add_argument("--add-runs", action="store_true",
                    help="with --merge: keep this task's runs and decomposition too (e.g. to extend a sweep)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    args.K = {"gmm": args.K_gmm, "digits": args.K_digits, "digits_dit": args.K_digits_dit}
+    args.K = {"gmm": args.K_gmm, "digits": args.K_digits, "digits_dit": args.K_digits_dit, "t2i_sd3": args.K_t2i_sd3}
     args.vd_cache = dict(item.split("=", 1) for item in args.vd_cache)
-    budgets = dict(zip(args.tasks, args.budget or [{"gmm": 2560, "digits": 960, "digits_dit": 960}[t]
+    budgets = dict(zip(args.tasks, args.budget or [{"gmm": 2560, "digits": 960, "digits_dit": 960, "t2i_sd3": 960}[t]
                                                      for t in args.tasks]))
-    vd_n = dict(zip(args.tasks, args.vd_trajectories or [{"gmm": 512, "digits": 80, "digits_dit": 80}[t]
+    vd_n = dict(zip(args.tasks, args.vd_trajectories or [{"gmm": 512, "digits": 80, "digits_dit": 80, "t2i_sd3": 80}[t]
                                                                     for t in args.tasks]))
-    vd_k = dict(zip(args.tasks, args.vd_K or [{"gmm": 32, "digits": 4, "digits_dit": 4}[t] for t in args.tasks]))
+    vd_k = dict(zip(args.tasks, args.vd_K or [{"gmm": 32, "digits": 4, "digits_dit": 4, "t2i_sd3": 4}[t]
+                                              for t in args.tasks]))
     out = Path(args.out)
     if args.resummarize:
         result = json.loads(out.read_text())
+        if args.reduction:  # a note on runs already stored (e.g. the seeds each method ended with), no training
+            result.setdefault("invocations", []).append({"tasks": args.tasks, "argv": sys.argv[1:] if argv is None
+                                                         else argv, "reduction_vs_issue": args.reduction})
+            result["reduction_vs_issue"] = args.reduction
         result["summary"] = summarize(result["runs"])
         out.write_text(json.dumps(result, indent=1, default=float))
         plot(result["runs"], result["summary"], out.with_suffix(".png"))

@@ -61,7 +61,13 @@ def section_ceiling(path: Path) -> str:
                       f"{_f(s.get('best_critic_free_final_train_reward'))}). **`oracle_queries_ratio` = "
                       f"{_f(s.get('oracle_queries_ratio'), 2)}**, `learned_share_of_oracle_gain` = "
                       f"{_f(s.get('learned_share_of_oracle_gain'), 2)} (best learned critic: "
-                      f"{s.get('best_learned_critic')}).", ""]
+                      f"{s.get('best_learned_critic')})."]
+        if s.get("queries_to_reach_informative") is False:
+            lines[-1] += (f" **Here queries to reach say nothing**: {s.get('best_critic_free')}'s final training reward is "
+                          f"below its own first three epochs' ({_f(s.get('best_critic_free_first3_train_reward'))}): the "
+                          "training reward swings more from epoch to epoch with the prompts each epoch draws than the "
+                          "run gains, so every method reaches that level at once; compare the final held-out rewards.")
+        lines.append("")
         vd = d["variance_decomposition"].get(task)
         if vd:
             lines += [f"Variance decomposition ({vd['n_trajectories']} full stochastic trajectories of the base policy, "
@@ -140,7 +146,9 @@ def answer(results: Path) -> str:
                 parts.append(f"{name} {'does not reach it' if r is None else _f(r, 2)}"
                              + (f" (against {vs}{div})" if vs != free else f"{div and ' (' + div[2:] + ')'}"))
         room = s.get("oracle_queries_ratio")
-        verdict = ("room for a critic" if room is not None and room <= 0.5 else
+        verdict = ("queries to reach not measurable: the training reward's epoch-to-epoch swing with the prompts drawn "
+                   "exceeds the gain" if s.get("queries_to_reach_informative") is False else
+                   "room for a critic" if room is not None and room <= 0.5 else
                    "no room: even a perfect critic does not halve the queries")
         best = s.get("best_critic_free_final_reward")
         out.append(", ".join(parts) + f" — {verdict}. Best final held-out reward of a critic-free method: {best} "

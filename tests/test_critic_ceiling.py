@@ -75,6 +75,42 @@ def test_digits_dit_oracle_runs_on_the_flow_step(tmp_path, monkeypatch):
     assert isinstance(nft.step, FlowMatchSDEStep) and isinstance(awm.step, FlowMatchSDEStep)
 
 
+
+def test_t2i_sd3_oracle_counts_apart_in_the_sde_window(tmp_path):
+    # the SD3 twin: PPO's rollout holds only t2i_sd3.yaml's SDE window (fixed here at steps 2..5 of 8), the oracle
+    # continues from each of those 4 states to the end (the window's SDE steps, then the Euler ODE), and its GAE
+    # centres per prompt as the config's learned GAE does (gae_group_baseline, which the GRPO trainer itself refuses)
+    from critic_align.advantages import group_ids
+    from critic_align.steps import FlowMatchSDEStep
+
+    args = argparse.Namespace(awm_timestep_fraction=0.25, t2i_eval_prompts=2)
+    small = {"batch_size": 8, "group_size": 4, "num_inference_steps": 8, "sample_chunk_size": 8, "minibatch_size": 8,
+             "sde_window_range": [2, 2]}
+    tr, evaluate = cc.t2i_sd3_trainer({"advantage": "grpo", **small}, 0, 1e-3, tmp_path / "g", args)
+    assert isinstance(tr.step, FlowMatchSDEStep) and tr.config.sde_window_size == 4 and tr.critic is None
+    assert not tr.config.gae_group_baseline and cc.config_gae_group_baseline("t2i_sd3") is True
+    ledger = {"oracle_queries": 0, "oracle_nfe": 0}
+    cc.install_oracle_gae(tr, 2, 0.95, count=False, gen=torch.Generator().manual_seed(0), ledger=ledger,
+                          group_baseline=cc.config_gae_group_baseline("t2i_sd3"))
+    seen, compute = [], tr.compute_advantages
+    tr.compute_advantages = lambda ro, prompts=None: seen.append(compute(ro, prompts)) or seen[-1]
+    tr.train_epoch()
+    assert tr.reward_queries == 8                       # the policy's own rollout only
+    assert ledger["oracle_queries"] == 8 * 2 * 4        # K = 2 continuations at each of the window's 4 states
+    assert ledger["oracle_nfe"] == 8 * 2 * (6 + 5 + 4 + 3)  # from steps 2, 3, 4, 5 of 8 to the end
+    adv, groups = seen[0].advantages, group_ids(seen[0].prompts)  # (8, 4): 2 prompts x 4 samples, per step
+    assert adv.shape == (8, 4) and len(groups.unique()) == 2 and adv.abs().max() > 0.1
+    for g in groups.unique():                           # centred within each prompt's group at every step
+        assert adv[groups == g].sum(0).abs().max() < 1e-5
+    ev = evaluate()
+    assert 0.0 <= ev["reward"] <= 1.0 and set(ev["train"]) == {"composition", "composition_correct"}
+    for method in ("nft", "awm", "learned_gae"):  # each method's settings are admitted by the config
+        own = {k: v for k, v in small.items() if k != "sde_window_range" or method == "learned_gae"}
+        m, _ = cc.t2i_sd3_trainer({**cc.METHODS[method][0], **own}, 0, 1e-3, tmp_path / method, args)
+        assert m.config.algorithm == cc.METHODS[method][0].get("algorithm", "ppo")
+        assert m.config.sde_window_size == (4 if method == "learned_gae" else 0)
+    assert m.config.gae_group_baseline and m.critic is not None  # learned_gae: the config's GAE as shipped
+
 def _run(task, method, train, final, base=0.5):
     curve = [{"policy_queries": 64 * (i + 1), "reward_queries": 64 * (i + 1), "reward": r, "epoch_s": 1.0}
              for i, r in enumerate(train)]
@@ -118,3 +154,25 @@ def test_report_renders_digits_dit(tmp_path):
     assert "PPO family's baseline: grpo" in text.split("### digits_dit")[0]  # digits keeps its two families
     assert "- **digits_dit**: against awm (same sampler), a perfect critic (oracle GAE, its queries not counted) needs 0.75" \
         in answer(tmp_path)
+
+
+def test_a_training_reward_that_ends_below_its_start_makes_queries_to_reach_uninformative(tmp_path):
+    # t2i_sd3's training reward swings with the 8 prompts each epoch draws more than a run gains: GRPO's last three
+    # epochs here (0.6, 0.5, 0.4) average below its first three (0.7, 0.8, 0.6), so everything "reaches" it at once
+    import json
+
+    from report_ceiling import answer, section_ceiling
+
+    runs = [_run("t2i_sd3", "grpo", [0.7, 0.8, 0.6, 0.6, 0.5, 0.4], 0.62),
+            _run("t2i_sd3", "oracle_gae", [0.7, 0.8, 0.6, 0.6, 0.5, 0.5], 0.61)]
+    s = cc.summarize(runs)["t2i_sd3"]
+    assert abs(s["best_critic_free_final_train_reward"] - 0.5) < 1e-12
+    assert abs(s["best_critic_free_first3_train_reward"] - 0.7) < 1e-12 and s["queries_to_reach_informative"] is False
+    assert s["oracle_queries_ratio"] == 64 / 384        # computed as on every task, and flagged
+    assert cc.summarize(_four_runs("digits"))["digits"]["queries_to_reach_informative"] is True  # 1.7 / 3 > 1.6 / 3
+    d = {"machine": {"cpu_count": 2, "torch": "x", "torch_threads": 1, "note": "n"}, "variance_decomposition": {},
+         "budget_policy_queries": {"t2i_sd3": 384}, "runs": runs, "summary": cc.summarize(runs), "invocations": []}
+    (tmp_path / "critic_ceiling.json").write_text(json.dumps(d))
+    assert "**Here queries to reach say nothing**: grpo's final training reward is below its own first three epochs' " \
+           "(0.700)" in section_ceiling(tmp_path / "critic_ceiling.json")
+    assert "queries to reach not measurable" in answer(tmp_path) and "room for a critic" not in answer(tmp_path)
