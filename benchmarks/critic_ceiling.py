@@ -554,6 +554,10 @@ def main(argv=None):
                    help="load a task's held-out oracle set (benchmarks/critic_grafted.py writes one) for the decomposition")
     p.add_argument("--reduction", default="", help="a note on what was reduced versus the issue, stored in the JSON")
     p.add_argument("--out", default=str(RESULTS / "critic_ceiling.json"))
+    p.add_argument("--merge-from", default=None, metavar="JSON",
+                   help="run nothing: add to --out the runs (of --tasks) and the invocation records of another JSON "
+                        "this script wrote (runs made in parallel into a copy; a run already in --out, same task, "
+                        "method, seed and lr, is kept as it is), then summarise again")
     p.add_argument("--resummarize", action="store_true",
                    help="recompute the summary and the plot of --out from its stored runs (no training); with "
                    "--reduction, add that note for --tasks")
@@ -571,6 +575,21 @@ def main(argv=None):
     vd_k = dict(zip(args.tasks, args.vd_K or [{"gmm": 32, "digits": 4, "digits_dit": 4, "t2i_sd3": 4}[t]
                                               for t in args.tasks]))
     out = Path(args.out)
+    if args.merge_from:
+        result, other = json.loads(out.read_text()), json.loads(Path(args.merge_from).read_text())
+        key = (lambda r: (r["task"], r["method"], r["seed"], r["lr"]))
+        have = {key(r) for r in result["runs"]}
+        new = [r for r in other["runs"] if r["task"] in args.tasks and key(r) not in have]
+        result["runs"] += new
+        seen = [json.dumps(i, sort_keys=True) for i in result.get("invocations", [])]
+        result.setdefault("invocations", []).extend(
+            i for i in other.get("invocations", []) if set(i["tasks"]) & set(args.tasks)
+            and json.dumps(i, sort_keys=True) not in seen)
+        result["summary"] = summarize(result["runs"])
+        out.write_text(json.dumps(result, indent=1, default=float))
+        plot(result["runs"], result["summary"], out.with_suffix(".png"))
+        print(f"added {len(new)} runs from {args.merge_from}")
+        return
     if args.resummarize:
         result = json.loads(out.read_text())
         if args.reduction:  # a note on runs already stored (e.g. the seeds each method ended with), no training
