@@ -32,7 +32,7 @@ from test_trainer import make_trainer
 
 CFG = dict(num_epochs=2, sample_chunk_size=4, batch_size=8, group_size=4, minibatch_size=16)
 # the algorithms share the multi-process code (critic_align/algorithms/): each must match one process too
-ALGORITHMS = {"ppo": {}, "nft": dict(algorithm="nft", advantage="grpo"),
+ALGORITHMS = {"ppo": {}, "grpo": dict(advantage="grpo"), "nft": dict(algorithm="nft", advantage="grpo"),
               "awm_critic": dict(algorithm="awm", advantage="gae", awm_advantage="critic")}
 
 
