@@ -222,13 +222,14 @@ def test_composition_graft_at_t0_reads_the_reward_of_clean_samples(t2i):
     assert r.std() > 0.05  # the samples' rewards differ: the match is not a constant
 
 
-def test_composition_graft_gradient_in_x_t_matches_finite_differences(t2i):
-    task, tr, prompts, cond, latents = t2i
+def assert_critic_gradient_matches_fd(tr, c, latents, h: float, rtol: float) -> None:
+    """The grafted critic's gradient in x_t (float64, stitch and logit scale perturbed off zero so the gradient flows
+    through them as well as x̂0) against central finite differences along a random direction; ``c``: the first 4
+    rows' conditioning in float64.  The critic is put back (zero stitch, float32) afterwards."""
     critic, vae = tr.critic, tr.task.pipe.vae
     nets = [critic, critic.trunk.model, vae]
     for m in nets:
         m.double()
-    # perturb the stitch and the logit scale off zero: the gradient must flow through them as well as x̂0
     with torch.no_grad():
         for p in list(critic.stitch.parameters()) + list(critic.logit_scale.parameters()):
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype) * 0.05)
@@ -236,16 +237,10 @@ def test_composition_graft_gradient_in_x_t_matches_finite_differences(t2i):
         k = 8
         x = latents[:4, k].double().clone().requires_grad_(True)
         t = tr.timesteps[k].repeat(4)
-        c = cond[:4].to(torch.float64) if isinstance(cond, torch.Tensor) else type(cond)(
-            cond.embeds[:4].double(), cond.pooled[:4].double())
         v = critic(x, t, c)[:, 0]
         assert v.dtype == torch.float64
         (grad,) = torch.autograd.grad(v.sum(), x)
         d = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        # float64 finite differences: SD1.5's UNet runs in float64 throughout; SD3's transformer normalises q and k with
-        # diffusers' RMSNorm, whose variance is computed in float32, so its outputs carry float32 rounding (~1e-7
-        # relative) and the difference quotient needs a larger step
-        h, rtol = (1e-3, 2e-3) if task == "t2i_sd3" else (1e-6, 1e-4)
         with torch.no_grad():
             fd = (critic(x + h * d, t, c)[:, 0] - critic(x - h * d, t, c)[:, 0]) / (2 * h)
         an = (grad * d).flatten(1).sum(1)
@@ -257,6 +252,17 @@ def test_composition_graft_gradient_in_x_t_matches_finite_differences(t2i):
                 p.zero_()
         for m in nets:
             m.float()
+
+
+def test_composition_graft_gradient_in_x_t_matches_finite_differences(t2i):
+    task, tr, prompts, cond, latents = t2i
+    c = cond[:4].to(torch.float64) if isinstance(cond, torch.Tensor) else type(cond)(
+        cond.embeds[:4].double(), cond.pooled[:4].double())
+    # float64 finite differences: SD1.5's UNet runs in float64 throughout; SD3's transformer normalises q and k with
+    # diffusers' RMSNorm, whose variance is computed in float32, so its outputs carry float32 rounding (~1e-7
+    # relative) and the difference quotient needs a larger step
+    h, rtol = (1e-3, 2e-3) if task == "t2i_sd3" else (1e-6, 1e-4)
+    assert_critic_gradient_matches_fd(tr, c, latents, h, rtol)
 
 
 def test_composition_graft_trains_from_the_config(t2i):

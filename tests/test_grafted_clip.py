@@ -16,6 +16,7 @@ from critic_align.rewards import CLIPScore, HPSv2, LaionAesthetic, PickScore
 
 transformers = pytest.importorskip("transformers")
 
+from tests.test_grafted import assert_critic_gradient_matches_fd  # noqa: E402
 from tests.test_hpsv2 import open_clip_state_dict  # noqa: E402
 from tests.test_hpsv2 import tiny_tokenizer as hps_tokenizer  # noqa: E402
 from tests.test_real_rewards import tiny_processor, tiny_tokenizer, write_head  # noqa: E402
@@ -274,34 +275,7 @@ def test_sd15_grafted_clip_critic_starts_as_the_reward_of_its_x0_prediction(t2i_
 
 def test_sd15_grafted_clip_critic_gradient_in_x_t_matches_finite_differences(t2i_clip):
     tr, prompts, cond, latents = t2i_clip
-    critic, vae = tr.critic, tr.task.pipe.vae
-    nets = [critic, critic.trunk.model, vae]
-    for m in nets:
-        m.double()
-    with torch.no_grad():  # the stitch and logit scale off zero: the gradient flows through them as well as x̂0
-        for p in list(critic.stitch.parameters()) + list(critic.logit_scale.parameters()):
-            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype) * 0.05)
-    try:
-        k = 8
-        x = latents[:4, k].double().clone().requires_grad_(True)
-        t = tr.timesteps[k].repeat(4)
-        c = cond[:4].to(torch.float64)
-        v = critic(x, t, c)[:, 0]
-        assert v.dtype == torch.float64
-        (grad,) = torch.autograd.grad(v.sum(), x)
-        d = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        h = 1e-6
-        with torch.no_grad():
-            fd = (critic(x + h * d, t, c)[:, 0] - critic(x - h * d, t, c)[:, 0]) / (2 * h)
-        an = (grad * d).flatten(1).sum(1)
-        assert an.abs().max() > 1e-4, an  # a real gradient
-        torch.testing.assert_close(an, fd, rtol=1e-4, atol=1e-7)
-    finally:
-        with torch.no_grad():
-            for p in list(critic.stitch.parameters()) + list(critic.logit_scale.parameters()):
-                p.zero_()
-        for m in nets:
-            m.float()
+    assert_critic_gradient_matches_fd(tr, cond[:4].to(torch.float64), latents, h=1e-6, rtol=1e-4)
 
 
 def test_sd15_grafted_clip_critic_trains_from_the_config(t2i_clip):
