@@ -91,6 +91,20 @@ def other_cpu_share(seconds: float = 5.0) -> float:
     return max(0.0, (_busy_cpu_s() - b0) / (seconds * len(os.sched_getaffinity(0))))
 
 
+def _others_share(busy0: float, ours0: float, wall: float) -> float:
+    """CPU the rest of the machine used since (busy0, ours0), as a share of the cores: > 0 means the timed processes
+    shared cores."""
+    return max(0.0, (_busy_cpu_s() - busy0) - (_children_cpu_s() - ours0)) / (wall * len(os.sched_getaffinity(0)))
+
+
+def _epoch_times(out: Path) -> tuple[int, list[dict], list[float]]:
+    """(batch size, training rows, the epoch times that count: those after the first) of a run under ``out``."""
+    rows = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    train = [r for r in rows if r.get("phase") == "train"]
+    times = [r["time_epoch_s"] for r in train[1:]] or [r["time_epoch_s"] for r in train]
+    return int(json.loads((out / "run" / "config.json").read_text())["batch_size"]), train, times
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -120,15 +134,11 @@ def run(job: str, nproc: int, epochs: int, quick: bool, out: Path) -> dict:
     busy0, ours0, t0 = _busy_cpu_s(), _children_cpu_s(), time.time()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     wall = time.time() - t0
-    # CPU the rest of the machine used meanwhile, as a share of the cores: > 0 means the timed processes shared cores
-    others = max(0.0, (_busy_cpu_s() - busy0) - (_children_cpu_s() - ours0)) / (wall * len(os.sched_getaffinity(0)))
+    others = _others_share(busy0, ours0, wall)
     if proc.returncode:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"{job} on {nproc} processes failed (exit {proc.returncode}); see above")
-    rows = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    train = [r for r in rows if r.get("phase") == "train"]
-    times = [r["time_epoch_s"] for r in train[1:]] or [r["time_epoch_s"] for r in train]
-    batch = int(json.loads((out / "run" / "config.json").read_text())["batch_size"])
+    batch, train, times = _epoch_times(out)
     ranks = [json.loads(p.read_text()) for p in sorted(out.glob("bytes_rank*.json"))]
     epochs_done = max(1, ranks[0].get("epochs", 0)) if ranks else 1
     per_rank = [sum(r.get("epoch", {}).values()) / epochs_done for r in ranks]
@@ -164,13 +174,10 @@ def run_independent_pair(job: str, epochs: int, quick: bool, base: Path, one: di
             sys.stderr.write(o[-4000:] + e[-4000:])
             raise SystemExit(f"{job}: an independent half-batch run failed (exit {pr.returncode}); see above")
     wall = time.time() - t0
-    others = max(0.0, (_busy_cpu_s() - busy0) - (_children_cpu_s() - ours0)) / (wall * len(os.sched_getaffinity(0)))
+    others = _others_share(busy0, ours0, wall)
     per = []
     for out in outs:
-        rows = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        train = [r for r in rows if r.get("phase") == "train"]
-        times = [r["time_epoch_s"] for r in train[1:]] or [r["time_epoch_s"] for r in train]
-        batch = int(json.loads((out / "run" / "config.json").read_text())["batch_size"])
+        batch, _, times = _epoch_times(out)
         per.append({"batch": batch, "epoch_s": [round(t, 3) for t in times],
                     "samples_per_s": batch * len(times) / sum(times)})
     total = sum(r["samples_per_s"] for r in per)
