@@ -94,6 +94,8 @@ TOPICS = {t.name: t for t in (
            ("t2i_sd3_critic_offline_x0.json", section_t2i_critic_offline),
            ("t2i_steering.json", section_t2i_steering), ("t2i_steering_x0.json", section_t2i_steering),
            ("t2i_steering_flops.json", section_t2i_steering_flops),
+           ("t2i_steering_grafted.json", section_t2i_steering),
+           ("t2i_steering_grafted_flops.json", section_t2i_steering_flops),
            ("sde_window_t2i.json", section_sde_window))),
     Topic("perf", "Performance: speed, memory, scale-out and the GPU",
           "Throughput and memory against TRL, the speed defaults, critic modes, where the time went, scaling with batch "

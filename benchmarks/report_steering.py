@@ -178,6 +178,7 @@ def section_t2i_steering(path: Path) -> str:
                      for k, v in a.items() if k in ("prompts_per_split", "particles", "scales", "lam", "bon_only",
                                                      "critic_epochs", "threads") and v != []
                      and not (k == "scales" and a.get("critic_x0_reward")))  # no guidance rows: --scales unused
+    flags += " --critic-body grafted" if a.get("critic_body") == "grafted" else ""
     if d["critic_source"] == "fresh":
         critic = "value-pretrained on the frozen base policy by this run"
     elif d["critic_source"].endswith(f"tmp/{name}"):
@@ -209,7 +210,8 @@ def section_t2i_steering(path: Path) -> str:
         knobs = f"Guidance scale w = {d['best_guidance_scale']:g} (best of {a['scales']} at N = 1 by {key}); "
     lines = [
         "## Steering the tiny text-to-image pipeline with the critic: reward vs NFE"
-        + (" (a critic reading r(decode(x̂0)))" if x0 else ""),
+        + (" (a critic reading r(decode(x̂0)))" if x0 else "")
+        + (" (the grafted critic: the reward network's own later layers)" if a.get("critic_body") == "grafted" else ""),
         "",
         f"Command: `python benchmarks/t2i_steering.py {flags}` (writes `benchmarks/results/{name}.json`, `.png` "
         f"and grids `benchmarks/results/{name}_*.png`; {d['time_s'] / 60:.1f} min). The shipped "
@@ -252,9 +254,11 @@ def section_t2i_steering_flops(path: Path) -> str:
     prices = "; ".join(f"{s}: " + ", ".join(f"{m} {v:,.0f}" for m, v in p.items())
                        for s, p in d["per_particle_step_gflops"].items())
     lines = [
-        "## Steering the tiny text-to-image pipeline at equal FLOPs counted at real scale",
+        "## Steering the tiny text-to-image pipeline at equal FLOPs counted at real scale"
+        + (" (the grafted critic)" if d.get("critic_body") == "grafted" else ""),
         "",
-        f"Command: `python benchmarks/t2i_steering.py --flops-matched {d['flops_source']} --prompts-per-split "
+        f"Command: `python benchmarks/t2i_steering.py --flops-matched {d['flops_source']} "
+        + ("--critic-body grafted " if d.get("critic_body") == "grafted" else "") + "--prompts-per-split "
         f"{a['prompts_per_split']} --particles {' '.join(str(n) for n in a['particles'])} --lam "
         f"{' '.join(f'{x:g}' for x in a['lam'])} --flops-rounding {' '.join(a['flops_rounding'])}"
         + (f" --later-matchings-lam {' '.join(f'{x:g}' for x in a['later_matchings_lam'])}"

@@ -76,6 +76,9 @@ def add_table_args(p, *, particles, scales, bon_only, lam, critic_epochs, thread
     p.add_argument("--critic-x0-reward", action="store_true",
                    help="pretrain a critic with critic_x0_reward (its head also reads r(decode(x0_pred))): SMC can use "
                         "it, guidance cannot, so the guidance rows are left out; writes <name>_x0.json")
+    p.add_argument("--critic-body", choices=["head", "grafted"], default="head",
+                   help="the critic pretrained: 'head' (the config's value head) or 'grafted' (critic_body: grafted, the "
+                        "reward network's own later layers; critic_align/grafted.py); the outputs get a _grafted suffix")
     p.add_argument("--flops-matched", metavar="FLOPS_JSON",
                    help="instead of the equal-NFE table: FLOP-matched rows against FK's x0-reward SMC at each N of "
                         "--particles, priced by this file (benchmarks/results/flops_real_scale.json); writes "
@@ -118,18 +121,23 @@ def load_critic(spec: TableSpec, args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     x0 = getattr(args, "critic_x0_reward", False)
-    name = spec.name + ("_x0" if x0 else "")
+    body = getattr(args, "critic_body", "head")
+    if x0 and body == "grafted":
+        raise ValueError("--critic-x0-reward and --critic-body grafted: the grafted critic reads decode(x̂0) through the "
+                         "reward network itself; drop --critic-x0-reward")
+    name = spec.name + ("_x0" if x0 else "") + ("_grafted" if body == "grafted" else "")
     critic_dir = out / "tmp" / name
     run_dir = args.run
     if run_dir is None and not args.fresh_critic and (critic_dir / "checkpoints").exists():
-        stale = critic_cache_mismatch(critic_dir, spec.config, args.critic_epochs, x0)
+        stale = critic_cache_mismatch(critic_dir, spec.config, args.critic_epochs, x0, body)
         if stale:
             print(f"not reusing the cached critic under {critic_dir}: {stale}; pretraining a fresh one")
         else:
             run_dir = str(critic_dir)
     t0 = time.time()
+    over = {**({"critic_x0_reward": True} if x0 else {}), **({"critic_body": "grafted"} if body == "grafted" else {})}
     trainer, _ = build_steering_trainer(None if run_dir else spec.config, run_dir, str(critic_dir),
-                                        {"critic_x0_reward": True} if x0 and not run_dir else None,
+                                        over if over and not run_dir else None,
                                         critic_epochs=None if run_dir else args.critic_epochs)
     if x0 and not reads_x0_reward(trainer.critic):
         raise ValueError(f"--critic-x0-reward: the critic of {run_dir} does not read r(decode(x0_pred))")
@@ -243,10 +251,11 @@ def plot(result, path, reward_key: str, title: str):
     plt.close(fig)
 
 
-def critic_cache_mismatch(critic_dir: Path, config: str, critic_epochs: int, x0: bool) -> str | None:
+def critic_cache_mismatch(critic_dir: Path, config: str, critic_epochs: int, x0: bool,
+                          body: str = "head") -> str | None:
     """Why the critic cached under ``critic_dir`` is not the one this command would pretrain (None when it is): the
     cache key is its run.json (task, model, rewards, ...) and config.json (PPO settings) against ``config``'s
-    today, plus the value-pretraining batches and the x0-reward switch asked for."""
+    today, plus the value-pretraining batches, the x0-reward switch and the critic body asked for."""
     from critic_align.api import RUN_SPEC_KEYS
     from critic_align.train.registry import load_run_config
 
@@ -259,12 +268,15 @@ def critic_cache_mismatch(critic_dir: Path, config: str, critic_epochs: int, x0:
         return f"it was pretrained for {ppo.get('value_pretrain_epochs')} batches, --critic-epochs asks {critic_epochs}"
     if bool(ppo.get("critic_x0_reward")) != x0:
         return f"its critic_x0_reward is {ppo.get('critic_x0_reward')}, this command asks {x0}"
+    if ppo.get("critic_body", "head") != body:
+        return f"its critic_body is {ppo.get('critic_body', 'head')}, this command asks {body}"
     fresh = load_run_config(config, {})
     spec_now = json.loads(json.dumps({k: fresh.get(k) for k in RUN_SPEC_KEYS}, default=list))
     changed = [k for k in RUN_SPEC_KEYS if info.get(k) != spec_now[k]]
     ppo_now = json.loads(json.dumps(fresh["ppo"].to_dict(), default=list))
     # what build_steering_trainer sets for every fresh critic (or is checked above) is not compared with the YAML
-    fixed = {"output_dir", "value_pretrain_epochs", "sde_window_size", "sde_window_range", "critic_x0_reward"}
+    fixed = {"output_dir", "value_pretrain_epochs", "sde_window_size", "sde_window_range", "critic_x0_reward",
+             "critic_body"}
     changed += sorted(k for k in ppo_now if k not in fixed and ppo.get(k) != ppo_now[k])
     return f"{', '.join(changed)} differ from train/configs/{config}'s today" if changed else None
 
@@ -272,6 +284,13 @@ def critic_cache_mismatch(critic_dir: Path, config: str, critic_epochs: int, x0:
 # which row of flops_real_scale.json's per_particle_step_gflops prices one particle-step of each method
 FLOP_PRICE_OF = {"smc_x0": "fk_x0_reward_smc", "smc": "critic_smc", "guidance+bon": "critic_guidance",
                  "bon": "plain_sampling"}
+# the grafted critic (--critic-body grafted): its forward adds the decode and the reward network's later layers
+GRAFTED_PRICE_OF = {**FLOP_PRICE_OF, "smc": "grafted_smc", "guidance+bon": "grafted_guidance"}
+
+
+def price_of(body: str = "head") -> dict:
+    """Which row of flops_real_scale.json prices one particle-step of each method, for the critic ``body``."""
+    return GRAFTED_PRICE_OF if body == "grafted" else FLOP_PRICE_OF
 MATCHED_METHODS = ("smc", "guidance+bon", "bon")  # the critic's two methods and the critic-free control
 CRITIC_METHODS = ("smc", "guidance+bon")
 # --flops-rounding: what is matched (FLOPs per particle-step, or per whole sample) and how N' is rounded
@@ -294,13 +313,13 @@ TIES_OR_BEATS_RULE = ("difference = best critic method's mean reward − FK x0-r
 
 
 def flops_matched_plan(flops: dict, particles: list[int], scales: list[str], rounding: str = "floor",
-                       steps: int | None = None) -> dict:
+                       steps: int | None = None, prices: dict = FLOP_PRICE_OF) -> dict:
     """{scale: {N: {method: {particles, flop_ratio_per_step}}}}: for FK's x0-reward SMC at N particles, each of
     MATCHED_METHODS gets the particle count whose FLOPs per step at that scale (``flops[scale]
     ["per_particle_step_gflops"]``, written by benchmarks/flops_real_scale.py) match FK's
     (:func:`critic_align.flops.matched_particles`, rounding ``floor`` or ``nearest``), or with ``sample_floor``
     whose FLOPs per whole sample of ``steps`` steps do (:func:`particle_sample_gflops`); and the ratio of the pair's
-    FLOPs per step (method / FK)."""
+    FLOPs per step (method / FK).  ``prices``: method -> its row of the table (:func:`price_of`)."""
     from critic_align.flops import matched_particles
 
     if rounding not in MATCHINGS:
@@ -316,36 +335,37 @@ def flops_matched_plan(flops: dict, particles: list[int], scales: list[str], rou
             raise ValueError(f"--flops-scales: {scale!r} has no per_particle_step_gflops in the FLOP table (it has "
                              f"{have}); rerun benchmarks/flops_real_scale.py or pick one of those")
         price = flops[scale]["per_particle_step_gflops"]
-        missing = [v for v in FLOP_PRICE_OF.values() if v not in price]
+        missing = [v for v in prices.values() if v not in price]
         if missing:
             raise ValueError(f"the FLOP table's {scale}.per_particle_step_gflops lacks {missing}")
-        fk = price[FLOP_PRICE_OF["smc_x0"]]
-        cost = {m: particle_sample_gflops(flops, scale, m, steps) if basis == "sample" else price[FLOP_PRICE_OF[m]]
-                for m in FLOP_PRICE_OF}
+        fk = price[prices["smc_x0"]]
+        cost = {m: particle_sample_gflops(flops, scale, m, steps, prices) if basis == "sample" else price[prices[m]]
+                for m in prices}
         plan[scale] = {}
         for n in particles:
             plan[scale][n] = {}
             for m in MATCHED_METHODS:
                 k = matched_particles(n, cost["smc_x0"], cost[m], how)
-                plan[scale][n][m] = {"particles": k, "flop_ratio_per_step": k * price[FLOP_PRICE_OF[m]] / (n * fk)}
+                plan[scale][n][m] = {"particles": k, "flop_ratio_per_step": k * price[prices[m]] / (n * fk)}
     return plan
 
 
-def particle_sample_gflops(flops: dict, scale: str, method: str, steps: int) -> float:
+def particle_sample_gflops(flops: dict, scale: str, method: str, steps: int, prices: dict = FLOP_PRICE_OF) -> float:
     """GFLOPs of one particle over a whole sample of ``steps`` steps: every particle-step at its price, plus the final
     decode + reward call (best-of-N and SMC's argmax score their final particles; FK's potential also scores them:
     its N·(T+1)-th decodes)."""
     g = flops[scale]["gflops"]
-    return steps * flops[scale]["per_particle_step_gflops"][FLOP_PRICE_OF[method]] + g["vae_decode"] + g["reward_model"]
+    return steps * flops[scale]["per_particle_step_gflops"][prices[method]] + g["vae_decode"] + g["reward_model"]
 
 
-def whole_sample_flop_ratio(flops: dict, scale: str, method: str, n_method: int, n_fk: int, steps: int) -> float:
+def whole_sample_flop_ratio(flops: dict, scale: str, method: str, n_method: int, n_fk: int, steps: int,
+                            prices: dict = FLOP_PRICE_OF) -> float:
     """A matched pair's FLOP ratio (method / FK) over a whole sample of ``steps`` steps."""
-    return (n_method * particle_sample_gflops(flops, scale, method, steps)
-            / (n_fk * particle_sample_gflops(flops, scale, "smc_x0", steps)))
+    return (n_method * particle_sample_gflops(flops, scale, method, steps, prices)
+            / (n_fk * particle_sample_gflops(flops, scale, "smc_x0", steps, prices)))
 
 
-def equal_flops_verdict(plan: dict, rows: list[dict], flops: dict, steps: int) -> dict:
+def equal_flops_verdict(plan: dict, rows: list[dict], flops: dict, steps: int, prices: dict = FLOP_PRICE_OF) -> dict:
     """``critic_vs_fk_equal_flops``: per scale and FK's N, FK's reward (its best λ), each matched method's at its N'
     (its best λ), the best critic method, its paired difference with FK ± standard error over prompts, and
     ties_or_beats (TIES_OR_BEATS_RULE); the best-of-N control the same way. ``rows`` carry ``per_prompt``."""
@@ -372,7 +392,8 @@ def equal_flops_verdict(plan: dict, rows: list[dict], flops: dict, steps: int) -
                 entry[m] = {"particles": k, "not_run": why or "no row"} if r is None else {
                     "particles": k, **{p: r[p] for p in ("lam", "scale") if p in r}, "reward": r["reward"],
                     "flop_ratio_per_step": matched[m]["flop_ratio_per_step"],
-                    "flop_ratio_whole_sample": whole_sample_flop_ratio(flops, scale, m, k, n, steps), **versus(r, fk)}
+                    "flop_ratio_whole_sample": whole_sample_flop_ratio(flops, scale, m, k, n, steps, prices),
+                    **versus(r, fk)}
             entry["critic_smc_particles"] = matched["smc"]["particles"]
             entry["critic_smc_reward"] = entry["smc"].get("reward")
             fitted = [m for m in CRITIC_METHODS if "reward" in entry[m]]
@@ -403,15 +424,16 @@ def run_flops_matched(spec: TableSpec, args, reduction: str | None = None) -> di
         raise FileNotFoundError(f"--flops-matched {flops_path}: no such file; write it with "
                                 "`python benchmarks/flops_real_scale.py`")
     flops = json.loads(flops_path.read_text())
+    prices = price_of(getattr(args, "critic_body", "head"))
     for r in args.flops_rounding:  # a bad scale or table fails here, before the critic is built
-        flops_matched_plan(flops, args.particles, args.flops_scales, r, steps=1)
+        flops_matched_plan(flops, args.particles, args.flops_scales, r, steps=1, prices=prices)
     if getattr(args, "critic_x0_reward", False):
         raise ValueError("--flops-matched runs the latent critic (guidance needs its gradient): drop --critic-x0-reward")
     out = Path(args.out)
     t_start = time.time()
     trainer, steering, name, critic_dir, run_dir, critic_time = load_critic(spec, args)
     steps = len(trainer.timesteps)
-    plans = {r: flops_matched_plan(flops, args.particles, args.flops_scales, r, steps) for r in args.flops_rounding}
+    plans = {r: flops_matched_plan(flops, args.particles, args.flops_scales, r, steps, prices) for r in args.flops_rounding}
     col = trainer.rewards.names.index(spec.reward_key)
     prompts = spec.prompts
     cache = out / "tmp" / f"{name}_flops_rows.json"
@@ -491,7 +513,8 @@ def _flops_result(spec, args, rows, plans, finished, flops, steps, best_scale, r
     from harness import machine_info
 
     rows = [r for r in rows if r["method"] != "guidance+bon" or r["scale"] == best_scale]
-    verdicts = {r: equal_flops_verdict(plans[r], rows, flops, steps) for r in finished}
+    prices = price_of(getattr(args, "critic_body", "head"))
+    verdicts = {r: equal_flops_verdict(plans[r], rows, flops, steps, prices) for r in finished}
     first = args.flops_rounding[0]
     verdict = verdicts[first]
     later = [r for r in args.flops_rounding[1:] if r in finished]
@@ -500,11 +523,11 @@ def _flops_result(spec, args, rows, plans, finished, flops, steps, best_scale, r
         "stand_in": "the tiny t2i pipeline stands in for the real models: only the particle counts come from the "
                     "real-scale FLOP prices (flops_real_scale.json); the rewards are the tiny task's",
         "reduction_vs_issue": reduction,
-        "grafted": "grafted critic rows not run (branch graft not merged into main when this ran)",
+        "critic_body": getattr(args, "critic_body", "head"),
         "flops_source": str(flops_path.resolve().relative_to(ROOT) if flops_path.resolve().is_relative_to(ROOT)
                             else flops_path),
-        "per_particle_step_gflops": {s: {m: flops[s]["per_particle_step_gflops"][FLOP_PRICE_OF[m]]
-                                         for m in FLOP_PRICE_OF} for s in args.flops_scales},
+        "per_particle_step_gflops": {s: {m: flops[s]["per_particle_step_gflops"][prices[m]]
+                                         for m in prices} for s in args.flops_scales},
         "rounding": f"{first}: N' = {MATCHINGS[first][1]}(N × FK's FLOPs per "
                     f"{'particle-step' if MATCHINGS[first][0] == 'step' else 'particle over a whole sample'} / the "
                     "method's)"

@@ -12,7 +12,9 @@ on the run's first micro-batch, :class:`MicroBatcher`; and at most this process'
 each loss weighted by its share of the minibatch, so the summed gradient is the minibatch mean's whatever the split.
 
 Multi-process (rank-local rollouts): every process draws the same shuffled minibatches of the whole batch's rows (the
-generator is shared) and forwards the rows of its own trajectories; the engine averages the gradients (each process's
+generator is shared) and forwards the rows of its own trajectories.  The shuffle is balanced (:func:`balanced_order`):
+every sampling chunk's rows are spread evenly over the minibatches, so each process (it holds whole chunks) gets its
+share of every minibatch to within a row per chunk, instead of a binomial share that the others wait for; the engine averages the gradients (each process's
 loss is scaled so the average is the global minibatch mean), the micro-batches before the last backward under
 ``no_sync``; a process with no row in a minibatch forwards one row weighted 0, so every process takes part in the
 engine's gradient sync.  Statistics are per minibatch (row-weighted means over every process's parts; the extremes for
@@ -129,10 +131,39 @@ class UpdateContext:
     def device(self) -> torch.device:
         return self.models.device
 
+    @property
+    def strata(self) -> int:
+        """The batch's sampling chunks (a process holds whole ones), which the minibatch shuffle balances over; 1
+        when the chunks are ragged (then only one process can run the batch)."""
+        chunk = self.config.sample_chunk_size
+        return self.batch_size // chunk if self.batch_size % chunk == 0 else 1
 
-def pairs(generator: torch.Generator, batch_size: int, num_steps: int, timestep_fraction: float) -> torch.Tensor:
+
+def balanced_order(generator: torch.Generator, n: int, strata: int = 1) -> torch.Tensor:
+    """A random order of ``n`` rows made of ``strata`` equal contiguous blocks (the batch's sampling chunks), in which
+    each block's rows are spread evenly: any run of consecutive positions (a minibatch) holds every block's share of
+    it to within one row.  Each block's rows are shuffled and placed at (i + u) / m, i = 0 … m − 1, with one uniform
+    offset u per block (systematic sampling), and the blocks interleaved by those keys.  One block: ``randperm``.
+
+    Why: a process holds whole chunks; with a plain shuffle its share of a minibatch is binomial, and at every
+    optimiser step the others wait for the process with the most rows.  The order depends only on ``strata`` and
+    the generator, never on the number of processes, so N processes still step as one."""
+    if strata <= 1:
+        return torch.randperm(n, generator=generator)
+    if n % strata:
+        raise ValueError(f"{n} rows do not split into {strata} equal blocks")
+    m = n // strata
+    within = torch.rand(strata, m, generator=generator).argsort(dim=1) + (torch.arange(strata) * m)[:, None]
+    offset = torch.rand(strata, 1, generator=generator, dtype=torch.float64)
+    keys = (torch.arange(m, dtype=torch.float64)[None, :] + offset) / m
+    return within.reshape(-1)[keys.reshape(-1).argsort(stable=True)]
+
+
+def pairs(generator: torch.Generator, batch_size: int, num_steps: int, timestep_fraction: float,
+          strata: int = 1) -> torch.Tensor:
     """(N, 2) (trajectory, step) index pairs of the whole batch to train on, shuffled (``timestep_fraction`` of each
-    trajectory's steps), drawn from ``generator`` (the same on every process)."""
+    trajectory's steps), drawn from ``generator`` (the same on every process); ``strata``: the batch's sampling
+    chunks, whose rows the shuffle spreads evenly over the minibatches (:func:`balanced_order`)."""
     b, t = batch_size, num_steps
     n_steps = max(1, int(round(timestep_fraction * t)))
     if n_steps == t:
@@ -142,7 +173,7 @@ def pairs(generator: torch.Generator, batch_size: int, num_steps: int, timestep_
         steps = torch.rand(b, t, generator=generator).argsort(dim=1)[:, :n_steps]
     traj = torch.arange(b)[:, None].expand(-1, n_steps)
     out = torch.stack([traj.reshape(-1), steps.reshape(-1)], dim=1)
-    return out[torch.randperm(len(out), generator=generator)]
+    return out[balanced_order(generator, len(out), strata)]  # out is trajectory-major: chunks are contiguous blocks
 
 
 def local_pairs(pairs_: torch.Tensor, shard: slice) -> torch.Tensor:

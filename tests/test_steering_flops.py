@@ -101,3 +101,20 @@ def test_critic_cache_key(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg | {"critic_learning_rate": cfg["critic_learning_rate"] * 2}))
     assert "critic_learning_rate" in critic_cache_mismatch(tmp_path, "t2i", 20, False)
     assert "digits" in critic_cache_mismatch(tmp_path, "digits", 20, False)
+
+
+def test_the_grafted_critic_is_priced_by_its_own_rows():
+    """--critic-body grafted: critic SMC and guidance are priced by the table's grafted rows (its forward adds a
+    decode and the reward network's later layers), FK and best-of-N as before; a table without them is refused."""
+    from steering_table import price_of
+
+    grafted = {"gflops": {"vae_decode": 5.0, "reward_model": 1.0},
+               "per_particle_step_gflops": {**FLOPS["cheap_critic"]["per_particle_step_gflops"], "grafted_smc": 20.0,
+                                            "grafted_guidance": 45.0}}
+    plan = flops_matched_plan({"s": grafted}, [4], ["s"], prices=price_of("grafted"))["s"][4]
+    # FK 4 × 10 = 40 GFLOPs a step: grafted SMC 20 → 2 particles, grafted guidance 45 → 0, plain 3 → 13
+    assert {m: v["particles"] for m, v in plan.items()} == {"smc": 2, "guidance+bon": 0, "bon": 13}
+    assert plan["smc"]["flop_ratio_per_step"] == pytest.approx(40 / 40)
+    assert price_of("head")["smc"] == "critic_smc"
+    with pytest.raises(ValueError, match="grafted_smc"):
+        flops_matched_plan(FLOPS, [4], ["cheap_critic"], prices=price_of("grafted"))

@@ -103,7 +103,7 @@ def noised_rows(ctx: UpdateContext, ro, forward, passes: int, chunk: int = 256) 
     """``passes`` shuffled sets of the whole batch's (trajectory, step) rows, forward-noised, with the current
     policy's output; this process keeps the rows of its trajectories (``ro`` is its shard).  The noise is drawn for
     every row from the shared generator, so a row's noise does not depend on the number of processes."""
-    p = torch.cat([pairs(ctx.generator, ctx.batch_size, ro.num_steps, ctx.config.timestep_fraction)
+    p = torch.cat([pairs(ctx.generator, ctx.batch_size, ro.num_steps, ctx.config.timestep_fraction, ctx.strata)
                    for _ in range(passes)])
     dev = ctx.device
     noise = torch.randn((len(p), *ro.final.shape[1:]), generator=ctx.generator)

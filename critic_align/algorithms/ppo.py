@@ -84,7 +84,7 @@ def ppo_update(ctx: UpdateContext, ro: Rollout, train_policy: bool = True, passe
     cfg = ctx.config
     minibatches = []
     for _ in range(passes if passes is not None else cfg.ppo_epochs):
-        p = pairs(ctx.generator, ctx.batch_size, ro.num_steps, cfg.timestep_fraction)
+        p = pairs(ctx.generator, ctx.batch_size, ro.num_steps, cfg.timestep_fraction, ctx.strata)
         minibatches += [p[s:s + cfg.minibatch_size] for s in range(0, len(p), cfg.minibatch_size)]
     total = sum(len(mb) for mb in minibatches)
     skip = can_skip_zero_advantage(ctx, ro, train_policy)
