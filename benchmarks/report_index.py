@@ -142,8 +142,11 @@ def perf(results: Path) -> list[str]:
                          "gpu_check.json"))
     if (d := _load(results, "scaleout.json")) is not None:
         for job, j in d["jobs"].items():
+            ratio = j.get("engine_diff_over_round_off")
+            floor = "" if j.get("identical_to_single") or ratio is None else \
+                f" (weights: {fmt(ratio, 2)}× the round-off floor of one process)"
             rows.append((f"{job}: scaling efficiency at 2 CPU processes; equal to one process",
-                         f"{fmt(j['scaling_efficiency_2'], 2)}; {'yes' if j.get('identical_to_single') else 'no'}",
+                         f"{fmt(j['scaling_efficiency_2'], 2)}; {'yes' if j.get('identical_to_single') else 'no'}{floor}",
                          "scaleout.json"))
             if "engine_efficiency_2" in j:
                 rows.append((f"{job}: of which the machine (two independent half-batch processes) / the engine",

@@ -362,6 +362,22 @@ def section_scaleout(path: Path) -> str:
             lines.append(f"| {job} | {_fmt(pr['samples_per_s'], 2)} | {_fmt(j['machine_efficiency_2'], 3)} | "
                          f"{_fmt(j['engine_efficiency_2'], 3)} | {_fmt(pr.get('other_processes_cpu_share'), 2)} |")
         lines.append("")
+    floors = {job: j for job, j in d["jobs"].items() if j.get("round_off_floor")}
+    if floors:
+        lines += ["How far the weights may differ: round-off grows through many optimiser steps (Adam normalises each "
+                  "element, a tight ratio clip switches rows on and off), so the 2-process difference is set beside "
+                  "a *round-off floor*: one process again, splitting each minibatch into other micro-batches (the "
+                  "same rows and mean, another summation order, nothing distributed), compared after 2 epochs the "
+                  "same way. A ratio near 1 or below: the processes differ from one process no more than a change "
+                  "of summation order does.", "",
+                  "| job | max_weight_diff, 2 processes | round-off floor (1 process, other micro-batches) | ratio | "
+                  "floor within the fixed tolerance |", "|---|---|---|---|---|"]
+        for job, j in floors.items():
+            f = j["round_off_floor"]
+            ratio = j.get("engine_diff_over_round_off")
+            lines.append(f"| {job} | {j['max_weight_diff']:.2e} | {f['max_weight_diff']:.2e} ({f['override']}) | "
+                         f"{'–' if ratio is None else format(ratio, '.2f')} | {f['weights_within_tolerance']} |")
+        lines.append("")
     gpu = d.get("gpu")
     if gpu:
         lines += [f"On a GPU ({gpu['device']}, from `{gpu['source']}`): "

@@ -115,6 +115,9 @@ def steer_run(run: SteeringRun, method: str, prompts: list[str], particles: int 
         return rewards.weighted_sum(rewards(samples, ps))
 
     value_fn = None
+    table = getattr(models.critic, "prompt_table", None)
+    if table is not None:  # a grafted composition critic reads each prompt's clauses: it learns the prompts steered
+        table.add(prompts)
     if models.critic is not None:
         # a critic that reads r(decode(x0_pred)) scores the step's x0 predictions with the rewards it was trained on
         x0_rewards = rewards if reads_x0_reward(models.critic) else None
