@@ -111,6 +111,17 @@ def _epoch_times(out: Path) -> tuple[int, list[dict], list[float]]:
     return int(json.loads((out / "run" / "config.json").read_text())["batch_size"]), train, times
 
 
+def _phases(train: list[dict]) -> dict:
+    """Mean seconds per epoch (the epochs after the first) of the main process's phases: ``rollout`` (sampling,
+    decoding, scoring; one gather at its end), ``update`` (the algorithm's optimiser steps) and ``other`` (values and
+    advantages)."""
+    rows = train[1:] or train
+    roll = sum(r["time_rollout_s"] for r in rows) / len(rows)
+    upd = sum(r["time_update_s"] for r in rows) / len(rows)
+    return {"rollout": round(roll, 4), "update": round(upd, 4),
+            "other": round(sum(r["time_epoch_s"] for r in rows) / len(rows) - roll - upd, 4)}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -151,7 +162,7 @@ def run(job: str, nproc: int, epochs: int, quick: bool, out: Path, extra=()) -> 
     grad = [sum(r.get("gradient", {}).values()) / epochs_done for r in ranks]
     return {"processes": nproc, "epochs": len(train), "global_batch": batch, "wall_s": round(wall, 1),
             "epoch_s": [round(t, 3) for t in times], "samples_per_s": batch * len(times) / sum(times),
-            "bytes_received_per_epoch_max_rank": max(per_rank) if per_rank else 0.0,
+            "phase_s": _phases(train), "bytes_received_per_epoch_max_rank": max(per_rank) if per_rank else 0.0,
             "bytes_received_per_epoch_by_op": _by_op(ranks, epochs_done),
             "gradient_allreduce_bytes_per_epoch": max(grad) if grad else 0.0,
             "cores": [r.get("core") for r in ranks], "other_processes_cpu_share": round(others, 3),
@@ -183,9 +194,9 @@ def run_independent_pair(job: str, epochs: int, quick: bool, base: Path, one: di
     others = _others_share(busy0, ours0, wall)
     per = []
     for out in outs:
-        batch, _, times = _epoch_times(out)
+        batch, train, times = _epoch_times(out)
         per.append({"batch": batch, "epoch_s": [round(t, 3) for t in times],
-                    "samples_per_s": batch * len(times) / sum(times)})
+                    "samples_per_s": batch * len(times) / sum(times), "phase_s": _phases(train)})
     total = sum(r["samples_per_s"] for r in per)
     return {"overrides": half, "runs": per, "samples_per_s": total, "wall_s": round(wall, 1),
             "other_processes_cpu_share": round(others, 3),
@@ -335,6 +346,9 @@ def main() -> int:
             "scaling_efficiency_2": runs[2]["samples_per_s"] / (2 * runs[1]["samples_per_s"]),
             "machine_efficiency_2": pair["machine_efficiency_2"],
             "engine_efficiency_2": runs[2]["samples_per_s"] / pair["samples_per_s"], "independent_pair": pair,
+            # where the engine's cost lands: each phase of the 2-process run over the pair's (its slower run's)
+            "engine_phase_ratio_2": {ph: runs[2]["phase_s"][ph] / max(r["phase_s"][ph] for r in pair["runs"])
+                                     for ph in ("rollout", "update") if max(r["phase_s"][ph] for r in pair["runs"])},
             "cross_rank_bytes_per_sample": {str(n): runs[n]["bytes_received_per_epoch_max_rank"] / batch for n in (2, 4)},
             "gradient_allreduce_bytes_per_epoch": {str(n): runs[n]["gradient_allreduce_bytes_per_epoch"] for n in (2, 4)},
             **eq, "round_off_floor": floor,
