@@ -27,7 +27,8 @@ def section_ceiling(path: Path) -> str:
              "E[R | x_t] by K continuations of the current policy's own sampler; `oracle_gae` uses it in GAE with its "
              "queries *not* counted (the ceiling a perfect critic gives), `mc_counted` is the same oracle's step-level "
              "Monte-Carlo advantage (λ = 0) with every query counted, `awm_oracle` is AWM with the oracle's R − V(x_t) "
-             "at its forward-noised states. Final = held-out reward at the end of the budget, mean ± std over seeds at "
+             "at its forward-noised states; `awm_grafted` / `nft_grafted` weight each forward-noised row by the grafted "
+             "critic's advantage at that state (`awm_advantage` / `nft_advantage: critic`). Final = held-out reward at the end of the budget, mean ± std over seeds at "
              "the chosen learning rate (the best mean over the swept values); queries to reach = policy reward queries "
              "until the 3-epoch mean training reward reached the best critic-free method's final training reward "
              "(`mc_counted`: all its queries). Machine: " + f"{m['cpu_count']} CPU cores, torch {m['torch']}, "
@@ -61,7 +62,11 @@ def section_ceiling(path: Path) -> str:
                       f"{_f(s.get('best_critic_free_final_train_reward'))}). **`oracle_queries_ratio` = "
                       f"{_f(s.get('oracle_queries_ratio'), 2)}**, `learned_share_of_oracle_gain` = "
                       f"{_f(s.get('learned_share_of_oracle_gain'), 2)} (best learned critic: "
-                      f"{s.get('best_learned_critic')})."]
+                      f"{s.get('best_learned_critic')})."
+                  + ("" if s.get("goal_p1_met") is None else
+                     f" Goal P1 (the oracle shows room, so a learned critic should need ≤ 0.5 of the queries): "
+                     f"**{'met' if s['goal_p1_met'] else 'missed'}**, the best learned critic needs "
+                     f"{_f(s.get('learned_queries_ratio'), 2)}.")]
         if s.get("queries_to_reach_informative") is False:
             lines[-1] += (f" **Here queries to reach say nothing**: {s.get('best_critic_free')}'s final training reward is "
                           f"below its own first three epochs' ({_f(s.get('best_critic_free_first3_train_reward'))}): the "
@@ -138,7 +143,7 @@ def answer(results: Path) -> str:
         free = s.get("best_critic_free")
         parts = [f"- **{task}**: against {free} (same sampler), a perfect critic (oracle GAE, its queries not counted) "
                  f"needs {_f(s.get('oracle_queries_ratio'), 2)} of its queries"]
-        for name in ("learned_gae", "grafted_gae", "awm_oracle", "mc_counted"):
+        for name in ("learned_gae", "grafted_gae", "awm_grafted", "nft_grafted", "awm_oracle", "mc_counted"):
             if name in ms:
                 r = ms[name].get("queries_ratio_median")
                 vs = ms[name].get("baseline_for_queries")
@@ -150,6 +155,9 @@ def answer(results: Path) -> str:
                    "exceeds the gain" if s.get("queries_to_reach_informative") is False else
                    "room for a critic" if room is not None and room <= 0.5 else
                    "no room: even a perfect critic does not halve the queries")
+        if s.get("goal_p1_met") is not None:
+            verdict += (f"; goal P1 {'met' if s['goal_p1_met'] else 'missed'} (best learned critic "
+                        f"{_f(s.get('learned_queries_ratio'), 2)})")
         best = s.get("best_critic_free_final_reward")
         out.append(", ".join(parts) + f" — {verdict}. Best final held-out reward of a critic-free method: {best} "
                    f"{_f(ms[best]['final_reward_mean'])}; of all: " + max(
