@@ -179,6 +179,10 @@ def section_t2i_steering(path: Path) -> str:
                                                      "critic_epochs", "threads") and v != []
                      and not (k == "scales" and a.get("critic_x0_reward")))  # no guidance rows: --scales unused
     flags += " --critic-body grafted" if a.get("critic_body") == "grafted" else ""
+    grafted_note = ("The critic is the grafted one (`critic_body: grafted`): its forward also decodes x̂0 and runs the "
+                    "reward network's later layers, which the equivalent NFE does not count (a critic forward is priced "
+                    "as one backbone call): at equal NFE it is favoured; `t2i_steering_grafted_flops.json` prices it in "
+                    "full. " if a.get("critic_body") == "grafted" else "")
     if d["critic_source"] == "fresh":
         critic = "value-pretrained on the frozen base policy by this run"
     elif d["critic_source"].endswith(f"tmp/{name}"):
@@ -221,7 +225,7 @@ def section_t2i_steering(path: Path) -> str:
         f"Steered reward: {key} (dense: mean clause probability); {ev} is GenEval's all-clauses-right metric. "
         f"{knobs}SMC resamples "
         f"when ESS < {a['ess_threshold']}·N, SMC's output: {a['smc_output']}. Equivalent NFE counts a critic forward "
-        f"as 1 backbone call, a backward as 2, a decode + reward call as {a['reward_price']:g}. "
+        f"as 1 backbone call, a backward as 2, a decode + reward call as {a['reward_price']:g}. {grafted_note}"
         "Standard errors: over prompts (for the 0/1 metric, binomial).",
         "",
         f"| method | N | w / λ | {key}, train | {key}, held-out | {ev}, train | {ev}, held-out | NFE "
