@@ -354,13 +354,20 @@ def section_scaleout(path: Path) -> str:
                   "same micro-batches a rank forwards) with no process group. `machine_efficiency_2` = the pair's "
                   "summed throughput / (2 × one process): what splitting the batch costs on this machine without any "
                   "engine; `engine_efficiency_2` = 2 processes / the pair: what DDP, the collectives and rank-local "
-                  "sampling cost on top.", "",
-                  "| job | pair samples/s | machine_efficiency_2 | engine_efficiency_2 | other processes' CPU share, pair |",
-                  "|---|---|---|---|---|"]
+                  "sampling cost on top. `engine_efficiency_one_core` = 2 processes taking turns on one core / 1 "
+                  "process on it: the engine's own cost with no two cores running at once. Per phase (2 processes "
+                  "/ the pair's slower run): rollout (sampling, decoding, scoring) and update (the optimiser steps).",
+                  "",
+                  "| job | pair samples/s | machine_efficiency_2 | engine_efficiency_2 | engine_efficiency_one_core | "
+                  "rollout / update, 2 procs over the pair | other processes' CPU share, pair |",
+                  "|---|---|---|---|---|---|---|"]
         for job, j in pairs.items():
             pr = j["independent_pair"]
+            ph = j.get("engine_phase_ratio_2") or {}
             lines.append(f"| {job} | {_fmt(pr['samples_per_s'], 2)} | {_fmt(j['machine_efficiency_2'], 3)} | "
-                         f"{_fmt(j['engine_efficiency_2'], 3)} | {_fmt(pr.get('other_processes_cpu_share'), 2)} |")
+                         f"{_fmt(j['engine_efficiency_2'], 3)} | {_fmt(j.get('engine_efficiency_one_core'), 3)} | "
+                         f"{_fmt(ph.get('rollout'), 3)} / {_fmt(ph.get('update'), 3)} | "
+                         f"{_fmt(pr.get('other_processes_cpu_share'), 2)} |")
         lines.append("")
     floors = {job: j for job, j in d["jobs"].items() if j.get("round_off_floor")}
     if floors:

@@ -16,6 +16,10 @@ process, each process pinned to its own core, a byte-counting shim on torch.dist
   epoch-2 checkpoint's policy LoRA and critic) agree to the tolerance ``tests/test_multiprocess.py`` states
   (``torch.testing.assert_close`` with rtol 1e-3, atol 2e-5); ``max_weight_diff`` is the largest absolute
   difference (the attention key bias compared as the test compares it);
+* ``engine_efficiency_one_core``: 2 processes taking turns on core 0 (the same work as the 1-process run on that
+  core, plus the engine: DDP, the collectives, the switches between the processes) over the 1-process run:
+  what the engine costs when no two cores run at once; set beside ``engine_efficiency_2`` it separates the
+  engine's own cost from what two cores running the same work in lockstep cost each other;
 * ``round_off_floor``: the same comparison between the 1-process run and a second single-process run that only
   splits its minibatches into other micro-batches (:func:`round_off_floor`); ``engine_diff_over_round_off`` = the
   2-process ``max_weight_diff`` / this one.  Near 1 or below: the processes differ from one process by no more than
@@ -144,9 +148,12 @@ def _command(job: str, nproc: int, epochs: int, quick: bool, out: Path, extra=()
     return cmd, env
 
 
-def run(job: str, nproc: int, epochs: int, quick: bool, out: Path, extra=()) -> dict:
-    """One ``critic-align train`` run of ``job`` on ``nproc`` processes; returns what it measured."""
+def run(job: str, nproc: int, epochs: int, quick: bool, out: Path, extra=(), one_core: bool = False) -> dict:
+    """One ``critic-align train`` run of ``job`` on ``nproc`` processes (``one_core``: all of them on core 0, taking
+    turns); returns what it measured."""
     cmd, env = _command(job, nproc, epochs, quick, out, extra)
+    if one_core:  # the workers pin themselves within the affinity they inherit: here, core 0 only
+        cmd = ["taskset", "-c", "0", *cmd]
     load_before = os.getloadavg()
     busy0, ours0, t0 = _busy_cpu_s(), _children_cpu_s(), time.time()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -337,6 +344,9 @@ def main() -> int:
         print(f"{job}: an independent pair of half-batch single processes, {epochs} epochs ...", flush=True)
         pair = run_independent_pair(job, epochs, args.quick, base, runs[1], base / f"{job}_1")
         eq = compare(base / f"{job}_1", base / f"{job}_2")
+        print(f"{job}: 2 processes taking turns on one core, {epochs} epochs ...", flush=True)
+        shutil.rmtree(base / f"{job}_2_one_core", ignore_errors=True)
+        shared = run(job, 2, epochs, args.quick, base / f"{job}_2_one_core", one_core=True)
         print(f"{job}: the round-off floor (1 process, micro-batches of {ROUND_OFF_MICRO}), 2 epochs ...", flush=True)
         floor = round_off_floor(job, args.quick, base, base / f"{job}_1")
         batch = runs[1]["global_batch"]
@@ -346,6 +356,8 @@ def main() -> int:
             "scaling_efficiency_2": runs[2]["samples_per_s"] / (2 * runs[1]["samples_per_s"]),
             "machine_efficiency_2": pair["machine_efficiency_2"],
             "engine_efficiency_2": runs[2]["samples_per_s"] / pair["samples_per_s"], "independent_pair": pair,
+            # the engine alone, without two busy cores: 2 processes on one core against 1 process on it
+            "engine_efficiency_one_core": shared["samples_per_s"] / runs[1]["samples_per_s"], "two_on_one_core": shared,
             # where the engine's cost lands: each phase of the 2-process run over the pair's (its slower run's)
             "engine_phase_ratio_2": {ph: runs[2]["phase_s"][ph] / max(r["phase_s"][ph] for r in pair["runs"])
                                      for ph in ("rollout", "update") if max(r["phase_s"][ph] for r in pair["runs"])},
