@@ -355,8 +355,10 @@ def section_scaleout(path: Path) -> str:
                   "summed throughput / (2 × one process): what splitting the batch costs on this machine without any "
                   "engine; `engine_efficiency_2` = 2 processes / the pair: what DDP, the collectives and rank-local "
                   "sampling cost on top. `engine_efficiency_one_core` = 2 processes taking turns on one core / 1 "
-                  "process on it: the engine's own cost with no two cores running at once. Per phase (2 processes "
-                  "/ the pair's slower run): rollout (sampling, decoding, scoring) and update (the optimiser steps).",
+                  "process on it: the engine plus two processes' working sets sharing one core's caches and the "
+                  "switches between them (an upper bound on the engine's cost, dominated by the sharing). Per phase "
+                  "(2 processes / the pair's slower run): rollout (sampling, decoding, scoring) and update (the "
+                  "optimiser steps).",
                   "",
                   "| job | pair samples/s | machine_efficiency_2 | engine_efficiency_2 | engine_efficiency_one_core | "
                   "rollout / update, 2 procs over the pair | other processes' CPU share, pair |",

@@ -17,9 +17,9 @@ process, each process pinned to its own core, a byte-counting shim on torch.dist
   (``torch.testing.assert_close`` with rtol 1e-3, atol 2e-5); ``max_weight_diff`` is the largest absolute
   difference (the attention key bias compared as the test compares it);
 * ``engine_efficiency_one_core``: 2 processes taking turns on core 0 (the same work as the 1-process run on that
-  core, plus the engine: DDP, the collectives, the switches between the processes) over the 1-process run:
-  what the engine costs when no two cores run at once; set beside ``engine_efficiency_2`` it separates the
-  engine's own cost from what two cores running the same work in lockstep cost each other;
+  core, plus the engine and the switching: DDP, the collectives, and two processes' working sets sharing one core's
+  caches) over the 1-process run.  An upper bound on the engine's own cost, not a measure of it: the switching
+  between two processes costs by itself (compare ``engine_phase_ratio_2``, where each rank has its own core);
 * ``round_off_floor``: the same comparison between the 1-process run and a second single-process run that only
   splits its minibatches into other micro-batches (:func:`round_off_floor`); ``engine_diff_over_round_off`` = the
   2-process ``max_weight_diff`` / this one.  Near 1 or below: the processes differ from one process by no more than
@@ -356,7 +356,7 @@ def main() -> int:
             "scaling_efficiency_2": runs[2]["samples_per_s"] / (2 * runs[1]["samples_per_s"]),
             "machine_efficiency_2": pair["machine_efficiency_2"],
             "engine_efficiency_2": runs[2]["samples_per_s"] / pair["samples_per_s"], "independent_pair": pair,
-            # the engine alone, without two busy cores: 2 processes on one core against 1 process on it
+            # 2 processes taking turns on one core against 1 process on it: the engine plus the switching
             "engine_efficiency_one_core": shared["samples_per_s"] / runs[1]["samples_per_s"], "two_on_one_core": shared,
             # where the engine's cost lands: each phase of the 2-process run over the pair's (its slower run's)
             "engine_phase_ratio_2": {ph: runs[2]["phase_s"][ph] / max(r["phase_s"][ph] for r in pair["runs"])

@@ -36,3 +36,20 @@ def test_readme_quotes_the_gpu_check():
     m = re.search(r"(\d+) of (\d+) CUDA tests pass", text)
     assert m and int(m.group(1)) == d["cuda_tests_passed"]
     assert int(m.group(2)) == d["cuda_tests_failed"] + d["cuda_tests_passed"]
+
+
+def test_readme_quotes_the_critic_ceiling():
+    """The critic section's digits ratios are critic_ceiling.json's (rerunning it without updating the README fails)."""
+    d = json.loads((ROOT / "benchmarks" / "results" / "critic_ceiling.json").read_text())["summary"]
+    text = " ".join((ROOT / "README.md").read_text().split())
+    m = re.search(r"the oracle reaches GRPO's final held-out reward with ([\d.]+) of GRPO's queries \(final ([\d.]+)", text)
+    assert m, "the README must quote the digits oracle's queries ratio"
+    assert float(m.group(1)) == round(d["digits"]["oracle_queries_ratio"], 2)
+    assert float(m.group(2)) == round(d["digits"]["methods"]["oracle_gae"]["final_reward_mean"], 3)
+    m = re.search(r"the grafted critic in PPO with ([\d.]+) \(final ([\d.]+)\)", text)
+    assert m, "the README must quote the grafted critic's queries ratio on digits"
+    g = d["digits"]["methods"]["grafted_gae"]
+    assert (float(m.group(1)), float(m.group(2))) == (round(g["queries_ratio_median"], 2), round(g["final_reward_mean"], 3))
+    m = re.search(r"reaches NFT's final training reward with ([\d.]+) of its queries \(final ([\d.]+)", text)
+    assert m and float(m.group(1)) == round(d["digits_dit"]["oracle_queries_ratio"], 2)
+    assert float(m.group(2)) == round(d["digits_dit"]["methods"]["oracle_gae"]["final_reward_mean"], 3)
