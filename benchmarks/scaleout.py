@@ -151,6 +151,7 @@ def _command(job: str, nproc: int, epochs: int, quick: bool, out: Path, extra=()
 def run(job: str, nproc: int, epochs: int, quick: bool, out: Path, extra=(), one_core: bool = False) -> dict:
     """One ``critic-align train`` run of ``job`` on ``nproc`` processes (``one_core``: all of them on core 0, taking
     turns); returns what it measured."""
+    shutil.rmtree(out, ignore_errors=True)
     cmd, env = _command(job, nproc, epochs, quick, out, extra)
     if one_core:  # the workers pin themselves within the affinity they inherit: here, core 0 only
         cmd = ["taskset", "-c", "0", *cmd]
@@ -218,7 +219,6 @@ def round_off_floor(job: str, quick: bool, base: Path, one_dir: Path) -> dict:
     normalisation turn a last-bit difference in a gradient into lr-sized steps, so the 2-process run's weights can
     only be held to this floor, not to a fixed tolerance."""
     out = base / f"{job}_1_micro{ROUND_OFF_MICRO}"
-    shutil.rmtree(out, ignore_errors=True)
     run(job, 1, 2, quick, out, [f"micro_batch_size={ROUND_OFF_MICRO}"])
     eq = compare(one_dir, out)
     return {"override": f"micro_batch_size={ROUND_OFF_MICRO}", "rows_identical": eq["max_reward_diff"] <= ROW_ATOL
@@ -336,7 +336,6 @@ def main() -> int:
         runs = {}
         for n, e in ((1, epochs), (2, epochs), (4, 2)):
             out = base / f"{job}_{n}"
-            shutil.rmtree(out, ignore_errors=True)
             print(f"{job}: {n} process(es), {e} epochs ...", flush=True)
             runs[n] = run(job, n, e, args.quick, out)
             print(f"  {runs[n]['samples_per_s']:.2f} samples/s, {runs[n]['bytes_received_per_epoch_max_rank']:.0f} B "
@@ -345,7 +344,6 @@ def main() -> int:
         pair = run_independent_pair(job, epochs, args.quick, base, runs[1], base / f"{job}_1")
         eq = compare(base / f"{job}_1", base / f"{job}_2")
         print(f"{job}: 2 processes taking turns on one core, {epochs} epochs ...", flush=True)
-        shutil.rmtree(base / f"{job}_2_one_core", ignore_errors=True)
         shared = run(job, 2, epochs, args.quick, base / f"{job}_2_one_core", one_core=True)
         print(f"{job}: the round-off floor (1 process, micro-batches of {ROUND_OFF_MICRO}), 2 epochs ...", flush=True)
         floor = round_off_floor(job, args.quick, base, base / f"{job}_1")
@@ -359,8 +357,8 @@ def main() -> int:
             # 2 processes taking turns on one core against 1 process on it: the engine plus the switching
             "engine_efficiency_one_core": shared["samples_per_s"] / runs[1]["samples_per_s"], "two_on_one_core": shared,
             # where the engine's cost lands: each phase of the 2-process run over the pair's (its slower run's)
-            "engine_phase_ratio_2": {ph: runs[2]["phase_s"][ph] / max(r["phase_s"][ph] for r in pair["runs"])
-                                     for ph in ("rollout", "update") if max(r["phase_s"][ph] for r in pair["runs"])},
+            "engine_phase_ratio_2": {ph: runs[2]["phase_s"][ph] / slow for ph in ("rollout", "update")
+                                     if (slow := max(r["phase_s"][ph] for r in pair["runs"]))},
             "cross_rank_bytes_per_sample": {str(n): runs[n]["bytes_received_per_epoch_max_rank"] / batch for n in (2, 4)},
             "gradient_allreduce_bytes_per_epoch": {str(n): runs[n]["gradient_allreduce_bytes_per_epoch"] for n in (2, 4)},
             **eq, "round_off_floor": floor,

@@ -14,9 +14,9 @@ each loss weighted by its share of the minibatch, so the summed gradient is the 
 Multi-process (rank-local rollouts): every process draws the same shuffled minibatches of the whole batch's rows (the
 generator is shared) and forwards the rows of its own trajectories.  The shuffle is balanced (:func:`balanced_order`):
 every sampling chunk's rows are spread evenly over the minibatches, so each process (it holds whole chunks) gets its
-share of every minibatch to within a row per chunk, instead of a binomial share that the others wait for; the engine averages the gradients (each process's
-loss is scaled so the average is the global minibatch mean), the micro-batches before the last backward under
-``no_sync``; a process with no row in a minibatch forwards one row weighted 0, so every process takes part in the
+share of every minibatch to within a row per chunk, instead of a binomial share that the others wait for.  The engine
+averages the gradients (each process's loss is scaled so the average is the global minibatch mean), the micro-batches
+before the last backward under ``no_sync``; a process with no row in a minibatch forwards one row weighted 0, so every process takes part in the
 engine's gradient sync.  Statistics are per minibatch (row-weighted means over every process's parts; the extremes for
 ``*_max`` / ``*_min``), then averaged over minibatches.
 """
