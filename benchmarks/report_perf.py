@@ -371,6 +371,28 @@ def section_scaleout(path: Path) -> str:
                          f"{_fmt(ph.get('rollout'), 3)} / {_fmt(ph.get('update'), 3)} | "
                          f"{_fmt(pr.get('other_processes_cpu_share'), 2)} |")
         lines.append("")
+    rounds = {job: j for job, j in d["jobs"].items() if j.get("rounds", 1) > 1}
+    if rounds:
+        lines += ["The host's speed drifts between runs taken one after another (a few per cent within minutes), so "
+                  "each ratio comes from a *round* of runs taken back to back (1 process, 2 processes, the pair), "
+                  "and the tables above give the median over the rounds. Per round: scaling / machine / engine "
+                  "efficiency. Where the 2-process run's extra time goes (round 1, seconds per epoch): waiting in "
+                  "the collectives our code calls (the most of any rank), the update's engine forward + backward "
+                  "over the pair's (DDP's all-reduce and its wait for the other rank), and the rollout's compute "
+                  "over the pair's (no collective inside it).", "",
+                  "| job | rounds: scaling / machine / engine | median | epoch s, 2 procs | collective wait | "
+                  "update fwd+bwd extra | rollout compute extra |", "|---|---|---|---|---|---|---|"]
+        for job, j in rounds.items():
+            per = "; ".join(f"{_fmt(a, 3)} / {_fmt(b, 3)} / {_fmt(c, 3)}" for a, b, c in
+                            zip(j["scaling_efficiency_2_by_round"], j["machine_efficiency_2_by_round"],
+                                j["engine_efficiency_2_by_round"]))
+            e = j.get("engine_seconds_per_epoch") or {}
+            lines.append(f"| {job} | {per} | {_fmt(j['scaling_efficiency_2'], 3)} / "
+                         f"{_fmt(j['machine_efficiency_2'], 3)} / {_fmt(j['engine_efficiency_2'], 3)} | "
+                         f"{_fmt(e.get('epoch_s_2'), 3)} | {_fmt(e.get('collective_wait'), 3)} | "
+                         f"{_fmt(e.get('update_forward_backward_extra'), 3)} | "
+                         f"{_fmt(e.get('rollout_compute_extra'), 3)} |")
+        lines.append("")
     floors = {job: j for job, j in d["jobs"].items() if j.get("round_off_floor")}
     if floors:
         lines += ["How far the weights may differ: round-off grows through many optimiser steps (Adam normalises each "

@@ -10,7 +10,12 @@ process, each process pinned to its own core, a byte-counting shim on torch.dist
 * 1 process, then 2 processes (``torchrun --nproc_per_node 2``), at the same global batch and seed for ``--epochs``
   epochs: ``samples_per_s`` = global batch / mean epoch time over the epochs after the first (the epoch's own
   ``time_epoch_s``: rollout, rewards, advantages, update; value pretraining, grids and checkpoints excluded), and
-  ``scaling_efficiency_2`` = 2-process throughput / (2 × 1-process throughput);
+  ``scaling_efficiency_2`` = 2-process throughput / (2 × 1-process throughput).  The host's speed drifts by a few
+  per cent between runs taken minutes apart, more than the engine costs, so ``--rounds`` (default 3) rounds each run
+  1 process, 2 processes and the independent pair (below) back to back; every efficiency is the median of the
+  rounds' ratios (``*_by_round``: each round's).  ``engine_seconds_per_epoch``: where round 1's 2-process run spends
+  more than the pair (the most any rank waits in our collectives, the update's extra engine forward + backward,
+  the rollout's extra compute), from each rank's own timers (``scaleout_worker.py``);
 * ``identical_to_single``: the first epoch's rewards and advantages (every trajectory of the global batch, rows
   matched by prompt and rewards) agree with one process's to ``ROW_ATOL``, and the weights after 2 epochs (the
   epoch-2 checkpoint's policy LoRA and critic) agree to the tolerance ``tests/test_multiprocess.py`` states
@@ -51,6 +56,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,6 +65,7 @@ from pathlib import Path
 
 from harness import machine_info, write_result
 from report_gpu import error_line
+from scaleout_worker import OPS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -168,14 +175,40 @@ def run(job: str, nproc: int, epochs: int, quick: bool, out: Path, extra=(), one
     epochs_done = max(1, ranks[0].get("epochs", 0)) if ranks else 1
     per_rank = [sum(r.get("epoch", {}).values()) / epochs_done for r in ranks]
     grad = [sum(r.get("gradient", {}).values()) / epochs_done for r in ranks]
+    secs = [{k: v / epochs_done for k, v in r.get("seconds_in", {}).get("epoch", {}).items()} for r in ranks]
     return {"processes": nproc, "epochs": len(train), "global_batch": batch, "wall_s": round(wall, 1),
             "epoch_s": [round(t, 3) for t in times], "samples_per_s": batch * len(times) / sum(times),
             "phase_s": _phases(train), "bytes_received_per_epoch_max_rank": max(per_rank) if per_rank else 0.0,
             "bytes_received_per_epoch_by_op": _by_op(ranks, epochs_done),
             "gradient_allreduce_bytes_per_epoch": max(grad) if grad else 0.0,
+            "seconds_per_epoch_by_rank": [_engine_seconds(x) for x in secs],
             "cores": [r.get("core") for r in ranks], "other_processes_cpu_share": round(others, 3),
             "load_avg_before": [round(x, 2) for x in load_before],
             "load_avg_after": [round(x, 2) for x in os.getloadavg()]}
+
+
+def _engine_seconds(secs: dict) -> dict:
+    """One rank's seconds per training epoch (all epochs, the first included) in: the collectives our code calls
+    (``collectives``: mostly waiting for the slower rank; DDP's gradient all-reduce is not among them), the engine's
+    forward and backward of the update (``engine_forward``, ``engine_backward``: DDP's reducer waits for the other
+    rank's gradients inside the backward), and the rollout and update stages."""
+    coll = sum(v for k, v in secs.items() if k in OPS)
+    return {"collectives": round(coll, 4), **{k: round(secs.get(k, 0.0), 4) for k in
+                                               ("engine_forward", "engine_backward", "stage_rollout", "stage_update")}}
+
+
+def _engine_overhead(two: dict, pair: dict) -> dict:
+    """Where the 2-process run spends more than the pair, per epoch: the seconds each rank waits in our collectives
+    (the most of any rank) and the extra seconds of the update's engine forward + backward over the pair's slower
+    process (DDP: the gradient all-reduce and the wait for the other rank)."""
+    ranks, solo = two["seconds_per_epoch_by_rank"], [r["seconds_per_epoch"] for r in pair["runs"]]
+    if not ranks or not all(solo):
+        return {}
+    fb = max(r["engine_forward"] + r["engine_backward"] for r in ranks)
+    fb_solo = max(r["engine_forward"] + r["engine_backward"] for r in solo)
+    roll, roll_solo = max(r["stage_rollout"] - r["collectives"] for r in ranks), max(r["stage_rollout"] for r in solo)
+    return {"collective_wait": max(r["collectives"] for r in ranks), "update_forward_backward_extra": fb - fb_solo,
+            "rollout_compute_extra": roll - roll_solo, "epoch_s_2": sum(two["epoch_s"]) / len(two["epoch_s"])}
 
 
 def run_independent_pair(job: str, epochs: int, quick: bool, base: Path, one: dict, one_dir: Path) -> dict:
@@ -203,8 +236,11 @@ def run_independent_pair(job: str, epochs: int, quick: bool, base: Path, one: di
     per = []
     for out in outs:
         batch, train, times = _epoch_times(out)
+        rank = json.loads((out / "bytes_rank0.json").read_text())
+        secs = {k: v / max(1, rank.get("epochs", 0)) for k, v in rank.get("seconds_in", {}).get("epoch", {}).items()}
         per.append({"batch": batch, "epoch_s": [round(t, 3) for t in times],
-                    "samples_per_s": batch * len(times) / sum(times), "phase_s": _phases(train)})
+                    "samples_per_s": batch * len(times) / sum(times), "phase_s": _phases(train),
+                    "seconds_per_epoch": _engine_seconds(secs)})
     total = sum(r["samples_per_s"] for r in per)
     return {"overrides": half, "runs": per, "samples_per_s": total, "wall_s": round(wall, 1),
             "other_processes_cpu_share": round(others, 3),
@@ -306,6 +342,9 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=None, help="epochs of the 1- and 2-process runs (default 6; quick 2)")
     ap.add_argument("--jobs", nargs="+", default=["digits", "t2i"], choices=sorted(JOBS),
                     help="digits_grpo (no critic) shows what the critic's update adds to the cost of splitting")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of (1 process, 2 processes, the independent pair); the efficiencies are the medians "
+                         "of the rounds' ratios (default 3; quick 1)")
     ap.add_argument("--keep", default=None, help="keep the run directories here (default: a temporary directory)")
     ap.add_argument("--merge", action="store_true", help="keep the other jobs of an existing JSON (rerun some jobs)")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="MINUTES",
@@ -323,6 +362,10 @@ def main() -> int:
     while args.wait_quiet and other_cpu_share() > 0.10 and time.time() < deadline:
         time.sleep(25)
     epochs = args.epochs or (2 if args.quick else 6)
+    if args.quick and "--rounds" not in sys.argv:
+        args.rounds = 1
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be >= 1")
     if epochs < 2:
         raise SystemExit("--epochs must be >= 2 (the weights are compared after 2 epochs)")
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="scaleout_"))
@@ -333,27 +376,48 @@ def main() -> int:
               "jobs": {}}
 
     for job in args.jobs:
-        runs = {}
-        for n, e in ((1, epochs), (2, epochs), (4, 2)):
-            out = base / f"{job}_{n}"
-            print(f"{job}: {n} process(es), {e} epochs ...", flush=True)
-            runs[n] = run(job, n, e, args.quick, out)
-            print(f"  {runs[n]['samples_per_s']:.2f} samples/s, {runs[n]['bytes_received_per_epoch_max_rank']:.0f} B "
-                  "received per epoch (max rank)", flush=True)
-        print(f"{job}: an independent pair of half-batch single processes, {epochs} epochs ...", flush=True)
-        pair = run_independent_pair(job, epochs, args.quick, base, runs[1], base / f"{job}_1")
+        runs, rounds = {}, []
+        for rnd in range(args.rounds):  # 1 process, 2 processes and the pair, again: the host's speed drifts
+            tag = "" if rnd == 0 else f"_round{rnd + 1}"
+            for n in (1, 2):
+                print(f"{job}: {n} process(es), {epochs} epochs (round {rnd + 1} of {args.rounds}) ...", flush=True)
+                r = run(job, n, epochs, args.quick, base / f"{job}_{n}{tag}")
+                runs.setdefault(n, r)  # round 1's runs: compared for equality, and their bytes reported
+                print(f"  {r['samples_per_s']:.2f} samples/s", flush=True)
+                if n == 1:
+                    one = r
+                else:
+                    two = r
+            print(f"{job}: an independent pair of half-batch single processes, {epochs} epochs ...", flush=True)
+            pair = run_independent_pair(job, epochs, args.quick, base, one, base / f"{job}_1")
+            rounds.append({"samples_per_s_1": one["samples_per_s"], "samples_per_s_2": two["samples_per_s"],
+                           "scaling_efficiency_2": two["samples_per_s"] / (2 * one["samples_per_s"]),
+                           "machine_efficiency_2": pair["machine_efficiency_2"],
+                           "engine_efficiency_2": two["samples_per_s"] / pair["samples_per_s"],
+                           "engine_seconds_per_epoch": _engine_overhead(two, pair), "independent_pair": pair,
+                           **({} if rnd == 0 else {"run_1": one, "run_2": two})})
+            print(f"  scaling {rounds[-1]['scaling_efficiency_2']:.3f}, machine {pair['machine_efficiency_2']:.3f}, "
+                  f"engine {rounds[-1]['engine_efficiency_2']:.3f}", flush=True)
+        print(f"{job}: 4 processes (bytes only), 2 epochs ...", flush=True)
+        runs[4] = run(job, 4, 2, args.quick, base / f"{job}_4")
         eq = compare(base / f"{job}_1", base / f"{job}_2")
         print(f"{job}: 2 processes taking turns on one core, {epochs} epochs ...", flush=True)
         shared = run(job, 2, epochs, args.quick, base / f"{job}_2_one_core", one_core=True)
         print(f"{job}: the round-off floor (1 process, micro-batches of {ROUND_OFF_MICRO}), 2 epochs ...", flush=True)
         floor = round_off_floor(job, args.quick, base, base / f"{job}_1")
         batch = runs[1]["global_batch"]
+        pair = rounds[0]["independent_pair"]
+        med = {k: statistics.median(r[k] for r in rounds) for k in
+               ("samples_per_s_1", "samples_per_s_2", "scaling_efficiency_2", "machine_efficiency_2",
+                "engine_efficiency_2")}
         result["jobs"][job] = {
             "config": JOBS[job], "global_batch": batch,
-            "samples_per_s_1": runs[1]["samples_per_s"], "samples_per_s_2": runs[2]["samples_per_s"],
-            "scaling_efficiency_2": runs[2]["samples_per_s"] / (2 * runs[1]["samples_per_s"]),
-            "machine_efficiency_2": pair["machine_efficiency_2"],
-            "engine_efficiency_2": runs[2]["samples_per_s"] / pair["samples_per_s"], "independent_pair": pair,
+            # the medians over the rounds (each round's ratios from runs taken one after another)
+            **med, "rounds": len(rounds),
+            "scaling_efficiency_2_by_round": [r["scaling_efficiency_2"] for r in rounds],
+            "machine_efficiency_2_by_round": [r["machine_efficiency_2"] for r in rounds],
+            "engine_efficiency_2_by_round": [r["engine_efficiency_2"] for r in rounds],
+            "engine_seconds_per_epoch": rounds[0]["engine_seconds_per_epoch"], "independent_pair": pair,
             # 2 processes taking turns on one core against 1 process on it: the engine plus the switching
             "engine_efficiency_one_core": shared["samples_per_s"] / runs[1]["samples_per_s"], "two_on_one_core": shared,
             # where the engine's cost lands: each phase of the 2-process run over the pair's (its slower run's)
@@ -364,7 +428,7 @@ def main() -> int:
             **eq, "round_off_floor": floor,
             "engine_diff_over_round_off": eq["max_weight_diff"] / floor["max_weight_diff"]
             if floor["max_weight_diff"] else None,
-            "runs": {str(n): r for n, r in runs.items()}}
+            "runs": {str(n): r for n, r in runs.items()}, "later_rounds": rounds[1:]}
         print(json.dumps({k: v for k, v in result["jobs"][job].items() if k != "runs"}, indent=1), flush=True)
     name = "scaleout_quick.json" if args.quick else "scaleout.json"
     RESULTS.mkdir(parents=True, exist_ok=True)

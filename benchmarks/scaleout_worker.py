@@ -10,7 +10,10 @@ thread.  What it writes to OUT_DIR:
 * ``bytes_rank{r}.json``: the bytes this rank received through each collective, split by phase: ``epoch`` (inside
   ``Trainer.train_epoch``, less the hand-written gradient all-reduce), ``gradient`` (inside
   ``critic_align.distributed.sum_gradients``, when that function exists) and ``other`` (setup, value pretraining,
-  checkpoints); plus the number of training epochs.
+  checkpoints); plus the number of training epochs and, per phase, ``seconds_in``: the wall seconds this rank spent
+  inside each collective (mostly waiting for the other ranks), inside the engine's forward and backward
+  (``engine_forward``, ``engine_backward``: DDP's reducer all-reduces and waits inside the backward) and inside the
+  trainer's ``rollout`` and ``update`` stages (``stage_rollout``, ``stage_update``).
 * ``first_epoch.pt`` (rank 0): the first training epoch's rows (prompt, rewards (K,), advantages (T,)) of the whole
   global batch, sorted by prompt then rewards, so that a run whose ranks hold only their own rows compares with one
   whose ranks hold everything.
@@ -30,6 +33,7 @@ import json
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 PHASE = threading.local()
@@ -106,6 +110,12 @@ def install_counter(counts: dict) -> None:
                 by_op[_op] = by_op.get(_op, 0.0) + _received(_op, args, kwargs, world, rank)
                 calls = counts.setdefault("calls", {})
                 calls[_op] = calls.get(_op, 0) + 1
+                t0 = time.perf_counter()
+                try:
+                    return _orig(*args, **kwargs)
+                finally:  # the time this rank spends in the collective: mostly waiting for the slower rank
+                    waits = counts.setdefault("seconds_in", {}).setdefault(_phase(), {})
+                    waits[_op] = waits.get(_op, 0.0) + time.perf_counter() - t0
             return _orig(*args, **kwargs)
 
         setattr(c10d, op, counted)
@@ -153,6 +163,23 @@ def install_recorders(out: Path, counts: dict) -> None:
         return res
 
     Trainer.train_epoch = counted_epoch
+    from critic_align import distributed
+
+    def timed(name, orig):  # seconds per phase in the engine's forward and backward (DDP's reducer waits inside)
+        def wrapper(self, *a, **k):
+            t0 = time.perf_counter()
+            try:
+                return orig(self, *a, **k)
+            finally:
+                secs = counts.setdefault("seconds_in", {}).setdefault(_phase(), {})
+                secs[name] = secs.get(name, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    distributed.Processes.backward = timed("engine_backward", distributed.Processes.backward)
+    distributed.Processes.forward = timed("engine_forward", distributed.Processes.forward)
+    for stage in ("rollout", "update"):
+        if hasattr(Trainer, stage):
+            setattr(Trainer, stage, timed("stage_" + stage, getattr(Trainer, stage)))
     if compute_advantages is not None:  # the stage whose output is compared (absent: nothing recorded)
         Trainer.compute_advantages = recorded_advantages
     try:

@@ -115,8 +115,12 @@ class Processes:
             from accelerate.utils import DistributedDataParallelKwargs
 
             # our setting, whatever the caller's accelerator was built with: unused parameters are normal here (a
-            # value fit does not reach the policy; DDP then warns once that an iteration used them all)
-            self.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+            # value fit does not reach the policy; DDP then warns once that an iteration used them all).  No buffer
+            # broadcast before each forward (a collective, so a wait for the slower process, per micro-batch): the
+            # only buffers are the value head's output scale, set from gathered rewards or a checkpoint on every
+            # process alike
+            self.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True,
+                                                                         broadcast_buffers=False)
         self.module, prepared = self.accelerator.prepare(module, optimizer)
         if self.sharded:
             # the critic reads its features from inside the backbone's forward (hooks), so a value loss's backward
