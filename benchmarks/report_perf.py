@@ -376,7 +376,7 @@ def section_scaleout(path: Path) -> str:
         lines += ["The host's speed drifts between runs taken one after another (a few per cent within minutes), so "
                   "each ratio comes from a *round* of runs taken back to back (1 process, 2 processes, the pair), "
                   "and the tables above give the median over the rounds. Per round: scaling / machine / engine "
-                  "efficiency. Where the 2-process run's extra time goes (round 1, seconds per epoch): waiting in "
+                  "efficiency. Where the 2-process run's extra time goes (seconds per epoch, round by round): waiting in "
                   "the collectives our code calls (the most of any rank), the update's engine forward + backward "
                   "over the pair's (DDP's all-reduce and its wait for the other rank), and the rollout's compute "
                   "over the pair's (no collective inside it).", "",
@@ -386,12 +386,16 @@ def section_scaleout(path: Path) -> str:
             per = "; ".join(f"{_fmt(a, 3)} / {_fmt(b, 3)} / {_fmt(c, 3)}" for a, b, c in
                             zip(j["scaling_efficiency_2_by_round"], j["machine_efficiency_2_by_round"],
                                 j["engine_efficiency_2_by_round"]))
-            e = j.get("engine_seconds_per_epoch") or {}
+            es = [j.get("engine_seconds_per_epoch") or {}] + [r.get("engine_seconds_per_epoch") or {}
+                                                              for r in j.get("later_rounds", [])]
+
+            def by_round(key):
+                return " / ".join(_fmt(e.get(key), 3) for e in es)
+
             lines.append(f"| {job} | {per} | {_fmt(j['scaling_efficiency_2'], 3)} / "
                          f"{_fmt(j['machine_efficiency_2'], 3)} / {_fmt(j['engine_efficiency_2'], 3)} | "
-                         f"{_fmt(e.get('epoch_s_2'), 3)} | {_fmt(e.get('collective_wait'), 3)} | "
-                         f"{_fmt(e.get('update_forward_backward_extra'), 3)} | "
-                         f"{_fmt(e.get('rollout_compute_extra'), 3)} |")
+                         f"{by_round('epoch_s_2')} | {by_round('collective_wait')} | "
+                         f"{by_round('update_forward_backward_extra')} | {by_round('rollout_compute_extra')} |")
         lines.append("")
     floors = {job: j for job, j in d["jobs"].items() if j.get("round_off_floor")}
     if floors:
