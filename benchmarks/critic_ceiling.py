@@ -467,13 +467,22 @@ def summarize(runs: list[dict]) -> dict:
             if "grpo" in family:
                 summ["best_critic_free"] = best_free
                 summ["best_critic_free_final_train_reward"] = target
-                # the same method's first 3 epochs (about the base policy): a final training reward no higher than that
-                # means the epoch-to-epoch swing of the training reward (which prompts an epoch drew) exceeds what the
-                # run gained, and "queries to reach it" (and oracle_queries_ratio) read that swing, not speed
-                first3 = float(np.mean([np.mean([c["reward"] for c in r["curve"][:3]])
-                                        for r in methods[best_free]["_runs"] if r["curve"]]))
+                # the same method's first 3 epochs (about the base policy) against its last 3: where the runs' gain is
+                # within the epoch-to-epoch swing of the training reward (which prompts and noise an epoch drew),
+                # "queries to reach it" (and oracle_queries_ratio) read that swing, not speed.  The swing: the std of
+                # an epoch's training reward about its neighbours (successive differences / √2); a gain counts when
+                # it is at least 2 standard errors of a difference of two 3-epoch means, averaged over the runs
+                curves = [np.array([c["reward"] for c in r["curve"]]) for r in methods[best_free]["_runs"]
+                          if len(r["curve"]) >= 6]
+                first3 = float(np.mean([c[:3].mean() for c in curves]))
+                gain = float(np.mean([c[-3:].mean() - c[:3].mean() for c in curves]))
+                swing = float(np.mean([np.std(np.diff(c)) / math.sqrt(2) for c in curves]))
+                z = gain / (swing * math.sqrt(2 / (3 * len(curves)))) if swing > 0 else float("inf")
                 summ["best_critic_free_first3_train_reward"] = first3
-                summ["queries_to_reach_informative"] = target > first3
+                summ["best_critic_free_train_gain"] = gain
+                summ["train_reward_epoch_swing"] = swing
+                summ["train_gain_z"] = z
+                summ["queries_to_reach_informative"] = bool(z >= 2)
             for m in family:
                 if m not in methods:
                     continue

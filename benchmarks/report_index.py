@@ -33,7 +33,8 @@ def critic(results: Path) -> list[str]:
         for task, s in d["summary"].items():
             rows.append((f"{task}: queries a perfect critic needs to reach {s.get('best_critic_free')}'s final reward, "
                          "as a fraction of its queries (goal ≤ 0.5)", fmt(s.get("oracle_queries_ratio"), 2)
-                         + (" (not informative: its training reward ends below its start)"
+                         + (f" (not informative: its training reward gains less than its epoch-to-epoch swing, "
+                            f"z = {fmt(s.get('train_gain_z'), 2)})"
                             if s.get("queries_to_reach_informative") is False else ""), "critic_ceiling.json"))
             rows.append((f"{task}: share of the oracle's gain the best learned critic ({s.get('best_learned_critic')}) "
                          "takes", fmt(s.get("learned_share_of_oracle_gain"), 2), "critic_ceiling.json"))
