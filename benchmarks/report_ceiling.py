@@ -69,9 +69,10 @@ def section_ceiling(path: Path) -> str:
                      f"{_f(s.get('learned_queries_ratio'), 2)}.")]
         if s.get("queries_to_reach_informative") is False:
             gain = s.get("best_critic_free_train_gain")
-            lines[-1] += (f" **Here queries to reach say nothing**: {s.get('best_critic_free')}'s last three epochs' "
-                          f"training reward is {_f(gain, 3) if gain is not None else 'n/a'} above its first three's "
-                          f"({_f(s.get('best_critic_free_first3_train_reward'))}), against an epoch-to-epoch swing of "
+            lines[-1] += (f" **Here queries to reach say nothing**: {s.get('best_critic_free')}'s training reward "
+                          f"changes by {'n/a' if gain is None else format(gain, '+.3f')} from its first three epochs' "
+                          f"({_f(s.get('best_critic_free_first3_train_reward'))}) to its last three's, against an "
+                          f"epoch-to-epoch swing of "
                           f"{_f(s.get('train_reward_epoch_swing'), 3)} (z = {_f(s.get('train_gain_z'), 2)}; a gain counts "
                           "from z = 2): the training reward swings more with the prompts and noise each epoch draws than "
                           "the run gains, so reaching its level reads the swing, not speed; compare the final held-out "

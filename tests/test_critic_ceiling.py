@@ -168,11 +168,25 @@ def test_a_training_reward_that_ends_below_its_start_makes_queries_to_reach_unin
     s = cc.summarize(runs)["t2i_sd3"]
     assert abs(s["best_critic_free_final_train_reward"] - 0.5) < 1e-12
     assert abs(s["best_critic_free_first3_train_reward"] - 0.7) < 1e-12 and s["queries_to_reach_informative"] is False
+    # by hand: gain 0.5 − 0.7; successive differences 0.1, −0.2, 0, −0.1, −0.1 have std √0.0104, so the swing is
+    # √0.0104 / √2 and one run's standard error of a difference of two 3-epoch means swing·√(2/3)
+    swing = 0.0104 ** 0.5 / 2 ** 0.5
+    assert abs(s["best_critic_free_train_gain"] + 0.2) < 1e-12 and abs(s["train_reward_epoch_swing"] - swing) < 1e-12
+    assert abs(s["train_gain_z"] - (-0.2 / (swing * (2 / 3) ** 0.5))) < 1e-9
     assert s["oracle_queries_ratio"] == 64 / 384        # computed as on every task, and flagged
-    assert cc.summarize(_four_runs("digits"))["digits"]["queries_to_reach_informative"] is True  # 1.7 / 3 > 1.6 / 3
     d = {"machine": {"cpu_count": 2, "torch": "x", "torch_threads": 1, "note": "n"}, "variance_decomposition": {},
          "budget_policy_queries": {"t2i_sd3": 384}, "runs": runs, "summary": cc.summarize(runs), "invocations": []}
     (tmp_path / "critic_ceiling.json").write_text(json.dumps(d))
-    assert "**Here queries to reach say nothing**: grpo's final training reward is below its own first three epochs' " \
-           "(0.700)" in section_ceiling(tmp_path / "critic_ceiling.json")
+    assert "**Here queries to reach say nothing**: grpo's training reward changes by -0.200 from its first three " \
+           "epochs' (0.700) to its last three's" in section_ceiling(tmp_path / "critic_ceiling.json")
     assert "queries to reach not measurable" in answer(tmp_path) and "room for a critic" not in answer(tmp_path)
+
+
+def test_a_gain_within_the_epoch_swing_is_uninformative_and_a_clear_one_is_not():
+    # final above the start, but by less than 2 standard errors of the swing: 0.5, 0.7, ... gains 0.0667 against a
+    # swing of 0.139 (z ≈ 0.59); a steady climb is informative
+    zigzag = cc.summarize([_run("t2i_sd3", "grpo", [0.5, 0.7, 0.5, 0.7, 0.5, 0.7], 0.6)])["t2i_sd3"]
+    assert zigzag["best_critic_free_train_gain"] > 0 and zigzag["queries_to_reach_informative"] is False
+    assert abs(zigzag["train_gain_z"] - (0.2 / 3) / (0.0384 ** 0.5 / 2 ** 0.5 * (2 / 3) ** 0.5)) < 1e-9
+    climb = cc.summarize([_run("t2i_sd3", "grpo", [0.50, 0.52, 0.55, 0.56, 0.60, 0.61, 0.65, 0.66], 0.7)])["t2i_sd3"]
+    assert climb["queries_to_reach_informative"] is True and climb["train_gain_z"] > 2
