@@ -175,23 +175,24 @@ def run(job: str, nproc: int, epochs: int, quick: bool, out: Path, extra=(), one
     epochs_done = max(1, ranks[0].get("epochs", 0)) if ranks else 1
     per_rank = [sum(r.get("epoch", {}).values()) / epochs_done for r in ranks]
     grad = [sum(r.get("gradient", {}).values()) / epochs_done for r in ranks]
-    secs = [{k: v / epochs_done for k, v in r.get("seconds_in", {}).get("epoch", {}).items()} for r in ranks]
     return {"processes": nproc, "epochs": len(train), "global_batch": batch, "wall_s": round(wall, 1),
             "epoch_s": [round(t, 3) for t in times], "samples_per_s": batch * len(times) / sum(times),
             "phase_s": _phases(train), "bytes_received_per_epoch_max_rank": max(per_rank) if per_rank else 0.0,
             "bytes_received_per_epoch_by_op": _by_op(ranks, epochs_done),
             "gradient_allreduce_bytes_per_epoch": max(grad) if grad else 0.0,
-            "seconds_per_epoch_by_rank": [_engine_seconds(x) for x in secs],
+            "seconds_per_epoch_by_rank": [_engine_seconds(r) for r in ranks],
             "cores": [r.get("core") for r in ranks], "other_processes_cpu_share": round(others, 3),
             "load_avg_before": [round(x, 2) for x in load_before],
             "load_avg_after": [round(x, 2) for x in os.getloadavg()]}
 
 
-def _engine_seconds(secs: dict) -> dict:
-    """One rank's seconds per training epoch (all epochs, the first included) in: the collectives our code calls
-    (``collectives``: mostly waiting for the slower rank; DDP's gradient all-reduce is not among them), the engine's
-    forward and backward of the update (``engine_forward``, ``engine_backward``: DDP's reducer waits for the other
-    rank's gradients inside the backward), and the rollout and update stages."""
+def _engine_seconds(rank: dict) -> dict:
+    """One rank's seconds per training epoch (all epochs, the first included; ``rank``: its ``bytes_rank*.json``) in:
+    the collectives our code calls (``collectives``: mostly waiting for the slower rank; DDP's gradient all-reduce is
+    not among them), the engine's forward and backward of the update (``engine_forward``, ``engine_backward``: DDP's
+    reducer waits for the other rank's gradients inside the backward), and the rollout and update stages."""
+    epochs = max(1, rank.get("epochs", 0))
+    secs = {k: v / epochs for k, v in rank.get("seconds_in", {}).get("epoch", {}).items()}
     coll = sum(v for k, v in secs.items() if k in OPS)
     return {"collectives": round(coll, 4), **{k: round(secs.get(k, 0.0), 4) for k in
                                                ("engine_forward", "engine_backward", "stage_rollout", "stage_update")}}
@@ -236,11 +237,9 @@ def run_independent_pair(job: str, epochs: int, quick: bool, base: Path, one: di
     per = []
     for out in outs:
         batch, train, times = _epoch_times(out)
-        rank = json.loads((out / "bytes_rank0.json").read_text())
-        secs = {k: v / max(1, rank.get("epochs", 0)) for k, v in rank.get("seconds_in", {}).get("epoch", {}).items()}
         per.append({"batch": batch, "epoch_s": [round(t, 3) for t in times],
                     "samples_per_s": batch * len(times) / sum(times), "phase_s": _phases(train),
-                    "seconds_per_epoch": _engine_seconds(secs)})
+                    "seconds_per_epoch": _engine_seconds(json.loads((out / "bytes_rank0.json").read_text()))})
     total = sum(r["samples_per_s"] for r in per)
     return {"overrides": half, "runs": per, "samples_per_s": total, "wall_s": round(wall, 1),
             "other_processes_cpu_share": round(others, 3),
@@ -342,7 +341,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=None, help="epochs of the 1- and 2-process runs (default 6; quick 2)")
     ap.add_argument("--jobs", nargs="+", default=["digits", "t2i"], choices=sorted(JOBS),
                     help="digits_grpo (no critic) shows what the critic's update adds to the cost of splitting")
-    ap.add_argument("--rounds", type=int, default=3,
+    ap.add_argument("--rounds", type=int, default=None,
                     help="rounds of (1 process, 2 processes, the independent pair); the efficiencies are the medians "
                          "of the rounds' ratios (default 3; quick 1)")
     ap.add_argument("--keep", default=None, help="keep the run directories here (default: a temporary directory)")
@@ -362,8 +361,7 @@ def main() -> int:
     while args.wait_quiet and other_cpu_share() > 0.10 and time.time() < deadline:
         time.sleep(25)
     epochs = args.epochs or (2 if args.quick else 6)
-    if args.quick and "--rounds" not in sys.argv:
-        args.rounds = 1
+    args.rounds = (1 if args.quick else 3) if args.rounds is None else args.rounds
     if args.rounds < 1:
         raise SystemExit("--rounds must be >= 1")
     if epochs < 2:
@@ -379,15 +377,13 @@ def main() -> int:
         runs, rounds = {}, []
         for rnd in range(args.rounds):  # 1 process, 2 processes and the pair, again: the host's speed drifts
             tag = "" if rnd == 0 else f"_round{rnd + 1}"
+            this = {}
             for n in (1, 2):
                 print(f"{job}: {n} process(es), {epochs} epochs (round {rnd + 1} of {args.rounds}) ...", flush=True)
-                r = run(job, n, epochs, args.quick, base / f"{job}_{n}{tag}")
-                runs.setdefault(n, r)  # round 1's runs: compared for equality, and their bytes reported
-                print(f"  {r['samples_per_s']:.2f} samples/s", flush=True)
-                if n == 1:
-                    one = r
-                else:
-                    two = r
+                this[n] = run(job, n, epochs, args.quick, base / f"{job}_{n}{tag}")
+                runs.setdefault(n, this[n])  # round 1's runs: compared for equality, and their bytes reported
+                print(f"  {this[n]['samples_per_s']:.2f} samples/s", flush=True)
+            one, two = this[1], this[2]
             print(f"{job}: an independent pair of half-batch single processes, {epochs} epochs ...", flush=True)
             pair = run_independent_pair(job, epochs, args.quick, base, one, base / f"{job}_1")
             rounds.append({"samples_per_s_1": one["samples_per_s"], "samples_per_s_2": two["samples_per_s"],
