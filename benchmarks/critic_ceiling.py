@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import machine_info
+from harness import load_tensor_cache, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -327,7 +327,7 @@ def variance_decomposition(task: str, args, n_traj: int, K: int, buckets: int = 
     tr, _ = TASKS[task][0]({"advantage": "grpo"}, 0, 1e-3, RESULTS / "tmp" / "critic_ceiling" / f"{task}_vd", args)
     cache = (ROOT / args.vd_cache[task]).resolve() if args.vd_cache.get(task) else None
     if cache is not None and cache.exists():  # the held-out set benchmarks/critic_grafted.py drew (same base policy)
-        d = torch.load(cache, weights_only=False)
+        d = load_tensor_cache(cache)
         prompts, R = d["prompts"], d["R"][:, 0].double()
         V, se = d["oracle"][:, :, 0].double(), d["oracle_stderr"][:, :, 0].double()
         counts, ro, K = d["oracle_counts"], None, d["K"]
@@ -477,7 +477,9 @@ def summarize(runs: list[dict]) -> dict:
                 first3 = float(np.mean([c[:3].mean() for c in curves]))
                 gain = float(np.mean([c[-3:].mean() - c[:3].mean() for c in curves]))
                 swing = float(np.mean([np.std(np.diff(c)) / math.sqrt(2) for c in curves]))
-                z = gain / (swing * math.sqrt(2 / (3 * len(curves)))) if swing > 0 else float("inf")
+                # no swing at all (every epoch read the same): any gain is certain, a fall or a flat line is not one
+                z = (gain / (swing * math.sqrt(2 / (3 * len(curves)))) if swing > 0
+                     else math.copysign(math.inf, gain) if gain != 0 else 0.0)
                 summ["best_critic_free_first3_train_reward"] = first3
                 summ["best_critic_free_train_gain"] = gain
                 summ["train_reward_epoch_swing"] = swing
@@ -595,7 +597,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     args.K = {"gmm": args.K_gmm, "digits": args.K_digits, "digits_dit": args.K_digits_dit, "t2i_sd3": args.K_t2i_sd3}
     args.vd_cache = dict(item.split("=", 1) for item in args.vd_cache)
-    budgets = dict(zip(args.tasks, args.budget or [{"gmm": 2560, "digits": 960, "digits_dit": 960, "t2i_sd3": 960}[t]
+    budgets = dict(zip(args.tasks, args.budget or [{"gmm": 2560, "digits": 960, "digits_dit": 960, "t2i_sd3": 1920}[t]
                                                      for t in args.tasks]))
     vd_n = dict(zip(args.tasks, args.vd_trajectories or [{"gmm": 512, "digits": 80, "digits_dit": 80, "t2i_sd3": 80}[t]
                                                                     for t in args.tasks]))

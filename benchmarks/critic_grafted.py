@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import machine_info
+from harness import load_tensor_cache, machine_info, save_tensor_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,15 +147,15 @@ def main(argv=None):
     tr = make_trainer(args.task, args.seed, "head", **over)
     res["value_pretraining"] = {"epochs": tr.config.value_pretrain_epochs, "passes": tr.config.value_pretrain_passes,
                                 "batch_size": tr.config.batch_size}
-    cache = RESULTS / "tmp" / "critic_grafted" / f"{args.task}_heldout.pt"
+    cache = RESULTS / "tmp" / "critic_grafted" / f"{args.task}_heldout.safetensors"
     if args.reuse_heldout and cache.exists():  # the same base policy's held-out set, drawn by an earlier run
-        data = torch.load(cache, weights_only=False)
+        data = load_tensor_cache(cache)
+        data["cond"] = tr.task.encode(data["prompts"])  # not cached: a record, and the encoders are deterministic
         args.heldout, args.K = data["latents"].shape[0], data["K"]
         res["heldout_source"] = f"reused {cache.relative_to(ROOT)} (drawn by an earlier run of this script)"
     else:
         data = heldout_set(tr, args.heldout, args.K)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(data | {"K": args.K}, cache)
+        save_tensor_cache(cache, {k: v for k, v in data.items() if k != "cond"} | {"K": args.K})
     R = data["R"]
     res["heldout"] = {"n_trajectories": args.heldout, "K": args.K, "var_R": float(R[:, 0].var(unbiased=False)),
                       "mean_R": float(R[:, 0].mean()), "oracle_counts": data["oracle_counts"],

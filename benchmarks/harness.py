@@ -139,3 +139,31 @@ def write_result(path: Path | str, data: Mapping, *, topic: str | None = None, i
 
         report.write_topic(topic)
     return record
+
+
+def save_tensor_cache(path: Path | str, data: Mapping[str, Any]) -> None:
+    """A benchmark's cache as safetensors: its tensors as tensors, everything else (prompts, counts, seconds) as one
+    JSON string in the file's metadata, so reading it back never unpickles anything."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in data.items() if isinstance(v, torch.Tensor)}
+    rest = {k: v for k, v in data.items() if not isinstance(v, torch.Tensor)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".partial")  # a crash mid-write leaves the earlier cache whole
+    save_file(tensors, str(tmp), metadata={"json": json.dumps(rest)})
+    os.replace(tmp, path)
+
+
+def load_tensor_cache(path: Path | str) -> dict:
+    """What :func:`save_tensor_cache` wrote: tensors and the JSON values in one dict."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{str(path)!r}: benchmark caches are .safetensors files (written by save_tensor_cache); "
+                         "pickled .pt caches are not read: rerun the script that drew it")
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("json", "{}"))
+        return {**meta, **{k: f.get_tensor(k) for k in f.keys()}}

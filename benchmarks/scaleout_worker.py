@@ -5,7 +5,10 @@ torch.distributed's collectives and a record of the first epoch's rewards and ad
     torchrun --nproc_per_node 2 benchmarks/scaleout_worker.py OUT_DIR train ...       (N processes)
 
 Each process pins itself to its own core (local rank modulo the cores this process may use) and runs one torch
-thread.  What it writes to OUT_DIR:
+thread.  ``SCALEOUT_GLOO_DEVICE=1`` gives a 1-process run a gloo transport device (its thread wakes every 10 ms,
+as on each rank of a 2-process run) and nothing else: the control for whether that thread slows a rank down.
+
+What it writes to OUT_DIR:
 
 * ``bytes_rank{r}.json``: the bytes this rank received through each collective, split by phase: ``epoch`` (inside
   ``Trainer.train_epoch``, less the hand-written gradient all-reduce), ``gradient`` (inside
@@ -208,6 +211,12 @@ def main(argv: list[str]) -> int:
 
     torch.set_num_threads(1)
     counts: dict = {"epochs": 0}
+    if os.environ.get("SCALEOUT_GLOO_DEVICE") == "1":  # a control for 1-process runs: gloo's transport thread (it
+        # wakes every 10 ms) on the run's core without any collective, as each rank of a 2-process run has it
+        import torch.distributed as dist
+
+        counts["gloo_device"] = True
+        main.gloo_device = dist.ProcessGroupGloo.create_device(interface="lo")  # kept alive for the whole run
     install_counter(counts)
     install_recorders(out, counts)
     from critic_align.train.cli import cli

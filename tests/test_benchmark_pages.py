@@ -211,3 +211,21 @@ def test_evaluate_gives_the_numbers_of_the_helpers_it_replaced(tmp_path):
     base = trainer.rewards(trainer.sample(prompts, seed=5, use_policy=False), prompts)
     assert ev.means == {n: base[:, k].mean().item() for k, n in enumerate(trainer.rewards.names)}
     assert harness.per_prompt(["a", "b"], 3) == ["a", "a", "a", "b", "b", "b"]
+
+
+def test_tensor_cache_round_trips_without_pickle(tmp_path):
+    import torch
+
+    data = {"latents": torch.arange(12.0).view(2, 3, 2)[:, ::2], "R": torch.tensor([[0.5], [0.25]]),
+            "prompts": ["a cat", "a dog"], "oracle_counts": {"queries": 8, "nfe": 40}, "K": 2, "oracle_seconds": 1.5}
+    path = tmp_path / "held.safetensors"
+    harness.save_tensor_cache(path, data)
+    back = harness.load_tensor_cache(path)
+    assert sorted(back) == sorted(data)
+    assert torch.equal(back["latents"], data["latents"]) and torch.equal(back["R"], data["R"])
+    assert (back["prompts"], back["oracle_counts"], back["K"], back["oracle_seconds"]) == (
+        ["a cat", "a dog"], {"queries": 8, "nfe": 40}, 2, 1.5)
+    assert not list(tmp_path.glob("*.partial"))
+    torch.save(data, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="pickled .pt caches are not read"):
+        harness.load_tensor_cache(tmp_path / "old.pt")

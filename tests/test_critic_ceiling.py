@@ -190,3 +190,16 @@ def test_a_gain_within_the_epoch_swing_is_uninformative_and_a_clear_one_is_not()
     assert abs(zigzag["train_gain_z"] - (0.2 / 3) / (0.0384 ** 0.5 / 2 ** 0.5 * (2 / 3) ** 0.5)) < 1e-9
     climb = cc.summarize([_run("t2i_sd3", "grpo", [0.50, 0.52, 0.55, 0.56, 0.60, 0.61, 0.65, 0.66], 0.7)])["t2i_sd3"]
     assert climb["queries_to_reach_informative"] is True and climb["train_gain_z"] > 2
+
+
+def test_without_any_swing_only_a_rise_is_informative():
+    # successive differences all equal: the swing is 0, so the gain's sign alone decides (a steady fall once read
+    # z = +inf, i.e. "informative")
+    def z(curve):
+        s = cc.summarize([_run("t2i_sd3", "grpo", curve, 0.6)])["t2i_sd3"]
+        assert s["train_reward_epoch_swing"] == 0
+        return s["train_gain_z"], s["queries_to_reach_informative"]
+
+    assert z([0.75, 0.625, 0.5, 0.375, 0.25, 0.125]) == (float("-inf"), False)  # binary fractions: exact
+    assert z([0.5] * 6) == (0.0, False)
+    assert z([0.125, 0.25, 0.375, 0.5, 0.625, 0.75]) == (float("inf"), True)
