@@ -45,8 +45,8 @@ def main(argv=None):
     if args.flops_matched:
         full = p.get_default("prompts_per_split")
         reduction = (f"{len(splits['train'])} training + {len(splits['heldout'])} held-out prompts instead of the "
-                     f"equal-NFE table's {full} + {full}, so that the FLOP-matched rows fit two runs of at most 25 min "
-                     "on one shared CPU core" if args.prompts_per_split < full else None)
+                     f"equal-NFE table's {full} + {full}, halving the FLOP-matched rows' CPU time (they run more particles "
+                     "than the equal-NFE rows)" if args.prompts_per_split < full else None)
         run_flops_matched(spec, args, reduction)
     else:
         run_table(spec, args)
