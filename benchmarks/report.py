@@ -25,6 +25,7 @@ from report_perf import (
     section_critic_modes,
     section_perf,
     section_scaleout,
+    section_scaleout_engines,
     section_scaling,
     section_speed_defaults,
     section_trl_compare,
@@ -102,7 +103,7 @@ TOPICS = {t.name: t for t in (
           "and size, 1 vs 2 processes, and the GPU check on an H200.",
           (("trl_compare.json", section_trl_compare), ("speed_defaults.json", section_speed_defaults),
            ("critic_modes.json", section_critic_modes), ("perf.json", section_perf), ("scaling.json", section_scaling),
-           ("scaleout.json", section_scaleout)),
+           ("scaleout.json", section_scaleout), ("scaleout_engines.json", section_scaleout_engines)),
           always=(("gpu_check.json", section_gpu_check), ("gpu_throughput.json", section_gpu_throughput))),
     Topic("reliability", "Reliability: kill and resume, fault injection, engine equivalence",
           "SIGKILL at random moments then resume, injected faults with nothing saved lost, and the same numbers for the "

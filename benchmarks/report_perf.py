@@ -389,7 +389,7 @@ def section_scaleout(path: Path) -> str:
             es = [j.get("engine_seconds_per_epoch") or {}] + [r.get("engine_seconds_per_epoch") or {}
                                                               for r in j.get("later_rounds", [])]
 
-            def by_round(key):
+            def by_round(key, es=es):
                 return " / ".join(_fmt(e.get(key), 3) for e in es)
 
             lines.append(f"| {job} | {per} | {_fmt(j['scaling_efficiency_2'], 3)} / "
@@ -418,4 +418,23 @@ def section_scaleout(path: Path) -> str:
         lines += [f"On a GPU ({gpu['device']}, from `{gpu['source']}`): "
                   + "; ".join(f"`{name}` {r['status']}" + (f" ({r['error']})" if r.get("error") else "")
                               for name, r in gpu["tests"].items()) + ".", ""]
+    return "\n".join(lines)
+
+
+def section_scaleout_engines(path: Path) -> str:
+    d = json.loads(path.read_text())
+    m = d["machine"]
+    med, by = d["scaling_efficiency_2"], d["scaling_efficiency_2_by_round"]
+    lines = ["## Scaling out: this engine against an earlier one, in the same rounds", "",
+             f"Command: `python {d['what']}` (writes `benchmarks/results/{path.name}`). The `{d['job']}` job on 1 and 2 "
+             f"processes (torchrun, gloo, one torch thread and one core each, the same global batch), {d['epochs']} "
+             f"epochs per run (the first not timed), from two checkouts: this engine (`{d['head'][:12]}`) and "
+             f"`{d['against'][:7]}` ({d['against_label']}). Each round runs both, one after the other, the "
+             f"order alternating; `scaling_efficiency_2` = 2-process throughput / (2 × 1-process). Machine: "
+             f"{m.get('cpu_count', m.get('cpus'))} CPUs, torch {m.get('torch')}.", "",
+             "| engine | rounds | median |", "|---|---|---|"]
+    for name, label in (("head", "this engine"), ("against", f"`{d['against'][:7]}`")):
+        lines.append(f"| {label} | {' / '.join(_fmt(x, 3) for x in by[name])} | {_fmt(med[name], 3)} |")
+    diffs = d["head_minus_against_by_round"]
+    lines += ["", f"This engine minus the earlier one, round by round: {' / '.join(f'{x:+.3f}' for x in diffs)}.", ""]
     return "\n".join(lines)
