@@ -28,7 +28,8 @@ def section_ceiling(path: Path) -> str:
              "queries *not* counted (the ceiling a perfect critic gives), `mc_counted` is the same oracle's step-level "
              "Monte-Carlo advantage (λ = 0) with every query counted, `awm_oracle` is AWM with the oracle's R − V(x_t) "
              "at its forward-noised states; `awm_grafted` / `nft_grafted` weight each forward-noised row by the grafted "
-             "critic's advantage at that state (`awm_advantage` / `nft_advantage: critic`). Final = held-out reward at the end of the budget, mean ± std over seeds at "
+             "critic's advantage at that state (`awm_advantage` / `nft_advantage: critic`). Final = held-out reward "
+             "at the end of the budget, mean ± std over seeds at "
              "the chosen learning rate (the best mean over the swept values); queries to reach = policy reward queries "
              "until the 3-epoch mean training reward reached the best critic-free method's final training reward "
              "(`mc_counted`: all its queries). Machine: " + f"{m['cpu_count']} CPU cores, torch {m['torch']}, "
@@ -50,6 +51,9 @@ def section_ceiling(path: Path) -> str:
                          f"({len(r['seeds'])} seeds) | {r['chosen_lr']:g} | {sweep} | {r['policy_queries']} | "
                          f"{r['oracle_queries']} | {', '.join(_q(x) for x in reach)} | {r.get('baseline_for_queries')} | "
                          f"{_f(r.get('queries_ratio_median'), 2)} |")
+        if task == "gmm" and not any("grafted" in name for name in s["methods"]):
+            lines += ["", "No grafted-critic rows: the mixture's reward is a formula (a box on the sample), with no "
+                          "network whose later layers a critic could be grafted onto."]
         if len(s.get("sampler_families", [[], []])) == 1:  # e.g. digits_dit: no SDE window, one sampler for all
             family = ("Queries to reach are measured against the best critic-free method of all (PPO, NFT and AWM all "
                       "sample full trajectories of the same SDE step here). Baseline: ")

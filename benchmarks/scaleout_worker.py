@@ -7,6 +7,8 @@ torch.distributed's collectives and a record of the first epoch's rewards and ad
 Each process pins itself to its own core (local rank modulo the cores this process may use) and runs one torch
 thread.  ``SCALEOUT_GLOO_DEVICE=1`` gives a 1-process run a gloo transport device (its thread wakes every 10 ms,
 as on each rank of a 2-process run) and nothing else: the control for whether that thread slows a rank down.
+``SCALEOUT_DDP_FIND_UNUSED=0`` runs DDP without ``find_unused_parameters`` (jobs without a critic only, such as
+digits_grpo: there every forward reaches every trainable parameter): the control for what DDP's walk costs.
 
 What it writes to OUT_DIR:
 
@@ -211,6 +213,13 @@ def main(argv: list[str]) -> int:
 
     torch.set_num_threads(1)
     counts: dict = {"epochs": 0}
+    if os.environ.get("SCALEOUT_DDP_FIND_UNUSED") == "0":  # a control for jobs without a critic (every forward
+        # reaches every trainable parameter): DDP without its per-forward walk of the graph for unused parameters
+        import accelerate.utils
+
+        plain = accelerate.utils.DistributedDataParallelKwargs
+        accelerate.utils.DistributedDataParallelKwargs = lambda **kw: plain(**{**kw, "find_unused_parameters": False})
+        counts["find_unused_parameters"] = False
     if os.environ.get("SCALEOUT_GLOO_DEVICE") == "1":  # a control for 1-process runs: gloo's transport thread (it
         # wakes every 10 ms) on the run's core without any collective, as each rank of a 2-process run has it
         import torch.distributed as dist
