@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import time
 from pathlib import Path
 
 from harness import machine_info, write_result
+from scaleout import _epoch_times, _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -53,12 +53,6 @@ runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cli_module(tree: Path) -> str:
     """The revision's command-line module (it moved into the package with the accelerate engine)."""
     for module in ("critic_align.train.cli", "train.cli"):
@@ -70,7 +64,7 @@ def cli_module(tree: Path) -> str:
 def run(tree: Path, shim: Path, job: str, nproc: int, epochs: int, out: Path, extra=()) -> dict:
     """One ``train`` run of ``job`` from the checkout ``tree`` on ``nproc`` processes; its throughput."""
     shutil.rmtree(out, ignore_errors=True)
-    argv = [cli_module(tree), "train", "--config", job, "--out", str(out)]
+    argv = [cli_module(tree), "train", "--config", job, "--out", str(out / "run")]
     for s in SETS + [f"num_epochs={epochs}", *extra]:
         argv += ["--set", s]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(tree), CUDA_VISIBLE_DEVICES="")
@@ -85,12 +79,7 @@ def run(tree: Path, shim: Path, job: str, nproc: int, epochs: int, out: Path, ex
     if proc.returncode:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"{job} on {nproc} processes from {tree} failed (exit {proc.returncode}); see above")
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    train = [r for r in rows if r.get("phase") == "train"]
-    times = [r["time_epoch_s"] for r in train[1:]]
-    if not times:
-        raise SystemExit(f"{out}: fewer than 2 training epochs recorded")
-    batch = int(json.loads((out / "config.json").read_text())["batch_size"])
+    batch, _, times = _epoch_times(out)  # the epochs after the first, as scaleout.py times them
     return {"processes": nproc, "global_batch": batch, "epoch_s": [round(t, 3) for t in times],
             "samples_per_s": batch * len(times) / sum(times), "wall_s": round(time.time() - t0, 1),
             "load_avg_after": [round(x, 2) for x in os.getloadavg()]}
